@@ -558,10 +558,10 @@ impl FromStr for DeviceId {
         if let Ok(a) = s.parse() {
             return Ok(DeviceId::Apqn(a));
         }
-        if s.starts_with("0x") || s.contains(':') {
-            if let Ok(g) = s.parse() {
-                return Ok(DeviceId::IbGuid(g));
-            }
+        if (s.starts_with("0x") || s.contains(':'))
+            && let Ok(g) = s.parse()
+        {
+            return Ok(DeviceId::IbGuid(g));
         }
         Err(ParseError::new(
             "device",

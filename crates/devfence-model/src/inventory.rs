@@ -267,10 +267,11 @@ pub struct ApCard {
 pub struct ApQueue {
     /// Its APQN.
     pub apqn: Apqn,
-    /// Basename of the `driver` link (`cex4queue`, `vfio_ap`).
+    /// The driver it is bound to (`cex4queue`, `vfio_ap`), from the listings of
+    /// `/sys/bus/ap/drivers/*/`. The per-queue `status` file is not read by the bulk
+    /// inventory (it would cost one read per queue); the AP actuator reads it where
+    /// it matters.
     pub driver: Option<String>,
-    /// `status` under vfio_ap: `assigned`, `unassigned`, `in use`.
-    pub status: Option<String>,
 }
 
 /// A vfio_ap matrix mdev.
