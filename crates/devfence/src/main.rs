@@ -1,1 +1,52 @@
-fn main() {}
+//! devfence: verified isolation of passthrough devices between tenants.
+//!
+//! The binary is thin: it parses the command line ([`cli`]), reads the host through
+//! `devfence-host`, applies the rules of `devfence-policy` and prints the result
+//! ([`commands`]). Every command writes to a `&mut dyn Write` so tests capture it.
+
+mod cli;
+mod commands;
+mod table;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// What a command asks the process to exit with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Exit 0.
+    Ok,
+    /// Exit 1: `check` found error-severity findings.
+    Findings,
+}
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let result = commands::run(&cli, &mut out);
+    let _ = out.flush();
+    match result {
+        Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::Findings) => ExitCode::from(1),
+        Err(err)
+            if err
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            // The reader went away (`devfence inventory | head`): not an error.
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            // Print the whole chain: each cause on its own line, the hint last.
+            let mut msg = format!("devfence: error: {err}");
+            for cause in err.chain().skip(1) {
+                msg.push_str(&format!("\n  caused by: {cause}"));
+            }
+            eprintln!("{msg}");
+            ExitCode::from(2)
+        }
+    }
+}

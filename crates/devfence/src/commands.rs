@@ -1,0 +1,568 @@
+//! The commands. Each takes its arguments and a `&mut dyn Write` for standard output.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::CommandFactory;
+use devfence_host::{HostRoot, read_inventory, sim};
+use devfence_model::{Finding, Inventory, Severity, Tenancy, VfioNodeKind};
+
+use crate::Outcome;
+use crate::cli::{
+    CheckArgs, Cli, Command, DemoArgs, GenerateArgs, InventoryArgs, RulesArgs, SimCommand,
+};
+use crate::table::Table;
+
+/// Where a host tree keeps its tenancy file when none is given.
+pub const DEFAULT_TENANCY: &str = "/etc/devfence/tenancy.toml";
+
+/// Runs the command `cli` names.
+pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Outcome> {
+    let root = HostRoot::new(cli.root.clone());
+    match &cli.command {
+        Command::Inventory(a) => inventory(&root, a, out),
+        Command::Check(a) => check(&root, a, out),
+        Command::Rules(a) => rules(a, out),
+        Command::Sim(SimCommand::Generate(a)) => generate(a, out),
+        Command::Sim(SimCommand::Profiles) => profiles(out),
+        Command::Demo(a) => demo(a, out),
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(out)?;
+            Ok(Outcome::Ok)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "devfence", out);
+            Ok(Outcome::Ok)
+        }
+    }
+}
+
+fn read(root: &HostRoot) -> Result<Inventory> {
+    read_inventory(root)
+        .with_context(|| format!("Cannot read the host under {}", root.root().display()))
+}
+
+fn inventory(root: &HostRoot, a: &InventoryArgs, out: &mut dyn Write) -> Result<Outcome> {
+    let inv = read(root)?;
+    if a.json {
+        serde_json::to_writer_pretty(&mut *out, &inv)?;
+        writeln!(out)?;
+    } else {
+        print_inventory(&inv, out)?;
+    }
+    Ok(Outcome::Ok)
+}
+
+fn opt<T: ToString>(v: Option<&T>) -> String {
+    v.map(ToString::to_string).unwrap_or_default()
+}
+
+/// Writes the inventory as tables, one section per kind of device.
+fn print_inventory(inv: &Inventory, out: &mut dyn Write) -> Result<()> {
+    writeln!(
+        out,
+        "kernel {}   vfio-pci {}",
+        inv.kernel_release.as_deref().unwrap_or("(unknown)"),
+        match &inv.vfio_pci {
+            None => "not loaded".to_string(),
+            Some(p) => format!(
+                "loaded, enable_sriov={}",
+                p.enable_sriov.map_or("?", |b| if b { "Y" } else { "N" })
+            ),
+        }
+    )?;
+    if !inv.pci.is_empty() {
+        writeln!(out, "\nPCI functions ({})", inv.pci.len())?;
+        let mut t = Table::new(&[
+            "BDF", "ID", "CLASS", "DRIVER", "OVERRIDE", "GROUP", "RESET", "SR-IOV",
+        ]);
+        for p in &inv.pci {
+            let id = match (p.vendor, p.device) {
+                (Some(v), Some(d)) => format!("{v:04x}:{d:04x}"),
+                _ => "?".into(),
+            };
+            let sriov = if let Some(s) = &p.sriov {
+                format!(
+                    "PF {}/{} VFs",
+                    opt(s.num_vfs.as_ref()),
+                    opt(s.total_vfs.as_ref())
+                )
+            } else if let Some(pf) = p.physfn {
+                format!("VF of {pf}")
+            } else {
+                String::new()
+            };
+            let reset = if p.has_reset {
+                if p.reset_methods.is_empty() {
+                    "yes".to_string()
+                } else {
+                    p.reset_methods.join(",")
+                }
+            } else {
+                "none".into()
+            };
+            t.row(vec![
+                p.bdf.to_string(),
+                id,
+                p.class.map(|c| format!("{c:06x}")).unwrap_or_default(),
+                opt(p.driver.as_ref()),
+                opt(p.driver_override.as_ref()),
+                opt(p.iommu_group.as_ref()),
+                reset,
+                sriov,
+            ]);
+        }
+        t.write(out)?;
+    }
+    if !inv.iommu_groups.is_empty() {
+        writeln!(out, "\nIOMMU groups ({})", inv.iommu_groups.len())?;
+        let mut t = Table::new(&["GROUP", "TYPE", "MEMBERS"]);
+        for g in &inv.iommu_groups {
+            t.row(vec![
+                g.id.to_string(),
+                opt(g.group_type.as_ref()),
+                g.members.join(" "),
+            ]);
+        }
+        t.write(out)?;
+    }
+    if !inv.vfio_nodes.is_empty() {
+        writeln!(out, "\nVFIO nodes ({})", inv.vfio_nodes.len())?;
+        let mut t = Table::new(&["PATH", "KIND", "UID", "GID", "MODE", "LABEL"]);
+        for n in &inv.vfio_nodes {
+            let kind = match &n.kind {
+                VfioNodeKind::Container => "container",
+                VfioNodeKind::Group(_) => "group",
+                VfioNodeKind::NoIommuGroup(_) => "noiommu group",
+                VfioNodeKind::Device(_) => "device",
+            };
+            t.row(vec![
+                n.path.clone(),
+                kind.into(),
+                n.uid.to_string(),
+                n.gid.to_string(),
+                format!("{:04o}", n.mode),
+                opt(n.selinux_label.as_ref()),
+            ]);
+        }
+        t.write(out)?;
+    }
+    if !inv.mdev_parents.is_empty() {
+        writeln!(out, "\nmdev types")?;
+        let mut t = Table::new(&["PARENT", "TYPE", "NAME", "API", "AVAILABLE"]);
+        for p in &inv.mdev_parents {
+            for ty in &p.types {
+                t.row(vec![
+                    p.name.clone(),
+                    ty.id.clone(),
+                    opt(ty.name.as_ref()),
+                    opt(ty.device_api.as_ref()),
+                    opt(ty.available_instances.as_ref()),
+                ]);
+            }
+        }
+        t.write(out)?;
+    }
+    if !inv.mdevs.is_empty() {
+        writeln!(out, "\nmdevs ({})", inv.mdevs.len())?;
+        let mut t = Table::new(&["UUID", "PARENT", "TYPE", "GROUP", "DRIVER"]);
+        for m in &inv.mdevs {
+            t.row(vec![
+                m.uuid.to_string(),
+                m.parent.clone(),
+                opt(m.type_id.as_ref()),
+                opt(m.iommu_group.as_ref()),
+                opt(m.driver.as_ref()),
+            ]);
+        }
+        t.write(out)?;
+    }
+    if let Some(ap) = &inv.ap {
+        writeln!(out, "\ns390 AP bus")?;
+        let ids = |m: Option<&devfence_model::ApMask>| match m {
+            None => "(unreadable)".to_string(),
+            Some(m) => ranges(m.iter()),
+        };
+        writeln!(out, "  apmask (host adapters): {}", ids(ap.apmask.as_ref()))?;
+        writeln!(out, "  aqmask (host domains):  {}", ids(ap.aqmask.as_ref()))?;
+        let mut by_driver = std::collections::BTreeMap::<String, usize>::new();
+        for q in &ap.queues {
+            *by_driver
+                .entry(q.driver.clone().unwrap_or_else(|| "(none)".into()))
+                .or_default() += 1;
+        }
+        let drivers: Vec<String> = by_driver
+            .iter()
+            .map(|(d, n)| format!("{n} on {d}"))
+            .collect();
+        writeln!(
+            out,
+            "  cards: {}   queues: {} ({})",
+            ap.cards.len(),
+            ap.queues.len(),
+            drivers.join(", ")
+        )?;
+        if !ap.matrix_mdevs.is_empty() {
+            let mut t = Table::new(&[
+                "MATRIX MDEV",
+                "ADAPTERS",
+                "DOMAINS",
+                "GUEST APQNS",
+                "CONTROL",
+            ]);
+            for m in &ap.matrix_mdevs {
+                let (a, d) = m
+                    .matrix
+                    .as_ref()
+                    .map_or((String::new(), String::new()), |x| {
+                        (
+                            ranges(x.adapters.iter().copied()),
+                            ranges(x.domains.iter().copied()),
+                        )
+                    });
+                t.row(vec![
+                    m.uuid.to_string(),
+                    a,
+                    d,
+                    m.guest_matrix
+                        .as_ref()
+                        .map(|g| g.apqns().count().to_string())
+                        .unwrap_or_default(),
+                    ranges(m.control_domains.iter().copied()),
+                ]);
+            }
+            t.write(out)?;
+        }
+    }
+    if !inv.ib.is_empty() {
+        writeln!(out, "\nInfiniBand ports")?;
+        let mut t = Table::new(&[
+            "DEVICE",
+            "PCI",
+            "PORT",
+            "STATE",
+            "LID",
+            "SM LID",
+            "PORT GUID",
+            "P_KEYS",
+        ]);
+        for d in &inv.ib {
+            for p in &d.ports {
+                t.row(vec![
+                    d.name.clone(),
+                    opt(d.pci.as_ref()),
+                    p.port.to_string(),
+                    opt(p.state.as_ref()),
+                    p.lid.map(|l| format!("{l:#x}")).unwrap_or_default(),
+                    p.sm_lid.map(|l| format!("{l:#x}")).unwrap_or_default(),
+                    opt(p.port_guid.as_ref()),
+                    p.pkeys
+                        .iter()
+                        .map(|k| k.pkey.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                ]);
+            }
+        }
+        t.write(out)?;
+    }
+    let vf_guids: Vec<_> = inv
+        .pci
+        .iter()
+        .filter_map(|p| p.sriov.as_ref().map(|s| (p, s)))
+        .filter(|(_, s)| !s.vf_guids.is_empty())
+        .collect();
+    if !vf_guids.is_empty() {
+        writeln!(out, "\nmlx5 VF GUIDs")?;
+        let mut t = Table::new(&["PF", "VF", "BDF", "NODE GUID", "PORT GUID", "POLICY"]);
+        for (p, s) in vf_guids {
+            for g in &s.vf_guids {
+                let bdf = s
+                    .vfs
+                    .iter()
+                    .find(|v| v.index == g.index)
+                    .map(|v| v.bdf.to_string());
+                t.row(vec![
+                    p.bdf.to_string(),
+                    g.index.to_string(),
+                    bdf.unwrap_or_default(),
+                    opt(g.node_guid.as_ref()),
+                    opt(g.port_guid.as_ref()),
+                    opt(g.policy.as_ref()),
+                ]);
+            }
+        }
+        t.write(out)?;
+    }
+    if !inv.problems.is_empty() {
+        writeln!(out, "\nProblems reading the host ({})", inv.problems.len())?;
+        for p in &inv.problems {
+            let v = p
+                .value
+                .as_deref()
+                .map(|v| format!(" = {v:?}"))
+                .unwrap_or_default();
+            writeln!(out, "  {}{v}: {}", p.path, p.error)?;
+        }
+    }
+    Ok(())
+}
+
+/// `1-3,7` for a sorted run of ids (hex, as the AP tools print them).
+fn ranges(ids: impl Iterator<Item = u8>) -> String {
+    let v: Vec<u8> = ids.collect();
+    if v.is_empty() {
+        return "none".into();
+    }
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let mut j = i;
+        while j + 1 < v.len() && v[j + 1] == v[j].wrapping_add(1) && v[j] != 255 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            format!("{:02x}", v[i])
+        } else {
+            format!("{:02x}-{:02x}", v[i], v[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+/// Where the tenancy comes from, for the report.
+fn tenancy_for(root: &HostRoot, given: Option<&Path>) -> Result<(Tenancy, Option<PathBuf>)> {
+    if let Some(p) = given {
+        let t = devfence_policy::load_tenancy(p)?;
+        return Ok((t, Some(p.to_path_buf())));
+    }
+    let default = root.path(DEFAULT_TENANCY);
+    if default.exists() {
+        let t = devfence_policy::load_tenancy(&default)?;
+        return Ok((t, Some(default)));
+    }
+    Ok((Tenancy::default(), None))
+}
+
+/// Counts of findings by severity.
+#[derive(Debug, Default, serde::Serialize)]
+struct Summary {
+    errors: usize,
+    warnings: usize,
+    infos: usize,
+}
+
+fn summarize(findings: &[Finding]) -> Summary {
+    let mut s = Summary::default();
+    for f in findings {
+        match f.severity {
+            Severity::Error => s.errors += 1,
+            Severity::Warning => s.warnings += 1,
+            Severity::Info => s.infos += 1,
+        }
+    }
+    s
+}
+
+/// Reads the host and the tenancy and runs every rule.
+fn run_check(root: &HostRoot, tenancy: Option<&Path>) -> Result<(Vec<Finding>, Option<PathBuf>)> {
+    let inv = read(root)?;
+    let (t, source) = tenancy_for(root, tenancy)?;
+    Ok((devfence_policy::check(&inv, &t), source))
+}
+
+fn check(root: &HostRoot, a: &CheckArgs, out: &mut dyn Write) -> Result<Outcome> {
+    let (findings, source) = run_check(root, a.tenancy.as_deref())?;
+    let summary = summarize(&findings);
+    if a.json {
+        #[derive(serde::Serialize)]
+        struct Report<'a> {
+            schema: u32,
+            root: String,
+            tenancy: Option<String>,
+            summary: &'a Summary,
+            findings: &'a [Finding],
+        }
+        let report = Report {
+            schema: 1,
+            root: root.root().display().to_string(),
+            tenancy: source.map(|p| p.display().to_string()),
+            summary: &summary,
+            findings: &findings,
+        };
+        serde_json::to_writer_pretty(&mut *out, &report)?;
+        writeln!(out)?;
+    } else {
+        match &source {
+            Some(p) => writeln!(out, "tenancy: {}", p.display())?,
+            None => writeln!(
+                out,
+                "tenancy: none (no --tenancy and no {DEFAULT_TENANCY} under the root): rules that need tenancy were skipped"
+            )?,
+        }
+        for f in &findings {
+            writeln!(out, "\n{f}")?;
+        }
+        writeln!(
+            out,
+            "\n{} error(s), {} warning(s), {} info",
+            summary.errors, summary.warnings, summary.infos
+        )?;
+    }
+    Ok(if summary.errors > 0 {
+        Outcome::Findings
+    } else {
+        Outcome::Ok
+    })
+}
+
+fn rules(a: &RulesArgs, out: &mut dyn Write) -> Result<Outcome> {
+    if a.json {
+        let v: Vec<_> = devfence_policy::RULES
+            .iter()
+            .map(|r| serde_json::json!({"id": r.id, "severity": r.severity, "summary": r.summary}))
+            .collect();
+        serde_json::to_writer_pretty(&mut *out, &v)?;
+        writeln!(out)?;
+    } else {
+        let mut t = Table::new(&["RULE", "SEVERITY", "WHAT IT FINDS"]);
+        for r in devfence_policy::RULES {
+            t.row(vec![
+                r.id.to_string(),
+                r.severity.to_string(),
+                r.summary.to_string(),
+            ]);
+        }
+        t.write(out)?;
+    }
+    Ok(Outcome::Ok)
+}
+
+fn generate(a: &GenerateArgs, out: &mut dyn Write) -> Result<Outcome> {
+    let profile: sim::Profile = a.profile.parse()?;
+    let opts = sim::GenerateOptions {
+        profile,
+        out: a.out.clone(),
+        vfs: a.vfs,
+    };
+    let summary = sim::generate(&opts)?;
+    writeln!(
+        out,
+        "wrote profile {profile} to {}: {summary}",
+        a.out.display()
+    )?;
+    writeln!(out, "next: devfence --root {} check", a.out.display())?;
+    Ok(Outcome::Ok)
+}
+
+fn profiles(out: &mut dyn Write) -> Result<Outcome> {
+    let mut t = Table::new(&["PROFILE", "WHAT IT MODELS"]);
+    for p in sim::Profile::ALL {
+        t.row(vec![p.to_string(), p.description().to_string()]);
+    }
+    t.write(out)?;
+    Ok(Outcome::Ok)
+}
+
+/// The profiles the demo walks through (all but `scale`, which is for benchmarks).
+const DEMO_PROFILES: [sim::Profile; 5] = [
+    sim::Profile::Cx6Ib,
+    sim::Profile::NoAcs,
+    sim::Profile::UserspacePf,
+    sim::Profile::GpuMdev,
+    sim::Profile::S390Ap,
+];
+
+fn demo(a: &DemoArgs, out: &mut dyn Write) -> Result<Outcome> {
+    let tmp;
+    let base: PathBuf = match &a.keep {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("Cannot create {}", dir.display()))?;
+            dir.clone()
+        }
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("devfence-demo-")
+                .tempdir()
+                .context("Cannot create a temporary directory")?;
+            tmp.path().to_path_buf()
+        }
+    };
+    writeln!(
+        out,
+        "devfence demo: each profile is a simulated host with known isolation defects planted;\n\
+         devfence reads it back through sysfs and reports each defect with its evidence.\n"
+    )?;
+    let mut total = 0;
+    for profile in DEMO_PROFILES {
+        let dir = base.join(profile.to_string());
+        if dir.exists() {
+            bail!(
+                "{} already exists. Hint: give --keep an empty directory, or remove it",
+                dir.display()
+            );
+        }
+        let summary = sim::generate(&sim::GenerateOptions {
+            profile,
+            out: dir.clone(),
+            vfs: None,
+        })?;
+        writeln!(out, "== {profile}: {}", profile.description())?;
+        writeln!(out, "   generated: {summary}")?;
+        let root = HostRoot::new(dir.clone());
+        let inv = read(&root)?;
+        writeln!(
+            out,
+            "   inventory: {} PCI functions, {} IOMMU groups, {} mdevs, {} AP queues, {} IB devices, {} problems",
+            inv.pci.len(),
+            inv.iommu_groups.len(),
+            inv.mdevs.len(),
+            inv.ap.as_ref().map_or(0, |a| a.queues.len()),
+            inv.ib.len(),
+            inv.problems.len()
+        )?;
+        let (findings, _) = run_check(&root, None)?;
+        total += findings.len();
+        for f in &findings {
+            writeln!(
+                out,
+                "   {} [{}] {}: {}",
+                f.severity, f.rule, f.subject, f.message
+            )?;
+        }
+        writeln!(out)?;
+    }
+    writeln!(
+        out,
+        "{total} findings across {} simulated hosts.",
+        DEMO_PROFILES.len()
+    )?;
+    match &a.keep {
+        Some(d) => writeln!(
+            out,
+            "The hosts are kept in {}; try: devfence --root {}/no-acs check",
+            d.display(),
+            d.display()
+        )?,
+        None => writeln!(
+            out,
+            "Keep the hosts with --keep DIR to explore them with inventory and check."
+        )?,
+    }
+    Ok(Outcome::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_compact_runs() {
+        assert_eq!(ranges([1u8, 2, 3, 7, 9, 10].into_iter()), "01-03,07,09-0a");
+        assert_eq!(ranges(std::iter::empty()), "none");
+        assert_eq!(ranges([254u8, 255].into_iter()), "fe-ff");
+    }
+}
