@@ -1,0 +1,138 @@
+//! The running kernel: sysfs writes, rtnetlink, VFIO ioctls.
+//!
+//! Every path is a kernel path mapped under the [`HostRoot`] (`/` on a real host),
+//! so that the same code can be pointed at a scratch tree in tests.
+
+use std::fs::{self, OpenOptions, Permissions};
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+
+use devfence_model::{Bdf, Guid, IommuGroupId};
+
+use super::{Errno, GuidKind, KernelIo, PfHandle, netlink, vfio};
+use crate::root::HostRoot;
+
+/// The running kernel, seen under `root`.
+#[derive(Clone, Debug)]
+pub struct RealKernel {
+    root: HostRoot,
+}
+
+impl RealKernel {
+    /// The kernel whose files are under `root` (`/` on a real host).
+    #[must_use]
+    pub fn new(root: HostRoot) -> Self {
+        Self { root }
+    }
+}
+
+fn errno(e: &io::Error) -> Errno {
+    if e.kind() == io::ErrorKind::InvalidData && e.raw_os_error().is_none() {
+        return Errno::EINVAL;
+    }
+    Errno::from_io(e)
+}
+
+impl KernelIo for RealKernel {
+    fn root(&self) -> &HostRoot {
+        &self.root
+    }
+
+    /// Opens the attribute for writing (no create, no truncate) and writes the
+    /// value in one `write(2)`, as sysfs expects: a store sees the whole value
+    /// once. A short write is an `EIO`.
+    fn write(&self, path: &str, value: &[u8]) -> Result<(), Errno> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .open(self.root.path(path))
+            .map_err(|e| errno(&e))?;
+        let n = f.write(value).map_err(|e| errno(&e))?;
+        if n == value.len() {
+            Ok(())
+        } else {
+            Err(Errno::EIO)
+        }
+    }
+
+    fn read(&self, path: &str) -> Result<Vec<u8>, Errno> {
+        fs::read(self.root.path(path)).map_err(|e| errno(&e))
+    }
+
+    fn read_link(&self, path: &str) -> Result<String, Errno> {
+        self.root.read_link(path).map_err(|e| errno(&e))
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        fs::symlink_metadata(self.root.path(path)).is_ok()
+    }
+
+    fn chown(&self, path: &str, uid: u32, gid: u32) -> Result<(), Errno> {
+        std::os::unix::fs::chown(self.root.path(path), Some(uid), Some(gid)).map_err(|e| errno(&e))
+    }
+
+    fn chmod(&self, path: &str, mode: u32) -> Result<(), Errno> {
+        fs::set_permissions(self.root.path(path), Permissions::from_mode(mode))
+            .map_err(|e| errno(&e))
+    }
+
+    /// `RTM_SETLINK` on the netdev's index (`/sys/class/net/<netdev>/ifindex`).
+    fn set_vf_guid(
+        &self,
+        pf_netdev: &str,
+        vf: u32,
+        kind: GuidKind,
+        guid: Guid,
+    ) -> Result<(), Errno> {
+        if pf_netdev.is_empty() || pf_netdev.contains('/') || pf_netdev.starts_with('.') {
+            return Err(Errno::EINVAL);
+        }
+        let raw = self.read(&format!("/sys/class/net/{pf_netdev}/ifindex"))?;
+        let ifindex: i32 = std::str::from_utf8(&raw)
+            .ok()
+            .and_then(|s| s.trim_end_matches('\n').parse().ok())
+            .filter(|i| *i > 0)
+            .ok_or(Errno::EINVAL)?;
+        netlink::set_vf_guid(ifindex, vf, kind, guid)
+    }
+
+    fn open_pf(&self, pf: Bdf, group: IommuGroupId) -> Result<Box<dyn PfHandle>, Errno> {
+        Ok(Box::new(vfio::open_pf(&self.root, pf, group)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysfs_style_io_under_a_scratch_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = HostRoot::new(dir.path());
+        let k = RealKernel::new(root.clone());
+        fs::create_dir_all(dir.path().join("sys/dev")).unwrap();
+        fs::write(dir.path().join("sys/dev/attr"), b"old value\n").unwrap();
+        // One write at offset 0, no truncation (sysfs semantics).
+        k.write("/sys/dev/attr", b"new").unwrap();
+        assert_eq!(k.read("/sys/dev/attr").unwrap(), b"new value\n");
+        // No create.
+        assert_eq!(k.write("/sys/dev/nope", b"1"), Err(Errno::ENOENT));
+        assert_eq!(k.read("/sys/dev/nope"), Err(Errno::ENOENT));
+        std::os::unix::fs::symlink("../x/y", dir.path().join("sys/dev/link")).unwrap();
+        assert_eq!(k.read_link("/sys/dev/link").unwrap(), "../x/y");
+        assert!(k.exists("/sys/dev/link"), "a dangling link exists");
+        assert!(!k.exists("/sys/dev/nope"));
+        assert_eq!(k.read_link("/sys/dev/attr"), Err(Errno::EINVAL));
+        k.chmod("/sys/dev/attr", 0o600).unwrap();
+        assert_eq!(k.stat("/sys/dev/attr").unwrap().mode, 0o600);
+        assert_eq!(k.list_dir("/sys/dev").unwrap(), vec!["attr", "link"]);
+        assert_eq!(
+            k.set_vf_guid("ib0", 0, GuidKind::Node, Guid(1)),
+            Err(Errno::ENOENT),
+            "no /sys/class/net/ib0/ifindex under the scratch root"
+        );
+        assert_eq!(
+            k.set_vf_guid("../x", 0, GuidKind::Node, Guid(1)),
+            Err(Errno::EINVAL)
+        );
+    }
+}
