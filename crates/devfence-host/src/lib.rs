@@ -12,10 +12,12 @@
 //! [`sim`] writes realistic host trees (real symlink layout) for the profiles that
 //! tests, benchmarks and the demo run on.
 
+pub mod actuator;
 pub mod inventory;
 pub mod parse;
 pub mod root;
 pub mod sim;
+pub mod simkernel;
 
 pub use inventory::{ReadStats, read_inventory, read_inventory_with_stats};
 pub use root::{HostError, HostRoot};

@@ -154,6 +154,32 @@ pub fn vf_bdf(pf: Bdf, offset: u16, stride: u16, index: u32) -> Option<Bdf> {
     Bdf::new(pf.domain(), bus, devfn >> 3, devfn & 7)
 }
 
+/// The first 64 bytes of a function's configuration space (the `config` file):
+/// vendor and device id (little-endian) at 0 and 2, revision at 8, class
+/// (prog-if, sub-class, base) at 9..12, header type at 0x0e (1 for a bridge),
+/// and the subsystem ids at 0x2c/0x2e (type 0) or the bus numbers at 0x18..0x1b
+/// (type 1).
+#[must_use]
+pub fn config_space(spec: &PciSpec<'_>) -> [u8; 64] {
+    let mut c = [0u8; 64];
+    c[0..2].copy_from_slice(&spec.vendor.to_le_bytes());
+    c[2..4].copy_from_slice(&spec.device.to_le_bytes());
+    c[8] = spec.revision;
+    c[9..12].copy_from_slice(&spec.class.to_le_bytes()[..3]);
+    if spec.class >> 8 == 0x0604 {
+        c[0x0e] = 1;
+        c[0x18] = spec.bdf.bus();
+        if let Some((secondary, subordinate)) = spec.bridge_buses {
+            c[0x19] = secondary;
+            c[0x1a] = subordinate;
+        }
+    } else {
+        c[0x2c..0x2e].copy_from_slice(&spec.subsystem_vendor.to_le_bytes());
+        c[0x2e..0x30].copy_from_slice(&spec.subsystem_device.to_le_bytes());
+    }
+    c
+}
+
 /// The OFED `sriov/<N>/` entry of an mlx5 PF, for [`TreeBuilder::ofed_vf_guids`].
 #[derive(Clone, Copy, Debug)]
 pub struct OfedVf<'a> {
@@ -531,6 +557,44 @@ impl TreeBuilder {
         )
     }
 
+    /// Writes the directory of a loaded driver with no device bound
+    /// (`/sys/bus/<bus>/drivers/<driver>/{bind,unbind,...}`), if not written yet.
+    ///
+    /// # Errors
+    /// As [`file`](Self::file).
+    pub fn load_driver(&mut self, bus: &str, driver: &str) -> Result<(), SimError> {
+        let drv = format!("/sys/bus/{bus}/drivers/{driver}");
+        if self.drivers.contains(&drv) {
+            return Ok(());
+        }
+        self.write_only(&format!("{drv}/bind"))?;
+        self.write_only(&format!("{drv}/unbind"))?;
+        if bus == "pci" {
+            self.write_only(&format!("{drv}/new_id"))?;
+            self.write_only(&format!("{drv}/remove_id"))?;
+        }
+        self.drivers.insert(drv);
+        Ok(())
+    }
+
+    /// Writes a network interface of a PCI function: `<pci>/net/<name>/{ifindex,type}`
+    /// and `/sys/class/net/<name>` (e.g. an mlx5 PF's IPoIB `ib0`, type 32).
+    ///
+    /// # Errors
+    /// [`SimError::UnknownPci`]; as [`file`](Self::file).
+    pub fn netdev(
+        &mut self,
+        pci: Bdf,
+        name: &str,
+        ifindex: u32,
+        arp_type: u32,
+    ) -> Result<(), SimError> {
+        let d = format!("{}/net/{name}", self.known_pci(pci)?);
+        self.file(&format!("{d}/ifindex"), format!("{ifindex}\n"))?;
+        self.file(&format!("{d}/type"), format!("{arp_type}\n"))?;
+        self.link(&format!("/sys/class/net/{name}"), &d)
+    }
+
     /// Binds the device `name` at `dev_path` to `driver` on `bus`: the device's
     /// `driver` link, and the driver directory's back-link. The driver directory
     /// gets its `bind`/`unbind` (and for PCI `new_id`/`remove_id`) files the first
@@ -545,16 +609,8 @@ impl TreeBuilder {
         name: &str,
         dev_path: &str,
     ) -> Result<(), SimError> {
+        self.load_driver(bus, driver)?;
         let drv = format!("/sys/bus/{bus}/drivers/{driver}");
-        if !self.drivers.contains(&drv) {
-            self.write_only(&format!("{drv}/bind"))?;
-            self.write_only(&format!("{drv}/unbind"))?;
-            if bus == "pci" {
-                self.write_only(&format!("{drv}/new_id"))?;
-                self.write_only(&format!("{drv}/remove_id"))?;
-            }
-            self.drivers.insert(drv.clone());
-        }
         self.link(&format!("{dev_path}/driver"), &drv)?;
         self.link(&format!("{drv}/{name}"), dev_path)
     }
@@ -650,6 +706,7 @@ impl TreeBuilder {
             }
         }
         self.write_only(&format!("{d}/remove"))?;
+        self.file(&format!("{d}/config"), config_space(spec))?;
         if let Some((secondary, subordinate)) = spec.bridge_buses {
             self.file(
                 &format!("{d}/secondary_bus_number"),

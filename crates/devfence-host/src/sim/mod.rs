@@ -23,12 +23,16 @@ use std::str::FromStr;
 
 pub use builder::{
     ApBusSpec, ApMatrixMdevSpec, GroupKind, IbSpec, MdevSpec, MdevTypeSpec, NodeOwner, OfedVf,
-    PciSpec, SriovSpec, TreeBuilder, guid_bytes_colon, guid_groups, matrix_text, relative_link,
-    vf_bdf,
+    PciSpec, SriovSpec, TreeBuilder, config_space, guid_bytes_colon, guid_groups, matrix_text,
+    relative_link, vf_bdf,
 };
 
 /// Where a profile's tenancy file lands, as a path under the output directory.
 pub const TENANCY_PATH: &str = "/etc/devfence/tenancy.toml";
+
+/// Marks a tree as a simulated host: the acting commands then drive the simulated
+/// kernel over it (and refuse any other root than `/`).
+pub const SIMULATED_MARKER: &str = "/etc/devfence/simulated-host";
 
 /// A fixture profile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -45,17 +49,21 @@ pub enum Profile {
     S390Ap,
     /// `scale`: 4096 VFs, 1024 mdevs, 256 × 256 APQNs, no defects.
     Scale,
+    /// `testbed`: the QEMU guest of the real-kernel testbed (igb and NVMe SR-IOV
+    /// PFs on their host drivers), no tenancy.
+    Testbed,
 }
 
 impl Profile {
     /// Every profile, in documentation order.
-    pub const ALL: [Profile; 6] = [
+    pub const ALL: [Profile; 7] = [
         Profile::Cx6Ib,
         Profile::NoAcs,
         Profile::UserspacePf,
         Profile::GpuMdev,
         Profile::S390Ap,
         Profile::Scale,
+        Profile::Testbed,
     ];
 
     /// The name used on the command line.
@@ -68,6 +76,7 @@ impl Profile {
             Profile::GpuMdev => "gpu-mdev",
             Profile::S390Ap => "s390-ap",
             Profile::Scale => "scale",
+            Profile::Testbed => "testbed",
         }
     }
 
@@ -93,6 +102,9 @@ impl Profile {
             Profile::Scale => {
                 "4096 mlx5 VFs, 1024 mdevs and 256 x 256 AP queues over 64 tenants, no defects"
             }
+            Profile::Testbed => {
+                "The QEMU testbed guest: two igb PFs and an NVMe PF with SR-IOV on host drivers, no tenancy"
+            }
         }
     }
 
@@ -103,7 +115,7 @@ impl Profile {
             Profile::Cx6Ib => Some(5..=profiles::CX6_MAX_VFS),
             Profile::UserspacePf => Some(3..=profiles::IGB_TOTAL_VFS),
             Profile::Scale => Some(1..=profiles::SCALE_MAX_VFS),
-            Profile::NoAcs | Profile::GpuMdev | Profile::S390Ap => None,
+            Profile::NoAcs | Profile::GpuMdev | Profile::S390Ap | Profile::Testbed => None,
         }
     }
 
@@ -114,7 +126,7 @@ impl Profile {
             Profile::Cx6Ib => Some(8),
             Profile::UserspacePf => Some(4),
             Profile::Scale => Some(4096),
-            Profile::NoAcs | Profile::GpuMdev | Profile::S390Ap => None,
+            Profile::NoAcs | Profile::GpuMdev | Profile::S390Ap | Profile::Testbed => None,
         }
     }
 
@@ -228,7 +240,7 @@ impl fmt::Display for Summary {
 pub enum SimError {
     /// The profile name is not one of [`Profile::ALL`].
     #[error(
-        "Unknown profile {name:?}. Hint: use one of cx6-ib, no-acs, userspace-pf, gpu-mdev, s390-ap, scale"
+        "Unknown profile {name:?}. Hint: use one of cx6-ib, no-acs, userspace-pf, gpu-mdev, s390-ap, scale, testbed"
     )]
     UnknownProfile {
         /// The name given.
@@ -360,6 +372,14 @@ pub fn generate(opts: &GenerateOptions) -> Result<Summary, SimError> {
         opts.profile.description()
     );
     b.file(TENANCY_PATH, header + &text)?;
+    b.file(
+        SIMULATED_MARKER,
+        format!(
+            "This tree is a simulated host (profile {}) written by `devfence sim generate`.\n\
+             devfence acts on it through its simulated kernel.\n",
+            opts.profile
+        ),
+    )?;
     let mut summary = b.finish();
     summary.tenants = tenancy.tenants.len() as u32;
     summary.assignments = tenancy.assignments.len() as u32;

@@ -49,6 +49,7 @@ pub(super) fn build(profile: Profile, b: &mut TreeBuilder, vfs: u32) -> Result<T
         Profile::GpuMdev => gpu_mdev(&mut p)?,
         Profile::S390Ap => s390_ap(&mut p)?,
         Profile::Scale => scale(&mut p, vfs)?,
+        Profile::Testbed => testbed(&mut p)?,
     }
     Ok(p.tenancy)
 }
@@ -279,6 +280,8 @@ fn mlx5_pf(p: &mut Ctx<'_>, pf: &Mlx5Pf, mut group: u32) -> Result<(u32, Vec<Bdf
         pkeys: &[0xffff],
         pkey_table_len: PKEY_TABLE,
     })?;
+    // The PF's IPoIB interface, which `ip link set ibN vf …` addresses.
+    p.b.netdev(pf_bdf, &format!("ib{}", pf.index), 4 + pf.index, 32)?;
     for (i, t) in pf.tenant_of.iter().enumerate() {
         if let Some(t) = t {
             p.assign(DeviceId::Pci(vf_bdfs[i]), t)?;
@@ -798,4 +801,192 @@ fn scale(p: &mut Ctx<'_>, vfs: u32) -> Result<(), SimError> {
         group += 1;
     }
     Ok(())
+}
+
+/// A function of the QEMU testbed guest: QEMU's subsystem ids, no NUMA node.
+fn qemu(mut s: PciSpec<'_>) -> PciSpec<'_> {
+    s.subsystem_vendor = 0x1af4;
+    s.subsystem_device = 0x1100;
+    s.numa_node = -1;
+    s
+}
+
+/// `testbed`: see `docs/profiles.md`. Mirrors the guest that `testbed/run.sh`
+/// boots (q35, virtual Intel IOMMU) as `docs/testbed.md` records it after
+/// `testbed/guest/run-tests.sh` has loaded its drivers: the same functions, ids,
+/// drivers and IOMMU groups, no VF enabled, vfio-pci loaded with
+/// `enable_sriov=1`, igbvf loaded, mtty as an mdev parent; no tenancy.
+fn testbed(p: &mut Ctx<'_>) -> Result<(), SimError> {
+    p.b.kernel_release("6.1.0-testbed")?;
+    p.b.vfio_pci_module(true, false)?;
+    p.b.load_driver("pci", "vfio-pci")?;
+    p.b.load_driver("pci", "igbvf")?;
+    // vfio's container node exists from the moment the module is loaded.
+    p.b.node(
+        "/dev/vfio/vfio",
+        NodeOwner {
+            uid: 0,
+            gid: 0,
+            mode: 0o666,
+        },
+    )?;
+    let host = "/sys/devices/pci0000:00";
+
+    // Functions on the root bus: (device.function, vendor, device, class, driver,
+    // group, reset methods). Root ports 1-5 (5 with secondary bus 5); port 4 has
+    // no ACS, so it shares its group with what is behind it.
+    type Row<'a> = (
+        u8,
+        u8,
+        u16,
+        u16,
+        u32,
+        Option<&'a str>,
+        u32,
+        Option<&'a [&'a str]>,
+    );
+    let root_bus: [Row<'_>; 10] = [
+        (0x00, 0, INTEL, 0x29c0, 0x06_00_00, None, 0, None),
+        (
+            0x01,
+            0,
+            0x1b36,
+            0x000c,
+            CLASS_BRIDGE,
+            Some("pcieport"),
+            1,
+            None,
+        ),
+        (
+            0x02,
+            0,
+            0x1b36,
+            0x000c,
+            CLASS_BRIDGE,
+            Some("pcieport"),
+            2,
+            None,
+        ),
+        (
+            0x03,
+            0,
+            0x1b36,
+            0x000c,
+            CLASS_BRIDGE,
+            Some("pcieport"),
+            3,
+            None,
+        ),
+        (
+            0x04,
+            0,
+            0x1b36,
+            0x000c,
+            CLASS_BRIDGE,
+            Some("pcieport"),
+            4,
+            None,
+        ),
+        (
+            0x05,
+            0,
+            0x1b36,
+            0x000c,
+            CLASS_BRIDGE,
+            Some("pcieport"),
+            5,
+            None,
+        ),
+        (
+            0x10,
+            0,
+            0x1af4,
+            0x1009,
+            0x00_02_00,
+            Some("virtio-pci"),
+            6,
+            None,
+        ),
+        (0x1f, 0, INTEL, 0x2918, 0x06_01_00, None, 7, None),
+        (0x1f, 2, INTEL, 0x2922, 0x01_06_01, None, 7, None),
+        (0x1f, 3, INTEL, 0x2930, 0x0c_05_00, None, 7, None),
+    ];
+    let mut ports = Vec::new();
+    for (dev, func, vendor, device, class, driver, group, reset) in root_bus {
+        let bdf = p.bdf(0, dev, func)?;
+        let mut s = qemu(PciSpec::new(bdf, host, vendor, device, class));
+        if vendor == 0x1b36 {
+            s.subsystem_vendor = 0x1b36;
+            s.subsystem_device = 0;
+            s.bridge_buses = Some((dev, dev));
+        }
+        s.driver = driver;
+        s.iommu_group = Some(group);
+        s.reset_methods = reset;
+        let path = p.b.pci_function(&s)?;
+        if class == CLASS_BRIDGE {
+            ports.push(path);
+        }
+    }
+    // Behind the ports: (port index, function, vendor, device, class, driver, group).
+    type Ep<'a> = (usize, u8, u16, u16, u32, &'a str, u32);
+    let endpoints: [Ep<'_>; 6] = [
+        (0, 0, INTEL, 0x10c9, CLASS_ETH, "igb", 8),
+        (1, 0, INTEL, 0x10c9, CLASS_ETH, "igb", 9),
+        (2, 0, 0x1b36, 0x0010, 0x01_08_02, "nvme", 10),
+        (3, 0, INTEL, 0x10c9, CLASS_ETH, "igb", 4),
+        (4, 0, INTEL, 0x10d3, CLASS_ETH, "e1000e", 11),
+        (4, 1, INTEL, 0x10d3, CLASS_ETH, "e1000e", 11),
+    ];
+    for (port, func, vendor, device, class, driver, group) in endpoints {
+        let bus = port as u8 + 1;
+        let bdf = p.bdf(bus, 0, func)?;
+        let mut s = qemu(PciSpec::new(bdf, &ports[port], vendor, device, class));
+        s.driver = Some(driver);
+        s.iommu_group = Some(group);
+        s.reset_methods = Some(match driver {
+            "igb" => &["flr", "pm", "bus"],
+            "nvme" => &["flr", "bus"],
+            _ => &["pm"],
+        });
+        if vendor == INTEL {
+            s.subsystem_vendor = INTEL;
+            s.subsystem_device = 0;
+        }
+        p.b.pci_function(&s)?;
+        let (total, offset, stride, vf_device) = match driver {
+            "igb" => (IGB_TOTAL_VFS, 0x80, 2, 0x10ca),
+            "nvme" => (2, 1, 1, 0x0010),
+            _ => continue,
+        };
+        p.b.sriov(&SriovSpec {
+            pf: bdf,
+            total_vfs: total,
+            offset,
+            stride,
+            vf_device,
+            drivers_autoprobe: true,
+            vfs: &[],
+        })?;
+    }
+    // The mtty sample driver's mdev parent.
+    p.b.load_driver("mdev", "mtty")?;
+    p.b.mdev_parent(
+        "/sys/devices/virtual/mtty/mtty",
+        "mtty",
+        &[
+            MdevTypeSpec {
+                id: "mtty-1",
+                name: "Single port serial",
+                device_api: "vfio-pci",
+                available_instances: 24,
+            },
+            MdevTypeSpec {
+                id: "mtty-2",
+                name: "Dual port serial",
+                device_api: "vfio-pci",
+                available_instances: 12,
+            },
+        ],
+    )
 }

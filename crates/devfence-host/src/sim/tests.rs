@@ -88,7 +88,8 @@ fn tenant_of(t: &Tenancy, dev: &str) -> Option<String> {
 }
 
 /// Every link in the tree resolves (no dangling link), and every regular file under
-/// `/sys` that is readable ends in exactly one newline or is empty.
+/// `/sys` that is readable ends in exactly one newline or is empty — except the
+/// binary `config` space, which must be 64 bytes.
 fn check_tree(root: &Path) {
     fn walk(root: &Path, dir: &Path, links: &mut u32) {
         for e in fs::read_dir(dir).unwrap() {
@@ -102,6 +103,8 @@ fn check_tree(root: &Path) {
                 assert!(fs::metadata(&p).is_ok(), "dangling {}", p.display());
             } else if ft.is_dir() {
                 walk(root, &p, links);
+            } else if p.file_name().is_some_and(|n| n == "config") {
+                assert_eq!(fs::read(&p).unwrap().len(), 64, "{}", p.display());
             } else if p.starts_with(root.join("sys")) && e.metadata().unwrap().mode() & 0o400 != 0 {
                 let s = fs::read_to_string(&p).unwrap();
                 let name = p.file_name().unwrap().to_string_lossy().into_owned();
@@ -743,7 +746,12 @@ fn inventory_of_each_profile() {
             .iter()
             .filter(|n| matches!(n.kind, devfence_model::VfioNodeKind::Group(_)))
             .count();
-        assert!(groups_with_nodes > 0, "{profile}");
+        // The testbed has nothing on vfio yet.
+        assert_eq!(
+            groups_with_nodes > 0,
+            profile != Profile::Testbed,
+            "{profile}"
+        );
         match &inv.ap {
             Some(ap) => {
                 assert_eq!(ap.queues.len() as u32, s.ap_queues, "{profile}");
@@ -797,6 +805,47 @@ fn inventory_of_each_profile() {
                 assert_eq!(inv.vfio_nodes.len(), 1 + 300 + 1024 + 16);
             }
             Profile::GpuMdev => {
+                assert_eq!(inv.mdev_parents[0].types.len(), 2);
+            }
+            Profile::Testbed => {
+                assert_eq!(inv.kernel_release.as_deref(), Some("6.1.0-testbed"));
+                assert_eq!(inv.vfio_pci.as_ref().unwrap().enable_sriov, Some(true));
+                // The groups docs/testbed.md records for the real guest.
+                let groups: Vec<(u32, Vec<&str>)> = inv
+                    .iommu_groups
+                    .iter()
+                    .map(|g| (g.id.0, g.members.iter().map(String::as_str).collect()))
+                    .collect();
+                assert_eq!(
+                    groups,
+                    vec![
+                        (0, vec!["0000:00:00.0"]),
+                        (1, vec!["0000:00:01.0"]),
+                        (2, vec!["0000:00:02.0"]),
+                        (3, vec!["0000:00:03.0"]),
+                        (4, vec!["0000:00:04.0", "0000:04:00.0"]),
+                        (5, vec!["0000:00:05.0"]),
+                        (6, vec!["0000:00:10.0"]),
+                        (7, vec!["0000:00:1f.0", "0000:00:1f.2", "0000:00:1f.3"]),
+                        (8, vec!["0000:01:00.0"]),
+                        (9, vec!["0000:02:00.0"]),
+                        (10, vec!["0000:03:00.0"]),
+                        (11, vec!["0000:05:00.0", "0000:05:00.1"]),
+                    ]
+                );
+                for (pf, drv, total) in [
+                    ("0000:01:00.0", "igb", 7),
+                    ("0000:02:00.0", "igb", 7),
+                    ("0000:04:00.0", "igb", 7),
+                    ("0000:03:00.0", "nvme", 2),
+                ] {
+                    let f = inv.pci_function(pf.parse().unwrap()).unwrap();
+                    assert_eq!(f.driver.as_deref(), Some(drv), "{pf}");
+                    let sriov = f.sriov.as_ref().unwrap();
+                    assert_eq!((sriov.total_vfs, sriov.num_vfs), (Some(total), Some(0)));
+                }
+                assert_eq!(inv.vfio_nodes.len(), 1, "the container only");
+                assert_eq!(inv.mdev_parents[0].name, "mtty");
                 assert_eq!(inv.mdev_parents[0].types.len(), 2);
             }
         }

@@ -1,0 +1,588 @@
+//! The simulated kernel: [`SimKernel`] implements [`KernelIo`] over a fixture tree
+//! (a root written by [`crate::sim::generate`] or a [`crate::sim::TreeBuilder`]).
+//!
+//! The files of the tree are the kernel's visible state. A write is interpreted
+//! with the kernel's semantics (reference: `kernel-interfaces.md` §1–§5) and either
+//! mutates the tree — so the ordinary inventory readers read the result back — or
+//! answers the kernel's errno and changes nothing. Reads, `read_link` and `exists`
+//! only read the tree. Paths may be given through any link the kernel offers
+//! (`/sys/bus/pci/devices/<bdf>/…`, `/sys/class/mdev_bus/<parent>/…`, a device's
+//! `driver/unbind`): they are resolved under the root first.
+//!
+//! What the kernel keeps outside sysfs is kept in memory, behind one lock: the
+//! native driver of each function, who has which device open (group-path opens,
+//! PF custody), each vfio-pci PF's VF token (never written to the tree, never
+//! printed), the administrative GUIDs of mlx5 VFs, and the subtrees a host driver
+//! creates (`infiniband/`, `net/`, OFED `sriov/`) while the device is unbound.
+//!
+//! Modelled: `driver_override`, driver `bind`/`unbind`, `drivers_probe` (with the
+//! DMA-ownership rule), `sriov_numvfs` (VFs with their own groups, the vfio-pci
+//! bus notifier, `sriov_drivers_autoprobe`), `reset`, `reset_method`,
+//! `vfio-dev/vfio<X>` and `/dev/vfio/<N>` life cycles, mdev `create`/`remove`,
+//! vfio_ap `assign_*`/`unassign_*`, `apmask`/`aqmask` with queue rebinding and
+//! `guest_matrix` filtering, the VF-token rules of the group path, mlx5 VF GUIDs
+//! through rtnetlink, chown/chmod. Writes to attributes that are not modelled
+//! answer `EACCES` for read-only attributes and `EOPNOTSUPP` otherwise.
+
+mod ap;
+mod ib;
+mod mdev;
+mod num;
+mod pci;
+mod tree;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use devfence_model::{Bdf, Guid, IommuGroupId, MdevUuid};
+
+use crate::actuator::{Errno, GuidKind, KernelIo, PfHandle, VfToken};
+use crate::root::{HostError, HostRoot};
+
+use tree::{Kind, Saved, Tree, split};
+
+/// An in-process model of the kernel over a fixture tree. See the module docs.
+///
+/// Cheap to share: the handles it gives out ([`SimOpen`], [`SimPfHandle`]) keep
+/// the simulator's state alive and update it when they are closed.
+pub struct SimKernel {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    tree: Tree,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The mlx5 administrative GUIDs of one VF (what `ip link set … vf N node_guid`
+/// stored), applied at the VF's next bind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct AdminGuids {
+    node: Option<Guid>,
+    port: Option<Guid>,
+}
+
+/// What the kernel knows beyond sysfs.
+#[derive(Default)]
+struct State {
+    /// The driver each function had when the simulator first saw it (never a vfio
+    /// driver); functions not listed fall back to the id table.
+    natives: HashMap<Bdf, String>,
+    /// Open VFIO handles per PCI function (group-path opens and PF custody).
+    opens: HashMap<Bdf, u32>,
+    /// Open VFIO handles per mdev.
+    mdev_opens: HashMap<MdevUuid, u32>,
+    /// Per vfio-pci PF: how many of its VFs are open (`vf_token->users`).
+    vf_users: HashMap<Bdf, u32>,
+    /// Per vfio-pci PF: the VF token last set. Absent: the random token vfio-pci
+    /// made at probe, which nobody knows.
+    tokens: HashMap<Bdf, VfToken>,
+    /// Per (PF, VF index): administrative GUIDs.
+    admin_guids: HashMap<(Bdf, u32), AdminGuids>,
+    /// Per (device path, driver): the subtrees the driver created, saved while the
+    /// device is not bound to it.
+    stash: HashMap<(String, String), Stashed>,
+    /// Per function: `reset_method` as first seen (what `default` restores).
+    reset_defaults: HashMap<Bdf, String>,
+}
+
+/// Subtrees saved while a driver is unbound: (where, what) pairs.
+type Stashed = Vec<(String, Vec<Saved>)>;
+
+/// One operation's view of the kernel: the tree and the state, under the lock.
+struct K<'a> {
+    t: &'a Tree,
+    s: &'a mut State,
+}
+
+/// What an open handle holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    Pci(Bdf),
+    Mdev(MdevUuid),
+}
+
+/// A device opened through the group path ([`SimKernel::open_vf`],
+/// [`SimKernel::open_mdev`]). Closing it — [`SimOpen::close`] or dropping it —
+/// gives the device back.
+pub struct SimOpen {
+    shared: Arc<Shared>,
+    held: Held,
+    /// The vfio-pci PF whose `vf_token->users` this open counts in.
+    pf_user: Option<Bdf>,
+    closed: bool,
+}
+
+impl SimOpen {
+    /// The device's name as VFIO knows it: a BDF or an mdev UUID.
+    #[must_use]
+    pub fn device(&self) -> String {
+        match self.held {
+            Held::Pci(b) => b.to_string(),
+            Held::Mdev(u) => u.to_string(),
+        }
+    }
+
+    /// Closes the device.
+    pub fn close(mut self) {
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let mut st = self.shared.lock();
+        let mut k = K {
+            t: &self.shared.tree,
+            s: &mut st,
+        };
+        k.release(self.held, self.pf_user);
+    }
+}
+
+impl Drop for SimOpen {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl fmt::Debug for SimOpen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimOpen")
+            .field("device", &self.device())
+            .field("closed", &self.closed)
+            .finish()
+    }
+}
+
+/// A PF held open through VFIO ([`SimKernel::open_pf_handle`], or boxed by
+/// [`KernelIo::open_pf`]). Dropping it closes the PF.
+pub struct SimPfHandle {
+    shared: Arc<Shared>,
+    pf: Bdf,
+    is_pf: bool,
+}
+
+impl SimPfHandle {
+    /// The PF.
+    #[must_use]
+    pub fn pf(&self) -> Bdf {
+        self.pf
+    }
+
+    /// `VFIO_DEVICE_FEATURE` GET `PCI_VF_TOKEN`: refused, as the kernel refuses it
+    /// (`EINVAL`; `ENOTTY` on a device that is not a PF). The token is write-only.
+    ///
+    /// # Errors
+    /// Always.
+    pub fn get_vf_token(&self) -> Result<VfToken, Errno> {
+        Err(if self.is_pf {
+            Errno::EINVAL
+        } else {
+            Errno::ENOTTY
+        })
+    }
+}
+
+impl PfHandle for SimPfHandle {
+    fn set_vf_token(&mut self, token: &VfToken) -> Result<(), Errno> {
+        if !self.is_pf {
+            return Err(Errno::ENOTTY);
+        }
+        self.shared.lock().tokens.insert(self.pf, token.clone());
+        Ok(())
+    }
+}
+
+impl Drop for SimPfHandle {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        let mut k = K {
+            t: &self.shared.tree,
+            s: &mut st,
+        };
+        k.release(Held::Pci(self.pf), None);
+    }
+}
+
+impl fmt::Debug for SimPfHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimPfHandle")
+            .field("pf", &self.pf)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for SimKernel {
+    /// The root and what is open; never a token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.shared.lock();
+        f.debug_struct("SimKernel")
+            .field("root", &self.shared.tree.root.root())
+            .field("open_devices", &st.opens.values().sum::<u32>())
+            .field("open_mdevs", &st.mdev_opens.values().sum::<u32>())
+            .field("vf_tokens_set", &st.tokens.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimKernel {
+    /// A simulated kernel over the tree at `root`. Notes the driver every PCI
+    /// function is bound to now as its native driver (vfio drivers excepted).
+    ///
+    /// # Errors
+    /// The root is missing or not a directory.
+    pub fn new(root: HostRoot) -> Result<Self, HostError> {
+        root.check()?;
+        let tree = Tree { root };
+        let mut state = State::default();
+        for name in tree.list("/sys/bus/pci/devices") {
+            let Ok(bdf) = name.parse::<Bdf>() else {
+                continue;
+            };
+            if let Some(drv) = tree.link_name(&format!("/sys/bus/pci/devices/{name}/driver"))
+                && !pci::is_vfio(&drv)
+                && drv != "pci-stub"
+            {
+                state.natives.insert(bdf, drv);
+            }
+        }
+        Ok(Self {
+            shared: Arc::new(Shared {
+                tree,
+                state: Mutex::new(state),
+            }),
+        })
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut K<'_>) -> R) -> R {
+        let mut st = self.shared.lock();
+        let mut k = K {
+            t: &self.shared.tree,
+            s: &mut st,
+        };
+        f(&mut k)
+    }
+
+    /// Opens a PCI function through its VFIO group the way QEMU does
+    /// (`VFIO_GROUP_GET_DEVICE_FD` with `"<BDF>"` or `"<BDF> vf_token=<uuid>"`),
+    /// with the kernel's rules (reference §2.4):
+    /// * `ENODEV` unless the function is bound to a vfio driver;
+    /// * `EPERM` when the group is not viable (a member on a host DMA driver);
+    /// * a VF whose PF is on vfio-pci: `EACCES` without the PF's current token or
+    ///   with another one; a VF whose PF is not on vfio-pci: `EINVAL` with a token;
+    /// * a vfio-pci PF while some of its VFs are open: `EACCES` without the
+    ///   current token or with another; with no VF open a given token becomes the
+    ///   PF's token;
+    /// * any other function: `EINVAL` with a token.
+    ///
+    /// Success marks the function open (a VF counts as a user of its PF's token)
+    /// until the [`SimOpen`] is closed.
+    ///
+    /// # Errors
+    /// As listed.
+    pub fn open_vf(&self, bdf: Bdf, token: Option<&VfToken>) -> Result<SimOpen, Errno> {
+        let pf_user = self.with(|k| k.open_pci(bdf, token))?;
+        Ok(SimOpen {
+            shared: Arc::clone(&self.shared),
+            held: Held::Pci(bdf),
+            pf_user,
+            closed: false,
+        })
+    }
+
+    /// Opens an mdev through its group (`ENODEV` if it does not exist). While a
+    /// vfio_ap matrix mdev is open its queues read `status` `in use`.
+    ///
+    /// # Errors
+    /// `ENODEV`.
+    pub fn open_mdev(&self, uuid: MdevUuid) -> Result<SimOpen, Errno> {
+        self.with(|k| k.open_mdev(uuid))?;
+        Ok(SimOpen {
+            shared: Arc::clone(&self.shared),
+            held: Held::Mdev(uuid),
+            pf_user: None,
+            closed: false,
+        })
+    }
+
+    /// [`KernelIo::open_pf`] with the concrete handle: `ENODEV` unless `pf` is
+    /// bound to vfio-pci and in `group`; `EPERM` when the group is not viable;
+    /// `EACCES` while VFs of the PF are open (the open carries no token).
+    ///
+    /// # Errors
+    /// As listed.
+    pub fn open_pf_handle(&self, pf: Bdf, group: IommuGroupId) -> Result<SimPfHandle, Errno> {
+        let is_pf = self.with(|k| k.open_pf(pf, group))?;
+        Ok(SimPfHandle {
+            shared: Arc::clone(&self.shared),
+            pf,
+            is_pf,
+        })
+    }
+
+    /// An attempt to read a PF's VF token back (`VFIO_DEVICE_FEATURE` GET): `ENODEV`
+    /// unless `pf` is on vfio-pci, `ENOTTY` for a function that is not a PF, and
+    /// otherwise `EINVAL` — the token is write-only.
+    ///
+    /// # Errors
+    /// Always.
+    pub fn get_vf_token(&self, pf: Bdf) -> Result<VfToken, Errno> {
+        self.with(|k| {
+            let dir = k.pci_dir(pf).ok_or(Errno::ENODEV)?;
+            if k.driver_of(&dir).as_deref() != Some("vfio-pci") {
+                return Err(Errno::ENODEV);
+            }
+            Err(if k.is_pf(&dir) {
+                Errno::EINVAL
+            } else {
+                Errno::ENOTTY
+            })
+        })
+    }
+
+    /// How many VFIO handles are open on a PCI function.
+    #[must_use]
+    pub fn open_count(&self, bdf: Bdf) -> u32 {
+        self.shared.lock().opens.get(&bdf).copied().unwrap_or(0)
+    }
+
+    /// The native driver the simulator would bind `bdf` to without an override
+    /// (`None`: none; vfio drivers are never native).
+    #[must_use]
+    pub fn native_driver(&self, bdf: Bdf) -> Option<String> {
+        self.with(|k| k.native_of(bdf))
+    }
+}
+
+impl KernelIo for SimKernel {
+    fn root(&self) -> &HostRoot {
+        &self.shared.tree.root
+    }
+
+    fn write(&self, path: &str, value: &[u8]) -> Result<(), Errno> {
+        self.with(|k| k.write(path, value))
+    }
+
+    fn read(&self, path: &str) -> Result<Vec<u8>, Errno> {
+        self.with(|k| {
+            let p = k.t.resolve(path, true)?;
+            match k.t.kind(&p) {
+                None => Err(Errno::ENOENT),
+                Some(Kind::Dir) => Err(tree::EISDIR),
+                _ if p.starts_with("/sys/") && k.t.mode(&p).is_some_and(|m| m & 0o444 == 0) => {
+                    Err(Errno::EACCES)
+                }
+                _ => k.t.read(&p),
+            }
+        })
+    }
+
+    fn read_link(&self, path: &str) -> Result<String, Errno> {
+        let t = &self.shared.tree;
+        let p = t.resolve(path, false)?;
+        match std::fs::read_link(t.host(&p)) {
+            Ok(target) => target
+                .into_os_string()
+                .into_string()
+                .map_err(|_| Errno::EINVAL),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Err(Errno::EINVAL),
+            Err(e) => Err(Errno::from_io(&e)),
+        }
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        let t = &self.shared.tree;
+        t.resolve(path, false).is_ok_and(|p| t.lexists(&p))
+    }
+
+    fn chown(&self, path: &str, uid: u32, gid: u32) -> Result<(), Errno> {
+        let t = &self.shared.tree;
+        let p = t.resolve(path, true)?;
+        std::os::unix::fs::chown(t.host(&p), Some(uid), Some(gid)).map_err(|e| Errno::from_io(&e))
+    }
+
+    fn chmod(&self, path: &str, mode: u32) -> Result<(), Errno> {
+        use std::os::unix::fs::PermissionsExt;
+        let t = &self.shared.tree;
+        let p = t.resolve(path, true)?;
+        std::fs::set_permissions(t.host(&p), std::fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(|e| Errno::from_io(&e))
+    }
+
+    fn set_vf_guid(
+        &self,
+        pf_netdev: &str,
+        vf: u32,
+        kind: GuidKind,
+        guid: Guid,
+    ) -> Result<(), Errno> {
+        self.with(|k| k.set_vf_guid(pf_netdev, vf, kind, guid))
+    }
+
+    fn open_pf(&self, pf: Bdf, group: IommuGroupId) -> Result<Box<dyn PfHandle>, Errno> {
+        Ok(Box::new(self.open_pf_handle(pf, group)?))
+    }
+}
+
+/// Attributes the kernel shows read-only (a write is refused with `EACCES`).
+const READ_ONLY: &[&str] = &[
+    "vendor",
+    "device",
+    "subsystem_vendor",
+    "subsystem_device",
+    "class",
+    "revision",
+    "modalias",
+    "irq",
+    "local_cpus",
+    "local_cpulist",
+    "sriov_totalvfs",
+    "sriov_offset",
+    "sriov_stride",
+    "sriov_vf_device",
+    "secondary_bus_number",
+    "subordinate_bus_number",
+    "reserved_regions",
+    "name",
+    "device_api",
+    "available_instances",
+    "description",
+    "matrix",
+    "guest_matrix",
+    "control_domains",
+    "status",
+    "hwtype",
+    "raw_hwtype",
+    "ap_max_adapter_id",
+    "ap_max_domain_id",
+    "bindings",
+    "node_guid",
+    "node_type",
+    "fw_ver",
+    "state",
+    "phys_state",
+    "rate",
+    "lid",
+    "sm_lid",
+    "lid_mask_count",
+    "link_layer",
+    "ifindex",
+    "dev",
+    "osrelease",
+];
+
+impl K<'_> {
+    /// `write(2)` of `value` to `path`.
+    fn write(&mut self, path: &str, value: &[u8]) -> Result<(), Errno> {
+        let p = self.t.resolve(path, true)?;
+        match self.t.kind(&p) {
+            None => return Err(Errno::ENOENT),
+            Some(Kind::Dir) => return Err(tree::EISDIR),
+            _ => {}
+        }
+        let (dir, name) = split(&p);
+        if !p.starts_with("/sys/") {
+            return Err(Errno::EINVAL);
+        }
+        if READ_ONLY.contains(&name) || self.t.mode(&p).is_some_and(|m| m & 0o222 == 0) {
+            return Err(Errno::EACCES);
+        }
+        // sysfs hands a zero-length write to no `store` method.
+        if value.is_empty() {
+            return Ok(());
+        }
+        if p == "/sys/bus/pci/drivers_probe" {
+            return self.drivers_probe(value);
+        }
+        if let Some(drv) = dir.strip_prefix("/sys/bus/pci/drivers/")
+            && !drv.contains('/')
+        {
+            match name {
+                "bind" => return self.bind(drv, value),
+                "unbind" => return self.unbind(drv, value),
+                _ => {}
+            }
+        }
+        if dir == "/sys/bus/ap" && (name == "apmask" || name == "aqmask") {
+            return self.ap_mask(name == "apmask", value);
+        }
+        if let Some(bdf) = self.pci_at(dir) {
+            match name {
+                "driver_override" => return self.driver_override(dir, value),
+                "sriov_numvfs" => return self.sriov_numvfs(bdf, dir, value),
+                "sriov_drivers_autoprobe" => {
+                    let on = num::kstrtobool(value)?;
+                    return self.t.set(&p, if on { "1\n" } else { "0\n" });
+                }
+                "reset" => return self.reset(bdf, dir, value),
+                "reset_method" => return self.reset_method(bdf, dir, value),
+                "numa_node" => {
+                    let n = num::kstrtoint(value)?;
+                    return self.t.set(&p, format!("{n}\n"));
+                }
+                _ => {}
+            }
+        }
+        if name == "create" && split(dir).0.ends_with("/mdev_supported_types") {
+            return self.mdev_create(dir, value);
+        }
+        if name == "remove" && self.t.kind(&format!("{dir}/mdev_type")) == Some(Kind::Link) {
+            return self.mdev_remove(dir, value);
+        }
+        if split(dir).0 == ap::MATRIX
+            && let Some(op) = ap::AssignOp::from_name(name)
+        {
+            return self.ap_assign(dir, op, value);
+        }
+        if let Some(r) = self.ofed_write(dir, name, value) {
+            return r;
+        }
+        if split(dir).1 == "parameters" && split(split(dir).0).0 == "/sys/module" {
+            let cur = self.t.text(&p).unwrap_or_default();
+            if cur == "Y" || cur == "N" {
+                let on = num::kstrtobool(value)?;
+                return self.t.set(&p, if on { "Y\n" } else { "N\n" });
+            }
+        }
+        Err(Errno::EOPNOTSUPP)
+    }
+
+    /// Gives back what an open handle held.
+    fn release(&mut self, held: Held, pf_user: Option<Bdf>) {
+        match held {
+            Held::Pci(b) => {
+                dec(&mut self.s.opens, &b);
+                if let Some(pf) = pf_user {
+                    dec(&mut self.s.vf_users, &pf);
+                }
+            }
+            Held::Mdev(u) => {
+                dec(&mut self.s.mdev_opens, &u);
+                // The queues of a vfio_ap mdev stop being "in use".
+                let _ = self.ap_refresh_status_of(u);
+            }
+        }
+    }
+}
+
+fn dec<T: std::hash::Hash + Eq>(m: &mut HashMap<T, u32>, k: &T) {
+    if let Some(n) = m.get_mut(k) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            m.remove(k);
+        }
+    }
+}
