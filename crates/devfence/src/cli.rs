@@ -36,6 +36,11 @@ pub struct Cli {
     )]
     pub root: PathBuf,
 
+    /// Run on a freshly generated simulated host of PROFILE (a temporary tree,
+    /// driven by the simulated kernel) instead of `--root`. See `devfence sim profiles`.
+    #[arg(long, global = true, value_name = "PROFILE")]
+    pub sim: Option<String>,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -68,6 +73,28 @@ pub enum Command {
     Sim(SimCommand),
     /// Run the main story on simulated hosts: generate each profile and check it.
     Demo(DemoArgs),
+    /// Bind a PCI function to a driver (driver_override + drivers_probe, read back).
+    ///
+    /// Unbinds it from its current driver first. On failure the previous
+    /// driver_override is restored and the old driver rebound, so nothing is left
+    /// half-applied. Binding to vfio-pci while other members of the IOMMU group stay on
+    /// host drivers leaves the group unusable; devfence says so, and `--with-group`
+    /// binds those companions too.
+    Bind(BindArgs),
+    /// Unbind a PCI function from its driver and read back that it has none.
+    Unbind(UnbindArgs),
+    /// Set the number of SR-IOV VFs of a PF (writing 0 first when changing a
+    /// non-zero count) and read back the VF links.
+    Vfs(VfsArgs),
+    /// Reset a PCI function through its `reset` file and confirm it answers
+    /// (config space vendor id reads back).
+    Reset(ResetArgs),
+    /// Create or remove mediated devices.
+    #[command(subcommand)]
+    Mdev(MdevCommand),
+    /// s390 AP: assign queues to vfio_ap matrix mdevs, edit the AP bus masks.
+    #[command(subcommand)]
+    Ap(ApCommand),
     /// Print the man page (roff) to standard output.
     #[command(hide = true)]
     Man,
@@ -140,4 +167,161 @@ pub struct DemoArgs {
     /// temporary directory that is removed afterwards.
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathBuf>,
+}
+
+/// Flags every acting command takes.
+#[derive(Debug, Args)]
+pub struct ActFlags {
+    /// Print the kernel writes that would be made, and make none.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `devfence bind`.
+#[derive(Debug, Args)]
+pub struct BindArgs {
+    /// The PCI function (BDF, e.g. 0000:3b:00.2).
+    pub device: String,
+    /// The driver to bind to, e.g. vfio-pci.
+    #[arg(long)]
+    pub driver: String,
+    /// Also bind the other endpoints of the device's IOMMU group to the same driver.
+    #[arg(long)]
+    pub with_group: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub act: ActFlags,
+}
+
+/// `devfence unbind`.
+#[derive(Debug, Args)]
+pub struct UnbindArgs {
+    /// The PCI function (BDF).
+    pub device: String,
+    /// Also unbind the other endpoints of the device's IOMMU group.
+    #[arg(long)]
+    pub with_group: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub act: ActFlags,
+}
+
+/// `devfence vfs`.
+#[derive(Debug, Args)]
+pub struct VfsArgs {
+    /// The PF (BDF).
+    pub pf: String,
+    /// The number of VFs wanted (0 removes them).
+    #[arg(long)]
+    pub count: u16,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub act: ActFlags,
+}
+
+/// `devfence reset`.
+#[derive(Debug, Args)]
+pub struct ResetArgs {
+    /// The PCI function (BDF).
+    pub device: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub act: ActFlags,
+}
+
+/// `devfence mdev …`.
+#[derive(Debug, Subcommand)]
+pub enum MdevCommand {
+    /// Create an mdev of TYPE under PARENT (a fresh UUID unless --uuid is given).
+    Create {
+        /// The parent device (a BDF, or `matrix` for vfio_ap).
+        parent: String,
+        /// The type id, e.g. nvidia-63 or vfio_ap-passthrough.
+        type_id: String,
+        /// Use this UUID instead of a fresh one.
+        #[arg(long)]
+        uuid: Option<String>,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        act: ActFlags,
+    },
+    /// Remove an mdev.
+    Remove {
+        /// The mdev UUID.
+        uuid: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        act: ActFlags,
+    },
+}
+
+/// `devfence ap …`.
+#[derive(Debug, Subcommand)]
+pub enum ApCommand {
+    /// Assign adapters, domains or control domains to a vfio_ap matrix mdev.
+    ///
+    /// Refused before writing when a resulting APQN is reserved for the host
+    /// (apmask/aqmask) or held by another matrix mdev. APQNs that do not exist yet
+    /// may be assigned (over-provisioning); they stay out of guest_matrix.
+    Assign(ApAssignArgs),
+    /// Unassign adapters, domains or control domains from a vfio_ap matrix mdev.
+    Unassign(ApAssignArgs),
+    /// Edit the AP bus masks (apmask, aqmask).
+    ///
+    /// EXPR is the kernel's syntax: absolute (`0x41` fills from the left) or
+    /// relative terms applied in order (`+1,-6,+0x47`, `-0-255,+1-16`). An edit that
+    /// would hand the host an APQN held by a matrix mdev is refused before anything is
+    /// written, naming the mdev.
+    Mask(ApMaskArgs),
+}
+
+/// `devfence ap assign|unassign`.
+#[derive(Debug, Args)]
+pub struct ApAssignArgs {
+    /// The matrix mdev UUID.
+    pub mdev: String,
+    /// Adapter ids (decimal or 0x hex), repeatable.
+    #[arg(long, value_parser = parse_ap_id)]
+    pub adapter: Vec<u8>,
+    /// Usage domain ids, repeatable.
+    #[arg(long, value_parser = parse_ap_id)]
+    pub domain: Vec<u8>,
+    /// Control domain ids, repeatable.
+    #[arg(long = "control-domain", value_parser = parse_ap_id)]
+    pub control_domain: Vec<u8>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub act: ActFlags,
+}
+
+/// `devfence ap mask`.
+#[derive(Debug, Args)]
+pub struct ApMaskArgs {
+    /// The new apmask (adapters reserved for the host), absolute or relative.
+    #[arg(long, value_name = "EXPR", allow_hyphen_values = true)]
+    pub apmask: Option<String>,
+    /// The new aqmask (usage domains reserved for the host), absolute or relative.
+    #[arg(long, value_name = "EXPR", allow_hyphen_values = true)]
+    pub aqmask: Option<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub act: ActFlags,
+}
+
+/// An AP id: decimal or 0x hex, 0..=255.
+fn parse_ap_id(s: &str) -> Result<u8, String> {
+    let v = if let Some(h) = s.strip_prefix("0x") {
+        u16::from_str_radix(h, 16)
+    } else {
+        s.parse::<u16>()
+    };
+    match v {
+        Ok(n) if n <= 255 => Ok(n as u8),
+        _ => Err(format!(
+            "{s:?} is not an AP id: expected 0..255, decimal or 0x hex"
+        )),
+    }
 }

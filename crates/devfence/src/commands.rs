@@ -19,8 +19,33 @@ pub const DEFAULT_TENANCY: &str = "/etc/devfence/tenancy.toml";
 
 /// Runs the command `cli` names.
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Outcome> {
-    let root = HostRoot::new(cli.root.clone());
+    // `--sim PROFILE`: a fresh simulated host in a temporary directory, removed at exit.
+    let _sim_dir;
+    let root = match &cli.sim {
+        Some(name) => {
+            let profile: sim::Profile = name.parse()?;
+            let dir = tempfile::Builder::new()
+                .prefix("devfence-sim-")
+                .tempdir_in(scratch_base())
+                .context("Cannot create a temporary directory for the simulated host")?;
+            let host = dir.path().join(profile.to_string());
+            sim::generate(&sim::GenerateOptions {
+                profile,
+                out: host.clone(),
+                vfs: None,
+            })?;
+            _sim_dir = dir;
+            HostRoot::new(host)
+        }
+        None => HostRoot::new(cli.root.clone()),
+    };
     match &cli.command {
+        Command::Bind(a) => crate::act::bind(&root, a, out),
+        Command::Unbind(a) => crate::act::unbind(&root, a, out),
+        Command::Vfs(a) => crate::act::vfs(&root, a, out),
+        Command::Reset(a) => crate::act::reset(&root, a, out),
+        Command::Mdev(c) => crate::act::mdev(&root, c, out),
+        Command::Ap(c) => crate::act::ap(&root, c, out),
         Command::Inventory(a) => inventory(&root, a, out),
         Command::Check(a) => check(&root, a, out),
         Command::Rules(a) => rules(a, out),
@@ -35,6 +60,16 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Outcome> {
             clap_complete::generate(*shell, &mut Cli::command(), "devfence", out);
             Ok(Outcome::Ok)
         }
+    }
+}
+
+/// Where temporary simulated hosts go: `$TMPDIR` if set, else `/dev/shm` (sysfs
+/// lives in memory, and so should its simulation), else the system temp dir.
+fn scratch_base() -> PathBuf {
+    match std::env::var_os("TMPDIR") {
+        Some(t) => PathBuf::from(t),
+        None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
+        None => std::env::temp_dir(),
     }
 }
 
@@ -486,7 +521,7 @@ fn demo(a: &DemoArgs, out: &mut dyn Write) -> Result<Outcome> {
         None => {
             tmp = tempfile::Builder::new()
                 .prefix("devfence-demo-")
-                .tempdir()
+                .tempdir_in(scratch_base())
                 .context("Cannot create a temporary directory")?;
             tmp.path().to_path_buf()
         }

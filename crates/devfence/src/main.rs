@@ -4,6 +4,7 @@
 //! `devfence-host`, applies the rules of `devfence-policy` and prints the result
 //! ([`commands`]). Every command writes to a `&mut dyn Write` so tests capture it.
 
+mod act;
 mod cli;
 mod commands;
 mod table;

@@ -483,3 +483,279 @@ mod commands {
         );
     }
 }
+
+mod acting {
+    use super::*;
+
+    fn inventory(root: &Path) -> serde_json::Value {
+        let o = run(&["--root", root.to_str().unwrap(), "inventory", "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    fn pci<'a>(inv: &'a serde_json::Value, bdf: &str) -> &'a serde_json::Value {
+        inv["pci"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["bdf"] == bdf)
+            .unwrap()
+    }
+
+    #[test]
+    fn bind_with_group_makes_the_group_viable() {
+        let (_t, root) = host("no-acs", &[]);
+        let r = root.to_str().unwrap();
+        let (_, before) = check_json(&root, &[]);
+        assert!(finding_lines(&before).contains("GRP-VIABLE iommu_group 13"));
+        // Without --with-group devfence says what is left on a host driver.
+        let o = run(&["--root", r, "bind", "0000:05:00.0", "--driver", "vfio-pci"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stdout(&o).contains("0000:05:00.1 (snd_hda_intel)"),
+            "{}",
+            stdout(&o)
+        );
+        let o = run(&[
+            "--root",
+            r,
+            "bind",
+            "0000:05:00.0",
+            "--driver",
+            "vfio-pci",
+            "--with-group",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let inv = inventory(&root);
+        assert_eq!(pci(&inv, "0000:05:00.1")["driver"], "vfio-pci");
+        assert_eq!(pci(&inv, "0000:05:00.1")["driver_override"], "vfio-pci");
+        let (_, after) = check_json(&root, &[]);
+        assert!(
+            !finding_lines(&after).contains("GRP-VIABLE"),
+            "{}",
+            finding_lines(&after)
+        );
+    }
+
+    #[test]
+    fn dry_run_lists_the_writes_and_changes_nothing() {
+        let (_t, root) = host("no-acs", &[]);
+        let r = root.to_str().unwrap();
+        let before = inventory(&root);
+        let o = run(&[
+            "--root",
+            r,
+            "bind",
+            "0000:05:00.1",
+            "--driver",
+            "vfio-pci",
+            "--dry-run",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let s = stdout(&o);
+        let lines: Vec<&str> = s
+            .lines()
+            .filter(|l| l.trim_start().starts_with("write "))
+            .collect();
+        assert_eq!(lines.len(), 3, "{s}");
+        assert!(
+            lines[0].contains("0000:05:00.1/driver_override") && lines[0].contains("vfio-pci"),
+            "{s}"
+        );
+        assert!(
+            lines[1].contains("/sys/bus/pci/drivers/snd_hda_intel/unbind"),
+            "{s}"
+        );
+        assert!(lines[2].contains("/sys/bus/pci/drivers_probe"), "{s}");
+        assert_eq!(inventory(&root), before);
+    }
+
+    #[test]
+    fn vfs_are_created_with_their_own_groups_and_json_reports_it() {
+        let (_t, root) = host("userspace-pf", &[]);
+        let r = root.to_str().unwrap();
+        let o = run(&["--root", r, "vfs", "0000:af:00.0", "--count", "2", "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["kernel"], "simulated kernel");
+        assert_eq!(v["dry_run"], false);
+        // Changing a non-zero count: written as 0 then N, and the groups are distinct.
+        let o = run(&["--root", r, "vfs", "0000:af:00.0", "--count", "3"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let inv = inventory(&root);
+        let pf = pci(&inv, "0000:af:00.0");
+        assert_eq!(pf["sriov"]["num_vfs"], 3);
+        let groups: std::collections::BTreeSet<u64> = pf["sriov"]["vfs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|vf| {
+                pci(&inv, vf["bdf"].as_str().unwrap())["iommu_group"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(groups.len(), 3);
+    }
+
+    #[test]
+    fn acting_on_a_plain_directory_is_refused() {
+        let t = scratch();
+        let o = run(&[
+            "--root",
+            t.path().to_str().unwrap(),
+            "reset",
+            "0000:05:00.0",
+        ]);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(
+            stderr(&o).contains("neither the running host"),
+            "{}",
+            stderr(&o)
+        );
+    }
+
+    #[test]
+    fn bad_input_is_refused_before_anything_is_written() {
+        let (_t, root) = host("no-acs", &[]);
+        let r = root.to_str().unwrap();
+        let before = inventory(&root);
+        for (args, needle) in [
+            (
+                vec!["bind", "0000:99:00.0", "--driver", "vfio-pci"],
+                "0000:99:00.0",
+            ),
+            (
+                vec!["bind", "0000:05:00.1", "--driver", "no_such_driver"],
+                "no_such_driver",
+            ),
+            (
+                vec!["bind", "not-a-bdf", "--driver", "vfio-pci"],
+                "not-a-bdf",
+            ),
+            (vec!["reset", "0000:06:00.0"], "0000:06:00.0"),
+        ] {
+            let mut a = vec!["--root", r];
+            a.extend(args);
+            let o = run(&a);
+            assert_eq!(o.status.code(), Some(2), "{a:?}: {}", stdout(&o));
+            let e = stderr(&o);
+            assert!(e.contains(needle) && e.contains("Hint:"), "{a:?}: {e}");
+        }
+        assert_eq!(inventory(&root), before);
+    }
+
+    #[test]
+    fn ap_mask_edit_that_takes_a_guest_queue_names_the_mdev() {
+        let (_t, root) = host("s390-ap", &[]);
+        let r = root.to_str().unwrap();
+        let before = inventory(&root);
+        // Giving adapter 06 back to the host would take queues held by both mdevs.
+        let o = run(&["--root", r, "ap", "mask", "--apmask", "+6"]);
+        assert_eq!(o.status.code(), Some(2));
+        let e = stderr(&o);
+        assert!(e.contains("0f6c1a7e-2b1d-4c3a-9a53-6a2f1c3e0a01"), "{e}");
+        assert!(e.contains("06.0010"), "{e}");
+        let o = run(&["--root", r, "ap", "mask", "--apmask", "+6,x"]);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(stderr(&o).contains("\"x\""), "{}", stderr(&o));
+        assert_eq!(inventory(&root), before);
+        // An edit that takes nothing in use goes through and reads back.
+        let o = run(&["--root", r, "ap", "mask", "--apmask", "-4"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(
+            inventory(&root)["ap"]["apmask"],
+            format!("0x04{}", "0".repeat(62))
+        );
+    }
+
+    #[test]
+    fn ap_assign_refuses_a_queue_of_another_mdev() {
+        let (_t, root) = host("s390-ap", &[]);
+        let r = root.to_str().unwrap();
+        // mdev A holds 06 x {10..13,20}; assigning adapter 07 to A would take 07.0013,
+        // which B holds.
+        let o = run(&[
+            "--root",
+            r,
+            "ap",
+            "assign",
+            "0f6c1a7e-2b1d-4c3a-9a53-6a2f1c3e0a01",
+            "--adapter",
+            "7",
+        ]);
+        assert_eq!(o.status.code(), Some(2));
+        let e = stderr(&o);
+        assert!(e.contains("0f6c1a7e-2b1d-4c3a-9a53-6a2f1c3e0b02"), "{e}");
+        // A control domain is free to assign.
+        let o = run(&[
+            "--root",
+            r,
+            "ap",
+            "assign",
+            "0f6c1a7e-2b1d-4c3a-9a53-6a2f1c3e0a01",
+            "--control-domain",
+            "0x11",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let inv = inventory(&root);
+        let a = inv["ap"]["matrix_mdevs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["uuid"] == "0f6c1a7e-2b1d-4c3a-9a53-6a2f1c3e0a01")
+            .unwrap();
+        assert_eq!(a["control_domains"], serde_json::json!([16, 17]));
+    }
+
+    #[test]
+    fn mdev_create_and_remove() {
+        let (_t, root) = host("gpu-mdev", &[]);
+        let r = root.to_str().unwrap();
+        let u = "5d1b7a3e-0000-4000-8000-000000000001";
+        let o = run(&[
+            "--root",
+            r,
+            "mdev",
+            "create",
+            "0000:65:00.0",
+            "nvidia-63",
+            "--uuid",
+            u,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let inv = inventory(&root);
+        assert!(
+            inv["mdevs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["uuid"] == u)
+        );
+        let o = run(&[
+            "--root",
+            r,
+            "mdev",
+            "create",
+            "0000:65:00.0",
+            "nvidia-63",
+            "--uuid",
+            u,
+        ]);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "a second create of the same UUID must fail"
+        );
+        let o = run(&["--root", r, "mdev", "remove", u]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let inv = inventory(&root);
+        assert!(
+            !inv["mdevs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["uuid"] == u)
+        );
+    }
+}

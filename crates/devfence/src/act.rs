@@ -1,0 +1,396 @@
+//! The acting commands: thin over the actuator of `devfence-host`.
+//!
+//! Which kernel acts: the running one when the root is `/`; the simulated kernel
+//! when the root is a simulated host (written by `devfence sim generate`, marked by
+//! [`sim::SIMULATED_MARKER`]). Any other root is refused: writing sysfs attributes
+//! into a copy of a host would change nothing and prove nothing.
+
+use std::io::Write;
+
+use anyhow::{Context, Result, bail};
+use devfence_host::actuator::ops::SysfsActuator;
+use devfence_host::actuator::real::RealKernel;
+use devfence_host::actuator::recording::RecordingIo;
+use devfence_host::actuator::{ActError, Actuator, ApMaskKind, ApResource, KernelIo, MaskEdit};
+use devfence_host::simkernel::SimKernel;
+use devfence_host::{HostRoot, read_inventory, sim};
+use devfence_model::{Bdf, MdevUuid, PciFunction};
+
+use crate::Outcome;
+use crate::cli::{
+    ActFlags, ApAssignArgs, ApCommand, ApMaskArgs, BindArgs, MdevCommand, ResetArgs, UnbindArgs,
+    VfsArgs,
+};
+
+/// The kernel behind the actuator.
+pub enum Kernel {
+    /// The running kernel.
+    Real(RealKernel),
+    /// The simulated kernel over a simulated host tree.
+    Sim(SimKernel),
+}
+
+impl Kernel {
+    /// Picks the kernel for `root` (see the module docs).
+    pub fn for_root(root: &HostRoot) -> Result<Kernel> {
+        if root.root() == std::path::Path::new("/") {
+            return Ok(Kernel::Real(RealKernel::new(root.clone())));
+        }
+        if root.path(sim::SIMULATED_MARKER).exists() {
+            let k = SimKernel::new(root.clone()).with_context(|| {
+                format!(
+                    "Cannot start the simulated kernel on {}",
+                    root.root().display()
+                )
+            })?;
+            return Ok(Kernel::Sim(k));
+        }
+        bail!(
+            "{} is neither the running host (/) nor a simulated host, so there is no kernel to act on. \
+             Hint: act on the real host with --root / (the default), or on a simulated host made by \
+             `devfence sim generate` (or --sim PROFILE)",
+            root.root().display()
+        )
+    }
+
+    fn io(&self) -> &dyn KernelIo {
+        match self {
+            Kernel::Real(k) => k,
+            Kernel::Sim(k) => k,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Kernel::Real(_) => "running kernel",
+            Kernel::Sim(_) => "simulated kernel",
+        }
+    }
+}
+
+/// One acting command's work: operations on the actuator, then a line saying what
+/// reads back. The error is boxed: an `ActError` carries path, errno and hint.
+type Step<'a> = dyn Fn(&dyn Actuator) -> Result<String, Box<ActError>> + 'a;
+
+/// Runs `f` on the actuator over `kernel`, or over a recorder for `--dry-run`, and
+/// reports what happened.
+fn act(
+    kernel: &Kernel,
+    flags: &ActFlags,
+    what: &str,
+    out: &mut dyn Write,
+    f: &Step<'_>,
+) -> Result<Outcome> {
+    if flags.dry_run {
+        let rec = RecordingIo::dry_run(kernel.io());
+        let result = f(&SysfsActuator::new(&rec));
+        let steps = rec.op_lines();
+        if flags.json {
+            let v = serde_json::json!({
+                "operation": what,
+                "kernel": kernel.name(),
+                "dry_run": true,
+                "steps": steps,
+                "refused": result.as_ref().err().map(ToString::to_string),
+            });
+            serde_json::to_writer_pretty(&mut *out, &v)?;
+            writeln!(out)?;
+        } else {
+            writeln!(
+                out,
+                "{what} ({}, dry run): {} write(s) would be made",
+                kernel.name(),
+                steps.len()
+            )?;
+            for s in &steps {
+                writeln!(out, "  {s}")?;
+            }
+        }
+        result?;
+        return Ok(Outcome::Ok);
+    }
+    let done = f(&SysfsActuator::new(kernel.io()))?;
+    if flags.json {
+        let v = serde_json::json!({
+            "operation": what,
+            "kernel": kernel.name(),
+            "dry_run": false,
+            "result": done,
+        });
+        serde_json::to_writer_pretty(&mut *out, &v)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{what} ({}): {done}", kernel.name())?;
+    }
+    Ok(Outcome::Ok)
+}
+
+fn bdf(s: &str) -> Result<Bdf> {
+    s.parse::<Bdf>().map_err(|e| {
+        anyhow::anyhow!("{e}. Hint: `devfence inventory` lists the host's PCI functions")
+    })
+}
+
+fn uuid(s: &str) -> Result<MdevUuid> {
+    s.parse::<MdevUuid>()
+        .map_err(|e| anyhow::anyhow!("{e}. Hint: `devfence inventory` lists the host's mdevs"))
+}
+
+/// The other endpoints of `dev`'s IOMMU group (bridges and ports left out: they
+/// are `pcieport` and stay there).
+fn group_companions(root: &HostRoot, dev: Bdf) -> Result<Vec<PciFunction>> {
+    let inv = read_inventory(root)?;
+    let Some(f) = inv.pci_function(dev) else {
+        return Ok(Vec::new());
+    };
+    let Some(g) = f.iommu_group.and_then(|g| inv.group(g)) else {
+        return Ok(Vec::new());
+    };
+    Ok(g.members
+        .iter()
+        .filter_map(|m| m.parse::<Bdf>().ok())
+        .filter(|b| *b != dev)
+        .filter_map(|b| inv.pci_function(b).cloned())
+        .filter(|p| !p.is_bridge())
+        .collect())
+}
+
+fn dma_managed(driver: Option<&str>, wanted: &str) -> bool {
+    match driver {
+        None => true,
+        Some(d) => {
+            d == wanted || d == "pci-stub" || d.ends_with("vfio-pci") || d.ends_with("vfio_pci")
+        }
+    }
+}
+
+/// `devfence bind`.
+pub fn bind(root: &HostRoot, a: &BindArgs, out: &mut dyn Write) -> Result<Outcome> {
+    let dev = bdf(&a.device)?;
+    let kernel = Kernel::for_root(root)?;
+    let companions = group_companions(root, dev)?;
+    let stray: Vec<&PciFunction> = companions
+        .iter()
+        .filter(|p| !dma_managed(p.driver.as_deref(), &a.driver))
+        .collect();
+    let mut targets: Vec<Bdf> = Vec::new();
+    if a.with_group {
+        targets.extend(stray.iter().map(|p| p.bdf));
+    } else if !stray.is_empty() {
+        let names: Vec<String> = stray
+            .iter()
+            .map(|p| format!("{} ({})", p.bdf, p.driver.as_deref().unwrap_or("no driver")))
+            .collect();
+        writeln!(
+            out,
+            "note: {dev} shares its IOMMU group with {}; the group cannot be handed out while they stay on \
+             host drivers. Rerun with --with-group to bind them to {} too.",
+            names.join(", "),
+            a.driver
+        )?;
+    }
+    targets.push(dev);
+    let what = if targets.len() > 1 {
+        format!("bind {} to {} (with its group)", dev, a.driver)
+    } else {
+        format!("bind {dev} to {}", a.driver)
+    };
+    act(&kernel, &a.act, &what, out, &|x| {
+        for t in &targets {
+            x.bind(*t, &a.driver)?;
+        }
+        let list: Vec<String> = targets.iter().map(ToString::to_string).collect();
+        Ok(format!(
+            "driver link of {} reads {}",
+            list.join(", "),
+            a.driver
+        ))
+    })
+}
+
+/// `devfence unbind`.
+pub fn unbind(root: &HostRoot, a: &UnbindArgs, out: &mut dyn Write) -> Result<Outcome> {
+    let dev = bdf(&a.device)?;
+    let kernel = Kernel::for_root(root)?;
+    let mut targets: Vec<Bdf> = Vec::new();
+    let companions = group_companions(root, dev)?;
+    if a.with_group {
+        targets.extend(
+            companions
+                .iter()
+                .filter(|p| p.driver.is_some())
+                .map(|p| p.bdf),
+        );
+    } else if !companions.is_empty() {
+        let names: Vec<String> = companions.iter().map(|p| p.bdf.to_string()).collect();
+        writeln!(
+            out,
+            "note: {dev} is in an IOMMU group with {}; --with-group unbinds them too.",
+            names.join(", ")
+        )?;
+    }
+    targets.push(dev);
+    act(&kernel, &a.act, &format!("unbind {dev}"), out, &|x| {
+        for t in &targets {
+            x.unbind(*t)?;
+        }
+        Ok("no driver bound".to_string())
+    })
+}
+
+/// `devfence vfs`.
+pub fn vfs(root: &HostRoot, a: &VfsArgs, out: &mut dyn Write) -> Result<Outcome> {
+    let pf = bdf(&a.pf)?;
+    let kernel = Kernel::for_root(root)?;
+    act(
+        &kernel,
+        &a.act,
+        &format!("set {pf} to {} VFs", a.count),
+        out,
+        &|x| {
+            x.set_num_vfs(pf, a.count)?;
+            Ok(format!(
+                "sriov_numvfs reads {} and the VF links are there",
+                a.count
+            ))
+        },
+    )
+}
+
+/// `devfence reset`.
+pub fn reset(root: &HostRoot, a: &ResetArgs, out: &mut dyn Write) -> Result<Outcome> {
+    let dev = bdf(&a.device)?;
+    let kernel = Kernel::for_root(root)?;
+    act(&kernel, &a.act, &format!("reset {dev}"), out, &|x| {
+        x.reset(dev)?;
+        Ok("the function answers (vendor id reads back)".to_string())
+    })
+}
+
+/// A fresh random (version 4) UUID for a new mdev.
+fn fresh_uuid() -> Result<MdevUuid> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b)
+        .map_err(|e| anyhow::anyhow!("Cannot get random bytes for a UUID: {e}"))?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    Ok(MdevUuid(b))
+}
+
+/// `devfence mdev …`.
+pub fn mdev(root: &HostRoot, c: &MdevCommand, out: &mut dyn Write) -> Result<Outcome> {
+    let kernel = Kernel::for_root(root)?;
+    match c {
+        MdevCommand::Create {
+            parent,
+            type_id,
+            uuid: u,
+            act: flags,
+        } => {
+            let id = match u {
+                Some(s) => uuid(s)?,
+                None => fresh_uuid()?,
+            };
+            act(
+                &kernel,
+                flags,
+                &format!("create mdev {id} ({type_id} on {parent})"),
+                out,
+                &|x| {
+                    x.mdev_create(parent, type_id, id)?;
+                    Ok(format!(
+                        "/sys/bus/mdev/devices/{id} exists with type {type_id}"
+                    ))
+                },
+            )
+        }
+        MdevCommand::Remove {
+            uuid: u,
+            act: flags,
+        } => {
+            let id = uuid(u)?;
+            act(&kernel, flags, &format!("remove mdev {id}"), out, &|x| {
+                x.mdev_remove(id)?;
+                Ok("gone".to_string())
+            })
+        }
+    }
+}
+
+fn ap_resources(a: &ApAssignArgs) -> Result<Vec<ApResource>> {
+    let mut v: Vec<ApResource> = a.adapter.iter().map(|n| ApResource::Adapter(*n)).collect();
+    v.extend(a.domain.iter().map(|n| ApResource::Domain(*n)));
+    v.extend(
+        a.control_domain
+            .iter()
+            .map(|n| ApResource::ControlDomain(*n)),
+    );
+    if v.is_empty() {
+        bail!("Nothing to assign. Hint: give --adapter, --domain or --control-domain (repeatable)");
+    }
+    Ok(v)
+}
+
+/// `devfence ap …`.
+pub fn ap(root: &HostRoot, c: &ApCommand, out: &mut dyn Write) -> Result<Outcome> {
+    match c {
+        ApCommand::Assign(a) | ApCommand::Unassign(a) => {
+            let assign = matches!(c, ApCommand::Assign(_));
+            let m = uuid(&a.mdev)?;
+            let res = ap_resources(a)?;
+            let kernel = Kernel::for_root(root)?;
+            let verb = if assign { "assign" } else { "unassign" };
+            act(
+                &kernel,
+                &a.act,
+                &format!("{verb} {res:?} on matrix mdev {m}"),
+                out,
+                &|x| {
+                    for r in &res {
+                        if assign {
+                            x.ap_assign(m, *r)?;
+                        } else {
+                            x.ap_unassign(m, *r)?;
+                        }
+                    }
+                    Ok("matrix reads back as asked".to_string())
+                },
+            )
+        }
+        ApCommand::Mask(a) => mask(root, a, out),
+    }
+}
+
+fn mask(root: &HostRoot, a: &ApMaskArgs, out: &mut dyn Write) -> Result<Outcome> {
+    let mut edits = Vec::new();
+    if let Some(e) = &a.apmask {
+        edits.push((
+            ApMaskKind::Apmask,
+            e.parse::<MaskEdit>()
+                .map_err(|e| anyhow::anyhow!("--apmask: {e}"))?,
+        ));
+    }
+    if let Some(e) = &a.aqmask {
+        edits.push((
+            ApMaskKind::Aqmask,
+            e.parse::<MaskEdit>()
+                .map_err(|e| anyhow::anyhow!("--aqmask: {e}"))?,
+        ));
+    }
+    if edits.is_empty() {
+        bail!("Nothing to edit. Hint: give --apmask EXPR and/or --aqmask EXPR");
+    }
+    let kernel = Kernel::for_root(root)?;
+    act(&kernel, &a.act, "edit the AP masks", out, &|x| {
+        let mut done = Vec::new();
+        for (which, e) in &edits {
+            let m = x.ap_set_mask(*which, e)?;
+            let name = match which {
+                ApMaskKind::Apmask => "apmask",
+                ApMaskKind::Aqmask => "aqmask",
+            };
+            done.push(format!("{name} reads {m}"));
+        }
+        Ok(done.join("; "))
+    })
+}
