@@ -616,21 +616,32 @@ fn read_vfio_pci(r: &mut Reader<'_>) -> Option<VfioPciParams> {
 
 const PCI_BUS: &str = "/sys/bus/pci/devices";
 
-fn read_pci(r: &mut Reader<'_>) -> Vec<PciFunction> {
-    let Some(entries) = r.list_opt(None, PCI_BUS) else {
+/// The entries of a bus directory whose names parse as `T` (a BDF, an mdev UUID),
+/// sorted by it; a name that does not parse is a problem naming it. An absent bus
+/// gives nothing.
+fn bus_entries<T>(r: &mut Reader<'_>, bus: &str) -> Vec<(T, Entry)>
+where
+    T: std::str::FromStr<Err = devfence_model::ParseError> + Ord + Copy,
+{
+    let Some(entries) = r.list_opt(None, bus) else {
         return Vec::new();
     };
     let mut items = Vec::with_capacity(entries.len());
     for e in entries {
-        match e.name.parse::<Bdf>() {
-            Ok(bdf) => items.push((bdf, e)),
+        match e.name.parse::<T>() {
+            Ok(id) => items.push((id, e)),
             Err(err) => {
-                let path = format!("{PCI_BUS}/{}", e.name);
+                let path = format!("{bus}/{}", e.name);
                 r.problem(None, &path, Some(show_str(&e.name)), err.reason);
             }
         }
     }
-    items.sort_unstable_by_key(|(b, _)| *b);
+    items.sort_unstable_by_key(|(id, _)| *id);
+    items
+}
+
+fn read_pci(r: &mut Reader<'_>) -> Vec<PciFunction> {
+    let items = bus_entries::<Bdf>(r, PCI_BUS);
     r.par_map(&items, |r, (bdf, e)| read_function(r, *bdf, e))
         .into_iter()
         .flatten()
@@ -1086,20 +1097,7 @@ fn read_mdev_parents(r: &mut Reader<'_>) -> Vec<MdevParent> {
 }
 
 fn read_mdevs(r: &mut Reader<'_>) -> Vec<Mdev> {
-    let Some(entries) = r.list_opt(None, MDEV_BUS) else {
-        return Vec::new();
-    };
-    let mut items = Vec::with_capacity(entries.len());
-    for e in entries {
-        match e.name.parse::<MdevUuid>() {
-            Ok(u) => items.push((u, e)),
-            Err(err) => {
-                let path = format!("{MDEV_BUS}/{}", e.name);
-                r.problem(None, &path, Some(show_str(&e.name)), err.reason);
-            }
-        }
-    }
-    items.sort_unstable_by_key(|(u, _)| *u);
+    let items = bus_entries::<MdevUuid>(r, MDEV_BUS);
     r.par_map(&items, |r, (uuid, e)| read_mdev(r, *uuid, e))
         .into_iter()
         .flatten()

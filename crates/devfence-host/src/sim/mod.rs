@@ -413,4 +413,4 @@ fn check_out(out: &std::path::Path) -> Result<(), SimError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

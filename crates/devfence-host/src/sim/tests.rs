@@ -12,7 +12,7 @@ use super::*;
 /// A scratch directory: `$TMPDIR` when set, else `/dev/shm` when it is usable (the
 /// `scale` tree is ~475,000 entries, and a tmpfs writes them many times faster than
 /// a disk), else the system temp dir.
-fn scratch() -> tempfile::TempDir {
+pub(crate) fn scratch() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
     if std::env::var_os("TMPDIR").is_none()
         && shm.is_dir()

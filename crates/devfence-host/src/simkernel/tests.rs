@@ -12,16 +12,7 @@ use devfence_model::{ApMatrix, Apqn, Bdf, Guid, Inventory, IommuGroupId, MdevUui
 use super::*;
 use crate::sim::{GenerateOptions, Profile, generate};
 
-fn scratch() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if std::env::var_os("TMPDIR").is_none()
-        && shm.is_dir()
-        && let Ok(t) = tempfile::tempdir_in(shm)
-    {
-        return t;
-    }
-    tempfile::tempdir().unwrap()
-}
+use crate::sim::tests::scratch;
 
 /// A generated profile and a simulated kernel over it.
 struct Host {
