@@ -602,6 +602,30 @@ impl<K: KernelIo> Actuator for SysfsActuator<K> {
             )
             .with_path(cfg_path));
         };
+        // A VF's vendor and device id registers read 0xffff by specification
+        // (SR-IOV §3.4.1.1; the real kernel shows it on the testbed's igb VFs):
+        // for a VF, the class code (which a VF implements) must answer instead.
+        if self.io.exists(&format!("{d}/physfn")) {
+            let class = self.read_parsed(&op, &format!("{d}/class"), "class", parse::hex_class)?;
+            let got = cfg
+                .get(9..12)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], 0]));
+            return match got {
+                Some(c) if c == class => Ok(()),
+                Some(0x00ff_ffff) | None => Err(ActError::new(
+                    &op,
+                    "the VF does not answer after the reset: its config space reads all ones",
+                    lost,
+                )
+                .with_path(cfg_path)),
+                Some(c) => Err(ActError::new(
+                    &op,
+                    format!("after the reset the VF's config space reads class 0x{c:06x}, but its class is 0x{class:06x}"),
+                    lost,
+                )
+                .with_path(cfg_path)),
+            };
+        }
         if id == 0xffff {
             return Err(ActError::new(
                 &op,

@@ -180,6 +180,18 @@ pub fn config_space(spec: &PciSpec<'_>) -> [u8; 64] {
     c
 }
 
+/// The config space of a VF: as [`config_space`], but the vendor and device id
+/// registers read `0xffff`, as the SR-IOV specification (§3.4.1.1/§3.4.1.2)
+/// requires and the real kernel shows (the ids live in the PF's SR-IOV
+/// capability; sysfs `vendor`/`device` report them). Seen on the testbed's igb
+/// VFs on 6.1 and 6.12.
+#[must_use]
+pub fn vf_config_space(spec: &PciSpec<'_>) -> [u8; 64] {
+    let mut c = config_space(spec);
+    c[0..4].copy_from_slice(&[0xff; 4]);
+    c
+}
+
 /// The OFED `sriov/<N>/` entry of an mlx5 PF, for [`TreeBuilder::ofed_vf_guids`].
 #[derive(Clone, Copy, Debug)]
 pub struct OfedVf<'a> {
@@ -766,6 +778,17 @@ impl TreeBuilder {
         }
         for (i, vf) in spec.vfs.iter().enumerate() {
             let vp = self.known_pci(*vf)?;
+            // A VF's vendor and device id registers read 0xffff (vf_config_space).
+            let cfg = self.root.join(vp.trim_start_matches('/')).join("config");
+            if let Ok(mut c) = std::fs::read(&cfg)
+                && c.len() >= 4
+            {
+                c[0..4].copy_from_slice(&[0xff; 4]);
+                std::fs::write(&cfg, &c).map_err(|source| SimError::Write {
+                    path: cfg.clone(),
+                    source,
+                })?;
+            }
             self.link(&format!("{pf}/virtfn{i}"), &vp)?;
             self.link(&format!("{vp}/physfn"), &pf)?;
         }

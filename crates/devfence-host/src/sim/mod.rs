@@ -24,7 +24,7 @@ use std::str::FromStr;
 pub use builder::{
     ApBusSpec, ApMatrixMdevSpec, GroupKind, IbSpec, MdevSpec, MdevTypeSpec, NodeOwner, OfedVf,
     PciSpec, SriovSpec, TreeBuilder, config_space, guid_bytes_colon, guid_groups, matrix_text,
-    relative_link, vf_bdf,
+    relative_link, vf_bdf, vf_config_space,
 };
 
 /// Where a profile's tenancy file lands, as a path under the output directory.

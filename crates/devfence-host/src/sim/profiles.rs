@@ -944,9 +944,13 @@ fn testbed(p: &mut Ctx<'_>) -> Result<(), SimError> {
         let mut s = qemu(PciSpec::new(bdf, &ports[port], vendor, device, class));
         s.driver = Some(driver);
         s.iommu_group = Some(group);
-        s.reset_methods = Some(match driver {
-            "igb" => &["flr", "pm", "bus"],
-            "nvme" => &["flr", "bus"],
+        // The real kernel (6.1 and 6.12, seen by the testbed's differential
+        // test): function 0 of the e1000e pair also has a bus reset (it is the
+        // function a secondary bus reset is offered on), function 1 only pm.
+        s.reset_methods = Some(match (driver, func) {
+            ("igb", _) => &["flr", "pm", "bus"],
+            ("nvme", _) => &["flr", "bus"],
+            (_, 0) => &["pm", "bus"],
             _ => &["pm"],
         });
         if vendor == INTEL {

@@ -7,7 +7,7 @@ use super::num::{kstrtou16, kstrtoull, strip_nl};
 use super::tree::{Kind, base, split};
 use super::{K, Saved};
 use crate::actuator::{Errno, VfToken};
-use crate::sim::{PciSpec, config_space, vf_bdf};
+use crate::sim::{PciSpec, vf_bdf, vf_config_space};
 
 /// vfio-pci and its variant drivers (`mlx5_vfio_pci`, `hisi_acc_vfio_pci`, …).
 pub(super) fn is_vfio(drv: &str) -> bool {
@@ -587,7 +587,7 @@ impl K<'_> {
             self.t.put(&format!("{vd}/reset"), b"", 0o200)?;
             self.t.put(&format!("{vd}/remove"), b"", 0o200)?;
             self.t
-                .put(&format!("{vd}/config"), &config_space(&spec), 0o644)?;
+                .put(&format!("{vd}/config"), &vf_config_space(&spec), 0o644)?;
             // Its own IOMMU group, unless no ACS isolates it.
             let g = shared_group.unwrap_or_else(|| self.lowest_free_group());
             let gd = format!("/sys/kernel/iommu_groups/{g}");

@@ -447,7 +447,9 @@ fn vfs_get_their_own_groups_and_the_native_vf_driver() {
         let config =
             h.k.read(&format!("/sys/bus/pci/devices/{v}/config"))
                 .unwrap();
-        assert_eq!(&config[..4], &[0x86, 0x80, 0xca, 0x10]);
+        // A VF's vendor/device id registers read 0xffff (as on the real kernel).
+        assert_eq!(&config[..4], &[0xff; 4]);
+        assert_eq!(&config[9..12], &[0x00, 0x00, 0x02]);
     }
     assert_eq!(inv.vfio_nodes.len(), 1);
     // N → M: EBUSY; write 0 first.
@@ -561,8 +563,14 @@ fn config_space_of_generated_functions() {
                 h.k.read(&format!("/sys/bus/pci/devices/{}/config", f.bdf))
                     .unwrap();
             assert_eq!(c.len(), 64);
-            assert_eq!(u16::from_le_bytes([c[0], c[1]]), f.vendor.unwrap());
-            assert_eq!(u16::from_le_bytes([c[2], c[3]]), f.device.unwrap());
+            let (vendor, device) = if f.physfn.is_some() {
+                // A VF's id registers read 0xffff (SR-IOV; as on the real kernel).
+                (0xffff, 0xffff)
+            } else {
+                (f.vendor.unwrap(), f.device.unwrap())
+            };
+            assert_eq!(u16::from_le_bytes([c[0], c[1]]), vendor);
+            assert_eq!(u16::from_le_bytes([c[2], c[3]]), device);
             let class = u32::from_le_bytes([c[9], c[10], c[11], 0]);
             assert_eq!(class, f.class.unwrap());
             assert_eq!(c[0x0e] == 1, f.is_bridge(), "{}", f.bdf);
