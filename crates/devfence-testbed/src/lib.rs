@@ -1,0 +1,490 @@
+//! The differential scenario of the real-kernel testbed.
+//!
+//! [`run_scenario`] runs one scripted sequence of kernel operations against any
+//! [`KernelIo`]: operations go through devfence's [`SysfsActuator`], errno probes
+//! are raw [`KernelIo::write`]s. It returns normalised [`Observation`]s: `ok`, an
+//! errno name, or observed facts (`driver=vfio-pci group_node=yes`), never what
+//! legitimately differs between a real kernel and the simulator (`vfio<X>`
+//! indexes, numbers of groups made at run time, timing).
+//!
+//! `tests/guest.rs` runs it on the real kernel inside the QEMU guest (built only
+//! with `--cfg devfence_testbed`) and prints the observations; `tests/testbed.rs`
+//! boots the guest on each kernel, runs the same scenario on a [`SimKernel`] over
+//! the `testbed` profile and asserts that both lists are equal.
+//!
+//! The scenario assumes the guest as `testbed/guest/run-tests.sh` leaves it
+//! (drivers loaded, no VF, no mdev) and leaves it that way again.
+//!
+//! [`SimKernel`]: devfence_host::simkernel::SimKernel
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use devfence_host::HostRoot;
+use devfence_host::actuator::ops::SysfsActuator;
+use devfence_host::actuator::{Actuator, Errno, KernelIo};
+use devfence_model::{Bdf, MdevUuid};
+
+/// The testbed guest's fixed topology (`testbed/run.sh`, `docs/testbed.md`).
+pub mod topo {
+    /// igb PF (82576, 7 VFs), group 8.
+    pub const IGB_PF: &str = "0000:01:00.0";
+    /// Its first two VFs (offset 0x80, stride 2).
+    pub const IGB_VF0: &str = "0000:01:10.0";
+    /// The second VF.
+    pub const IGB_VF1: &str = "0000:01:10.2";
+    /// The third VF.
+    pub const IGB_VF2: &str = "0000:01:10.4";
+    /// The second igb PF, group 9 (the VF-token tests put it on vfio-pci).
+    pub const IGB_PF2: &str = "0000:02:00.0";
+    /// Its first VF.
+    pub const IGB_PF2_VF0: &str = "0000:02:10.0";
+    /// nvme PF (2 VFs), group 10.
+    pub const NVME_PF: &str = "0000:03:00.0";
+    /// Root port without ACS, group 4 with the igb PF behind it.
+    pub const NOACS_PORT: &str = "0000:00:04.0";
+    /// The igb PF behind the ACS-less port.
+    pub const NOACS_PF: &str = "0000:04:00.0";
+    /// e1000e function 0 of the multifunction pair, group 11.
+    pub const MF_FN0: &str = "0000:05:00.0";
+    /// e1000e function 1.
+    pub const MF_FN1: &str = "0000:05:00.1";
+    /// The multifunction pair's group.
+    pub const MF_GROUP: u32 = 11;
+    /// The mtty sample driver's mdev parent.
+    pub const MTTY_PARENT: &str = "mtty";
+    /// Its single-port type.
+    pub const MTTY_TYPE: &str = "mtty-1";
+    /// A BDF that does not exist in the guest.
+    pub const MISSING: &str = "0000:09:00.0";
+    /// The mdev the scenario creates and removes.
+    pub const MDEV_UUID: &str = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
+}
+
+/// One normalised result of a scenario step.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Observation {
+    /// What was done or looked at.
+    pub step: String,
+    /// `ok`, an errno name (`EBUSY`), or observed facts.
+    pub outcome: String,
+}
+
+/// The marker of the line the guest prints its observations on.
+pub const OBSERVATIONS_MARKER: &str = "DEVFENCE-OBSERVATIONS ";
+
+/// `/sys/bus/pci/devices/<bdf>`.
+#[must_use]
+pub fn dev(bdf: &str) -> String {
+    format!("/sys/bus/pci/devices/{bdf}")
+}
+
+/// Parses a BDF of the fixed topology.
+///
+/// # Panics
+/// If `s` is not a BDF (a bug in the scenario's constants).
+#[must_use]
+pub fn bdf(s: &str) -> Bdf {
+    s.parse()
+        .unwrap_or_else(|e| panic!("{s:?} is not a BDF: {e}"))
+}
+
+/// The last component of a link's target, `None` when there is no link.
+#[must_use]
+pub fn link_name(io: &dyn KernelIo, path: &str) -> Option<String> {
+    io.read_link(path)
+        .ok()
+        .map(|t| t.rsplit('/').next().unwrap_or_default().to_string())
+}
+
+/// The driver a PCI function is bound to.
+#[must_use]
+pub fn driver(io: &dyn KernelIo, bdf: &str) -> Option<String> {
+    link_name(io, &format!("{}/driver", dev(bdf)))
+}
+
+/// The IOMMU group of a PCI function.
+#[must_use]
+pub fn group(io: &dyn KernelIo, bdf: &str) -> Option<u32> {
+    link_name(io, &format!("{}/iommu_group", dev(bdf))).and_then(|g| g.parse().ok())
+}
+
+/// The members of a group, from `/sys/kernel/iommu_groups/<N>/devices`, sorted.
+#[must_use]
+pub fn group_members(io: &dyn KernelIo, group: u32) -> Vec<String> {
+    let mut m = io
+        .list_dir(&format!("/sys/kernel/iommu_groups/{group}/devices"))
+        .unwrap_or_default();
+    m.sort();
+    m
+}
+
+/// An attribute's text without the trailing newline; an errno name if it
+/// cannot be read.
+#[must_use]
+pub fn read_text(io: &dyn KernelIo, path: &str) -> String {
+    match io.read(path) {
+        Ok(v) => String::from_utf8_lossy(&v)
+            .trim_end_matches('\n')
+            .to_string(),
+        Err(e) => e.name(),
+    }
+}
+
+/// Polls `cond` until it holds or `limit` passes; whether it held. The real
+/// kernel does most things synchronously, but a driver's probe may be deferred.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn outcome(r: Result<(), Errno>) -> String {
+    match r {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e.name(),
+    }
+}
+
+fn act_outcome(r: Result<(), devfence_host::actuator::ActError>) -> String {
+    match r {
+        Ok(()) => "ok".to_string(),
+        Err(e) => match e.errno {
+            Some(n) => format!("error {}: {e}", n.name()),
+            None => format!("error: {e}"),
+        },
+    }
+}
+
+struct Run<'a> {
+    io: &'a dyn KernelIo,
+    act: SysfsActuator<&'a dyn KernelIo>,
+    obs: Vec<Observation>,
+}
+
+impl Run<'_> {
+    fn note(&mut self, step: impl Into<String>, outcome: impl Into<String>) {
+        self.obs.push(Observation {
+            step: step.into(),
+            outcome: outcome.into(),
+        });
+    }
+    fn raw(&mut self, step: &str, path: &str, value: &str) {
+        let o = outcome(self.io.write(path, value.as_bytes()));
+        self.note(step, o);
+    }
+    /// Facts about one PCI function: its driver, whether it has a group of its
+    /// own (a group with it alone), whether its `/dev/vfio/<N>` exists.
+    fn facts(&self, bdf: &str) -> String {
+        self.facts_of(bdf, true)
+    }
+    /// [`Run::facts`]; with `bound`, first waits (bounded) for a driver: a
+    /// driver's probe may come a little later than the write that caused it.
+    fn facts_of(&self, bdf: &str, bound: bool) -> String {
+        let io = self.io;
+        if bound {
+            wait_until(Duration::from_secs(5), || driver(io, bdf).is_some());
+        }
+        let drv = driver(io, bdf).unwrap_or_else(|| "none".into());
+        let Some(g) = group(io, bdf) else {
+            return format!("driver={drv} group=none");
+        };
+        let own = group_members(io, g) == [bdf.to_string()];
+        let node = io.exists(&format!("/dev/vfio/{g}"));
+        format!(
+            "driver={drv} own_group={} group_node={}",
+            yes(own),
+            yes(node)
+        )
+    }
+    fn vfs(&self, pf: &str) -> String {
+        let io = self.io;
+        let n = read_text(io, &format!("{}/sriov_numvfs", dev(pf)));
+        let mut s = format!("numvfs={n}");
+        for i in 0..8 {
+            if let Some(vf) = link_name(io, &format!("{}/virtfn{i}", dev(pf))) {
+                let _ = write!(s, " virtfn{i}={vf}");
+            }
+        }
+        s
+    }
+    fn inventory(&mut self, when: &str) {
+        let inv = match devfence_host::read_inventory(self.io.root()) {
+            Ok(inv) => inv,
+            Err(e) => {
+                self.note(format!("{when}: inventory"), format!("error: {e}"));
+                return;
+            }
+        };
+        for f in &inv.pci {
+            let mut s = format!(
+                "id={:04x}:{:04x} class={:06x} driver={} override={} group={}",
+                f.vendor.unwrap_or(0xffff),
+                f.device.unwrap_or(0xffff),
+                f.class.unwrap_or(0),
+                f.driver.as_deref().unwrap_or("none"),
+                f.driver_override.as_deref().unwrap_or("(null)"),
+                f.iommu_group
+                    .map_or_else(|| "none".into(), |g| g.to_string()),
+            );
+            if let Some(sr) = &f.sriov {
+                let _ = write!(s, " sriov={:?}/{:?}", sr.num_vfs, sr.total_vfs);
+            }
+            if let Some(pf) = f.physfn {
+                let _ = write!(s, " physfn={pf}");
+            }
+            let _ = write!(s, " reset_method={}", f.reset_methods.join(","));
+            self.note(format!("{when}: pci {}", f.bdf), s);
+        }
+        for g in &inv.iommu_groups {
+            let mut m = g.members.clone();
+            m.sort();
+            self.note(format!("{when}: group {}", g.id), m.join(" "));
+        }
+        let nodes: Vec<String> = inv
+            .vfio_nodes
+            .iter()
+            .map(|n| format!("{}:{:?}", n.path, n.kind))
+            .collect();
+        self.note(format!("{when}: vfio nodes"), nodes.join(" "));
+        for p in &inv.mdev_parents {
+            let types: Vec<String> = p
+                .types
+                .iter()
+                .map(|t| format!("{}({})", t.id, t.available_instances.unwrap_or(0)))
+                .collect();
+            self.note(format!("{when}: mdev parent {}", p.name), types.join(" "));
+        }
+        let mdevs: Vec<String> = inv.mdevs.iter().map(|m| m.uuid.to_string()).collect();
+        self.note(format!("{when}: mdevs"), mdevs.join(" "));
+        let problems: Vec<String> = inv
+            .problems
+            .iter()
+            .map(|p| format!("{}: {}", p.path, p.error))
+            .collect();
+        self.note(format!("{when}: read problems"), problems.join("; "));
+    }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// Runs the scripted scenario against `io` and returns what it observed. See the
+/// crate docs; the steps are listed in `docs/testbed.md`.
+#[must_use]
+pub fn run_scenario(io: &dyn KernelIo) -> Vec<Observation> {
+    use topo::*;
+    let mut r = Run {
+        io,
+        act: SysfsActuator::new(io),
+        obs: Vec::new(),
+    };
+    let pf = bdf(IGB_PF);
+    let numvfs = format!("{}/sriov_numvfs", dev(IGB_PF));
+
+    r.inventory("start");
+
+    // --- sriov_numvfs ----------------------------------------------------------
+    r.raw("sriov_numvfs <- abc", &numvfs, "abc");
+    r.raw("sriov_numvfs <- 8 (totalvfs 7)", &numvfs, "8");
+    let o = act_outcome(r.act.set_num_vfs(pf, 2));
+    r.note("actuator: set_num_vfs 2", o);
+    let o = r.vfs(IGB_PF);
+    r.note("VFs after 2", o);
+    for vf in [IGB_VF0, IGB_VF1] {
+        let o = r.facts(vf);
+        r.note(format!("VF {vf}"), o);
+        let o = link_name(io, &format!("{}/physfn", dev(vf))).unwrap_or_else(|| "none".into());
+        r.note(format!("VF {vf} physfn"), o);
+        let own = group(io, vf) != group(io, IGB_PF);
+        r.note(format!("VF {vf} group differs from the PF's"), yes(own));
+    }
+    r.raw("sriov_numvfs <- 3 while 2", &numvfs, "3");
+    let o = r.vfs(IGB_PF);
+    r.note("VFs after the refused write", o);
+    let o = act_outcome(r.act.set_num_vfs(pf, 3));
+    r.note("actuator: set_num_vfs 3 (0 first)", o);
+    let o = r.vfs(IGB_PF);
+    r.note("VFs after 3", o);
+    let o = r.facts(IGB_VF2);
+    r.note(format!("VF {IGB_VF2}"), o);
+    let o = act_outcome(r.act.set_num_vfs(pf, 2));
+    r.note("actuator: set_num_vfs 2 (0 first)", o);
+    let o = r.vfs(IGB_PF);
+    r.note("VFs back at 2", o);
+    r.note(
+        format!("{IGB_VF2} exists after going back to 2"),
+        yes(io.exists(&dev(IGB_VF2))),
+    );
+
+    // --- drivers_probe / bind ----------------------------------------------------
+    r.raw(
+        "drivers_probe <- missing BDF",
+        "/sys/bus/pci/drivers_probe",
+        MISSING,
+    );
+    let vf = bdf(IGB_VF0);
+    let o = act_outcome(r.act.bind(vf, "vfio-pci"));
+    r.note(format!("actuator: bind {IGB_VF0} vfio-pci"), o);
+    let o = r.facts(IGB_VF0);
+    r.note(format!("VF {IGB_VF0} after bind"), o);
+    let o = read_text(io, &format!("{}/driver_override", dev(IGB_VF0)));
+    r.note(format!("{IGB_VF0} driver_override"), o);
+    r.raw(
+        "igbvf/bind <- VF bound to vfio-pci, override vfio-pci",
+        "/sys/bus/pci/drivers/igbvf/bind",
+        IGB_VF0,
+    );
+    r.raw(
+        "vfio-pci/bind <- VF already bound to vfio-pci",
+        "/sys/bus/pci/drivers/vfio-pci/bind",
+        IGB_VF0,
+    );
+    let o = act_outcome(r.act.reset(vf));
+    r.note(format!("actuator: reset {IGB_VF0}"), o);
+    let o = r.facts(IGB_VF0);
+    r.note(format!("VF {IGB_VF0} after reset"), o);
+    r.raw(
+        "driver_override <- \\n (clear)",
+        &format!("{}/driver_override", dev(IGB_VF0)),
+        "\n",
+    );
+    let o = read_text(io, &format!("{}/driver_override", dev(IGB_VF0)));
+    r.note(format!("{IGB_VF0} driver_override after clearing"), o);
+    let o = act_outcome(r.act.unbind(vf));
+    r.note(format!("actuator: unbind {IGB_VF0}"), o);
+    let o = r.facts_of(IGB_VF0, false);
+    r.note(format!("VF {IGB_VF0} after unbind"), o);
+    r.raw(
+        "igbvf/bind <- unbound VF, no override",
+        "/sys/bus/pci/drivers/igbvf/bind",
+        IGB_VF0,
+    );
+    let o = r.facts(IGB_VF0);
+    r.note(format!("VF {IGB_VF0} after igbvf/bind"), o);
+    let o = act_outcome(r.act.set_num_vfs(pf, 0));
+    r.note("actuator: set_num_vfs 0", o);
+    let o = r.vfs(IGB_PF);
+    r.note("VFs after 0", o);
+
+    // --- mdev ------------------------------------------------------------------------
+    let create =
+        format!("/sys/class/mdev_bus/{MTTY_PARENT}/mdev_supported_types/{MTTY_TYPE}/create");
+    r.raw("mdev create <- bad uuid", &create, "not-a-uuid");
+    let uuid: MdevUuid = match MDEV_UUID.parse() {
+        Ok(u) => u,
+        Err(e) => panic!("{MDEV_UUID}: {e}"),
+    };
+    let o = act_outcome(r.act.mdev_create(MTTY_PARENT, MTTY_TYPE, uuid));
+    r.note("actuator: mdev create", o);
+    let mdev = format!("/sys/bus/mdev/devices/{MDEV_UUID}");
+    let drv = link_name(io, &format!("{mdev}/driver")).unwrap_or_else(|| "none".into());
+    let g = link_name(io, &format!("{mdev}/iommu_group"));
+    let node = g
+        .as_ref()
+        .is_some_and(|g| io.exists(&format!("/dev/vfio/{g}")));
+    r.note(
+        "mdev after create",
+        format!(
+            "exists={} driver={drv} group={} group_node={}",
+            yes(io.exists(&mdev)),
+            yes(g.is_some()),
+            yes(node)
+        ),
+    );
+    let o = read_text(
+        io,
+        &format!(
+            "/sys/class/mdev_bus/{MTTY_PARENT}/mdev_supported_types/{MTTY_TYPE}/available_instances"
+        ),
+    );
+    r.note("mtty-1 available_instances with one mdev", o);
+    r.raw("mdev create <- same uuid again", &create, MDEV_UUID);
+    let o = act_outcome(r.act.mdev_remove(uuid));
+    r.note("actuator: mdev remove", o);
+    r.note("mdev exists after remove", yes(io.exists(&mdev)));
+
+    // --- unbind a function of the multifunction pair, and bind it back ----------------
+    let fn1 = bdf(MF_FN1);
+    let o = act_outcome(r.act.unbind(fn1));
+    r.note(format!("actuator: unbind {MF_FN1}"), o);
+    let o = r.facts_of(MF_FN1, false);
+    r.note(format!("{MF_FN1} after unbind"), o);
+    let o = act_outcome(r.act.bind(fn1, "e1000e"));
+    r.note(format!("actuator: bind {MF_FN1} e1000e"), o);
+    r.raw(
+        "driver_override <- \\n (clear)",
+        &format!("{}/driver_override", dev(MF_FN1)),
+        "\n",
+    );
+    let o = r.facts(MF_FN1);
+    r.note(format!("{MF_FN1} after bind"), o);
+
+    r.inventory("end");
+    r.obs
+}
+
+/// The observations as the one line the guest prints.
+///
+/// # Panics
+/// Never: observations are plain strings.
+#[must_use]
+pub fn observations_line(obs: &[Observation]) -> String {
+    format!(
+        "{OBSERVATIONS_MARKER}{}",
+        serde_json::to_string(obs).unwrap_or_default()
+    )
+}
+
+/// Finds the observations line in a console log (the serial console may put
+/// `\r` at line ends).
+///
+/// # Errors
+/// When there is no such line or it does not parse.
+pub fn parse_observations(log: &str) -> Result<Vec<Observation>, String> {
+    let line = log
+        .lines()
+        .find_map(|l| {
+            l.find(OBSERVATIONS_MARKER)
+                .map(|i| &l[i + OBSERVATIONS_MARKER.len()..])
+        })
+        .ok_or_else(|| format!("no line with {OBSERVATIONS_MARKER:?} in the guest's console"))?;
+    serde_json::from_str(line.trim_end_matches('\r').trim())
+        .map_err(|e| format!("the observations line does not parse: {e}"))
+}
+
+/// A readable diff of two observation lists (empty when they are equal).
+#[must_use]
+pub fn diff(real: &[Observation], sim: &[Observation]) -> String {
+    let mut out = String::new();
+    let n = real.len().max(sim.len());
+    for i in 0..n {
+        match (real.get(i), sim.get(i)) {
+            (Some(a), Some(b)) if a == b => {}
+            (a, b) => {
+                let show = |o: Option<&Observation>| {
+                    o.map_or_else(
+                        || "(none)".to_string(),
+                        |o| format!("{}: {}", o.step, o.outcome),
+                    )
+                };
+                let _ = writeln!(out, "#{i}\n  real: {}\n  sim:  {}", show(a), show(b));
+            }
+        }
+    }
+    out
+}
+
+/// The real kernel's root (`/`).
+#[must_use]
+pub fn real_root() -> HostRoot {
+    HostRoot::new("/")
+}
