@@ -1,0 +1,1084 @@
+//! The append-only, hash-chained audit log.
+//!
+//! Every decision — a journalled step, a gate result with its evidence, a refusal,
+//! a recovery — becomes one [`AuditRecord`]. Record `n` carries `prev_hash`, the hash
+//! of record `n - 1` (32 zero bytes for record 1), and its own `hash`:
+//!
+//! ```text
+//! hash = SHA-256( "devfence-audit-v1"
+//!                 ‖ u64be(seq) ‖ i64be(at_ms)
+//!                 ‖ str(kind) ‖ opt(device) ‖ opt(tenant) ‖ str(detail) ‖ prev_hash[32] )
+//! str(s) = u64be(len(s)) ‖ bytes(s)          opt(None) = 0x00, opt(Some(s)) = 0x01 ‖ str(s)
+//! ```
+//!
+//! `detail` is hashed exactly as stored (compact JSON text), so verifying never
+//! depends on re-serialising JSON. Records are stored in the ledger's own database
+//! (table `audit`), in the same transaction as the ledger change they describe
+//! ([`crate::Tx::audit`]).
+//!
+//! # What [`verify`](crate::Store::audit_verify) detects
+//!
+//! Reading the records in storage order, it reports the first one where:
+//! the stored hash differs from the recomputed one (an **edited** record, or a
+//! **swapped** one — seq is inside the hash); the seq skips ahead (a **deleted**
+//! record: a gap); the seq does not increase (an **inserted** or **reordered**
+//! record); or `prev_hash` is not the previous record's hash (an inserted record
+//! with a forged hash, a splice). It says where: the seq and what is wrong.
+//!
+//! # What it cannot detect
+//!
+//! The hash is not keyed, so someone who can write the database can **truncate the
+//! tail** (delete the newest records) or **rewrite the chain from some record on**
+//! and recompute every later hash: the shorter or rewritten chain is internally
+//! consistent. The defence is an anchor kept elsewhere: store the [`ChainHead`]
+//! (seq and hash of the newest record) somewhere the database's writer cannot
+//! change — another host, the fleet store, an operator's log, a TPM NV index — and
+//! pass it to `audit_verify(Some(&anchor))`, which then also requires the record
+//! with the anchor's seq to exist with the anchor's hash. Records appended after the
+//! anchor remain unprotected until the next anchor.
+//!
+//! # Secrets never enter
+//!
+//! No function here takes a token or credential, and none may be put into a
+//! `detail`. A caller that must prove which token was used records a keyed hash
+//! (e.g. HMAC-SHA-256 with a host key that never leaves memory) of it, never the
+//! token itself (DESIGN.md §2 principle 4).
+
+use std::fmt;
+
+use devfence_model::{DeviceId, TenantId};
+use rusqlite::types::ValueRef;
+use sha2::{Digest, Sha256};
+
+use crate::store::StoreError;
+
+/// Domain separation tag at the start of every hashed record.
+const HASH_TAG: &str = "devfence-audit-v1";
+
+/// A SHA-256 hash of a record.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    /// The `prev_hash` of record 1.
+    pub const GENESIS: Hash = Hash([0; 32]);
+
+    /// Parses 64 lowercase or uppercase hex digits.
+    #[must_use]
+    pub fn from_hex(s: &str) -> Option<Hash> {
+        let b = s.as_bytes();
+        if b.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in b.chunks_exact(2).enumerate() {
+            let hi = (pair[0] as char).to_digit(16)?;
+            let lo = (pair[1] as char).to_digit(16)?;
+            out[i] = u8::try_from(hi * 16 + lo).ok()?;
+        }
+        Some(Hash(out))
+    }
+}
+
+impl fmt::Display for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Hash({self})")
+    }
+}
+
+impl serde::Serialize for Hash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What a record is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditKind {
+    /// A journalled step (planned, done or failed).
+    Step,
+    /// A gate's result, with the evidence read back.
+    Gate,
+    /// A refused request and why.
+    Refusal,
+    /// What recovery did after a crash.
+    Recovery,
+    /// A change of the ledger itself (tenant added, GUID retired, …).
+    Ledger,
+}
+
+impl AuditKind {
+    /// The stored name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            AuditKind::Step => "step",
+            AuditKind::Gate => "gate",
+            AuditKind::Refusal => "refusal",
+            AuditKind::Recovery => "recovery",
+            AuditKind::Ledger => "ledger",
+        }
+    }
+
+    /// The kind with the stored name `s`.
+    #[must_use]
+    pub fn from_name(s: &str) -> Option<AuditKind> {
+        [
+            AuditKind::Step,
+            AuditKind::Gate,
+            AuditKind::Refusal,
+            AuditKind::Recovery,
+            AuditKind::Ledger,
+        ]
+        .into_iter()
+        .find(|k| k.name() == s)
+    }
+}
+
+/// What a caller asks to record. The store adds seq, time and the hashes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditEvent {
+    /// What kind of decision.
+    pub kind: AuditKind,
+    /// The device it concerns.
+    pub device: Option<DeviceId>,
+    /// The tenant it concerns.
+    pub tenant: Option<TenantId>,
+    /// Evidence and context (never a secret).
+    pub detail: serde_json::Value,
+}
+
+/// One stored record.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct AuditRecord {
+    /// Position in the chain, from 1.
+    pub seq: u64,
+    /// When it was written (ms since the epoch).
+    pub at_ms: i64,
+    /// What kind of decision.
+    pub kind: AuditKind,
+    /// The device it concerns.
+    pub device: Option<DeviceId>,
+    /// The tenant it concerns.
+    pub tenant: Option<TenantId>,
+    /// Evidence and context.
+    pub detail: serde_json::Value,
+    /// The hash of record `seq - 1`.
+    pub prev_hash: Hash,
+    /// This record's hash.
+    pub hash: Hash,
+}
+
+/// Which records [`show`](crate::Store::audit_show) returns: those matching every
+/// field that is set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Only records about this device.
+    pub device: Option<DeviceId>,
+    /// Only records about this tenant.
+    pub tenant: Option<TenantId>,
+}
+
+/// The newest record of a chain: what to keep elsewhere as an anchor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ChainHead {
+    /// Its seq.
+    pub seq: u64,
+    /// Its hash.
+    pub hash: Hash,
+}
+
+/// An intact chain.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyReport {
+    /// How many records were checked.
+    pub records: u64,
+    /// The newest record, if any.
+    pub head: Option<ChainHead>,
+    /// Whether an anchor was checked too.
+    pub anchored: bool,
+}
+
+/// What is wrong at the first bad record.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "problem", rename_all = "snake_case")]
+pub enum ChainProblem {
+    /// The stored hash is not the hash of the record's contents (edited or swapped).
+    HashMismatch {
+        /// What is stored.
+        stored: Hash,
+        /// What the contents hash to.
+        computed: Hash,
+    },
+    /// Records are missing before this one (deleted).
+    Gap {
+        /// The seq that should have come.
+        expected: u64,
+    },
+    /// The seq does not increase (inserted or reordered).
+    SeqOutOfOrder {
+        /// The seq that should have come.
+        expected: u64,
+    },
+    /// `prev_hash` is not the previous record's hash.
+    PrevHashMismatch {
+        /// The previous record's hash.
+        expected: Hash,
+        /// What this record says.
+        found: Hash,
+    },
+    /// A column holds something devfence never writes.
+    Malformed {
+        /// The column.
+        column: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The chain ends before the anchored head (tail truncated).
+    Truncated {
+        /// The anchor's seq.
+        anchor_seq: u64,
+        /// The last seq present.
+        last_seq: u64,
+    },
+    /// The record at the anchor's seq has another hash (rewritten).
+    AnchorMismatch {
+        /// The anchor's hash.
+        anchor: Hash,
+        /// The stored hash.
+        found: Hash,
+    },
+}
+
+/// The first bad record of a chain.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ChainBreak {
+    /// 1-based position of the record in storage order.
+    pub position: u64,
+    /// The seq the record carries (for a gap or truncation: the seq found there).
+    pub seq: Option<u64>,
+    /// What is wrong.
+    pub problem: ChainProblem,
+}
+
+impl fmt::Display for ChainBreak {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let at = match self.seq {
+            Some(s) => format!("record seq {s} (position {})", self.position),
+            None => format!("the record at position {}", self.position),
+        };
+        match &self.problem {
+            ChainProblem::HashMismatch { stored, computed } => write!(
+                f,
+                "{at}: its contents hash to {computed}, but {stored} is stored (edited or swapped)"
+            ),
+            ChainProblem::Gap { expected } => {
+                write!(f, "{at}: seq {expected} is missing before it (deleted)")
+            }
+            ChainProblem::SeqOutOfOrder { expected } => write!(
+                f,
+                "{at}: seq {expected} was expected (inserted or reordered)"
+            ),
+            ChainProblem::PrevHashMismatch { expected, found } => write!(
+                f,
+                "{at}: prev_hash is {found}, but the previous record's hash is {expected}"
+            ),
+            ChainProblem::Malformed { column, reason } => {
+                write!(f, "{at}: column {column} is malformed: {reason}")
+            }
+            ChainProblem::Truncated {
+                anchor_seq,
+                last_seq,
+            } => write!(
+                f,
+                "the chain ends at seq {last_seq}, before the anchored seq {anchor_seq} (tail truncated)"
+            ),
+            ChainProblem::AnchorMismatch { anchor, found } => write!(
+                f,
+                "{at}: hash {found} differs from the anchored {anchor} (rewritten)"
+            ),
+        }
+    }
+}
+
+/// Errors of the audit log.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The chain is broken.
+    #[error(
+        "The audit chain is broken at {0}. Hint: the database was changed outside devfence; \
+         keep a copy for investigation and compare it with the last backup"
+    )]
+    ChainBroken(ChainBreak),
+    /// The ledger failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A record as stored, before any parsing: what the hash covers.
+#[derive(Clone, Debug)]
+pub(crate) struct RawRecord {
+    pub seq: Result<u64, String>,
+    pub at_ms: Result<i64, String>,
+    pub kind: Result<String, String>,
+    pub device: Result<Option<String>, String>,
+    pub tenant: Result<Option<String>, String>,
+    pub detail: Result<String, String>,
+    pub prev_hash: Result<Hash, String>,
+    pub hash: Result<Hash, String>,
+}
+
+fn put_str(h: &mut Sha256, s: &str) {
+    h.update((s.len() as u64).to_be_bytes());
+    h.update(s.as_bytes());
+}
+
+fn put_opt(h: &mut Sha256, s: Option<&str>) {
+    match s {
+        None => h.update([0u8]),
+        Some(s) => {
+            h.update([1u8]);
+            put_str(h, s);
+        }
+    }
+}
+
+/// The hash of one record's contents (see the module docs for the encoding).
+#[must_use]
+pub fn record_hash(
+    seq: u64,
+    at_ms: i64,
+    kind: &str,
+    device: Option<&str>,
+    tenant: Option<&str>,
+    detail: &str,
+    prev_hash: &Hash,
+) -> Hash {
+    let mut h = Sha256::new();
+    put_str(&mut h, HASH_TAG);
+    h.update(seq.to_be_bytes());
+    h.update(at_ms.to_be_bytes());
+    put_str(&mut h, kind);
+    put_opt(&mut h, device);
+    put_opt(&mut h, tenant);
+    put_str(&mut h, detail);
+    h.update(prev_hash.0);
+    let out = h.finalize();
+    let mut bytes = [0u8; 32];
+    bytes.copy_from_slice(&out);
+    Hash(bytes)
+}
+
+/// Checks a chain given in storage order; `anchor` additionally requires the
+/// anchored record to be present with its hash.
+pub(crate) fn verify_records(
+    records: Vec<RawRecord>,
+    anchor: Option<&ChainHead>,
+) -> Result<VerifyReport, ChainBreak> {
+    // Every seq present, to tell a reordering (the expected seq comes later) from a
+    // deletion (it is nowhere).
+    let present: std::collections::HashSet<u64> =
+        records.iter().filter_map(|r| r.seq.clone().ok()).collect();
+    let mut prev = Hash::GENESIS;
+    let mut position: u64 = 0;
+    let mut head = None;
+    let mut anchor_seen = false;
+    for (expected_seq, r) in (1u64..).zip(records) {
+        position = expected_seq;
+        let malformed = |seq: Option<u64>, column: &'static str, reason: String| ChainBreak {
+            position,
+            seq,
+            problem: ChainProblem::Malformed { column, reason },
+        };
+        let seq = r.seq.map_err(|e| malformed(None, "seq", e))?;
+        let at = r.at_ms.map_err(|e| malformed(Some(seq), "at_ms", e))?;
+        let kind = r.kind.map_err(|e| malformed(Some(seq), "kind", e))?;
+        let device = r.device.map_err(|e| malformed(Some(seq), "device", e))?;
+        let tenant = r.tenant.map_err(|e| malformed(Some(seq), "tenant", e))?;
+        let detail = r.detail.map_err(|e| malformed(Some(seq), "detail", e))?;
+        let prev_hash = r
+            .prev_hash
+            .map_err(|e| malformed(Some(seq), "prev_hash", e))?;
+        let hash = r.hash.map_err(|e| malformed(Some(seq), "hash", e))?;
+        let brk = |problem| ChainBreak {
+            position,
+            seq: Some(seq),
+            problem,
+        };
+        let computed = record_hash(
+            seq,
+            at,
+            &kind,
+            device.as_deref(),
+            tenant.as_deref(),
+            &detail,
+            &prev_hash,
+        );
+        if computed != hash {
+            return Err(brk(ChainProblem::HashMismatch {
+                stored: hash,
+                computed,
+            }));
+        }
+        if seq > expected_seq {
+            return Err(brk(if present.contains(&expected_seq) {
+                ChainProblem::SeqOutOfOrder {
+                    expected: expected_seq,
+                }
+            } else {
+                ChainProblem::Gap {
+                    expected: expected_seq,
+                }
+            }));
+        }
+        if seq < expected_seq {
+            return Err(brk(ChainProblem::SeqOutOfOrder {
+                expected: expected_seq,
+            }));
+        }
+        if prev_hash != prev {
+            return Err(brk(ChainProblem::PrevHashMismatch {
+                expected: prev,
+                found: prev_hash,
+            }));
+        }
+        if let Some(a) = anchor
+            && a.seq == seq
+        {
+            if a.hash != hash {
+                return Err(brk(ChainProblem::AnchorMismatch {
+                    anchor: a.hash,
+                    found: hash,
+                }));
+            }
+            anchor_seen = true;
+        }
+        prev = hash;
+        head = Some(ChainHead { seq, hash });
+    }
+    if let Some(a) = anchor
+        && !anchor_seen
+    {
+        return Err(ChainBreak {
+            position: position + 1,
+            seq: None,
+            problem: ChainProblem::Truncated {
+                anchor_seq: a.seq,
+                last_seq: head.map_or(0, |h| h.seq),
+            },
+        });
+    }
+    Ok(VerifyReport {
+        records: position,
+        head,
+        anchored: anchor.is_some(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// SQLite side
+// ---------------------------------------------------------------------------
+
+fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sql { context, source }
+}
+
+/// Appends `event` in the caller's transaction.
+pub(crate) fn append(
+    conn: &rusqlite::Connection,
+    event: &AuditEvent,
+) -> Result<AuditRecord, StoreError> {
+    let last: Option<(i64, String)> = conn
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })
+        .map_err(sql("audit append"))?;
+    let (seq, prev_hash) = match last {
+        None => (1u64, Hash::GENESIS),
+        Some((s, h)) => {
+            let bad = |reason: String, column, value: String| StoreError::BadRow {
+                table: "audit",
+                row: format!("seq {s}"),
+                column,
+                value,
+                reason,
+            };
+            let s = u64::try_from(s)
+                .map_err(|_| bad("not a positive seq".into(), "seq", s.to_string()))?;
+            let h = Hash::from_hex(&h).ok_or_else(|| bad("not 64 hex digits".into(), "hash", h))?;
+            (s + 1, h)
+        }
+    };
+    let at_ms = crate::store::now_ms();
+    let kind = event.kind.name();
+    let device = event.device.map(|d| d.to_string());
+    let tenant = event.tenant.as_ref().map(|t| t.to_string());
+    let detail = event.detail.to_string();
+    let hash = record_hash(
+        seq,
+        at_ms,
+        kind,
+        device.as_deref(),
+        tenant.as_deref(),
+        &detail,
+        &prev_hash,
+    );
+    let seq_i = i64::try_from(seq).map_err(|_| StoreError::Internal("audit seq overflow"))?;
+    conn.execute(
+        "INSERT INTO audit (seq, at_ms, kind, device, tenant, detail, prev_hash, hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        rusqlite::params![
+            seq_i,
+            at_ms,
+            kind,
+            device,
+            tenant,
+            detail,
+            prev_hash.to_string(),
+            hash.to_string()
+        ],
+    )
+    .map_err(sql("audit append"))?;
+    Ok(AuditRecord {
+        seq,
+        at_ms,
+        kind: event.kind,
+        device: event.device,
+        tenant: event.tenant.clone(),
+        detail: event.detail.clone(),
+        prev_hash,
+        hash,
+    })
+}
+
+fn text(v: ValueRef<'_>) -> Result<String, String> {
+    match v {
+        ValueRef::Text(t) => std::str::from_utf8(t)
+            .map(str::to_string)
+            .map_err(|_| "not UTF-8 text".to_string()),
+        other => Err(format!("expected text, found {:?}", other.data_type())),
+    }
+}
+
+fn opt_text(v: ValueRef<'_>) -> Result<Option<String>, String> {
+    match v {
+        ValueRef::Null => Ok(None),
+        v => text(v).map(Some),
+    }
+}
+
+fn int(v: ValueRef<'_>) -> Result<i64, String> {
+    match v {
+        ValueRef::Integer(i) => Ok(i),
+        other => Err(format!(
+            "expected an integer, found {:?}",
+            other.data_type()
+        )),
+    }
+}
+
+fn hash_col(v: ValueRef<'_>) -> Result<Hash, String> {
+    let t = text(v)?;
+    Hash::from_hex(&t).ok_or_else(|| format!("{t:?} is not 64 hex digits"))
+}
+
+fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRecord> {
+    Ok(RawRecord {
+        seq: int(r.get_ref(0)?)
+            .and_then(|i| u64::try_from(i).map_err(|_| format!("{i} is negative"))),
+        at_ms: int(r.get_ref(1)?),
+        kind: text(r.get_ref(2)?),
+        device: opt_text(r.get_ref(3)?),
+        tenant: opt_text(r.get_ref(4)?),
+        detail: text(r.get_ref(5)?),
+        prev_hash: hash_col(r.get_ref(6)?),
+        hash: hash_col(r.get_ref(7)?),
+    })
+}
+
+const COLUMNS: &str = "seq, at_ms, kind, device, tenant, detail, prev_hash, hash";
+
+/// Verifies the chain stored in `conn` (one read transaction).
+pub(crate) fn verify(
+    conn: &rusqlite::Connection,
+    anchor: Option<&ChainHead>,
+) -> Result<VerifyReport, AuditError> {
+    let mut stmt = conn
+        .prepare(&format!("SELECT {COLUMNS} FROM audit ORDER BY id"))
+        .map_err(sql("audit verify"))?;
+    let rows = stmt
+        .query_map([], raw_row)
+        .map_err(sql("audit verify"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql("audit verify"))?;
+    verify_records(rows, anchor).map_err(AuditError::ChainBroken)
+}
+
+/// The records matching `filter`, in storage order, parsed.
+pub(crate) fn show(
+    conn: &rusqlite::Connection,
+    filter: &AuditFilter,
+) -> Result<Vec<AuditRecord>, AuditError> {
+    let device = filter.device.map(|d| d.to_string());
+    let tenant = filter.tenant.as_ref().map(|t| t.to_string());
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT {COLUMNS} FROM audit \
+             WHERE (?1 IS NULL OR device = ?1) AND (?2 IS NULL OR tenant = ?2) ORDER BY id"
+        ))
+        .map_err(sql("audit show"))?;
+    let rows = stmt
+        .query_map(rusqlite::params![device, tenant], raw_row)
+        .map_err(sql("audit show"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql("audit show"))?;
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, r)| parse_record(i, r).map_err(AuditError::Store))
+        .collect()
+}
+
+fn parse_record(index: usize, r: RawRecord) -> Result<AuditRecord, StoreError> {
+    let row = match &r.seq {
+        Ok(s) => format!("seq {s}"),
+        Err(_) => format!("#{} of the result", index + 1),
+    };
+    let bad = |column: &'static str, value: String, reason: String| StoreError::BadRow {
+        table: "audit",
+        row: row.clone(),
+        column,
+        value: value.chars().take(80).collect(),
+        reason,
+    };
+    let seq = r.seq.map_err(|e| bad("seq", String::new(), e))?;
+    let at_ms = r.at_ms.map_err(|e| bad("at_ms", String::new(), e))?;
+    let kind_s = r.kind.map_err(|e| bad("kind", String::new(), e))?;
+    let kind = AuditKind::from_name(&kind_s)
+        .ok_or_else(|| bad("kind", kind_s.clone(), "not a known audit kind".into()))?;
+    let device = match r.device.map_err(|e| bad("device", String::new(), e))? {
+        None => None,
+        Some(d) => Some(
+            d.parse::<DeviceId>()
+                .map_err(|e| bad("device", d.clone(), e.to_string()))?,
+        ),
+    };
+    let tenant = match r.tenant.map_err(|e| bad("tenant", String::new(), e))? {
+        None => None,
+        Some(t) => Some(
+            t.parse::<TenantId>()
+                .map_err(|e| bad("tenant", t.clone(), e.to_string()))?,
+        ),
+    };
+    let detail_s = r.detail.map_err(|e| bad("detail", String::new(), e))?;
+    let detail = serde_json::from_str(&detail_s)
+        .map_err(|e| bad("detail", detail_s.clone(), e.to_string()))?;
+    let prev_hash = r
+        .prev_hash
+        .map_err(|e| bad("prev_hash", String::new(), e))?;
+    let hash = r.hash.map_err(|e| bad("hash", String::new(), e))?;
+    Ok(AuditRecord {
+        seq,
+        at_ms,
+        kind,
+        device,
+        tenant,
+        detail,
+        prev_hash,
+        hash,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::SqliteStore;
+    use crate::store::{Store, StoreExt, Tenant};
+
+    const N: u64 = 6;
+
+    fn dev(s: &str) -> DeviceId {
+        s.parse().expect("device")
+    }
+
+    fn tid(s: &str) -> TenantId {
+        s.parse().expect("tenant")
+    }
+
+    /// A ledger with `N` chained records; records alternate between two devices.
+    fn chain() -> (tempfile::TempDir, std::path::PathBuf, SqliteStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ledger.db");
+        let mut store = SqliteStore::open(&path).expect("open");
+        for i in 0..N {
+            let device = if i % 2 == 0 {
+                "0000:3b:00.2"
+            } else {
+                "0000:3b:00.3"
+            };
+            let tenant = if i < 3 { "acme" } else { "globex" };
+            store
+                .atomically(|tx| {
+                    tx.audit(&AuditEvent {
+                        kind: if i % 3 == 0 {
+                            AuditKind::Step
+                        } else {
+                            AuditKind::Gate
+                        },
+                        device: Some(dev(device)),
+                        tenant: Some(tid(tenant)),
+                        detail: json!({"i": i, "evidence": [{"path": "/sys/x", "value": "1"}]}),
+                    })
+                })
+                .expect("append");
+        }
+        (dir, path, store)
+    }
+
+    /// An attacker's connection: no triggers in the way.
+    fn raw(path: &std::path::Path) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(path).expect("raw open");
+        c.execute_batch("DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;")
+            .expect("drop triggers");
+        c
+    }
+
+    fn broken(store: &mut SqliteStore) -> ChainBreak {
+        match store.verify() {
+            Err(AuditError::ChainBroken(b)) => b,
+            other => panic!("expected a broken chain, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn intact_chain_verifies() {
+        let (_d, _p, mut store) = chain();
+        let report = store.verify().expect("intact");
+        assert_eq!(report.records, N);
+        let head = report.head.expect("head");
+        assert_eq!(head.seq, N);
+        let all = store.audit_show(&AuditFilter::default()).expect("show");
+        assert_eq!(all.len() as u64, N);
+        assert_eq!(all[0].prev_hash, Hash::GENESIS);
+        for w in all.windows(2) {
+            assert_eq!(w[1].prev_hash, w[0].hash);
+            assert_eq!(w[1].seq, w[0].seq + 1);
+        }
+        assert_eq!(all.last().map(|r| r.hash), Some(head.hash));
+        // With its own head as anchor it verifies too.
+        assert!(store.audit_verify(Some(&head)).expect("anchored").anchored);
+    }
+
+    #[test]
+    fn edited_detail_is_found() {
+        let (_d, path, mut store) = chain();
+        raw(&path)
+            .execute("UPDATE audit SET detail = '{\"i\":99}' WHERE seq = 3", [])
+            .expect("edit");
+        let b = broken(&mut store);
+        assert_eq!(b.seq, Some(3));
+        assert!(
+            matches!(b.problem, ChainProblem::HashMismatch { .. }),
+            "{b:?}"
+        );
+        let msg = AuditError::ChainBroken(b).to_string();
+        assert!(msg.contains("seq 3") && msg.contains("Hint:"), "{msg}");
+    }
+
+    #[test]
+    fn deleted_middle_record_is_found() {
+        let (_d, path, mut store) = chain();
+        raw(&path)
+            .execute("DELETE FROM audit WHERE seq = 3", [])
+            .expect("delete");
+        let b = broken(&mut store);
+        assert_eq!(b.seq, Some(4));
+        assert_eq!(b.problem, ChainProblem::Gap { expected: 3 });
+    }
+
+    #[test]
+    fn inserted_record_is_found() {
+        let (_d, path, mut store) = chain();
+        let all = store.audit_show(&AuditFilter::default()).expect("show");
+        let c = raw(&path);
+        // Make room after seq 2 and insert a well-formed forgery linked to seq 2.
+        c.execute("UPDATE audit SET id = id + 100 WHERE seq >= 3", [])
+            .expect("shift");
+        let prev = all[1].hash;
+        let detail = r#"{"forged":true}"#;
+        let h = record_hash(3, 0, "gate", None, None, detail, &prev);
+        c.execute(
+            "INSERT INTO audit (id, seq, at_ms, kind, device, tenant, detail, prev_hash, hash) \
+             VALUES (3, 3, 0, 'gate', NULL, NULL, ?1, ?2, ?3)",
+            rusqlite::params![detail, prev.to_string(), h.to_string()],
+        )
+        .expect("insert");
+        let b = broken(&mut store);
+        // The forgery itself is consistent; the original seq 3 right after it is not.
+        assert_eq!(b.position, 4);
+        assert_eq!(b.seq, Some(3));
+        assert_eq!(b.problem, ChainProblem::SeqOutOfOrder { expected: 4 });
+    }
+
+    #[test]
+    fn inserted_record_with_renumbered_tail_is_found() {
+        let (_d, path, mut store) = chain();
+        let all = store.audit_show(&AuditFilter::default()).expect("show");
+        let c = raw(&path);
+        c.execute(
+            "UPDATE audit SET id = id + 100, seq = seq + 1 WHERE seq >= 3",
+            [],
+        )
+        .expect("shift");
+        let prev = all[1].hash;
+        let detail = "{}";
+        let h = record_hash(3, 0, "gate", None, None, detail, &prev);
+        c.execute(
+            "INSERT INTO audit (id, seq, at_ms, kind, device, tenant, detail, prev_hash, hash) \
+             VALUES (3, 3, 0, 'gate', NULL, NULL, ?1, ?2, ?3)",
+            rusqlite::params![detail, prev.to_string(), h.to_string()],
+        )
+        .expect("insert");
+        let b = broken(&mut store);
+        assert_eq!(b.seq, Some(4), "the renumbered old seq 3");
+        assert!(
+            matches!(b.problem, ChainProblem::HashMismatch { .. }),
+            "{b:?}"
+        );
+    }
+
+    #[test]
+    fn swapped_records_are_found() {
+        let (_d, path, mut store) = chain();
+        let c = raw(&path);
+        c.execute_batch(
+            "UPDATE audit SET id = -1 WHERE seq = 3; \
+             UPDATE audit SET id = 3 WHERE seq = 4; \
+             UPDATE audit SET id = 4 WHERE id = -1;",
+        )
+        .expect("swap rows");
+        let b = broken(&mut store);
+        assert_eq!(b.position, 3);
+        assert_eq!(b.seq, Some(4));
+        assert_eq!(b.problem, ChainProblem::SeqOutOfOrder { expected: 3 });
+    }
+
+    #[test]
+    fn swapped_contents_are_found() {
+        let (_d, path, mut store) = chain();
+        let c = raw(&path);
+        // Swap everything but the position and seq.
+        c.execute_batch(
+            "CREATE TEMP TABLE t AS SELECT * FROM audit WHERE seq IN (2, 3); \
+             UPDATE audit SET (at_ms, kind, device, tenant, detail, prev_hash, hash) = \
+               (SELECT at_ms, kind, device, tenant, detail, prev_hash, hash FROM t WHERE t.seq = 5 - audit.seq) \
+             WHERE seq IN (2, 3);",
+        )
+        .expect("swap contents");
+        let b = broken(&mut store);
+        assert_eq!(b.seq, Some(2));
+        assert!(
+            matches!(b.problem, ChainProblem::HashMismatch { .. }),
+            "{b:?}"
+        );
+    }
+
+    #[test]
+    fn truncated_tail_needs_an_anchor() {
+        let (_d, path, mut store) = chain();
+        let anchor = store.verify().expect("intact").head.expect("head");
+        raw(&path)
+            .execute("DELETE FROM audit WHERE seq > ?1", [(N - 2).cast_signed()])
+            .expect("truncate");
+        // Documented limitation: without an anchor the shorter chain is consistent.
+        let report = store
+            .verify()
+            .expect("a truncated chain is still consistent");
+        assert_eq!(report.records, N - 2);
+        // The anchor kept elsewhere catches it.
+        match store.audit_verify(Some(&anchor)) {
+            Err(AuditError::ChainBroken(b)) => assert_eq!(
+                b.problem,
+                ChainProblem::Truncated {
+                    anchor_seq: N,
+                    last_seq: N - 2
+                }
+            ),
+            other => panic!("expected truncation, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rewritten_chain_needs_an_anchor() {
+        let (_d, path, mut store) = chain();
+        let anchor = store.verify().expect("intact").head.expect("head");
+        let all = store.audit_show(&AuditFilter::default()).expect("show");
+        let c = raw(&path);
+        // Rewrite from seq 2 on, recomputing every hash (an unkeyed chain allows it).
+        let mut prev = all[0].hash;
+        for r in &all[1..] {
+            let detail = json!({"rewritten": r.seq}).to_string();
+            let device = r.device.map(|d| d.to_string());
+            let tenant = r.tenant.as_ref().map(ToString::to_string);
+            let h = record_hash(
+                r.seq,
+                r.at_ms,
+                r.kind.name(),
+                device.as_deref(),
+                tenant.as_deref(),
+                &detail,
+                &prev,
+            );
+            c.execute(
+                "UPDATE audit SET detail = ?2, prev_hash = ?3, hash = ?4 WHERE seq = ?1",
+                rusqlite::params![r.seq.cast_signed(), detail, prev.to_string(), h.to_string()],
+            )
+            .expect("rewrite");
+            prev = h;
+        }
+        store
+            .verify()
+            .expect("a full rewrite is consistent without an anchor");
+        match store.audit_verify(Some(&anchor)) {
+            Err(AuditError::ChainBroken(b)) => {
+                assert_eq!(b.seq, Some(N));
+                assert!(
+                    matches!(b.problem, ChainProblem::AnchorMismatch { .. }),
+                    "{b:?}"
+                );
+            }
+            other => panic!("expected an anchor mismatch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_hash_column_is_reported_where() {
+        let (_d, path, mut store) = chain();
+        raw(&path)
+            .execute("UPDATE audit SET hash = 'zz' WHERE seq = 2", [])
+            .expect("edit");
+        let b = broken(&mut store);
+        assert_eq!(b.seq, Some(2));
+        assert!(
+            matches!(b.problem, ChainProblem::Malformed { column: "hash", .. }),
+            "{b:?}"
+        );
+    }
+
+    #[test]
+    fn records_are_append_only_through_ordinary_sql() {
+        let (_d, path, _store) = chain();
+        let c = rusqlite::Connection::open(&path).expect("open");
+        assert!(
+            c.execute("UPDATE audit SET detail = '{}' WHERE seq = 1", [])
+                .is_err()
+        );
+        assert!(c.execute("DELETE FROM audit WHERE seq = 1", []).is_err());
+    }
+
+    #[test]
+    fn audit_commits_and_rolls_back_with_the_ledger_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = SqliteStore::open(dir.path().join("l.db")).expect("open");
+        let t = Tenant {
+            id: tid("acme"),
+            launcher_uid: None,
+            launcher_gid: None,
+            security_label: None,
+            partitions: vec![],
+        };
+        let event = AuditEvent {
+            kind: AuditKind::Ledger,
+            device: None,
+            tenant: Some(tid("acme")),
+            detail: json!({"action": "tenant add"}),
+        };
+        let err = store
+            .atomically(|tx| {
+                tx.add_tenant(&t)?;
+                tx.audit(&event)?;
+                tx.add_tenant(&t) // fails: the audit record must vanish too
+            })
+            .expect_err("duplicate");
+        assert!(matches!(err, StoreError::TenantExists(_)));
+        assert_eq!(store.verify().expect("empty").records, 0);
+        store
+            .atomically(|tx| {
+                tx.add_tenant(&t)?;
+                tx.audit(&event)
+            })
+            .expect("commit");
+        assert_eq!(store.verify().expect("one").records, 1);
+        assert_eq!(store.atomically(|tx| tx.tenants()).expect("list").len(), 1);
+    }
+
+    #[test]
+    fn show_filters_by_device_and_tenant() {
+        let (_d, _p, mut store) = chain();
+        let by_dev = store
+            .audit_show(&AuditFilter {
+                device: Some(dev("0000:3b:00.2")),
+                tenant: None,
+            })
+            .expect("show");
+        assert_eq!(by_dev.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 3, 5]);
+        let both = store
+            .audit_show(&AuditFilter {
+                device: Some(dev("0000:3b:00.2")),
+                tenant: Some(tid("globex")),
+            })
+            .expect("show");
+        assert_eq!(both.iter().map(|r| r.seq).collect::<Vec<_>>(), [5]);
+        assert_eq!(both[0].detail["i"], json!(4));
+    }
+
+    #[test]
+    fn encoding_is_length_prefixed_and_covers_every_field() {
+        let p = Hash::GENESIS;
+        let base = record_hash(1, 5, "gate", Some("a"), Some("t"), "{}", &p);
+        assert_ne!(base, record_hash(1, 5, "gatea", None, Some("t"), "{}", &p));
+        assert_ne!(
+            base,
+            record_hash(1, 5, "gate", Some(""), Some("t"), "{}", &p)
+        );
+        assert_ne!(
+            record_hash(1, 5, "gate", None, Some("t"), "{}", &p),
+            record_hash(1, 5, "gate", Some("t"), None, "{}", &p)
+        );
+        assert_ne!(
+            base,
+            record_hash(2, 5, "gate", Some("a"), Some("t"), "{}", &p)
+        );
+        assert_ne!(
+            base,
+            record_hash(1, 6, "gate", Some("a"), Some("t"), "{}", &p)
+        );
+        assert_ne!(
+            base,
+            record_hash(1, 5, "gate", Some("a"), Some("t"), "{ }", &p)
+        );
+        assert_ne!(
+            base,
+            record_hash(1, 5, "gate", Some("a"), Some("t"), "{}", &Hash([1; 32]))
+        );
+        assert_eq!(Hash::from_hex(&base.to_string()), Some(base));
+    }
+}

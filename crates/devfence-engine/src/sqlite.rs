@@ -1,0 +1,1754 @@
+//! The local ledger: [`Store`] on SQLite (WAL, `synchronous=FULL`, foreign keys on).
+//!
+//! # Schema (version 1)
+//!
+//! | table | columns |
+//! |---|---|
+//! | `schema_version` | `version` (pk), `applied_at_ms` — one row per applied migration |
+//! | `tenants` | `id` (pk), `launcher_uid`, `launcher_gid`, `security_label` |
+//! | `tenant_partitions` | `tenant` → tenants, `pkey` (raw 16 bits), `base` (low 15 bits), `membership` (`full`/`limited`); pk (tenant, base) |
+//! | `devices` | `id` (pk, text form of a `DeviceId`), `state`, `tenant` → tenants, `vm`, `reason`, `updated_at_ms` |
+//! | `assignments` (view) | `device`, `tenant`, `vm`, `state` of the devices whose state names a tenant |
+//! | `guid_pool` | one row: `first`, `last`, `next` (GUIDs as `0x%016x`) |
+//! | `guids` | `guid` (pk), `state` (`issued`/`quarantined`/`cleared`/`foreign`), `device`, `tenant`, `issued_at_ms`, `retired_at_ms`, `note` — never deleted |
+//! | `operations` | `id` (pk), `device` → devices, `kind`, `started_at_ms`, `finished_at_ms`, `outcome`; a partial unique index allows one unfinished operation per device |
+//! | `journal` | `id` (pk), `operation` → operations, `step`, `state` (`planned`/`done`/`failed`), `at_ms`, `detail` (JSON) |
+//! | `audit` | `id` (pk, storage order), `seq`, `at_ms`, `kind`, `device`, `tenant`, `detail`, `prev_hash`, `hash`; triggers refuse UPDATE and DELETE |
+//!
+//! Every write transaction is `BEGIN IMMEDIATE`, so two processes on one file are
+//! serialised (a waiting writer blocks up to [`BUSY_TIMEOUT`]) and never interleave
+//! inside one transaction.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use devfence_model::{DeviceId, Guid, Membership, PKey, TenantId};
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+
+use crate::audit::{
+    self, AuditError, AuditEvent, AuditFilter, AuditRecord, ChainHead, VerifyReport,
+};
+use crate::store::{
+    Assignment, Busy, DeviceRecord, DeviceState, GuidRange, GuidRecord, GuidState, JournalEntry,
+    Operation, OperationId, Outcome, Partition, StepState, Store, StoreError, Tenant, Tx,
+    check_name, now_ms,
+};
+
+/// How long a writer waits for another process's transaction to end.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Ordered migrations; migration `i` (0-based) brings the schema to version `i + 1`.
+const MIGRATIONS: &[&str] = &[r"
+CREATE TABLE tenants (
+    id             TEXT PRIMARY KEY,
+    launcher_uid   INTEGER,
+    launcher_gid   INTEGER,
+    security_label TEXT
+);
+CREATE TABLE tenant_partitions (
+    tenant     TEXT NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    pkey       INTEGER NOT NULL,
+    base       INTEGER NOT NULL,
+    membership TEXT NOT NULL CHECK (membership IN ('full', 'limited')),
+    PRIMARY KEY (tenant, base)
+);
+CREATE TABLE devices (
+    id            TEXT PRIMARY KEY,
+    state         TEXT NOT NULL CHECK (state IN ('free', 'preparing', 'ready', 'active',
+                                                 'draining', 'scrubbing', 'quarantined')),
+    tenant        TEXT REFERENCES tenants(id),
+    vm            TEXT,
+    reason        TEXT,
+    updated_at_ms INTEGER NOT NULL
+);
+CREATE VIEW assignments AS
+    SELECT id AS device, tenant, vm, state FROM devices WHERE tenant IS NOT NULL;
+CREATE TABLE guid_pool (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    first TEXT NOT NULL,
+    last  TEXT NOT NULL,
+    next  TEXT NOT NULL
+);
+CREATE TABLE guids (
+    guid          TEXT PRIMARY KEY,
+    state         TEXT NOT NULL CHECK (state IN ('issued', 'quarantined', 'cleared', 'foreign')),
+    device        TEXT,
+    tenant        TEXT,
+    issued_at_ms  INTEGER NOT NULL,
+    retired_at_ms INTEGER,
+    note          TEXT
+);
+CREATE TRIGGER guids_never_forgotten BEFORE DELETE ON guids
+    BEGIN SELECT RAISE(ABORT, 'issued GUIDs are remembered forever'); END;
+CREATE TABLE operations (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    device         TEXT NOT NULL REFERENCES devices(id),
+    kind           TEXT NOT NULL,
+    started_at_ms  INTEGER NOT NULL,
+    finished_at_ms INTEGER,
+    outcome        TEXT CHECK (outcome IN ('succeeded', 'failed', 'recovered'))
+);
+CREATE UNIQUE INDEX operations_one_open_per_device
+    ON operations(device) WHERE finished_at_ms IS NULL;
+CREATE TABLE journal (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    operation INTEGER NOT NULL REFERENCES operations(id),
+    step      TEXT NOT NULL,
+    state     TEXT NOT NULL CHECK (state IN ('planned', 'done', 'failed')),
+    at_ms     INTEGER NOT NULL,
+    detail    TEXT NOT NULL
+);
+CREATE INDEX journal_by_operation ON journal(operation, id);
+CREATE TABLE audit (
+    id        INTEGER PRIMARY KEY,
+    seq       INTEGER NOT NULL,
+    at_ms     INTEGER NOT NULL,
+    kind      TEXT NOT NULL,
+    device    TEXT,
+    tenant    TEXT,
+    detail    TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL
+);
+CREATE INDEX audit_by_device ON audit(device);
+CREATE INDEX audit_by_tenant ON audit(tenant);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+"];
+
+/// The newest schema version this build knows.
+#[allow(clippy::cast_possible_wrap)]
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sql { context, source }
+}
+
+fn bad(
+    table: &'static str,
+    row: impl Into<String>,
+    column: &'static str,
+    value: impl Into<String>,
+    reason: impl Into<String>,
+) -> StoreError {
+    StoreError::BadRow {
+        table,
+        row: row.into(),
+        column,
+        value: value.into().chars().take(80).collect(),
+        reason: reason.into(),
+    }
+}
+
+/// The ledger in one SQLite file.
+pub struct SqliteStore {
+    conn: rusqlite::Connection,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the ledger at `path`, checks it and brings its
+    /// schema up to [`SCHEMA_VERSION`].
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] for a file that is not an SQLite database, fails
+    /// `PRAGMA integrity_check` or is some other program's database;
+    /// [`StoreError::NewerSchema`] for a ledger of a newer devfence;
+    /// [`StoreError::Open`] when SQLite cannot open or set it up.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let corrupt = |detail: String| StoreError::Corrupt {
+            path: path.clone(),
+            detail,
+        };
+        if let Ok(meta) = std::fs::metadata(&path)
+            && meta.len() > 0
+        {
+            let mut head = [0u8; 16];
+            let n = std::io::Read::read(
+                &mut std::fs::File::open(&path)
+                    .map_err(|e| corrupt(format!("it cannot be read ({e})")))?,
+                &mut head,
+            )
+            .map_err(|e| corrupt(format!("it cannot be read ({e})")))?;
+            if n < 16 || &head != SQLITE_HEADER {
+                return Err(corrupt("it is not an SQLite database (bad header)".into()));
+            }
+        }
+        let classify = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+                StoreError::Corrupt {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                }
+            }
+            _ => StoreError::Open {
+                path: path.clone(),
+                source: e,
+            },
+        };
+        let conn = rusqlite::Connection::open(&path).map_err(classify)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(classify)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(classify)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(corrupt(format!(
+                "SQLite refused WAL mode (journal_mode is {mode:?})"
+            )));
+        }
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(classify)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(classify)?;
+        let problems: Vec<String> = {
+            let mut stmt = conn.prepare("PRAGMA integrity_check").map_err(classify)?;
+            stmt.query_map([], |r| r.get::<_, String>(0))
+                .map_err(classify)?
+                .collect::<Result<_, _>>()
+                .map_err(classify)?
+        };
+        if problems != ["ok"] {
+            let shown: Vec<&str> = problems.iter().take(3).map(String::as_str).collect();
+            return Err(corrupt(format!(
+                "integrity check failed: {}",
+                shown.join("; ")
+            )));
+        }
+        let mut store = SqliteStore { conn, path };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// The file this ledger lives in.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version of the open ledger.
+    ///
+    /// # Errors
+    /// When SQLite fails.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("SELECT max(version) FROM schema_version", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .map(|v| v.unwrap_or(0))
+            .map_err(sql("reading the schema version"))
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("migration"))?;
+        let has_version: bool = tx
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(sql("migration"))?
+            > 0;
+        if !has_version {
+            let others: i64 = tx
+                .query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sql("migration"))?;
+            if others > 0 {
+                return Err(StoreError::Corrupt {
+                    path,
+                    detail: "it is an SQLite database but not a devfence ledger".into(),
+                });
+            }
+            tx.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at_ms INTEGER NOT NULL)",
+            )
+            .map_err(sql("migration"))?;
+        }
+        let current: i64 = tx
+            .query_row("SELECT max(version) FROM schema_version", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .map_err(sql("migration"))?
+            .unwrap_or(0);
+        if current > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path,
+                found: current,
+                known: SCHEMA_VERSION,
+            });
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            let version = i64::try_from(i + 1).map_err(|_| StoreError::Internal("migrations"))?;
+            if version <= current {
+                continue;
+            }
+            tx.execute_batch(m).map_err(sql("migration"))?;
+            tx.execute(
+                "INSERT INTO schema_version (version, applied_at_ms) VALUES (?1, ?2)",
+                params![version, now_ms()],
+            )
+            .map_err(sql("migration"))?;
+        }
+        tx.commit().map_err(sql("migration"))
+    }
+}
+
+impl Store for SqliteStore {
+    fn transaction(
+        &mut self,
+        f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin transaction"))?;
+        f(&mut SqliteTx { tx: &tx })?;
+        tx.commit().map_err(sql("commit"))
+    }
+
+    fn audit_verify(&mut self, anchor: Option<&ChainHead>) -> Result<VerifyReport, AuditError> {
+        let tx = self.conn.transaction().map_err(sql("audit verify"))?;
+        audit::verify(&tx, anchor)
+    }
+
+    fn audit_show(&mut self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, AuditError> {
+        let tx = self.conn.transaction().map_err(sql("audit show"))?;
+        audit::show(&tx, filter)
+    }
+}
+
+/// One SQLite transaction.
+struct SqliteTx<'a> {
+    tx: &'a rusqlite::Transaction<'a>,
+}
+
+fn parse_device(table: &'static str, row: &str, s: &str) -> Result<DeviceId, StoreError> {
+    s.parse()
+        .map_err(|e: devfence_model::ParseError| bad(table, row, "device", s, e.to_string()))
+}
+
+fn parse_tenant(
+    table: &'static str,
+    row: &str,
+    column: &'static str,
+    s: &str,
+) -> Result<TenantId, StoreError> {
+    s.parse()
+        .map_err(|e: devfence_model::ParseError| bad(table, row, column, s, e.to_string()))
+}
+
+fn parse_guid(
+    table: &'static str,
+    row: &str,
+    column: &'static str,
+    s: &str,
+) -> Result<Guid, StoreError> {
+    s.parse()
+        .map_err(|e: devfence_model::ParseError| bad(table, row, column, s, e.to_string()))
+}
+
+fn decode_state(
+    row: &str,
+    state: &str,
+    tenant: Option<String>,
+    vm: Option<String>,
+    reason: Option<String>,
+) -> Result<DeviceState, StoreError> {
+    let need_tenant = |t: Option<String>| -> Result<TenantId, StoreError> {
+        let t = t.ok_or_else(|| {
+            bad(
+                "devices",
+                row,
+                "tenant",
+                "",
+                format!("a {state} device names its tenant"),
+            )
+        })?;
+        parse_tenant("devices", row, "tenant", &t)
+    };
+    let need_vm = |v: Option<String>| {
+        v.ok_or_else(|| {
+            bad(
+                "devices",
+                row,
+                "vm",
+                "",
+                format!("a {state} device names its VM"),
+            )
+        })
+    };
+    let no_tenant = |t: &Option<String>| match t {
+        Some(t) => Err(bad(
+            "devices",
+            row,
+            "tenant",
+            t.clone(),
+            format!("a {state} device is held by no tenant"),
+        )),
+        None => Ok(()),
+    };
+    Ok(match state {
+        "free" => {
+            no_tenant(&tenant)?;
+            DeviceState::Free
+        }
+        "preparing" => DeviceState::Preparing {
+            tenant: need_tenant(tenant)?,
+        },
+        "ready" => DeviceState::Ready {
+            tenant: need_tenant(tenant)?,
+        },
+        "active" => DeviceState::Active {
+            tenant: need_tenant(tenant)?,
+            vm: need_vm(vm)?,
+        },
+        "draining" => DeviceState::Draining {
+            tenant: need_tenant(tenant)?,
+            vm: need_vm(vm)?,
+        },
+        "scrubbing" => {
+            no_tenant(&tenant)?;
+            DeviceState::Scrubbing
+        }
+        "quarantined" => {
+            no_tenant(&tenant)?;
+            DeviceState::Quarantined {
+                reason: reason.unwrap_or_default(),
+            }
+        }
+        other => {
+            return Err(bad(
+                "devices",
+                row,
+                "state",
+                other,
+                "not a lifecycle state (free, preparing, ready, active, draining, scrubbing, quarantined)",
+            ));
+        }
+    })
+}
+
+fn decode_guid_state(row: &str, s: &str) -> Result<GuidState, StoreError> {
+    [
+        GuidState::Issued,
+        GuidState::Quarantined,
+        GuidState::Cleared,
+        GuidState::Foreign,
+    ]
+    .into_iter()
+    .find(|g| g.name() == s)
+    .ok_or_else(|| bad("guids", row, "state", s, "not a GUID state"))
+}
+
+fn decode_outcome(row: &str, s: &str) -> Result<Outcome, StoreError> {
+    [Outcome::Succeeded, Outcome::Failed, Outcome::Recovered]
+        .into_iter()
+        .find(|o| o.name() == s)
+        .ok_or_else(|| bad("operations", row, "outcome", s, "not an outcome"))
+}
+
+fn decode_step_state(row: &str, s: &str) -> Result<StepState, StoreError> {
+    [StepState::Planned, StepState::Done, StepState::Failed]
+        .into_iter()
+        .find(|o| o.name() == s)
+        .ok_or_else(|| bad("journal", row, "state", s, "not a step state"))
+}
+
+fn u32_col(
+    table: &'static str,
+    row: &str,
+    column: &'static str,
+    v: Option<i64>,
+) -> Result<Option<u32>, StoreError> {
+    v.map(|i| {
+        u32::try_from(i).map_err(|_| {
+            bad(
+                table,
+                row,
+                column,
+                i.to_string(),
+                "out of range for a uid/gid",
+            )
+        })
+    })
+    .transpose()
+}
+
+type OpRow = (i64, String, String, i64, Option<i64>, Option<String>);
+
+fn decode_operation(
+    (id, device, kind, started, finished, outcome): OpRow,
+) -> Result<Operation, StoreError> {
+    let row = format!("op-{id}");
+    let device = parse_device("operations", &row, &device)?;
+    let finished = match (finished, outcome) {
+        (None, None) => None,
+        (Some(at), Some(o)) => Some((at, decode_outcome(&row, &o)?)),
+        (at, o) => {
+            return Err(bad(
+                "operations",
+                &row,
+                "outcome",
+                format!("{at:?}/{o:?}"),
+                "finished_at_ms and outcome must be both set or both empty",
+            ));
+        }
+    };
+    Ok(Operation {
+        id: OperationId(id),
+        device,
+        kind,
+        started_at_ms: started,
+        finished,
+    })
+}
+
+const OP_COLUMNS: &str = "id, device, kind, started_at_ms, finished_at_ms, outcome";
+
+fn op_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OpRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
+}
+
+impl SqliteTx<'_> {
+    fn require_tenant(&self, id: &TenantId) -> Result<(), StoreError> {
+        let n: i64 = self
+            .tx
+            .query_row(
+                "SELECT count(*) FROM tenants WHERE id = ?1",
+                [id.as_str()],
+                |r| r.get(0),
+            )
+            .map_err(sql("reading a tenant"))?;
+        if n == 0 {
+            return Err(StoreError::UnknownTenant(id.clone()));
+        }
+        Ok(())
+    }
+
+    fn open_operation(&self, op: OperationId) -> Result<Operation, StoreError> {
+        let o = Tx::operation(&mut SqliteTx { tx: self.tx }, op)?
+            .ok_or(StoreError::UnknownOperation(op))?;
+        if o.finished.is_some() {
+            return Err(StoreError::OperationFinished(op));
+        }
+        Ok(o)
+    }
+}
+
+impl Tx for SqliteTx<'_> {
+    fn add_tenant(&mut self, tenant: &Tenant) -> Result<(), StoreError> {
+        if self.tenant(&tenant.id)?.is_some() {
+            return Err(StoreError::TenantExists(tenant.id.clone()));
+        }
+        let mut bases = std::collections::BTreeSet::new();
+        for p in &tenant.partitions {
+            if p.pkey.is_empty_slot() {
+                return Err(StoreError::InvalidTenant {
+                    tenant: tenant.id.clone(),
+                    reason: "P_Key 0x0000 is an empty slot, not a partition".into(),
+                    hint: "use the tenant's P_Key, e.g. 0x8001",
+                });
+            }
+            if !bases.insert(p.pkey.base()) {
+                return Err(StoreError::InvalidTenant {
+                    tenant: tenant.id.clone(),
+                    reason: format!("partition {} is listed twice", p.pkey),
+                    hint: "list each partition once, with its membership",
+                });
+            }
+        }
+        self.tx
+            .execute(
+                "INSERT INTO tenants (id, launcher_uid, launcher_gid, security_label) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    tenant.id.as_str(),
+                    tenant.launcher_uid,
+                    tenant.launcher_gid,
+                    tenant.security_label
+                ],
+            )
+            .map_err(sql("adding a tenant"))?;
+        for p in &tenant.partitions {
+            let m = match p.membership {
+                Membership::Full => "full",
+                Membership::Limited => "limited",
+            };
+            self.tx
+                .execute(
+                    "INSERT INTO tenant_partitions (tenant, pkey, base, membership) VALUES (?1, ?2, ?3, ?4)",
+                    params![tenant.id.as_str(), p.pkey.0, p.pkey.base(), m],
+                )
+                .map_err(sql("adding a tenant"))?;
+        }
+        Ok(())
+    }
+
+    fn remove_tenant(&mut self, id: &TenantId) -> Result<(), StoreError> {
+        self.require_tenant(id)?;
+        let count: i64 = self
+            .tx
+            .query_row(
+                "SELECT count(*) FROM devices WHERE tenant = ?1",
+                [id.as_str()],
+                |r| r.get(0),
+            )
+            .map_err(sql("removing a tenant"))?;
+        if count > 0 {
+            return Err(StoreError::TenantInUse {
+                tenant: id.clone(),
+                count: count.unsigned_abs(),
+            });
+        }
+        self.tx
+            .execute("DELETE FROM tenants WHERE id = ?1", [id.as_str()])
+            .map_err(sql("removing a tenant"))?;
+        Ok(())
+    }
+
+    fn tenant(&mut self, id: &TenantId) -> Result<Option<Tenant>, StoreError> {
+        let row = self
+            .tx
+            .query_row(
+                "SELECT launcher_uid, launcher_gid, security_label FROM tenants WHERE id = ?1",
+                [id.as_str()],
+                |r| {
+                    Ok((
+                        r.get::<_, Option<i64>>(0)?,
+                        r.get::<_, Option<i64>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(sql("reading a tenant"))?;
+        let Some((uid, gid, label)) = row else {
+            return Ok(None);
+        };
+        let key = id.as_str();
+        let mut stmt = self
+            .tx
+            .prepare(
+                "SELECT pkey, membership FROM tenant_partitions WHERE tenant = ?1 ORDER BY base",
+            )
+            .map_err(sql("reading a tenant"))?;
+        let rows = stmt
+            .query_map([key], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .map_err(sql("reading a tenant"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql("reading a tenant"))?;
+        let mut partitions = Vec::with_capacity(rows.len());
+        for (pkey, m) in rows {
+            let pkey = u16::try_from(pkey).map_err(|_| {
+                bad(
+                    "tenant_partitions",
+                    key,
+                    "pkey",
+                    pkey.to_string(),
+                    "not a 16-bit P_Key",
+                )
+            })?;
+            let membership = match m.as_str() {
+                "full" => Membership::Full,
+                "limited" => Membership::Limited,
+                other => {
+                    return Err(bad(
+                        "tenant_partitions",
+                        key,
+                        "membership",
+                        other,
+                        "expected full or limited",
+                    ));
+                }
+            };
+            partitions.push(Partition {
+                pkey: PKey(pkey),
+                membership,
+            });
+        }
+        Ok(Some(Tenant {
+            id: id.clone(),
+            launcher_uid: u32_col("tenants", key, "launcher_uid", uid)?,
+            launcher_gid: u32_col("tenants", key, "launcher_gid", gid)?,
+            security_label: label,
+            partitions,
+        }))
+    }
+
+    fn tenants(&mut self) -> Result<Vec<Tenant>, StoreError> {
+        let ids: Vec<String> = {
+            let mut stmt = self
+                .tx
+                .prepare("SELECT id FROM tenants ORDER BY id")
+                .map_err(sql("listing tenants"))?;
+            stmt.query_map([], |r| r.get(0))
+                .map_err(sql("listing tenants"))?
+                .collect::<Result<_, _>>()
+                .map_err(sql("listing tenants"))?
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let tid = parse_tenant("tenants", &id, "id", &id)?;
+            out.extend(self.tenant(&tid)?);
+        }
+        Ok(out)
+    }
+
+    fn add_device(&mut self, device: &DeviceId) -> Result<(), StoreError> {
+        if self.device(device)?.is_some() {
+            return Err(StoreError::DeviceExists(*device));
+        }
+        self.tx
+            .execute(
+                "INSERT INTO devices (id, state, updated_at_ms) VALUES (?1, 'free', ?2)",
+                params![device.to_string(), now_ms()],
+            )
+            .map_err(sql("adding a device"))?;
+        Ok(())
+    }
+
+    fn device(&mut self, device: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        let key = device.to_string();
+        let row = self
+            .tx
+            .query_row(
+                "SELECT state, tenant, vm, reason, updated_at_ms FROM devices WHERE id = ?1",
+                [&key],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(sql("reading a device"))?;
+        row.map(|(state, tenant, vm, reason, at)| {
+            Ok(DeviceRecord {
+                device: *device,
+                state: decode_state(&key, &state, tenant, vm, reason)?,
+                updated_at_ms: at,
+            })
+        })
+        .transpose()
+    }
+
+    fn devices(&mut self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let ids: Vec<String> = {
+            let mut stmt = self
+                .tx
+                .prepare("SELECT id FROM devices ORDER BY id")
+                .map_err(sql("listing devices"))?;
+            stmt.query_map([], |r| r.get(0))
+                .map_err(sql("listing devices"))?
+                .collect::<Result<_, _>>()
+                .map_err(sql("listing devices"))?
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let d = parse_device("devices", &id, &id)?;
+            out.extend(self.device(&d)?);
+        }
+        Ok(out)
+    }
+
+    fn set_device_state(
+        &mut self,
+        device: &DeviceId,
+        expected: &DeviceState,
+        next: &DeviceState,
+    ) -> Result<(), StoreError> {
+        let current = self
+            .device(device)?
+            .ok_or(StoreError::UnknownDevice(*device))?
+            .state;
+        if &current != expected {
+            return Err(StoreError::StateConflict {
+                device: *device,
+                expected: Box::new(expected.clone()),
+                actual: Box::new(current),
+            });
+        }
+        if !current.may_become(next) {
+            return Err(StoreError::IllegalTransition {
+                device: *device,
+                from: Box::new(current),
+                to: Box::new(next.clone()),
+            });
+        }
+        if let Some(t) = next.tenant() {
+            self.require_tenant(t)?;
+        }
+        let reason = match next {
+            DeviceState::Quarantined { reason } => Some(reason.as_str()),
+            _ => None,
+        };
+        self.tx
+            .execute(
+                "UPDATE devices SET state = ?2, tenant = ?3, vm = ?4, reason = ?5, updated_at_ms = ?6 WHERE id = ?1",
+                params![
+                    device.to_string(),
+                    next.name(),
+                    next.tenant().map(TenantId::as_str),
+                    next.vm(),
+                    reason,
+                    now_ms()
+                ],
+            )
+            .map_err(sql("setting a device state"))?;
+        Ok(())
+    }
+
+    fn assignments(&mut self) -> Result<Vec<Assignment>, StoreError> {
+        Ok(self
+            .devices()?
+            .into_iter()
+            .filter_map(|d| {
+                let tenant = d.state.tenant()?.clone();
+                Some(Assignment {
+                    device: d.device,
+                    tenant,
+                    vm: d.state.vm().map(str::to_string),
+                    state: d.state,
+                })
+            })
+            .collect())
+    }
+
+    fn set_guid_pool(&mut self, range: GuidRange) -> Result<(), StoreError> {
+        let invalid = |reason| StoreError::InvalidGuidRange {
+            first: range.first,
+            last: range.last,
+            reason,
+        };
+        if range.first > range.last {
+            return Err(invalid("first is after last"));
+        }
+        if range.first.is_reserved() || range.last.is_reserved() {
+            return Err(invalid("0 and all ones never name a port"));
+        }
+        self.tx
+            .execute(
+                "INSERT OR REPLACE INTO guid_pool (id, first, last, next) VALUES (1, ?1, ?2, ?1)",
+                params![range.first.to_string(), range.last.to_string()],
+            )
+            .map_err(sql("setting the GUID pool"))?;
+        Ok(())
+    }
+
+    fn guid_pool(&mut self) -> Result<Option<GuidRange>, StoreError> {
+        Ok(self
+            .pool_row()?
+            .map(|(first, last, _)| GuidRange { first, last }))
+    }
+
+    fn allocate_guid(&mut self, device: &DeviceId, tenant: &TenantId) -> Result<Guid, StoreError> {
+        self.require_tenant(tenant)?;
+        let (first, last, next) = self.pool_row()?.ok_or(StoreError::GuidPoolUnset)?;
+        let mut candidate = next.0.max(first.0);
+        let exhausted = || StoreError::GuidPoolExhausted { first, last };
+        loop {
+            if candidate > last.0 {
+                return Err(exhausted());
+            }
+            let g = Guid(candidate);
+            if !g.is_reserved() && self.guid(g)?.is_none() {
+                break;
+            }
+            candidate = candidate.checked_add(1).ok_or_else(exhausted)?;
+        }
+        let guid = Guid(candidate);
+        self.tx
+            .execute(
+                "INSERT INTO guids (guid, state, device, tenant, issued_at_ms) VALUES (?1, 'issued', ?2, ?3, ?4)",
+                params![guid.to_string(), device.to_string(), tenant.as_str(), now_ms()],
+            )
+            .map_err(sql("allocating a GUID"))?;
+        // `candidate <= last < u64::MAX` (all ones is reserved), so this cannot wrap.
+        self.tx
+            .execute(
+                "UPDATE guid_pool SET next = ?1 WHERE id = 1",
+                [Guid(candidate.saturating_add(1)).to_string()],
+            )
+            .map_err(sql("allocating a GUID"))?;
+        Ok(guid)
+    }
+
+    fn retire_guid(&mut self, guid: Guid, reason: &str) -> Result<(), StoreError> {
+        let rec = self.guid(guid)?.ok_or(StoreError::UnknownGuid(guid))?;
+        if rec.state != GuidState::Issued {
+            return Err(StoreError::GuidState {
+                guid,
+                state: rec.state,
+                action: "retired",
+            });
+        }
+        self.tx
+            .execute(
+                "UPDATE guids SET state = 'quarantined', retired_at_ms = ?2, note = ?3 WHERE guid = ?1",
+                params![guid.to_string(), now_ms(), reason],
+            )
+            .map_err(sql("retiring a GUID"))?;
+        Ok(())
+    }
+
+    fn clear_guid(&mut self, guid: Guid) -> Result<(), StoreError> {
+        let rec = self.guid(guid)?.ok_or(StoreError::UnknownGuid(guid))?;
+        if rec.state != GuidState::Quarantined {
+            return Err(StoreError::GuidState {
+                guid,
+                state: rec.state,
+                action: "cleared",
+            });
+        }
+        self.tx
+            .execute(
+                "UPDATE guids SET state = 'cleared' WHERE guid = ?1",
+                [guid.to_string()],
+            )
+            .map_err(sql("clearing a GUID"))?;
+        Ok(())
+    }
+
+    fn record_foreign_guid(&mut self, guid: Guid, note: &str) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT OR IGNORE INTO guids (guid, state, issued_at_ms, note) VALUES (?1, 'foreign', ?2, ?3)",
+                params![guid.to_string(), now_ms(), note],
+            )
+            .map_err(sql("recording a foreign GUID"))?;
+        Ok(())
+    }
+
+    fn guid(&mut self, guid: Guid) -> Result<Option<GuidRecord>, StoreError> {
+        let key = guid.to_string();
+        let row = self
+            .tx
+            .query_row(
+                "SELECT state, device, tenant, issued_at_ms, retired_at_ms, note FROM guids WHERE guid = ?1",
+                [&key],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, Option<i64>>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(sql("reading a GUID"))?;
+        let Some((state, device, tenant, issued, retired, note)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(GuidRecord {
+            guid,
+            state: decode_guid_state(&key, &state)?,
+            device: device
+                .map(|d| parse_device("guids", &key, &d))
+                .transpose()?,
+            tenant: tenant
+                .map(|t| parse_tenant("guids", &key, "tenant", &t))
+                .transpose()?,
+            issued_at_ms: issued,
+            retired_at_ms: retired,
+            note,
+        }))
+    }
+
+    fn begin_operation(
+        &mut self,
+        device: &DeviceId,
+        kind: &str,
+    ) -> Result<OperationId, StoreError> {
+        check_name("operation kind", kind)?;
+        if self.device(device)?.is_none() {
+            return Err(StoreError::UnknownDevice(*device));
+        }
+        let key = device.to_string();
+        let holder = self
+            .tx
+            .query_row(
+                &format!("SELECT {OP_COLUMNS} FROM operations WHERE device = ?1 AND finished_at_ms IS NULL"),
+                [&key],
+                op_row,
+            )
+            .optional()
+            .map_err(sql("beginning an operation"))?;
+        if let Some(row) = holder {
+            let o = decode_operation(row)?;
+            return Err(StoreError::Busy(Busy {
+                device: *device,
+                holder: o.id,
+                kind: o.kind,
+                since_ms: o.started_at_ms,
+            }));
+        }
+        self.tx
+            .execute(
+                "INSERT INTO operations (device, kind, started_at_ms) VALUES (?1, ?2, ?3)",
+                params![key, kind, now_ms()],
+            )
+            .map_err(sql("beginning an operation"))?;
+        Ok(OperationId(self.tx.last_insert_rowid()))
+    }
+
+    fn journal_step(
+        &mut self,
+        op: OperationId,
+        step: &str,
+        state: StepState,
+        detail: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        check_name("step", step)?;
+        self.open_operation(op)?;
+        self.tx
+            .execute(
+                "INSERT INTO journal (operation, step, state, at_ms, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![op.0, step, state.name(), now_ms(), detail.to_string()],
+            )
+            .map_err(sql("writing the journal"))?;
+        Ok(())
+    }
+
+    fn finish_operation(&mut self, op: OperationId, outcome: Outcome) -> Result<(), StoreError> {
+        self.open_operation(op)?;
+        self.tx
+            .execute(
+                "UPDATE operations SET finished_at_ms = ?2, outcome = ?3 WHERE id = ?1",
+                params![op.0, now_ms(), outcome.name()],
+            )
+            .map_err(sql("finishing an operation"))?;
+        Ok(())
+    }
+
+    fn operation(&mut self, op: OperationId) -> Result<Option<Operation>, StoreError> {
+        self.tx
+            .query_row(
+                &format!("SELECT {OP_COLUMNS} FROM operations WHERE id = ?1"),
+                [op.0],
+                op_row,
+            )
+            .optional()
+            .map_err(sql("reading an operation"))?
+            .map(decode_operation)
+            .transpose()
+    }
+
+    fn open_operations(&mut self) -> Result<Vec<Operation>, StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare(&format!(
+                "SELECT {OP_COLUMNS} FROM operations WHERE finished_at_ms IS NULL ORDER BY id"
+            ))
+            .map_err(sql("listing operations"))?;
+        let rows = stmt
+            .query_map([], op_row)
+            .map_err(sql("listing operations"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql("listing operations"))?;
+        rows.into_iter().map(decode_operation).collect()
+    }
+
+    fn journal(&mut self, op: OperationId) -> Result<Vec<JournalEntry>, StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare("SELECT id, step, state, at_ms, detail FROM journal WHERE operation = ?1 ORDER BY id")
+            .map_err(sql("reading the journal"))?;
+        let rows = stmt
+            .query_map([op.0], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })
+            .map_err(sql("reading the journal"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql("reading the journal"))?;
+        rows.into_iter()
+            .map(|(id, step, state, at, detail)| {
+                let row = id.to_string();
+                Ok(JournalEntry {
+                    id,
+                    operation: op,
+                    step,
+                    state: decode_step_state(&row, &state)?,
+                    at_ms: at,
+                    detail: serde_json::from_str(&detail)
+                        .map_err(|e| bad("journal", &row, "detail", &detail, e.to_string()))?,
+                })
+            })
+            .collect()
+    }
+
+    fn audit(&mut self, event: &AuditEvent) -> Result<AuditRecord, StoreError> {
+        audit::append(self.tx, event)
+    }
+}
+
+impl SqliteTx<'_> {
+    fn pool_row(&self) -> Result<Option<(Guid, Guid, Guid)>, StoreError> {
+        let row = self
+            .tx
+            .query_row(
+                "SELECT first, last, next FROM guid_pool WHERE id = 1",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(sql("reading the GUID pool"))?;
+        row.map(|(f, l, n)| {
+            Ok((
+                parse_guid("guid_pool", "1", "first", &f)?,
+                parse_guid("guid_pool", "1", "last", &l)?,
+                parse_guid("guid_pool", "1", "next", &n)?,
+            ))
+        })
+        .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::store::StoreExt;
+
+    fn tenant(id: &str) -> Tenant {
+        Tenant {
+            id: id.parse().expect("tenant id"),
+            launcher_uid: Some(107),
+            launcher_gid: Some(108),
+            security_label: Some("system_u:object_r:svirt_image_t:s0:c1,c2".into()),
+            partitions: vec![
+                Partition {
+                    pkey: PKey(0x8001),
+                    membership: Membership::Full,
+                },
+                Partition {
+                    pkey: PKey(0x0002),
+                    membership: Membership::Limited,
+                },
+            ],
+        }
+    }
+
+    fn tid(s: &str) -> TenantId {
+        s.parse().expect("tenant id")
+    }
+
+    fn dev(s: &str) -> DeviceId {
+        s.parse().expect("device id")
+    }
+
+    fn fresh() -> (tempfile::TempDir, PathBuf, SqliteStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ledger.db");
+        let store = SqliteStore::open(&path).expect("open");
+        (dir, path, store)
+    }
+
+    #[test]
+    fn migrations_from_empty_set_up_schema_and_pragmas() {
+        let (_d, _p, store) = fresh();
+        assert_eq!(store.schema_version().expect("version"), 1);
+        let mode: String = store
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .expect("mode");
+        assert_eq!(mode, "wal");
+        let sync: i64 = store
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .expect("sync");
+        assert_eq!(sync, 2, "synchronous=FULL");
+        let fk: i64 = store
+            .conn
+            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+            .expect("fk");
+        assert_eq!(fk, 1);
+        for table in [
+            "tenants",
+            "tenant_partitions",
+            "devices",
+            "assignments",
+            "guid_pool",
+            "guids",
+            "operations",
+            "journal",
+            "audit",
+        ] {
+            let n: i64 = store
+                .conn
+                .query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE name = ?1",
+                    [table],
+                    |r| r.get(0),
+                )
+                .expect("master");
+            assert_eq!(n, 1, "{table} exists");
+        }
+    }
+
+    #[test]
+    fn reopening_keeps_data_and_does_not_migrate_twice() {
+        let (_d, path, mut store) = fresh();
+        let d = dev("0000:3b:00.2");
+        store
+            .atomically(|tx| {
+                tx.add_tenant(&tenant("acme"))?;
+                tx.add_device(&d)?;
+                tx.set_device_state(
+                    &d,
+                    &DeviceState::Free,
+                    &DeviceState::Preparing {
+                        tenant: tid("acme"),
+                    },
+                )
+            })
+            .expect("write");
+        drop(store);
+        let mut store = SqliteStore::open(&path).expect("reopen");
+        let rows: i64 = store
+            .conn
+            .query_row("SELECT count(*) FROM schema_version", [], |r| r.get(0))
+            .expect("rows");
+        assert_eq!(rows, 1);
+        let (t, rec, assigned) = store
+            .atomically(|tx| Ok((tx.tenant(&tid("acme"))?, tx.device(&d)?, tx.assignments()?)))
+            .expect("read");
+        assert_eq!(t, Some(tenant("acme")));
+        assert_eq!(
+            rec.expect("device").state,
+            DeviceState::Preparing {
+                tenant: tid("acme")
+            }
+        );
+        assert_eq!(assigned.len(), 1);
+        assert_eq!(assigned[0].tenant, tid("acme"));
+    }
+
+    #[test]
+    fn newer_schema_is_refused_with_hint() {
+        let (_d, path, store) = fresh();
+        store
+            .conn
+            .execute(
+                "INSERT INTO schema_version (version, applied_at_ms) VALUES (2, 0)",
+                [],
+            )
+            .expect("bump");
+        drop(store);
+        let err = SqliteStore::open(&path).expect_err("newer schema");
+        assert!(
+            matches!(
+                err,
+                StoreError::NewerSchema {
+                    found: 2,
+                    known: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("newer") && msg.contains("Hint:"), "{msg}");
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn garbage_file_is_refused_naming_the_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("garbage.db");
+        std::fs::write(
+            &path,
+            b"this is not a database, it is garbage bytes \x00\xff\x13".repeat(100),
+        )
+        .expect("write");
+        let err = SqliteStore::open(&path).expect_err("garbage");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("Hint:"), "{msg}");
+        // The file was not touched.
+        assert!(
+            std::fs::read(&path)
+                .expect("read")
+                .starts_with(b"this is not")
+        );
+    }
+
+    #[test]
+    fn damaged_database_after_valid_header_is_refused() {
+        let (_d, path, mut store) = fresh();
+        store
+            .atomically(|tx| {
+                for i in 0..200 {
+                    tx.add_device(&dev(&format!("0000:3b:{:02x}.{}", i / 8, i % 8)))?;
+                }
+                Ok(())
+            })
+            .expect("fill");
+        // Fold the WAL into the main file so the damage below hits real pages.
+        store
+            .conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+            .expect("checkpoint");
+        drop(store);
+        let mut bytes = std::fs::read(&path).expect("read");
+        assert!(bytes.len() > 8192, "several pages");
+        for b in &mut bytes[4096..] {
+            *b = 0xa5;
+        }
+        std::fs::write(&path, &bytes).expect("write");
+        let err = SqliteStore::open(&path).expect_err("damaged");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+        assert!(err.to_string().contains(&path.display().to_string()));
+    }
+
+    #[test]
+    fn foreign_sqlite_database_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("other.db");
+        rusqlite::Connection::open(&path)
+            .expect("open")
+            .execute_batch("CREATE TABLE photos (id INTEGER)")
+            .expect("create");
+        let err = SqliteStore::open(&path).expect_err("foreign");
+        assert!(
+            matches!(&err, StoreError::Corrupt { detail, .. } if detail.contains("not a devfence ledger")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn guids_never_repeat_across_10000_allocations_reopen_and_retirement() {
+        let (_d, path, mut store) = fresh();
+        let first = Guid(0x0002_c903_0000_0001);
+        let d = dev("0000:3b:00.2");
+        store
+            .atomically(|tx| {
+                tx.add_tenant(&tenant("acme"))?;
+                tx.set_guid_pool(GuidRange {
+                    first,
+                    last: Guid(first.0 + 1_000_000),
+                })
+            })
+            .expect("setup");
+        let mut seen = HashSet::new();
+        // 100 commits of 100 allocations each.
+        for _ in 0..100 {
+            let batch = store
+                .atomically(|tx| {
+                    (0..100)
+                        .map(|_| tx.allocate_guid(&d, &tid("acme")))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .expect("allocate");
+            for g in batch {
+                assert!(g.0 >= first.0 && g.0 <= first.0 + 1_000_000);
+                assert!(seen.insert(g), "{g} issued twice");
+            }
+        }
+        assert_eq!(seen.len(), 10_000);
+        drop(store);
+
+        let mut store = SqliteStore::open(&path).expect("reopen");
+        let more = store
+            .atomically(|tx| {
+                (0..100)
+                    .map(|_| tx.allocate_guid(&d, &tid("acme")))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .expect("allocate after reopen");
+        for g in more {
+            assert!(seen.insert(g), "{g} reissued after reopen");
+        }
+
+        // Retire one; even with the pool reset to its start, it never comes back.
+        let retired = first;
+        store
+            .atomically(|tx| tx.retire_guid(retired, "handover from acme"))
+            .expect("retire");
+        let rec = store
+            .atomically(|tx| tx.guid(retired))
+            .expect("read")
+            .expect("known");
+        assert_eq!(rec.state, GuidState::Quarantined);
+        assert_eq!(rec.tenant, Some(tid("acme")));
+        let err = store
+            .atomically(|tx| tx.retire_guid(retired, "again"))
+            .expect_err("retire twice");
+        assert!(matches!(err, StoreError::GuidState { .. }), "{err:?}");
+        store
+            .atomically(|tx| {
+                tx.set_guid_pool(GuidRange {
+                    first,
+                    last: Guid(first.0 + 1_000_000),
+                })
+            })
+            .expect("reset pool");
+        let after = store
+            .atomically(|tx| tx.allocate_guid(&d, &tid("acme")))
+            .expect("allocate after reset");
+        assert!(!seen.contains(&after), "{after} reissued after pool reset");
+        // A pool holding only the retired GUID is exhausted.
+        store
+            .atomically(|tx| {
+                tx.set_guid_pool(GuidRange {
+                    first: retired,
+                    last: retired,
+                })
+            })
+            .expect("narrow pool");
+        let err = store
+            .atomically(|tx| tx.allocate_guid(&d, &tid("acme")))
+            .expect_err("exhausted");
+        assert!(
+            matches!(err, StoreError::GuidPoolExhausted { .. }),
+            "{err:?}"
+        );
+        // Cleared GUIDs are still not reissued.
+        store
+            .atomically(|tx| tx.clear_guid(retired))
+            .expect("clear");
+        let err = store
+            .atomically(|tx| tx.allocate_guid(&d, &tid("acme")))
+            .expect_err("still exhausted");
+        assert!(
+            matches!(err, StoreError::GuidPoolExhausted { .. }),
+            "{err:?}"
+        );
+        // And the table refuses to forget.
+        assert!(
+            store
+                .conn
+                .execute("DELETE FROM guids WHERE guid = ?1", [retired.to_string()])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn foreign_guids_are_skipped() {
+        let (_d, _p, mut store) = fresh();
+        let first = Guid(0x10);
+        let got = store
+            .atomically(|tx| {
+                tx.add_tenant(&tenant("acme"))?;
+                tx.set_guid_pool(GuidRange {
+                    first,
+                    last: Guid(0x20),
+                })?;
+                tx.record_foreign_guid(Guid(0x10), "factory GUID of VF 0")?;
+                tx.record_foreign_guid(Guid(0x11), "factory GUID of VF 1")?;
+                tx.allocate_guid(&dev("0000:3b:00.2"), &tid("acme"))
+            })
+            .expect("allocate");
+        assert_eq!(got, Guid(0x12));
+    }
+
+    #[test]
+    fn lifecycle_states_round_trip_and_moves_are_checked() {
+        let (_d, path, mut store) = fresh();
+        let d = dev("0000:3b:00.2");
+        let a = tid("acme");
+        let walk = [
+            DeviceState::Free,
+            DeviceState::Preparing { tenant: a.clone() },
+            DeviceState::Ready { tenant: a.clone() },
+            DeviceState::Active {
+                tenant: a.clone(),
+                vm: "vm-1".into(),
+            },
+            DeviceState::Draining {
+                tenant: a.clone(),
+                vm: "vm-1".into(),
+            },
+            DeviceState::Scrubbing,
+            DeviceState::Quarantined {
+                reason: "SM still shows the old GUID".into(),
+            },
+            DeviceState::Free,
+        ];
+        store
+            .atomically(|tx| {
+                tx.add_tenant(&tenant("acme"))?;
+                tx.add_device(&d)
+            })
+            .expect("setup");
+        for pair in walk.windows(2) {
+            store
+                .atomically(|tx| tx.set_device_state(&d, &pair[0], &pair[1]))
+                .expect("move");
+            drop(store);
+            store = SqliteStore::open(&path).expect("reopen");
+            let got = store
+                .atomically(|tx| tx.device(&d))
+                .expect("read")
+                .expect("device");
+            assert_eq!(got.state, pair[1]);
+        }
+        // Compare-and-set: a stale expectation is refused.
+        let err = store
+            .atomically(|tx| {
+                tx.set_device_state(
+                    &d,
+                    &DeviceState::Scrubbing,
+                    &DeviceState::Quarantined { reason: "x".into() },
+                )
+            })
+            .expect_err("stale");
+        assert!(matches!(err, StoreError::StateConflict { .. }), "{err:?}");
+        // No skipping the gates.
+        let err = store
+            .atomically(|tx| {
+                tx.set_device_state(
+                    &d,
+                    &DeviceState::Free,
+                    &DeviceState::Ready { tenant: a.clone() },
+                )
+            })
+            .expect_err("illegal");
+        assert!(
+            matches!(err, StoreError::IllegalTransition { .. }),
+            "{err:?}"
+        );
+        // Unknown tenant.
+        let err = store
+            .atomically(|tx| {
+                tx.set_device_state(
+                    &d,
+                    &DeviceState::Free,
+                    &DeviceState::Preparing {
+                        tenant: tid("nobody"),
+                    },
+                )
+            })
+            .expect_err("unknown tenant");
+        assert!(matches!(err, StoreError::UnknownTenant(_)), "{err:?}");
+    }
+
+    #[test]
+    fn unknown_state_read_back_is_an_error_naming_the_row() {
+        let (_d, _p, mut store) = fresh();
+        let d = dev("0000:3b:00.2");
+        store.atomically(|tx| tx.add_device(&d)).expect("add");
+        store
+            .conn
+            .execute_batch(
+                "PRAGMA ignore_check_constraints = ON; UPDATE devices SET state = 'borrowed'",
+            )
+            .expect("tamper");
+        let err = store.atomically(|tx| tx.device(&d)).expect_err("bad row");
+        let msg = err.to_string();
+        assert!(matches!(err, StoreError::BadRow { .. }), "{err:?}");
+        assert!(
+            msg.contains("0000:3b:00.2") && msg.contains("borrowed"),
+            "{msg}"
+        );
+        // A held state without its tenant is also refused, not defaulted.
+        store
+            .conn
+            .execute_batch("UPDATE devices SET state = 'ready', tenant = NULL")
+            .expect("tamper");
+        let err = store.atomically(|tx| tx.devices()).expect_err("bad row");
+        assert!(
+            matches!(
+                err,
+                StoreError::BadRow {
+                    column: "tenant",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_second_operation_on_a_busy_device_is_refused_also_from_another_connection() {
+        let (_d, path, mut one) = fresh();
+        let d = dev("0000:3b:00.2");
+        let other = dev("0000:3b:00.3");
+        one.atomically(|tx| {
+            tx.add_device(&d)?;
+            tx.add_device(&other)
+        })
+        .expect("setup");
+        let op = one.begin_operation(&d, "handover").expect("first");
+        let err = one.begin_operation(&d, "release").expect_err("second");
+        let busy = err.as_busy().expect("busy");
+        assert_eq!(busy.holder, op);
+        assert_eq!(busy.kind, "handover");
+        assert!(err.to_string().contains("Hint:"));
+        one.begin_operation(&other, "handover")
+            .expect("another device is free");
+
+        let mut two = SqliteStore::open(&path).expect("second connection");
+        let err = two
+            .begin_operation(&d, "handover")
+            .expect_err("busy there too");
+        assert_eq!(err.as_busy().map(|b| b.holder), Some(op));
+
+        one.atomically(|tx| tx.finish_operation(op, Outcome::Succeeded))
+            .expect("finish");
+        let op2 = two.begin_operation(&d, "release").expect("free again");
+        assert_ne!(op2, op);
+        let err = one
+            .atomically(|tx| tx.journal_step(op, "reset", StepState::Planned, &json!({})))
+            .expect_err("finished");
+        assert!(matches!(err, StoreError::OperationFinished(_)), "{err:?}");
+        // Even a raw second insert is stopped by the partial unique index.
+        assert!(
+            two.conn
+                .execute(
+                    "INSERT INTO operations (device, kind, started_at_ms) VALUES (?1, 'x', 0)",
+                    [d.to_string()],
+                )
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn journal_records_steps_in_order_and_open_operations_survive_reopen() {
+        let (_d, path, mut store) = fresh();
+        let d = dev("0000:3b:00.2");
+        store.atomically(|tx| tx.add_device(&d)).expect("add");
+        let op = store.begin_operation(&d, "handover").expect("begin");
+        store
+            .atomically(|tx| {
+                tx.journal_step(op, "reset", StepState::Planned, &json!({"method": "flr"}))?;
+                tx.journal_step(op, "reset", StepState::Done, &json!({"vendor": "0x15b3"}))?;
+                tx.journal_step(op, "gate-sm", StepState::Planned, &json!(null))
+            })
+            .expect("journal");
+        drop(store);
+        let mut store = SqliteStore::open(&path).expect("reopen");
+        let (open, journal) = store
+            .atomically(|tx| Ok((tx.open_operations()?, tx.journal(op)?)))
+            .expect("read");
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].id, op);
+        assert_eq!(open[0].device, d);
+        let steps: Vec<(&str, StepState)> =
+            journal.iter().map(|j| (j.step.as_str(), j.state)).collect();
+        assert_eq!(
+            steps,
+            [
+                ("reset", StepState::Planned),
+                ("reset", StepState::Done),
+                ("gate-sm", StepState::Planned)
+            ]
+        );
+        assert_eq!(journal[1].detail, json!({"vendor": "0x15b3"}));
+        let err = store
+            .atomically(|tx| tx.journal_step(OperationId(999), "x", StepState::Done, &json!({})))
+            .expect_err("unknown op");
+        assert!(matches!(err, StoreError::UnknownOperation(_)), "{err:?}");
+    }
+
+    #[test]
+    fn a_failing_transaction_changes_nothing() {
+        let (_d, _p, mut store) = fresh();
+        let err = store
+            .atomically(|tx| {
+                tx.add_tenant(&tenant("acme"))?;
+                tx.add_device(&dev("0000:3b:00.2"))?;
+                tx.add_tenant(&tenant("acme")) // duplicate: fails
+            })
+            .expect_err("duplicate");
+        assert!(matches!(err, StoreError::TenantExists(_)), "{err:?}");
+        let (tenants, devices) = store
+            .atomically(|tx| Ok((tx.tenants()?, tx.devices()?)))
+            .expect("read");
+        assert!(tenants.is_empty() && devices.is_empty());
+    }
+
+    #[test]
+    fn tenants_holding_devices_cannot_be_removed() {
+        let (_d, _p, mut store) = fresh();
+        let d = dev("0000:3b:00.2");
+        store
+            .atomically(|tx| {
+                tx.add_tenant(&tenant("acme"))?;
+                tx.add_device(&d)?;
+                tx.set_device_state(
+                    &d,
+                    &DeviceState::Free,
+                    &DeviceState::Preparing {
+                        tenant: tid("acme"),
+                    },
+                )
+            })
+            .expect("setup");
+        let err = store
+            .atomically(|tx| tx.remove_tenant(&tid("acme")))
+            .expect_err("in use");
+        assert!(
+            matches!(err, StoreError::TenantInUse { count: 1, .. }),
+            "{err:?}"
+        );
+        store
+            .atomically(|tx| {
+                tx.set_device_state(
+                    &d,
+                    &DeviceState::Preparing {
+                        tenant: tid("acme"),
+                    },
+                    &DeviceState::Quarantined {
+                        reason: "gate failed".into(),
+                    },
+                )?;
+                tx.remove_tenant(&tid("acme"))
+            })
+            .expect("removed once released");
+        assert!(
+            store
+                .atomically(|tx| tx.tenants())
+                .expect("list")
+                .is_empty()
+        );
+    }
+}
