@@ -342,6 +342,17 @@ struct SqliteTx<'a> {
     tx: &'a rusqlite::Transaction<'a>,
 }
 
+impl SqliteTx<'_> {
+    /// The first column of every row of `query`, as text (ids, in order).
+    fn ids(&self, query: &str, context: &'static str) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.tx.prepare(query).map_err(sql(context))?;
+        stmt.query_map([], |r| r.get(0))
+            .map_err(sql(context))?
+            .collect::<Result<_, _>>()
+            .map_err(sql(context))
+    }
+}
+
 fn parse_device(table: &'static str, row: &str, s: &str) -> Result<DeviceId, StoreError> {
     s.parse()
         .map_err(|e: devfence_model::ParseError| bad(table, row, "device", s, e.to_string()))
@@ -702,16 +713,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn tenants(&mut self) -> Result<Vec<Tenant>, StoreError> {
-        let ids: Vec<String> = {
-            let mut stmt = self
-                .tx
-                .prepare("SELECT id FROM tenants ORDER BY id")
-                .map_err(sql("listing tenants"))?;
-            stmt.query_map([], |r| r.get(0))
-                .map_err(sql("listing tenants"))?
-                .collect::<Result<_, _>>()
-                .map_err(sql("listing tenants"))?
-        };
+        let ids = self.ids("SELECT id FROM tenants ORDER BY id", "listing tenants")?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let tid = parse_tenant("tenants", &id, "id", &id)?;
@@ -763,16 +765,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn devices(&mut self) -> Result<Vec<DeviceRecord>, StoreError> {
-        let ids: Vec<String> = {
-            let mut stmt = self
-                .tx
-                .prepare("SELECT id FROM devices ORDER BY id")
-                .map_err(sql("listing devices"))?;
-            stmt.query_map([], |r| r.get(0))
-                .map_err(sql("listing devices"))?
-                .collect::<Result<_, _>>()
-                .map_err(sql("listing devices"))?
-        };
+        let ids = self.ids("SELECT id FROM devices ORDER BY id", "listing devices")?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let d = parse_device("devices", &id, &id)?;
