@@ -572,9 +572,10 @@ fn demo(a: &DemoArgs, out: &mut dyn Write) -> Result<Outcome> {
     }
     writeln!(
         out,
-        "{total} findings across {} simulated hosts.",
+        "{total} findings across {} simulated hosts.\n",
         DEMO_PROFILES.len()
     )?;
+    demo_fix_group(&base, out)?;
     match &a.keep {
         Some(d) => writeln!(
             out,
@@ -588,6 +589,59 @@ fn demo(a: &DemoArgs, out: &mut dyn Write) -> Result<Outcome> {
         )?,
     }
     Ok(Outcome::Ok)
+}
+
+/// The second part of the demo: act on a host through the simulated kernel and
+/// read the result back. On `no-acs`, group 13 is not viable because the GPU's audio
+/// function stays on snd_hda_intel; binding the group to vfio-pci fixes it.
+fn demo_fix_group(base: &Path, out: &mut dyn Write) -> Result<()> {
+    let dir = base.join("no-acs-fixed");
+    if dir.exists() {
+        bail!(
+            "{} already exists. Hint: give --keep an empty directory, or remove it",
+            dir.display()
+        );
+    }
+    sim::generate(&sim::GenerateOptions {
+        profile: sim::Profile::NoAcs,
+        out: dir.clone(),
+        vfs: None,
+    })?;
+    let root = HostRoot::new(dir);
+    writeln!(
+        out,
+        "== acting: make iommu_group 13 of no-acs viable (through the simulated kernel)"
+    )?;
+    let viable = |root: &HostRoot| -> Result<usize> {
+        let (f, _) = run_check(root, None)?;
+        Ok(f.iter().filter(|f| f.rule == "GRP-VIABLE").count())
+    };
+    writeln!(out, "   before: {} GRP-VIABLE finding(s)", viable(&root)?)?;
+    let args = |dry_run| crate::cli::BindArgs {
+        device: "0000:05:00.0".into(),
+        driver: "vfio-pci".into(),
+        with_group: true,
+        act: crate::cli::ActFlags {
+            dry_run,
+            json: false,
+        },
+    };
+    writeln!(
+        out,
+        "   $ devfence bind 0000:05:00.0 --driver vfio-pci --with-group --dry-run"
+    )?;
+    crate::act::bind(&root, &args(true), out)?;
+    writeln!(
+        out,
+        "   $ devfence bind 0000:05:00.0 --driver vfio-pci --with-group"
+    )?;
+    crate::act::bind(&root, &args(false), out)?;
+    writeln!(
+        out,
+        "   after: {} GRP-VIABLE finding(s): every member of the group is on vfio-pci, read back from sysfs\n",
+        viable(&root)?
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

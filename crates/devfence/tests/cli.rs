@@ -451,6 +451,10 @@ mod commands {
         for rule in ["GRP-VIABLE", "PF-TRUST", "AP-OVERLAP", "IB-GUID-DUPLICATE"] {
             assert!(s.contains(rule), "{rule} not shown: {s}");
         }
+        // The acting part: the group is fixed through the simulated kernel and read back.
+        assert!(s.contains("before: 1 GRP-VIABLE finding(s)"), "{s}");
+        assert!(s.contains("drivers/snd_hda_intel/unbind"), "{s}");
+        assert!(s.contains("after: 0 GRP-VIABLE finding(s)"), "{s}");
     }
 
     #[test]
