@@ -425,9 +425,11 @@ fn decode_state(
         }
         "preparing" => DeviceState::Preparing {
             tenant: need_tenant(tenant)?,
+            vm,
         },
         "ready" => DeviceState::Ready {
             tenant: need_tenant(tenant)?,
+            vm,
         },
         "active" => DeviceState::Active {
             tenant: need_tenant(tenant)?,
@@ -1239,6 +1241,7 @@ mod tests {
                     &DeviceState::Free,
                     &DeviceState::Preparing {
                         tenant: tid("acme"),
+                        vm: None,
                     },
                 )
             })
@@ -1257,7 +1260,8 @@ mod tests {
         assert_eq!(
             rec.expect("device").state,
             DeviceState::Preparing {
-                tenant: tid("acme")
+                tenant: tid("acme"),
+                vm: None,
             }
         );
         assert_eq!(assigned.len(), 1);
@@ -1490,8 +1494,14 @@ mod tests {
         let a = tid("acme");
         let walk = [
             DeviceState::Free,
-            DeviceState::Preparing { tenant: a.clone() },
-            DeviceState::Ready { tenant: a.clone() },
+            DeviceState::Preparing {
+                tenant: a.clone(),
+                vm: None,
+            },
+            DeviceState::Ready {
+                tenant: a.clone(),
+                vm: None,
+            },
             DeviceState::Active {
                 tenant: a.clone(),
                 vm: "vm-1".into(),
@@ -1541,7 +1551,10 @@ mod tests {
                 tx.set_device_state(
                     &d,
                     &DeviceState::Free,
-                    &DeviceState::Ready { tenant: a.clone() },
+                    &DeviceState::Ready {
+                        tenant: a.clone(),
+                        vm: None,
+                    },
                 )
             })
             .expect_err("illegal");
@@ -1557,6 +1570,7 @@ mod tests {
                     &DeviceState::Free,
                     &DeviceState::Preparing {
                         tenant: tid("nobody"),
+                        vm: None,
                     },
                 )
             })
@@ -1712,6 +1726,7 @@ mod tests {
                     &DeviceState::Free,
                     &DeviceState::Preparing {
                         tenant: tid("acme"),
+                        vm: None,
                     },
                 )
             })
@@ -1729,6 +1744,7 @@ mod tests {
                     &d,
                     &DeviceState::Preparing {
                         tenant: tid("acme"),
+                        vm: None,
                     },
                     &DeviceState::Quarantined {
                         reason: "gate failed".into(),

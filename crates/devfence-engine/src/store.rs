@@ -44,11 +44,18 @@ pub enum DeviceState {
     Preparing {
         /// The tenant it is being prepared for.
         tenant: TenantId,
+        /// The one VM it is reserved for, if the assignment named one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vm: Option<String>,
     },
     /// Every gate passed for `tenant`; its VM may start.
     Ready {
         /// The tenant it is ready for.
         tenant: TenantId,
+        /// The one VM that may use it, if the assignment named one; any VM of
+        /// `tenant` otherwise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vm: Option<String>,
     },
     /// In use by `tenant`'s VM `vm`.
     Active {
@@ -92,19 +99,21 @@ impl DeviceState {
     #[must_use]
     pub fn tenant(&self) -> Option<&TenantId> {
         match self {
-            DeviceState::Preparing { tenant }
-            | DeviceState::Ready { tenant }
+            DeviceState::Preparing { tenant, .. }
+            | DeviceState::Ready { tenant, .. }
             | DeviceState::Active { tenant, .. }
             | DeviceState::Draining { tenant, .. } => Some(tenant),
             _ => None,
         }
     }
 
-    /// The VM, for `Active` and `Draining`.
+    /// The VM: the one using it (`Active`, `Draining`) or the one it is reserved
+    /// for (`Preparing`, `Ready`, when the assignment named one).
     #[must_use]
     pub fn vm(&self) -> Option<&str> {
         match self {
             DeviceState::Active { vm, .. } | DeviceState::Draining { vm, .. } => Some(vm),
+            DeviceState::Preparing { vm, .. } | DeviceState::Ready { vm, .. } => vm.as_deref(),
             _ => None,
         }
     }
@@ -123,8 +132,10 @@ impl DeviceState {
         match (self, next) {
             (_, S::Quarantined { .. }) => true,
             (S::Free, S::Preparing { .. }) => true,
-            (S::Preparing { tenant: a }, S::Ready { tenant: b }) => a == b,
-            (S::Ready { tenant: a }, S::Active { tenant: b, .. }) => a == b,
+            (S::Preparing { tenant: a, vm: v }, S::Ready { tenant: b, vm: w }) => a == b && v == w,
+            (S::Ready { tenant: a, vm: v }, S::Active { tenant: b, vm: w }) => {
+                a == b && v.as_ref().is_none_or(|v| v == w)
+            }
             (S::Active { tenant: a, vm: v }, S::Draining { tenant: b, vm: w }) => a == b && v == w,
             (S::Preparing { .. } | S::Ready { .. } | S::Draining { .. }, S::Scrubbing) => true,
             (S::Quarantined { .. }, S::Scrubbing) => true,
@@ -138,8 +149,16 @@ impl fmt::Display for DeviceState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DeviceState::Free => f.write_str("Free"),
-            DeviceState::Preparing { tenant } => write!(f, "Preparing({tenant})"),
-            DeviceState::Ready { tenant } => write!(f, "Ready({tenant})"),
+            DeviceState::Preparing { tenant, vm: None } => write!(f, "Preparing({tenant})"),
+            DeviceState::Preparing {
+                tenant,
+                vm: Some(vm),
+            } => write!(f, "Preparing({tenant}, {vm})"),
+            DeviceState::Ready { tenant, vm: None } => write!(f, "Ready({tenant})"),
+            DeviceState::Ready {
+                tenant,
+                vm: Some(vm),
+            } => write!(f, "Ready({tenant}, {vm})"),
             DeviceState::Active { tenant, vm } => write!(f, "Active({tenant}, {vm})"),
             DeviceState::Draining { tenant, vm } => write!(f, "Draining({tenant}, {vm})"),
             DeviceState::Scrubbing => f.write_str("Scrubbing"),
@@ -705,9 +724,22 @@ mod tests {
         let a = t("a");
         let b = t("b");
         let free = DeviceState::Free;
-        let prep_a = DeviceState::Preparing { tenant: a.clone() };
-        let ready_a = DeviceState::Ready { tenant: a.clone() };
-        let ready_b = DeviceState::Ready { tenant: b.clone() };
+        let prep_a = DeviceState::Preparing {
+            tenant: a.clone(),
+            vm: None,
+        };
+        let ready_a = DeviceState::Ready {
+            tenant: a.clone(),
+            vm: None,
+        };
+        let ready_b = DeviceState::Ready {
+            tenant: b.clone(),
+            vm: None,
+        };
+        let ready_a_vm2 = DeviceState::Ready {
+            tenant: a.clone(),
+            vm: Some("vm2".into()),
+        };
         let active_a = DeviceState::Active {
             tenant: a.clone(),
             vm: "vm1".into(),
@@ -722,6 +754,10 @@ mod tests {
         assert!(!free.may_become(&ready_a), "no skipping the gates");
         assert!(!free.may_become(&active_a));
         assert!(ready_a.may_become(&active_a));
+        assert!(
+            !ready_a_vm2.may_become(&active_a),
+            "a device reserved for vm2 is not for vm1"
+        );
         assert!(!q.may_become(&ready_a), "quarantine never leads to Ready");
         assert!(active_a.may_become(&q));
         assert!(!active_a.may_become(&DeviceState::Free));
