@@ -15,6 +15,8 @@
 //!   evidence; [`wait_verified`] polls it until a deadline.
 //! - [`SimSm`]: the embedded simulated SM with a controllable clock and fault knobs
 //!   (lag, lost updates, stale reads, failed sweeps, errors, reordering, freeze).
+//! - [`PersistentSimSm`]: a `SimSm` whose state lives in a file, as the SM it stands
+//!   for outlives each devfence process.
 //!
 //! This crate knows nothing of PCI: it speaks of port GUIDs and partitions only.
 //!
@@ -29,7 +31,7 @@ mod types;
 mod verify;
 
 pub use error::FabricError;
-pub use sim::{SimConfig, SimSm};
+pub use sim::{PersistentSimSm, SimConfig, SimSm, SimSmState, SimStateError};
 pub use sm::SubnetManager;
 pub use types::{
     Change, ChangeId, Generation, Health, MembershipMap, Observation, PartitionKey, PortView,

@@ -28,6 +28,11 @@
 //! [`set_state`](SimSm::set_state), [`freeze`](SimSm::freeze) / [`thaw`](SimSm::thaw).
 //! The full history of what the SM was asked, programmed and answered, and when, is
 //! kept ([`history`](SimSm::history)).
+//!
+//! The SM it stands for outlives devfence, which runs one operation per process: a
+//! [`PersistentSimSm`] keeps a `SimSm`'s state ([`SimSmState`]) in a file and takes
+//! turns on it with other processes, with the wall-clock time between them passing
+//! for the simulated SM too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -39,6 +44,10 @@ use crate::{
     Change, ChangeId, FabricError, Generation, Health, MembershipMap, Observation, PortView,
     Programmed, SmState, SmStatus, SubnetManager, SweepOutcome, Ticket,
 };
+
+mod persist;
+
+pub use persist::{PersistentSimSm, SimSmState, SimStateError};
 
 /// How the simulated SM behaves when no fault is injected.
 #[derive(Clone, Debug, PartialEq, Eq)]
