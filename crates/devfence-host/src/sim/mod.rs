@@ -52,11 +52,15 @@ pub enum Profile {
     /// `testbed`: the QEMU guest of the real-kernel testbed (igb and NVMe SR-IOV
     /// PFs on their host drivers), no tenancy.
     Testbed,
+    /// `lab`: a clean host before devfence hands anything out (an mlx5 IB PF, an
+    /// igb PF and a user-space PF with VFs on vfio-pci, a vGPU parent), two
+    /// tenants, no assignments, no findings.
+    Lab,
 }
 
 impl Profile {
     /// Every profile, in documentation order.
-    pub const ALL: [Profile; 7] = [
+    pub const ALL: [Profile; 8] = [
         Profile::Cx6Ib,
         Profile::NoAcs,
         Profile::UserspacePf,
@@ -64,6 +68,7 @@ impl Profile {
         Profile::S390Ap,
         Profile::Scale,
         Profile::Testbed,
+        Profile::Lab,
     ];
 
     /// The name used on the command line.
@@ -77,6 +82,7 @@ impl Profile {
             Profile::S390Ap => "s390-ap",
             Profile::Scale => "scale",
             Profile::Testbed => "testbed",
+            Profile::Lab => "lab",
         }
     }
 
@@ -105,6 +111,9 @@ impl Profile {
             Profile::Testbed => {
                 "The QEMU testbed guest: two igb PFs and an NVMe PF with SR-IOV on host drivers, no tenancy"
             }
+            Profile::Lab => {
+                "A clean host before handover: mlx5 IB, igb and user-space PFs with VFs on vfio-pci, a vGPU parent; two tenants, no assignments, no findings"
+            }
         }
     }
 
@@ -115,7 +124,11 @@ impl Profile {
             Profile::Cx6Ib => Some(5..=profiles::CX6_MAX_VFS),
             Profile::UserspacePf => Some(3..=profiles::IGB_TOTAL_VFS),
             Profile::Scale => Some(1..=profiles::SCALE_MAX_VFS),
-            Profile::NoAcs | Profile::GpuMdev | Profile::S390Ap | Profile::Testbed => None,
+            Profile::NoAcs
+            | Profile::GpuMdev
+            | Profile::S390Ap
+            | Profile::Testbed
+            | Profile::Lab => None,
         }
     }
 
@@ -126,7 +139,11 @@ impl Profile {
             Profile::Cx6Ib => Some(8),
             Profile::UserspacePf => Some(4),
             Profile::Scale => Some(4096),
-            Profile::NoAcs | Profile::GpuMdev | Profile::S390Ap | Profile::Testbed => None,
+            Profile::NoAcs
+            | Profile::GpuMdev
+            | Profile::S390Ap
+            | Profile::Testbed
+            | Profile::Lab => None,
         }
     }
 
@@ -240,7 +257,7 @@ impl fmt::Display for Summary {
 pub enum SimError {
     /// The profile name is not one of [`Profile::ALL`].
     #[error(
-        "Unknown profile {name:?}. Hint: use one of cx6-ib, no-acs, userspace-pf, gpu-mdev, s390-ap, scale, testbed"
+        "Unknown profile {name:?}. Hint: use one of cx6-ib, no-acs, userspace-pf, gpu-mdev, s390-ap, scale, testbed, lab"
     )]
     UnknownProfile {
         /// The name given.

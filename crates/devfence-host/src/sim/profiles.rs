@@ -50,6 +50,7 @@ pub(super) fn build(profile: Profile, b: &mut TreeBuilder, vfs: u32) -> Result<T
         Profile::S390Ap => s390_ap(&mut p)?,
         Profile::Scale => scale(&mut p, vfs)?,
         Profile::Testbed => testbed(&mut p)?,
+        Profile::Lab => lab(&mut p)?,
     }
     Ok(p.tenancy)
 }
@@ -993,4 +994,94 @@ fn testbed(p: &mut Ctx<'_>) -> Result<(), SimError> {
             },
         ],
     )
+}
+
+/// An 82576 (igb) PF `0000:<rp_bus+1>:00.0` below its own root port
+/// `0000:<rp_bus>:00.0`, each in its own group, on igb — or, `on_vfio`, on vfio-pci
+/// through `driver_override` (no custody: a `root:root 0600` node) — with `vfs`
+/// VFs (offset 128, stride 2) on vfio-pci, each in its own group with a
+/// `root:root 0600` node. Starts at group `group`; returns the next free group.
+fn igb_pf(
+    p: &mut Ctx<'_>,
+    rp_bus: u8,
+    on_vfio: bool,
+    vfs: u32,
+    mut group: u32,
+) -> Result<u32, SimError> {
+    let bus = rp_bus + 1;
+    let pf = p.bdf(bus, 0, 0)?;
+    let vf_bdfs: Vec<Bdf> = (0..vfs)
+        .map(|i| p.vf(pf, 128, 2, i))
+        .collect::<Result<_, _>>()?;
+    let rp = p.root_port(rp_bus, 0, 0x347a, bus, bus, group)?;
+    group += 1;
+    let numa = i32::from(bus >= 0x80);
+    let mut s = PciSpec::new(pf, &rp, INTEL, 0x10c9, CLASS_ETH);
+    s.subsystem_device = 0xa03c;
+    s.revision = 0x01;
+    s.iommu_group = Some(group);
+    s.reset_methods = Some(FLR);
+    s.numa_node = numa;
+    if on_vfio {
+        p.vfio_function(&s, NodeOwner::ROOT, false)?;
+    } else {
+        s.driver = Some("igb");
+        p.b.pci_function(&s)?;
+    }
+    group += 1;
+    for &vf in &vf_bdfs {
+        let mut s = PciSpec::new(vf, &rp, INTEL, 0x10ca, CLASS_ETH);
+        s.subsystem_device = 0xa03c;
+        s.revision = 0x01;
+        s.iommu_group = Some(group);
+        s.reset_methods = Some(FLR);
+        s.numa_node = numa;
+        p.vfio_function(&s, NodeOwner::ROOT, false)?;
+        group += 1;
+    }
+    p.b.sriov(&SriovSpec {
+        pf,
+        total_vfs: IGB_TOTAL_VFS,
+        offset: 128,
+        stride: 2,
+        vf_device: 0x10ca,
+        drivers_autoprobe: true,
+        vfs: &vf_bdfs,
+    })?;
+    Ok(group)
+}
+
+/// `lab`: see `docs/profiles.md`. The host an operator has before devfence hands
+/// anything out: every VF on vfio-pci with a root-owned node, the tenants
+/// declared, nothing assigned (the handover engine's ledger holds that), so
+/// `check` finds nothing.
+fn lab(p: &mut Ctx<'_>) -> Result<(), SimError> {
+    p.b.kernel_release(KERNEL_DEBIAN)?;
+    // enable_sriov=Y: the user-space PF below has VFs.
+    p.b.vfio_pci_module(true, false)?;
+    tenants(p, &[ACME, GLOBEX])?;
+
+    // A vGPU parent 0000:65:00.0 (root port 20, GPU 21) with one type, no instance.
+    vgpu_parent(p, 0x64, 0x00, 0x65, 20, &T4_TYPES[..1])?;
+
+    // ConnectX-6 PF 0000:3b:00.0 (mlx5_0, ib0) below root port 0000:3a:00.0 (30),
+    // PF 31, VFs 0000:3b:00.1–.4 32–35 on vfio-pci.
+    let cx6 = Mlx5Pf {
+        index: 0,
+        rp_bus: 0x3a,
+        vfs: 4,
+        total_vfs: 16,
+        host_vfs: vec![],
+        tenant_of: vec![None; 4],
+        port_guid_override: vec![],
+    };
+    mlx5_pf(p, &cx6, 30)?;
+
+    // igb PF 0000:5e:00.0 on igb (root port 40, PF 41), VFs 0000:5e:10.0 and
+    // 0000:5e:10.2 (42, 43) on vfio-pci.
+    let group = igb_pf(p, 0x5d, false, 2, 40)?;
+    // The user-space PF 0000:af:00.0 on vfio-pci (root port 44, PF 45), VFs
+    // 0000:af:10.0 and 0000:af:10.2 (46, 47) on vfio-pci; no custody declared.
+    igb_pf(p, 0xae, true, 2, group)?;
+    Ok(())
 }

@@ -724,6 +724,107 @@ fn scale_layout_and_speed() {
     assert_eq!(tenant_of(&t, "0000:11:00.0").as_deref(), Some("t63"));
 }
 
+#[test]
+fn lab_layout() {
+    let (_tmp, root, s) = gen_into(Profile::Lab, None);
+    check_tree(&root);
+    // Root ports and functions: GPU 1+1, mlx5 1+1+4, igb 1+1+2, user-space PF 1+1+2.
+    assert_eq!(s.pci_functions, 16);
+    assert_eq!(s.iommu_groups, 16);
+    assert_eq!((s.mdev_parents, s.mdevs, s.ib_devices), (1, 0, 1));
+    assert_eq!((s.tenants, s.assignments), (2, 0));
+    assert_eq!(
+        read(&root, "/proc/sys/kernel/osrelease"),
+        "6.1.0-26-amd64\n"
+    );
+    assert_eq!(
+        read(&root, "/sys/module/vfio_pci/parameters/enable_sriov"),
+        "Y\n"
+    );
+    let t = tenancy(&root);
+    assert!(t.assignments.is_empty() && t.userspace_pfs.is_empty());
+    assert!(t.non_isolating_parents.is_empty());
+    let ids: Vec<String> = t.tenants.iter().map(|t| t.id.to_string()).collect();
+    assert_eq!(ids, ["acme", "globex"]);
+
+    // (function, driver, group); every vfio function has a root:root 0600 node.
+    let functions = [
+        ("0000:3b:00.0", "mlx5_core", 31),
+        ("0000:3b:00.1", "vfio-pci", 32),
+        ("0000:3b:00.2", "vfio-pci", 33),
+        ("0000:3b:00.3", "vfio-pci", 34),
+        ("0000:3b:00.4", "vfio-pci", 35),
+        ("0000:5e:00.0", "igb", 41),
+        ("0000:5e:10.0", "vfio-pci", 42),
+        ("0000:5e:10.2", "vfio-pci", 43),
+        ("0000:65:00.0", "nvidia", 21),
+        ("0000:af:00.0", "vfio-pci", 45),
+        ("0000:af:10.0", "vfio-pci", 46),
+        ("0000:af:10.2", "vfio-pci", 47),
+    ];
+    for (f, drv, g) in functions {
+        let d = format!("/sys/bus/pci/devices/{f}");
+        assert_eq!(link_base(&root, &format!("{d}/driver")), drv, "{f}");
+        assert_eq!(
+            link_base(&root, &format!("{d}/iommu_group")),
+            g.to_string(),
+            "{f}"
+        );
+        assert_eq!(read(&root, &format!("{d}/reset_method")), "flr\n", "{f}");
+        if drv == "vfio-pci" {
+            assert_eq!(node_meta(&root, &format!("/dev/vfio/{g}")), (0, 0, 0o600));
+            assert_eq!(read(&root, &format!("{d}/driver_override")), "vfio-pci\n");
+        } else {
+            assert!(!exists(&root, &format!("/dev/vfio/{g}")), "{f}");
+        }
+    }
+    assert!(!exists(&root, "/dev/vfio/devices"));
+    for (pf, vfs) in [
+        ("0000:5e:00.0", ["0000:5e:10.0", "0000:5e:10.2"]),
+        ("0000:af:00.0", ["0000:af:10.0", "0000:af:10.2"]),
+    ] {
+        let d = format!("/sys/bus/pci/devices/{pf}");
+        assert_eq!(read(&root, &format!("{d}/sriov_numvfs")), "2\n");
+        assert_eq!(read(&root, &format!("{d}/sriov_stride")), "2\n");
+        for (i, vf) in vfs.iter().enumerate() {
+            assert_eq!(link_base(&root, &format!("{d}/virtfn{i}")), *vf);
+        }
+    }
+
+    // The ConnectX-6 PF: IB device, IPoIB netdev, distinct non-zero VF GUIDs.
+    let pf = "/sys/bus/pci/devices/0000:3b:00.0";
+    assert_eq!(read(&root, &format!("{pf}/sriov_numvfs")), "4\n");
+    assert_eq!(link_base(&root, "/sys/class/net/ib0"), "ib0");
+    assert!(exists(&root, &format!("{pf}/net/ib0/ifindex")));
+    assert_eq!(names(&root, &format!("{pf}/infiniband")), ["mlx5_0"]);
+    assert_eq!(
+        read(&root, "/sys/class/infiniband/mlx5_0/ports/1/gids/0"),
+        "fe80:0000:0000:0000:0c42:a103:2000:0000\n"
+    );
+    let ports: Vec<String> = (0..4)
+        .map(|i| read(&root, &format!("{pf}/sriov/{i}/port")))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            "0c:42:a1:03:40:00:00:00\n",
+            "0c:42:a1:03:40:00:00:01\n",
+            "0c:42:a1:03:40:00:00:02\n",
+            "0c:42:a1:03:40:00:00:03\n",
+        ]
+    );
+
+    // The vGPU parent: one type, instances available, none created.
+    let parent = "/sys/class/mdev_bus/0000:65:00.0/mdev_supported_types";
+    assert_eq!(names(&root, parent), ["nvidia-63"]);
+    assert_eq!(
+        read(&root, &format!("{parent}/nvidia-63/available_instances")),
+        "12\n"
+    );
+    assert!(names(&root, &format!("{parent}/nvidia-63/devices")).is_empty());
+    assert!(!exists(&root, "/sys/bus/mdev/devices"));
+}
+
 /// The inventory reader finds everything and has no problems on each profile.
 #[test]
 fn inventory_of_each_profile() {
@@ -847,6 +948,19 @@ fn inventory_of_each_profile() {
                 assert_eq!(inv.vfio_nodes.len(), 1, "the container only");
                 assert_eq!(inv.mdev_parents[0].name, "mtty");
                 assert_eq!(inv.mdev_parents[0].types.len(), 2);
+            }
+            Profile::Lab => {
+                assert_eq!(inv.kernel_release.as_deref(), Some("6.1.0-26-amd64"));
+                assert_eq!(inv.vfio_pci.as_ref().unwrap().enable_sriov, Some(true));
+                // Every node root's, no per-device node.
+                assert!(inv.vfio_nodes.iter().all(|n| n.uid == 0 && n.gid == 0));
+                assert!(
+                    !inv.vfio_nodes
+                        .iter()
+                        .any(|n| matches!(n.kind, devfence_model::VfioNodeKind::Device(_)))
+                );
+                assert!(inv.mdevs.is_empty());
+                assert_eq!(inv.mdev_parents[0].types.len(), 1);
             }
         }
     }

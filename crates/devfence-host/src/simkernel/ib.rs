@@ -7,7 +7,7 @@ use devfence_model::Guid;
 use super::K;
 use super::num::strip_nl;
 use super::pci::lowest_free;
-use super::tree::{base, split};
+use super::tree::{Kind, base, split};
 use crate::actuator::{Errno, GuidKind};
 use crate::sim::{guid_bytes_colon, guid_groups};
 
@@ -228,6 +228,78 @@ impl K<'_> {
         self.t
             .symlink(&format!("/sys/class/infiniband/{name}"), &d)?;
         debug_assert_eq!(base(&d), name);
+        Ok(())
+    }
+}
+
+impl K<'_> {
+    /// The port directory and port GUID of the P_Key slot `path`
+    /// (`…/infiniband/<dev>/ports/<p>/pkeys/<i>`, links resolved), if `path` is
+    /// an existing slot of a port whose `gids/0` carries a non-zero GUID.
+    pub(super) fn pkey_slot_port(&self, path: &str) -> Option<(String, Guid)> {
+        let p = self.t.resolve(path, true).ok()?;
+        let (pkeys, slot) = split(&p);
+        let (port, pk) = split(pkeys);
+        let (ports, num) = split(port);
+        let (dev_dir, ps) = split(ports);
+        let (ib, dev) = split(dev_dir);
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if pk != "pkeys"
+            || ps != "ports"
+            || base(ib) != "infiniband"
+            || dev.is_empty()
+            || !digits(slot)
+            || !digits(num)
+            || self.t.kind(&p) != Some(Kind::File)
+        {
+            return None;
+        }
+        let guid = self.port_guid(port)?;
+        Some((port.to_owned(), guid))
+    }
+
+    /// The non-zero port GUID in `<port>/gids/0`.
+    fn port_guid(&self, port: &str) -> Option<Guid> {
+        let gid = self.t.read(&format!("{port}/gids/0")).ok()?;
+        crate::parse::gid_port_guid(&gid)
+            .ok()
+            .filter(|g| *g != Guid(0))
+    }
+
+    /// Writes the table the fabric programmed for `guid` into the port at
+    /// `port`: slot *i* = `keys[i]`, `0x0000` past the keys; the slot count is
+    /// kept (keys past the last slot are dropped). Nothing is written if the
+    /// port's GUID is no longer `guid` (it changed while the fabric was asked).
+    /// With `only`, just that slot (a read of one slot refreshes that slot: reading
+    /// a whole table stays linear in its size).
+    pub(super) fn program_pkey_table(
+        &mut self,
+        port: &str,
+        guid: Guid,
+        keys: &[u16],
+        only: Option<usize>,
+    ) -> Result<(), Errno> {
+        if self.port_guid(port) != Some(guid) {
+            return Ok(());
+        }
+        let dir = format!("{port}/pkeys");
+        let names = match only {
+            Some(i) => vec![i.to_string()],
+            None => self.t.list(&dir),
+        };
+        for name in names {
+            let Ok(i) = name.parse::<usize>() else {
+                continue;
+            };
+            let f = format!("{dir}/{name}");
+            if self.t.kind(&f) != Some(Kind::File) {
+                continue;
+            }
+            let v = format!("0x{:04x}\n", keys.get(i).copied().unwrap_or(0));
+            if self.t.read(&f).ok().as_deref() != Some(v.as_bytes()) {
+                self.t.set(&f, v)?;
+            }
+        }
         Ok(())
     }
 }

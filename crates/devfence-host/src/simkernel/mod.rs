@@ -23,6 +23,12 @@
 //! `guest_matrix` filtering, the VF-token rules of the group path, mlx5 VF GUIDs
 //! through rtnetlink, chown/chmod. Writes to attributes that are not modelled
 //! answer `EACCES` for read-only attributes and `EOPNOTSUPP` otherwise.
+//!
+//! The subnet manager's side of an IB port — its P_Key table — comes from a
+//! [`PortTableSource`] when one is set ([`SimKernel::set_port_table_source`]): a
+//! read of a `pkeys/<i>` slot first writes the table the fabric programmed for the
+//! port's GUID into the tree, so the slot read, and every later inventory read,
+//! shows it.
 
 mod ap;
 mod ib;
@@ -56,13 +62,33 @@ pub struct SimKernel {
 struct Shared {
     tree: Tree,
     state: Mutex<State>,
+    /// The fabric's P_Key tables; kept apart from `state` so that the source is
+    /// never called with the kernel's lock held.
+    port_tables: Mutex<Option<PortTableSource>>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn port_table_source(&self) -> Option<PortTableSource> {
+        self.port_tables
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
+
+/// What the fabric programmed on a port: its P_Key table entries (with membership
+/// bit), or None if the fabric does not know the port.
+///
+/// The argument is the port GUID (the low 64 bits of the port's `gids/0`). The
+/// entries are the table in slot order, as the subnet manager wrote it: entry *i*
+/// goes to slot *i*, a `0x0000` entry is an empty slot (OpenSM's
+/// `keep_pkey_indexes` leaves such holes when a key moves), and the order is kept
+/// as given — tables are to be compared as sets.
+pub type PortTableSource = Arc<dyn Fn(Guid) -> Option<Vec<u16>> + Send + Sync>;
 
 /// The mlx5 administrative GUIDs of one VF (what `ip link set … vf N node_guid`
 /// stored), applied at the VF's next bind.
@@ -228,12 +254,14 @@ impl fmt::Debug for SimPfHandle {
 impl fmt::Debug for SimKernel {
     /// The root and what is open; never a token.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let source = self.shared.port_table_source().is_some();
         let st = self.shared.lock();
         f.debug_struct("SimKernel")
             .field("root", &self.shared.tree.root.root())
             .field("open_devices", &st.opens.values().sum::<u32>())
             .field("open_mdevs", &st.mdev_opens.values().sum::<u32>())
             .field("vf_tokens_set", &st.tokens.len())
+            .field("port_table_source", &source)
             .finish_non_exhaustive()
     }
 }
@@ -263,6 +291,7 @@ impl SimKernel {
             shared: Arc::new(Shared {
                 tree,
                 state: Mutex::new(state),
+                port_tables: Mutex::new(None),
             }),
         })
     }
@@ -353,6 +382,47 @@ impl SimKernel {
         })
     }
 
+    /// Makes `source` the subnet manager whose P_Key tables the ports show
+    /// (replacing any source set before).
+    ///
+    /// From then on a [`KernelIo::read`] of a P_Key slot
+    /// (`…/infiniband/<dev>/ports/<p>/pkeys/<i>`, through `/sys/class/infiniband`
+    /// or the device's PCI directory) looks the port's GUID up — the low 64 bits of
+    /// its `gids/0` — and, when the source knows it, rewrites the port's whole table
+    /// in the tree before answering: slot *i* gets entry *i*, slots past the
+    /// entries `0x0000`. The table keeps its slot count: entries beyond the last
+    /// slot are dropped (a real table holds what its capacity allows), and
+    /// `list_dir` of `pkeys/` is unchanged. When the source answers `None` (the
+    /// fabric does not know the port) the table is left as the tree has it — what
+    /// the port showed last. A port whose GUID is zero (no GUID set yet) is never
+    /// looked up. The source is called without the simulator's lock held.
+    ///
+    /// Because the table is written through to the tree, the inventory readers,
+    /// which read the tree directly, see the table the kernel showed last.
+    pub fn set_port_table_source(&self, source: PortTableSource) {
+        *self
+            .shared
+            .port_tables
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(source);
+    }
+
+    /// The fabric's table for the port of the P_Key slot `path`, written into
+    /// the tree (see [`SimKernel::set_port_table_source`]).
+    fn refresh_port_table(&self, path: &str) -> Result<(), Errno> {
+        let Some(source) = self.shared.port_table_source() else {
+            return Ok(());
+        };
+        let Some((port, guid)) = self.with(|k| k.pkey_slot_port(path)) else {
+            return Ok(());
+        };
+        let Some(keys) = source(guid) else {
+            return Ok(());
+        };
+        let slot = path.rsplit('/').next().and_then(|n| n.parse::<usize>().ok());
+        self.with(|k| k.program_pkey_table(&port, guid, &keys, slot))
+    }
+
     /// How many VFIO handles are open on a PCI function.
     #[must_use]
     pub fn open_count(&self, bdf: Bdf) -> u32 {
@@ -377,6 +447,7 @@ impl KernelIo for SimKernel {
     }
 
     fn read(&self, path: &str) -> Result<Vec<u8>, Errno> {
+        self.refresh_port_table(path)?;
         self.with(|k| {
             let p = k.t.resolve(path, true)?;
             match k.t.kind(&p) {

@@ -1149,6 +1149,179 @@ fn a_vf_moved_to_mlx5_core_gets_an_ib_device() {
 }
 
 // ---------------------------------------------------------------------------
+// P_Key tables programmed by the fabric
+
+/// A fabric stand-in: port GUID → table, changeable while the kernel uses it, and
+/// the GUIDs it was asked about.
+#[derive(Clone, Default)]
+struct Fabric {
+    tables: Arc<Mutex<HashMap<Guid, Vec<u16>>>>,
+    asked: Arc<Mutex<Vec<Guid>>>,
+}
+
+impl Fabric {
+    fn program(&self, guid: Guid, keys: &[u16]) {
+        self.tables.lock().unwrap().insert(guid, keys.to_vec());
+    }
+    fn forget(&self, guid: Guid) {
+        self.tables.lock().unwrap().remove(&guid);
+    }
+    fn asked(&self) -> Vec<Guid> {
+        self.asked.lock().unwrap().clone()
+    }
+    fn source(&self) -> PortTableSource {
+        let f = self.clone();
+        Arc::new(move |g| {
+            f.asked.lock().unwrap().push(g);
+            f.tables.lock().unwrap().get(&g).cloned()
+        })
+    }
+}
+
+/// The lab profile with VF 0 of the ConnectX-6 PF (`0000:3b:00.1`) carrying
+/// `port` and bound to mlx5_core on the host: its IB device is `mlx5_1`.
+fn lab_with_host_vf(port: Option<Guid>) -> Host {
+    let h = host(Profile::Lab);
+    if let Some(g) = port {
+        h.k.set_vf_guid("ib0", 0, GuidKind::Port, g).unwrap();
+    }
+    h.rebind("0000:3b:00.1", "mlx5_core");
+    assert_eq!(h.driver("0000:3b:00.1").as_deref(), Some("mlx5_core"));
+    assert!(h.exists("/sys/class/infiniband/mlx5_1"));
+    h
+}
+
+const VF_PKEYS: &str = "/sys/class/infiniband/mlx5_1/ports/1/pkeys";
+const VF_PKEYS_PCI: &str = "/sys/bus/pci/devices/0000:3b:00.1/infiniband/mlx5_1/ports/1/pkeys";
+
+/// The non-empty slots of the VF's table, as the inventory reads it from the tree.
+fn inv_pkeys(h: &Host) -> Vec<u16> {
+    let inv = h.inv();
+    let dev = inv.ib.iter().find(|d| d.name == "mlx5_1").unwrap();
+    dev.ports[0]
+        .pkeys
+        .iter()
+        .map(|s| s.pkey.0)
+        .filter(|&k| k != 0)
+        .collect()
+}
+
+#[test]
+fn pkey_tables_follow_the_port_table_source() {
+    let port = Guid(0x0c42_a103_00ab_0001);
+    let h = lab_with_host_vf(Some(port));
+    let fabric = Fabric::default();
+    fabric.program(port, &[0x7fff, 0x8002]);
+    h.k.set_port_table_source(fabric.source());
+    assert_eq!(h.r(&format!("{VF_PKEYS}/0")), "0x7fff\n");
+    assert_eq!(h.r(&format!("{VF_PKEYS}/1")), "0x8002\n");
+    assert_eq!(h.r(&format!("{VF_PKEYS}/2")), "0x0000\n");
+    assert_eq!(h.r(&format!("{VF_PKEYS}/127")), "0x0000\n");
+    // Written through: the inventory, reading the tree, sees the same table.
+    assert_eq!(inv_pkeys(&h), [0x7fff, 0x8002]);
+    // The slot count is the table's, whatever the fabric programmed.
+    assert_eq!(h.k.list_dir(VF_PKEYS).unwrap().len(), 128);
+
+    // The SM moves the port to acme's partition, keeping indexes: a hole at 1.
+    fabric.program(port, &[0x7fff, 0x0000, 0x8001]);
+    assert_eq!(h.r(&format!("{VF_PKEYS_PCI}/1")), "0x0000\n");
+    assert_eq!(h.r(&format!("{VF_PKEYS_PCI}/2")), "0x8001\n");
+    assert_eq!(inv_pkeys(&h), [0x7fff, 0x8001]);
+
+    // More keys than slots: what fits, the slot count kept.
+    let many: Vec<u16> = (0..200).map(|i| 0x8000 | (i + 1)).collect();
+    fabric.program(port, &many);
+    assert_eq!(h.r(&format!("{VF_PKEYS}/127")), "0x8080\n");
+    assert_eq!(h.k.list_dir(VF_PKEYS).unwrap().len(), 128);
+    assert_eq!(inv_pkeys(&h).len(), 128);
+
+    // The fabric forgets the port: the table stays what it showed last.
+    fabric.program(port, &[0x7fff, 0x8002]);
+    assert_eq!(h.r(&format!("{VF_PKEYS}/1")), "0x8002\n");
+    fabric.forget(port);
+    assert_eq!(h.r(&format!("{VF_PKEYS}/0")), "0x7fff\n");
+    assert_eq!(h.r(&format!("{VF_PKEYS}/1")), "0x8002\n");
+    assert_eq!(inv_pkeys(&h), [0x7fff, 0x8002]);
+
+    // A new GUID on the VF (set, rebound): looked up by the new GUID; the old
+    // one's table is not the VF's any more.
+    let fresh = Guid(0x0c42_a103_00ab_0002);
+    fabric.program(port, &[0x7fff, 0x8002]);
+    fabric.program(fresh, &[0x7fff, 0x8001]);
+    h.k.set_vf_guid("ib0", 0, GuidKind::Port, fresh).unwrap();
+    h.w("/sys/bus/pci/drivers/mlx5_core/unbind", "0000:3b:00.1")
+        .unwrap();
+    h.w("/sys/bus/pci/drivers_probe", "0000:3b:00.1").unwrap();
+    assert_eq!(h.r(&format!("{VF_PKEYS}/1")), "0x8001\n");
+    assert_eq!(fabric.asked().last(), Some(&fresh));
+
+    // Other reads under the port do not consult the fabric.
+    let n = fabric.asked().len();
+    h.r("/sys/class/infiniband/mlx5_1/ports/1/gids/0");
+    h.r("/sys/class/infiniband/mlx5_1/ports/1/state");
+    assert_eq!(fabric.asked().len(), n);
+}
+
+#[test]
+fn unknown_ports_and_zero_guids_keep_their_table() {
+    // A GUID the fabric does not know: the table the driver made stays.
+    let port = Guid(0x0c42_a103_00ab_0003);
+    let h = lab_with_host_vf(Some(port));
+    let fabric = Fabric::default();
+    fabric.program(Guid(0x0c42_a103_00ab_0004), &[0x7fff, 0x8002]);
+    h.k.set_port_table_source(fabric.source());
+    let before = h.snap();
+    assert_eq!(h.r(&format!("{VF_PKEYS}/0")), "0xffff\n");
+    assert_eq!(h.r(&format!("{VF_PKEYS}/1")), "0x0000\n");
+    assert_snap_eq(&before, &h.snap());
+    // Asked at each slot read: the kernel shows the fabric's table as it is now.
+    assert_eq!(fabric.asked(), [port, port]);
+    // The PF's port is looked up like any other, and kept when unknown.
+    assert_eq!(
+        h.r("/sys/class/infiniband/mlx5_0/ports/1/pkeys/0"),
+        "0xffff\n"
+    );
+    assert_eq!(fabric.asked()[2], Guid(0x0c42_a103_2000_0000));
+    // A source answering for the PF rewrites its table too.
+    fabric.program(Guid(0x0c42_a103_2000_0000), &[0xffff, 0x8001, 0x8002]);
+    assert_eq!(
+        h.r("/sys/class/infiniband/mlx5_0/ports/1/pkeys/2"),
+        "0x8002\n"
+    );
+
+    // A VF port without a GUID (all-zero interface ID) is never looked up.
+    let h = lab_with_host_vf(None);
+    assert_eq!(
+        h.r("/sys/class/infiniband/mlx5_1/ports/1/gids/0"),
+        "fe80:0000:0000:0000:0000:0000:0000:0000\n"
+    );
+    let fabric = Fabric::default();
+    fabric.program(Guid(0), &[0x7fff, 0x8002]);
+    h.k.set_port_table_source(fabric.source());
+    assert_eq!(h.r(&format!("{VF_PKEYS}/0")), "0xffff\n");
+    assert_eq!(h.r(&format!("{VF_PKEYS}/1")), "0x0000\n");
+    assert!(fabric.asked().is_empty());
+    // Reads that are not slots answer as before.
+    assert_eq!(h.k.read(VF_PKEYS), Err(tree::EISDIR));
+    assert_eq!(h.k.read(&format!("{VF_PKEYS}/128")), Err(Errno::ENOENT));
+    assert!(fabric.asked().is_empty());
+}
+
+#[test]
+fn without_a_source_the_table_is_static() {
+    let port = Guid(0x0c42_a103_00ab_0005);
+    let h = lab_with_host_vf(Some(port));
+    let before = h.snap();
+    assert_eq!(h.r(&format!("{VF_PKEYS}/0")), "0xffff\n");
+    assert_eq!(h.r(&format!("{VF_PKEYS_PCI}/1")), "0x0000\n");
+    assert_snap_eq(&before, &h.snap());
+    assert_eq!(inv_pkeys(&h), [0xffff]);
+    assert!(format!("{:?}", h.k).contains("port_table_source: false"));
+    h.k.set_port_table_source(Arc::new(|_| Some(vec![0x7fff])));
+    assert!(format!("{:?}", h.k).contains("port_table_source: true"));
+}
+
+// ---------------------------------------------------------------------------
 // Scenarios, read back through the inventory
 
 /// The differential scenario's shape on the testbed profile: what
