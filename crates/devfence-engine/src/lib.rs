@@ -4,6 +4,8 @@
 //! Lifecycle driving, handover steps and gates build on these (DESIGN.md §4, §5).
 
 pub mod audit;
+pub mod domain;
+pub mod engine;
 pub mod sqlite;
 pub mod store;
 

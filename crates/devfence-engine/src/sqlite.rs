@@ -982,6 +982,29 @@ impl Tx for SqliteTx<'_> {
         }))
     }
 
+    fn guids_of(&mut self, device: &DeviceId) -> Result<Vec<GuidRecord>, StoreError> {
+        let keys = {
+            let mut st = self
+                .tx
+                .prepare("SELECT guid FROM guids WHERE device = ?1 ORDER BY issued_at_ms, guid")
+                .map_err(sql("listing the GUIDs of a device"))?;
+            st.query_map([device.to_string()], |r| r.get::<_, String>(0))
+                .map_err(sql("listing the GUIDs of a device"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql("listing the GUIDs of a device"))?
+        };
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            let g: Guid = k.parse().map_err(|e: devfence_model::ParseError| {
+                bad("guids", &k, "guid", k.clone(), e.to_string())
+            })?;
+            if let Some(r) = self.guid(g)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
     fn begin_operation(
         &mut self,
         device: &DeviceId,

@@ -608,6 +608,9 @@ pub trait Tx {
     /// What the pool knows about `guid`.
     fn guid(&mut self, guid: Guid) -> Result<Option<GuidRecord>, StoreError>;
 
+    /// Every GUID ever issued to `device` (any state), oldest first.
+    fn guids_of(&mut self, device: &DeviceId) -> Result<Vec<GuidRecord>, StoreError>;
+
     // ---- operations and journal ----
     /// Opens an operation on `device`. Refused with [`StoreError::Busy`] while an
     /// unfinished operation holds the device — also one of another process.
