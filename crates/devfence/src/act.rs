@@ -53,7 +53,7 @@ impl Kernel {
         )
     }
 
-    fn io(&self) -> &dyn KernelIo {
+    pub(crate) fn io(&self) -> &dyn KernelIo {
         match self {
             Kernel::Real(k) => k,
             Kernel::Sim(k) => k,

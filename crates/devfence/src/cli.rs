@@ -41,6 +41,10 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "PROFILE")]
     pub sim: Option<String>,
 
+    /// The ledger (SQLite). Default: `<root>/var/lib/devfence/ledger.db`.
+    #[arg(long, global = true, value_name = "FILE", env = "DEVFENCE_LEDGER")]
+    pub ledger: Option<PathBuf>,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -95,6 +99,42 @@ pub enum Command {
     /// s390 AP: assign queues to vfio_ap matrix mdevs, edit the AP bus masks.
     #[command(subcommand)]
     Ap(ApCommand),
+    /// Tenants in the ledger: add, list, remove.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Assign a free device to a tenant: scrub it, prepare it, verify every gate.
+    ///
+    /// The device ends `Ready` for the tenant (and VM, with `--vm`) only after every
+    /// gate read back what it needs: driver vfio-pci, group rules, /dev/vfio node
+    /// owned by the tenant's launcher, and for an IB VF a fresh GUID in exactly the
+    /// tenant's partitions at the SM and at the port. A gate that does not verify
+    /// before `--gate-timeout` leaves the device `Quarantined`. Exit 2 on refusal
+    /// or failure.
+    Assign(AssignArgs),
+    /// Hand a device from its tenant to another: revoke and verify, then prepare
+    /// and verify (see `assign`). Refused while a VM uses the device.
+    Handover(HandoverArgs),
+    /// Release a device (or re-scrub a quarantined one): revoke everything of its
+    /// tenant, verify, and leave it `Free`.
+    Release(ReleaseArgs),
+    /// Show the ledger: devices and their lifecycle state, open operations, the
+    /// GUID pool and the subnet manager's health.
+    Status(StatusArgs),
+    /// Print the steps and gates an assignment, handover or release would run,
+    /// without acting.
+    Plan(PlanArgs),
+    /// Finish what a crash interrupted: every unfinished operation's device is
+    /// quarantined, scrubbed and verified, and left `Free` (or `Quarantined`,
+    /// saying why).
+    Recover(RecoverArgs),
+    /// The hash-chained audit log: verify it, show it.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Show or set the range fresh IB GUIDs come from (never reissued).
+    GuidPool(GuidPoolArgs),
+    /// Hooks called by other programs (libvirt).
+    #[command(subcommand)]
+    Hook(HookCommand),
     /// Print the man page (roff) to standard output.
     #[command(hide = true)]
     Man,
@@ -324,4 +364,175 @@ fn parse_ap_id(s: &str) -> Result<u8, String> {
             "{s:?} is not an AP id: expected 0..255, decimal or 0x hex"
         )),
     }
+}
+
+/// Flags of the lifecycle operations.
+#[derive(Debug, Args)]
+pub struct OpFlags {
+    /// Print the result as JSON (no progress lines).
+    #[arg(long)]
+    pub json: bool,
+    /// How long a gate may wait for the SM or the host to verify, in seconds,
+    /// before the operation fails closed.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub gate_timeout: f64,
+}
+
+/// `devfence tenant`.
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Add a tenant.
+    Add(TenantAddArgs),
+    /// List the tenants.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a tenant that holds no device.
+    Remove {
+        /// The tenant id.
+        id: String,
+    },
+}
+
+/// `devfence tenant add`.
+#[derive(Debug, Args)]
+pub struct TenantAddArgs {
+    /// The tenant id (letters, digits, `-`, `_`, `.`).
+    pub id: String,
+    /// The uid:gid its VM launcher runs as (owner of its /dev/vfio nodes).
+    #[arg(long, value_name = "UID:GID")]
+    pub launcher: String,
+    /// An IB partition: P_Key with membership, e.g. `0x8001` (full) or
+    /// `0x0001:limited`. Repeat for more.
+    #[arg(long = "partition", value_name = "PKEY[:full|limited]")]
+    pub partitions: Vec<String>,
+    /// The SELinux label expected on its nodes.
+    #[arg(long)]
+    pub label: Option<String>,
+}
+
+/// `devfence assign`.
+#[derive(Debug, Args)]
+pub struct AssignArgs {
+    /// The device: a PCI address or an mdev UUID.
+    pub device: String,
+    /// The tenant.
+    #[arg(long)]
+    pub tenant: String,
+    /// The one VM (libvirt domain) that may use it.
+    #[arg(long)]
+    pub vm: Option<String>,
+    #[command(flatten)]
+    pub op: OpFlags,
+}
+
+/// `devfence handover`.
+#[derive(Debug, Args)]
+pub struct HandoverArgs {
+    /// The device: a PCI address or an mdev UUID.
+    pub device: String,
+    /// The new tenant.
+    #[arg(long)]
+    pub to: String,
+    /// The one VM (libvirt domain) of the new tenant that may use it.
+    #[arg(long)]
+    pub vm: Option<String>,
+    #[command(flatten)]
+    pub op: OpFlags,
+}
+
+/// `devfence release`.
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    /// The device.
+    pub device: String,
+    #[command(flatten)]
+    pub op: OpFlags,
+}
+
+/// `devfence status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `devfence plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The device.
+    pub device: String,
+    /// The tenant it would go to (omit for a release).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `devfence recover`.
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `devfence audit`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check every record's hash and link; name the first broken one.
+    Verify {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print audit records.
+    Show {
+        /// Only records about this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Only records about this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `devfence guid-pool`.
+#[derive(Debug, Args)]
+pub struct GuidPoolArgs {
+    /// Set the range: `FIRST..LAST` (inclusive, hex GUIDs).
+    #[arg(long, value_name = "FIRST..LAST")]
+    pub set: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `devfence hook`.
+#[derive(Debug, Subcommand)]
+pub enum HookCommand {
+    /// The libvirt qemu hook: install as /etc/libvirt/hooks/qemu (see docs/libvirt-hook.md).
+    ///
+    /// Reads the domain XML on standard input. `prepare begin`: refuses (exit 1,
+    /// one line on stderr) unless every <hostdev> (PCI address or mdev UUID) is
+    /// Ready for the domain's tenant, then marks them Active. `started begin`:
+    /// removes delivered VF token files. `release end`: drains, scrubs and
+    /// verifies the domain's devices. Other operations: nothing.
+    Qemu {
+        /// The domain name.
+        domain: String,
+        /// The operation (prepare, start, started, stopped, release, …).
+        operation: String,
+        /// The sub-operation (begin, end, -).
+        subop: String,
+        /// Extra argument libvirt passes (ignored).
+        extra: Option<String>,
+    },
 }

@@ -47,11 +47,26 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Outcome> {
         Command::Mdev(c) => crate::act::mdev(&root, c, out),
         Command::Ap(c) => crate::act::ap(&root, c, out),
         Command::Inventory(a) => inventory(&root, a, out),
-        Command::Check(a) => check(&root, a, out),
+        Command::Check(a) => check(&root, cli.ledger.as_deref(), a, out),
         Command::Rules(a) => rules(a, out),
         Command::Sim(SimCommand::Generate(a)) => generate(a, out),
         Command::Sim(SimCommand::Profiles) => profiles(out),
         Command::Demo(a) => demo(a, out),
+        Command::Tenant(c) => crate::ledger::tenant(&root, cli.ledger.as_deref(), c, out),
+        Command::Assign(a) => crate::ledger::assign(&root, cli.ledger.as_deref(), a, out),
+        Command::Handover(a) => crate::ledger::handover(&root, cli.ledger.as_deref(), a, out),
+        Command::Release(a) => crate::ledger::release(&root, cli.ledger.as_deref(), a, out),
+        Command::Status(a) => crate::ledger::status(&root, cli.ledger.as_deref(), a, out),
+        Command::Plan(a) => crate::ledger::plan(&root, cli.ledger.as_deref(), a, out),
+        Command::Recover(a) => crate::ledger::recover(&root, cli.ledger.as_deref(), a, out),
+        Command::Audit(c) => crate::ledger::audit(&root, cli.ledger.as_deref(), c, out),
+        Command::GuidPool(a) => crate::ledger::guid_pool(&root, cli.ledger.as_deref(), a, out),
+        Command::Hook(c) => crate::ledger::hook(
+            &root,
+            cli.ledger.as_deref(),
+            c,
+            &mut std::io::stdin().lock(),
+        ),
         Command::Man => {
             clap_mangen::Man::new(Cli::command()).render(out)?;
             Ok(Outcome::Ok)
@@ -368,10 +383,20 @@ fn ranges(ids: impl Iterator<Item = u8>) -> String {
 }
 
 /// Where the tenancy comes from, for the report.
-fn tenancy_for(root: &HostRoot, given: Option<&Path>) -> Result<(Tenancy, Option<PathBuf>)> {
+fn tenancy_for(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    given: Option<&Path>,
+) -> Result<(Tenancy, Option<PathBuf>)> {
     if let Some(p) = given {
         let t = devfence_policy::load_tenancy(p)?;
         return Ok((t, Some(p.to_path_buf())));
+    }
+    // The ledger, when devfence manages devices here; else the tenancy file.
+    let lp = crate::ledger::ledger_path(root, ledger);
+    if lp.exists() {
+        let t = crate::ledger::ledger_tenancy(&lp)?;
+        return Ok((t, Some(lp)));
     }
     let default = root.path(DEFAULT_TENANCY);
     if default.exists() {
@@ -402,14 +427,28 @@ fn summarize(findings: &[Finding]) -> Summary {
 }
 
 /// Reads the host and the tenancy and runs every rule.
-fn run_check(root: &HostRoot, tenancy: Option<&Path>) -> Result<(Vec<Finding>, Option<PathBuf>)> {
+fn run_check(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    tenancy: Option<&Path>,
+) -> Result<(Vec<Finding>, Option<PathBuf>)> {
     let inv = read(root)?;
-    let (t, source) = tenancy_for(root, tenancy)?;
+    let (t, source) = tenancy_for(root, ledger, tenancy)?;
     Ok((devfence_policy::check(&inv, &t), source))
 }
 
-fn check(root: &HostRoot, a: &CheckArgs, out: &mut dyn Write) -> Result<Outcome> {
-    let (findings, source) = run_check(root, a.tenancy.as_deref())?;
+/// `check` with the tenancy the ledger (or the tenancy file) gives, for the demo.
+pub fn check_with_ledger(root: &HostRoot) -> Result<(Vec<Finding>, Option<PathBuf>)> {
+    run_check(root, None, None)
+}
+
+fn check(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &CheckArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let (findings, source) = run_check(root, ledger, a.tenancy.as_deref())?;
     let summary = summarize(&findings);
     if a.json {
         #[derive(serde::Serialize)]
@@ -559,7 +598,7 @@ fn demo(a: &DemoArgs, out: &mut dyn Write) -> Result<Outcome> {
             inv.ib.len(),
             inv.problems.len()
         )?;
-        let (findings, _) = run_check(&root, None)?;
+        let (findings, _) = run_check(&root, None, None)?;
         total += findings.len();
         for f in &findings {
             writeln!(
@@ -576,6 +615,9 @@ fn demo(a: &DemoArgs, out: &mut dyn Write) -> Result<Outcome> {
         DEMO_PROFILES.len()
     )?;
     demo_fix_group(&base, out)?;
+    writeln!(out)?;
+    crate::story::run(&base.join("handover"), out)?;
+    writeln!(out)?;
     match &a.keep {
         Some(d) => writeln!(
             out,
@@ -613,7 +655,7 @@ fn demo_fix_group(base: &Path, out: &mut dyn Write) -> Result<()> {
         "== acting: make iommu_group 13 of no-acs viable (through the simulated kernel)"
     )?;
     let viable = |root: &HostRoot| -> Result<usize> {
-        let (f, _) = run_check(root, None)?;
+        let (f, _) = run_check(root, None, None)?;
         Ok(f.iter().filter(|f| f.rule == "GRP-VIABLE").count())
     };
     writeln!(out, "   before: {} GRP-VIABLE finding(s)", viable(&root)?)?;

@@ -4,9 +4,14 @@
 //! `devfence-host`, applies the rules of `devfence-policy` and prints the result
 //! ([`commands`]). Every command writes to a `&mut dyn Write` so tests capture it.
 
+// Errors carry their evidence and hint (ActError, EngineError); they are not hot.
+#![allow(clippy::result_large_err)]
+
 mod act;
 mod cli;
 mod commands;
+mod ledger;
+mod story;
 mod table;
 
 use std::io::Write;
@@ -21,6 +26,8 @@ pub enum Outcome {
     Ok,
     /// Exit 1: `check` found error-severity findings.
     Findings,
+    /// Exit 1: the libvirt hook refuses (its one-line reason is on stderr).
+    Refused,
 }
 
 fn main() -> ExitCode {
@@ -31,7 +38,7 @@ fn main() -> ExitCode {
     let _ = out.flush();
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
-        Ok(Outcome::Findings) => ExitCode::from(1),
+        Ok(Outcome::Findings | Outcome::Refused) => ExitCode::from(1),
         Err(err)
             if err
                 .downcast_ref::<std::io::Error>()

@@ -1,0 +1,926 @@
+//! The lifecycle commands: tenants, assign, handover, release, status, plan,
+//! recover, audit, the GUID pool and the libvirt hook — thin over
+//! `devfence-engine`.
+//!
+//! Which subnet manager: on a simulated host, the simulated SM whose state lives
+//! under the host root (`/var/lib/devfence/sim-sm.json`), so that it outlives each
+//! command as a real SM would; on the real host none is configured yet (the real
+//! OpenSM and UFM backends come with their own issue), so IB VF handovers are
+//! refused there with a clear error while every other kind works.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use devfence_engine::domain::{decide_prepare, parse_domain};
+use devfence_engine::engine::{Engine, EngineConfig, EngineError, Failpoints, Progress};
+use devfence_engine::store::{Partition, Tenant};
+use devfence_engine::{
+    AuditFilter, DeviceState, GuidRange, SqliteStore, StepState, Store, StoreExt, engine,
+};
+use devfence_fabric::{
+    Change, FabricError, Health, Observation, PersistentSimSm, SimConfig, SubnetManager, Ticket,
+};
+use devfence_host::HostRoot;
+use devfence_model::{DeviceId, Guid, Membership, PKey, TenantId};
+
+use crate::Outcome;
+use crate::act::Kernel;
+use crate::cli::{
+    AssignArgs, AuditCommand, GuidPoolArgs, HandoverArgs, HookCommand, OpFlags, PlanArgs,
+    RecoverArgs, ReleaseArgs, StatusArgs, TenantAddArgs, TenantCommand,
+};
+use crate::table::Table;
+
+/// Where the ledger lives under a host root.
+pub const LEDGER_PATH: &str = "/var/lib/devfence/ledger.db";
+/// Where the simulated SM keeps its state under a simulated host's root.
+pub const SIM_SM_PATH: &str = "/var/lib/devfence/sim-sm.json";
+/// The GUID range a simulated host's ledger starts with.
+pub const SIM_POOL: (Guid, Guid) = (Guid(0x0002_c903_00f0_0000), Guid(0x0002_c903_00f0_ffff));
+
+/// The SM of a host with no SM configured: every call is a clear error.
+struct NoSm;
+
+impl NoSm {
+    fn err() -> FabricError {
+        FabricError::Refused {
+            backend: "none".into(),
+            detail: "no subnet manager is configured on this host (OpenSM and UFM backends: \
+                     /etc/devfence/devfence.toml, coming with the fabric issue)"
+                .into(),
+            hint: "hand over IB VFs on a host with a configured SM; other devices need none".into(),
+        }
+    }
+}
+
+impl SubnetManager for NoSm {
+    fn backend(&self) -> &str {
+        "none"
+    }
+    fn stage(&self, _: Change) -> Result<(), FabricError> {
+        Err(Self::err())
+    }
+    fn discard_staged(&self) -> usize {
+        0
+    }
+    fn apply(&self) -> Result<Ticket, FabricError> {
+        Err(Self::err())
+    }
+    fn observe(&self, _: &[Guid]) -> Result<Observation, FabricError> {
+        Err(Self::err())
+    }
+    fn health(&self) -> Result<Health, FabricError> {
+        Err(Self::err())
+    }
+}
+
+/// The host, kernel, SM and ledger one command works with.
+pub struct Env {
+    /// The host root.
+    pub root: HostRoot,
+    kernel: Kernel,
+    sm: Arc<dyn SubnetManager>,
+    /// The ledger.
+    pub store: SqliteStore,
+    /// The ledger's file.
+    pub ledger_path: PathBuf,
+}
+
+/// The ledger path for `root` (or the one given).
+#[must_use]
+pub fn ledger_path(root: &HostRoot, given: Option<&Path>) -> PathBuf {
+    given.map_or_else(|| root.path(LEDGER_PATH), Path::to_path_buf)
+}
+
+impl Env {
+    /// Opens the ledger (creating it and its directory), the kernel and the SM.
+    pub fn open(root: &HostRoot, ledger: Option<&Path>) -> Result<Env> {
+        let kernel = Kernel::for_root(root)?;
+        let path = ledger_path(root, ledger);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!(
+                    "Cannot create the ledger's directory {}. Hint: run devfence as root, or give --ledger FILE",
+                    dir.display()
+                )
+            })?;
+        }
+        let mut store = SqliteStore::open(&path)?;
+        let sm: Arc<dyn SubnetManager> = match &kernel {
+            Kernel::Sim(k) => {
+                let p = root.path(SIM_SM_PATH);
+                let sm = Arc::new(
+                    PersistentSimSm::open(&p, SimConfig::default())
+                        .map_err(|e| anyhow!("{e}. Hint: {}", e.hint()))?,
+                );
+                let s2 = Arc::clone(&sm);
+                k.set_port_table_source(Arc::new(move |g: Guid| {
+                    s2.with(|s| {
+                        s.programmed()
+                            .get(&g)
+                            .map(|k| k.iter().map(|p| p.0).collect())
+                    })
+                    .ok()
+                    .flatten()
+                }));
+                // A simulated host gets a GUID pool of its own on first use.
+                if store.atomically(|tx| tx.guid_pool())?.is_none() {
+                    store.atomically(|tx| {
+                        tx.set_guid_pool(GuidRange {
+                            first: SIM_POOL.0,
+                            last: SIM_POOL.1,
+                        })
+                    })?;
+                }
+                sm
+            }
+            Kernel::Real(_) => Arc::new(NoSm),
+        };
+        Ok(Env {
+            root: root.clone(),
+            kernel,
+            sm,
+            store,
+            ledger_path: path,
+        })
+    }
+
+    /// An engine over this environment.
+    pub fn engine<'a>(&'a mut self, cfg: EngineConfig) -> Engine<'a> {
+        Engine::new(&mut self.store, self.kernel.io(), &*self.sm, cfg)
+            .with_failpoints(Failpoints::from_env())
+    }
+
+    /// The SM.
+    pub fn sm(&self) -> &dyn SubnetManager {
+        &*self.sm
+    }
+}
+
+fn config(op: &OpFlags) -> Result<EngineConfig> {
+    if !(op.gate_timeout.is_finite() && op.gate_timeout > 0.0 && op.gate_timeout <= 3600.0) {
+        bail!(
+            "--gate-timeout {} is out of range. Hint: give seconds between 0 and 3600",
+            op.gate_timeout
+        );
+    }
+    Ok(EngineConfig {
+        gate_deadline: Duration::from_secs_f64(op.gate_timeout),
+        ..EngineConfig::default()
+    })
+}
+
+fn parse_device(s: &str) -> Result<DeviceId> {
+    s.parse::<DeviceId>().map_err(|e| anyhow!("{e}"))
+}
+
+fn parse_tenant(s: &str) -> Result<TenantId> {
+    s.parse::<TenantId>().map_err(|e| anyhow!("{e}"))
+}
+
+/// Writes progress lines: one per step and gate; on a terminal the waiting line
+/// updates in place.
+pub struct Printer<'w> {
+    out: &'w mut dyn Write,
+    tty: bool,
+    waiting: bool,
+}
+
+impl<'w> Printer<'w> {
+    /// A printer to `out` (a terminal if `tty`).
+    pub fn new(out: &'w mut dyn Write, tty: bool) -> Self {
+        Self {
+            out,
+            tty,
+            waiting: false,
+        }
+    }
+
+    /// Prints one event.
+    pub fn event(&mut self, p: &Progress) {
+        let _ = self.print(p);
+    }
+
+    fn print(&mut self, p: &Progress) -> std::io::Result<()> {
+        if self.waiting && !matches!(p, Progress::Waiting { .. }) && self.tty {
+            writeln!(self.out)?;
+        }
+        self.waiting = false;
+        match p {
+            Progress::Began { op, kind, device } => {
+                writeln!(self.out, "  {op}: {kind} {device}")?;
+            }
+            Progress::Step {
+                name,
+                state,
+                elapsed_ms,
+                detail,
+            } => {
+                if *state != StepState::Planned {
+                    writeln!(
+                        self.out,
+                        "  [{elapsed_ms:>5} ms] step {name:<18} {}{}",
+                        state.name(),
+                        brief(detail)
+                    )?;
+                }
+            }
+            Progress::Waiting {
+                gate,
+                polls,
+                elapsed_ms,
+                last,
+            } => {
+                let line = format!(
+                    "  [{elapsed_ms:>5} ms] gate {gate:<18} waiting (read {polls}): {}",
+                    engine_truncate(last, 110)
+                );
+                if self.tty {
+                    write!(self.out, "\r{line}\x1b[K")?;
+                    self.waiting = true;
+                } else if *polls == 1 || polls.is_power_of_two() {
+                    writeln!(self.out, "{line}")?;
+                }
+            }
+            Progress::Gate {
+                name,
+                passed,
+                elapsed_ms,
+                evidence,
+            } => {
+                writeln!(
+                    self.out,
+                    "  [{elapsed_ms:>5} ms] gate {name:<18} {}{}",
+                    if *passed { "PASSED" } else { "FAILED" },
+                    brief(evidence)
+                )?;
+            }
+            Progress::Finished {
+                op,
+                outcome,
+                state,
+                elapsed_ms,
+            } => {
+                writeln!(
+                    self.out,
+                    "  [{elapsed_ms:>5} ms] {op} {}: device is {state}",
+                    outcome.name()
+                )?;
+            }
+        }
+        self.out.flush()
+    }
+}
+
+fn engine_truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_owned()
+    } else {
+        format!("{}…", s.chars().take(n).collect::<String>())
+    }
+}
+
+/// A short rendering of a step's detail: the few fields an operator wants.
+fn brief(v: &serde_json::Value) -> String {
+    let mut parts = Vec::new();
+    for key in [
+        "guid", "retired", "driver", "owner", "node", "uuid", "path", "table", "errors",
+    ] {
+        if let Some(x) = v.get(key) {
+            let s = match x {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            parts.push(format!("{key}={s}"));
+        }
+    }
+    if let Some(g) = v.get("proof").and_then(|p| p.get("seen")) {
+        parts.push(format!("sm-generation={g}"));
+    }
+    if let Some(r) = v.get("reason").and_then(|r| r.as_str()) {
+        parts.push(engine_truncate(r, 140));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("  ({})", parts.join(", "))
+    }
+}
+
+fn report(
+    res: Result<engine::Done, EngineError>,
+    json: bool,
+    what: &str,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    match res {
+        Ok(done) => {
+            if json {
+                serde_json::to_writer_pretty(&mut *out, &done)?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "{what} done: {} is {} ({} ms)",
+                    done.device, done.state, done.elapsed_ms
+                )?;
+                if let Some(t) = &done.token_file {
+                    writeln!(
+                        out,
+                        "VF token for the launcher: {t} (0600, launcher-owned; pass it as vfio-pci,vf-token=… and remove it)"
+                    )?;
+                }
+            }
+            Ok(Outcome::Ok)
+        }
+        Err(e) => {
+            if json {
+                serde_json::to_writer_pretty(
+                    &mut *out,
+                    &serde_json::json!({ "error": e.to_string() }),
+                )?;
+                writeln!(out)?;
+            }
+            Err(anyhow!(e))
+        }
+    }
+}
+
+fn run_op(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    op: &OpFlags,
+    what: &str,
+    out: &mut dyn Write,
+    f: impl FnOnce(&mut Engine<'_>) -> Result<engine::Done, EngineError>,
+) -> Result<Outcome> {
+    let cfg = config(op)?;
+    let mut env = Env::open(root, ledger)?;
+    let tty = std::io::stdout().is_terminal();
+    let res = if op.json {
+        let mut e = env.engine(cfg);
+        f(&mut e)
+    } else {
+        let mut sink = Vec::new();
+        let res = {
+            let mut printer = Printer::new(&mut sink, tty);
+            let mut e = env.engine(cfg).with_progress(|p| printer.event(p));
+            f(&mut e)
+        };
+        out.write_all(&sink)?;
+        res
+    };
+    report(res, op.json, what, out)
+}
+
+/// `devfence assign`.
+pub fn assign(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &AssignArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let dev = parse_device(&a.device)?;
+    let t = parse_tenant(&a.tenant)?;
+    run_op(root, ledger, &a.op, "assign", out, |e| {
+        e.assign(&dev, &t, a.vm.as_deref())
+    })
+}
+
+/// `devfence handover`.
+pub fn handover(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &HandoverArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let dev = parse_device(&a.device)?;
+    let t = parse_tenant(&a.to)?;
+    run_op(root, ledger, &a.op, "handover", out, |e| {
+        e.handover(&dev, &t, a.vm.as_deref())
+    })
+}
+
+/// `devfence release`.
+pub fn release(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &ReleaseArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let dev = parse_device(&a.device)?;
+    run_op(root, ledger, &a.op, "release", out, |e| e.release(&dev))
+}
+
+fn parse_partition(s: &str) -> Result<Partition> {
+    let (k, m) = match s.split_once(':') {
+        Some((k, m)) => (k, Some(m)),
+        None => (s, None),
+    };
+    let pkey: PKey = k
+        .trim()
+        .parse()
+        .map_err(|e| anyhow!("{e}. Hint: give a P_Key like 0x8001 (full) or 0x0001:limited"))?;
+    let membership = match m.map(str::trim) {
+        None => pkey.membership(),
+        Some("full") => Membership::Full,
+        Some("limited") => Membership::Limited,
+        Some(x) => bail!("Invalid membership {x:?} in --partition {s}. Hint: use full or limited"),
+    };
+    if pkey.base() == PKey::DEFAULT_BASE {
+        bail!(
+            "--partition {s} is the default partition, which every port has. Hint: give the tenant its own P_Keys"
+        );
+    }
+    Ok(Partition {
+        pkey: pkey.with_membership(membership),
+        membership,
+    })
+}
+
+/// `devfence tenant …`.
+pub fn tenant(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    c: &TenantCommand,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    match c {
+        TenantCommand::Add(a) => tenant_add(root, ledger, a, out),
+        TenantCommand::List { json } => {
+            let mut store = SqliteStore::open(ledger_path(root, ledger))?;
+            let tenants = store.atomically(|tx| tx.tenants())?;
+            if *json {
+                serde_json::to_writer_pretty(&mut *out, &tenants)?;
+                writeln!(out)?;
+            } else {
+                let mut t = Table::new(&["TENANT", "LAUNCHER", "PARTITIONS"]);
+                for x in &tenants {
+                    t.row(vec![
+                        x.id.to_string(),
+                        format!(
+                            "{}:{}",
+                            x.launcher_uid.map_or("-".into(), |u| u.to_string()),
+                            x.launcher_gid.map_or("-".into(), |g| g.to_string())
+                        ),
+                        x.partitions
+                            .iter()
+                            .map(|p| format!("{:#06x} {:?}", p.pkey.base(), p.membership))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    ]);
+                }
+                t.write(out)?;
+            }
+            Ok(Outcome::Ok)
+        }
+        TenantCommand::Remove { id } => {
+            let id = parse_tenant(id)?;
+            let mut store = SqliteStore::open(ledger_path(root, ledger))?;
+            store.atomically(|tx| {
+                tx.remove_tenant(&id)?;
+                tx.audit(&devfence_engine::AuditEvent {
+                    kind: devfence_engine::AuditKind::Ledger,
+                    device: None,
+                    tenant: Some(id.clone()),
+                    detail: serde_json::json!({ "action": "tenant-remove" }),
+                })?;
+                Ok(())
+            })?;
+            writeln!(out, "tenant {id} removed")?;
+            Ok(Outcome::Ok)
+        }
+    }
+}
+
+fn tenant_add(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &TenantAddArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let id = parse_tenant(&a.id)?;
+    let (u, g) = a.launcher.split_once(':').ok_or_else(|| {
+        anyhow!(
+            "--launcher {:?} is not UID:GID. Hint: e.g. --launcher 107:107",
+            a.launcher
+        )
+    })?;
+    let uid: u32 = u
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("--launcher uid {u:?} is not a number. Hint: e.g. 107:107"))?;
+    let gid: u32 = g
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("--launcher gid {g:?} is not a number. Hint: e.g. 107:107"))?;
+    if uid == 0 {
+        bail!(
+            "--launcher uid 0 gives the tenant's device nodes to root: no isolation. Hint: use the uid the tenant's QEMU runs as"
+        );
+    }
+    let partitions = a
+        .partitions
+        .iter()
+        .map(|p| parse_partition(p))
+        .collect::<Result<Vec<_>>>()?;
+    let t = Tenant {
+        id: id.clone(),
+        launcher_uid: Some(uid),
+        launcher_gid: Some(gid),
+        security_label: a.label.clone(),
+        partitions,
+    };
+    let mut env = Env::open(root, ledger)?;
+    env.engine(EngineConfig::default()).add_tenant(&t)?;
+    writeln!(out, "tenant {id} added (launcher {uid}:{gid})")?;
+    Ok(Outcome::Ok)
+}
+
+/// `devfence status`.
+pub fn status(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &StatusArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let path = ledger_path(root, ledger);
+    if !path.exists() {
+        bail!(
+            "There is no ledger at {}. Hint: devfence has not managed a device here yet; `devfence tenant add` starts one",
+            path.display()
+        );
+    }
+    let mut env = Env::open(root, ledger)?;
+    let (devices, ops, pool) = env
+        .store
+        .atomically(|tx| Ok((tx.devices()?, tx.open_operations()?, tx.guid_pool()?)))?;
+    let health = env.sm().health();
+    if a.json {
+        serde_json::to_writer_pretty(
+            &mut *out,
+            &serde_json::json!({
+                "ledger": env.ledger_path.display().to_string(),
+                "devices": devices,
+                "open_operations": ops,
+                "guid_pool": pool,
+                "sm": match &health {
+                    Ok(h) => serde_json::json!({ "backend": env.sm().backend(), "healthy": h.is_healthy(), "health": format!("{h:?}") }),
+                    Err(e) => serde_json::json!({ "backend": env.sm().backend(), "error": e.to_string() }),
+                },
+            }),
+        )?;
+        writeln!(out)?;
+        return Ok(Outcome::Ok);
+    }
+    writeln!(out, "ledger: {}", env.ledger_path.display())?;
+    let mut t = Table::new(&["DEVICE", "STATE", "TENANT", "VM"]);
+    for d in &devices {
+        t.row(vec![
+            d.device.to_string(),
+            d.state.name().to_string(),
+            d.state.tenant().map_or("-".into(), ToString::to_string),
+            d.state.vm().unwrap_or("-").to_string(),
+        ]);
+    }
+    t.write(out)?;
+    for d in &devices {
+        if let DeviceState::Quarantined { reason } = &d.state {
+            writeln!(out, "  {} quarantined: {reason}", d.device)?;
+        }
+    }
+    if ops.is_empty() {
+        writeln!(out, "open operations: none")?;
+    } else {
+        for o in &ops {
+            writeln!(
+                out,
+                "open operation {} ({}) on {}: unfinished — run `devfence recover` if its process died",
+                o.id, o.kind, o.device
+            )?;
+        }
+    }
+    match pool {
+        Some(p) => writeln!(out, "GUID pool: {}..{}", p.first, p.last)?,
+        None => writeln!(
+            out,
+            "GUID pool: not set (`devfence guid-pool --set FIRST..LAST`)"
+        )?,
+    }
+    match health {
+        Ok(h) => writeln!(
+            out,
+            "SM: {} — {}",
+            env.sm().backend(),
+            if h.is_healthy() {
+                "healthy"
+            } else {
+                "NOT healthy"
+            }
+        )?,
+        Err(e) => writeln!(out, "SM: {} — {e}", env.sm().backend())?,
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `devfence plan`.
+pub fn plan(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &PlanArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let dev = parse_device(&a.device)?;
+    let to = a.to.as_deref().map(parse_tenant).transpose()?;
+    let mut env = Env::open(root, ledger)?;
+    let steps = env
+        .engine(EngineConfig::default())
+        .plan(&dev, to.as_ref())?;
+    if a.json {
+        serde_json::to_writer_pretty(&mut *out, &steps)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "{} of {dev}{} (nothing is done):",
+            if to.is_some() {
+                "assign/handover"
+            } else {
+                "release"
+            },
+            to.as_ref().map_or(String::new(), |t| format!(" to {t}"))
+        )?;
+        for (i, s) in steps.iter().enumerate() {
+            writeln!(out, "  {:>2}. {:<20} {}", i + 1, s.name, s.what)?;
+        }
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `devfence recover`.
+pub fn recover(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &RecoverArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let mut env = Env::open(root, ledger)?;
+    let mut sink = Vec::new();
+    let res = {
+        let tty = std::io::stdout().is_terminal();
+        let mut printer = Printer::new(&mut sink, tty);
+        let mut e = env.engine(EngineConfig::default());
+        if !a.json {
+            e = e.with_progress(|p| printer.event(p));
+        }
+        e.recover()
+    };
+    out.write_all(&sink)?;
+    let rec = res?;
+    if a.json {
+        serde_json::to_writer_pretty(&mut *out, &rec)?;
+        writeln!(out)?;
+        return Ok(Outcome::Ok);
+    }
+    if rec.is_empty() {
+        writeln!(out, "nothing to recover: no unfinished operation")?;
+    }
+    for r in &rec {
+        writeln!(
+            out,
+            "recovered {} ({}) on {}: last step {}; device is now {}{}",
+            r.op,
+            r.kind,
+            r.device,
+            r.last_step.as_deref().unwrap_or("none"),
+            r.state,
+            r.problem
+                .as_ref()
+                .map_or(String::new(), |p| format!(" — {p}"))
+        )?;
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `devfence audit …`.
+pub fn audit(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    c: &AuditCommand,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let path = ledger_path(root, ledger);
+    let mut store = SqliteStore::open(&path)?;
+    match c {
+        AuditCommand::Verify { json } => {
+            let r = store.verify();
+            match r {
+                Ok(rep) => {
+                    if *json {
+                        serde_json::to_writer_pretty(&mut *out, &rep)?;
+                        writeln!(out)?;
+                    } else {
+                        writeln!(
+                            out,
+                            "audit chain intact: {} records{}",
+                            rep.records,
+                            rep.head
+                                .map_or(String::new(), |h| format!(", head #{} {}", h.seq, h.hash))
+                        )?;
+                    }
+                    Ok(Outcome::Ok)
+                }
+                Err(e) => {
+                    if *json {
+                        serde_json::to_writer_pretty(
+                            &mut *out,
+                            &serde_json::json!({ "intact": false, "error": e.to_string() }),
+                        )?;
+                        writeln!(out)?;
+                    }
+                    Err(anyhow!(e))
+                }
+            }
+        }
+        AuditCommand::Show {
+            device,
+            tenant,
+            json,
+        } => {
+            let filter = AuditFilter {
+                device: device.as_deref().map(parse_device).transpose()?,
+                tenant: tenant.as_deref().map(parse_tenant).transpose()?,
+            };
+            let recs = store.audit_show(&filter)?;
+            if *json {
+                serde_json::to_writer_pretty(&mut *out, &recs)?;
+                writeln!(out)?;
+            } else {
+                for r in &recs {
+                    writeln!(
+                        out,
+                        "#{:<5} {:<8} {:<14} {:<8} {}",
+                        r.seq,
+                        r.kind.name(),
+                        r.device.map_or("-".into(), |d| d.to_string()),
+                        r.tenant.as_ref().map_or("-".into(), ToString::to_string),
+                        engine_truncate(&r.detail.to_string(), 160)
+                    )?;
+                }
+                writeln!(out, "{} record(s)", recs.len())?;
+            }
+            Ok(Outcome::Ok)
+        }
+    }
+}
+
+/// `devfence guid-pool`.
+pub fn guid_pool(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &GuidPoolArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let mut env = Env::open(root, ledger)?;
+    if let Some(s) = &a.set {
+        let (f, l) = s.split_once("..").ok_or_else(|| {
+            anyhow!(
+                "--set {s:?} is not FIRST..LAST. Hint: e.g. 0x0002c90300f00000..0x0002c90300f0ffff"
+            )
+        })?;
+        let first: Guid = f.trim().parse().map_err(|e| anyhow!("{e}"))?;
+        let last: Guid = l.trim().parse().map_err(|e| anyhow!("{e}"))?;
+        env.store.atomically(|tx| {
+            tx.set_guid_pool(GuidRange { first, last })?;
+            tx.audit(&devfence_engine::AuditEvent {
+                kind: devfence_engine::AuditKind::Ledger,
+                device: None,
+                tenant: None,
+                detail: serde_json::json!({ "action": "guid-pool-set", "first": first, "last": last }),
+            })?;
+            Ok(())
+        })?;
+    }
+    let pool = env.store.atomically(|tx| tx.guid_pool())?;
+    if a.json {
+        serde_json::to_writer_pretty(&mut *out, &pool)?;
+        writeln!(out)?;
+    } else {
+        match pool {
+            Some(p) => writeln!(out, "GUID pool: {}..{}", p.first, p.last)?,
+            None => writeln!(out, "GUID pool: not set")?,
+        }
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `devfence hook qemu`.
+pub fn hook(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    c: &HookCommand,
+    stdin: &mut dyn Read,
+) -> Result<Outcome> {
+    let HookCommand::Qemu {
+        domain,
+        operation,
+        subop,
+        ..
+    } = c;
+    let act = match (operation.as_str(), subop.as_str()) {
+        ("prepare", "begin") => 0,
+        ("started", "begin") => 1,
+        ("release", "end") => 2,
+        _ => return Ok(Outcome::Ok),
+    };
+    let mut xml = String::new();
+    stdin
+        .take(4 * 1024 * 1024 + 1)
+        .read_to_string(&mut xml)
+        .context("Cannot read the domain XML on standard input")?;
+    let spec = parse_domain(&xml).map_err(|e| anyhow!("domain {domain}: {e}"))?;
+    if spec.name != *domain {
+        bail!(
+            "the domain XML names {:?}, but libvirt called the hook for {domain:?}. Hint: libvirt passes the domain's own XML; check the hook's installation",
+            spec.name
+        );
+    }
+    if spec.hostdevs.is_empty() {
+        return Ok(Outcome::Ok);
+    }
+    let mut env = Env::open(root, ledger)?;
+    match act {
+        0 => {
+            let mut state_of = |d: &DeviceId| {
+                env.store
+                    .atomically(|tx| tx.device(d))
+                    .map(|r| r.map(|r| r.state))
+                    .map_err(|e| e.to_string())
+            };
+            let adm = match decide_prepare(&spec, &mut state_of) {
+                Ok(a) => a,
+                Err(r) => {
+                    eprintln!("{r}");
+                    return Ok(Outcome::Refused);
+                }
+            };
+            let Some(tenant) = adm.tenant else {
+                return Ok(Outcome::Ok);
+            };
+            let mut e = env.engine(EngineConfig::default());
+            for d in &adm.devices {
+                if let Err(x) = e.vm_started(d, &tenant, domain) {
+                    eprintln!(
+                        "devfence refuses domain {domain}: {}",
+                        x.to_string().replace('\n', " ")
+                    );
+                    return Ok(Outcome::Refused);
+                }
+            }
+            Ok(Outcome::Ok)
+        }
+        1 => {
+            // The launcher has read its VF tokens by now: remove the files.
+            for d in &spec.hostdevs {
+                if let DeviceId::Pci(b) = d {
+                    let p = env.root.path(&format!(
+                        "{}/tokens/{b}.token",
+                        EngineConfig::default().runtime_dir
+                    ));
+                    if p.exists() {
+                        std::fs::remove_file(&p)
+                            .with_context(|| format!("Cannot remove {}", p.display()))?;
+                    }
+                }
+            }
+            Ok(Outcome::Ok)
+        }
+        _ => {
+            let mut failures = Vec::new();
+            for d in &spec.hostdevs {
+                let st = env.store.atomically(|tx| tx.device(d))?.map(|r| r.state);
+                if matches!(&st, Some(DeviceState::Active { vm, .. }) if vm == domain) {
+                    let mut e = env.engine(EngineConfig::default());
+                    if let Err(x) = e.vm_stopped(d) {
+                        failures.push(x.to_string().replace('\n', " "));
+                    }
+                }
+            }
+            if failures.is_empty() {
+                Ok(Outcome::Ok)
+            } else {
+                eprintln!("devfence: teardown of {domain}: {}", failures.join("; "));
+                Ok(Outcome::Refused)
+            }
+        }
+    }
+}
+
+/// The tenancy for `check`, from the ledger at `path`.
+pub fn ledger_tenancy(path: &Path) -> Result<devfence_model::Tenancy> {
+    let mut store = SqliteStore::open(path)?;
+    Ok(store.atomically(|tx| engine::tenancy_from_ledger(tx))?)
+}
