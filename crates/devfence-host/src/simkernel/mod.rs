@@ -419,7 +419,10 @@ impl SimKernel {
         let Some(keys) = source(guid) else {
             return Ok(());
         };
-        let slot = path.rsplit('/').next().and_then(|n| n.parse::<usize>().ok());
+        let slot = path
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.parse::<usize>().ok());
         self.with(|k| k.program_pkey_table(&port, guid, &keys, slot))
     }
 
