@@ -388,8 +388,8 @@ impl SimKernel {
     /// From then on a [`KernelIo::read`] of a P_Key slot
     /// (`…/infiniband/<dev>/ports/<p>/pkeys/<i>`, through `/sys/class/infiniband`
     /// or the device's PCI directory) looks the port's GUID up — the low 64 bits of
-    /// its `gids/0` — and, when the source knows it, rewrites the port's whole table
-    /// in the tree before answering: slot *i* gets entry *i*, slots past the
+    /// its `gids/0` — and, when the source knows it, rewrites that slot in the tree
+    /// before answering (reading every slot reads the whole table, in linear time): slot *i* gets entry *i*, slots past the
     /// entries `0x0000`. The table keeps its slot count: entries beyond the last
     /// slot are dropped (a real table holds what its capacity allows), and
     /// `list_dir` of `pkeys/` is unchanged. When the source answers `None` (the

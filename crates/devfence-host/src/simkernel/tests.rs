@@ -1233,10 +1233,18 @@ fn pkey_tables_follow_the_port_table_source() {
     fabric.program(port, &many);
     assert_eq!(h.r(&format!("{VF_PKEYS}/127")), "0x8080\n");
     assert_eq!(h.k.list_dir(VF_PKEYS).unwrap().len(), 128);
+    // A read refreshes the slot it reads: once every slot was read, the tree
+    // (and the inventory) holds the whole table.
+    for i in 0..128 {
+        h.r(&format!("{VF_PKEYS}/{i}"));
+    }
     assert_eq!(inv_pkeys(&h).len(), 128);
 
     // The fabric forgets the port: the table stays what it showed last.
     fabric.program(port, &[0x7fff, 0x8002]);
+    for i in 0..128 {
+        h.r(&format!("{VF_PKEYS}/{i}"));
+    }
     assert_eq!(h.r(&format!("{VF_PKEYS}/1")), "0x8002\n");
     fabric.forget(port);
     assert_eq!(h.r(&format!("{VF_PKEYS}/0")), "0x7fff\n");
