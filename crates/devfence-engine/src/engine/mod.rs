@@ -32,7 +32,7 @@ pub use procs::PlannedStep;
 
 use crate::audit::{AuditEvent, AuditKind};
 use crate::store::{
-    DeviceState, OperationId, Outcome, StepState, Store, StoreError, StoreExt, Tenant, Tx,
+    Busy, DeviceState, OperationId, Outcome, StepState, Store, StoreError, StoreExt, Tenant, Tx,
 };
 
 /// How the engine behaves.
@@ -349,6 +349,27 @@ impl<'a> Engine<'a> {
         e
     }
 
+    /// Refuses with [`StoreError::Busy`] when an unfinished operation holds
+    /// `device`: a second operation is refused, never interleaved, and the
+    /// refusal names the holder whatever state it has left the device in so far.
+    fn refuse_if_busy(
+        &mut self,
+        device: &DeviceId,
+        tenant: Option<TenantId>,
+    ) -> Result<(), EngineError> {
+        let open = self.store.atomically(|tx| tx.open_operations())?;
+        let Some(op) = open.into_iter().find(|o| o.device == *device) else {
+            return Ok(());
+        };
+        let e = EngineError::Store(StoreError::Busy(Busy {
+            device: *device,
+            holder: op.id,
+            kind: op.kind,
+            since_ms: op.started_at_ms,
+        }));
+        Err(self.refuse(Some(*device), tenant, e))
+    }
+
     // ------------------------------------------------------------------
     // Tenants
 
@@ -437,6 +458,36 @@ impl<'a> Engine<'a> {
                 return Err(self.refuse(Some(*device), Some(to.clone()), e));
             }
         };
+        self.refuse_if_busy(device, Some(to.clone()))?;
+        // An IOMMU group is one tenant's (DESIGN.md L4): refuse before anything of
+        // the group changes (its /dev/vfio node is shared) when another tenant
+        // holds one of its members.
+        if let Some(g) = facts.group() {
+            let held = self.store.atomically(|tx| tx.assignments())?;
+            let in_group = |d: &DeviceId| {
+                let d = d.to_string();
+                inv.iommu_groups
+                    .iter()
+                    .any(|x| x.id == g && x.members.contains(&d))
+            };
+            if let Some(a) = held
+                .iter()
+                .find(|a| a.device != *device && a.tenant != *to && in_group(&a.device))
+            {
+                let e = EngineError::refused(
+                    Some(*device),
+                    format!(
+                        "GRP-ONE-TENANT: {device} is in IOMMU group {g} with {}, which {} holds; the devices of one group can reach each other through DMA",
+                        a.device, a.tenant
+                    ),
+                    format!(
+                        "give {to} a device of another group, or release {} first",
+                        a.device
+                    ),
+                );
+                return Err(self.refuse(Some(*device), Some(to.clone()), e));
+            }
+        }
         // Register a device devfence has not seen yet (it starts Free).
         let record = self.store.atomically(|tx| {
             if tx.device(device)?.is_none() {
@@ -554,6 +605,7 @@ impl<'a> Engine<'a> {
             let e = EngineError::Store(StoreError::UnknownDevice(*device));
             return Err(self.refuse(Some(*device), None, e));
         };
+        self.refuse_if_busy(device, None)?;
         let from = record.state.clone();
         match &from {
             DeviceState::Active { vm, .. } => {
@@ -686,11 +738,11 @@ impl<'a> Engine<'a> {
         let inv = self.inventory()?;
         let facts = classify(&inv, device)
             .map_err(|e| EngineError::refused(Some(*device), e.reason, e.hint))?;
-        let state = self
-            .store
-            .atomically(|tx| tx.device(device))?
-            .map_or(DeviceState::Free, |r| r.state);
-        Ok(procs::plan(&facts, &state, to.is_some()))
+        let (state, guids) = self.store.atomically(|tx| {
+            let state = tx.device(device)?.map_or(DeviceState::Free, |r| r.state);
+            Ok((state, tx.guids_of(device)?))
+        })?;
+        Ok(procs::plan(&facts, &state, to.is_some(), &guids))
     }
 
     /// Finds every operation a crash left unfinished and drives its device to a

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use super::{DeviceKind, Engine, EngineError, Progress, Run, StepFailure};
 use crate::audit::{AuditEvent, AuditKind};
 use crate::store::{
-    DeviceState, GuidState, Operation, Outcome, StepState, StoreError, StoreExt, Tenant,
+    DeviceState, GuidRecord, GuidState, Operation, Outcome, StepState, StoreError, StoreExt, Tenant,
 };
 
 /// How a successful procedure ended.
@@ -85,8 +85,9 @@ fn partitions(t: &Tenant) -> Vec<(PartitionKey, Membership)> {
 // ----------------------------------------------------------------------
 // Plans
 
-/// The steps of scrubbing a device of `kind`.
-fn plan_scrub(kind: &DeviceKind) -> Vec<PlannedStep> {
+/// The steps of scrubbing a device of `kind`; `fabric`: it has GUIDs to revoke
+/// at the SM (see `revoke_guids`).
+fn plan_scrub(kind: &DeviceKind, fabric: bool) -> Vec<PlannedStep> {
     let mut v = Vec::new();
     match kind {
         DeviceKind::Mdev { .. } => {
@@ -113,6 +114,8 @@ fn plan_scrub(kind: &DeviceKind) -> Vec<PlannedStep> {
                     "guid-retire",
                     "retire the old GUIDs in the pool (never reissued)",
                 ));
+            }
+            if matches!(kind, DeviceKind::IbVf { .. }) && fabric {
                 v.push(ps(
                     "fabric-revoke",
                     "remove the old GUIDs from every partition at the SM and apply",
@@ -193,15 +196,31 @@ fn plan_prepare(kind: &DeviceKind) -> Vec<PlannedStep> {
     v
 }
 
-/// The steps an operation on a device of `kind` in `state` runs.
-pub(crate) fn plan(kind: &DeviceKind, state: &DeviceState, to_tenant: bool) -> Vec<PlannedStep> {
+/// The steps an operation on a device of `kind` in `state`, with `guids` in the
+/// pool, runs.
+pub(crate) fn plan(
+    kind: &DeviceKind,
+    state: &DeviceState,
+    to_tenant: bool,
+    guids: &[GuidRecord],
+) -> Vec<PlannedStep> {
     let mut v = vec![ps(
         "begin",
         "open the operation (one per device) and take the first lifecycle step",
     )];
     let free = matches!(state, DeviceState::Free);
+    // As `revoke_guids` decides: the SM is asked only when there is a GUID to revoke.
+    let fabric = match kind {
+        DeviceKind::IbVf { port_guid, .. } => {
+            port_guid.is_some()
+                || guids
+                    .iter()
+                    .any(|r| matches!(r.state, GuidState::Issued | GuidState::Quarantined))
+        }
+        _ => false,
+    };
     if !to_tenant {
-        v.extend(plan_scrub(kind));
+        v.extend(plan_scrub(kind, fabric));
         if matches!(kind, DeviceKind::Mdev { .. }) {
             v.push(ps("state:quarantined", "retire the removed mdev's UUID"));
         } else {
@@ -210,7 +229,7 @@ pub(crate) fn plan(kind: &DeviceKind, state: &DeviceState, to_tenant: bool) -> V
         v.push(ps("finish", "close the operation"));
         return v;
     }
-    v.extend(plan_scrub(kind));
+    v.extend(plan_scrub(kind, fabric));
     if !free && !matches!(kind, DeviceKind::Mdev { .. }) {
         v.push(ps("state:free", "verified clean: Free"));
         v.push(ps("state:preparing", "Preparing for the new tenant"));
