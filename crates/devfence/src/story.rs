@@ -47,6 +47,19 @@ fn domain_xml(name: &str, bdf: (u8, u8, u8)) -> String {
     )
 }
 
+/// Calls the qemu hook as libvirt would, for `name` using VF 0000:3b:00.1 (the
+/// caller closes its ledger first: the hook is another process).
+fn call_hook(root: &HostRoot, name: &str, op: &str, subop: &str) -> Result<crate::Outcome> {
+    let xml = domain_xml(name, (0x3b, 0, 1));
+    let c = HookCommand::Qemu {
+        domain: name.into(),
+        operation: op.into(),
+        subop: subop.into(),
+        extra: None,
+    };
+    hook(root, None, &c, &mut xml.as_bytes())
+}
+
 fn cfg(timeout: Duration) -> EngineConfig {
     EngineConfig {
         gate_deadline: timeout,
@@ -145,15 +158,8 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
         "\n-- 4. libvirt starts domains (the qemu hook reads their XML)"
     )?;
     for name in ["intruder", "db1"] {
-        let xml = domain_xml(name, (0x3b, 0, 1));
-        let c = HookCommand::Qemu {
-            domain: name.into(),
-            operation: "prepare".into(),
-            subop: "begin".into(),
-            extra: None,
-        };
         drop(env);
-        let r = hook(&root, None, &c, &mut xml.as_bytes())?;
+        let r = call_hook(&root, name, "prepare", "begin")?;
         env = Env::open(&root, None)?;
         writeln!(
             out,
@@ -170,15 +176,8 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
         &mut |e| e.handover(&vf1, &acme, None),
     )?;
     {
-        let xml = domain_xml("db1", (0x3b, 0, 1));
-        let c = HookCommand::Qemu {
-            domain: "db1".into(),
-            operation: "release".into(),
-            subop: "end".into(),
-            extra: None,
-        };
         drop(env);
-        let r = hook(&root, None, &c, &mut xml.as_bytes())?;
+        let r = call_hook(&root, "db1", "release", "end")?;
         env = Env::open(&root, None)?;
         writeln!(
             out,

@@ -581,16 +581,7 @@ impl<'a> Engine<'a> {
                 "from": from.to_string(), "to": to, "vm": vm, "device-kind": facts,
             }),
         )?;
-        let res = procs::transfer(
-            self,
-            &mut run,
-            &facts,
-            &from,
-            old.as_ref(),
-            &to_tenant,
-            vm,
-            &inv,
-        );
+        let res = procs::transfer(self, &mut run, &facts, &from, old.as_ref(), &to_tenant, vm);
         self.conclude(run, res)
     }
 
@@ -651,7 +642,7 @@ impl<'a> Engine<'a> {
                 "from": from.to_string(), "device-kind": facts,
             }),
         )?;
-        let res = procs::release(self, &mut run, facts.as_ref(), old.as_ref(), &inv);
+        let res = procs::release(self, &mut run, facts.as_ref(), old.as_ref());
         self.conclude(run, res)
     }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use devfence_fabric::{Expectation, PartitionKey, Unverified, wait_verified_with};
 use devfence_host::actuator::ops::SysfsActuator;
-use devfence_host::actuator::{ActError, Actuator, Errno, KernelIo, VfToken};
+use devfence_host::actuator::{ActError, Actuator, KernelIo, VfToken};
 use devfence_model::{
     Bdf, DeviceId, Guid, Inventory, IommuGroupId, MdevUuid, Membership, PKey, Severity, TenantId,
 };
@@ -258,9 +258,7 @@ pub(crate) fn transfer(
     old: Option<&Tenant>,
     to: &Tenant,
     vm: Option<&str>,
-    inv: &Inventory,
 ) -> Result<Finish, StepFailure> {
-    let _ = inv;
     let device = run.device;
     scrub(e, run, kind, old)?;
     let preparing = DeviceState::Preparing {
@@ -314,9 +312,7 @@ pub(crate) fn release(
     run: &mut Run,
     kind: Option<&DeviceKind>,
     old: Option<&Tenant>,
-    inv: &Inventory,
 ) -> Result<Finish, StepFailure> {
-    let _ = inv;
     let device = run.device;
     match kind {
         Some(k) => scrub(e, run, k, old)?,
@@ -698,7 +694,7 @@ fn deliver_token(
     text.push('\n');
     let r = f.write_all(text.as_bytes()).and_then(|()| f.sync_all());
     // Wipe the copy before anything else can fail.
-    // SAFETY-free zeroing: overwrite the String's bytes through a safe API.
+    // Overwrite the String's bytes in place before it is freed.
     let wiped = "0".repeat(text.len());
     text.replace_range(.., &wiped);
     drop(text);
@@ -1248,12 +1244,3 @@ fn recover_scrub(
         },
     }
 }
-
-/// Errno of an [`ActError`], for callers that branch on it.
-#[allow(dead_code)]
-pub(crate) fn errno(e: &ActError) -> Option<Errno> {
-    e.errno
-}
-
-#[allow(dead_code)]
-fn _assert_membership(_: Membership, _: &EngineError) {}
