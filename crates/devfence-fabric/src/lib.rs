@@ -25,18 +25,25 @@
 //! [`health`]: SubnetManager::health
 
 mod error;
+pub mod opensm;
+mod ports;
+pub mod posture;
 pub mod sim;
 mod sm;
 mod types;
+pub mod ufm;
 mod verify;
 
 pub use error::FabricError;
+pub use opensm::{OpenSmConfig, OpenSmSm};
+pub use ports::PortReader;
 pub use sim::{PersistentSimSm, SimConfig, SimSm, SimSmState, SimStateError};
 pub use sm::SubnetManager;
 pub use types::{
     Change, ChangeId, Generation, Health, MembershipMap, Observation, PartitionKey, PortView,
     Programmed, SmState, SmStatus, SweepOutcome, Ticket,
 };
+pub use ufm::{UfmConfig, UfmSm};
 pub use verify::{
     Evidence, Expectation, Failure, Grant, NotVerified, Pace, Proof, Question, Revocation,
     Unverified, Verdict, View, verify, wait_verified, wait_verified_with,

@@ -660,6 +660,10 @@ impl SimSm {
 }
 
 impl SubnetManager for SimSm {
+    fn configured_members(&self) -> Result<Option<Vec<crate::posture::Configured>>, FabricError> {
+        Ok(Some(configured_entries(&self.configured(), "sim")))
+    }
+
     fn backend(&self) -> &str {
         "sim"
     }
@@ -794,3 +798,17 @@ impl SubnetManager for SimSm {
 
 #[cfg(test)]
 mod tests;
+
+/// A membership map as configured entries (for posture checks).
+pub(crate) fn configured_entries(
+    map: &MembershipMap,
+    source: &str,
+) -> Vec<crate::posture::Configured> {
+    map.iter()
+        .map(|(g, k, m)| crate::posture::Configured {
+            pkey: k.pkey(m),
+            member: crate::posture::Member::Guid(g),
+            source: source.to_owned(),
+        })
+        .collect()
+}

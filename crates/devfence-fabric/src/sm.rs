@@ -2,6 +2,7 @@
 
 use devfence_model::{Guid, Membership};
 
+use crate::posture::Configured;
 use crate::{Change, FabricError, Health, MembershipMap, Observation, PartitionKey, Ticket};
 
 /// A subnet manager as devfence drives it: stage membership changes, push them in
@@ -64,6 +65,16 @@ pub trait SubnetManager: Send + Sync {
     /// # Errors
     /// Backend errors.
     fn health(&self) -> Result<Health, FabricError>;
+
+    /// The memberships the SM's configuration states, for `check --fabric`
+    /// ([`posture`](crate::posture::posture)); `None` when the backend cannot
+    /// list them.
+    ///
+    /// # Errors
+    /// Backend errors.
+    fn configured_members(&self) -> Result<Option<Vec<Configured>>, FabricError> {
+        Ok(None)
+    }
 
     /// Stages: make `guid` a member of `partition` with `membership`.
     ///

@@ -744,6 +744,15 @@ impl SubnetManager for PersistentSimSm {
         "sim"
     }
 
+    fn configured_members(&self) -> Result<Option<Vec<crate::posture::Configured>>, FabricError> {
+        self.with(SubnetManager::configured_members)
+            .map_err(|e| FabricError::Unreachable {
+                backend: "sim".into(),
+                detail: e.to_string(),
+                hint: e.hint().to_string(),
+            })?
+    }
+
     fn stage(&self, change: Change) -> Result<(), FabricError> {
         // Through the SM, for its validation, injected errors and history; the
         // change itself stays with this handle until apply.

@@ -1,0 +1,24 @@
+//! Reading a port's programmed P_Key table by its GUID, independently of which SM
+//! configured it. OpenSM's SA client implements it (PKeyTableRecord of the GUID's
+//! LID); the UFM backend uses one to turn UFM's *configured* view into an
+//! *acknowledged* one (UFM reports what it was asked, not what the ports took).
+
+use devfence_model::Guid;
+
+use crate::{FabricError, Programmed};
+
+/// Reads what a port acknowledged: its LID and P_Key table as a set.
+pub trait PortReader: Send + Sync {
+    /// What the fabric says is programmed on the port with this GUID;
+    /// [`Programmed::Absent`] when no port has it.
+    ///
+    /// # Errors
+    /// Unreachable SA, malformed replies, timeouts.
+    fn read_port(&self, guid: Guid) -> Result<Programmed, FabricError>;
+}
+
+impl<T: PortReader + ?Sized> PortReader for std::sync::Arc<T> {
+    fn read_port(&self, guid: Guid) -> Result<Programmed, FabricError> {
+        (**self).read_port(guid)
+    }
+}
