@@ -1,0 +1,234 @@
+//! The OpenSM benchmark, measured in one run on a real OpenSM (ibsim fabric):
+//!
+//! - (a) one verified IB VF handover end to end: the engine on the simulated
+//!   `lab` host, OpenSM backend, SA verification, VF GUID rotation on the fabric;
+//! - (b) 100 VFs handed over in one batch: 100 old GUIDs out of tenant A, 100
+//!   fresh GUIDs into tenant B, one partitions apply, one sweep, all 200 questions
+//!   verified at the SA;
+//! - (c) OpenSM's own SIGHUP → `SUBNET UP` time (no change, a heavy sweep).
+//!
+//! `cargo bench -p devfence-engine --bench opensm` (needs opensm and ibsim-utils).
+//! The process re-runs itself under the umad2sim preload, like the tests.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+#[path = "../tests/support/opensm_host.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use devfence_engine::engine::{Engine, EngineConfig};
+use devfence_fabric::opensm::OpenSmSm;
+use devfence_fabric::opensm::harness::{FABRIC_DIR_ENV, Fabric, FabricSpec};
+use devfence_fabric::{Expectation, Pace, PartitionKey, SubnetManager, wait_verified};
+use devfence_model::{DeviceId, Guid, Membership, TenantId};
+use support::{OnFabric, host};
+
+const BATCH: usize = 100;
+const BATCH_BASE: u64 = 0x0002_c903_00a0_0001;
+
+fn batch_guid(i: usize, round: u64) -> Guid {
+    // Port GUIDs two apart (node GUID = port GUID - 1), a fresh range per round.
+    Guid(BATCH_BASE + round * 0x1_0000 + 2 * i as u64)
+}
+
+fn spec() -> FabricSpec {
+    let mut s = support::spec();
+    for i in 0..BATCH {
+        s.ports.push((format!("b{i}"), batch_guid(i, 0)));
+    }
+    s
+}
+
+fn stats(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let med = v[v.len() / 2];
+    let p90 = v[(v.len() * 9 / 10).min(v.len() - 1)];
+    (med, p90, v[0])
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // cargo bench --list
+    }
+    if let Some(dir) = std::env::var_os(FABRIC_DIR_ENV) {
+        let f = Fabric::attach(Path::new(&dir)).unwrap();
+        let phase = std::env::var("DEVFENCE_BENCH_PHASE").unwrap_or_default();
+        let c = sighup_to_subnet_up(&f);
+        println!("RESULT c_{phase} {c}");
+        if phase == "lab" {
+            println!("RESULT a {}", one_handover(&f));
+        } else {
+            println!("RESULT b {}", batch(&f));
+        }
+        return;
+    }
+    // Two fabrics in one run: the lab host's own (its 4 VFs: (a) and its (c)), and
+    // one with 100 more VF nodes ((b) and its (c): every sweep walks every node).
+    let mut results = BTreeMap::new();
+    for (phase, spec) in [("lab", support::spec()), ("batch", spec())] {
+        let t0 = Instant::now();
+        let f = Fabric::start(&spec).unwrap();
+        println!(
+            "fabric {phase}: ibsim + OpenSM, {} HCA nodes + 1 switch, up in {:.0} ms",
+            spec.ports.len() + 1,
+            ms(t0.elapsed())
+        );
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(std::env::args().skip(1))
+            .envs(f.env())
+            .env("DEVFENCE_BENCH_PHASE", phase)
+            .current_dir(f.dir())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .unwrap();
+        drop(f);
+        let text = String::from_utf8_lossy(&out.stdout);
+        for l in text.lines() {
+            match l.strip_prefix("RESULT ") {
+                Some(r) => {
+                    let (k, v) = r.split_once(' ').unwrap();
+                    results.insert(k.to_owned(), v.parse::<f64>().unwrap());
+                }
+                None => println!("{l}"),
+            }
+        }
+        assert!(out.status.success(), "phase {phase} failed");
+    }
+    let (a, b) = (results["a"], results["b"]);
+    let (cl, cb) = (results["c_lab"], results["c_batch"]);
+    println!();
+    println!(
+        "summary (medians): (a) {a:.1} ms, (b) {b:.1} ms, (c) {cl:.1} ms on the lab fabric, {cb:.1} ms on the 105-node fabric"
+    );
+    println!(
+        "ratios: (a)/(c) = {:.1}, (b)/(c) = {:.1} (each against its own fabric's sweep)",
+        a / cl,
+        b / cb
+    );
+}
+
+/// (c): HUP → a new `SUBNET UP` line in the log, polled every 100 µs.
+fn sighup_to_subnet_up(f: &Fabric) -> f64 {
+    let mut v = Vec::new();
+    for _ in 0..20 {
+        let n = f.subnet_up_count();
+        let t0 = Instant::now();
+        f.hup().unwrap();
+        while f.subnet_up_count() <= n {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no SUBNET UP");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        v.push(ms(t0.elapsed()));
+    }
+    let (med, p90, min) = stats(&mut v);
+    println!(
+        "(c) OpenSM SIGHUP -> SUBNET UP (heavy sweep, no change), 20 runs: median {med:.1} ms, p90 {p90:.1} ms, min {min:.1} ms"
+    );
+    med
+}
+
+/// (a): the engine's IB VF handover, acme <-> globex, 20 rounds.
+fn one_handover(f: &Fabric) -> f64 {
+    let mut h = host(f);
+    let io = OnFabric { k: &h.kernel, f };
+    let vf = DeviceId::Pci("0000:3b:00.1".parse().unwrap());
+    // Polls every 1-5 ms: an SA read costs ~0.3 ms, a sweep 5-25 ms.
+    let cfg = EngineConfig {
+        gate_deadline: Duration::from_secs(10),
+        pace: Pace {
+            first: Duration::from_millis(1),
+            max: Duration::from_millis(5),
+        },
+        ..EngineConfig::default()
+    };
+    Engine::new(&mut h.store, &io, &h.sm, cfg.clone())
+        .assign(&vf, &"acme".parse::<TenantId>().unwrap(), None)
+        .unwrap();
+    let tenants: [TenantId; 2] = ["globex".parse().unwrap(), "acme".parse().unwrap()];
+    let mut total = Vec::new();
+    let mut steps: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for round in 0..20 {
+        let to = &tenants[round % 2];
+        let t0 = Instant::now();
+        let done = Engine::new(&mut h.store, &io, &h.sm, cfg.clone())
+            .handover(&vf, to, None)
+            .unwrap();
+        total.push(ms(t0.elapsed()));
+        for (s, t) in done.timings {
+            steps.entry(s).or_default().push(t as f64);
+        }
+    }
+    let (med, p90, min) = stats(&mut total);
+    println!(
+        "(a) one verified IB VF handover (engine, OpenSM, SA), 20 runs: median {med:.1} ms, p90 {p90:.1} ms, min {min:.1} ms"
+    );
+    let mut by: Vec<(String, f64)> = steps
+        .into_iter()
+        .map(|(s, mut v)| (s, stats(&mut v).0))
+        .filter(|(_, m)| *m >= 1.0)
+        .collect();
+    by.sort_by(|x, y| y.1.total_cmp(&x.1));
+    for (s, m) in by {
+        println!("      {s:<28} median {m:>6.1} ms");
+    }
+    med
+}
+
+/// (b): 100 VFs from A to B in one apply and one sweep, verified at the SA.
+fn batch(f: &Fabric) -> f64 {
+    let sm = OpenSmSm::new(f.opensm_config());
+    let a = PartitionKey::new(0x8001).unwrap();
+    let b = PartitionKey::new(0x8002).unwrap();
+    // Setup: the 100 VFs are tenant A's (one apply), verified.
+    for i in 0..BATCH {
+        sm.stage_add(batch_guid(i, 0), a, Membership::Full).unwrap();
+    }
+    let t = sm.apply().unwrap();
+    let mut exp = Expectation::after(t);
+    for i in 0..BATCH {
+        exp = exp.grant(batch_guid(i, 0), [(a, Membership::Full)]);
+    }
+    wait_verified(&sm, &exp, Instant::now() + Duration::from_secs(30)).unwrap();
+    let mut v = Vec::new();
+    let mut resets = Vec::new();
+    for round in 1..=5u64 {
+        let (from, to) = if round % 2 == 1 { (a, b) } else { (b, a) };
+        // The VF resets (each VF comes back with a fresh GUID) happen on the hosts.
+        let t0 = Instant::now();
+        for i in 0..BATCH {
+            f.rotate(&format!("b{i}"), batch_guid(i, round)).unwrap();
+        }
+        resets.push(ms(t0.elapsed()));
+        // devfence's part: one apply for all, then all questions at the SA.
+        let t0 = Instant::now();
+        for i in 0..BATCH {
+            sm.stage_remove_all(batch_guid(i, round - 1)).unwrap();
+            sm.stage_add(batch_guid(i, round), to, Membership::Full)
+                .unwrap();
+        }
+        let t = sm.apply().unwrap();
+        let mut exp = Expectation::after(t);
+        for i in 0..BATCH {
+            exp = exp
+                .revoke(batch_guid(i, round - 1), [from])
+                .grant(batch_guid(i, round), [(to, Membership::Full)]);
+        }
+        wait_verified(&sm, &exp, Instant::now() + Duration::from_secs(30)).unwrap();
+        v.push(ms(t0.elapsed()));
+    }
+    let (med, p90, min) = stats(&mut v);
+    let (rmed, _, _) = stats(&mut resets);
+    println!(
+        "(b) {BATCH} VFs handed over in one batch (one apply, one sweep, 200 questions at the SA), 5 runs: median {med:.1} ms, p90 {p90:.1} ms, min {min:.1} ms"
+    );
+    println!(
+        "      (not in (b): the {BATCH} VF resets on ibsim before it, 3 console commands each: median {rmed:.0} ms)"
+    );
+    med
+}
