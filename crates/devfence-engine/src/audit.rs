@@ -115,6 +115,13 @@ pub enum AuditKind {
     Recovery,
     /// A change of the ledger itself (tenant added, GUID retired, …).
     Ledger,
+    /// A device's state sealed into an envelope (`devfence state seal`).
+    Seal,
+    /// A device-state envelope admitted to a device (`devfence state admit`).
+    /// Its refusals are [`AuditKind::Refusal`] records.
+    Admit,
+    /// A change of the host key or the keyring of trusted source hosts.
+    Keys,
 }
 
 impl AuditKind {
@@ -127,6 +134,9 @@ impl AuditKind {
             AuditKind::Refusal => "refusal",
             AuditKind::Recovery => "recovery",
             AuditKind::Ledger => "ledger",
+            AuditKind::Seal => "seal",
+            AuditKind::Admit => "admit",
+            AuditKind::Keys => "keys",
         }
     }
 
@@ -139,6 +149,9 @@ impl AuditKind {
             AuditKind::Refusal,
             AuditKind::Recovery,
             AuditKind::Ledger,
+            AuditKind::Seal,
+            AuditKind::Admit,
+            AuditKind::Keys,
         ]
         .into_iter()
         .find(|k| k.name() == s)
@@ -1048,6 +1061,29 @@ mod tests {
             .expect("show");
         assert_eq!(both.iter().map(|r| r.seq).collect::<Vec<_>>(), [5]);
         assert_eq!(both[0].detail["i"], json!(4));
+    }
+
+    #[test]
+    fn envelope_kinds_are_stored_read_back_and_chained() {
+        let (_d, _p, mut store) = chain();
+        for kind in [AuditKind::Seal, AuditKind::Admit, AuditKind::Keys] {
+            assert_eq!(AuditKind::from_name(kind.name()), Some(kind));
+            store
+                .atomically(|tx| {
+                    tx.audit(&AuditEvent {
+                        kind,
+                        device: Some(dev("0000:3b:00.2")),
+                        tenant: Some(tid("acme")),
+                        detail: json!({ "envelope": "0123" }),
+                    })
+                })
+                .expect("append");
+        }
+        let recs = store.audit_show(&AuditFilter::default()).expect("show");
+        let kinds: Vec<AuditKind> = recs.iter().rev().take(3).map(|r| r.kind).collect();
+        assert_eq!(kinds, [AuditKind::Keys, AuditKind::Admit, AuditKind::Seal]);
+        assert_eq!(store.verify().expect("intact").records, N + 3);
+        assert_eq!(AuditKind::from_name("sealed"), None);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The local ledger: [`Store`] on SQLite (WAL, `synchronous=FULL`, foreign keys on).
 //!
-//! # Schema (version 1)
+//! # Schema (version 2)
 //!
 //! | table | columns |
 //! |---|---|
@@ -14,6 +14,11 @@
 //! | `operations` | `id` (pk), `device` → devices, `kind`, `started_at_ms`, `finished_at_ms`, `outcome`; a partial unique index allows one unfinished operation per device |
 //! | `journal` | `id` (pk), `operation` → operations, `step`, `state` (`planned`/`done`/`failed`), `at_ms`, `detail` (JSON) |
 //! | `audit` | `id` (pk, storage order), `seq`, `at_ms`, `kind`, `device`, `tenant`, `detail`, `prev_hash`, `hash`; triggers refuse UPDATE and DELETE |
+//! | `state_nonces` (v2) | `nonce` (pk, 32 hex), `envelope`, `device`, `tenant`, `vm`, `signer`, `admitted_at_ms`, `expires_at_ms`: the nonce of every admitted device-state envelope; triggers refuse UPDATE and DELETE |
+//!
+//! Version 2 adds `state_nonces`, the single-use ledger of device-state envelopes
+//! (`docs/state-envelopes.md`): a nonce is written in the same transaction as the
+//! admission's audit record, so an envelope is admitted at most once.
 //!
 //! Every write transaction is `BEGIN IMMEDIATE`, so two processes on one file are
 //! serialised (a waiting writer blocks up to [`BUSY_TIMEOUT`]) and never interleave
@@ -30,15 +35,16 @@ use crate::audit::{
 };
 use crate::store::{
     Assignment, Busy, DeviceRecord, DeviceState, GuidRange, GuidRecord, GuidState, JournalEntry,
-    Operation, OperationId, Outcome, Partition, StepState, Store, StoreError, Tenant, Tx,
-    check_name, now_ms,
+    Operation, OperationId, Outcome, Partition, StateNonce, StepState, Store, StoreError, Tenant,
+    Tx, check_hex, check_name, now_ms,
 };
 
 /// How long a writer waits for another process's transaction to end.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Ordered migrations; migration `i` (0-based) brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE tenants (
     id             TEXT PRIMARY KEY,
     launcher_uid   INTEGER,
@@ -116,7 +122,24 @@ CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
-"];
+",
+    r"
+CREATE TABLE state_nonces (
+    nonce          TEXT PRIMARY KEY,
+    envelope       TEXT NOT NULL,
+    device         TEXT NOT NULL,
+    tenant         TEXT NOT NULL,
+    vm             TEXT NOT NULL,
+    signer         TEXT NOT NULL,
+    admitted_at_ms INTEGER NOT NULL,
+    expires_at_ms  INTEGER NOT NULL
+);
+CREATE TRIGGER state_nonces_never_forgotten BEFORE DELETE ON state_nonces
+    BEGIN SELECT RAISE(ABORT, 'admitted envelope nonces are remembered forever'); END;
+CREATE TRIGGER state_nonces_never_changed BEFORE UPDATE ON state_nonces
+    BEGIN SELECT RAISE(ABORT, 'admitted envelope nonces are remembered forever'); END;
+",
+];
 
 /// The newest schema version this build knows.
 #[allow(clippy::cast_possible_wrap)]
@@ -1136,6 +1159,74 @@ impl Tx for SqliteTx<'_> {
     fn audit(&mut self, event: &AuditEvent) -> Result<AuditRecord, StoreError> {
         audit::append(self.tx, event)
     }
+
+    fn state_nonce(&mut self, nonce: &str) -> Result<Option<StateNonce>, StoreError> {
+        check_hex("envelope nonce", nonce, 32)?;
+        let row = self
+            .tx
+            .query_row(
+                "SELECT envelope, device, tenant, vm, signer, admitted_at_ms, expires_at_ms \
+                 FROM state_nonces WHERE nonce = ?1",
+                [nonce],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, i64>(5)?,
+                        r.get::<_, i64>(6)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(sql("reading the nonce ledger"))?;
+        row.map(|(envelope, device, tenant, vm, signer, at, exp)| {
+            Ok(StateNonce {
+                nonce: nonce.to_owned(),
+                envelope,
+                device: parse_device("state_nonces", nonce, &device)?,
+                tenant: parse_tenant("state_nonces", nonce, "tenant", &tenant)?,
+                vm,
+                signer,
+                admitted_at_ms: at,
+                expires_at_ms: exp,
+            })
+        })
+        .transpose()
+    }
+
+    fn record_state_nonce(&mut self, n: &StateNonce) -> Result<(), StoreError> {
+        check_hex("envelope nonce", &n.nonce, 32)?;
+        check_hex("envelope id", &n.envelope, 32)?;
+        check_hex("signer fingerprint", &n.signer, 32)?;
+        check_name("vm", &n.vm)?;
+        if let Some(prev) = self.state_nonce(&n.nonce)? {
+            return Err(StoreError::NonceUsed {
+                nonce: prev.nonce,
+                device: prev.device,
+                admitted_at_ms: prev.admitted_at_ms,
+            });
+        }
+        self.tx
+            .execute(
+                "INSERT INTO state_nonces (nonce, envelope, device, tenant, vm, signer, admitted_at_ms, expires_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    n.nonce,
+                    n.envelope,
+                    n.device.to_string(),
+                    n.tenant.as_str(),
+                    n.vm,
+                    n.signer,
+                    n.admitted_at_ms,
+                    n.expires_at_ms
+                ],
+            )
+            .map_err(sql("recording an envelope nonce"))?;
+        Ok(())
+    }
 }
 
 impl SqliteTx<'_> {
@@ -1212,7 +1303,8 @@ mod tests {
     #[test]
     fn migrations_from_empty_set_up_schema_and_pragmas() {
         let (_d, _p, store) = fresh();
-        assert_eq!(store.schema_version().expect("version"), 1);
+        assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
+        assert_eq!(SCHEMA_VERSION, 2);
         let mode: String = store
             .conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -1238,6 +1330,7 @@ mod tests {
             "operations",
             "journal",
             "audit",
+            "state_nonces",
         ] {
             let n: i64 = store
                 .conn
@@ -1275,7 +1368,7 @@ mod tests {
             .conn
             .query_row("SELECT count(*) FROM schema_version", [], |r| r.get(0))
             .expect("rows");
-        assert_eq!(rows, 1);
+        assert_eq!(rows, SCHEMA_VERSION);
         let (t, rec, assigned) = store
             .atomically(|tx| Ok((tx.tenant(&tid("acme"))?, tx.device(&d)?, tx.assignments()?)))
             .expect("read");
@@ -1297,8 +1390,8 @@ mod tests {
         store
             .conn
             .execute(
-                "INSERT INTO schema_version (version, applied_at_ms) VALUES (2, 0)",
-                [],
+                "INSERT INTO schema_version (version, applied_at_ms) VALUES (?1, 0)",
+                [SCHEMA_VERSION + 1],
             )
             .expect("bump");
         drop(store);
@@ -1307,8 +1400,8 @@ mod tests {
             matches!(
                 err,
                 StoreError::NewerSchema {
-                    found: 2,
-                    known: 1,
+                    found: 3,
+                    known: 2,
                     ..
                 }
             ),
@@ -1782,5 +1875,133 @@ mod tests {
                 .expect("list")
                 .is_empty()
         );
+    }
+
+    fn nonce(n: &str, device: &str) -> StateNonce {
+        StateNonce {
+            nonce: n.into(),
+            envelope: "0123456789abcdef0123456789abcdef".into(),
+            device: dev(device),
+            tenant: tid("acme"),
+            vm: "4b1c5c52-9d4e-4f43-a0d6-1e0f2f3a4b5c".into(),
+            signer: "fedcba9876543210fedcba9876543210".into(),
+            admitted_at_ms: 1000,
+            expires_at_ms: 2000,
+        }
+    }
+
+    const N1: &str = "00112233445566778899aabbccddeeff";
+
+    #[test]
+    fn an_envelope_nonce_is_admitted_once_and_remembered_forever() {
+        let (_d, path, mut store) = fresh();
+        assert_eq!(
+            store.atomically(|tx| tx.state_nonce(N1)).expect("read"),
+            None
+        );
+        let n = nonce(N1, "0000:3b:00.1");
+        store
+            .atomically(|tx| tx.record_state_nonce(&n))
+            .expect("first admission");
+        assert_eq!(
+            store.atomically(|tx| tx.state_nonce(N1)).expect("read"),
+            Some(n.clone())
+        );
+        // A replay, even to another device, is refused.
+        let err = store
+            .atomically(|tx| tx.record_state_nonce(&nonce(N1, "0000:5e:10.0")))
+            .expect_err("replay");
+        assert!(matches!(err, StoreError::NonceUsed { .. }), "{err:?}");
+        assert!(err.to_string().contains("0000:3b:00.1"), "{err}");
+        // Survives reopening; plain SQL cannot forget or change it.
+        drop(store);
+        let mut store = SqliteStore::open(&path).expect("reopen");
+        assert!(
+            store
+                .atomically(|tx| tx.state_nonce(N1))
+                .expect("read")
+                .is_some()
+        );
+        for q in [
+            "DELETE FROM state_nonces",
+            "UPDATE state_nonces SET device = '0000:00:00.0'",
+        ] {
+            let e = store.conn.execute(q, []).expect_err(q);
+            assert!(e.to_string().contains("remembered forever"), "{q}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_nonce_commits_and_rolls_back_with_its_audit_record() {
+        let (_d, _p, mut store) = fresh();
+        let err = store
+            .atomically(|tx| {
+                tx.record_state_nonce(&nonce(N1, "0000:3b:00.1"))?;
+                tx.audit(&AuditEvent {
+                    kind: crate::audit::AuditKind::Admit,
+                    device: Some(dev("0000:3b:00.1")),
+                    tenant: Some(tid("acme")),
+                    detail: json!({ "nonce": N1 }),
+                })?;
+                Err::<(), _>(StoreError::Internal("crash before commit"))
+            })
+            .expect_err("rolled back");
+        assert!(matches!(err, StoreError::Internal(_)));
+        assert_eq!(
+            store.atomically(|tx| tx.state_nonce(N1)).expect("read"),
+            None
+        );
+        assert_eq!(store.verify().expect("intact").records, 0);
+    }
+
+    #[test]
+    fn nonce_fields_are_checked() {
+        let (_d, _p, mut store) = fresh();
+        for bad in [
+            nonce("00112233", "0000:3b:00.1"),
+            nonce(&N1.to_uppercase(), "0000:3b:00.1"),
+            StateNonce {
+                signer: "x".into(),
+                ..nonce(N1, "0000:3b:00.1")
+            },
+            StateNonce {
+                vm: String::new(),
+                ..nonce(N1, "0000:3b:00.1")
+            },
+        ] {
+            assert!(
+                store.atomically(|tx| tx.record_state_nonce(&bad)).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(store.atomically(|tx| tx.state_nonce("zz")).is_err());
+    }
+
+    #[test]
+    fn a_version_1_ledger_is_migrated_to_version_2_keeping_its_data() {
+        let (_d, path, mut store) = fresh();
+        store
+            .atomically(|tx| tx.add_tenant(&tenant("acme")))
+            .expect("tenant");
+        // Make it a version 1 ledger, as an older devfence left it.
+        store
+            .conn
+            .execute_batch(
+                "DROP TRIGGER state_nonces_never_forgotten; DROP TRIGGER state_nonces_never_changed; \
+                 DROP TABLE state_nonces; DELETE FROM schema_version WHERE version = 2;",
+            )
+            .expect("downgrade");
+        drop(store);
+        let mut store = SqliteStore::open(&path).expect("reopen migrates");
+        assert_eq!(store.schema_version().expect("version"), 2);
+        assert!(
+            store
+                .atomically(|tx| tx.tenant(&tid("acme")))
+                .expect("t")
+                .is_some()
+        );
+        store
+            .atomically(|tx| tx.record_state_nonce(&nonce(N1, "0000:3b:00.1")))
+            .expect("the new table works");
     }
 }

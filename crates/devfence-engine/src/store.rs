@@ -341,6 +341,29 @@ pub struct JournalEntry {
     pub detail: serde_json::Value,
 }
 
+/// One admitted device-state envelope, remembered forever by its nonce so that it
+/// is never admitted again (`docs/state-envelopes.md`). Holds no secret: the
+/// side-load token is recorded only as a hash, in the audit record.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StateNonce {
+    /// The envelope's nonce (32 lowercase hex digits).
+    pub nonce: String,
+    /// The envelope's id (32 lowercase hex digits).
+    pub envelope: String,
+    /// The device it was admitted to.
+    pub device: DeviceId,
+    /// The tenant it was bound to.
+    pub tenant: TenantId,
+    /// The VM it was bound to (its UUID).
+    pub vm: String,
+    /// The fingerprint of the key that signed it (32 lowercase hex digits).
+    pub signer: String,
+    /// When it was admitted (ms since the epoch).
+    pub admitted_at_ms: i64,
+    /// When it expired or expires (ms since the epoch).
+    pub expires_at_ms: i64,
+}
+
 /// A second operation was refused because an unfinished one holds the device.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -539,6 +562,32 @@ pub enum StoreError {
         /// What was asked.
         action: &'static str,
     },
+    /// A value that must be lowercase hex is not.
+    #[error(
+        "Invalid {what} {value:?}: expected {len} lowercase hex digits. \
+         Hint: devfence writes these itself; this is a bug in the caller"
+    )]
+    InvalidHex {
+        /// What it names.
+        what: &'static str,
+        /// The value (cut to 80 characters).
+        value: String,
+        /// The number of digits expected.
+        len: usize,
+    },
+    /// A device-state envelope's nonce was admitted before (a replay).
+    #[error(
+        "Envelope nonce {nonce} was admitted already, to {device} at {admitted_at_ms} ms. \
+         Hint: an envelope is admitted once; seal the state again on the source host"
+    )]
+    NonceUsed {
+        /// The nonce.
+        nonce: String,
+        /// The device it was admitted to.
+        device: DeviceId,
+        /// When.
+        admitted_at_ms: i64,
+    },
     /// An internal invariant of the store was broken (a bug).
     #[error("Internal ledger error: {0}. Hint: this is a bug in devfence; please report it")]
     Internal(&'static str),
@@ -637,6 +686,15 @@ pub trait Tx {
     // ---- audit ----
     /// Appends an audit record in this transaction, chained to the previous one.
     fn audit(&mut self, event: &AuditEvent) -> Result<AuditRecord, StoreError>;
+
+    // ---- device-state envelopes (single use) ----
+    /// The admission of the envelope with `nonce` (32 lowercase hex digits), if
+    /// it was ever admitted.
+    fn state_nonce(&mut self, nonce: &str) -> Result<Option<StateNonce>, StoreError>;
+    /// Records an admission: refused with [`StoreError::NonceUsed`] if the nonce
+    /// was admitted before. Write it in the same transaction as the admission's
+    /// audit record.
+    fn record_state_nonce(&mut self, admission: &StateNonce) -> Result<(), StoreError>;
 }
 
 /// A ledger backend.
@@ -714,6 +772,22 @@ pub(crate) fn check_name(what: &'static str, value: &str) -> Result<(), StoreErr
     }
 }
 
+/// Checks `len` lowercase hex digits.
+pub(crate) fn check_hex(what: &'static str, value: &str, len: usize) -> Result<(), StoreError> {
+    if value.len() == len
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Ok(());
+    }
+    Err(StoreError::InvalidHex {
+        what,
+        value: value.chars().take(80).collect(),
+        len,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -773,5 +847,8 @@ mod tests {
         assert!(check_name("step", "").is_err());
         assert!(check_name("step", &"x".repeat(65)).is_err());
         assert!(check_name("step", "a\nb").is_err());
+        assert!(check_hex("nonce", "0123456789abcdef", 16).is_ok());
+        assert!(check_hex("nonce", "0123456789ABCDEF", 16).is_err());
+        assert!(check_hex("nonce", "0123", 16).is_err());
     }
 }

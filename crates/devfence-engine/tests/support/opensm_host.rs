@@ -116,6 +116,9 @@ pub struct Host {
     pub sa: Arc<SaClient>,
 }
 
+/// A port table read at the SA, and the log length it was read at.
+type Memo = (u64, Option<Vec<u16>>);
+
 /// A fresh lab host (tenants acme 0x8001 and globex 0x8002) on the fabric `f`.
 pub fn host(f: &Fabric) -> Host {
     let dir = tempfile::tempdir().unwrap();
@@ -136,7 +139,7 @@ pub fn host(f: &Fabric) -> Host {
     // read serves every slot until the log grows.
     let sa2 = Arc::clone(&sa);
     let log = f.opensm_config().log_file;
-    let memo: Mutex<HashMap<Guid, (u64, Option<Vec<u16>>)>> = Mutex::new(HashMap::new());
+    let memo: Mutex<HashMap<Guid, Memo>> = Mutex::new(HashMap::new());
     kernel.set_port_table_source(Arc::new(move |g: Guid| {
         let len = std::fs::metadata(&log).map_or(u64::MAX, |m| m.len());
         let mut m = memo.lock().unwrap();
