@@ -17,7 +17,8 @@ use clap::{Args, Parser, Subcommand};
 /// host made by `devfence sim generate`.
 ///
 /// Exit status: 0 success (for `check`: no error-severity finding); 1 `check` found
-/// at least one error-severity finding; 2 usage, configuration or I/O error.
+/// at least one error-severity finding, or a refusal (the libvirt hook, `state
+/// seal`, `state admit`, `state inspect`); 2 usage, configuration or I/O error.
 #[derive(Debug, Parser)]
 #[command(
     name = "devfence",
@@ -44,6 +45,11 @@ pub struct Cli {
     /// The ledger (SQLite). Default: `<root>/var/lib/devfence/ledger.db`.
     #[arg(long, global = true, value_name = "FILE", env = "DEVFENCE_LEDGER")]
     pub ledger: Option<PathBuf>,
+
+    /// The configuration file (which fabric backend; see CONFIGURATION below).
+    /// Default: `<root>/etc/devfence/devfence.toml` when it exists.
+    #[arg(long, global = true, value_name = "FILE", env = "DEVFENCE_CONFIG")]
+    pub config: Option<PathBuf>,
 
     /// What to do.
     #[command(subcommand)]
@@ -132,6 +138,18 @@ pub enum Command {
     Audit(AuditCommand),
     /// Show or set the range fresh IB GUIDs come from (never reissued).
     GuidPool(GuidPoolArgs),
+    /// Keys for device-state envelopes: this host's signing key and the keyring
+    /// of source hosts whose envelopes it admits (docs/state-envelopes.md).
+    #[command(subcommand)]
+    Keys(crate::keys::KeysCommand),
+    /// Device-state envelopes for migration: seal on the source host, admit on
+    /// the destination host, inspect (docs/state-envelopes.md).
+    ///
+    /// Migration state is never taken from the tenant: it enters a device only as
+    /// an envelope devfence sealed on a trusted host, for the same kind of
+    /// device, the same tenant and VM, once.
+    #[command(subcommand)]
+    State(crate::state::StateCommand),
     /// Hooks called by other programs (libvirt).
     #[command(subcommand)]
     Hook(HookCommand),
@@ -162,6 +180,14 @@ pub struct CheckArgs {
     /// The tenancy file (TOML) declaring tenants and their devices.
     #[arg(long, value_name = "FILE")]
     pub tenancy: Option<PathBuf>,
+    /// Also check the fabric against the ledger at the configured subnet manager
+    /// (`[fabric] backend` in the configuration): ports with full membership of the
+    /// default partition (FAB-DEFAULT-FULL), tenant P_Keys with members the ledger
+    /// does not give that tenant (FAB-UNKNOWN-MEMBER), GUIDs issued to held devices
+    /// that the fabric does not know (FAB-GUID-MISSING), an SM that cannot be read
+    /// (FAB-UNVERIFIED).
+    #[arg(long)]
+    pub fabric: bool,
 }
 
 /// `devfence rules`.

@@ -61,6 +61,8 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Outcome> {
         Command::Recover(a) => crate::ledger::recover(&root, cli.ledger.as_deref(), a, out),
         Command::Audit(c) => crate::ledger::audit(&root, cli.ledger.as_deref(), c, out),
         Command::GuidPool(a) => crate::ledger::guid_pool(&root, cli.ledger.as_deref(), a, out),
+        Command::Keys(c) => crate::keys::run(&root, cli.ledger.as_deref(), c, out),
+        Command::State(c) => crate::state::run(&root, cli.ledger.as_deref(), c, out),
         Command::Hook(c) => crate::ledger::hook(
             &root,
             cli.ledger.as_deref(),
@@ -448,7 +450,10 @@ fn check(
     a: &CheckArgs,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
-    let (findings, source) = run_check(root, ledger, a.tenancy.as_deref())?;
+    let (mut findings, source) = run_check(root, ledger, a.tenancy.as_deref())?;
+    if a.fabric {
+        findings.extend(crate::ledger::fabric_findings(root, ledger)?);
+    }
     let summary = summarize(&findings);
     if a.json {
         #[derive(serde::Serialize)]

@@ -20,8 +20,10 @@ use devfence_engine::store::{Partition, Tenant};
 use devfence_engine::{
     AuditFilter, DeviceState, GuidRange, SqliteStore, StepState, Store, StoreExt, engine,
 };
+use devfence_fabric::opensm::SaClient;
 use devfence_fabric::{
-    Change, FabricError, Health, Observation, PersistentSimSm, SimConfig, SubnetManager, Ticket,
+    Change, FabricError, Health, Observation, OpenSmSm, PersistentSimSm, PortReader, Programmed,
+    SimConfig, SubnetManager, Ticket, UfmSm,
 };
 use devfence_host::HostRoot;
 use devfence_model::{DeviceId, Guid, Membership, PKey, TenantId};
@@ -32,6 +34,7 @@ use crate::cli::{
     AssignArgs, AuditCommand, GuidPoolArgs, HandoverArgs, HookCommand, OpFlags, PlanArgs,
     RecoverArgs, ReleaseArgs, StatusArgs, TenantAddArgs, TenantCommand,
 };
+use crate::config::{self, Backend, CONFIG_PATH, Config};
 use crate::table::Table;
 
 /// Where the ledger lives under a host root.
@@ -48,10 +51,10 @@ impl NoSm {
     fn err() -> FabricError {
         FabricError::Refused {
             backend: "none".into(),
-            detail: "no subnet manager is configured on this host (OpenSM and UFM backends: \
-                     /etc/devfence/devfence.toml, coming with the fabric issue)"
+            detail: "no subnet manager is configured on this host".into(),
+            hint: "select one in /etc/devfence/devfence.toml ([fabric] backend = \"opensm\" or \"ufm\"; \
+                   see `man devfence`); devices other than IB VFs need none"
                 .into(),
-            hint: "hand over IB VFs on a host with a configured SM; other devices need none".into(),
         }
     }
 }
@@ -95,6 +98,18 @@ pub fn ledger_path(root: &HostRoot, given: Option<&Path>) -> PathBuf {
     given.map_or_else(|| root.path(LEDGER_PATH), Path::to_path_buf)
 }
 
+/// Makes a simulated host's VF P_Key tables those the SA reports: one SA read
+/// per port serves every slot until OpenSM's state can have changed (the kernel
+/// asks once per slot; the read is repeated for each new table read that starts
+/// at slot 0).
+fn follow_sa(k: &devfence_host::simkernel::SimKernel, sa: &Arc<SaClient>) {
+    let sa = Arc::clone(sa);
+    k.set_port_table_source(Arc::new(move |g: Guid| match sa.read_port(g) {
+        Ok(Programmed::Present { pkeys, .. }) => Some(pkeys.iter().map(|p| p.0).collect()),
+        _ => None,
+    }));
+}
+
 impl Env {
     /// Opens the ledger (creating it and its directory), the kernel and the SM.
     pub fn open(root: &HostRoot, ledger: Option<&Path>) -> Result<Env> {
@@ -109,8 +124,14 @@ impl Env {
             })?;
         }
         let mut store = SqliteStore::open(&path)?;
-        let sm: Arc<dyn SubnetManager> = match &kernel {
-            Kernel::Sim(k) => {
+        let cfg = Config::load(root, config::explicit())?;
+        let backend = match (cfg.fabric.backend, &kernel) {
+            (Backend::Auto, Kernel::Sim(_)) => Backend::Sim,
+            (Backend::Auto, Kernel::Real(_)) => Backend::None,
+            (b, _) => b,
+        };
+        let sm: Arc<dyn SubnetManager> = match (backend, &kernel) {
+            (Backend::Sim, Kernel::Sim(k)) => {
                 let p = root.path(SIM_SM_PATH);
                 let sm = Arc::new(
                     PersistentSimSm::open(&p, SimConfig::default())
@@ -137,7 +158,44 @@ impl Env {
                 }
                 sm
             }
-            Kernel::Real(_) => Arc::new(NoSm),
+            (Backend::Sim, Kernel::Real(_)) => bail!(
+                "{}: [fabric] backend = \"sim\" needs a simulated host (--sim or a root made by `devfence sim generate`). Hint: select \"opensm\" or \"ufm\" on a real host",
+                cfg.source
+                    .as_deref()
+                    .map_or_else(|| CONFIG_PATH.into(), |p| p.display().to_string())
+            ),
+            (Backend::Opensm, _) => {
+                let o = cfg.opensm();
+                let sa = Arc::new(SaClient::new(cfg.sa()));
+                if let Kernel::Sim(k) = &kernel {
+                    follow_sa(k, &sa);
+                }
+                Arc::new(OpenSmSm::with_port_reader(o, Box::new(sa)))
+            }
+            (Backend::Ufm, _) => {
+                let Some(mut u) = cfg.fabric.ufm.clone() else {
+                    bail!(
+                        "[fabric] backend = \"ufm\" needs a [fabric.ufm] section. Hint: give at least its url"
+                    );
+                };
+                let sa = Arc::new(SaClient::new(cfg.sa()));
+                if let Kernel::Sim(k) = &kernel {
+                    follow_sa(k, &sa);
+                }
+                // Without an explicit list, devfence manages its tenants' partitions.
+                if u.managed_pkeys.is_empty() {
+                    for t in store.atomically(|tx| tx.tenants())? {
+                        for p in &t.partitions {
+                            if let Ok(k) = devfence_fabric::PartitionKey::new(p.pkey.0) {
+                                u.managed_pkeys.push(k);
+                            }
+                        }
+                    }
+                }
+                let sm = UfmSm::new(u).map_err(|e| anyhow!("{e}"))?;
+                Arc::new(sm.with_port_reader(sa))
+            }
+            (Backend::None | Backend::Auto, _) => Arc::new(NoSm),
         };
         Ok(Env {
             root: root.clone(),
@@ -568,7 +626,7 @@ pub fn status(
                 "open_operations": ops,
                 "guid_pool": pool,
                 "sm": match &health {
-                    Ok(h) => serde_json::json!({ "backend": env.sm().backend(), "healthy": h.is_healthy(), "health": format!("{h:?}") }),
+                    Ok(h) => serde_json::json!({ "backend": env.sm().backend(), "healthy": h.is_healthy(), "health": h }),
                     Err(e) => serde_json::json!({ "backend": env.sm().backend(), "error": e.to_string() }),
                 },
             }),
@@ -611,16 +669,27 @@ pub fn status(
         )?,
     }
     match health {
-        Ok(h) => writeln!(
-            out,
-            "SM: {} — {}",
-            env.sm().backend(),
-            if h.is_healthy() {
-                "healthy"
-            } else {
-                "NOT healthy"
+        Ok(h) => {
+            writeln!(
+                out,
+                "SM: {} — {} ({}, {}, last sweep {}{})",
+                env.sm().backend(),
+                if h.is_healthy() {
+                    "healthy"
+                } else {
+                    "NOT healthy"
+                },
+                h.status.state,
+                h.status.generation,
+                h.status.sweep,
+                h.version
+                    .as_deref()
+                    .map_or(String::new(), |v| format!(", {v}"))
+            )?;
+            for n in &h.notes {
+                writeln!(out, "  note: {n}")?;
             }
-        )?,
+        }
         Err(e) => writeln!(out, "SM: {} — {e}", env.sm().backend())?,
     }
     Ok(Outcome::Ok)
@@ -923,4 +992,49 @@ pub fn hook(
 pub fn ledger_tenancy(path: &Path) -> Result<devfence_model::Tenancy> {
     let mut store = SqliteStore::open(path)?;
     Ok(store.atomically(|tx| engine::tenancy_from_ledger(tx))?)
+}
+
+/// `check --fabric`: the fabric posture at the configured SM against the ledger.
+pub fn fabric_findings(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+) -> Result<Vec<devfence_model::Finding>> {
+    use devfence_fabric::posture::{LedgerGuid, LedgerView, posture};
+    let mut env = Env::open(root, ledger)?;
+    let mut view = LedgerView::default();
+    let (tenants, devices) = env
+        .store
+        .atomically(|tx| Ok((tx.tenants()?, tx.devices()?)))?;
+    for t in &tenants {
+        for p in &t.partitions {
+            view.tenant_pkeys.insert(p.pkey.base(), t.id.to_string());
+        }
+    }
+    for d in &devices {
+        let recs = env.store.atomically(|tx| tx.guids_of(&d.device))?;
+        for r in recs {
+            if r.state == devfence_engine::GuidState::Issued {
+                view.guids.push(LedgerGuid {
+                    guid: r.guid,
+                    device: d.device.to_string(),
+                    tenant: d.state.tenant().map(ToString::to_string),
+                });
+            }
+        }
+    }
+    let sm = env.sm();
+    let guids: Vec<Guid> = view.guids.iter().map(|g| g.guid).collect();
+    let observed = sm.observe(&guids);
+    let configured = match sm.configured_members() {
+        Ok(c) => c,
+        Err(e) => {
+            return Ok(posture(sm.backend(), None, Err(&e), &view));
+        }
+    };
+    Ok(posture(
+        sm.backend(),
+        configured.as_deref(),
+        observed.as_ref(),
+        &view,
+    ))
 }

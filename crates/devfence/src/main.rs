@@ -10,7 +10,10 @@
 mod act;
 mod cli;
 mod commands;
+mod config;
+mod keys;
 mod ledger;
+mod state;
 mod story;
 mod table;
 
@@ -26,12 +29,14 @@ pub enum Outcome {
     Ok,
     /// Exit 1: `check` found error-severity findings.
     Findings,
-    /// Exit 1: the libvirt hook refuses (its one-line reason is on stderr).
+    /// Exit 1: the libvirt hook, or a device-state seal or admission, refuses
+    /// (its one-line reason is on stderr, or in the JSON output).
     Refused,
 }
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    config::set_explicit(cli.config.clone());
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let result = commands::run(&cli, &mut out);

@@ -1,0 +1,633 @@
+//! `devfence keys`: this host's signing key for device-state envelopes and the
+//! keyring of source hosts whose envelopes it admits (docs/state-envelopes.md).
+//!
+//! Everything lives under the host root, in root-only places: directories are
+//! made `0700`, files `0600`, written to a temporary file, synced and renamed
+//! into place. The private key is never printed, logged or audited.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Subcommand};
+use devfence_engine::{AuditEvent, AuditKind, SqliteStore, StoreExt};
+use devfence_host::HostRoot;
+use devfence_seal::{Fingerprint, HostKey, Keyring, PublicKey, PublicLine, utc};
+
+use crate::Outcome;
+use crate::table::Table;
+
+/// The directory of the host key and the keyring.
+pub const KEYS_DIR: &str = "/etc/devfence/keys";
+/// The host key (private): `devfence keys init`.
+pub const HOST_KEY: &str = "/etc/devfence/keys/host.key";
+/// The host's public key line, for other hosts' keyrings.
+pub const HOST_PUB: &str = "/etc/devfence/keys/host.pub";
+/// The keyring of trusted source hosts.
+pub const KEYRING: &str = "/etc/devfence/keys/trusted.json";
+
+/// `devfence keys …`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make this host's signing key (ed25519) for device-state envelopes.
+    ///
+    /// Writes the private key to `<root>/etc/devfence/keys/host.key` (0600, in a
+    /// 0700 directory) and the public key line to `host.pub`, and trusts the new
+    /// key in this host's own keyring, so envelopes sealed here are admitted here
+    /// too. Refused if a host key exists (see `keys rotate`). The private key is
+    /// never printed.
+    Init(KeysInitArgs),
+    /// Print this host's public key line (and, with --json, its details).
+    ///
+    /// The first line is what other hosts trust with `devfence keys trust add
+    /// --from FILE`: `devfence-ed25519 <64 hex digits> <host id>`.
+    Show {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace this host's signing key with a new one.
+    ///
+    /// The old key is retired in this host's keyring: envelopes it sealed before
+    /// now stay admissible while they are unexpired (at most 7 days), and it never
+    /// signs again. Give the new public key line to every destination host
+    /// (`keys trust add` there retires the old key the same way). For a
+    /// compromised key, rotate here and `keys trust remove` it everywhere.
+    Rotate {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The keyring: the source hosts whose envelopes this host admits.
+    #[command(subcommand)]
+    Trust(TrustCommand),
+}
+
+/// `devfence keys init`.
+#[derive(Debug, Args)]
+pub struct KeysInitArgs {
+    /// The id this host signs as (its short host name). Default: the first line
+    /// of `<root>/etc/hostname`, up to its first dot.
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `devfence keys trust …`.
+#[derive(Debug, Subcommand)]
+pub enum TrustCommand {
+    /// Trust a source host's public key.
+    ///
+    /// If the keyring has an active key for the same host, that key is retired
+    /// (a rotation): it still vouches for envelopes created before now, until
+    /// they expire, and for nothing newer.
+    Add(TrustAddArgs),
+    /// Remove a key from the keyring: its envelopes are refused from now on,
+    /// whenever they were sealed (use this for a compromised key).
+    Remove {
+        /// The key's fingerprint (32 hex digits, from `keys trust list`).
+        fingerprint: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the trusted keys: host, fingerprint, status (active, retired, or
+    /// spent once no envelope it vouches for can still be unexpired).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `devfence keys trust add`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["from", "key"])))]
+pub struct TrustAddArgs {
+    /// A file holding the source host's public key line (what `devfence keys
+    /// show` prints there); `-` reads standard input.
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<PathBuf>,
+    /// The public key as 64 hex digits (with --host).
+    #[arg(long, value_name = "HEX", requires = "host")]
+    pub key: Option<String>,
+    /// The host id the key speaks for (with --key).
+    #[arg(long, value_name = "ID", requires = "key")]
+    pub host: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Now, in ms since the epoch.
+pub(crate) fn now_ms() -> u64 {
+    u64::try_from(devfence_engine::store::now_ms()).unwrap_or(0)
+}
+
+/// Makes `dir` (and its parents) and gives `dir` itself mode 0700. Refused if it
+/// is not a directory.
+pub(crate) fn private_dir(dir: &Path) -> Result<()> {
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).with_context(|| {
+            format!(
+                "Cannot create {}. Hint: run devfence as root",
+                parent.display()
+            )
+        })?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(anyhow!(e).context(format!(
+                "Cannot create {}. Hint: run devfence as root",
+                dir.display()
+            )));
+        }
+    }
+    let meta =
+        std::fs::symlink_metadata(dir).with_context(|| format!("Cannot read {}", dir.display()))?;
+    if !meta.is_dir() {
+        bail!(
+            "{} is not a directory. Hint: devfence keeps keys and state in root-only directories; move it aside",
+            dir.display()
+        );
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("Cannot make {} private (0700)", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically: a 0600 temporary file beside it, synced,
+/// renamed over `path`, and the directory synced.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_beside(path)?;
+    let r = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(path)
+    })();
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(anyhow!(e).context(format!(
+            "Cannot write {}. Hint: check the disk and that devfence runs as root",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A fresh temporary name beside `path`.
+pub(crate) fn temp_beside(path: &Path) -> Result<PathBuf> {
+    let mut r = [0u8; 8];
+    getrandom::fill(&mut r).map_err(|e| anyhow!("Cannot get randomness: {e}"))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(path.with_file_name(format!(".{name}.{}.tmp", devfence_seal::format::hex(&r))))
+}
+
+/// Syncs the directory holding `path`, so a rename in it is durable.
+pub(crate) fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(d) => std::fs::File::open(d)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Reads a private file: a regular file no one else may read or write, at most
+/// `max` bytes. `Ok(None)` if it does not exist.
+pub(crate) fn read_private(path: &Path, max: u64) -> Result<Option<Vec<u8>>> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow!(e).context(format!("Cannot read {}", path.display()))),
+    };
+    if !meta.is_file() {
+        bail!(
+            "{} is not a regular file. Hint: devfence writes it itself; move it aside",
+            path.display()
+        );
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} has mode {mode:04o}: others may read or change it. Hint: it must be 0600 \
+             (`chmod 600 {}`); if others could read a private key, rotate it",
+            path.display(),
+            path.display()
+        );
+    }
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::metadata(dir)
+        && d.uid() != meta.uid()
+    {
+        bail!(
+            "{} is owned by uid {}, but its directory by uid {}. Hint: devfence's keys and \
+             state are root-owned; restore them from a backup",
+            path.display(),
+            meta.uid(),
+            d.uid()
+        );
+    }
+    if meta.len() > max {
+        bail!(
+            "{} is {} bytes, more than {max}. Hint: it is not a file devfence wrote",
+            path.display(),
+            meta.len()
+        );
+    }
+    let mut b = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_end(&mut b))
+        .with_context(|| format!("Cannot read {}", path.display()))?;
+    Ok(Some(b))
+}
+
+/// Loads the host key.
+pub(crate) fn load_host_key(root: &HostRoot) -> Result<HostKey> {
+    let path = root.path(HOST_KEY);
+    let Some(mut b) = read_private(&path, 4096)? else {
+        bail!(
+            "This host has no signing key ({} is missing). Hint: make one with `devfence keys init`",
+            path.display()
+        );
+    };
+    let k = std::str::from_utf8(&b)
+        .map_err(|_| anyhow!("{} is not text", path.display()))
+        .and_then(|t| HostKey::from_file_text(t).map_err(|e| anyhow!("{}: {e}", path.display())));
+    b.fill(0);
+    k
+}
+
+/// Loads the keyring (empty if there is none yet).
+pub(crate) fn load_keyring(root: &HostRoot) -> Result<Keyring> {
+    let path = root.path(KEYRING);
+    match read_private(&path, devfence_seal::keys::MAX_KEYRING as u64)? {
+        None => Ok(Keyring::new()),
+        Some(b) => {
+            let t =
+                std::str::from_utf8(&b).map_err(|_| anyhow!("{} is not text", path.display()))?;
+            Keyring::parse(t).map_err(|e| anyhow!("{}: {e}", path.display()))
+        }
+    }
+}
+
+fn save_keyring(root: &HostRoot, ring: &Keyring) -> Result<()> {
+    private_dir(&root.path(KEYS_DIR))?;
+    write_private(&root.path(KEYRING), ring.render().as_bytes())
+}
+
+/// Opens (creating) the ledger, for the audit records.
+pub(crate) fn open_ledger(root: &HostRoot, ledger: Option<&Path>) -> Result<SqliteStore> {
+    let path = crate::ledger::ledger_path(root, ledger);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "Cannot create the ledger's directory {}. Hint: run devfence as root, or give --ledger FILE",
+                dir.display()
+            )
+        })?;
+    }
+    Ok(SqliteStore::open(&path)?)
+}
+
+fn audit(root: &HostRoot, ledger: Option<&Path>, detail: &serde_json::Value) -> Result<()> {
+    let mut store = open_ledger(root, ledger)?;
+    store.atomically(|tx| {
+        tx.audit(&AuditEvent {
+            kind: AuditKind::Keys,
+            device: None,
+            tenant: None,
+            detail: detail.clone(),
+        })
+    })?;
+    Ok(())
+}
+
+/// Runs `devfence keys …`.
+pub fn run(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    c: &KeysCommand,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    match c {
+        KeysCommand::Init(a) => init(root, ledger, a, out),
+        KeysCommand::Show { json } => show(root, *json, out),
+        KeysCommand::Rotate { json } => rotate(root, ledger, *json, out),
+        KeysCommand::Trust(TrustCommand::Add(a)) => trust_add(root, ledger, a, out),
+        KeysCommand::Trust(TrustCommand::Remove { fingerprint, json }) => {
+            trust_remove(root, ledger, fingerprint, *json, out)
+        }
+        KeysCommand::Trust(TrustCommand::List { json }) => trust_list(root, *json, out),
+    }
+}
+
+fn default_host_id(root: &HostRoot) -> Result<String> {
+    let p = root.path("/etc/hostname");
+    if let Ok(t) = std::fs::read_to_string(&p)
+        && let Some(l) = t.lines().next()
+    {
+        let id = l.trim().split('.').next().unwrap_or("").to_owned();
+        if !id.is_empty() {
+            devfence_seal::format::check_host_id(&id)
+                .map_err(|e| anyhow!("{}: {e}. Hint: give --host-id ID", p.display()))?;
+            return Ok(id);
+        }
+    }
+    bail!(
+        "Cannot tell this host's id: {} does not name it. Hint: give --host-id ID",
+        p.display()
+    )
+}
+
+fn write_host_key(root: &HostRoot, key: &HostKey) -> Result<()> {
+    private_dir(&root.path(KEYS_DIR))?;
+    let text = key.to_file_text();
+    write_private(&root.path(HOST_KEY), text.expose().as_bytes())?;
+    drop(text);
+    write_private(
+        &root.path(HOST_PUB),
+        format!("{}\n", key.public_line()).as_bytes(),
+    )
+}
+
+fn key_json(key: &HostKey) -> serde_json::Value {
+    serde_json::json!({
+        "host": key.host_id(),
+        "public_key": key.public(),
+        "fingerprint": key.public().fingerprint(),
+        "created_ms": key.created_ms(),
+        "public_line": key.public_line(),
+    })
+}
+
+fn init(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &KeysInitArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let path = root.path(HOST_KEY);
+    if std::fs::symlink_metadata(&path).is_ok() {
+        let existing = load_host_key(root)
+            .map(|k| format!(" (fingerprint {})", k.public().fingerprint()))
+            .unwrap_or_default();
+        bail!(
+            "This host has a signing key already{existing}: {}. Hint: `devfence keys rotate` \
+             replaces it; `devfence keys show` prints it",
+            path.display()
+        );
+    }
+    let host_id = match &a.host_id {
+        Some(h) => h.clone(),
+        None => default_host_id(root)?,
+    };
+    let now = now_ms();
+    let key = HostKey::generate(&host_id, now)?;
+    let mut ring = load_keyring(root)?;
+    let change = ring.trust(&host_id, key.public(), now)?;
+    write_host_key(root, &key)?;
+    save_keyring(root, &ring)?;
+    audit(
+        root,
+        ledger,
+        &serde_json::json!({
+            "action": "keys-init",
+            "host": host_id,
+            "fingerprint": change.added,
+            "retired": change.retired,
+        }),
+    )?;
+    if a.json {
+        serde_json::to_writer_pretty(&mut *out, &key_json(&key))?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "host key made for host {host_id}: fingerprint {}\n  private key: {} (0600; never printed)\n  \
+             public key:  {}\n\ngive this line to every destination host (`devfence keys trust add --from FILE` there):\n{}",
+            key.public().fingerprint(),
+            path.display(),
+            root.path(HOST_PUB).display(),
+            key.public_line()
+        )?;
+    }
+    Ok(Outcome::Ok)
+}
+
+fn show(root: &HostRoot, json: bool, out: &mut dyn Write) -> Result<Outcome> {
+    let key = load_host_key(root)?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &key_json(&key))?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{}", key.public_line())?;
+        writeln!(
+            out,
+            "# fingerprint {}, host key made {}",
+            key.public().fingerprint(),
+            utc(key.created_ms())
+        )?;
+    }
+    Ok(Outcome::Ok)
+}
+
+fn rotate(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let old = load_host_key(root)?;
+    let now = now_ms();
+    let new = HostKey::generate(old.host_id(), now)?;
+    let mut ring = load_keyring(root)?;
+    let change = ring.trust(old.host_id(), new.public(), now)?;
+    // The keyring first: a crash in between leaves the old key signing envelopes
+    // this host refuses (fail closed), and `keys rotate` can simply run again.
+    save_keyring(root, &ring)?;
+    write_host_key(root, &new)?;
+    audit(
+        root,
+        ledger,
+        &serde_json::json!({
+            "action": "keys-rotate",
+            "host": old.host_id(),
+            "fingerprint": change.added,
+            "retired": old.public().fingerprint(),
+        }),
+    )?;
+    if json {
+        let mut v = key_json(&new);
+        v["retired"] = serde_json::json!(old.public().fingerprint());
+        serde_json::to_writer_pretty(&mut *out, &v)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "host key of {} rotated: new fingerprint {}, old {} retired at {}\n\
+             envelopes sealed before now stay admissible while unexpired (at most 7 days);\n\
+             give the new line to every destination host (`devfence keys trust add --from FILE`):\n{}",
+            old.host_id(),
+            new.public().fingerprint(),
+            old.public().fingerprint(),
+            utc(now),
+            new.public_line()
+        )?;
+    }
+    Ok(Outcome::Ok)
+}
+
+fn trust_add(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &TrustAddArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let line: PublicLine = match (&a.from, &a.key, &a.host) {
+        (Some(file), _, _) => {
+            let mut text = String::new();
+            if file.as_os_str() == "-" {
+                std::io::stdin()
+                    .take(64 * 1024)
+                    .read_to_string(&mut text)
+                    .context("Cannot read the public key line from standard input")?;
+            } else {
+                std::fs::File::open(file)
+                    .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
+                    .with_context(|| format!("Cannot read {}", file.display()))?;
+            }
+            let l = text
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with('#'))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{} holds no public key line. Hint: save what `devfence keys show` prints on the source host",
+                        file.display()
+                    )
+                })?;
+            l.parse()?
+        }
+        (None, Some(k), Some(h)) => {
+            let key: PublicKey = k.parse().map_err(|e: String| anyhow!("--key: {e}"))?;
+            devfence_seal::format::check_host_id(h).map_err(|e| anyhow!("--host: {e}"))?;
+            PublicLine {
+                key,
+                host: h.clone(),
+            }
+        }
+        _ => bail!("Give --from FILE, or --key HEX with --host ID"),
+    };
+    let mut ring = load_keyring(root)?;
+    let change = ring.trust(&line.host, line.key, now_ms())?;
+    save_keyring(root, &ring)?;
+    audit(
+        root,
+        ledger,
+        &serde_json::json!({
+            "action": "trust-add",
+            "host": line.host,
+            "fingerprint": change.added,
+            "retired": change.retired,
+        }),
+    )?;
+    if a.json {
+        serde_json::to_writer_pretty(
+            &mut *out,
+            &serde_json::json!({ "host": line.host, "added": change.added, "retired": change.retired }),
+        )?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "trusted key {} for host {}", change.added, line.host)?;
+        if let Some(r) = change.retired {
+            writeln!(
+                out,
+                "retired {}'s previous key {r}: it vouches only for envelopes created before now, until they expire",
+                line.host
+            )?;
+        }
+    }
+    Ok(Outcome::Ok)
+}
+
+fn trust_remove(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    fingerprint: &str,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let fp: Fingerprint = fingerprint.parse().map_err(|e: String| anyhow!("{e}"))?;
+    let mut ring = load_keyring(root)?;
+    let removed = ring.remove(&fp)?;
+    save_keyring(root, &ring)?;
+    audit(
+        root,
+        ledger,
+        &serde_json::json!({ "action": "trust-remove", "host": removed.host, "fingerprint": fp }),
+    )?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &removed)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "removed key {fp} of host {}: its envelopes are refused from now on",
+            removed.host
+        )?;
+    }
+    Ok(Outcome::Ok)
+}
+
+fn trust_list(root: &HostRoot, json: bool, out: &mut dyn Write) -> Result<Outcome> {
+    let ring = load_keyring(root)?;
+    let now = now_ms();
+    if json {
+        let v: Vec<_> = ring
+            .keys
+            .iter()
+            .map(|k| {
+                let mut v = serde_json::to_value(k).unwrap_or_default();
+                v["status"] = serde_json::json!(k.status(now));
+                v
+            })
+            .collect();
+        serde_json::to_writer_pretty(&mut *out, &v)?;
+        writeln!(out)?;
+        return Ok(Outcome::Ok);
+    }
+    if ring.keys.is_empty() {
+        writeln!(
+            out,
+            "no trusted keys: this host admits no envelope (`devfence keys trust add`)"
+        )?;
+        return Ok(Outcome::Ok);
+    }
+    let mut t = Table::new(&["HOST", "FINGERPRINT", "STATUS", "TRUSTED", "RETIRED"]);
+    for k in &ring.keys {
+        t.row(vec![
+            k.host.clone(),
+            k.fingerprint.to_string(),
+            k.status(now).to_owned(),
+            utc(k.added_ms),
+            k.retired_ms.map(utc).unwrap_or_default(),
+        ]);
+    }
+    t.write(out)?;
+    Ok(Outcome::Ok)
+}
