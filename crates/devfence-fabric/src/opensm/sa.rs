@@ -293,11 +293,19 @@ impl SaClient {
                 PKEY_RECORD_LEN,
             )?;
             if r.status >> 8 == 3 {
-                // Block 0: the SA knows the port but holds no table for it yet (a
-                // port just discovered, before the SM set its P_Keys): nothing is
-                // acknowledged, which is what an empty set says. Later blocks:
-                // fewer blocks than the capacity suggests.
-                break;
+                if block > 0 {
+                    break; // fewer blocks than the capacity suggests
+                }
+                // The SA knows the port but holds no table for it (a port just
+                // discovered, before the SM set its P_Keys): what the port has is
+                // unknown — not empty. Fail closed, and let the gate read again.
+                return Err(FabricError::Unreachable {
+                    backend: BACKEND.into(),
+                    detail: format!("the SA holds no P_Key table for LID {lid} port {port} yet"),
+                    hint:
+                        "the port was just discovered; the SM sets its table in the sweep under way"
+                            .into(),
+                });
             }
             if r.status != 0 {
                 return Err(refused(r.status, "PKeyTableRecord"));
