@@ -121,7 +121,17 @@ type Memo = (u64, Option<Vec<u16>>);
 
 /// A fresh lab host (tenants acme 0x8001 and globex 0x8002) on the fabric `f`.
 pub fn host(f: &Fabric) -> Host {
-    let dir = tempfile::tempdir().unwrap();
+    // The host tree and the ledger on tmpfs, as in the other engine tests and
+    // benchmarks (the ledger's fsyncs then cost what tmpfs makes them cost).
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        "/dev/shm"
+    } else {
+        "/tmp"
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("devfence-opensm-")
+        .tempdir_in(base)
+        .unwrap();
     let root = dir.path().join("host");
     generate(&GenerateOptions {
         profile: Profile::Lab,
