@@ -751,8 +751,14 @@ pub fn decide_prepare(
                         ),
                     ));
                 }
+                // A reservation names the domain by its name (libvirt's hook) or by
+                // its UUID (device-state admission binds to the VM UUID).
                 if let Some(v) = vm
                     && *v != domain.name
+                    && domain
+                        .uuid
+                        .as_deref()
+                        .is_none_or(|u| !u.eq_ignore_ascii_case(v))
                 {
                     return Err(refuse(
                         device,
@@ -1520,6 +1526,25 @@ mod tests {
         // The metadata tenant is the one named in "not Ready for …".
         let r = decide(&db, &[(dev, DeviceState::Free)]).unwrap_err();
         assert!(r.reason.contains("not Ready for acme"), "{r}");
+    }
+
+    #[test]
+    fn ready_reserved_for_this_domains_uuid_is_admitted() {
+        let d = web1();
+        let uuid = d.uuid.clone().expect("the fixture has a <uuid>");
+        let ledger = [
+            (pci(VF1), ready("acme", Some(&uuid.to_uppercase()))),
+            (pci(VF3), ready("acme", Some("web1"))),
+        ];
+        assert!(decide(&d, &ledger).is_ok());
+        let other = [(
+            pci(VF1),
+            ready("acme", Some("00000000-0000-4000-8000-000000000000")),
+        )];
+        assert!(
+            decide(&d, &other).is_err(),
+            "another UUID is another domain"
+        );
     }
 
     #[test]
