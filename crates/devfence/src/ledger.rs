@@ -20,10 +20,10 @@ use devfence_engine::store::{Partition, Tenant};
 use devfence_engine::{
     AuditFilter, DeviceState, GuidRange, SqliteStore, StepState, Store, StoreExt, engine,
 };
-use devfence_fabric::opensm::SaClient;
+use devfence_fabric::opensm::{SaClient, port_tables};
 use devfence_fabric::{
-    Change, FabricError, Health, Observation, OpenSmSm, PersistentSimSm, PortReader, Programmed,
-    SimConfig, SubnetManager, Ticket, UfmSm,
+    Change, FabricError, Health, Observation, OpenSmSm, PersistentSimSm, PortReader, SimConfig,
+    SubnetManager, Ticket, UfmSm,
 };
 use devfence_host::HostRoot;
 use devfence_model::{DeviceId, Guid, Membership, PKey, TenantId};
@@ -98,18 +98,6 @@ pub fn ledger_path(root: &HostRoot, given: Option<&Path>) -> PathBuf {
     given.map_or_else(|| root.path(LEDGER_PATH), Path::to_path_buf)
 }
 
-/// Makes a simulated host's VF P_Key tables those the SA reports: one SA read
-/// per port serves every slot until OpenSM's state can have changed (the kernel
-/// asks once per slot; the read is repeated for each new table read that starts
-/// at slot 0).
-fn follow_sa(k: &devfence_host::simkernel::SimKernel, sa: &Arc<SaClient>) {
-    let sa = Arc::clone(sa);
-    k.set_port_table_source(Arc::new(move |g: Guid| match sa.read_port(g) {
-        Ok(Programmed::Present { pkeys, .. }) => Some(pkeys.iter().map(|p| p.0).collect()),
-        _ => None,
-    }));
-}
-
 impl Env {
     /// Opens the ledger (creating it and its directory), the kernel and the SM.
     pub fn open(root: &HostRoot, ledger: Option<&Path>) -> Result<Env> {
@@ -168,7 +156,10 @@ impl Env {
                 let o = cfg.opensm();
                 let sa = Arc::new(SaClient::new(cfg.sa()));
                 if let Kernel::Sim(k) = &kernel {
-                    follow_sa(k, &sa);
+                    k.set_port_table_source(Arc::new(port_tables(
+                        Arc::clone(&sa) as Arc<dyn PortReader>,
+                        Some(o.log_file.clone()),
+                    )));
                 }
                 Arc::new(OpenSmSm::with_port_reader(o, Box::new(sa)))
             }
@@ -180,7 +171,10 @@ impl Env {
                 };
                 let sa = Arc::new(SaClient::new(cfg.sa()));
                 if let Kernel::Sim(k) = &kernel {
-                    follow_sa(k, &sa);
+                    k.set_port_table_source(Arc::new(port_tables(
+                        Arc::clone(&sa) as Arc<dyn PortReader>,
+                        None,
+                    )));
                 }
                 // Without an explicit list, devfence manages its tenants' partitions.
                 if u.managed_pkeys.is_empty() {

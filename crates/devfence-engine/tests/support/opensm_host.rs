@@ -8,14 +8,13 @@
 //! port-pkeys gate reads the fabric too.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use devfence_engine::store::{Partition, Tenant};
 use devfence_engine::{GuidRange, SqliteStore, StoreExt};
+use devfence_fabric::PortReader;
 use devfence_fabric::opensm::harness::{Fabric, FabricSpec};
-use devfence_fabric::opensm::{OpenSmSm, SaClient, SaConfig};
-use devfence_fabric::{PortReader, Programmed};
+use devfence_fabric::opensm::{OpenSmSm, SaClient, SaConfig, port_tables};
 use devfence_host::HostRoot;
 use devfence_host::actuator::{Errno, GuidKind, KernelIo, NodeMeta, PfHandle};
 use devfence_host::sim::{GenerateOptions, Profile, generate};
@@ -116,9 +115,6 @@ pub struct Host {
     pub sa: Arc<SaClient>,
 }
 
-/// A port table read at the SA, and the log length it was read at.
-type Memo = (u64, Option<Vec<u16>>);
-
 /// A fresh lab host (tenants acme 0x8001 and globex 0x8002) on the fabric `f`.
 pub fn host(f: &Fabric) -> Host {
     // The host tree and the ledger on tmpfs, as in the other engine tests and
@@ -144,27 +140,11 @@ pub fn host(f: &Fabric) -> Host {
     // process's single simulator connection and could take the other's replies.
     let sa = Arc::new(SaClient::new(SaConfig::default()));
     // The VF's own table, as the HCA would show it in sysfs, is the one the port
-    // acknowledged, read from the SA. The kernel asks once per slot; a table only
-    // changes when OpenSM works, and OpenSM logs whenever it works, so one SA
-    // read serves every slot until the log grows.
-    let sa2 = Arc::clone(&sa);
-    let log = f.opensm_config().log_file;
-    let memo: Mutex<HashMap<Guid, Memo>> = Mutex::new(HashMap::new());
-    kernel.set_port_table_source(Arc::new(move |g: Guid| {
-        let len = std::fs::metadata(&log).map_or(u64::MAX, |m| m.len());
-        let mut m = memo.lock().unwrap();
-        if let Some((at, t)) = m.get(&g)
-            && *at == len
-        {
-            return t.clone();
-        }
-        let t = match sa2.read_port(g) {
-            Ok(Programmed::Present { pkeys, .. }) => Some(pkeys.iter().map(|p| p.0).collect()),
-            _ => None,
-        };
-        m.insert(g, (len, t.clone()));
-        t
-    }));
+    // acknowledged, read from the SA (once per table while OpenSM's log is still).
+    kernel.set_port_table_source(Arc::new(port_tables(
+        Arc::clone(&sa) as Arc<dyn PortReader>,
+        Some(f.opensm_config().log_file),
+    )));
     let mut store = SqliteStore::open(dir.path().join("ledger.db")).unwrap();
     store
         .atomically(|tx| {

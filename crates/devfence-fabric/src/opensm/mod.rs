@@ -42,7 +42,7 @@ use crate::{
     Change, ChangeId, FabricError, Generation, Health, MembershipMap, Observation, PortReader,
     PortView, SmState, SmStatus, SubnetManager, SweepOutcome, Ticket,
 };
-pub use sa::{SaClient, SaConfig};
+pub use sa::{SaClient, SaConfig, port_tables};
 
 const BACKEND: &str = "opensm";
 
@@ -70,6 +70,15 @@ impl Default for OpenSmConfig {
             sa: SaConfig::default(),
         }
     }
+}
+
+/// One read of OpenSM's process and log.
+struct SmRead {
+    status: SmStatus,
+    notes: Vec<String>,
+    version: Option<String>,
+    /// OpenSM's PID, if it runs.
+    pid: Option<i32>,
 }
 
 /// What devfence remembers next to the partitions file.
@@ -367,7 +376,7 @@ impl OpenSmSm {
     }
 
     /// The SM's status from its process and log.
-    fn status(&self) -> Result<(SmStatus, Vec<String>, Option<String>), FabricError> {
+    fn status(&self) -> Result<SmRead, FabricError> {
         let proc = self.process()?;
         let mut cursor = lock(&self.log);
         let st = cursor
@@ -403,23 +412,24 @@ impl OpenSmSm {
                 st.pending_errors.join(" | ")
             ));
         }
-        Ok((
-            SmStatus {
+        Ok(SmRead {
+            status: SmStatus {
                 state,
                 generation: Generation(st.subnet_up),
                 sweep: st.last.clone().unwrap_or(SweepOutcome::NoneYet),
             },
             notes,
-            st.version,
-        ))
+            version: st.version,
+            pid: proc.map(|p| p.pid),
+        })
     }
 
     /// After a sweep: remember a clean file as last good, or restore the last good
-    /// one if OpenSM could not parse what it read.
-    fn settle_file(&self, status: &SmStatus, pid: Option<i32>) -> Result<(), FabricError> {
+    /// one if OpenSM could not parse what it read. Returns the file as it now is.
+    fn settle_file(&self, status: &SmStatus, pid: Option<i32>) -> Result<String, FabricError> {
         let _guard = self.file_lock()?;
         let mut memo = self.memo()?;
-        let text = self.read_file()?;
+        let mut text = self.read_file()?;
         let now = sha(&text);
         match &status.sweep {
             SweepOutcome::Clean
@@ -445,6 +455,7 @@ impl OpenSmSm {
                 {
                     write_atomic(&self.rejected_path(), &text)?;
                     write_atomic(&self.cfg.partitions_file, &good)?;
+                    text.clone_from(&good);
                     memo.written = sha(&good);
                     memo.signalled_at = status.generation.0;
                     self.save_memo(&memo)?;
@@ -477,7 +488,7 @@ impl OpenSmSm {
             }
             _ => {}
         }
-        Ok(())
+        Ok(text)
     }
 
     /// Keeps an operator note for `health()` (the last 16).
@@ -616,18 +627,16 @@ impl SubnetManager for OpenSmSm {
     }
 
     fn observe(&self, guids: &[Guid]) -> Result<Observation, FabricError> {
-        let (status, _, _) = self.status()?;
-        if status.state == SmState::Master {
-            let pid = self.process()?.map(|p| p.pid);
-            self.settle_file(&status, pid)?;
-        }
+        let SmRead { status, pid, .. } = self.status()?;
         let mut ports = std::collections::BTreeMap::new();
         if status.state != SmState::Master {
             // Nothing answers: report the status alone; every asked GUID is
             // unobserved, and every gate on it stays closed.
             return Ok(Observation { status, ports });
         }
-        let file = self.current()?;
+        // One read of the file per observation: settled, then parsed once.
+        let text = self.settle_file(&status, pid)?;
+        let file = partitions::parse(&text).map_err(|e| self.refused_file("cannot parse", &e))?;
         for g in guids {
             let programmed = self.reader.read_port(*g)?;
             ports.insert(
@@ -667,7 +676,12 @@ impl SubnetManager for OpenSmSm {
     }
 
     fn health(&self) -> Result<Health, FabricError> {
-        let (status, mut notes, version) = self.status()?;
+        let SmRead {
+            status,
+            mut notes,
+            version,
+            ..
+        } = self.status()?;
         notes.extend(lock(&self.notes).iter().cloned());
         Ok(Health {
             backend: BACKEND.into(),

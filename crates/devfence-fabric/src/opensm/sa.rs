@@ -341,6 +341,42 @@ fn refused(status: u16, what: &str) -> FabricError {
     }
 }
 
+/// A simulated host's VF P_Key tables as the SA reports them, for a simulated
+/// kernel's port-table source (the kernel asks once per slot).
+///
+/// With `changes` — OpenSM's log — one SA read serves every slot until the log
+/// grows: a port's table only changes when OpenSM works, and OpenSM logs whenever
+/// it works. Without it every call reads the SA.
+pub fn port_tables(
+    reader: std::sync::Arc<dyn PortReader>,
+    changes: Option<std::path::PathBuf>,
+) -> impl Fn(Guid) -> Option<Vec<u16>> + Send + Sync + 'static {
+    type Memo = std::collections::HashMap<Guid, (u64, Option<Vec<u16>>)>;
+    let memo: Mutex<Memo> = Mutex::new(Memo::new());
+    move |g: Guid| {
+        let mark = changes
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len());
+        let mut m = memo
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let (Some(len), Some((at, t))) = (mark, m.get(&g))
+            && *at == len
+        {
+            return t.clone();
+        }
+        let t = match reader.read_port(g) {
+            Ok(Programmed::Present { pkeys, .. }) => Some(pkeys.iter().map(|p| p.0).collect()),
+            _ => None,
+        };
+        if let Some(len) = mark {
+            m.insert(g, (len, t.clone()));
+        }
+        t
+    }
+}
+
 impl PortReader for SaClient {
     fn read_port(&self, guid: Guid) -> Result<Programmed, FabricError> {
         let Some(n) = self.node_of(guid)? else {
