@@ -1,0 +1,4 @@
+//! Adversarial tests: containment.
+
+#[allow(unused_imports)]
+use super::support::*;

@@ -1,0 +1,4 @@
+//! Adversarial tests: fabric.
+
+#[allow(unused_imports)]
+use super::support::*;

@@ -1,0 +1,4 @@
+//! Adversarial tests: hook.
+
+#[allow(unused_imports)]
+use super::support::*;

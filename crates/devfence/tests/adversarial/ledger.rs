@@ -1,0 +1,4 @@
+//! Adversarial tests: ledger.
+
+#[allow(unused_imports)]
+use super::support::*;
