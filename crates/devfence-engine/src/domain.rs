@@ -275,6 +275,17 @@ pub fn parse_domain(xml: &str) -> Result<DomainSpec, DomainError> {
                 if el.attribute("type") == Some("hostdev") {
                     let at = locate("<interface type='hostdev'>", interface_n, el);
                     read_interface(el, &at, &mut found)?;
+                } else if let Some(actual) = hostdev_actual(el, interface_n)? {
+                    // A network-pool interface (`type='network'` on a hostdev
+                    // network) whose allocated `<actual type='hostdev'>` is a VF:
+                    // the guest gets that VF as surely as through a `<hostdev>`.
+                    let t = cut(el.attribute("type").unwrap_or(""));
+                    let at = locate(
+                        &format!("<interface type='{t}'> <actual type='hostdev'>"),
+                        interface_n,
+                        el,
+                    );
+                    read_interface(actual, &at, &mut found)?;
                 }
             }
         }
@@ -552,6 +563,28 @@ fn read_interface(el: Node<'_, '_>, at: &str, found: &mut Found) -> Result<(), D
     found.add(DeviceId::Pci(bdf), at)
 }
 
+/// The `<actual type='hostdev'>` of an interface of another type (libvirt writes
+/// the device it allocated from a network pool there), if it has one. Two
+/// `<actual>` elements are ambiguous and refused.
+fn hostdev_actual<'a, 'input>(
+    el: Node<'a, 'input>,
+    n: usize,
+) -> Result<Option<Node<'a, 'input>>, DomainError> {
+    let mut actuals = plain_children(el, "actual");
+    let Some(actual) = actuals.next() else {
+        return Ok(None);
+    };
+    if actuals.next().is_some() {
+        return Err(DomainError::BadHostdev {
+            at: locate("<interface>", n, el),
+            reason: "has more than one <actual>".to_string(),
+            hint: "libvirt writes one <actual> for the device it allocated from a network; \
+                   check the domain with `virsh dumpxml`",
+        });
+    }
+    Ok((actual.attribute("type") == Some("hostdev")).then_some(actual))
+}
+
 /// The host PCI function an `<address domain= bus= slot= function=/>` names.
 fn pci_address(address: Node<'_, '_>, at: &str) -> Result<Bdf, DomainError> {
     let field = |attribute: &'static str, max: u64, required: bool| -> Result<u64, DomainError> {
@@ -659,13 +692,55 @@ fn note_qemu_passthrough(root: Node<'_, '_>, unsupported: &mut Vec<String>) {
     }
 }
 
+/// What the hook does with a domain that does not say whose it is: no
+/// `<devfence:tenant>` metadata, and no device reserved for it (by name or UUID).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unidentified {
+    /// Refuse it (the default): any tenant's Ready device would otherwise pass
+    /// into any domain an orchestrator put it in.
+    #[default]
+    Refuse,
+    /// Admit it for the tenant its devices are Ready for, but only while the
+    /// ledger knows at most one tenant (`[hook] allow_unidentified_single_tenant`).
+    SingleTenant {
+        /// How many tenants the ledger knows now.
+        tenants: usize,
+    },
+}
+
+/// Decides libvirt's `prepare begin` with the default policy (an unidentified
+/// domain is refused); see [`decide_prepare_with`].
+///
+/// # Errors
+/// A [`Refusal`] naming the first device that fails and why, with a hint.
+pub fn decide_prepare(
+    domain: &DomainSpec,
+    state_of: &mut dyn FnMut(&DeviceId) -> Result<Option<DeviceState>, String>,
+) -> Result<Admission, Refusal> {
+    decide_prepare_with(domain, state_of, Unidentified::Refuse)
+}
+
+/// Whether a reservation `vm` names this domain: by its name, or by its UUID
+/// (any case; device-state admission binds to the VM UUID).
+#[must_use]
+pub fn reserved_for(domain: &DomainSpec, vm: &str) -> bool {
+    vm == domain.name
+        || domain
+            .uuid
+            .as_deref()
+            .is_some_and(|u| u.eq_ignore_ascii_case(vm))
+}
+
 /// Decides libvirt's `prepare begin`: may `domain` start?
 ///
 /// `state_of` reads one device's ledger state (`Ok(None)`: devfence does not
 /// manage it). The domain is admitted only if every device of
 /// [`DomainSpec::hostdevs`] is `Ready { tenant, vm }` where the tenant is the
 /// same for all of them, is the tenant the domain's metadata names (if it names
-/// one), and `vm`, when the assignment named one, is this domain. Everything
+/// one), and `vm`, when the assignment named one, is this domain. The domain
+/// must say whose it is: by its metadata, or by being the VM one of its devices
+/// is reserved for; otherwise `unidentified` decides. Everything
 /// else is refused — not managed, `Free`, `Preparing`, `Scrubbing`,
 /// `Quarantined`, and `Active`/`Draining` even for this very domain (a device
 /// serves one running domain at a time) — and so is a ledger that cannot be read
@@ -675,9 +750,10 @@ fn note_qemu_passthrough(root: Node<'_, '_>, unsupported: &mut Vec<String>) {
 ///
 /// # Errors
 /// A [`Refusal`] naming the first device that fails and why, with a hint.
-pub fn decide_prepare(
+pub fn decide_prepare_with(
     domain: &DomainSpec,
     state_of: &mut dyn FnMut(&DeviceId) -> Result<Option<DeviceState>, String>,
+    unidentified: Unidentified,
 ) -> Result<Admission, Refusal> {
     let refuse = |device: &DeviceId, reason: String| Refusal {
         domain: domain.name.clone(),
@@ -718,10 +794,20 @@ pub fn decide_prepare(
         DeviceState::Ready { tenant, .. } => Some((*d, tenant)),
         _ => None,
     });
-    let expected = domain
+    // Whose the domain is: its metadata's tenant, else the tenant of a device
+    // reserved for it.
+    let reserved_here = states.iter().find_map(|(d, s)| match s {
+        DeviceState::Ready {
+            tenant,
+            vm: Some(v),
+        } if reserved_for(domain, v) => Some((*d, tenant)),
+        _ => None,
+    });
+    let identity = domain
         .tenant
         .as_ref()
-        .or_else(|| first_ready.map(|(_, t)| t));
+        .or_else(|| reserved_here.map(|(_, t)| t));
+    let expected = identity.or_else(|| first_ready.map(|(_, t)| t));
     let for_tenant = |t: Option<&TenantId>| t.map_or(String::new(), |t| format!(" for {t}"));
 
     for (device, state) in &states {
@@ -739,6 +825,17 @@ pub fn decide_prepare(
                             ),
                         ));
                     }
+                } else if let Some((held, t)) = reserved_here
+                    && tenant != t
+                {
+                    return Err(refuse(
+                        device,
+                        format!(
+                            "{device} is Ready for {tenant}, but {held} is reserved for this \
+                             domain by {t}. Hint: one domain may only hold devices of one \
+                             tenant; give it devices prepared for {t}"
+                        ),
+                    ));
                 } else if let Some((first, t)) = first_ready
                     && tenant != t
                 {
@@ -754,11 +851,7 @@ pub fn decide_prepare(
                 // A reservation names the domain by its name (libvirt's hook) or by
                 // its UUID (device-state admission binds to the VM UUID).
                 if let Some(v) = vm
-                    && *v != domain.name
-                    && domain
-                        .uuid
-                        .as_deref()
-                        .is_none_or(|u| !u.eq_ignore_ascii_case(v))
+                    && !reserved_for(domain, v)
                 {
                     return Err(refuse(
                         device,
@@ -806,6 +899,39 @@ pub fn decide_prepare(
         }
     }
 
+    if identity.is_none()
+        && let Some((first, t)) = first_ready
+    {
+        let how = "Hint: name the domain's tenant in its metadata — <devfence:tenant \
+                   xmlns:devfence=\"https://devfence.dev/xmlns/libvirt/1\" id=\"TENANT\"/> \
+                   (`virsh metadata`) — or reserve the devices for this VM (`devfence assign \
+                   DEVICE --tenant T --vm NAME|UUID`)";
+        match unidentified {
+            Unidentified::Refuse => {
+                return Err(refuse(
+                    first,
+                    format!(
+                        "the domain names no tenant and no device is reserved for it, so \
+                         devfence cannot tell whether {t}'s devices belong in it. {how}; \
+                         single-tenant hosts may set [hook] \
+                         allow_unidentified_single_tenant = true"
+                    ),
+                ));
+            }
+            Unidentified::SingleTenant { tenants } if tenants > 1 => {
+                return Err(refuse(
+                    first,
+                    format!(
+                        "the domain names no tenant and no device is reserved for it, and \
+                         [hook] allow_unidentified_single_tenant holds on a single-tenant host \
+                         only: this ledger knows {tenants} tenants. {how}"
+                    ),
+                ));
+            }
+            Unidentified::SingleTenant { .. } => {}
+        }
+    }
+
     Ok(Admission {
         tenant: expected.filter(|_| !states.is_empty()).cloned(),
         devices: domain.hostdevs.clone(),
@@ -821,6 +947,8 @@ mod tests {
     const MDEV_GPU: &str = include_str!("../tests/fixtures/domains/mdev-gpu.xml");
     const VFIO_AP: &str = include_str!("../tests/fixtures/domains/vfio-ap.xml");
     const INTERFACE_HOSTDEV: &str = include_str!("../tests/fixtures/domains/interface-hostdev.xml");
+    const INTERFACE_NETWORK_POOL: &str =
+        include_str!("../tests/fixtures/domains/interface-network-pool.xml");
     const NO_HOSTDEV: &str = include_str!("../tests/fixtures/domains/no-hostdev.xml");
     const USB_ONLY: &str = include_str!("../tests/fixtures/domains/usb-only.xml");
     const METADATA_TENANT: &str = include_str!("../tests/fixtures/domains/metadata-tenant.xml");
@@ -828,8 +956,9 @@ mod tests {
     const NOT_DOMAIN: &str = include_str!("../tests/fixtures/domains/not-domain.xml");
     const TRUNCATED: &str = include_str!("../tests/fixtures/domains/truncated.xml");
 
-    const FIXTURES: [&str; 10] = [
+    const FIXTURES: [&str; 11] = [
         PCI_TWO_VFS,
+        INTERFACE_NETWORK_POOL,
         MDEV_GPU,
         VFIO_AP,
         INTERFACE_HOSTDEV,
@@ -1398,8 +1527,10 @@ mod tests {
             (pci(VF1), ready("acme", None)),
             (pci(VF3), ready("acme", None)),
         ];
+        let mut web1 = web1();
+        web1.tenant = Some(t("acme"));
         assert_eq!(
-            decide(&web1(), &ledger),
+            decide(&web1, &ledger),
             Ok(Admission {
                 tenant: Some(t("acme")),
                 devices: vec![pci(VF1), pci(VF3)],
@@ -1417,6 +1548,83 @@ mod tests {
             ),
         ];
         assert_eq!(decide(&gpu, &ledger).unwrap().tenant, Some(t("acme")));
+    }
+
+    /// issue 18 item 13: a domain that names no tenant and holds no device
+    /// reserved for it is refused by default, with a hint.
+    #[test]
+    fn unidentified_domain_is_refused_by_default() {
+        let ledger = [
+            (pci(VF1), ready("acme", None)),
+            (pci(VF3), ready("acme", None)),
+        ];
+        let r = decide(&web1(), &ledger).unwrap_err();
+        assert_eq!(r.device, Some(pci(VF1)));
+        let line = r.to_string();
+        assert!(
+            line.contains("names no tenant") && line.contains("Hint: "),
+            "{line}"
+        );
+        assert!(
+            line.contains("devfence:tenant") && line.contains("--vm"),
+            "{line}"
+        );
+        // One device reserved for this domain identifies it (and its tenant).
+        let ledger = [
+            (pci(VF1), ready("acme", None)),
+            (pci(VF3), ready("acme", Some("web1"))),
+        ];
+        assert_eq!(decide(&web1(), &ledger).unwrap().tenant, Some(t("acme")));
+        // ... and a device of another tenant next to it is refused.
+        let ledger = [
+            (pci(VF1), ready("globex", None)),
+            (pci(VF3), ready("acme", Some("web1"))),
+        ];
+        let r = decide(&web1(), &ledger).unwrap_err();
+        assert_eq!(r.device, Some(pci(VF1)));
+        assert!(r.reason.contains("reserved for this domain by acme"), "{r}");
+    }
+
+    /// issue 18 item 13: the single-tenant switch admits an unidentified domain
+    /// while the ledger knows one tenant, and only then.
+    #[test]
+    fn single_tenant_switch_holds_for_one_tenant_only() {
+        let ledger = [
+            (pci(VF1), ready("acme", None)),
+            (pci(VF3), ready("acme", None)),
+        ];
+        let with = |tenants| {
+            decide_prepare_with(
+                &web1(),
+                &mut |d| Ok(ledger.iter().find(|(x, _)| x == d).map(|(_, s)| s.clone())),
+                Unidentified::SingleTenant { tenants },
+            )
+        };
+        assert_eq!(with(1).unwrap().tenant, Some(t("acme")));
+        let r = with(2).unwrap_err();
+        assert!(r.reason.contains("single-tenant host only"), "{r}");
+    }
+
+    /// issue 18 item 9: a network-pool interface whose `<actual type='hostdev'>`
+    /// names a VF counts like a `<hostdev>`; other `<actual>` types do not.
+    #[test]
+    fn fixture_interface_network_pool() {
+        let spec = parse_domain(INTERFACE_NETWORK_POOL).unwrap();
+        assert_eq!(spec.hostdevs, vec![pci("0000:5e:10.2")]);
+        let two = domain_with(
+            "<interface type='network'><actual type='hostdev'><source><address \
+             domain='0' bus='0x5e' slot='0x10' function='0'/></source></actual>\
+             <actual type='bridge'/></interface>",
+        );
+        assert!(err(&two).contains("more than one <actual>"));
+        // The same VF as a <hostdev> and behind a pool interface is a duplicate.
+        let dup = domain_with(
+            "<hostdev mode='subsystem' type='pci'><source><address domain='0' bus='0x5e' \
+             slot='0x10' function='0'/></source></hostdev><interface type='network'>\
+             <actual type='hostdev'><source><address domain='0' bus='0x5e' slot='0x10' \
+             function='0'/></source></actual></interface>",
+        );
+        assert!(err(&dup).contains("twice"));
     }
 
     #[test]

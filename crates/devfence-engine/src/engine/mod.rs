@@ -14,6 +14,7 @@
 
 #![allow(clippy::result_large_err)]
 
+mod admit;
 mod facts;
 pub mod failpoint;
 mod procs;
@@ -26,6 +27,7 @@ use devfence_host::actuator::KernelIo;
 use devfence_model::{DeviceId, Inventory, TenantId};
 use serde_json::{Value, json};
 
+pub use admit::{Drift, Started};
 pub use facts::{DeviceKind, KindError, classify};
 pub use failpoint::{Crash, CrashMode, Failpoints};
 pub use procs::PlannedStep;
