@@ -6,15 +6,18 @@
 //! into a copy of a host would change nothing and prove nothing.
 
 use std::io::Write;
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use devfence_engine::store::DeviceRecord;
+use devfence_engine::{AuditEvent, AuditKind, DeviceState, SqliteStore, StoreExt};
 use devfence_host::actuator::ops::SysfsActuator;
 use devfence_host::actuator::real::RealKernel;
 use devfence_host::actuator::recording::RecordingIo;
 use devfence_host::actuator::{ActError, Actuator, ApMaskKind, ApResource, KernelIo, MaskEdit};
 use devfence_host::simkernel::SimKernel;
 use devfence_host::{HostRoot, read_inventory, sim};
-use devfence_model::{Bdf, MdevUuid, PciFunction};
+use devfence_model::{ApMask, Bdf, DeviceId, Inventory, MdevUuid, PciFunction};
 
 use crate::Outcome;
 use crate::cli::{
@@ -125,6 +128,116 @@ fn act(
     Ok(Outcome::Ok)
 }
 
+// ----------------------------------------------------------------------
+// Held devices: an acting command does not change what the ledger holds.
+
+/// Every device the ledger holds (any state but `Free`); none without a ledger
+/// (an acting command never creates one).
+fn holdings(root: &HostRoot, ledger: Option<&Path>) -> Result<Vec<DeviceRecord>> {
+    let path = crate::ledger::ledger_path(root, ledger);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let mut store = SqliteStore::open(&path)?;
+    let all = store.atomically(|tx| tx.devices())?;
+    Ok(all
+        .into_iter()
+        .filter(|d| d.state != DeviceState::Free)
+        .collect())
+}
+
+/// How an action on the PCI function `t` touches the held device `held`: it is
+/// `t`, a VF of `t` or an mdev on `t`.
+fn touches_pci(inv: &Inventory, t: Bdf, held: &DeviceId) -> Option<String> {
+    match held {
+        DeviceId::Pci(b) if *b == t => Some(format!("{t} itself")),
+        DeviceId::Pci(b) => inv
+            .pci_function(*b)
+            .and_then(|f| f.physfn)
+            .filter(|pf| *pf == t)
+            .map(|_| format!("{b}, a VF of {t}")),
+        DeviceId::Mdev(u) => inv
+            .mdevs
+            .iter()
+            .find(|m| m.uuid == *u && m.parent == t.to_string())
+            .map(|_| format!("mdev {u}, on {t}")),
+        _ => None,
+    }
+}
+
+/// Refuses `what` when it touches a device the ledger holds (`touches` says how,
+/// per held device), unless `--force`; a forced action is recorded in the audit
+/// chain — before it is taken — with every held device it touches.
+fn guard(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    flags: &ActFlags,
+    what: &str,
+    touches: &dyn Fn(&Inventory, &DeviceRecord) -> Option<String>,
+) -> Result<()> {
+    let held = holdings(root, ledger)?;
+    if held.is_empty() {
+        return Ok(());
+    }
+    let inv = read_inventory(root)?;
+    let hit: Vec<(&DeviceRecord, String)> = held
+        .iter()
+        .filter_map(|r| touches(&inv, r).map(|how| (r, how)))
+        .collect();
+    if hit.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = hit
+        .iter()
+        .map(|(r, how)| format!("{how} is {}", r.state))
+        .collect();
+    if !flags.force {
+        let first = hit[0].0.device;
+        bail!(
+            "Refused: {what} would change what the ledger holds: {}. Hint: release it first \
+             (`devfence release {first}`; a running VM's device is released when the VM stops), \
+             or give --force to act anyway — recorded in the audit chain, and the libvirt hook \
+             re-verifies (and quarantines) a changed device before its VM starts",
+            list.join("; ")
+        );
+    }
+    if flags.dry_run {
+        return Ok(());
+    }
+    let path = crate::ledger::ledger_path(root, ledger);
+    let mut store = SqliteStore::open(&path)?;
+    store.atomically(|tx| {
+        for (r, how) in &hit {
+            tx.audit(&AuditEvent {
+                kind: AuditKind::Ledger,
+                device: Some(r.device),
+                tenant: r.state.tenant().cloned(),
+                detail: serde_json::json!({
+                    "action": "force", "command": what, "touches": how, "state": r.state.to_string(),
+                }),
+            })?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// The APQNs the held device `r` stands for: a matrix mdev's, or an APQN's own.
+fn held_apqns(inv: &Inventory, r: &DeviceRecord) -> Vec<devfence_model::Apqn> {
+    match &r.device {
+        DeviceId::Apqn(q) => vec![*q],
+        DeviceId::Mdev(u) => inv
+            .ap
+            .iter()
+            .flat_map(|ap| ap.matrix_mdevs.iter())
+            .filter(|m| m.uuid == *u)
+            .filter_map(|m| m.matrix.as_ref())
+            .flat_map(|m| m.apqns().collect::<Vec<_>>())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 fn bdf(s: &str) -> Result<Bdf> {
     s.parse::<Bdf>().map_err(|e| {
         anyhow::anyhow!("{e}. Hint: `devfence inventory` lists the host's PCI functions")
@@ -165,7 +278,12 @@ fn dma_managed(driver: Option<&str>, wanted: &str) -> bool {
 }
 
 /// `devfence bind`.
-pub fn bind(root: &HostRoot, a: &BindArgs, out: &mut dyn Write) -> Result<Outcome> {
+pub fn bind(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &BindArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
     let dev = bdf(&a.device)?;
     let kernel = Kernel::for_root(root)?;
     let companions = group_companions(root, dev)?;
@@ -195,6 +313,9 @@ pub fn bind(root: &HostRoot, a: &BindArgs, out: &mut dyn Write) -> Result<Outcom
     } else {
         format!("bind {dev} to {}", a.driver)
     };
+    guard(root, ledger, &a.act, &what, &|inv, r| {
+        targets.iter().find_map(|t| touches_pci(inv, *t, &r.device))
+    })?;
     act(&kernel, &a.act, &what, out, &|x| {
         for t in &targets {
             x.bind(*t, &a.driver)?;
@@ -209,7 +330,12 @@ pub fn bind(root: &HostRoot, a: &BindArgs, out: &mut dyn Write) -> Result<Outcom
 }
 
 /// `devfence unbind`.
-pub fn unbind(root: &HostRoot, a: &UnbindArgs, out: &mut dyn Write) -> Result<Outcome> {
+pub fn unbind(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &UnbindArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
     let dev = bdf(&a.device)?;
     let kernel = Kernel::for_root(root)?;
     let mut targets: Vec<Bdf> = Vec::new();
@@ -230,6 +356,9 @@ pub fn unbind(root: &HostRoot, a: &UnbindArgs, out: &mut dyn Write) -> Result<Ou
         )?;
     }
     targets.push(dev);
+    guard(root, ledger, &a.act, &format!("unbind {dev}"), &|inv, r| {
+        targets.iter().find_map(|t| touches_pci(inv, *t, &r.device))
+    })?;
     act(&kernel, &a.act, &format!("unbind {dev}"), out, &|x| {
         for t in &targets {
             x.unbind(*t)?;
@@ -239,9 +368,21 @@ pub fn unbind(root: &HostRoot, a: &UnbindArgs, out: &mut dyn Write) -> Result<Ou
 }
 
 /// `devfence vfs`.
-pub fn vfs(root: &HostRoot, a: &VfsArgs, out: &mut dyn Write) -> Result<Outcome> {
+pub fn vfs(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &VfsArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
     let pf = bdf(&a.pf)?;
     let kernel = Kernel::for_root(root)?;
+    guard(
+        root,
+        ledger,
+        &a.act,
+        &format!("vfs {pf} --count {}", a.count),
+        &|inv, r| touches_pci(inv, pf, &r.device),
+    )?;
     act(
         &kernel,
         &a.act,
@@ -258,9 +399,17 @@ pub fn vfs(root: &HostRoot, a: &VfsArgs, out: &mut dyn Write) -> Result<Outcome>
 }
 
 /// `devfence reset`.
-pub fn reset(root: &HostRoot, a: &ResetArgs, out: &mut dyn Write) -> Result<Outcome> {
+pub fn reset(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &ResetArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
     let dev = bdf(&a.device)?;
     let kernel = Kernel::for_root(root)?;
+    guard(root, ledger, &a.act, &format!("reset {dev}"), &|inv, r| {
+        touches_pci(inv, dev, &r.device)
+    })?;
     act(&kernel, &a.act, &format!("reset {dev}"), out, &|x| {
         x.reset(dev)?;
         Ok("the function answers (vendor id reads back)".to_string())
@@ -278,7 +427,12 @@ fn fresh_uuid() -> Result<MdevUuid> {
 }
 
 /// `devfence mdev …`.
-pub fn mdev(root: &HostRoot, c: &MdevCommand, out: &mut dyn Write) -> Result<Outcome> {
+pub fn mdev(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    c: &MdevCommand,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
     let kernel = Kernel::for_root(root)?;
     match c {
         MdevCommand::Create {
@@ -309,6 +463,13 @@ pub fn mdev(root: &HostRoot, c: &MdevCommand, out: &mut dyn Write) -> Result<Out
             act: flags,
         } => {
             let id = uuid(u)?;
+            guard(
+                root,
+                ledger,
+                flags,
+                &format!("mdev remove {id}"),
+                &|_, r| (r.device == DeviceId::Mdev(id)).then(|| format!("mdev {id} itself")),
+            )?;
             act(&kernel, flags, &format!("remove mdev {id}"), out, &|x| {
                 x.mdev_remove(id)?;
                 Ok("gone".to_string())
@@ -332,7 +493,12 @@ fn ap_resources(a: &ApAssignArgs) -> Result<Vec<ApResource>> {
 }
 
 /// `devfence ap …`.
-pub fn ap(root: &HostRoot, c: &ApCommand, out: &mut dyn Write) -> Result<Outcome> {
+pub fn ap(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    c: &ApCommand,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
     match c {
         ApCommand::Assign(a) | ApCommand::Unassign(a) => {
             let assign = matches!(c, ApCommand::Assign(_));
@@ -340,6 +506,13 @@ pub fn ap(root: &HostRoot, c: &ApCommand, out: &mut dyn Write) -> Result<Outcome
             let res = ap_resources(a)?;
             let kernel = Kernel::for_root(root)?;
             let verb = if assign { "assign" } else { "unassign" };
+            guard(
+                root,
+                ledger,
+                &a.act,
+                &format!("ap {verb} on {m}"),
+                &|_, r| (r.device == DeviceId::Mdev(m)).then(|| format!("matrix mdev {m} itself")),
+            )?;
             act(
                 &kernel,
                 &a.act,
@@ -357,11 +530,16 @@ pub fn ap(root: &HostRoot, c: &ApCommand, out: &mut dyn Write) -> Result<Outcome
                 },
             )
         }
-        ApCommand::Mask(a) => mask(root, a, out),
+        ApCommand::Mask(a) => mask(root, ledger, a, out),
     }
 }
 
-fn mask(root: &HostRoot, a: &ApMaskArgs, out: &mut dyn Write) -> Result<Outcome> {
+fn mask(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &ApMaskArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
     let mut edits = Vec::new();
     if let Some(e) = &a.apmask {
         edits.push((
@@ -381,6 +559,38 @@ fn mask(root: &HostRoot, a: &ApMaskArgs, out: &mut dyn Write) -> Result<Outcome>
         bail!("Nothing to edit. Hint: give --apmask EXPR and/or --aqmask EXPR");
     }
     let kernel = Kernel::for_root(root)?;
+    // An APQN is touched when its adapter's apmask bit or its domain's aqmask
+    // bit changes (either way the queue may move between host and guest).
+    let changed = |inv: &Inventory, which: ApMaskKind| -> Vec<u8> {
+        let cur = inv.ap.as_ref().and_then(|ap| match which {
+            ApMaskKind::Apmask => ap.apmask,
+            ApMaskKind::Aqmask => ap.aqmask,
+        });
+        // An unreadable mask: every bit the edit names may change (fail closed).
+        let cur = cur.unwrap_or(ApMask::NONE);
+        edits
+            .iter()
+            .filter(|(w, _)| *w == which)
+            .flat_map(|(_, e)| {
+                let new = e.apply(&cur);
+                (0..=255u8)
+                    .filter(|n| new.contains(*n) != cur.contains(*n))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    guard(root, ledger, &a.act, "ap mask", &|inv, r| {
+        let (ads, doms) = (
+            changed(inv, ApMaskKind::Apmask),
+            changed(inv, ApMaskKind::Aqmask),
+        );
+        let q: Vec<String> = held_apqns(inv, r)
+            .into_iter()
+            .filter(|q| ads.contains(&q.adapter) || doms.contains(&q.domain))
+            .map(|q| q.to_string())
+            .collect();
+        (!q.is_empty()).then(|| format!("APQN(s) {} of {}", q.join(", "), r.device))
+    })?;
     act(&kernel, &a.act, "edit the AP masks", out, &|x| {
         let mut done = Vec::new();
         for (which, e) in &edits {

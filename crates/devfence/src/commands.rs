@@ -40,12 +40,12 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Outcome> {
         None => HostRoot::new(cli.root.clone()),
     };
     match &cli.command {
-        Command::Bind(a) => crate::act::bind(&root, a, out),
-        Command::Unbind(a) => crate::act::unbind(&root, a, out),
-        Command::Vfs(a) => crate::act::vfs(&root, a, out),
-        Command::Reset(a) => crate::act::reset(&root, a, out),
-        Command::Mdev(c) => crate::act::mdev(&root, c, out),
-        Command::Ap(c) => crate::act::ap(&root, c, out),
+        Command::Bind(a) => crate::act::bind(&root, cli.ledger.as_deref(), a, out),
+        Command::Unbind(a) => crate::act::unbind(&root, cli.ledger.as_deref(), a, out),
+        Command::Vfs(a) => crate::act::vfs(&root, cli.ledger.as_deref(), a, out),
+        Command::Reset(a) => crate::act::reset(&root, cli.ledger.as_deref(), a, out),
+        Command::Mdev(c) => crate::act::mdev(&root, cli.ledger.as_deref(), c, out),
+        Command::Ap(c) => crate::act::ap(&root, cli.ledger.as_deref(), c, out),
         Command::Inventory(a) => inventory(&root, a, out),
         Command::Check(a) => check(&root, cli.ledger.as_deref(), a, out),
         Command::Rules(a) => rules(a, out),
@@ -671,18 +671,19 @@ fn demo_fix_group(base: &Path, out: &mut dyn Write) -> Result<()> {
         act: crate::cli::ActFlags {
             dry_run,
             json: false,
+            force: false,
         },
     };
     writeln!(
         out,
         "   $ devfence bind 0000:05:00.0 --driver vfio-pci --with-group --dry-run"
     )?;
-    crate::act::bind(&root, &args(true), out)?;
+    crate::act::bind(&root, None, &args(true), out)?;
     writeln!(
         out,
         "   $ devfence bind 0000:05:00.0 --driver vfio-pci --with-group"
     )?;
-    crate::act::bind(&root, &args(false), out)?;
+    crate::act::bind(&root, None, &args(false), out)?;
     writeln!(
         out,
         "   after: {} GRP-VIABLE finding(s): every member of the group is on vfio-pci, read back from sysfs\n",

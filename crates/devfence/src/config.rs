@@ -73,6 +73,17 @@ pub struct FabricConfig {
     pub sa: Option<SaConfig>,
 }
 
+/// `[hook]`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookConfig {
+    /// Admit a domain that names no tenant and holds no device reserved for it,
+    /// for the tenant its devices are Ready for — only while the ledger knows at
+    /// most one tenant. Default false: such a domain is refused.
+    #[serde(default)]
+    pub allow_unidentified_single_tenant: bool,
+}
+
 static EXPLICIT: OnceLock<Option<PathBuf>> = OnceLock::new();
 
 /// Records `--config` for every later [`Config::load`] of this process.
@@ -92,6 +103,9 @@ pub struct Config {
     /// `[fabric]`.
     #[serde(default)]
     pub fabric: FabricConfig,
+    /// `[hook]`: the libvirt hook (docs/libvirt-hook.md).
+    #[serde(default)]
+    pub hook: HookConfig,
     /// Where it was read from (`None`: the defaults).
     #[serde(skip)]
     pub source: Option<PathBuf>,

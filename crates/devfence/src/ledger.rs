@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use devfence_engine::domain::{decide_prepare, parse_domain};
+use devfence_engine::domain::{Unidentified, parse_domain, reserved_for};
 use devfence_engine::engine::{Engine, EngineConfig, EngineError, Failpoints, Progress};
 use devfence_engine::store::{Partition, Tenant};
 use devfence_engine::{
@@ -215,7 +215,7 @@ impl Env {
 fn config(op: &OpFlags) -> Result<EngineConfig> {
     if !(op.gate_timeout.is_finite() && op.gate_timeout > 0.0 && op.gate_timeout <= 3600.0) {
         bail!(
-            "--gate-timeout {} is out of range. Hint: give seconds between 0 and 3600",
+            "--gate-timeout {} is out of range. Hint: give seconds more than 0 and at most 3600 (e.g. 0.5 or 10)",
             op.gate_timeout
         );
     }
@@ -917,33 +917,20 @@ pub fn hook(
     let mut env = Env::open(root, ledger)?;
     match act {
         0 => {
-            let mut state_of = |d: &DeviceId| {
-                env.store
-                    .atomically(|tx| tx.device(d))
-                    .map(|r| r.map(|r| r.state))
-                    .map_err(|e| e.to_string())
-            };
-            let adm = match decide_prepare(&spec, &mut state_of) {
-                Ok(a) => a,
-                Err(r) => {
-                    eprintln!("{r}");
-                    return Ok(Outcome::Refused);
-                }
-            };
-            let Some(tenant) = adm.tenant else {
-                return Ok(Outcome::Ok);
+            let cfg = Config::load(root, config::explicit())?;
+            let policy = if cfg.hook.allow_unidentified_single_tenant {
+                Unidentified::SingleTenant { tenants: 0 }
+            } else {
+                Unidentified::Refuse
             };
             let mut e = env.engine(EngineConfig::default());
-            for d in &adm.devices {
-                if let Err(x) = e.vm_started(d, &tenant, domain) {
-                    eprintln!(
-                        "devfence refuses domain {domain}: {}",
-                        x.to_string().replace('\n', " ")
-                    );
-                    return Ok(Outcome::Refused);
+            match e.start_domain(&spec, policy) {
+                Ok(_) => Ok(Outcome::Ok),
+                Err(r) => {
+                    eprintln!("{r}");
+                    Ok(Outcome::Refused)
                 }
             }
-            Ok(Outcome::Ok)
         }
         1 => {
             // The launcher has read its VF tokens by now: remove the files.
@@ -965,7 +952,7 @@ pub fn hook(
             let mut failures = Vec::new();
             for d in &spec.hostdevs {
                 let st = env.store.atomically(|tx| tx.device(d))?.map(|r| r.state);
-                if matches!(&st, Some(DeviceState::Active { vm, .. }) if vm == domain) {
+                if matches!(&st, Some(DeviceState::Active { vm, .. }) if reserved_for(&spec, vm)) {
                     let mut e = env.engine(EngineConfig::default());
                     if let Err(x) = e.vm_stopped(d) {
                         failures.push(x.to_string().replace('\n', " "));
