@@ -38,19 +38,22 @@ fn tenant(id: &str, uid: u32, pkey: u16) -> Result<Tenant> {
     })
 }
 
-fn domain_xml(name: &str, bdf: (u8, u8, u8)) -> String {
+/// A domain that names its tenant in devfence's metadata (docs/libvirt-hook.md).
+fn domain_xml(name: &str, tenant: &str, bdf: (u8, u8, u8)) -> String {
     format!(
-        "<domain type='kvm'><name>{name}</name><devices><hostdev mode='subsystem' type='pci' managed='yes'>\
+        "<domain type='kvm'><name>{name}</name><metadata><devfence:tenant \
+         xmlns:devfence='https://devfence.dev/xmlns/libvirt/1' id='{tenant}'/></metadata>\
+         <devices><hostdev mode='subsystem' type='pci' managed='yes'>\
          <source><address domain='0x0000' bus='{:#04x}' slot='{:#04x}' function='{:#x}'/></source>\
          </hostdev></devices></domain>",
         bdf.0, bdf.1, bdf.2
     )
 }
 
-/// Calls the qemu hook as libvirt would, for `name` using VF 0000:3b:00.1 (the
-/// caller closes its ledger first: the hook is another process).
+/// Calls the qemu hook as libvirt would, for globex's domain `name` using VF
+/// 0000:3b:00.1 (the caller closes its ledger first: the hook is another process).
 fn call_hook(root: &HostRoot, name: &str, op: &str, subop: &str) -> Result<crate::Outcome> {
-    let xml = domain_xml(name, (0x3b, 0, 1));
+    let xml = domain_xml(name, "globex", (0x3b, 0, 1));
     let c = HookCommand::Qemu {
         domain: name.into(),
         operation: op.into(),
