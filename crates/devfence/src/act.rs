@@ -147,15 +147,20 @@ fn holdings(root: &HostRoot, ledger: Option<&Path>) -> Result<Vec<DeviceRecord>>
 }
 
 /// How an action on the PCI function `t` touches the held device `held`: it is
-/// `t`, a VF of `t` or an mdev on `t`.
+/// `t`, a VF of `t`, in `t`'s IOMMU group (a host driver there breaks the group's
+/// isolation) or an mdev on `t`.
 fn touches_pci(inv: &Inventory, t: Bdf, held: &DeviceId) -> Option<String> {
     match held {
         DeviceId::Pci(b) if *b == t => Some(format!("{t} itself")),
-        DeviceId::Pci(b) => inv
-            .pci_function(*b)
-            .and_then(|f| f.physfn)
-            .filter(|pf| *pf == t)
-            .map(|_| format!("{b}, a VF of {t}")),
+        DeviceId::Pci(b) => {
+            let f = inv.pci_function(*b)?;
+            if f.physfn == Some(t) {
+                return Some(format!("{b}, a VF of {t}"));
+            }
+            let g = f.iommu_group?;
+            (inv.pci_function(t)?.iommu_group == Some(g))
+                .then(|| format!("{b}, in IOMMU group {g} with {t}"))
+        }
         DeviceId::Mdev(u) => inv
             .mdevs
             .iter()

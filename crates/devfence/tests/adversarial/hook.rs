@@ -514,3 +514,46 @@ fn gate_timeout_zero_hint_excludes_zero() {
         "0.5 s",
     );
 }
+
+/// issue 18 item 5: binding a companion of a held device's IOMMU group to a host
+/// driver is refused (the group's isolation is the held device's); forced, the
+/// hook finds the group no longer viable and quarantines the device.
+#[test]
+fn group_companion_is_guarded_and_reverified() {
+    let (_g, root) = host("no-acs");
+    ok(
+        &on(&root, &["tenant", "add", "acme", "--launcher", "107:107"]),
+        "tenant add",
+    );
+    assign(&root, "0000:03:00.0", "acme", Some("web1"));
+    let o = on(
+        &root,
+        &["bind", "0000:04:00.0", "--driver", "snd_hda_intel"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("in IOMMU group 12 with 0000:04:00.0"),
+        "{}",
+        stderr(&o)
+    );
+    ok(
+        &on(
+            &root,
+            &[
+                "bind",
+                "0000:04:00.0",
+                "--driver",
+                "snd_hda_intel",
+                "--force",
+            ],
+        ),
+        "bind --force",
+    );
+    let xml = domain("web1", None, Some("acme"), &hostdev("0000:03:00.0"));
+    let e = refused(&hook(&root, "web1", "prepare", "begin", &xml), "hook");
+    assert!(
+        e.contains("0000:04:00.0 is on snd_hda_intel") && e.contains("GRP-VIABLE"),
+        "{e}"
+    );
+    assert_eq!(state(&root, "0000:03:00.0").0, "quarantined");
+}
