@@ -4,13 +4,17 @@
 //! `cargo bench -p devfence-engine --bench handover` prints handovers per second
 //! (IB VF back and forth between two tenants) and the latency of one handover
 //! broken down by step, for an SM that sweeps at once (the engine's own cost) and
-//! for an OpenSM-like SM (sweep 10 ms after the request, 5 ms long).
+//! for an OpenSM-like SM (sweep 10 ms after the request, 5 ms long). Then the
+//! cost of the libvirt hook's `prepare begin` (`Engine::start_domain`): the
+//! re-verification at the moment of use and the whole admission, for an IB VF
+//! and a plain VF. `DEVFENCE_BENCH_ONLY=hook` runs that part alone.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devfence_engine::domain::{DomainSpec, Unidentified};
 use devfence_engine::engine::{Engine, EngineConfig};
 use devfence_engine::store::{Partition, Tenant};
 use devfence_engine::{GuidRange, SqliteStore, StoreExt};
@@ -33,25 +37,17 @@ fn tenant(id: &str, uid: u32, pkey: u16) -> Tenant {
     }
 }
 
-fn run(label: &str, cfg: SimConfig, rounds: usize) {
-    let base = if std::path::Path::new("/dev/shm").is_dir() {
-        "/dev/shm"
-    } else {
-        "/tmp"
-    };
-    let dir = tempfile::Builder::new()
-        .prefix("devfence-bench-")
-        .tempdir_in(base)
-        .unwrap();
-    let host = dir.path().join("host");
+/// A lab host, its kernel, an SM sweeping at once and a ledger with acme and
+/// globex, in `dir`.
+fn setup(dir: &std::path::Path, cfg: SimConfig) -> (SimKernel, Arc<SimSm>, SqliteStore) {
+    let host = dir.join("host");
     generate(&GenerateOptions {
         profile: Profile::Lab,
         out: host.clone(),
         vfs: None,
     })
     .unwrap();
-    let root = HostRoot::new(host);
-    let kernel = SimKernel::new(root).unwrap();
+    let kernel = SimKernel::new(HostRoot::new(host)).unwrap();
     let sm = Arc::new(SimSm::real_time(cfg));
     let s2 = Arc::clone(&sm);
     kernel.set_port_table_source(Arc::new(move |g: Guid| {
@@ -59,7 +55,7 @@ fn run(label: &str, cfg: SimConfig, rounds: usize) {
             .get(&g)
             .map(|k| k.iter().map(|p| p.0).collect())
     }));
-    let mut store = SqliteStore::open(dir.path().join("ledger.db")).unwrap();
+    let mut store = SqliteStore::open(dir.join("ledger.db")).unwrap();
     store
         .atomically(|tx| {
             tx.add_tenant(&tenant("acme", 107, 0x8001))?;
@@ -70,6 +66,82 @@ fn run(label: &str, cfg: SimConfig, rounds: usize) {
             })
         })
         .unwrap();
+    (kernel, sm, store)
+}
+
+/// The hook's `prepare begin` for one device: re-verification alone, and the
+/// whole `start_domain` (ledger read, decision, re-verification, one
+/// transaction to Active). Each round assigns the device first and stops the
+/// VM after (not timed).
+fn hook(rounds: usize) {
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        "/dev/shm"
+    } else {
+        "/tmp"
+    };
+    println!("## libvirt hook prepare begin: {rounds} VM starts per device kind");
+    println!(
+        "| device | re-verification, median (min–max) µs | whole prepare begin, median (min–max) µs |"
+    );
+    println!("|---|---|---|");
+    for (label, dev) in [
+        ("IB VF (mlx5)", "0000:3b:00.1"),
+        ("VF (igb)", "0000:5e:10.0"),
+    ] {
+        let dir = tempfile::Builder::new()
+            .prefix("devfence-bench-")
+            .tempdir_in(base)
+            .unwrap();
+        let zero = SimConfig {
+            lag: Duration::ZERO,
+            sweep_time: Duration::ZERO,
+            ..SimConfig::default()
+        };
+        let (kernel, sm, mut store) = setup(dir.path(), zero);
+        let ecfg = EngineConfig::default();
+        let d: DeviceId = dev.parse().unwrap();
+        let acme: TenantId = "acme".parse().unwrap();
+        let spec = DomainSpec {
+            name: "web1".into(),
+            uuid: None,
+            tenant: Some(acme.clone()),
+            hostdevs: vec![d],
+            unsupported: vec![],
+        };
+        let (mut verify, mut whole) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            Engine::new(&mut store, &kernel, &*sm, ecfg.clone())
+                .assign(&d, &acme, None)
+                .unwrap();
+            let s = Instant::now();
+            let started = Engine::new(&mut store, &kernel, &*sm, ecfg.clone())
+                .start_domain(&spec, Unidentified::Refuse)
+                .unwrap();
+            whole.push(u64::try_from(s.elapsed().as_micros()).unwrap());
+            verify.push(started.verify_us);
+            Engine::new(&mut store, &kernel, &*sm, ecfg.clone())
+                .vm_stopped(&d)
+                .unwrap();
+        }
+        verify.sort_unstable();
+        whole.sort_unstable();
+        let f = |v: &[u64]| format!("{} ({}–{})", v[v.len() / 2], v[0], v[v.len() - 1]);
+        println!("| {label} | {} | {} |", f(&verify), f(&whole));
+    }
+    println!();
+}
+
+fn run(label: &str, cfg: SimConfig, rounds: usize) {
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        "/dev/shm"
+    } else {
+        "/tmp"
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("devfence-bench-")
+        .tempdir_in(base)
+        .unwrap();
+    let (kernel, sm, mut store) = setup(dir.path(), cfg);
     let ecfg = EngineConfig {
         gate_deadline: Duration::from_secs(10),
         ..EngineConfig::default()
@@ -124,6 +196,10 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(40);
+    if std::env::var("DEVFENCE_BENCH_ONLY").as_deref() == Ok("hook") {
+        hook(rounds);
+        return;
+    }
     run(
         "SM sweeping at once (engine cost)",
         SimConfig {
@@ -138,4 +214,5 @@ fn main() {
         SimConfig::default(),
         rounds,
     );
+    hook(rounds);
 }

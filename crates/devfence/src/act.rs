@@ -564,14 +564,15 @@ fn mask(
         bail!("Nothing to edit. Hint: give --apmask EXPR and/or --aqmask EXPR");
     }
     let kernel = Kernel::for_root(root)?;
-    // An APQN is touched when its adapter's apmask bit or its domain's aqmask
-    // bit changes (either way the queue may move between host and guest).
+    // An APQN is touched when the edit sets its adapter's apmask bit or its
+    // domain's aqmask bit: the host may then take the guest's queue (DESIGN.md
+    // L5). Clearing a bit only takes queues from the host and stays allowed.
     let changed = |inv: &Inventory, which: ApMaskKind| -> Vec<u8> {
         let cur = inv.ap.as_ref().and_then(|ap| match which {
             ApMaskKind::Apmask => ap.apmask,
             ApMaskKind::Aqmask => ap.aqmask,
         });
-        // An unreadable mask: every bit the edit names may change (fail closed).
+        // An unreadable mask: every bit the edit sets counts (fail closed).
         let cur = cur.unwrap_or(ApMask::NONE);
         edits
             .iter()
@@ -579,7 +580,7 @@ fn mask(
             .flat_map(|(_, e)| {
                 let new = e.apply(&cur);
                 (0..=255u8)
-                    .filter(|n| new.contains(*n) != cur.contains(*n))
+                    .filter(|n| new.contains(*n) && !cur.contains(*n))
                     .collect::<Vec<_>>()
             })
             .collect()

@@ -351,6 +351,8 @@ impl Engine<'_> {
     /// every device it names `Ready → Active` together, or refuses it and moves
     /// none (quarantining a device that differs from what its gates verified).
     /// A device reserved for the domain's UUID becomes `Active` under that UUID.
+    /// For [`Unidentified::SingleTenant`] the tenant count is read from the ledger
+    /// (whatever the caller passes).
     ///
     /// # Errors
     /// A [`Refusal`] (one line for libvirt) naming the device and why.

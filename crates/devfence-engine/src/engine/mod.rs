@@ -648,9 +648,11 @@ impl<'a> Engine<'a> {
         self.conclude(run, res)
     }
 
-    /// The VM `vm` starts with `device` (libvirt's `prepare begin`): `Ready(T)` →
-    /// `Active(T, vm)`, refused unless the device is Ready for `tenant` (and for
-    /// this VM, if it was reserved for one).
+    /// The VM `vm` starts with `device`: `Ready(T)` → `Active(T, vm)`, refused
+    /// unless the device is Ready for `tenant` (and for this VM, if it was
+    /// reserved for one). A bare lifecycle move: libvirt's `prepare begin` goes
+    /// through [`start_domain`](Self::start_domain), which re-verifies the device
+    /// and moves all of a domain's devices together.
     ///
     /// # Errors
     /// Refused when the device is not Ready for that tenant and VM.

@@ -194,7 +194,8 @@ fn force_acts_and_is_audited() {
 }
 
 /// issue 18 item 5: `mdev remove`, `ap assign/unassign` of a held matrix mdev and
-/// an AP mask edit that touches a held APQN are refused unless `--force`.
+/// an AP mask edit that would give the host a held APQN are refused unless
+/// `--force`.
 #[test]
 fn mdev_and_ap_commands_refuse_held_matrix() {
     let (_g, root) = host("s390-ap");
@@ -260,8 +261,16 @@ fn mdev_and_ap_commands_refuse_held_matrix() {
         let e = stderr(&o);
         assert!(e.contains("acme") && e.contains("--force"), "{args:?}: {e}");
     }
-    // A mask edit that touches no held APQN is not refused.
+    // A mask edit that gives the host no held APQN is not refused: another
+    // adapter, or taking the held domain from the host (clearing its bit).
     ok(&on(&root, &["ap", "mask", "--apmask", "+9"]), "apmask +9");
+    ok(&on(&root, &["ap", "mask", "--aqmask", "-17"]), "aqmask -17");
+    let o = on(&root, &["ap", "mask", "--aqmask", "+17"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "aqmask +17 gives 06.0011 back to the host"
+    );
     let a = stdout(&on(&root, &["audit", "show", "--tenant", "acme"]));
     assert!(a.contains("force"), "{a}");
 }
