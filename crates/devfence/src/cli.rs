@@ -245,8 +245,9 @@ pub struct ActFlags {
     #[arg(long)]
     pub json: bool,
     /// Act even on a device the ledger holds (or a PF whose VFs, a parent whose
-    /// mdevs, an AP mask whose queues it holds). Recorded in the audit chain; the
-    /// libvirt hook re-verifies the device before its VM starts.
+    /// mdevs, an IOMMU group whose member, an AP mask whose queues it holds).
+    /// Recorded in the audit chain; the libvirt hook re-verifies the device
+    /// before its VM starts.
     #[arg(long)]
     pub force: bool,
 }
