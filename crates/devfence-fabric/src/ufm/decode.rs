@@ -495,7 +495,7 @@ fn single_string_field(
         )),
         Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) => {
-            if s.is_empty() || s.len() > max_len || !s.bytes().all(|b| allowed(b)) {
+            if s.is_empty() || s.len() > max_len || !s.bytes().all(allowed) {
                 return Err(malformed(
                     format!(
                         "{what}: {field} is {}, which is empty, longer than {max_len} or holds characters other than {allowed_desc} (not quoted)",
@@ -528,7 +528,7 @@ pub fn decode_version(body: &[u8]) -> Result<String, FabricError> {
         |b| b.is_ascii_alphanumeric() || b".-_+".contains(&b),
         "letters, digits and . - _ +",
     )?
-        .ok_or_else(|| malformed(format!("{WHAT}: ufm_release_version is null"), HINT_JSON))
+    .ok_or_else(|| malformed(format!("{WHAT}: ufm_release_version is null"), HINT_JSON))
 }
 
 /// Decodes UFM's answer to `GET /ufmRest/resources/pkeys/last_updated`:
