@@ -1631,3 +1631,35 @@ fn an_answer_echoing_the_password_in_any_encoding_is_never_quoted() {
         }
     }
 }
+
+/// issue 18 item 6: `ca_file = "/dev/zero"` made devfence grow to 23 GB. A CA
+/// file is read only if it is a regular file, up to 1 MiB; a FIFO does not hang.
+#[test]
+fn a_ca_file_that_is_no_regular_file_or_too_large_is_refused() {
+    let f = FakeUfm::start();
+    let fifo = f.pki.dir.path().join("ca.fifo");
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .expect("mkfifo");
+    let big = f.pki.dir.path().join("big.pem");
+    std::fs::write(&big, vec![b'A'; (1 << 20) + 1]).expect("write");
+    for (ca, want) in [
+        (PathBuf::from("/dev/zero"), "not a regular file"),
+        (fifo, "not a regular file"),
+        (f.pki.dir.path().to_path_buf(), "not a regular file"),
+        (big, "more than the 1048576 devfence reads"),
+    ] {
+        let mut cfg = f.config();
+        cfg.ca_file = Some(ca.clone());
+        let e = UfmSm::new(cfg).expect_err("refused");
+        let s = e.to_string();
+        assert!(
+            s.contains(want) && s.contains("Hint:"),
+            "{}: {s}",
+            ca.display()
+        );
+    }
+}

@@ -30,7 +30,10 @@ use std::time::Duration;
 use ureq::Agent;
 use ureq::tls::{PemItem, RootCerts, TlsConfig, TlsProvider};
 
-use super::config::{Login, Secret, UfmConfig, UfmSetupError, base64};
+use super::config::{
+    Login, MAX_CA_FILE_BYTES, Secret, UfmConfig, UfmSetupError, base64, read_regular_capped,
+    shown_url,
+};
 use super::decode::{MAX_RESPONSE_BYTES, html, malformed};
 use crate::FabricError;
 
@@ -87,7 +90,7 @@ impl std::fmt::Debug for Client {
 /// Checks `url` and returns it without a trailing `/`.
 pub(crate) fn check_url(url: &str) -> Result<String, UfmSetupError> {
     let bad = |why: &str| UfmSetupError::Url {
-        url: url.to_string(),
+        url: shown_url(url),
         why: why.to_string(),
     };
     let lower = url.to_ascii_lowercase();
@@ -100,14 +103,14 @@ pub(crate) fn check_url(url: &str) -> Result<String, UfmSetupError> {
     } else {
         return Err(bad("it does not start with https://"));
     };
-    let authority = rest.split('/').next().unwrap_or("");
-    if authority.is_empty() {
-        return Err(bad("it names no host"));
-    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     if authority.contains('@') {
         return Err(bad(
-            "it carries credentials (user@host); put them in the credentials source instead",
+            "it carries credentials (user:password@host); put them in the credentials source instead (the password is not shown here)",
         ));
+    }
+    if authority.is_empty() {
+        return Err(bad("it names no host"));
     }
     if url.contains(['?', '#']) || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(bad("it holds a query, a fragment or blanks"));
@@ -120,7 +123,7 @@ fn load_roots(path: &std::path::Path) -> Result<RootCerts, UfmSetupError> {
         path: path.to_path_buf(),
         why,
     };
-    let pem = std::fs::read(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let pem = read_regular_capped(path, MAX_CA_FILE_BYTES).map_err(fail)?;
     let mut certs = Vec::new();
     for item in ureq::tls::parse_pem(&pem) {
         match item {
@@ -145,6 +148,7 @@ fn load_roots(path: &std::path::Path) -> Result<RootCerts, UfmSetupError> {
 
 impl Client {
     pub(crate) fn new(cfg: &UfmConfig, login: Login) -> Result<Self, UfmSetupError> {
+        cfg.validate()?;
         let base = check_url(&cfg.url)?;
         if cfg.insecure_skip_verify && cfg.ca_file.is_some() {
             return Err(UfmSetupError::Contradiction);
@@ -160,12 +164,6 @@ impl Client {
             .build();
         let timeout = cfg.timeout();
         let connect_timeout = cfg.connect_timeout();
-        if timeout.is_zero() || connect_timeout.is_zero() {
-            return Err(UfmSetupError::Client {
-                why: "timeout_ms and connect_timeout_ms must be above 0".into(),
-                hint: "leave them out for the defaults (10000 and 5000)".into(),
-            });
-        }
         let config = Agent::config_builder()
             .tls_config(tls)
             .https_only(true)
