@@ -6,6 +6,7 @@
 //! ports into a partition no tenant owns, or one partition across tenants, is an
 //! error finding naming the statement (file:line). issue 17 item 5: a sweep that
 //! ended in a PARSE ERROR is an error finding even when no tenant port exists.
+#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
