@@ -325,3 +325,95 @@ fn mkfifo(p: &Path) {
         .unwrap();
     assert!(st.success());
 }
+
+/// A `lab` host `id` under `tmp` with tenant acme, a host key, and the igb VF
+/// assigned to acme.
+fn state_host(tmp: &Path, id: &str) -> PathBuf {
+    let root = tmp.join(id);
+    ok(&run(&[
+        "sim",
+        "generate",
+        "--profile",
+        "lab",
+        "--out",
+        root.to_str().unwrap(),
+    ]));
+    ok(&on(
+        &root,
+        &[
+            "tenant",
+            "add",
+            "acme",
+            "--launcher",
+            "107:107",
+            "--partition",
+            "0x8001",
+        ],
+    ));
+    ok(&on(&root, &["keys", "init", "--host-id", id]));
+    ok(&on(&root, &["assign", STATE_VF, "--tenant", "acme"]));
+    root
+}
+
+const STATE_VF: &str = "0000:5e:10.0";
+const STATE_VM: &str = "4b1c5c52-9d4e-4f43-a0d6-1e0f2f3a4b5c";
+
+/// issue 18 item 10 — rule: admitted device state is single-use and the
+/// tenant's: when the device is scrubbed (released, handed over), the payloads
+/// admitted for it are voided, so the next tenant's VM cannot be given them.
+#[test]
+fn admitted_state_is_voided_when_its_device_is_scrubbed() {
+    let t = scratch();
+    let h1 = state_host(t.path(), "host1");
+    let h2 = state_host(t.path(), "host2");
+    let key = t.path().join("host1.pub");
+    std::fs::write(&key, ok(&on(&h1, &["keys", "show"]))).unwrap();
+    ok(&on(
+        &h2,
+        &["keys", "trust", "add", "--from", key.to_str().unwrap()],
+    ));
+    let input = t.path().join("state.bin");
+    std::fs::write(&input, b"device state of acme's VM").unwrap();
+    let sealed: serde_json::Value = serde_json::from_str(&ok(&on(
+        &h1,
+        &[
+            "state",
+            "seal",
+            "--device",
+            STATE_VF,
+            "--vm",
+            STATE_VM,
+            "--in",
+            input.to_str().unwrap(),
+            "--json",
+        ],
+    )))
+    .unwrap();
+    let envelope = sealed["path"].as_str().unwrap().to_string();
+    let admitted: serde_json::Value = serde_json::from_str(&ok(&on(
+        &h2,
+        &[
+            "state", "admit", &envelope, "--device", STATE_VF, "--vm", STATE_VM, "--json",
+        ],
+    )))
+    .unwrap();
+    let payload = PathBuf::from(admitted["payload"].as_str().unwrap());
+    assert!(payload.is_file(), "admitted: {admitted}");
+    let dir = payload.parent().unwrap().to_path_buf();
+
+    ok(&on(&h2, &["release", STATE_VF]));
+    assert!(
+        !payload.exists(),
+        "the scrubbed device's admitted state is still deliverable at {}",
+        payload.display()
+    );
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // The void is journalled with the scrub.
+    let audit = ok(&on(&h2, &["audit", "show", "--json"]));
+    assert!(audit.contains("state-void"), "{audit}");
+}
