@@ -487,6 +487,33 @@ fn tenant_memberships(
     out
 }
 
+/// The configured statements that make a granted port a member of a partition
+/// it is not granted (the default one aside): where a failed "exactly" (question
+/// 2) comes from when the SM's configuration, not the SM, is the cause. Their
+/// sources (for OpenSM `file:line`), each once, in order.
+#[must_use]
+pub fn stray_statements(configured: &[Configured], grants: &[crate::Grant]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for g in grants {
+        let granted: BTreeSet<u16> = g.partitions.keys().map(|p| p.base()).collect();
+        for e in configured {
+            let base = e.pkey.base();
+            let names = match &e.member {
+                Member::Guid(x) => *x == g.guid,
+                Member::Wildcard(_) => true,
+            };
+            if names
+                && base != PKey::DEFAULT_BASE
+                && !granted.contains(&base)
+                && !out.contains(&e.source)
+            {
+                out.push(e.source.clone());
+            }
+        }
+    }
+    out
+}
+
 fn stated_at(statements: &BTreeSet<String>) -> String {
     if statements.is_empty() {
         String::new()

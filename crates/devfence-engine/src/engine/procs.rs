@@ -617,11 +617,33 @@ fn sm_gate(
         });
         match res {
             Ok(proof) => Ok(json!({ "backend": sm.backend(), "proof": proof })),
-            Err(nv) => Err((
-                format!("the SM did not verify: {nv}"),
-                json!({ "backend": sm.backend(), "polls": nv.polls, "waited_ms": nv.waited.as_millis() as u64, "failed": nv.failed(), "last": nv.last.to_string() }),
-                "the SM has not (yet) applied the change or its sweep did not finish cleanly; check the SM, then release the device to scrub it again".into(),
-            )),
+            Err(nv) => {
+                // A port in more partitions than granted: name the SM
+                // configuration's statements that put it there (the operator's
+                // line), not the SM.
+                let stray = if nv.failed().contains(&devfence_fabric::Question::NewExact) {
+                    sm.configured_members()
+                        .ok()
+                        .flatten()
+                        .map(|c| devfence_fabric::posture::stray_statements(&c, &exp.grant))
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                let hint = if stray.is_empty() {
+                    "the SM has not (yet) applied the change or its sweep did not finish cleanly; check the SM, then release the device to scrub it again".to_string()
+                } else {
+                    format!(
+                        "the SM's configuration makes the port a member of a partition the tenant is not given, at {}: a statement outside devfence's block (for OpenSM, an operator's line); take the port out of it (name the ports a wildcard is meant for), then release the device to scrub it again",
+                        stray.join(", ")
+                    )
+                };
+                Err((
+                    format!("the SM did not verify: {nv}"),
+                    json!({ "backend": sm.backend(), "polls": nv.polls, "waited_ms": nv.waited.as_millis() as u64, "failed": nv.failed(), "last": nv.last.to_string(), "statements": stray }),
+                    hint,
+                ))
+            }
         }
     })
 }
