@@ -188,6 +188,8 @@ pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 pub const MAX_SA_RETRIES: u32 = 10;
 /// The longest SA answer time `[fabric.sa]` may give, in milliseconds.
 pub const MAX_SA_TIMEOUT_MS: u32 = 10_000;
+/// The longest one SA query may take with every retry, in milliseconds.
+pub const MAX_SA_QUERY_MS: u64 = 20_000;
 
 /// Reads the configuration: a regular file (checked before it is opened, so a
 /// FIFO in its place does not block, and again on the open file), at most
@@ -234,6 +236,14 @@ fn check_sa(sa: &SaConfig) -> Result<()> {
         bail!(
             "timeout_ms = {} is out of range. Hint: give 1 to {MAX_SA_TIMEOUT_MS} (one SA answer; the default is 200)",
             sa.timeout_ms
+        );
+    }
+    let worst = u64::from(sa.timeout_ms) * (u64::from(sa.retries) + 1);
+    if worst > MAX_SA_QUERY_MS {
+        bail!(
+            "timeout_ms = {} with retries = {} lets one SA query take {worst} ms, more than {MAX_SA_QUERY_MS}. Hint: lower one of them; `status` and every gate read wait that long per port when the SA does not answer",
+            sa.timeout_ms,
+            sa.retries
         );
     }
     Ok(())
@@ -351,10 +361,13 @@ mod tests {
             );
         }
         Config::parse(
-            "[fabric.ufm]\nurl = \"https://u\"\nretries = 5\nretry_backoff_ms = 5000\n[fabric.sa]\nretries = 10\ntimeout_ms = 10000\n",
+            "[fabric.ufm]\nurl = \"https://u\"\nretries = 5\nretry_backoff_ms = 5000\n[fabric.sa]\nretries = 10\ntimeout_ms = 1000\n",
             p,
         )
         .expect("the bounds themselves");
+        let e = Config::parse("[fabric.sa]\nretries = 10\ntimeout_ms = 10000\n", p)
+            .expect_err("together too slow");
+        assert!(e.to_string().contains("110000 ms"), "{e}");
     }
 
     /// issue 18 item 6: the configuration is read only if it is a regular file,

@@ -93,6 +93,8 @@ pub const MAX_RETRY_BACKOFF_MS: u64 = 5_000;
 pub const MAX_TIMEOUT_MS: u64 = 120_000;
 /// The longest `connect_timeout_ms`.
 pub const MAX_CONNECT_TIMEOUT_MS: u64 = 60_000;
+/// The longest one UFM call may take with every retry ([`UfmConfig::worst_call_ms`]).
+pub const MAX_CALL_MS: u64 = 180_000;
 /// The largest CA file devfence reads (1 MiB: a bundle of hundreds of CAs).
 pub const MAX_CA_FILE_BYTES: u64 = 1 << 20;
 /// The largest credentials file devfence reads.
@@ -194,7 +196,28 @@ impl UfmConfig {
             0,
             MAX_RETRY_BACKOFF_MS,
             "the pause doubles with each repetition, up to 8 times this value (default 250)",
-        )
+        )?;
+        let worst = self.worst_call_ms();
+        if worst > MAX_CALL_MS {
+            return Err(UfmSetupError::TooSlow {
+                worst_ms: worst,
+                max_ms: MAX_CALL_MS,
+            });
+        }
+        Ok(())
+    }
+
+    /// The longest one UFM call can take: every attempt timing out, plus the
+    /// pauses between them.
+    #[must_use]
+    pub fn worst_call_ms(&self) -> u64 {
+        let attempts = u64::from(self.retries) + 1;
+        let pauses: u64 = (0..self.retries)
+            .map(|i| self.retry_backoff_ms.saturating_mul(1 << i.min(3)))
+            .fold(0, u64::saturating_add);
+        attempts
+            .saturating_mul(self.timeout_ms)
+            .saturating_add(pauses)
     }
 }
 
@@ -414,6 +437,16 @@ pub enum UfmSetupError {
         max: u64,
         /// Why the bound, or the default.
         hint: &'static str,
+    },
+    /// Timeouts and retries that together let one call take too long.
+    #[error(
+        "UFM timeout_ms, retries and retry_backoff_ms let one call take up to {worst_ms} ms, more than {max_ms}. Hint: lower retries or timeout_ms; a command waits that long for an unreachable UFM"
+    )]
+    TooSlow {
+        /// The worst case, in milliseconds.
+        worst_ms: u64,
+        /// The bound.
+        max_ms: u64,
     },
     /// The HTTP client could not be set up.
     #[error("UFM client setup failed: {why}. Hint: {hint}")]
@@ -709,6 +742,13 @@ retry_backoff_ms = 250
         edge.retries = MAX_RETRIES;
         edge.retry_backoff_ms = MAX_RETRY_BACKOFF_MS;
         edge.validate().expect("the bounds themselves are allowed");
+        assert_eq!(ok.worst_call_ms(), 3 * 10_000 + 250 + 500);
+        // Each within its bound, together too slow.
+        let mut slow = ok.clone();
+        slow.retries = MAX_RETRIES;
+        slow.timeout_ms = MAX_TIMEOUT_MS;
+        let s = slow.validate().expect_err("too slow").to_string();
+        assert!(s.contains("up to 725750 ms") && s.contains("Hint:"), "{s}");
     }
 
     /// issue 18 item 6: a file the UFM backend reads is read only if it is a
