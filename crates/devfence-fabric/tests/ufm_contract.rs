@@ -1663,3 +1663,78 @@ fn a_ca_file_that_is_no_regular_file_or_too_large_is_refused() {
         );
     }
 }
+
+/// issue 18 items 1 and 7 at UFM: a partition no tenant owns that holds a
+/// tenant's port, and one that holds ports of two tenants, are error findings
+/// from UFM's listing alone (ports' tables agree), naming UFM's configuration.
+#[test]
+fn posture_finds_foreign_and_shared_partitions_at_ufm() {
+    use devfence_fabric::posture::{LedgerGuid, LedgerView, posture};
+    let f = FakeUfm::with_tenant_a();
+    {
+        let mut s = f.state();
+        // acme holds OLD (in A); globex holds NEW; 0x0500 is nobody's.
+        s.configured
+            .entry(B)
+            .or_default()
+            .insert(NEW.0, Membership::Full);
+        for g in [OLD, NEW] {
+            s.configured
+                .entry(0x0500)
+                .or_default()
+                .insert(g.0, Membership::Limited);
+        }
+    }
+    f.sweep();
+    let sm = f.sm();
+    let ledger = LedgerView {
+        tenant_pkeys: [(A, "acme".to_string()), (B, "globex".to_string())]
+            .into_iter()
+            .collect(),
+        guids: vec![
+            LedgerGuid {
+                guid: OLD,
+                device: "0000:3b:00.1".into(),
+                tenant: Some("acme".into()),
+            },
+            LedgerGuid {
+                guid: NEW,
+                device: "0000:3b:00.2".into(),
+                tenant: Some("globex".into()),
+            },
+        ],
+    };
+    let observed = sm.observe(&[OLD, NEW]);
+    let configured = sm.configured_members();
+    let found = posture(
+        "ufm",
+        configured.as_ref().map(Option::as_deref),
+        observed.as_ref(),
+        &ledger,
+    );
+    let rules: Vec<(&str, &str)> = found
+        .iter()
+        .map(|x| (x.rule.as_str(), x.subject.as_str()))
+        .collect();
+    assert!(
+        rules.contains(&("FAB-SHARED-PARTITION", "0x0500")),
+        "{rules:?}"
+    );
+    for g in [OLD, NEW] {
+        let s = g.to_string();
+        assert!(
+            rules.contains(&("FAB-FOREIGN-PARTITION", s.as_str())),
+            "{rules:?}"
+        );
+    }
+    let shared = found
+        .iter()
+        .find(|x| x.rule == "FAB-SHARED-PARTITION")
+        .expect("shared");
+    assert!(
+        shared.hint.contains("ufm:/ufmRest/resources/pkeys"),
+        "{shared:?}"
+    );
+    // The bystander's foreign partition holds no tenant port: not reported.
+    assert!(!rules.iter().any(|r| r.1 == "0x0ff0"), "{rules:?}");
+}
