@@ -524,9 +524,9 @@ pub fn decode_version(body: &[u8]) -> Result<String, FabricError> {
         body,
         WHAT,
         "ufm_release_version",
-        32,
-        |b| b.is_ascii_alphanumeric() || b".-_+".contains(&b),
-        "letters, digits and . - _ +",
+        64,
+        |b| b.is_ascii_alphanumeric() || b" .-_+()".contains(&b),
+        "letters, digits, blanks and . - _ + ( )",
     )?
     .ok_or_else(|| malformed(format!("{WHAT}: ufm_release_version is null"), HINT_JSON))
 }
@@ -788,7 +788,8 @@ mod tests {
             assert!(!format!("{e}{e:?}").contains("SECRETVALUE"), "{body}: {e}");
         }
         for body in [
-            r#"{"ufm_release_version": "SECRET VALUE"}"#,
+            r#"{"ufm_release_version": "SECRET\"VALUE"}"#,
+            r#"{"ufm_release_version": "SECRET/VALUE="}"#,
             r#"{"ufm_release_version": 1, "x": "SECRETVALUE"}"#,
             r#"{"other": "SECRETVALUE"}"#,
             r#""SECRETVALUE""#,

@@ -101,6 +101,8 @@ pub const PATH_REMOVE: &str = "/ufmRest/actions/remove_guids_from_pkey";
 pub const PATH_PKEY_RESOURCE: &str = "/ufmRest/resources/pkeys/";
 /// `POST`: create a P_Key without GUIDs (UFM 6.15 on).
 pub const PATH_CREATE_EMPTY: &str = "/ufmRest/resources/pkeys/add";
+/// `GET`: when UFM's P_Key configuration last changed.
+pub const PATH_LAST_UPDATED: &str = "/ufmRest/resources/pkeys/last_updated";
 /// At most this many GUIDs go in one `DELETE` URL (17 bytes each).
 const GUIDS_PER_DELETE: usize = 64;
 
@@ -141,8 +143,6 @@ impl UfmApi {
         create_empty: true,
     };
 }
-/// `GET`: when UFM's P_Key configuration last changed.
-pub const PATH_LAST_UPDATED: &str = "/ufmRest/resources/pkeys/last_updated";
 
 const NOTE_INSECURE: &str = "TLS certificate verification is OFF (insecure_skip_verify = true): anyone on the network path can read the UFM password and forge UFM's answers; set ca_file instead";
 const NOTE_UNACKNOWLEDGED: &str = "no port reader: P_Key tables are UFM's configured view, which no port has been seen to acknowledge, so no handover can verify; give the UFM backend a port reader (SA), or set trust_configured_view = true";
