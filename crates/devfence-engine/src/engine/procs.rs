@@ -320,8 +320,10 @@ pub(crate) fn release(
     match kind {
         Some(k) => scrub(e, run, k, old)?,
         None => {
+            // Gone from the host: its admitted state is void all the same.
+            void_admitted_state(e, run)?;
             if let DeviceId::Mdev(_) = device {
-                // Already gone from the host: nothing of it is left to scrub.
+                // Already gone from the host: nothing else of it is left to scrub.
             } else {
                 return Err(fail(
                     format!("{device} is not on the host, so it cannot be scrubbed and verified"),
