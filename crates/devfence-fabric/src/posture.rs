@@ -346,6 +346,7 @@ fn sweep_and_role(
                 "OpenSM could not parse its partitions file{} and runs its default configuration, where every port is a full member of the default partition: fix the statement its log names, then SIGHUP OpenSM (devfence restores its last good file only when the refused one is its own)",
                 file.map(|f| format!(" ({f})")).unwrap_or_default()
             ),
+            ("ufm", _) => "UFM reports what it was asked, not what the ports took: give the UFM backend a port reader (the SA) so the ports' acknowledged tables are read, or set trust_configured_view = true knowingly; until then no gate opens".into(),
             _ => "check the SM's log; no gate opens on a failed sweep, and the ports' tables may not be what the SM's configuration says".into(),
         };
         out.push(finding(
