@@ -123,6 +123,61 @@ enum Fault {
     Body(&'static str, Vec<u8>),
     /// 302 to a login page.
     Redirect,
+    /// This status and content type, with a body that echoes the password in
+    /// one encoding.
+    EchoAs(u16, &'static str, Form),
+}
+
+/// How an answer echoes the password.
+#[derive(Clone, Copy, Debug)]
+enum Form {
+    Plain,
+    UrlEncoded,
+    JsonEscaped,
+    Base64,
+    Truncated,
+}
+
+const FORMS: [Form; 5] = [
+    Form::Plain,
+    Form::UrlEncoded,
+    Form::JsonEscaped,
+    Form::Base64,
+    Form::Truncated,
+];
+
+/// The password as `form` writes it.
+fn encoded(form: Form, password: &str) -> String {
+    match form {
+        Form::Plain => password.to_string(),
+        Form::UrlEncoded => password
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    char::from(b).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect(),
+        Form::JsonEscaped => {
+            let j = serde_json::to_string(password).expect("json");
+            j[1..j.len() - 1].to_string()
+        }
+        Form::Base64 => base64(password.as_bytes()),
+        Form::Truncated => password[..password.len() * 2 / 3].to_string(),
+    }
+}
+
+/// A body that echoes the password in `form`, in the places a UFM or a proxy
+/// might: an error text, a JSON field, a GUID and a P_Key key.
+fn echo_body(form: Form, password: &str) -> Vec<u8> {
+    let e = encoded(form, password);
+    let quoted = serde_json::to_string(&e).expect("json");
+    format!(
+        "{{\"error\": {quoted}, \"detail\": \"ufm-echo {e} failed\", \"0x0001\": {{\"guids\": [{{\"guid\": {quoted}, \"membership\": {quoted}}}]}}, {quoted}: {{}}}}"
+    )
+    .into_bytes()
 }
 
 #[derive(Clone, Debug)]
@@ -159,6 +214,36 @@ struct State {
     lie_membership: bool,
     /// Removes answer 200 and do nothing.
     ignore_removes: bool,
+    /// The UFM release this server plays (`ufm_release_version`); it serves the
+    /// endpoints that release serves (see [`serves`]).
+    version: String,
+    /// The password the server expects (default [`PASSWORD`]).
+    password: Option<String>,
+}
+
+/// The endpoints a UFM release serves, from UFM's REST API guides: the
+/// `/ufmRest/resources/` P_Key GUID API (with `DELETE …/pkeys/{pkey}/guids/{guids}`)
+/// from 6.9 on, `POST /ufmRest/resources/pkeys/add` (an empty partition) from
+/// 6.15 on, and the deprecated `POST /ufmRest/actions/remove_guids_from_pkey` —
+/// played here as gone from 7.0 on, so that a client still using it fails there.
+#[derive(Clone, Copy, Debug)]
+enum Endpoint {
+    DeleteGuids,
+    CreateEmpty,
+    ActionsRemove,
+}
+
+fn serves(version: &str, e: Endpoint) -> bool {
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let v = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    match e {
+        Endpoint::DeleteGuids => v >= (6, 9),
+        Endpoint::CreateEmpty => v >= (6, 15),
+        Endpoint::ActionsRemove => v < (7, 0),
+    }
 }
 
 struct FakeUfm {
@@ -284,7 +369,11 @@ fn parse_pkey(s: &str) -> u16 {
 }
 
 fn handle(state: &Mutex<State>, req: &Request) -> Answer {
-    let expected = format!("Basic {}", base64(format!("{USER}:{PASSWORD}").as_bytes()));
+    let password = lock(state)
+        .password
+        .clone()
+        .unwrap_or_else(|| PASSWORD.to_string());
+    let expected = format!("Basic {}", base64(format!("{USER}:{password}").as_bytes()));
     let auth = req
         .headers
         .get("authorization")
@@ -314,7 +403,15 @@ fn handle(state: &Mutex<State>, req: &Request) -> Answer {
                 status,
                 content_type,
                 headers: Vec::new(),
-                body: format!("denied: you sent {auth} which is {USER}:{PASSWORD}").into_bytes(),
+                body: format!("denied: you sent {auth} which is {USER}:{password}").into_bytes(),
+            };
+        }
+        Some(Fault::EchoAs(status, content_type, form)) => {
+            return Answer {
+                status,
+                content_type,
+                headers: Vec::new(),
+                body: echo_body(form, &password),
             };
         }
         Some(Fault::Body(ct, body)) => {
@@ -346,10 +443,9 @@ fn handle(state: &Mutex<State>, req: &Request) -> Answer {
         body: String::from_utf8_lossy(&req.body).to_string(),
     });
     match (req.method.as_str(), req.path.as_str()) {
-        ("GET", "/ufmRest/app/ufm_version") => json(
-            200,
-            &serde_json::json!({"ufm_release_version": "6.19.0-fake"}),
-        ),
+        ("GET", "/ufmRest/app/ufm_version") => {
+            json(200, &serde_json::json!({"ufm_release_version": s.version}))
+        }
         ("GET", "/ufmRest/resources/pkeys/?guids_data=true") => json(200, &listing(&s.configured)),
         ("GET", "/ufmRest/resources/pkeys/last_updated") => json(
             200,
@@ -382,7 +478,37 @@ fn handle(state: &Mutex<State>, req: &Request) -> Answer {
             }
             json(200, &serde_json::json!({}))
         }
-        ("POST", "/ufmRest/actions/remove_guids_from_pkey") => {
+        ("POST", "/ufmRest/resources/pkeys/add") if serves(&s.version, Endpoint::CreateEmpty) => {
+            let v: serde_json::Value =
+                serde_json::from_slice(&req.body).expect("devfence sends JSON");
+            assert!(v.get("guids").is_none(), "pkeys/add takes no GUIDs: {v}");
+            let p = parse_pkey(v["pkey"].as_str().expect("pkey"));
+            s.configured.entry(p).or_default();
+            json(200, &serde_json::json!({}))
+        }
+        ("DELETE", path)
+            if serves(&s.version, Endpoint::DeleteGuids)
+                && path.starts_with("/ufmRest/resources/pkeys/") =>
+        {
+            // DELETE /ufmRest/resources/pkeys/{pkey}/guids/{guid,guid,…}
+            let rest = &path["/ufmRest/resources/pkeys/".len()..];
+            let Some((pkey, guids)) = rest.split_once("/guids/") else {
+                return json(404, &serde_json::json!({"error": "not found"}));
+            };
+            let p = parse_pkey(pkey);
+            let guids: Vec<u64> = guids.split(',').map(parse_guid).collect();
+            if !s.ignore_removes
+                && let Some(part) = s.configured.get_mut(&p)
+            {
+                for g in guids {
+                    part.remove(&g);
+                }
+            }
+            json(200, &serde_json::json!({}))
+        }
+        ("POST", "/ufmRest/actions/remove_guids_from_pkey")
+            if serves(&s.version, Endpoint::ActionsRemove) =>
+        {
             let v: serde_json::Value =
                 serde_json::from_slice(&req.body).expect("devfence sends JSON");
             let p = parse_pkey(v["pkey"].as_str().expect("pkey"));
@@ -435,7 +561,10 @@ impl FakeUfm {
         let pki = pki();
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let state = Arc::new(Mutex::new(State::default()));
+        let state = Arc::new(Mutex::new(State {
+            version: "6.19.0-fake".into(),
+            ..State::default()
+        }));
         let (cfg, st) = (pki.server.clone(), state.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
@@ -527,6 +656,15 @@ impl FakeUfm {
 
     fn seen(&self) -> Vec<Seen> {
         self.state().seen.clone()
+    }
+
+    /// Every change request that reached the API: method and path.
+    fn changes(&self) -> Vec<(String, String)> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.method != "GET")
+            .map(|s| (s.method, s.path))
+            .collect()
     }
 
     fn posts(&self) -> Vec<(String, serde_json::Value)> {
@@ -643,17 +781,21 @@ fn handover_verifies_only_once_the_ports_acknowledge_it() {
     let proof = wait_verified(&sm, &handover(ticket), soon()).expect("verified");
     assert!(proof.seen >= ticket.generation);
 
-    // What was sent: one removal from A, one addition to B, as UFM's API wants it.
+    // What was sent: one removal from A (UFM's current API), one addition to B.
+    assert_eq!(
+        f.changes(),
+        [
+            (
+                "DELETE".to_string(),
+                "/ufmRest/resources/pkeys/0x0001/guids/0002c903000a1b2c".to_string()
+            ),
+            ("POST".to_string(), "/ufmRest/resources/pkeys".to_string()),
+        ]
+    );
     let posts = f.posts();
-    assert_eq!(posts.len(), 2, "{posts:?}");
-    assert_eq!(posts[0].0, "/ufmRest/actions/remove_guids_from_pkey");
+    assert_eq!(posts.len(), 1, "{posts:?}");
     assert_eq!(
         posts[0].1,
-        serde_json::json!({"pkey": "0x0001", "guids": ["0002c903000a1b2c"]})
-    );
-    assert_eq!(posts[1].0, "/ufmRest/resources/pkeys");
-    assert_eq!(
-        posts[1].1,
         serde_json::json!({"pkey": "0x0002", "index0": true, "ip_over_ib": true,
                            "membership": "full", "guids": ["0002c903000ae001"]})
     );
@@ -695,16 +837,16 @@ fn replace_and_remove_all_touch_only_managed_partitions() {
     // Membership change: a removal, then an addition with the new membership.
     sm.stage_add(NEW, pk(B), Membership::Full).expect("stage");
     sm.apply().expect("apply");
-    let posts = f.posts();
-    let tail: Vec<&str> = posts[posts.len() - 2..]
+    let changes = f.changes();
+    let tail: Vec<String> = changes[changes.len() - 2..]
         .iter()
-        .map(|p| p.0.as_str())
+        .map(|(m, p)| format!("{m} {p}"))
         .collect();
     assert_eq!(
         tail,
         [
-            "/ufmRest/actions/remove_guids_from_pkey",
-            "/ufmRest/resources/pkeys"
+            "DELETE /ufmRest/resources/pkeys/0x0002/guids/0002c903000ae001",
+            "POST /ufmRest/resources/pkeys"
         ]
     );
     assert_eq!(
@@ -712,10 +854,10 @@ fn replace_and_remove_all_touch_only_managed_partitions() {
         BTreeSet::from([PKey(0x8002), PKey(DEFAULT)])
     );
     // Nothing to change: nothing sent.
-    let n = f.posts().len();
+    let n = f.changes().len();
     sm.stage_add(NEW, pk(B), Membership::Full).expect("stage");
     sm.apply().expect("apply");
-    assert_eq!(f.posts().len(), n);
+    assert_eq!(f.changes().len(), n);
 }
 
 #[test]
@@ -729,7 +871,7 @@ fn remove_all_without_managed_pkeys_is_refused() {
     assert!(matches!(e, FabricError::Refused { .. }), "{e:?}");
     assert!(e.to_string().contains("managed_pkeys"), "{e}");
     assert_eq!(sm.discard_staged(), 1, "the change stays staged");
-    assert!(f.posts().is_empty());
+    assert!(f.changes().is_empty());
 }
 
 // ---------------------------------------------------------------------------
@@ -811,7 +953,8 @@ fn wrong_credentials_are_refused_and_the_password_is_never_shown() {
             );
             assert_eq!(f.state().arrived, 1, "401 is not retried");
         } else {
-            assert!(e.to_string().contains("you sent <redacted>"), "{e}");
+            // Not quoted at all (issue 18 item 10), redacted or not.
+            assert!(!e.to_string().contains("you sent"), "{e}");
         }
     }
 
@@ -896,7 +1039,7 @@ fn server_errors_beyond_the_bound_keep_the_changes_staged() {
     let f = FakeUfm::with_tenant_a();
     let sm = f.sm();
     stage_handover(&sm);
-    f.fault("POST", "/ufmRest/actions/", Fault::Status(500), 3);
+    f.fault("DELETE", "/ufmRest/resources/pkeys/", Fault::Status(500), 3);
     let e = sm.apply().expect_err("500");
     assert!(e.to_string().contains("HTTP 500"), "{e}");
     assert_eq!(
@@ -989,7 +1132,7 @@ fn a_bad_guid_is_named() {
     let e = sm.observe(&[OLD]).expect_err("bad guid");
     assert!(
         malformed_detail(&e)
-            .contains("P_Key 0x0001 guids[0].guid: \"00:02:c9:03:00:0a:1b:2c\" is not a GUID"),
+            .contains("P_Key 0x0001 guids[0].guid: a value of 23 characters is not a GUID"),
         "{e}"
     );
 }
@@ -1261,7 +1404,7 @@ fn generations_order_reads_and_applies() {
     // A second backend (another process) also sees the ticket as reached.
     let other = f.sm();
     assert!(other.observe(&[]).expect("observe").status.generation >= t2.generation);
-    assert!(f.posts().is_empty(), "an empty apply sends nothing");
+    assert!(f.changes().is_empty(), "an empty apply sends nothing");
 }
 
 #[test]
@@ -1298,4 +1441,300 @@ fn a_failing_port_reader_fails_the_read() {
         .with_port_reader(Broken);
     let e = sm.observe(&[OLD]).expect_err("reader fails");
     assert!(e.to_string().contains("no answer for"), "{e}");
+}
+
+// ---------------------------------------------------------------------------
+// The API of each UFM release (issue 17 item 9): the current `/ufmRest/resources/`
+// calls where UFM has them, the deprecated action only where it lacks them.
+
+fn ufm_of(version: &str) -> FakeUfm {
+    let f = FakeUfm::with_tenant_a();
+    f.state().version = version.to_string();
+    f
+}
+
+fn change_lines(f: &FakeUfm) -> Vec<String> {
+    f.changes()
+        .into_iter()
+        .map(|(m, p)| format!("{m} {p}"))
+        .collect()
+}
+
+#[test]
+fn each_ufm_release_gets_the_removal_call_it_serves() {
+    for (version, removal) in [
+        (
+            "6.19.0-7",
+            "DELETE /ufmRest/resources/pkeys/0x0001/guids/0002c903000a1b2c",
+        ),
+        (
+            "6.9.0-3",
+            "DELETE /ufmRest/resources/pkeys/0x0001/guids/0002c903000a1b2c",
+        ),
+        (
+            "7.0.0-1",
+            "DELETE /ufmRest/resources/pkeys/0x0001/guids/0002c903000a1b2c",
+        ),
+        ("6.8.1-2", "POST /ufmRest/actions/remove_guids_from_pkey"),
+    ] {
+        let f = ufm_of(version);
+        let sm = f.sm();
+        stage_handover(&sm);
+        let t = sm.apply().expect(version);
+        f.sweep();
+        assert!(
+            verify(&sm.observe(&[OLD, NEW]).expect("observe"), &handover(t)).is_verified(),
+            "{version}"
+        );
+        let sent = change_lines(&f);
+        assert_eq!(sent[0], removal, "{version}: {sent:?}");
+        assert_eq!(sent.len(), 2, "{version}: {sent:?}");
+        assert!(
+            sent.iter()
+                .all(|c| !c.contains("/ufmRest/actions/") || version.starts_with("6.8")),
+            "{version}: the deprecated action only where the current API is missing: {sent:?}"
+        );
+    }
+}
+
+#[test]
+fn many_guids_leave_one_partition_in_one_delete_each_batch() {
+    let f = ufm_of("6.19.0-7");
+    let many: Vec<u64> = (0..5).map(|i| 0x0002_c903_000b_0000 + i).collect();
+    {
+        let mut s = f.state();
+        for g in &many {
+            s.configured
+                .entry(A)
+                .or_default()
+                .insert(*g, Membership::Full);
+        }
+    }
+    let sm = f.sm();
+    for g in &many {
+        sm.stage_remove(Guid(*g), pk(A)).expect("stage");
+    }
+    sm.apply().expect("apply");
+    let sent = change_lines(&f);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let list: Vec<String> = many.iter().map(|g| format!("{g:016x}")).collect();
+    assert_eq!(
+        sent[0],
+        format!(
+            "DELETE /ufmRest/resources/pkeys/0x0001/guids/{}",
+            list.join(",")
+        )
+    );
+    for g in many {
+        assert!(f.configured_of(Guid(g)).is_empty());
+    }
+}
+
+#[test]
+fn a_managed_partition_missing_at_ufm_is_created_empty_where_ufm_can() {
+    const C: u16 = 0x0003;
+    for (version, creates) in [("6.19.0-7", true), ("6.12.0-5", false)] {
+        let f = ufm_of(version);
+        let mut cfg = f.config();
+        cfg.managed_pkeys.push(pk(C));
+        let sm = f.sm_with(cfg);
+        stage_handover(&sm);
+        sm.apply().expect(version);
+        let sent = change_lines(&f);
+        let created: Vec<&String> = sent.iter().filter(|c| c.ends_with("/pkeys/add")).collect();
+        if creates {
+            assert_eq!(created.len(), 1, "{version}: {sent:?}");
+            let body = f
+                .posts()
+                .into_iter()
+                .find(|(p, _)| p.ends_with("/pkeys/add"))
+                .expect("add body")
+                .1;
+            assert_eq!(
+                body,
+                serde_json::json!({"pkey": "0x0003", "index0": false, "ip_over_ib": true})
+            );
+            assert_eq!(
+                f.state().configured.get(&C).map(BTreeMap::len),
+                Some(0),
+                "{version}: UFM lists the empty partition"
+            );
+        } else {
+            assert!(created.is_empty(), "{version}: {sent:?}");
+            assert!(!f.state().configured.contains_key(&C));
+        }
+        // Partitions that exist, or that this apply fills, are never re-created.
+        assert!(
+            sent.iter().all(|c| !c.ends_with("/pkeys/add") || creates),
+            "{sent:?}"
+        );
+        let n = f.changes().len();
+        sm.apply().expect("an empty apply");
+        assert_eq!(f.changes().len(), n, "an empty apply sends nothing");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Secrets (issue 18 item 10): an answer is never quoted in an error, so a UFM or
+// a proxy that echoes the password — in any encoding — cannot put it there.
+
+/// A password that reads differently in every encoding.
+const ODD_PASSWORD: &str = "s3cr3t/\"pass\" w+rd&100%\\end";
+
+#[test]
+fn an_answer_echoing_the_password_in_any_encoding_is_never_quoted() {
+    for form in FORMS {
+        for (method, path, status, ct) in [
+            ("GET", "/ufmRest/app/ufm_version", 500, "text/plain"),
+            ("GET", "/ufmRest/app/ufm_version", 500, "application/json"),
+            ("GET", "/ufmRest/app/ufm_version", 404, "application/json"),
+            ("GET", "/ufmRest/app/ufm_version", 200, "application/json"),
+            ("GET", "/ufmRest/app/ufm_version", 200, "text/html"),
+            ("GET", "/ufmRest/resources/pkeys/?", 200, "application/json"),
+            ("GET", "/ufmRest/resources/pkeys/?", 400, "text/plain"),
+        ] {
+            let f = FakeUfm::with_tenant_a();
+            f.state().password = Some(ODD_PASSWORD.to_string());
+            let creds = f.pki.dir.path().join("odd.credentials");
+            write_private(&creds, &format!("{USER}:{ODD_PASSWORD}\n"));
+            let mut cfg = f.config();
+            cfg.credentials = Credentials::File { path: creds };
+            cfg.retries = 0;
+            let sm = f.sm_with(cfg);
+            f.fault(method, path, Fault::EchoAs(status, ct, form), 10);
+            let e = sm.observe(&[OLD]).expect_err("echo");
+            let shown = format!("{e}\n{e:?}");
+            for (what, secret) in FORMS
+                .iter()
+                .map(|f| (format!("{f:?}"), encoded(*f, ODD_PASSWORD)))
+                .chain([(
+                    "Authorization".to_string(),
+                    base64(format!("{USER}:{ODD_PASSWORD}").as_bytes()),
+                )])
+            {
+                assert!(
+                    !shown.contains(&secret),
+                    "{form:?} echo, {status} {ct} on {path}: the password ({what}) is shown: {shown}"
+                );
+            }
+            assert!(!shown.contains("ufm-echo"), "the body is quoted: {shown}");
+            if status != 200 {
+                assert!(shown.contains(&format!("HTTP {status}")), "{shown}");
+                assert!(shown.contains(ct), "the content type is named: {shown}");
+                let len = echo_body(form, ODD_PASSWORD).len();
+                assert!(
+                    shown.contains(&format!("{len} bytes")),
+                    "the length is named: {shown}"
+                );
+            }
+            assert!(e.to_string().contains("Hint:"), "{e}");
+        }
+    }
+}
+
+/// issue 18 item 6: `ca_file = "/dev/zero"` made devfence grow to 23 GB. A CA
+/// file is read only if it is a regular file, up to 1 MiB; a FIFO does not hang.
+#[test]
+fn a_ca_file_that_is_no_regular_file_or_too_large_is_refused() {
+    let f = FakeUfm::start();
+    let fifo = f.pki.dir.path().join("ca.fifo");
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .expect("mkfifo");
+    let big = f.pki.dir.path().join("big.pem");
+    std::fs::write(&big, vec![b'A'; (1 << 20) + 1]).expect("write");
+    for (ca, want) in [
+        (PathBuf::from("/dev/zero"), "not a regular file"),
+        (fifo, "not a regular file"),
+        (f.pki.dir.path().to_path_buf(), "not a regular file"),
+        (big, "more than the 1048576 devfence reads"),
+    ] {
+        let mut cfg = f.config();
+        cfg.ca_file = Some(ca.clone());
+        let e = UfmSm::new(cfg).expect_err("refused");
+        let s = e.to_string();
+        assert!(
+            s.contains(want) && s.contains("Hint:"),
+            "{}: {s}",
+            ca.display()
+        );
+    }
+}
+
+/// issue 18 items 1 and 7 at UFM: a partition no tenant owns that holds a
+/// tenant's port, and one that holds ports of two tenants, are error findings
+/// from UFM's listing alone (ports' tables agree), naming UFM's configuration.
+#[test]
+fn posture_finds_foreign_and_shared_partitions_at_ufm() {
+    use devfence_fabric::posture::{LedgerGuid, LedgerView, posture};
+    let f = FakeUfm::with_tenant_a();
+    {
+        let mut s = f.state();
+        // acme holds OLD (in A); globex holds NEW; 0x0500 is nobody's.
+        s.configured
+            .entry(B)
+            .or_default()
+            .insert(NEW.0, Membership::Full);
+        for g in [OLD, NEW] {
+            s.configured
+                .entry(0x0500)
+                .or_default()
+                .insert(g.0, Membership::Limited);
+        }
+    }
+    f.sweep();
+    let sm = f.sm();
+    let ledger = LedgerView {
+        tenant_pkeys: [(A, "acme".to_string()), (B, "globex".to_string())]
+            .into_iter()
+            .collect(),
+        guids: vec![
+            LedgerGuid {
+                guid: OLD,
+                device: "0000:3b:00.1".into(),
+                tenant: Some("acme".into()),
+            },
+            LedgerGuid {
+                guid: NEW,
+                device: "0000:3b:00.2".into(),
+                tenant: Some("globex".into()),
+            },
+        ],
+    };
+    let observed = sm.observe(&[OLD, NEW]);
+    let configured = sm.configured_members();
+    let found = posture(
+        "ufm",
+        configured.as_ref().map(Option::as_deref),
+        observed.as_ref(),
+        &ledger,
+    );
+    let rules: Vec<(&str, &str)> = found
+        .iter()
+        .map(|x| (x.rule.as_str(), x.subject.as_str()))
+        .collect();
+    assert!(
+        rules.contains(&("FAB-SHARED-PARTITION", "0x0500")),
+        "{rules:?}"
+    );
+    for g in [OLD, NEW] {
+        let s = g.to_string();
+        assert!(
+            rules.contains(&("FAB-FOREIGN-PARTITION", s.as_str())),
+            "{rules:?}"
+        );
+    }
+    let shared = found
+        .iter()
+        .find(|x| x.rule == "FAB-SHARED-PARTITION")
+        .expect("shared");
+    assert!(
+        shared.hint.contains("ufm:/ufmRest/resources/pkeys"),
+        "{shared:?}"
+    );
+    // The bystander's foreign partition holds no tenant port: not reported.
+    assert!(!rules.iter().any(|r| r.1 == "0x0ff0"), "{rules:?}");
 }

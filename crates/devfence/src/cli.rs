@@ -183,9 +183,11 @@ pub struct CheckArgs {
     /// Also check the fabric against the ledger at the configured subnet manager
     /// (`[fabric] backend` in the configuration): ports with full membership of the
     /// default partition (FAB-DEFAULT-FULL), tenant P_Keys with members the ledger
-    /// does not give that tenant (FAB-UNKNOWN-MEMBER), GUIDs issued to held devices
-    /// that the fabric does not know (FAB-GUID-MISSING), an SM that cannot be read
-    /// (FAB-UNVERIFIED).
+    /// does not give that tenant (FAB-UNKNOWN-MEMBER), tenant ports in a partition
+    /// no tenant owns (FAB-FOREIGN-PARTITION), partitions with ports of two tenants
+    /// (FAB-SHARED-PARTITION), a failed SM sweep (FAB-SWEEP-FAILED), GUIDs issued to
+    /// held devices that the fabric does not know (FAB-GUID-MISSING), an SM that
+    /// cannot be read or is not master (FAB-UNVERIFIED). `devfence rules` lists them.
     #[arg(long)]
     pub fabric: bool,
 }

@@ -498,20 +498,30 @@ fn check(
 }
 
 fn rules(a: &RulesArgs, out: &mut dyn Write) -> Result<Outcome> {
+    // The host rules, then the fabric rules of `check --fabric`.
+    let all: Vec<(&str, Severity, &str)> = devfence_policy::RULES
+        .iter()
+        .map(|r| (r.id, r.severity, r.summary))
+        .chain(
+            devfence_fabric::posture::RULES
+                .iter()
+                .map(|r| (r.id, r.severity, r.summary)),
+        )
+        .collect();
     if a.json {
-        let v: Vec<_> = devfence_policy::RULES
+        let v: Vec<_> = all
             .iter()
-            .map(|r| serde_json::json!({"id": r.id, "severity": r.severity, "summary": r.summary}))
+            .map(|(id, severity, summary)| serde_json::json!({"id": id, "severity": severity, "summary": summary}))
             .collect();
         serde_json::to_writer_pretty(&mut *out, &v)?;
         writeln!(out)?;
     } else {
         let mut t = Table::new(&["RULE", "SEVERITY", "WHAT IT FINDS"]);
-        for r in devfence_policy::RULES {
+        for (id, severity, summary) in &all {
             t.row(vec![
-                r.id.to_string(),
-                r.severity.to_string(),
-                r.summary.to_string(),
+                id.to_string(),
+                severity.to_string(),
+                summary.to_string(),
             ]);
         }
         t.write(out)?;

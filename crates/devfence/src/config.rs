@@ -118,13 +118,34 @@ impl Config {
     /// A TOML error or an inconsistent backend choice, naming the file.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let mut c: Config = toml::from_str(text).map_err(|e| {
+            // The message and the line, never the line's text: it may hold a
+            // secret (a password written into a URL).
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             anyhow::anyhow!(
-                "{}: {}. Hint: see `man devfence` (CONFIGURATION) for the keys",
+                "{}{}: {}. Hint: see `man devfence` (CONFIGURATION) for the keys",
                 path.display(),
-                e.to_string().trim_end()
+                line.map(|l| format!(" line {l}")).unwrap_or_default(),
+                without_quoted_strings(e.message().trim_end())
             )
         })?;
         c.source = Some(path.to_path_buf());
+        if let Some(u) = &c.fabric.ufm {
+            u.validate()
+                .map_err(|e| anyhow::anyhow!("{}: [fabric.ufm] {e}", path.display()))?;
+        }
+        for (section, sa) in [
+            ("[fabric.sa]", c.fabric.sa.as_ref()),
+            (
+                "[fabric.opensm.sa]",
+                c.fabric.opensm.as_ref().map(|o| &o.sa),
+            ),
+        ] {
+            if let Some(sa) = sa {
+                check_sa(sa).map_err(|e| anyhow::anyhow!("{}: {section} {e}", path.display()))?;
+            }
+        }
         match c.fabric.backend {
             Backend::Ufm if c.fabric.ufm.is_none() => bail!(
                 "{}: [fabric] backend = \"ufm\" but there is no [fabric.ufm] section. Hint: give at least its url",
@@ -145,7 +166,7 @@ impl Config {
             Some(p) => (p.to_path_buf(), true),
             None => (root.path(CONFIG_PATH), false),
         };
-        match std::fs::read_to_string(&path) {
+        match read_config(&path) {
             Ok(t) => Self::parse(&t, &path),
             Err(e) if !must && e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(e).with_context(|| {
@@ -173,6 +194,96 @@ impl Config {
     pub fn opensm(&self) -> OpenSmConfig {
         self.fabric.opensm.clone().unwrap_or_default()
     }
+}
+
+/// The largest configuration file devfence reads.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// The most retries `[fabric.sa]` may ask libibumad for, per query.
+pub const MAX_SA_RETRIES: u32 = 10;
+/// The longest SA answer time `[fabric.sa]` may give, in milliseconds.
+pub const MAX_SA_TIMEOUT_MS: u32 = 10_000;
+/// The longest one SA query may take with every retry, in milliseconds.
+pub const MAX_SA_QUERY_MS: u64 = 20_000;
+
+/// Reads the configuration: a regular file (checked before it is opened, so a
+/// FIFO in its place does not block, and again on the open file), at most
+/// [`MAX_CONFIG_BYTES`], UTF-8.
+fn read_config(path: &Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+    let not_regular =
+        || invalid("it is not a regular file (a device, FIFO, socket or directory)".into());
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(not_regular());
+    }
+    let f = std::fs::File::open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(invalid(format!(
+            "it is {} bytes, more than the {MAX_CONFIG_BYTES} devfence reads",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(invalid(format!(
+            "it grew past the {MAX_CONFIG_BYTES} bytes devfence reads"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| invalid("it is not UTF-8 text".into()))
+}
+
+/// The SA client's bounds: a huge `retries` or `timeout_ms` made `status` hang
+/// for minutes per port (issue 18 item 12).
+fn check_sa(sa: &SaConfig) -> Result<()> {
+    if sa.retries > MAX_SA_RETRIES {
+        bail!(
+            "retries = {} is out of range. Hint: give 0 to {MAX_SA_RETRIES} (libibumad repeats each query that often; the default is 3)",
+            sa.retries
+        );
+    }
+    if sa.timeout_ms == 0 || sa.timeout_ms > MAX_SA_TIMEOUT_MS {
+        bail!(
+            "timeout_ms = {} is out of range. Hint: give 1 to {MAX_SA_TIMEOUT_MS} (one SA answer; the default is 200)",
+            sa.timeout_ms
+        );
+    }
+    let worst = u64::from(sa.timeout_ms) * (u64::from(sa.retries) + 1);
+    if worst > MAX_SA_QUERY_MS {
+        bail!(
+            "timeout_ms = {} with retries = {} lets one SA query take {worst} ms, more than {MAX_SA_QUERY_MS}. Hint: lower one of them; `status` and every gate read wait that long per port when the SA does not answer",
+            sa.timeout_ms,
+            sa.retries
+        );
+    }
+    Ok(())
+}
+
+/// `msg` with every `"…"` part (escapes included) replaced by `"…"`: a parser's
+/// message may quote a value of the file, which may be a secret.
+fn without_quoted_strings(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut chars = msg.chars();
+    while let Some(c) = chars.next() {
+        if c == '"' {
+            let mut escaped = false;
+            for d in chars.by_ref() {
+                match d {
+                    '\\' if !escaped => escaped = true,
+                    '"' if !escaped => break,
+                    _ => escaped = false,
+                }
+            }
+            out.push_str("\"…\"");
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -203,5 +314,89 @@ mod tests {
         assert!(e.to_string().contains("[fabric.ufm]"), "{e}");
         let e = Config::parse("[fabric.opensm.sa]\nsm_key = \"zz\"\n", p).expect_err("bad key");
         assert!(e.to_string().contains("sm_key"), "{e}");
+    }
+
+    /// issue 18 item 10: a password in the UFM URL is refused when the
+    /// configuration loads, and no error shows it — not the URL check's, not the
+    /// TOML parser's (which would quote the line).
+    #[test]
+    fn a_password_in_the_ufm_url_is_refused_and_never_shown() {
+        let p = Path::new("/etc/devfence/devfence.toml");
+        for text in [
+            "[fabric]\nbackend = \"ufm\"\n[fabric.ufm]\nurl = \"https://admin:Hunter2-pw@ufm.example\"\n",
+            "[fabric.ufm]\nurl = \"https://admin:Hunter2%2Dpw@ufm.example/x\"\n",
+            "[fabric.ufm]\nurl = \"https://admin:Hunter2-pw@ufm.example\"\nretries = \"x\"\n",
+            "[fabric.ufm]\nurl = \"https://admin:Hunter2-pw@ufm.example\n",
+            "[fabric.ufm]\nurl = 5\ncredentials = \"Hunter2-pw\"\n",
+        ] {
+            let e = Config::parse(text, p).expect_err(text);
+            let s = format!("{e:#}\n{e:?}");
+            assert!(!s.contains("Hunter2"), "{text}: {s}");
+            assert!(s.contains("devfence.toml") && s.contains("Hint:"), "{s}");
+        }
+        let e = Config::parse(
+            "[fabric.ufm]\nurl = \"https://admin:Hunter2-pw@ufm.example\"\n",
+            p,
+        )
+        .expect_err("userinfo");
+        assert!(e.to_string().contains("carries credentials"), "{e}");
+    }
+
+    /// issue 18 item 12: `retries`, `retry_backoff_ms` and the SA's `retries` and
+    /// `timeout_ms` have upper bounds, refused at load with the key named.
+    #[test]
+    fn retries_and_timeouts_have_bounds() {
+        let p = Path::new("devfence.toml");
+        for (text, want) in [
+            (
+                "[fabric.ufm]\nurl = \"https://u\"\nretries = 1000\n",
+                "retries = 1000",
+            ),
+            (
+                "[fabric.ufm]\nurl = \"https://u\"\nretry_backoff_ms = 3600000\n",
+                "retry_backoff_ms = 3600000",
+            ),
+            (
+                "[fabric.sa]\nretries = 1000\n",
+                "[fabric.sa] retries = 1000",
+            ),
+            ("[fabric.sa]\ntimeout_ms = 600000\n", "timeout_ms = 600000"),
+            (
+                "[fabric.opensm.sa]\nretries = 4294967295\n",
+                "[fabric.opensm.sa] retries = 4294967295",
+            ),
+            ("[fabric.sa]\ntimeout_ms = 0\n", "timeout_ms = 0"),
+        ] {
+            let e = Config::parse(text, p).expect_err(text);
+            let s = e.to_string();
+            assert!(
+                s.contains(want) && s.contains("out of range") && s.contains("Hint:"),
+                "{text}: {s}"
+            );
+        }
+        Config::parse(
+            "[fabric.ufm]\nurl = \"https://u\"\nretries = 5\nretry_backoff_ms = 5000\n[fabric.sa]\nretries = 10\ntimeout_ms = 1000\n",
+            p,
+        )
+        .expect("the bounds themselves");
+        let e = Config::parse("[fabric.sa]\nretries = 10\ntimeout_ms = 10000\n", p)
+            .expect_err("together too slow");
+        assert!(e.to_string().contains("110000 ms"), "{e}");
+    }
+
+    /// issue 18 item 6: the configuration is read only if it is a regular file,
+    /// and only up to 1 MiB (a FIFO does not hang, a device is not read).
+    #[test]
+    fn the_configuration_file_is_bounded() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let root = HostRoot::new(dir.path());
+        for p in [PathBuf::from("/dev/zero"), dir.path().to_path_buf()] {
+            let e = Config::load(&root, Some(&p)).expect_err("not regular");
+            assert!(format!("{e:#}").contains("not a regular file"), "{e:#}");
+        }
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; (1 << 20) + 1]).expect("write");
+        let e = Config::load(&root, Some(&big)).expect_err("big");
+        assert!(format!("{e:#}").contains("more than the 1048576"), "{e:#}");
     }
 }

@@ -1006,15 +1006,10 @@ pub fn fabric_findings(
     let sm = env.sm();
     let guids: Vec<Guid> = view.guids.iter().map(|g| g.guid).collect();
     let observed = sm.observe(&guids);
-    let configured = match sm.configured_members() {
-        Ok(c) => c,
-        Err(e) => {
-            return Ok(posture(sm.backend(), None, Err(&e), &view));
-        }
-    };
+    let configured = sm.configured_members();
     Ok(posture(
         sm.backend(),
-        configured.as_deref(),
+        configured.as_ref().map(Option::as_deref),
         observed.as_ref(),
         &view,
     ))

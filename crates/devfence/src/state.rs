@@ -662,6 +662,16 @@ fn admit_cmd(
             // before this leaves the envelope spent and nothing to restore (fail
             // closed: seal again).
             if let Some(tmp) = &placed {
+                // Whose it is, beside it: scrubbing the device voids it
+                // (devfence-engine's `state-void` step).
+                write_new(&final_path.with_extension("owner"), format!("{dev}\n").as_bytes())
+                    .with_context(|| {
+                        format!(
+                            "The envelope was admitted (its nonce is spent) but its owner record could not be \
+                             written beside {}. Hint: seal the state again on the source host",
+                            final_path.display()
+                        )
+                    })?;
                 std::fs::rename(tmp, &final_path)
                     .and_then(|()| sync_dir(&final_path))
                     .with_context(|| {

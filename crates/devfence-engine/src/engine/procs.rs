@@ -88,7 +88,10 @@ fn partitions(t: &Tenant) -> Vec<(PartitionKey, Membership)> {
 /// The steps of scrubbing a device of `kind`; `fabric`: it has GUIDs to revoke
 /// at the SM (see `revoke_guids`).
 fn plan_scrub(kind: &DeviceKind, fabric: bool) -> Vec<PlannedStep> {
-    let mut v = Vec::new();
+    let mut v = vec![ps(
+        "state-void",
+        "remove the device-state payloads admitted for the device (never delivered to the next VM)",
+    )];
     match kind {
         DeviceKind::Mdev { .. } => {
             v.push(ps(
@@ -317,8 +320,10 @@ pub(crate) fn release(
     match kind {
         Some(k) => scrub(e, run, k, old)?,
         None => {
+            // Gone from the host: its admitted state is void all the same.
+            void_admitted_state(e, run)?;
             if let DeviceId::Mdev(_) = device {
-                // Already gone from the host: nothing of it is left to scrub.
+                // Already gone from the host: nothing else of it is left to scrub.
             } else {
                 return Err(fail(
                     format!("{device} is not on the host, so it cannot be scrubbed and verified"),
@@ -365,6 +370,7 @@ fn scrub(
 ) -> Result<(), StepFailure> {
     let io = e.io;
     let act = SysfsActuator::new(io);
+    void_admitted_state(e, run)?;
     match kind {
         DeviceKind::Mdev { uuid, .. } => {
             let u = *uuid;
@@ -416,6 +422,77 @@ fn scrub(
             Ok(())
         }
     }
+}
+
+/// The side-load directory of admitted device state, under the runtime dir:
+/// `<token>.state` payloads, each with `<token>.owner` naming its device
+/// (written by `devfence state admit`).
+fn state_dir(runtime: &str) -> String {
+    format!("{runtime}/state")
+}
+
+/// Voids every device-state payload admitted for the device being scrubbed
+/// (issue 18 item 10): its `<token>.state` and `<token>.owner` are removed, so
+/// no later VM can be given the previous tenant's state. An owner record that is
+/// not a small regular file fails the step (the device stays quarantined).
+fn void_admitted_state(e: &mut Engine<'_>, run: &mut Run) -> Result<(), StepFailure> {
+    const MAX_OWNER: u64 = 256;
+    let root = e.io.root().clone();
+    let dir = state_dir(&e.cfg.runtime_dir);
+    let device = run.device.to_string();
+    e.step(run, "state-void", json!({ "dir": dir }), |_| {
+        let real = root.path(&dir);
+        let entries = match std::fs::read_dir(&real) {
+            Ok(r) => r,
+            Err(x) if x.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(((), json!({ "dir": dir, "voided": 0 })));
+            }
+            Err(x) => {
+                return Err(fail(
+                    format!("cannot list {}: {x}", real.display()),
+                    "check the side-load directory (root-owned, 0700); admitted state of this device may still be there",
+                ));
+            }
+        };
+        let mut voided = 0u32;
+        for ent in entries.flatten() {
+            let name = ent.file_name();
+            let Some(token) = name.to_str().and_then(|n| n.strip_suffix(".owner")) else {
+                continue;
+            };
+            let owner = ent.path();
+            let bad = |why: String| {
+                fail(
+                    format!("{}: {why}", owner.display()),
+                    "remove the file by hand after checking whose state it records; devfence cannot tell whether it is this device's",
+                )
+            };
+            let meta = std::fs::symlink_metadata(&owner).map_err(|x| bad(x.to_string()))?;
+            if !meta.is_file() || meta.len() > MAX_OWNER {
+                return Err(bad("not a small regular file".into()));
+            }
+            let text = std::fs::read_to_string(&owner).map_err(|x| bad(x.to_string()))?;
+            if text.trim_end_matches('\n') != device {
+                continue;
+            }
+            let payload = real.join(format!("{token}.state"));
+            for p in [&payload, &owner] {
+                match std::fs::remove_file(p) {
+                    Ok(()) => {}
+                    Err(x) if x.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(x) => {
+                        return Err(fail(
+                            format!("cannot remove {}: {x}", p.display()),
+                            "remove it by hand: it is the previous tenant's admitted device state",
+                        ));
+                    }
+                }
+            }
+            voided += 1;
+        }
+        // The tokens name the payloads; only their number is journalled.
+        Ok(((), json!({ "dir": dir, "voided": voided })))
+    })
 }
 
 fn revoke_node(
@@ -542,11 +619,33 @@ fn sm_gate(
         });
         match res {
             Ok(proof) => Ok(json!({ "backend": sm.backend(), "proof": proof })),
-            Err(nv) => Err((
-                format!("the SM did not verify: {nv}"),
-                json!({ "backend": sm.backend(), "polls": nv.polls, "waited_ms": nv.waited.as_millis() as u64, "failed": nv.failed(), "last": nv.last.to_string() }),
-                "the SM has not (yet) applied the change or its sweep did not finish cleanly; check the SM, then release the device to scrub it again".into(),
-            )),
+            Err(nv) => {
+                // A port in more partitions than granted: name the SM
+                // configuration's statements that put it there (the operator's
+                // line), not the SM.
+                let stray = if nv.failed().contains(&devfence_fabric::Question::NewExact) {
+                    sm.configured_members()
+                        .ok()
+                        .flatten()
+                        .map(|c| devfence_fabric::posture::stray_statements(&c, &exp.grant))
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                let hint = if stray.is_empty() {
+                    "the SM has not (yet) applied the change or its sweep did not finish cleanly; check the SM, then release the device to scrub it again".to_string()
+                } else {
+                    format!(
+                        "the SM's configuration makes the port a member of a partition the tenant is not given, at {}: a statement outside devfence's block (for OpenSM, an operator's line); take the port out of it (name the ports a wildcard is meant for), then release the device to scrub it again",
+                        stray.join(", ")
+                    )
+                };
+                Err((
+                    format!("the SM did not verify: {nv}"),
+                    json!({ "backend": sm.backend(), "polls": nv.polls, "waited_ms": nv.waited.as_millis() as u64, "failed": nv.failed(), "last": nv.last.to_string(), "statements": stray }),
+                    hint,
+                ))
+            }
         }
     })
 }

@@ -18,9 +18,11 @@
 //! remove GUIDs from one) are idempotent, so repeating a POST whose answer was
 //! lost is safe.
 //!
-//! Every error passes through [`Client::scrub`] before it leaves: the password
-//! and the `Authorization` value are replaced by `<redacted>` wherever an answer
-//! echoed them.
+//! No error quotes an answer (a UFM or a proxy may echo a secret in an encoding
+//! no redaction knows): a refused answer is described by its status, content
+//! type and length. Every error also passes through [`Client::scrub`] before it
+//! leaves: the password and the `Authorization` value are replaced by
+//! `<redacted>` wherever anything else could carry them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +30,11 @@ use std::time::Duration;
 use ureq::Agent;
 use ureq::tls::{PemItem, RootCerts, TlsConfig, TlsProvider};
 
-use super::config::{Login, Secret, UfmConfig, UfmSetupError, base64};
-use super::decode::{MAX_RESPONSE_BYTES, excerpt, html, malformed};
+use super::config::{
+    Login, MAX_CA_FILE_BYTES, Secret, UfmConfig, UfmSetupError, base64, read_regular_capped,
+    shown_url,
+};
+use super::decode::{MAX_RESPONSE_BYTES, html, malformed};
 use crate::FabricError;
 
 const BACKEND: &str = "ufm";
@@ -39,6 +44,7 @@ const BACKEND: &str = "ufm";
 pub(crate) enum Method {
     Get,
     Post,
+    Delete,
 }
 
 impl Method {
@@ -46,6 +52,7 @@ impl Method {
         match self {
             Method::Get => "GET",
             Method::Post => "POST",
+            Method::Delete => "DELETE",
         }
     }
 }
@@ -83,7 +90,7 @@ impl std::fmt::Debug for Client {
 /// Checks `url` and returns it without a trailing `/`.
 pub(crate) fn check_url(url: &str) -> Result<String, UfmSetupError> {
     let bad = |why: &str| UfmSetupError::Url {
-        url: url.to_string(),
+        url: shown_url(url),
         why: why.to_string(),
     };
     let lower = url.to_ascii_lowercase();
@@ -96,14 +103,14 @@ pub(crate) fn check_url(url: &str) -> Result<String, UfmSetupError> {
     } else {
         return Err(bad("it does not start with https://"));
     };
-    let authority = rest.split('/').next().unwrap_or("");
-    if authority.is_empty() {
-        return Err(bad("it names no host"));
-    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     if authority.contains('@') {
         return Err(bad(
-            "it carries credentials (user@host); put them in the credentials source instead",
+            "it carries credentials (user:password@host); put them in the credentials source instead (the password is not shown here)",
         ));
+    }
+    if authority.is_empty() {
+        return Err(bad("it names no host"));
     }
     if url.contains(['?', '#']) || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(bad("it holds a query, a fragment or blanks"));
@@ -116,7 +123,7 @@ fn load_roots(path: &std::path::Path) -> Result<RootCerts, UfmSetupError> {
         path: path.to_path_buf(),
         why,
     };
-    let pem = std::fs::read(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let pem = read_regular_capped(path, MAX_CA_FILE_BYTES).map_err(fail)?;
     let mut certs = Vec::new();
     for item in ureq::tls::parse_pem(&pem) {
         match item {
@@ -141,6 +148,7 @@ fn load_roots(path: &std::path::Path) -> Result<RootCerts, UfmSetupError> {
 
 impl Client {
     pub(crate) fn new(cfg: &UfmConfig, login: Login) -> Result<Self, UfmSetupError> {
+        cfg.validate()?;
         let base = check_url(&cfg.url)?;
         if cfg.insecure_skip_verify && cfg.ca_file.is_some() {
             return Err(UfmSetupError::Contradiction);
@@ -156,12 +164,6 @@ impl Client {
             .build();
         let timeout = cfg.timeout();
         let connect_timeout = cfg.connect_timeout();
-        if timeout.is_zero() || connect_timeout.is_zero() {
-            return Err(UfmSetupError::Client {
-                why: "timeout_ms and connect_timeout_ms must be above 0".into(),
-                hint: "leave them out for the defaults (10000 and 5000)".into(),
-            });
-        }
         let config = Agent::config_builder()
             .tls_config(tls)
             .https_only(true)
@@ -201,6 +203,11 @@ impl Client {
         self.call(Method::Post, path, json)
     }
 
+    /// `DELETE path`; the body of a 2xx answer.
+    pub(crate) fn delete(&self, path: &str) -> Result<Vec<u8>, FabricError> {
+        self.call(Method::Delete, path, &[])
+    }
+
     fn call(&self, method: Method, path: &str, body: &[u8]) -> Result<Vec<u8>, FabricError> {
         let op = format!("{} {path}", method.name());
         let mut attempt: u32 = 0;
@@ -236,6 +243,12 @@ impl Client {
                 .header("Accept", "application/json")
                 .content_type("application/json")
                 .send(body),
+            Method::Delete => self
+                .agent
+                .delete(&url)
+                .header("Authorization", self.auth.expose())
+                .header("Accept", "application/json")
+                .call(),
         };
         let mut resp = sent.map_err(|e| self.transport(op, e))?;
         let status = resp.status().as_u16();
@@ -250,19 +263,18 @@ impl Client {
             .to_ascii_lowercase();
         let location = header("location");
         if !(200..300).contains(&status) {
-            // A little of the answer helps the operator; failures to read it do not matter.
-            // Redacted before it is cut short, so no prefix of a secret survives;
-            // an authentication failure is not quoted at all.
-            let said = if matches!(status, 401 | 403) {
-                String::new()
-            } else {
-                resp.body_mut()
-                    .with_config()
-                    .limit(4096)
-                    .read_to_vec()
-                    .map(|b| excerpt(&self.redact(b)))
-                    .unwrap_or_default()
-            };
+            // Never quoted (an answer may echo a secret in any encoding): its
+            // content type and length are what the operator gets.
+            let len = resp
+                .body_mut()
+                .with_config()
+                .limit(MAX_QUOTED_LENGTH)
+                .read_to_vec()
+                .map_or_else(
+                    |_| format!("more than {MAX_QUOTED_LENGTH} bytes"),
+                    |b| format!("{} bytes", b.len()),
+                );
+            let said = format!("{}, {len}", shown_content_type(&content_type));
             return Err(self.status(op, status, location.as_deref(), &said));
         }
         let bytes = resp
@@ -298,11 +310,7 @@ impl Client {
     }
 
     fn status(&self, op: &str, status: u16, location: Option<&str>, said: &str) -> Attempt {
-        let says = if said.is_empty() {
-            String::new()
-        } else {
-            format!(" (\"{said}\")")
-        };
+        let says = format!(" ({said}; the answer is not quoted)");
         let refused = |detail: String, hint: &str| {
             Attempt::Final(FabricError::Refused {
                 backend: BACKEND.into(),
@@ -321,7 +329,7 @@ impl Client {
             300..=399 => refused(
                 format!(
                     "{op} answered HTTP {status}, a redirect to {:?}, which devfence does not follow",
-                    location.unwrap_or("nowhere")
+                    location.map_or_else(|| "nowhere".to_string(), shown_location)
                 ),
                 "point `url` at the UFM REST API itself (a login page or proxy in between?)",
             ),
@@ -399,8 +407,9 @@ impl Client {
                 format!("{op}: the answer is larger than the {n} bytes devfence reads"),
                 "check that `url` points at the UFM REST API",
             )),
-            ureq::Error::Protocol(p) => Attempt::Final(malformed(
-                format!("{op}: the answer is not HTTP ({p})"),
+            // Not quoted: a protocol error may carry bytes of the answer.
+            ureq::Error::Protocol(_) => Attempt::Final(malformed(
+                format!("{op}: the answer is not HTTP"),
                 "check that `url` names UFM's https port",
             )),
             ureq::Error::LargeResponseHeader(n, max) => Attempt::Final(malformed(
@@ -468,6 +477,47 @@ impl Client {
             other => other,
         }
     }
+}
+
+/// How much of a refused answer is read, to tell its length (never quoted).
+const MAX_QUOTED_LENGTH: u64 = 64 << 10;
+
+/// A content type as an error names it: a MIME type's characters only, short.
+fn shown_content_type(ct: &str) -> String {
+    let main = ct.split(';').next().unwrap_or("").trim();
+    if main.is_empty() {
+        return "no content type".into();
+    }
+    if main.len() > 64
+        || !main
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/.+-_".contains(&b))
+    {
+        return "an unreadable content type".into();
+    }
+    format!("content type {main}")
+}
+
+/// A redirect target as an error names it: the path only (no query, no
+/// userinfo, at most 80 characters of URL characters).
+fn shown_location(l: &str) -> String {
+    let l = l.split(['?', '#']).next().unwrap_or("");
+    let l = match l.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority.rsplit('@').next().unwrap_or("");
+            format!("{scheme}://{host}{path}")
+        }
+        None => l.to_string(),
+    };
+    if l.len() > 80
+        || !l
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/.:-_~[]".contains(&b))
+    {
+        return "an unreadable location".into();
+    }
+    l
 }
 
 /// `haystack` with every `needle` replaced by `with`.

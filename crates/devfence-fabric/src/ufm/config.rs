@@ -85,6 +85,21 @@ pub struct UfmConfig {
     pub ip_over_ib: bool,
 }
 
+/// The most repetitions `retries` may ask for.
+pub const MAX_RETRIES: u32 = 5;
+/// The longest first pause `retry_backoff_ms` may ask for (it doubles, up to 8×).
+pub const MAX_RETRY_BACKOFF_MS: u64 = 5_000;
+/// The longest `timeout_ms`.
+pub const MAX_TIMEOUT_MS: u64 = 120_000;
+/// The longest `connect_timeout_ms`.
+pub const MAX_CONNECT_TIMEOUT_MS: u64 = 60_000;
+/// The longest one UFM call may take with every retry ([`UfmConfig::worst_call_ms`]).
+pub const MAX_CALL_MS: u64 = 180_000;
+/// The largest CA file devfence reads (1 MiB: a bundle of hundreds of CAs).
+pub const MAX_CA_FILE_BYTES: u64 = 1 << 20;
+/// The largest credentials file devfence reads.
+pub const MAX_CREDENTIALS_BYTES: u64 = 4096;
+
 fn default_timeout_ms() -> u64 {
     10_000
 }
@@ -131,13 +146,142 @@ impl UfmConfig {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
+
+    /// Checks what can be checked without reading a file or the network: the URL
+    /// (`https://`, no `user:password@`, no query) and the bounds of the
+    /// timeouts and retries, so that a bad configuration is refused when it is
+    /// loaded — and without echoing a password written into the URL.
+    ///
+    /// # Errors
+    /// [`UfmSetupError::Url`] or [`UfmSetupError::OutOfRange`].
+    pub fn validate(&self) -> Result<(), UfmSetupError> {
+        super::client::check_url(&self.url)?;
+        let range = |field: &'static str, value: u64, min: u64, max: u64, hint: &'static str| {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(UfmSetupError::OutOfRange {
+                    field,
+                    value,
+                    min,
+                    max,
+                    hint,
+                })
+            }
+        };
+        range(
+            "timeout_ms",
+            self.timeout_ms,
+            1,
+            MAX_TIMEOUT_MS,
+            "leave it out for the default (10000)",
+        )?;
+        range(
+            "connect_timeout_ms",
+            self.connect_timeout_ms,
+            1,
+            MAX_CONNECT_TIMEOUT_MS,
+            "leave it out for the default (5000)",
+        )?;
+        range(
+            "retries",
+            u64::from(self.retries),
+            0,
+            u64::from(MAX_RETRIES),
+            "every repetition waits longer; a UFM that fails this often needs an operator, not more retries (default 2)",
+        )?;
+        range(
+            "retry_backoff_ms",
+            self.retry_backoff_ms,
+            0,
+            MAX_RETRY_BACKOFF_MS,
+            "the pause doubles with each repetition, up to 8 times this value (default 250)",
+        )?;
+        let worst = self.worst_call_ms();
+        if worst > MAX_CALL_MS {
+            return Err(UfmSetupError::TooSlow {
+                worst_ms: worst,
+                max_ms: MAX_CALL_MS,
+            });
+        }
+        Ok(())
+    }
+
+    /// The longest one UFM call can take: every attempt timing out, plus the
+    /// pauses between them.
+    #[must_use]
+    pub fn worst_call_ms(&self) -> u64 {
+        let attempts = u64::from(self.retries) + 1;
+        let pauses: u64 = (0..self.retries)
+            .map(|i| self.retry_backoff_ms.saturating_mul(1 << i.min(3)))
+            .fold(0, u64::saturating_add);
+        attempts
+            .saturating_mul(self.timeout_ms)
+            .saturating_add(pauses)
+    }
+}
+
+/// `url` as a message may show it: no `user:password@`, no query or fragment.
+#[must_use]
+pub fn shown_url(url: &str) -> String {
+    let (head, tail) = match url.find(['?', '#']) {
+        Some(i) => (&url[..i], "?<query removed>"),
+        None => (url, ""),
+    };
+    let (scheme, rest) = match head.find("://") {
+        Some(i) => (&head[..i + 3], &head[i + 3..]),
+        None => ("", head),
+    };
+    let end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let authority = match authority.rfind('@') {
+        Some(i) => format!("<userinfo removed>@{}", &authority[i + 1..]),
+        None => authority.to_string(),
+    };
+    format!("{scheme}{authority}{path}{tail}")
+}
+
+/// Reads `path` if it is a regular file of at most `max` bytes (following
+/// links, as an operator's `/etc/ssl/…` link is meant to be followed). Opened
+/// without blocking, so a FIFO in its place does not hang devfence; a device
+/// such as `/dev/zero` is refused before a byte is read.
+pub(crate) fn read_regular_capped(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    use rustix::fs::{Mode, OFlags};
+    use std::io::Read as _;
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("cannot open it: {}", std::io::Error::from(e)))?;
+    let file = std::fs::File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot stat it: {e}"))?;
+    if !meta.is_file() {
+        return Err("it is not a regular file (a device, FIFO, socket or directory)".into());
+    }
+    if meta.len() > max {
+        return Err(format!(
+            "it is {} bytes, more than the {max} devfence reads",
+            meta.len()
+        ));
+    }
+    let mut out = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if out.len() as u64 > max {
+        return Err(format!("it grew past the {max} bytes devfence reads"));
+    }
+    Ok(out)
 }
 
 impl fmt::Debug for UfmConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Written out so that a secret added here later has to be thought about.
         f.debug_struct("UfmConfig")
-            .field("url", &self.url)
+            .field("url", &shown_url(&self.url))
             .field("ca_file", &self.ca_file)
             .field("credentials", &self.credentials)
             .field("insecure_skip_verify", &self.insecure_skip_verify)
@@ -250,7 +394,7 @@ pub enum UfmSetupError {
     /// The URL is not `https://host[:port][/prefix]`.
     #[error("UFM url {url:?} is not usable: {why}. Hint: write it as https://<ufm-host>[:port]")]
     Url {
-        /// The URL as configured.
+        /// The URL as configured, as [`shown_url`] shows it (never a password).
         url: String,
         /// What is wrong with it.
         why: String,
@@ -279,6 +423,30 @@ pub enum UfmSetupError {
         why: String,
         /// What to do.
         hint: String,
+    },
+    /// A number is outside its bounds.
+    #[error("UFM {field} = {value} is out of range. Hint: give {min} to {max}; {hint}")]
+    OutOfRange {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+        /// The least allowed.
+        min: u64,
+        /// The most allowed.
+        max: u64,
+        /// Why the bound, or the default.
+        hint: &'static str,
+    },
+    /// Timeouts and retries that together let one call take too long.
+    #[error(
+        "UFM timeout_ms, retries and retry_backoff_ms let one call take up to {worst_ms} ms, more than {max_ms}. Hint: lower retries or timeout_ms; a command waits that long for an unreachable UFM"
+    )]
+    TooSlow {
+        /// The worst case, in milliseconds.
+        worst_ms: u64,
+        /// The bound.
+        max_ms: u64,
     },
     /// The HTTP client could not be set up.
     #[error("UFM client setup failed: {why}. Hint: {hint}")]
@@ -356,10 +524,16 @@ fn load_file(path: &Path) -> Result<Login, UfmSetupError> {
     }
     #[cfg(not(unix))]
     let _ = meta;
-    let text = Secret::new(std::fs::read_to_string(path).map_err(|e| {
+    let bytes = read_regular_capped(path, MAX_CREDENTIALS_BYTES).map_err(|why| {
         fail(
-            format!("cannot read it: {e}"),
-            "check the file's owner and mode",
+            why,
+            "give a regular file with one line `user:password` (check the file's owner and mode)",
+        )
+    })?;
+    let text = Secret::new(String::from_utf8(bytes).map_err(|_| {
+        fail(
+            "it is not UTF-8 text".into(),
+            "write one line `user:password`",
         )
     })?);
     let line = text.expose().lines().next().unwrap_or("");
@@ -505,6 +679,125 @@ retry_backoff_ms = 250
         let s = e.to_string();
         assert!(s.contains("NOPE is not set") && s.contains("Hint:"), "{s}");
         assert!(!s.contains("s3cret-pw") && !format!("{e:?}").contains("s3cret-pw"));
+    }
+
+    /// issue 18 item 10: a URL with `user:password@` is refused when the
+    /// configuration is loaded, and neither the error nor `Debug` shows the
+    /// password — plain or percent-encoded.
+    #[test]
+    fn userinfo_in_the_url_is_refused_without_showing_the_password() {
+        for url in [
+            "https://admin:Hunter2-pw@ufm.example",
+            "https://admin:Hunter2%2Dpw@ufm.example:8443/prefix",
+            "https://Hunter2-pw@ufm.example",
+            "https://admin:Hunter2-pw@ufm.example?token=Hunter2-pw#Hunter2-pw",
+            "https://admin:Hunter2@pw@ufm.example",
+        ] {
+            let c = UfmConfig::new(url);
+            let e = c.validate().expect_err(url);
+            let shown = format!("{e}\n{e:?}\n{c:?}");
+            assert!(!shown.contains("Hunter2"), "{url}: {shown}");
+            assert!(e.to_string().contains("credentials"), "{e}");
+            assert!(e.to_string().contains("Hint:"), "{e}");
+            assert!(e.to_string().contains("ufm.example"), "{e}");
+        }
+        assert_eq!(
+            shown_url("https://a:b@ufm/p?q=1"),
+            "https://<userinfo removed>@ufm/p?<query removed>"
+        );
+        assert_eq!(shown_url("https://ufm:443/x"), "https://ufm:443/x");
+        UfmConfig::new("https://ufm.example")
+            .validate()
+            .expect("plain url");
+    }
+
+    /// issue 18 item 12: `retries`, `retry_backoff_ms` and the timeouts have
+    /// upper bounds (a huge `retries` hung `status`), refused with the field named.
+    #[test]
+    fn retries_backoff_and_timeouts_are_bounded() {
+        let ok = UfmConfig::new("https://u");
+        ok.validate().expect("defaults");
+        type Set = fn(&mut UfmConfig);
+        let cases: [(&str, Set); 6] = [
+            ("retries = 6", |c| c.retries = MAX_RETRIES + 1),
+            ("retries = 4294967295", |c| c.retries = u32::MAX),
+            ("retry_backoff_ms = 5001", |c| c.retry_backoff_ms = 5001),
+            ("timeout_ms = 0", |c| c.timeout_ms = 0),
+            ("timeout_ms = 18446744073709551615", |c| {
+                c.timeout_ms = u64::MAX
+            }),
+            ("connect_timeout_ms = 60001", |c| {
+                c.connect_timeout_ms = 60_001
+            }),
+        ];
+        for (want, set) in cases {
+            let mut c = ok.clone();
+            set(&mut c);
+            let e = c.validate().expect_err(want);
+            let s = e.to_string();
+            assert!(s.contains(want) && s.contains("out of range"), "{s}");
+            assert!(s.contains("Hint: give "), "{s}");
+        }
+        let mut edge = ok.clone();
+        edge.retries = MAX_RETRIES;
+        edge.retry_backoff_ms = MAX_RETRY_BACKOFF_MS;
+        edge.validate().expect("the bounds themselves are allowed");
+        assert_eq!(ok.worst_call_ms(), 3 * 10_000 + 250 + 500);
+        // Each within its bound, together too slow.
+        let mut slow = ok.clone();
+        slow.retries = MAX_RETRIES;
+        slow.timeout_ms = MAX_TIMEOUT_MS;
+        let s = slow.validate().expect_err("too slow").to_string();
+        assert!(s.contains("up to 725750 ms") && s.contains("Hint:"), "{s}");
+    }
+
+    /// issue 18 item 6: a file the UFM backend reads is read only if it is a
+    /// regular file, and only up to a cap: `/dev/zero`, a FIFO (which would block
+    /// an ordinary open) and an oversized file are refused at once.
+    #[cfg(unix)]
+    #[test]
+    fn files_are_read_only_when_regular_and_small() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let e = read_regular_capped(Path::new("/dev/zero"), 1024).expect_err("device");
+        assert!(e.contains("not a regular file"), "{e}");
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .expect("mkfifo");
+        let e = read_regular_capped(&fifo, 1024).expect_err("fifo");
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = read_regular_capped(dir.path(), 1024).expect_err("dir");
+        assert!(e.contains("not a regular file"), "{e}");
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'x'; 2048]).expect("write");
+        let e = read_regular_capped(&big, 1024).expect_err("big");
+        assert!(e.contains("2048 bytes, more than the 1024"), "{e}");
+        assert_eq!(read_regular_capped(&big, 2048).expect("fits").len(), 2048);
+        // Through the credentials source too, with a hint.
+        for p in [PathBuf::from("/dev/zero"), fifo] {
+            let e = Credentials::File { path: p.clone() }.load();
+            let s = e.expect_err("refused").to_string();
+            assert!(
+                s.contains("not a regular file") || s.contains("accessible to others"),
+                "{}: {s}",
+                p.display()
+            );
+        }
+        let cred = dir.path().join("cred");
+        std::fs::write(&cred, vec![b'a'; 8192]).expect("write");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let s = Credentials::File { path: cred }
+            .load()
+            .expect_err("big")
+            .to_string();
+        assert!(
+            s.contains("more than the 4096") && s.contains("Hint:"),
+            "{s}"
+        );
     }
 
     #[cfg(unix)]

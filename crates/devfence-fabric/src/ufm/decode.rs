@@ -33,9 +33,6 @@ use crate::FabricError;
 /// there, and the decoders refuse anything larger.
 pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
 
-/// How much of a refused answer an error quotes.
-const EXCERPT: usize = 60;
-
 /// UFM's configured P_Key membership, as `GET /ufmRest/resources/pkeys/?guids_data=true`
 /// lists it: per partition (its P_Key *base*, bit 15 clear), the member GUIDs and
 /// their membership. Includes every partition UFM lists, the default one
@@ -132,24 +129,43 @@ pub(crate) fn malformed(detail: impl Into<String>, hint: impl Into<String>) -> F
     }
 }
 
-/// The first bytes of `body`, printable ASCII only, for an error message.
+/// `msg` (a JSON parser's message) with every quoted part — `"…"` (escapes
+/// included) and `` `…` `` — replaced by `"…"`: such parts are bytes of the
+/// answer, which no error quotes (an answer may echo a secret in any encoding).
 #[must_use]
-pub fn excerpt(body: &[u8]) -> String {
-    let mut s: String = body
-        .iter()
-        .take(EXCERPT)
-        .map(|b| {
-            if b.is_ascii_graphic() || *b == b' ' {
-                char::from(*b)
-            } else {
-                '.'
+pub fn unquoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut chars = msg.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                let mut escaped = false;
+                for d in chars.by_ref() {
+                    match d {
+                        '\\' if !escaped => escaped = true,
+                        '"' if !escaped => break,
+                        _ => escaped = false,
+                    }
+                }
+                out.push_str("\"…\"");
             }
-        })
-        .collect();
-    if body.len() > EXCERPT {
-        s.push('…');
+            '`' => {
+                for d in chars.by_ref() {
+                    if d == '`' {
+                        break;
+                    }
+                }
+                out.push_str("`…`");
+            }
+            c => out.push(c),
+        }
     }
-    s
+    out
+}
+
+/// What an error says of a refused value: its length, never the value.
+fn described(s: &str) -> String {
+    format!("a value of {} characters", s.chars().count())
 }
 
 const HINT_JSON: &str = "check that `url` points at the UFM REST API itself (https://<ufm-host>) and that no proxy answers in its place";
@@ -189,8 +205,8 @@ fn preflight<'a>(body: &'a [u8], what: &str) -> Result<&'a [u8], FabricError> {
 pub fn html(what: &str, body: &[u8]) -> FabricError {
     malformed(
         format!(
-            "UFM answered HTML (a login page or proxy error?) to {what}: \"{}\"",
-            excerpt(body)
+            "UFM answered HTML (a login page or proxy error?) to {what} ({} bytes; the answer is not quoted)",
+            body.len()
         ),
         HINT_JSON,
     )
@@ -199,8 +215,9 @@ pub fn html(what: &str, body: &[u8]) -> FabricError {
 fn json_error(what: &str, body: &[u8], e: &serde_json::Error) -> FabricError {
     malformed(
         format!(
-            "the answer to {what} is not the expected JSON ({e}): \"{}\"",
-            excerpt(body)
+            "the answer to {what} is not the expected JSON ({}; {} bytes; the answer is not quoted)",
+            unquoted(&e.to_string()),
+            body.len()
         ),
         HINT_JSON,
     )
@@ -219,15 +236,15 @@ pub fn parse_guid(field: &str, s: &str) -> Result<Guid, FabricError> {
     if digits.is_empty() || digits.len() > 16 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(malformed(
             format!(
-                "{field}: \"{}\" is not a GUID (expected 16 hex digits, e.g. 0002C903000A1B2C)",
-                excerpt(s.as_bytes())
+                "{field}: {} is not a GUID (expected 16 hex digits, e.g. 0002C903000A1B2C)",
+                described(s)
             ),
             HINT_DATA,
         ));
     }
     u64::from_str_radix(digits, 16).map(Guid).map_err(|e| {
         malformed(
-            format!("{field}: \"{}\" is not a GUID ({e})", excerpt(s.as_bytes())),
+            format!("{field}: {} is not a GUID ({e})", described(s)),
             HINT_DATA,
         )
     })
@@ -241,10 +258,7 @@ pub fn parse_guid(field: &str, s: &str) -> Result<Guid, FabricError> {
 pub fn parse_pkey(field: &str, s: &str) -> Result<PKey, FabricError> {
     let bad = |why: &str| {
         malformed(
-            format!(
-                "{field}: \"{}\" is not a P_Key ({why})",
-                excerpt(s.as_bytes())
-            ),
+            format!("{field}: {} is not a P_Key ({why})", described(s)),
             HINT_DATA,
         )
     };
@@ -275,8 +289,8 @@ pub fn parse_membership(field: &str, s: &str) -> Result<Membership, FabricError>
     } else {
         Err(malformed(
             format!(
-                "{field}: \"{}\" is not a membership (expected \"full\" or \"limited\")",
-                excerpt(s.as_bytes())
+                "{field}: {} is not a membership (expected \"full\" or \"limited\")",
+                described(s)
             ),
             HINT_DATA,
         ))
@@ -312,14 +326,15 @@ impl<'de> serde::Deserialize<'de> for RawListing {
                 let mut out: Vec<(String, RawPkey)> = Vec::new();
                 let mut seen = BTreeSet::new();
                 while let Some(key) = map.next_key::<String>()? {
+                    let n = out.len() + 1;
                     if !seen.insert(key.clone()) {
                         return Err(de::Error::custom(format_args!(
-                            "P_Key {key:?} is listed twice"
+                            "the P_Key key of entry {n} is listed twice"
                         )));
                     }
-                    let v: RawPkey = map
-                        .next_value()
-                        .map_err(|e| de::Error::custom(format_args!("under P_Key {key:?}: {e}")))?;
+                    let v: RawPkey = map.next_value().map_err(|e| {
+                        de::Error::custom(format_args!("under the P_Key of entry {n}: {e}"))
+                    })?;
                     out.push((key, v));
                 }
                 Ok(RawListing(out))
@@ -338,6 +353,14 @@ impl<'de> serde::Deserialize<'de> for RawListing {
     }
 }
 
+/// "field X given twice", naming X only when it is a field devfence reads.
+fn given_twice(key: &str) -> String {
+    match key {
+        "guids" | "guid" | "membership" => format!("field {key} given twice"),
+        _ => "a field is given twice".into(),
+    }
+}
+
 impl<'de> serde::Deserialize<'de> for RawPkey {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -351,7 +374,7 @@ impl<'de> serde::Deserialize<'de> for RawPkey {
                 let mut seen = BTreeSet::new();
                 while let Some(key) = map.next_key::<String>()? {
                     if !seen.insert(key.clone()) {
-                        return Err(de::Error::custom(format_args!("field {key:?} given twice")));
+                        return Err(de::Error::custom(given_twice(&key)));
                     }
                     if key == "guids" {
                         guids = Some(map.next_value()?);
@@ -381,7 +404,7 @@ impl<'de> serde::Deserialize<'de> for RawGuid {
                 let mut seen = BTreeSet::new();
                 while let Some(key) = map.next_key::<String>()? {
                     if !seen.insert(key.clone()) {
-                        return Err(de::Error::custom(format_args!("field {key:?} given twice")));
+                        return Err(de::Error::custom(given_twice(&key)));
                     }
                     match key.as_str() {
                         "guid" => out.guid = Some(map.next_value()?),
@@ -412,8 +435,8 @@ pub fn decode_pkeys(body: &[u8]) -> Result<PkeyListing, FabricError> {
     let json = preflight(body, WHAT)?;
     let raw: RawListing = serde_json::from_slice(json).map_err(|e| json_error(WHAT, body, &e))?;
     let mut out = PkeyListing::new();
-    for (key, part) in raw.0 {
-        let pkey = parse_pkey("P_Key key", &key)?;
+    for (n, (key, part)) in raw.0.into_iter().enumerate() {
+        let pkey = parse_pkey(&format!("the P_Key key of entry {}", n + 1), &key)?;
         if part.guids.is_empty() {
             out.partitions.entry(pkey).or_default();
         }
@@ -439,10 +462,16 @@ pub fn decode_pkeys(body: &[u8]) -> Result<PkeyListing, FabricError> {
     Ok(out)
 }
 
+/// A string field of a one-object answer, checked against a character class:
+/// what passes is shown in `status` (a version, a time stamp), so it must look
+/// like one — not like anything an answer could smuggle in.
 fn single_string_field(
     body: &[u8],
     what: &str,
     field: &str,
+    max_len: usize,
+    allowed: fn(u8) -> bool,
+    allowed_desc: &str,
 ) -> Result<Option<String>, FabricError> {
     let json = preflight(body, what)?;
     let v: serde_json::Value =
@@ -450,8 +479,8 @@ fn single_string_field(
     let serde_json::Value::Object(map) = v else {
         return Err(malformed(
             format!(
-                "the answer to {what} is not a JSON object: \"{}\"",
-                excerpt(body)
+                "the answer to {what} is not a JSON object ({} bytes; the answer is not quoted)",
+                body.len()
             ),
             HINT_JSON,
         ));
@@ -459,18 +488,18 @@ fn single_string_field(
     match map.get(field) {
         None => Err(malformed(
             format!(
-                "the answer to {what} has no {field:?}: \"{}\"",
-                excerpt(body)
+                "the answer to {what} has no {field:?} ({} bytes; the answer is not quoted)",
+                body.len()
             ),
             HINT_JSON,
         )),
         Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) => {
-            if s.is_empty() || s.chars().count() > 128 || s.chars().any(char::is_control) {
+            if s.is_empty() || s.len() > max_len || !s.bytes().all(allowed) {
                 return Err(malformed(
                     format!(
-                        "{what}: {field} \"{}\" is empty, too long or holds control characters",
-                        excerpt(s.as_bytes())
+                        "{what}: {field} is {}, which is empty, longer than {max_len} or holds characters other than {allowed_desc} (not quoted)",
+                        described(s)
                     ),
                     HINT_JSON,
                 ));
@@ -478,7 +507,7 @@ fn single_string_field(
             Ok(Some(s.clone()))
         }
         Some(_) => Err(malformed(
-            format!("{what}: {field} is not a string: \"{}\"", excerpt(body)),
+            format!("{what}: {field} is not a string (the answer is not quoted)"),
             HINT_JSON,
         )),
     }
@@ -491,8 +520,15 @@ fn single_string_field(
 /// [`FabricError::Malformed`]: not JSON, HTML, no or an empty version string.
 pub fn decode_version(body: &[u8]) -> Result<String, FabricError> {
     const WHAT: &str = "the version query";
-    single_string_field(body, WHAT, "ufm_release_version")?
-        .ok_or_else(|| malformed(format!("{WHAT}: ufm_release_version is null"), HINT_JSON))
+    single_string_field(
+        body,
+        WHAT,
+        "ufm_release_version",
+        64,
+        |b| b.is_ascii_alphanumeric() || b" .-_+()".contains(&b),
+        "letters, digits, blanks and . - _ + ( )",
+    )?
+    .ok_or_else(|| malformed(format!("{WHAT}: ufm_release_version is null"), HINT_JSON))
 }
 
 /// Decodes UFM's answer to `GET /ufmRest/resources/pkeys/last_updated`:
@@ -502,7 +538,14 @@ pub fn decode_version(body: &[u8]) -> Result<String, FabricError> {
 /// # Errors
 /// [`FabricError::Malformed`]: not JSON, HTML, no such field.
 pub fn decode_last_updated(body: &[u8]) -> Result<Option<String>, FabricError> {
-    single_string_field(body, "the last_updated query", "last_updated")
+    single_string_field(
+        body,
+        "the last_updated query",
+        "last_updated",
+        40,
+        |b| b.is_ascii_digit() || b" -:.TZ+/".contains(&b),
+        "digits and - : . T Z + / and blanks",
+    )
 }
 
 #[cfg(test)]
@@ -580,7 +623,7 @@ mod tests {
             ("null", "not the expected JSON"),
             ("42", "not the expected JSON"),
             ("[1]", "non-empty array"),
-            (r#"{"0x0001": []}"#, "under P_Key \"0x0001\""),
+            (r#"{"0x0001": []}"#, "under the P_Key of entry 1"),
             (r#"{"0x0001": {"guids": {}}}"#, "not the expected JSON"),
             (
                 r#"{"0x0001": {"guids": ["0002c903000a1b2c"]}}"#,
@@ -608,7 +651,10 @@ mod tests {
     #[test]
     fn refuses_bad_values_naming_the_field() {
         let cases: &[(&str, &str)] = &[
-            (r#"{"1": {}}"#, "P_Key key: \"1\" is not a P_Key"),
+            (
+                r#"{"1": {}}"#,
+                "the P_Key key of entry 1: a value of 1 characters is not a P_Key",
+            ),
             (r#"{"0x10000": {}}"#, "is not a P_Key"),
             (r#"{"0x0000": {}}"#, "base 0x0000"),
             (r#"{"0x8000": {}}"#, "base 0x0000"),
@@ -623,7 +669,7 @@ mod tests {
             ),
             (
                 r#"{"0x0001": {"guids": [{"guid": "0002:c903:000a:1b2c", "membership": "full"}]}}"#,
-                "P_Key 0x0001 guids[0].guid: \"0002:c903:000a:1b2c\" is not a GUID",
+                "P_Key 0x0001 guids[0].guid: a value of 19 characters is not a GUID",
             ),
             (
                 r#"{"0x0001": {"guids": [{"guid": "00020002c903000a1b2c", "membership": "full"}]}}"#,
@@ -643,7 +689,7 @@ mod tests {
             ),
             (
                 r#"{"0x0001": {"guids": [{"guid": "01", "membership": "both"}]}}"#,
-                "guids[0].membership: \"both\" is not a membership",
+                "guids[0].membership: a value of 4 characters is not a membership",
             ),
             (
                 r#"{"0x0001": {"guids": [{"guid": "01", "membership": "full"},
@@ -715,10 +761,42 @@ mod tests {
     }
 
     #[test]
-    fn excerpts_are_short_and_printable() {
-        let e = excerpt(b"\x00\x01abc\n");
-        assert_eq!(e, "..abc.");
-        assert!(excerpt(&[b'x'; 500]).chars().count() <= EXCERPT + 1);
+    fn quoted_parts_of_parser_messages_are_dropped() {
+        assert_eq!(
+            unquoted(r#"invalid type: string "pa\"ss", expected a map at line 1"#),
+            r#"invalid type: string "…", expected a map at line 1"#
+        );
+        assert_eq!(
+            unquoted("invalid value: integer `1234`, expected x"),
+            "invalid value: integer `…`, expected x"
+        );
+        assert_eq!(unquoted(r#"open "never closed"#), r#"open "…""#);
+        // Nothing of a value an answer gave survives any decoder's error.
+        for body in [
+            r#"{"0x0001": {"guids": [{"guid": "SECRETVALUE", "membership": "full"}]}}"#,
+            r#"{"0x0001": {"guids": [{"guid": "01", "membership": "SECRETVALUE"}]}}"#,
+            r#"{"SECRETVALUE": {}}"#,
+            r#"{"0x0001": "SECRETVALUE"}"#,
+            r#"{"0x0001": {"guids": "SECRETVALUE"}}"#,
+            r#"{"0x0001": {"SECRETVALUE": 1, "SECRETVALUE": 2}}"#,
+            r#"{"0x0001": {}, "0x0001": {}, "x": "SECRETVALUE"}"#,
+            r#"["SECRETVALUE"]"#,
+            r#"SECRETVALUE"#,
+            r#"<html>SECRETVALUE</html>"#,
+        ] {
+            let e = decode_pkeys(body.as_bytes()).expect_err(body);
+            assert!(!format!("{e}{e:?}").contains("SECRETVALUE"), "{body}: {e}");
+        }
+        for body in [
+            r#"{"ufm_release_version": "SECRET\"VALUE"}"#,
+            r#"{"ufm_release_version": "SECRET/VALUE="}"#,
+            r#"{"ufm_release_version": 1, "x": "SECRETVALUE"}"#,
+            r#"{"other": "SECRETVALUE"}"#,
+            r#""SECRETVALUE""#,
+        ] {
+            let e = decode_version(body.as_bytes()).expect_err(body);
+            assert!(!format!("{e}{e:?}").contains("SECRET"), "{body}: {e}");
+        }
     }
 
     mod props {

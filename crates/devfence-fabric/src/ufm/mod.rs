@@ -1,16 +1,20 @@
 //! [`UfmSm`]: the NVIDIA UFM backend of the [`SubnetManager`] seam.
 //!
 //! UFM manages an InfiniBand fabric's partitions through a REST API (basic auth
-//! over HTTPS). devfence uses four calls of it:
+//! over HTTPS). devfence uses these calls of it:
 //!
-//! | call | used by |
-//! |---|---|
-//! | `GET /ufmRest/app/ufm_version` | [`health`](SubnetManager::health), and first in every [`observe`](SubnetManager::observe) |
-//! | `GET /ufmRest/resources/pkeys/?guids_data=true` | `observe` (configured membership), `apply` (what to change) |
-//! | `POST /ufmRest/resources/pkeys` `{"pkey","index0","ip_over_ib","membership","guids"}` | `apply`: add GUIDs |
-//! | `POST /ufmRest/actions/remove_guids_from_pkey` `{"pkey","guids"}` | `apply`: remove GUIDs |
+//! | call | UFM | used by |
+//! |---|---|---|
+//! | `GET /ufmRest/app/ufm_version` | all | [`health`](SubnetManager::health), first in every [`observe`](SubnetManager::observe) and `apply` (which calls a release serves) |
+//! | `GET /ufmRest/resources/pkeys/?guids_data=true` | all | `observe` (configured membership), `apply` (what to change) |
+//! | `POST /ufmRest/resources/pkeys` `{"pkey","index0","ip_over_ib","membership","guids"}` | all | `apply`: add GUIDs |
+//! | `DELETE /ufmRest/resources/pkeys/{pkey}/guids/{guid,…}` | 6.9 on | `apply`: remove GUIDs |
+//! | `POST /ufmRest/resources/pkeys/add` `{"pkey","index0","ip_over_ib"}` | 6.15 on | `apply`: create a managed partition UFM does not list, empty |
+//! | `POST /ufmRest/actions/remove_guids_from_pkey` `{"pkey","guids"}` | before 6.9 | `apply`: remove GUIDs (deprecated by UFM; used only where the `DELETE` is missing) |
 //!
-//! plus `GET /ufmRest/resources/pkeys/last_updated`, shown in `health` only.
+//! plus `GET /ufmRest/resources/pkeys/last_updated`, shown in `health` only. The
+//! release comes from `ufm_version` ([`UfmApi::for_version`]); a version devfence
+//! cannot read gets the current API.
 //!
 //! **Apply.** Staged changes stay in memory (as in every backend) until
 //! [`apply`](SubnetManager::apply), which reads UFM's listing, plays the staged
@@ -90,10 +94,55 @@ pub const PATH_VERSION: &str = "/ufmRest/app/ufm_version";
 pub const PATH_PKEYS: &str = "/ufmRest/resources/pkeys/?guids_data=true";
 /// `POST`: add GUIDs to a P_Key (created if missing).
 pub const PATH_ADD: &str = "/ufmRest/resources/pkeys";
-/// `POST`: remove GUIDs from a P_Key.
+/// `POST`: remove GUIDs from a P_Key — deprecated by UFM, used only for a UFM
+/// release without [`PATH_PKEY_RESOURCE`]`{pkey}/guids/{guids}`.
 pub const PATH_REMOVE: &str = "/ufmRest/actions/remove_guids_from_pkey";
+/// `DELETE {this}{pkey}/guids/{guid,guid,…}`: remove GUIDs from a P_Key (UFM 6.9 on).
+pub const PATH_PKEY_RESOURCE: &str = "/ufmRest/resources/pkeys/";
+/// `POST`: create a P_Key without GUIDs (UFM 6.15 on).
+pub const PATH_CREATE_EMPTY: &str = "/ufmRest/resources/pkeys/add";
 /// `GET`: when UFM's P_Key configuration last changed.
 pub const PATH_LAST_UPDATED: &str = "/ufmRest/resources/pkeys/last_updated";
+/// At most this many GUIDs go in one `DELETE` URL (17 bytes each).
+const GUIDS_PER_DELETE: usize = 64;
+
+/// Which P_Key calls a UFM release serves (from UFM's REST API guides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UfmApi {
+    /// `DELETE /ufmRest/resources/pkeys/{pkey}/guids/{guids}` (6.9 on); without
+    /// it, the deprecated `POST /ufmRest/actions/remove_guids_from_pkey`.
+    pub delete_guids: bool,
+    /// `POST /ufmRest/resources/pkeys/add` (6.15 on).
+    pub create_empty: bool,
+}
+
+impl UfmApi {
+    /// The calls of the release `version` (`ufm_release_version`, e.g.
+    /// `6.19.0-7`): its first two numbers. A version with no readable numbers
+    /// gets the current API (a UFM that lacks it answers 404, a clear error; the
+    /// change stays staged).
+    #[must_use]
+    pub fn for_version(version: &str) -> Self {
+        let mut nums = version
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse::<u32>().unwrap_or(u32::MAX));
+        let Some(major) = nums.next() else {
+            return Self::CURRENT;
+        };
+        let v = (major, nums.next().unwrap_or(0));
+        Self {
+            delete_guids: v >= (6, 9),
+            create_empty: v >= (6, 15),
+        }
+    }
+
+    /// The current API.
+    pub const CURRENT: Self = Self {
+        delete_guids: true,
+        create_empty: true,
+    };
+}
 
 const NOTE_INSECURE: &str = "TLS certificate verification is OFF (insecure_skip_verify = true): anyone on the network path can read the UFM password and forge UFM's answers; set ca_file instead";
 const NOTE_UNACKNOWLEDGED: &str = "no port reader: P_Key tables are UFM's configured view, which no port has been seen to acknowledge, so no handover can verify; give the UFM backend a port reader (SA), or set trust_configured_view = true";
@@ -221,6 +270,28 @@ impl UfmSm {
         Generation(*last)
     }
 
+    /// Removes `guids` from `p` with the call `api` offers.
+    fn remove_guids(
+        &self,
+        api: UfmApi,
+        p: PartitionKey,
+        guids: &BTreeSet<Guid>,
+    ) -> Result<(), FabricError> {
+        let guids: Vec<String> = guids.iter().map(|g| ufm_guid(*g)).collect();
+        if api.delete_guids {
+            for chunk in guids.chunks(GUIDS_PER_DELETE) {
+                let path = format!("{PATH_PKEY_RESOURCE}{p}/guids/{}", chunk.join(","));
+                self.client.delete(&path)?;
+            }
+            Ok(())
+        } else {
+            self.post_json(
+                PATH_REMOVE,
+                &serde_json::json!({ "pkey": p.to_string(), "guids": guids }),
+            )
+        }
+    }
+
     fn post_json(&self, path: &str, value: &serde_json::Value) -> Result<(), FabricError> {
         let body = serde_json::to_vec(value).map_err(|e| FabricError::Refused {
             backend: "ufm".into(),
@@ -237,6 +308,9 @@ impl UfmSm {
 pub(crate) struct Plan {
     pub(crate) removes: BTreeMap<PartitionKey, BTreeSet<Guid>>,
     pub(crate) adds: BTreeMap<(PartitionKey, Membership, bool), BTreeSet<Guid>>,
+    /// Configured managed partitions UFM does not list and no addition fills:
+    /// created empty where UFM can ([`PATH_CREATE_EMPTY`]).
+    pub(crate) creates: BTreeSet<PartitionKey>,
 }
 
 /// Plays `changes` on the managed part of `listing` and returns the difference.
@@ -245,6 +319,7 @@ pub(crate) fn plan(
     managed: &[PartitionKey],
     changes: &[Change],
 ) -> Result<Plan, FabricError> {
+    let configured_managed = managed;
     let mut managed: BTreeSet<PartitionKey> = managed.iter().copied().collect();
     for c in changes {
         match c {
@@ -286,6 +361,13 @@ pub(crate) fn plan(
             out.adds.entry((p, m, index0)).or_default().insert(g);
         }
     }
+    let filled: BTreeSet<PartitionKey> = out.adds.keys().map(|(p, _, _)| *p).collect();
+    out.creates = configured_managed
+        .iter()
+        .copied()
+        .filter(|p| listing.members_of(p.pkey(Membership::Limited)).is_none())
+        .filter(|p| !filled.contains(p))
+        .collect();
     Ok(out)
 }
 
@@ -348,14 +430,23 @@ impl SubnetManager for UfmSm {
                     hint: "list every tenant's partitions in managed_pkeys under [fabric.ufm]".into(),
                 });
             }
+            let api = UfmApi::for_version(&self.version()?);
             let listing = self.pkeys()?;
             let plan = plan(&listing, &self.cfg.managed_pkeys, &changes)?;
             for (p, guids) in &plan.removes {
-                let guids: Vec<String> = guids.iter().map(|g| ufm_guid(*g)).collect();
-                self.post_json(
-                    PATH_REMOVE,
-                    &serde_json::json!({ "pkey": p.to_string(), "guids": guids }),
-                )?;
+                self.remove_guids(api, *p, guids)?;
+            }
+            if api.create_empty {
+                for p in &plan.creates {
+                    self.post_json(
+                        PATH_CREATE_EMPTY,
+                        &serde_json::json!({
+                            "pkey": p.to_string(),
+                            "index0": false,
+                            "ip_over_ib": self.cfg.ip_over_ib,
+                        }),
+                    )?;
+                }
             }
             for ((p, m, index0), guids) in &plan.adds {
                 let guids: Vec<String> = guids.iter().map(|g| ufm_guid(*g)).collect();
@@ -495,6 +586,31 @@ mod tests {
             l.insert(PKey(*p), Guid(*guid), *m).expect("insert");
         }
         l
+    }
+
+    #[test]
+    fn each_release_gets_the_calls_it_serves() {
+        for (v, delete, create) in [
+            ("6.19.0-7", true, true),
+            ("6.15.1-4", true, true),
+            ("6.14.2", true, false),
+            ("6.9.0-3", true, false),
+            ("6.8.1-2", false, false),
+            ("5.9", false, false),
+            ("7", true, true),
+            ("v6.10.0", true, false),
+            ("unknown", true, true),
+            ("", true, true),
+        ] {
+            assert_eq!(
+                UfmApi::for_version(v),
+                UfmApi {
+                    delete_guids: delete,
+                    create_empty: create
+                },
+                "{v}"
+            );
+        }
     }
 
     #[test]
