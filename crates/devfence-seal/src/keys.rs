@@ -47,6 +47,16 @@ impl PublicKey {
         }
         Ok(k)
     }
+
+    /// Verifies an ed25519 signature (strict) of `message` by this key.
+    ///
+    /// # Errors
+    /// Why not: the key is unusable or the signature does not verify.
+    pub fn verify(&self, message: &[u8], signature: &[u8; 64]) -> Result<(), String> {
+        self.verifying_key()?
+            .verify_strict(message, &ed25519_dalek::Signature::from_bytes(signature))
+            .map_err(|_| "the signature does not verify".to_string())
+    }
 }
 
 impl FromStr for PublicKey {

@@ -290,18 +290,9 @@ fn save_keyring(root: &HostRoot, ring: &Keyring) -> Result<()> {
     write_private(&root.path(KEYRING), ring.render().as_bytes())
 }
 
-/// Opens (creating) the ledger, for the audit records.
+/// Opens the ledger (creating it on first use), for the audit records.
 pub(crate) fn open_ledger(root: &HostRoot, ledger: Option<&Path>) -> Result<SqliteStore> {
-    let path = crate::ledger::ledger_path(root, ledger);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| {
-            format!(
-                "Cannot create the ledger's directory {}. Hint: run devfence as root, or give --ledger FILE",
-                dir.display()
-            )
-        })?;
-    }
-    Ok(SqliteStore::open(&path)?)
+    crate::ledger::open_store(root, ledger, true)
 }
 
 fn audit(root: &HostRoot, ledger: Option<&Path>, detail: &serde_json::Value) -> Result<()> {

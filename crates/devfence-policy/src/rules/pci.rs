@@ -80,6 +80,14 @@ pub(crate) fn pf_trust(ctx: &Ctx<'_>, out: &mut Vec<Finding>) {
                 ));
             }
             None => {
+                // devfence's own custody (its ledger): it set the VF token itself.
+                if ctx
+                    .ten
+                    .host_custody
+                    .contains(&devfence_model::DeviceId::Pci(pf))
+                {
+                    continue;
+                }
                 let Some(pf_fn) = ctx.pci(pf) else { continue };
                 let on_vfio = pf_fn
                     .driver
