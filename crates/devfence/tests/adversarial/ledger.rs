@@ -457,7 +457,15 @@ fn an_emptied_chain_is_found() {
 }
 
 /// One audit row as stored: id, seq, at_ms, kind, device, tenant, detail.
-type AuditRow = (i64, i64, i64, String, Option<String>, Option<String>, String);
+type AuditRow = (
+    i64,
+    i64,
+    i64,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+);
 
 /// Rewrites the whole chain with one record's detail changed and every hash
 /// recomputed; returns the new head (seq, hash).
