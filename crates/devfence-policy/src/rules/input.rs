@@ -258,8 +258,69 @@ mod tests {
     use devfence_model::Severity;
 
     use crate::check;
-    use crate::rules::{INV_UNREADABLE, RESET_UNAVAILABLE, TENANCY_UNKNOWN_DEVICE};
+    use crate::rules::{
+        INV_UNREADABLE, RESET_UNAVAILABLE, TENANCY_LAUNCHER_SHARED, TENANCY_PKEY_SHARED,
+        TENANCY_UNKNOWN_DEVICE,
+    };
     use crate::testsupport::*;
+    use devfence_model::Membership;
+
+    /// issue 18 item 1: one P_Key (15 bits, any membership) given to two tenants
+    /// is an error; distinct P_Keys and the default partition are not this rule's.
+    #[test]
+    fn pkey_shared_fires_across_memberships_only() {
+        let inv = Host::deb12().build();
+        let ten = Ten::new()
+            .tenant("acme", Some(107))
+            .partition(0x8001, Membership::Full)
+            .partition(0xffff, Membership::Full)
+            .tenant("mallory", Some(200))
+            .partition(0x0001, Membership::Limited)
+            .partition(0x7fff, Membership::Limited)
+            .tenant("globex", Some(108))
+            .partition(0x8002, Membership::Full)
+            .build();
+        let f = check(&inv, &ten);
+        let v = of(&f, TENANCY_PKEY_SHARED);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].subject, "P_Key 0x0001");
+        assert_eq!(v[0].severity, Severity::Error);
+        assert!(v[0].message.contains("acme, mallory"), "{}", v[0].message);
+        assert!(has_ev(
+            v[0],
+            "tenancy:tenant[1].partitions",
+            "mallory: 0x0001 Limited"
+        ));
+        let ok = Ten::new()
+            .tenant("acme", Some(107))
+            .partition(0x8001, Membership::Full)
+            .tenant("globex", Some(108))
+            .partition(0x8002, Membership::Full)
+            .build();
+        assert!(of(&check(&inv, &ok), TENANCY_PKEY_SHARED).is_empty());
+    }
+
+    /// issue 18 item 2: one launcher uid given to two tenants is an error.
+    #[test]
+    fn launcher_shared_fires_on_one_uid_for_two_tenants() {
+        let inv = Host::deb12().build();
+        let ten = Ten::new()
+            .tenant("acme", Some(107))
+            .tenant("mallory", Some(107))
+            .tenant("globex", Some(108))
+            .tenant("initech", None)
+            .tenant("umbrella", None)
+            .build();
+        let f = check(&inv, &ten);
+        let v = of(&f, TENANCY_LAUNCHER_SHARED);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].subject, "launcher uid 107");
+        assert!(has_ev(
+            v[0],
+            "tenancy:tenant[1].launcher_uid",
+            "mallory: 107"
+        ));
+    }
 
     #[test]
     fn unknown_device_fires_for_each_kind() {
