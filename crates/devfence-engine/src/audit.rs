@@ -30,12 +30,14 @@
 //! The hash is not keyed, so someone who can write the database can **truncate the
 //! tail** (delete the newest records) or **rewrite the chain from some record on**
 //! and recompute every later hash: the shorter or rewritten chain is internally
-//! consistent. The defence is an anchor kept elsewhere: store the [`ChainHead`]
-//! (seq and hash of the newest record) somewhere the database's writer cannot
-//! change — another host, the fleet store, an operator's log, a TPM NV index — and
-//! pass it to `audit_verify(Some(&anchor))`, which then also requires the record
-//! with the anchor's seq to exist with the anchor's hash. Records appended after the
-//! anchor remain unprotected until the next anchor.
+//! consistent. The defence is an anchor kept elsewhere: the [`ChainHead`] (seq and
+//! hash of the newest record), which `audit_verify(Some(&anchor))` requires the
+//! chain to reach with the anchor's hash. The SQLite store keeps one beside the
+//! ledger ([`StoredHead`], `<ledger>.audit-head`, 0600, replaced atomically after
+//! every commit that appended records, signed with the host key where there is one;
+//! see `SqliteStore::verify_with_head`), and an operator can keep one anywhere the
+//! database's writer cannot change (`devfence audit head` / `audit verify --head`).
+//! Records appended after the head remain unprotected until the next head.
 //!
 //! # Secrets never enter
 //!

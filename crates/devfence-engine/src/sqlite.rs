@@ -1,6 +1,6 @@
 //! The local ledger: [`Store`] on SQLite (WAL, `synchronous=FULL`, foreign keys on).
 //!
-//! # Schema (version 2)
+//! # Schema (version 3)
 //!
 //! | table | columns |
 //! |---|---|
@@ -15,6 +15,12 @@
 //! | `journal` | `id` (pk), `operation` → operations, `step`, `state` (`planned`/`done`/`failed`), `at_ms`, `detail` (JSON) |
 //! | `audit` | `id` (pk, storage order), `seq`, `at_ms`, `kind`, `device`, `tenant`, `detail`, `prev_hash`, `hash`; triggers refuse UPDATE and DELETE |
 //! | `state_nonces` (v2) | `nonce` (pk, 32 hex), `envelope`, `device`, `tenant`, `vm`, `signer`, `admitted_at_ms`, `expires_at_ms`: the nonce of every admitted device-state envelope; triggers refuse UPDATE and DELETE |
+//!
+//! | `pf_custody` (v3) | `device` (pk) → devices, `pf`, `since_ms`: user-space PFs whose custody devfence holds for a VF a tenant holds (deleted when no tenant holds it) |
+//!
+//! Every ledger carries `PRAGMA application_id` [`APPLICATION_ID`] and `user_version` =
+//! its schema version; an existing file without them (and without the `schema_version`
+//! table of older ledgers) is not a devfence ledger and is refused.
 //!
 //! Version 2 adds `state_nonces`, the single-use ledger of device-state envelopes
 //! (`docs/state-envelopes.md`): a nonce is written in the same transaction as the
