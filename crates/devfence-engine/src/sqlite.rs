@@ -283,6 +283,21 @@ pub struct SqliteStore {
     conn: rusqlite::Connection,
     path: PathBuf,
     signer: Option<audit::HeadSigner>,
+    /// Audit records were appended since the head was last written.
+    dirty: bool,
+}
+
+impl Drop for SqliteStore {
+    /// Writes the chain head once, when the store is closed, if records were
+    /// appended: one synced write per command rather than per commit (a head
+    /// write costs about four commits on a disk). A crash before it leaves the
+    /// head behind the chain, which `audit verify` accepts (the records after it
+    /// are covered from the next head).
+    fn drop(&mut self) {
+        if self.dirty {
+            let _ = self.refresh_head();
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -415,6 +430,7 @@ impl SqliteStore {
             conn,
             path: path.to_path_buf(),
             signer: None,
+            dirty: false,
         };
         store.migrate()?;
         Ok(store)
@@ -462,6 +478,7 @@ impl SqliteStore {
                 conn,
                 path: tmp.clone(),
                 signer: None,
+                dirty: false,
             };
             store.migrate()?;
             store
@@ -531,13 +548,16 @@ impl SqliteStore {
         .transpose()
     }
 
-    /// Writes the chain head beside the ledger when the chain has grown past it.
-    /// Never moves the head backwards, and never over a head the chain does not
-    /// extend (a cut or rewritten chain keeps the evidence for `audit verify`).
+    /// Writes the chain head beside the ledger when the chain has grown past it
+    /// (done when the store is closed; a long-lived user calls it after each
+    /// operation). Never moves the head backwards, and never over a head the chain
+    /// does not extend (a cut or rewritten chain keeps the evidence for `audit
+    /// verify`).
     ///
     /// # Errors
     /// When the head cannot be written.
     pub fn refresh_head(&mut self) -> Result<(), StoreError> {
+        self.dirty = false;
         let path = self.head_path();
         let io = |e: std::io::Error| StoreError::Corrupt {
             path: path.clone(),
@@ -760,12 +780,10 @@ impl Store for SqliteStore {
         f(&mut stx)?;
         let appended = stx.appended;
         tx.commit().map_err(sql("commit"))?;
-        if appended {
-            // After the commit, never before: a head ahead of the chain would be a
-            // false alarm after a crash. A failure here leaves the head behind
-            // (what `audit verify` reports), never the ledger change undone.
-            let _ = self.refresh_head();
-        }
+        // The head follows after the commit, never before (a head ahead of the
+        // chain would be a false alarm after a crash): when the store is closed,
+        // or when a long-lived user calls `refresh_head`.
+        self.dirty |= appended;
         Ok(())
     }
 
@@ -2734,6 +2752,7 @@ mod tests {
         let (_d, path, mut store) = fresh();
         store.verify_with_head(None, &ok_sig).expect("new ledger");
         grow(&mut store);
+        store.refresh_head().expect("head");
         let (rep, head) = store.verify_with_head(None, &ok_sig).expect("intact");
         assert_eq!(rep.records, 3);
         assert_eq!(head.expect("head").seq, 3);
@@ -2747,6 +2766,7 @@ mod tests {
         assert!(e.to_string().contains("truncated"), "{e}");
         // A later append must not launder the cut: the head stays.
         grow(&mut store);
+        store.refresh_head().expect("head");
         assert!(store.verify_with_head(None, &ok_sig).is_err());
         // Everything deleted.
         store
@@ -2761,6 +2781,7 @@ mod tests {
         // A bad signature.
         let (_d2, _p2, mut store) = fresh();
         grow(&mut store);
+        store.refresh_head().expect("head");
         let e = store
             .verify_with_head(None, &|_| Err("bad signature".into()))
             .expect_err("sig");

@@ -397,7 +397,8 @@ fn tenancy_for(
     }
     // The ledger, when devfence manages devices here; else the tenancy file.
     let lp = crate::ledger::ledger_path(root, ledger);
-    if lp.exists() {
+    // A `-wal` without its ledger is a damaged ledger: opening it says so.
+    if lp.exists() || devfence_engine::sqlite::sidecar(&lp, "-wal").exists() {
         let t = crate::ledger::ledger_tenancy(&lp)?;
         return Ok((t, Some(lp)));
     }
