@@ -413,14 +413,16 @@ impl SqliteStore {
         let app: i64 = conn
             .query_row("PRAGMA application_id", [], |r| r.get(0))
             .map_err(classify)?;
+        // A ledger of a devfence from before the marker: its own tables.
         let legacy: i64 = conn
             .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
+                 AND name IN ('schema_version', 'tenants', 'devices', 'guids', 'audit')",
                 [],
                 |r| r.get(0),
             )
             .map_err(classify)?;
-        if app != i64::from(APPLICATION_ID) && !(app == 0 && legacy > 0) {
+        if app != i64::from(APPLICATION_ID) && !(app == 0 && legacy == 5) {
             return Err(corrupt(format!(
                 "it is an SQLite database but not a devfence ledger (application_id {app:#x}, \
                  devfence's is {APPLICATION_ID:#x})"
@@ -563,6 +565,13 @@ impl SqliteStore {
             path: path.clone(),
             detail: format!("the chain head cannot be written ({e})"),
         };
+        let lock_path = sidecar(&path, ".lock");
+        if std::fs::symlink_metadata(&lock_path).is_ok_and(|m| !m.is_file()) {
+            return Err(io(std::io::Error::other(format!(
+                "{} is not a regular file",
+                lock_path.display()
+            ))));
+        }
         let lock = {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
@@ -570,7 +579,7 @@ impl SqliteStore {
                 .create(true)
                 .truncate(false)
                 .mode(0o600)
-                .open(sidecar(&path, ".lock"))
+                .open(&lock_path)
                 .map_err(io)?
         };
         lock.lock().map_err(io)?;
@@ -2606,6 +2615,15 @@ mod tests {
             .expect("vacuum");
         private(&path);
         let err = SqliteStore::open(&path).expect_err("empty sqlite");
+        assert!(err.to_string().contains("not a devfence ledger"), "{err}");
+        std::fs::remove_file(&path).expect("rm");
+        // Another program's database with a table named like devfence's marker.
+        rusqlite::Connection::open(&path)
+            .expect("open")
+            .execute_batch("CREATE TABLE schema_version (v INTEGER)")
+            .expect("create");
+        private(&path);
+        let err = SqliteStore::open(&path).expect_err("look-alike");
         assert!(err.to_string().contains("not a devfence ledger"), "{err}");
         std::fs::remove_file(&path).expect("rm");
         std::fs::write(sidecar(&path, "-wal"), b"x").expect("wal");
