@@ -833,6 +833,22 @@ pub fn recover(
     a: &RecoverArgs,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
+    // No ledger at all (nor a -wal of one): devfence never acted here.
+    let path = ledger_path(root, ledger);
+    if std::fs::symlink_metadata(&path).is_err()
+        && std::fs::symlink_metadata(devfence_engine::sqlite::sidecar(&path, "-wal")).is_err()
+    {
+        if a.json {
+            writeln!(out, "[]")?;
+        } else {
+            writeln!(
+                out,
+                "nothing to recover: there is no ledger at {}",
+                path.display()
+            )?;
+        }
+        return Ok(Outcome::Ok);
+    }
     let mut env = Env::open(root, ledger)?;
     let mut sink = Vec::new();
     let res = {
