@@ -145,17 +145,18 @@ fn head_signer(root: &HostRoot) -> Result<Option<devfence_engine::audit::HeadSig
     })))
 }
 
-/// Judges the signature of the chain head kept beside the ledger: by a key of
-/// this host's keyring (its own current or retired key), required once the
-/// host has a key.
+/// Judges the signature of the chain head kept beside the ledger: by this
+/// host's own key, current or retired (in its keyring under its own host id;
+/// never another host's trusted key), required once the host has a key.
 fn check_head_signature(
     root: &HostRoot,
 ) -> Result<impl Fn(&devfence_engine::audit::StoredHead) -> Result<(), String>> {
     let has_key = std::fs::symlink_metadata(root.path(crate::keys::HOST_KEY)).is_ok();
-    let own = if has_key {
-        Some(crate::keys::load_host_key(root)?.public())
+    let (own, own_id) = if has_key {
+        let k = crate::keys::load_host_key(root)?;
+        (Some(k.public()), Some(k.host_id().to_owned()))
     } else {
-        None
+        (None, None)
     };
     let ring = crate::keys::load_keyring(root)?;
     Ok(move |h: &devfence_engine::audit::StoredHead| {
@@ -175,11 +176,13 @@ fn check_head_signature(
             .or_else(|| {
                 ring.keys
                     .iter()
-                    .find(|k| k.fingerprint.to_string() == *signer)
+                    .find(|k| {
+                        Some(&k.host) == own_id.as_ref() && k.fingerprint.to_string() == *signer
+                    })
                     .map(|k| k.key)
             })
             .ok_or_else(|| {
-                format!("it is signed by key {signer}, which this host does not know")
+                format!("it is signed by key {signer}, which is not one of this host's own keys")
             })?;
         let sig_bytes: [u8; 64] = devfence_seal::format::unhex(sig)
             .ok_or_else(|| "its signature is not 128 hex digits".to_string())?;

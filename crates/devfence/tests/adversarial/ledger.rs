@@ -603,3 +603,37 @@ fn devfence_custody_of_a_userspace_pf_is_not_pf_trust() {
     assert!(!rules.iter().any(|r| r == "PF-TRUST"), "{rules:?}");
     assert_eq!(code, 0, "{rules:?}");
 }
+
+/// issue 18 item 8: a head forged and signed with another host's key — even one
+/// this host trusts for envelopes — is refused: only this host's own keys sign
+/// its chain head.
+#[test]
+fn a_head_signed_by_another_trusted_host_is_refused() {
+    let (tmp, root) = audited();
+    let (_t2, other) = host("lab");
+    ok(&on(&other, &["keys", "init", "--host-id", "src1"]));
+    let line = ok(&on(&other, &["keys", "show"]));
+    let f = tmp.path().join("src1.pub");
+    std::fs::write(&f, &line).unwrap();
+    ok(&on(&root, &["keys", "trust", "add", "--from", f.to_str().unwrap()]));
+    let (seq, hash) = rewrite(&root);
+    let text = std::fs::read_to_string(other.join("etc/devfence/keys/host.key")).unwrap();
+    let key = devfence_seal::HostKey::from_file_text(&text).unwrap();
+    let sig = key.sign(&devfence_engine::audit::head_message(seq, &hash));
+    let head = serde_json::json!({
+        "format": 1,
+        "seq": seq,
+        "hash": hash,
+        "signer": key.public().fingerprint().to_string(),
+        "signature": devfence_seal::format::hex(&sig),
+    });
+    let hp = PathBuf::from(format!("{}.audit-head", ledger(&root).display()));
+    std::fs::write(&hp, serde_json::to_vec(&head).unwrap()).unwrap();
+    let o = verify(&root, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stderr(&o).contains("not one of this host's own keys"),
+        "{}",
+        stderr(&o)
+    );
+}
