@@ -615,7 +615,10 @@ fn a_head_signed_by_another_trusted_host_is_refused() {
     let line = ok(&on(&other, &["keys", "show"]));
     let f = tmp.path().join("src1.pub");
     std::fs::write(&f, &line).unwrap();
-    ok(&on(&root, &["keys", "trust", "add", "--from", f.to_str().unwrap()]));
+    ok(&on(
+        &root,
+        &["keys", "trust", "add", "--from", f.to_str().unwrap()],
+    ));
     let (seq, hash) = rewrite(&root);
     let text = std::fs::read_to_string(other.join("etc/devfence/keys/host.key")).unwrap();
     let key = devfence_seal::HostKey::from_file_text(&text).unwrap();
