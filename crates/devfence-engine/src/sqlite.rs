@@ -444,9 +444,9 @@ impl SqliteStore {
     /// when another file got there first.
     fn create_new(path: &Path) -> Result<bool, StoreError> {
         use std::os::unix::fs::OpenOptionsExt;
-        let open_err = |e: std::io::Error| StoreError::Corrupt {
+        let open_err = |source: std::io::Error| StoreError::Create {
             path: path.to_path_buf(),
-            detail: format!("a new ledger cannot be made there ({e})"),
+            source,
         };
         let mut r = [0u8; 8];
         getrandom::fill(&mut r).map_err(|_| StoreError::Internal("no randomness"))?;

@@ -416,6 +416,18 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
     },
+    /// A new ledger could not be made.
+    #[error(
+        "Cannot create the ledger {path}. Hint: check the directory exists and is writable by \
+         devfence (run it as root, or give --ledger FILE)"
+    )]
+    Create {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// A ledger was to be created where a file exists already.
     #[error(
         "The ledger {path} exists already. Hint: devfence never creates a ledger over an \
