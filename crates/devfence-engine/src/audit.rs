@@ -30,12 +30,14 @@
 //! The hash is not keyed, so someone who can write the database can **truncate the
 //! tail** (delete the newest records) or **rewrite the chain from some record on**
 //! and recompute every later hash: the shorter or rewritten chain is internally
-//! consistent. The defence is an anchor kept elsewhere: store the [`ChainHead`]
-//! (seq and hash of the newest record) somewhere the database's writer cannot
-//! change — another host, the fleet store, an operator's log, a TPM NV index — and
-//! pass it to `audit_verify(Some(&anchor))`, which then also requires the record
-//! with the anchor's seq to exist with the anchor's hash. Records appended after the
-//! anchor remain unprotected until the next anchor.
+//! consistent. The defence is an anchor kept elsewhere: the [`ChainHead`] (seq and
+//! hash of the newest record), which `audit_verify(Some(&anchor))` requires the
+//! chain to reach with the anchor's hash. The SQLite store keeps one beside the
+//! ledger ([`StoredHead`], `<ledger>.audit-head`, 0600, replaced atomically after
+//! every commit that appended records, signed with the host key where there is one;
+//! see `SqliteStore::verify_with_head`), and an operator can keep one anywhere the
+//! database's writer cannot change (`devfence audit head` / `audit verify --head`).
+//! Records appended after the head remain unprotected until the next head.
 //!
 //! # Secrets never enter
 //!
@@ -271,6 +273,14 @@ pub enum ChainProblem {
         /// The stored hash.
         found: Hash,
     },
+    /// The chain has records but no head is kept beside the ledger (deleted).
+    HeadMissing,
+    /// The head kept beside the ledger cannot be trusted (unreadable, unsigned
+    /// though the host has a key, or its signature does not verify).
+    HeadInvalid {
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// The first bad record of a chain.
@@ -320,6 +330,13 @@ impl fmt::Display for ChainBreak {
                 f,
                 "{at}: hash {found} differs from the anchored {anchor} (rewritten)"
             ),
+            ChainProblem::HeadMissing => f.write_str(
+                "the chain head kept beside the ledger is missing (deleted?), so a cut or \
+                 rewritten chain could not be told from an intact one",
+            ),
+            ChainProblem::HeadInvalid { reason } => {
+                write!(f, "the chain head kept beside the ledger: {reason}")
+            }
         }
     }
 }
@@ -405,7 +422,23 @@ pub(crate) fn verify_records(
     let mut prev = Hash::GENESIS;
     let mut position: u64 = 0;
     let mut head = None;
-    let mut anchor_seen = false;
+    // Seq 0 is the head of a new, empty chain: nothing to find.
+    let mut anchor_seen = match anchor {
+        Some(a) if a.seq == 0 => {
+            if a.hash != Hash::GENESIS {
+                return Err(ChainBreak {
+                    position: 0,
+                    seq: Some(0),
+                    problem: ChainProblem::AnchorMismatch {
+                        anchor: a.hash,
+                        found: Hash::GENESIS,
+                    },
+                });
+            }
+            true
+        }
+        _ => false,
+    };
     for (expected_seq, r) in (1u64..).zip(records) {
         position = expected_seq;
         let malformed = |seq: Option<u64>, column: &'static str, reason: String| ChainBreak {
@@ -496,6 +529,143 @@ pub(crate) fn verify_records(
         head,
         anchored: anchor.is_some(),
     })
+}
+
+// ---------------------------------------------------------------------------
+// The chain head kept outside the ledger
+// ---------------------------------------------------------------------------
+
+/// The head file's format version.
+pub const HEAD_FORMAT: u32 = 1;
+/// The largest head file read (bytes).
+pub const MAX_HEAD_BYTES: u64 = 4096;
+
+/// Signs a head message: returns the signer's fingerprint and the signature, both
+/// lowercase hex. The engine never sees the key.
+pub type HeadSigner = Box<dyn Fn(&[u8]) -> (String, String) + Send>;
+
+/// The chain head as kept beside the ledger (`<ledger>.audit-head`, 0600, replaced
+/// atomically after every append), signed with the host key when there is one.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredHead {
+    /// [`HEAD_FORMAT`].
+    pub format: u32,
+    /// The seq of the newest record.
+    pub seq: u64,
+    /// Its hash (64 lowercase hex digits).
+    pub hash: String,
+    /// The fingerprint of the key that signed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// The ed25519 signature of [`head_message`] (128 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+impl StoredHead {
+    /// The head as a [`ChainHead`].
+    ///
+    /// # Errors
+    /// The hash is not 64 hex digits.
+    pub fn chain_head(&self) -> Result<ChainHead, String> {
+        Ok(ChainHead {
+            seq: self.seq,
+            hash: Hash::from_hex(&self.hash)
+                .ok_or_else(|| format!("its hash {:?} is not 64 hex digits", self.hash))?,
+        })
+    }
+
+    /// What is signed.
+    #[must_use]
+    pub fn message(&self) -> Vec<u8> {
+        head_message(self.seq, &self.hash)
+    }
+}
+
+/// The signed message of a head: `devfence-audit-head-v1\n<seq>\n<hash>\n`.
+#[must_use]
+pub fn head_message(seq: u64, hash: &str) -> Vec<u8> {
+    format!("devfence-audit-head-v1\n{seq}\n{hash}\n").into_bytes()
+}
+
+/// Where the head of the ledger at `ledger` is kept.
+#[must_use]
+pub fn head_path(ledger: &std::path::Path) -> std::path::PathBuf {
+    crate::sqlite::sidecar(ledger, ".audit-head")
+}
+
+/// Reads a head file: `Ok(None)` if there is none.
+///
+/// # Errors
+/// What is wrong with it (not a regular file, too large, not a head).
+pub fn read_head(path: &std::path::Path) -> Result<Option<StoredHead>, String> {
+    use std::io::Read;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{} cannot be read ({e})", path.display())),
+    };
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut b = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_HEAD_BYTES + 1).read_to_end(&mut b))
+        .map_err(|e| format!("{} cannot be read ({e})", path.display()))?;
+    if b.len() as u64 > MAX_HEAD_BYTES {
+        return Err(format!(
+            "{} is larger than {MAX_HEAD_BYTES} bytes",
+            path.display()
+        ));
+    }
+    let h: StoredHead = serde_json::from_slice(&b)
+        .map_err(|e| format!("{} is not a chain head ({e})", path.display()))?;
+    if h.format != HEAD_FORMAT {
+        return Err(format!(
+            "{} has format {}, not {HEAD_FORMAT}",
+            path.display(),
+            h.format
+        ));
+    }
+    h.chain_head()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Some(h))
+}
+
+/// Writes a head file atomically: a 0600 temporary file beside it, synced,
+/// renamed into place, the directory synced.
+pub(crate) fn write_head(path: &std::path::Path, head: &StoredHead) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut r = [0u8; 8];
+    getrandom::fill(&mut r).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let tag: String = r.iter().map(|b| format!("{b:02x}")).collect();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{tag}.tmp"));
+    let res = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let mut text = serde_json::to_vec_pretty(head).map_err(std::io::Error::other)?;
+        text.push(b'\n');
+        f.write_all(&text)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        match path.parent() {
+            Some(d) => std::fs::File::open(d)?.sync_all(),
+            None => Ok(()),
+        }
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
 }
 
 // ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 //! The local ledger: [`Store`] on SQLite (WAL, `synchronous=FULL`, foreign keys on).
 //!
-//! # Schema (version 2)
+//! # Schema (version 3)
 //!
 //! | table | columns |
 //! |---|---|
@@ -15,6 +15,12 @@
 //! | `journal` | `id` (pk), `operation` → operations, `step`, `state` (`planned`/`done`/`failed`), `at_ms`, `detail` (JSON) |
 //! | `audit` | `id` (pk, storage order), `seq`, `at_ms`, `kind`, `device`, `tenant`, `detail`, `prev_hash`, `hash`; triggers refuse UPDATE and DELETE |
 //! | `state_nonces` (v2) | `nonce` (pk, 32 hex), `envelope`, `device`, `tenant`, `vm`, `signer`, `admitted_at_ms`, `expires_at_ms`: the nonce of every admitted device-state envelope; triggers refuse UPDATE and DELETE |
+//!
+//! | `pf_custody` (v3) | `device` (pk) → devices, `pf`, `since_ms`: user-space PFs whose custody devfence holds for a VF a tenant holds (deleted when no tenant holds it) |
+//!
+//! Every ledger carries `PRAGMA application_id` [`APPLICATION_ID`] and `user_version` =
+//! its schema version; an existing file without them (and without the `schema_version`
+//! table of older ledgers) is not a devfence ledger and is refused.
 //!
 //! Version 2 adds `state_nonces`, the single-use ledger of device-state envelopes
 //! (`docs/state-envelopes.md`): a nonce is written in the same transaction as the
@@ -31,7 +37,7 @@ use devfence_model::{DeviceId, Guid, Membership, PKey, TenantId};
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 use crate::audit::{
-    self, AuditError, AuditEvent, AuditFilter, AuditRecord, ChainHead, VerifyReport,
+    self, AuditError, AuditEvent, AuditFilter, AuditRecord, ChainHead, Hash, VerifyReport,
 };
 use crate::store::{
     Assignment, Busy, DeviceRecord, DeviceState, GuidRange, GuidRecord, GuidState, JournalEntry,
@@ -139,6 +145,13 @@ CREATE TRIGGER state_nonces_never_forgotten BEFORE DELETE ON state_nonces
 CREATE TRIGGER state_nonces_never_changed BEFORE UPDATE ON state_nonces
     BEGIN SELECT RAISE(ABORT, 'admitted envelope nonces are remembered forever'); END;
 ",
+    r"
+CREATE TABLE pf_custody (
+    device   TEXT PRIMARY KEY REFERENCES devices(id),
+    pf       TEXT NOT NULL,
+    since_ms INTEGER NOT NULL
+);
+",
 ];
 
 /// The newest schema version this build knows.
@@ -146,6 +159,104 @@ CREATE TRIGGER state_nonces_never_changed BEFORE UPDATE ON state_nonces
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+/// The `application_id` of a devfence ledger (`PRAGMA application_id`), "DfLg".
+pub const APPLICATION_ID: i32 = 0x4466_4c67;
+
+/// `path` with `suffix` appended to its file name (`ledger.db` → `ledger.db-wal`).
+#[must_use]
+pub fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Checks a ledger file (or its `-wal`/`-shm`): a regular file, private, and for
+/// the ledger itself a non-empty SQLite database.
+fn check_file(path: &Path, meta: &std::fs::Metadata, main: bool) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail,
+    };
+    if !meta.is_file() {
+        return Err(corrupt("it is not a regular file".into()));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(StoreError::LooseMode {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    if !main {
+        return Ok(());
+    }
+    if meta.len() == 0 {
+        return Err(corrupt(
+            "it is empty (0 bytes): devfence never leaves a ledger empty, so it was truncated or \
+             replaced, and taking it for a new one would forget every tenant, device and GUID \
+             issued"
+                .into(),
+        ));
+    }
+    let mut head = [0u8; 16];
+    let mut f =
+        std::fs::File::open(path).map_err(|e| corrupt(format!("it cannot be read ({e})")))?;
+    let mut n = 0;
+    while n < head.len() {
+        match std::io::Read::read(&mut f, &mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) => return Err(corrupt(format!("it cannot be read ({e})"))),
+        }
+    }
+    if n < 16 || &head != SQLITE_HEADER {
+        return Err(corrupt("it is not an SQLite database (bad header)".into()));
+    }
+    Ok(())
+}
+
+/// The connection settings of every ledger: busy timeout, WAL, FULL sync,
+/// foreign keys, and an integrity check.
+fn setup(
+    conn: &rusqlite::Connection,
+    path: &Path,
+    classify: impl Fn(rusqlite::Error) -> StoreError,
+) -> Result<(), StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail,
+    };
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(&classify)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(&classify)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(corrupt(format!(
+            "SQLite refused WAL mode (journal_mode is {mode:?})"
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(&classify)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(&classify)?;
+    let problems: Vec<String> = {
+        let mut stmt = conn.prepare("PRAGMA integrity_check").map_err(&classify)?;
+        stmt.query_map([], |r| r.get::<_, String>(0))
+            .map_err(&classify)?
+            .collect::<Result<_, _>>()
+            .map_err(&classify)?
+    };
+    if problems != ["ok"] {
+        let shown: Vec<&str> = problems.iter().take(3).map(String::as_str).collect();
+        return Err(corrupt(format!(
+            "integrity check failed: {}",
+            shown.join("; ")
+        )));
+    }
+    Ok(())
+}
 
 fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sql { context, source }
@@ -171,6 +282,22 @@ fn bad(
 pub struct SqliteStore {
     conn: rusqlite::Connection,
     path: PathBuf,
+    signer: Option<audit::HeadSigner>,
+    /// Audit records were appended since the head was last written.
+    dirty: bool,
+}
+
+impl Drop for SqliteStore {
+    /// Writes the chain head once, when the store is closed, if records were
+    /// appended: one synced write per command rather than per commit (a head
+    /// write costs about four commits on a disk). A crash before it leaves the
+    /// head behind the chain, which `audit verify` accepts (the records after it
+    /// are covered from the next head).
+    fn drop(&mut self) {
+        if self.dirty {
+            let _ = self.refresh_head();
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -182,77 +309,383 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the ledger at `path`, checks it and brings its
-    /// schema up to [`SCHEMA_VERSION`].
+    /// Opens the ledger at `path`, creating it only when no file is there (first
+    /// use), checks it and brings its schema up to [`SCHEMA_VERSION`].
+    ///
+    /// An existing file must be a devfence ledger: a zero-length file, a file that
+    /// is not SQLite, another program's database (even an empty one) or a ledger
+    /// whose `-wal` survives without it is refused, never taken for a new ledger.
+    /// The ledger, its `-wal` and `-shm` must be private (no group or other bits).
     ///
     /// # Errors
-    /// [`StoreError::Corrupt`] for a file that is not an SQLite database, fails
-    /// `PRAGMA integrity_check` or is some other program's database;
-    /// [`StoreError::NewerSchema`] for a ledger of a newer devfence;
-    /// [`StoreError::Open`] when SQLite cannot open or set it up.
+    /// [`StoreError::Corrupt`] for a file that is not a devfence ledger or fails
+    /// `PRAGMA integrity_check`; [`StoreError::LooseMode`] for a ledger others may
+    /// read or write; [`StoreError::NewerSchema`] for a ledger of a newer
+    /// devfence; [`StoreError::Open`] when SQLite cannot open or set it up.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
-        let path = path.as_ref().to_path_buf();
+        Self::open_mode(path.as_ref(), true)
+    }
+
+    /// Opens an existing ledger; never creates one ([`StoreError::Missing`]).
+    ///
+    /// # Errors
+    /// As [`open`](Self::open), and [`StoreError::Missing`].
+    pub fn open_existing(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_mode(path.as_ref(), false)
+    }
+
+    /// Creates a new ledger at `path`; refused if any file is there
+    /// ([`StoreError::Exists`]).
+    ///
+    /// # Errors
+    /// [`StoreError::Exists`], and as [`open`](Self::open).
+    pub fn create(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref();
+        if std::fs::symlink_metadata(path).is_ok() {
+            return Err(StoreError::Exists {
+                path: path.to_path_buf(),
+            });
+        }
+        if !Self::create_new(path)? {
+            return Err(StoreError::Exists {
+                path: path.to_path_buf(),
+            });
+        }
+        Self::open_mode(path, false)
+    }
+
+    fn open_mode(path: &Path, create: bool) -> Result<Self, StoreError> {
         let corrupt = |detail: String| StoreError::Corrupt {
-            path: path.clone(),
+            path: path.to_path_buf(),
             detail,
         };
-        if let Ok(meta) = std::fs::metadata(&path)
-            && meta.len() > 0
-        {
-            let mut head = [0u8; 16];
-            let n = std::io::Read::read(
-                &mut std::fs::File::open(&path)
-                    .map_err(|e| corrupt(format!("it cannot be read ({e})")))?,
-                &mut head,
-            )
-            .map_err(|e| corrupt(format!("it cannot be read ({e})")))?;
-            if n < 16 || &head != SQLITE_HEADER {
-                return Err(corrupt("it is not an SQLite database (bad header)".into()));
+        let meta = match std::fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                for side in ["-wal", "-shm", "-journal"] {
+                    let p = sidecar(path, side);
+                    if std::fs::symlink_metadata(&p).is_ok() {
+                        return Err(corrupt(format!(
+                            "the ledger file is missing but {} exists: the ledger was deleted or \
+                             moved, and a new one would forget every GUID it issued",
+                            p.display()
+                        )));
+                    }
+                }
+                if !create {
+                    return Err(StoreError::Missing {
+                        path: path.to_path_buf(),
+                    });
+                }
+                // Lost a race with another process creating it: open theirs.
+                let _ = Self::create_new(path)?;
+                return Self::open_mode(path, false);
+            }
+            Err(e) => return Err(corrupt(format!("it cannot be read ({e})"))),
+        };
+        check_file(path, &meta, true)?;
+        for side in ["-wal", "-shm"] {
+            let p = sidecar(path, side);
+            if let Ok(m) = std::fs::symlink_metadata(&p) {
+                check_file(&p, &m, false)?;
             }
         }
         let classify = |e: rusqlite::Error| match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
                 StoreError::Corrupt {
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     detail: e.to_string(),
                 }
             }
             _ => StoreError::Open {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source: e,
             },
         };
-        let conn = rusqlite::Connection::open(&path).map_err(classify)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(classify)?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        // Never SQLITE_OPEN_CREATE: the file was checked above, and SQLite must not
+        // make a new one if it vanished in between.
+        let conn = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(classify)?;
+        setup(&conn, path, classify)?;
+        let app: i64 = conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
             .map_err(classify)?;
-        if !mode.eq_ignore_ascii_case("wal") {
+        // A ledger of a devfence from before the marker: its own tables.
+        let legacy: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
+                 AND name IN ('schema_version', 'tenants', 'devices', 'guids', 'audit')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(classify)?;
+        if app != i64::from(APPLICATION_ID) && !(app == 0 && legacy == 5) {
             return Err(corrupt(format!(
-                "SQLite refused WAL mode (journal_mode is {mode:?})"
+                "it is an SQLite database but not a devfence ledger (application_id {app:#x}, \
+                 devfence's is {APPLICATION_ID:#x})"
             )));
         }
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(classify)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(classify)?;
-        let problems: Vec<String> = {
-            let mut stmt = conn.prepare("PRAGMA integrity_check").map_err(classify)?;
-            stmt.query_map([], |r| r.get::<_, String>(0))
-                .map_err(classify)?
-                .collect::<Result<_, _>>()
-                .map_err(classify)?
+        let mut store = SqliteStore {
+            conn,
+            path: path.to_path_buf(),
+            signer: None,
+            dirty: false,
         };
-        if problems != ["ok"] {
-            let shown: Vec<&str> = problems.iter().take(3).map(String::as_str).collect();
-            return Err(corrupt(format!(
-                "integrity check failed: {}",
-                shown.join("; ")
-            )));
-        }
-        let mut store = SqliteStore { conn, path };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// Makes a new ledger at `path` when nothing is there: built complete (schema,
+    /// marker, first audit record) in a private temporary file beside it, then
+    /// linked into place, which never replaces an existing file. Returns `false`
+    /// when another file got there first.
+    fn create_new(path: &Path) -> Result<bool, StoreError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let open_err = |source: std::io::Error| StoreError::Create {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r).map_err(|_| StoreError::Internal("no randomness"))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tag: String = r.iter().map(|b| format!("{b:02x}")).collect();
+        let tmp = path.with_file_name(format!(".{name}.{tag}.new"));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(open_err)?;
+        let built = (|| -> Result<(), StoreError> {
+            let classify = |e: rusqlite::Error| StoreError::Open {
+                path: path.to_path_buf(),
+                source: e,
+            };
+            let conn = rusqlite::Connection::open_with_flags(
+                &tmp,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(classify)?;
+            conn.pragma_update(None, "application_id", APPLICATION_ID)
+                .map_err(classify)?;
+            setup(&conn, path, classify)?;
+            let mut store = SqliteStore {
+                conn,
+                path: tmp.clone(),
+                signer: None,
+                dirty: false,
+            };
+            store.migrate()?;
+            store
+                .conn
+                .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+                .map_err(sql("creating the ledger"))?;
+            drop(store);
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(open_err)
+        })();
+        let linked = built.and_then(|()| match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(open_err(e)),
+        });
+        for side in ["", "-wal", "-shm", "-journal"] {
+            let _ = std::fs::remove_file(sidecar(&tmp, side));
+        }
+        let linked = linked?;
+        if linked {
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+            }
+            // The new chain's head, kept beside the ledger from the start.
+            let mut store = Self::open_mode(path, false)?;
+            store.refresh_head()?;
+        }
+        Ok(linked)
+    }
+
+    /// Signs every chain head this store writes with `signer` (the host key).
+    #[must_use]
+    pub fn with_head_signer(mut self, signer: audit::HeadSigner) -> Self {
+        self.signer = Some(signer);
+        self
+    }
+
+    /// Where this ledger's chain head is kept.
+    #[must_use]
+    pub fn head_path(&self) -> PathBuf {
+        audit::head_path(&self.path)
+    }
+
+    /// The newest record of the chain as stored in the ledger.
+    ///
+    /// # Errors
+    /// When SQLite fails or the row is malformed.
+    pub fn last_record(&self) -> Result<Option<ChainHead>, StoreError> {
+        let row: Option<(i64, String)> = self
+            .conn
+            .query_row(
+                "SELECT seq, hash FROM audit ORDER BY id DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("reading the chain head"))?;
+        row.map(|(s, h)| {
+            Ok(ChainHead {
+                seq: u64::try_from(s)
+                    .map_err(|_| bad("audit", s.to_string(), "seq", s.to_string(), "negative"))?,
+                hash: Hash::from_hex(&h)
+                    .ok_or_else(|| bad("audit", s.to_string(), "hash", h, "not 64 hex digits"))?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Writes the chain head beside the ledger when the chain has grown past it
+    /// (done when the store is closed; a long-lived user calls it after each
+    /// operation). Never moves the head backwards, and never over a head the chain
+    /// does not extend (a cut or rewritten chain keeps the evidence for `audit
+    /// verify`).
+    ///
+    /// # Errors
+    /// When the head cannot be written.
+    pub fn refresh_head(&mut self) -> Result<(), StoreError> {
+        self.dirty = false;
+        let path = self.head_path();
+        let io = |e: std::io::Error| StoreError::Corrupt {
+            path: path.clone(),
+            detail: format!("the chain head cannot be written ({e})"),
+        };
+        let lock_path = sidecar(&path, ".lock");
+        if std::fs::symlink_metadata(&lock_path).is_ok_and(|m| !m.is_file()) {
+            return Err(io(std::io::Error::other(format!(
+                "{} is not a regular file",
+                lock_path.display()
+            ))));
+        }
+        let lock = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&lock_path)
+                .map_err(io)?
+        };
+        lock.lock().map_err(io)?;
+        let current = audit::read_head(&path);
+        let Some(last) = self.last_record()? else {
+            // A new, empty chain: its head is seq 0 (so that deleting every record
+            // of a grown chain is told from a new ledger).
+            if matches!(current, Ok(None)) {
+                let empty = audit::StoredHead {
+                    format: audit::HEAD_FORMAT,
+                    seq: 0,
+                    hash: Hash::GENESIS.to_string(),
+                    signer: None,
+                    signature: None,
+                };
+                audit::write_head(&path, &self.signed(empty)).map_err(io)?;
+            }
+            return Ok(());
+        };
+        match current {
+            Err(_) => return Ok(()),
+            Ok(Some(cur)) if cur.seq == 0 => {
+                if cur.hash != Hash::GENESIS.to_string() {
+                    return Ok(());
+                }
+            }
+            Ok(Some(cur)) => {
+                if cur.seq >= last.seq {
+                    return Ok(());
+                }
+                let stored: Option<String> = self
+                    .conn
+                    .query_row(
+                        "SELECT hash FROM audit WHERE id = ?1 AND seq = ?1",
+                        [i64::try_from(cur.seq).unwrap_or(-1)],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(sql("reading the chain head"))?;
+                if stored.as_deref() != Some(cur.hash.as_str()) {
+                    return Ok(());
+                }
+            }
+            Ok(None) => {}
+        }
+        let head = audit::StoredHead {
+            format: audit::HEAD_FORMAT,
+            seq: last.seq,
+            hash: last.hash.to_string(),
+            signer: None,
+            signature: None,
+        };
+        audit::write_head(&path, &self.signed(head)).map_err(io)
+    }
+
+    fn signed(&self, mut head: audit::StoredHead) -> audit::StoredHead {
+        if let Some(sign) = &self.signer {
+            let (f, s) = sign(&head.message());
+            head.signer = Some(f);
+            head.signature = Some(s);
+        }
+        head
+    }
+
+    /// Verifies the chain against the head kept beside the ledger and, if given,
+    /// an externally kept head. `check_signature` judges the stored head's
+    /// signature (the caller knows the host key); it returns why it is not good.
+    ///
+    /// # Errors
+    /// [`AuditError::ChainBroken`] for a broken chain, a chain cut or rewritten
+    /// below either head, an empty chain, or a missing or untrustworthy head;
+    /// [`AuditError::Store`] when the ledger cannot be read.
+    pub fn verify_with_head(
+        &mut self,
+        external: Option<&ChainHead>,
+        check_signature: &dyn Fn(&audit::StoredHead) -> Result<(), String>,
+    ) -> Result<(VerifyReport, Option<audit::StoredHead>), AuditError> {
+        let broken = |problem| {
+            AuditError::ChainBroken(audit::ChainBreak {
+                position: 0,
+                seq: None,
+                problem,
+            })
+        };
+        let stored = audit::read_head(&self.head_path())
+            .map_err(|reason| broken(audit::ChainProblem::HeadInvalid { reason }))?;
+        let anchor = match &stored {
+            Some(h) => {
+                check_signature(h)
+                    .map_err(|reason| broken(audit::ChainProblem::HeadInvalid { reason }))?;
+                Some(
+                    h.chain_head()
+                        .map_err(|reason| broken(audit::ChainProblem::HeadInvalid { reason }))?,
+                )
+            }
+            None => None,
+        };
+        let mut report = self.audit_verify(anchor.as_ref())?;
+        if let Some(x) = external {
+            report = self.audit_verify(Some(x))?;
+            report.anchored = true;
+        }
+        if stored.is_none() && external.is_none() {
+            return Err(broken(audit::ChainProblem::HeadMissing));
+        }
+        Ok((report, stored))
     }
 
     /// The file this ledger lives in.
@@ -332,6 +765,10 @@ impl SqliteStore {
             )
             .map_err(sql("migration"))?;
         }
+        tx.pragma_update(None, "application_id", APPLICATION_ID)
+            .map_err(sql("migration"))?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(sql("migration"))?;
         tx.commit().map_err(sql("migration"))
     }
 }
@@ -345,8 +782,18 @@ impl Store for SqliteStore {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql("begin transaction"))?;
-        f(&mut SqliteTx { tx: &tx })?;
-        tx.commit().map_err(sql("commit"))
+        let mut stx = SqliteTx {
+            tx: &tx,
+            appended: false,
+        };
+        f(&mut stx)?;
+        let appended = stx.appended;
+        tx.commit().map_err(sql("commit"))?;
+        // The head follows after the commit, never before (a head ahead of the
+        // chain would be a false alarm after a crash): when the store is closed,
+        // or when a long-lived user calls `refresh_head`.
+        self.dirty |= appended;
+        Ok(())
     }
 
     fn audit_verify(&mut self, anchor: Option<&ChainHead>) -> Result<VerifyReport, AuditError> {
@@ -363,6 +810,8 @@ impl Store for SqliteStore {
 /// One SQLite transaction.
 struct SqliteTx<'a> {
     tx: &'a rusqlite::Transaction<'a>,
+    /// Whether an audit record was appended (the head is refreshed after commit).
+    appended: bool,
 }
 
 impl SqliteTx<'_> {
@@ -589,8 +1038,14 @@ impl SqliteTx<'_> {
     }
 
     fn open_operation(&self, op: OperationId) -> Result<Operation, StoreError> {
-        let o = Tx::operation(&mut SqliteTx { tx: self.tx }, op)?
-            .ok_or(StoreError::UnknownOperation(op))?;
+        let o = Tx::operation(
+            &mut SqliteTx {
+                tx: self.tx,
+                appended: false,
+            },
+            op,
+        )?
+        .ok_or(StoreError::UnknownOperation(op))?;
         if o.finished.is_some() {
             return Err(StoreError::OperationFinished(op));
         }
@@ -612,11 +1067,73 @@ impl Tx for SqliteTx<'_> {
                     hint: "use the tenant's P_Key, e.g. 0x8001",
                 });
             }
+            if p.pkey.base() == PKey::DEFAULT_BASE {
+                return Err(StoreError::InvalidTenant {
+                    tenant: tenant.id.clone(),
+                    reason: format!(
+                        "P_Key {} is the default partition (0x7fff), which every port has",
+                        p.pkey
+                    ),
+                    hint: "devfence keeps tenant ports limited members of the default partition \
+                           itself; give the tenant a P_Key of its own, e.g. 0x8001",
+                });
+            }
             if !bases.insert(p.pkey.base()) {
                 return Err(StoreError::InvalidTenant {
                     tenant: tenant.id.clone(),
                     reason: format!("partition {} is listed twice", p.pkey),
                     hint: "list each partition once, with its membership",
+                });
+            }
+            let holder: Option<String> = self
+                .tx
+                .query_row(
+                    "SELECT tenant FROM tenant_partitions WHERE base = ?1 ORDER BY tenant LIMIT 1",
+                    [p.pkey.base()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql("adding a tenant"))?;
+            if let Some(h) = holder {
+                return Err(StoreError::InvalidTenant {
+                    tenant: tenant.id.clone(),
+                    reason: format!(
+                        "P_Key {:#06x} (in any membership) belongs to tenant {h}",
+                        p.pkey.base()
+                    ),
+                    hint: "a partition belongs to one tenant: two tenants in one partition can \
+                           reach each other's ports; give this tenant a P_Key of its own",
+                });
+            }
+        }
+        for (what, id) in [("uid", tenant.launcher_uid), ("gid", tenant.launcher_gid)] {
+            if id == Some(u32::MAX) {
+                return Err(StoreError::InvalidTenant {
+                    tenant: tenant.id.clone(),
+                    reason: format!(
+                        "launcher {what} 4294967295 is (uid_t)-1, which the kernel cannot store \
+                         (chown takes it for \"leave unchanged\")"
+                    ),
+                    hint: "give the uid and gid the tenant's QEMU really runs as",
+                });
+            }
+        }
+        if let Some(uid) = tenant.launcher_uid {
+            let holder: Option<String> = self
+                .tx
+                .query_row(
+                    "SELECT id FROM tenants WHERE launcher_uid = ?1 ORDER BY id LIMIT 1",
+                    [uid],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql("adding a tenant"))?;
+            if let Some(h) = holder {
+                return Err(StoreError::InvalidTenant {
+                    tenant: tenant.id.clone(),
+                    reason: format!("launcher uid {uid} belongs to tenant {h}"),
+                    hint: "the launcher uid owns the tenant's /dev/vfio nodes: two tenants with \
+                           one uid own each other's devices; run each tenant's QEMU as its own uid",
                 });
             }
         }
@@ -843,6 +1360,14 @@ impl Tx for SqliteTx<'_> {
                 ],
             )
             .map_err(sql("setting a device state"))?;
+        if next.tenant().is_none() {
+            self.tx
+                .execute(
+                    "DELETE FROM pf_custody WHERE device = ?1",
+                    [device.to_string()],
+                )
+                .map_err(sql("setting a device state"))?;
+        }
         Ok(())
     }
 
@@ -890,6 +1415,15 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn allocate_guid(&mut self, device: &DeviceId, tenant: &TenantId) -> Result<Guid, StoreError> {
+        self.allocate_guid_avoiding(device, tenant, &mut |_| Ok(None))
+    }
+
+    fn allocate_guid_avoiding(
+        &mut self,
+        device: &DeviceId,
+        tenant: &TenantId,
+        live: &mut dyn FnMut(Guid) -> Result<Option<String>, StoreError>,
+    ) -> Result<Guid, StoreError> {
         self.require_tenant(tenant)?;
         let (first, last, next) = self.pool_row()?.ok_or(StoreError::GuidPoolUnset)?;
         let mut candidate = next.0.max(first.0);
@@ -900,7 +1434,10 @@ impl Tx for SqliteTx<'_> {
             }
             let g = Guid(candidate);
             if !g.is_reserved() && self.guid(g)?.is_none() {
-                break;
+                match live(g)? {
+                    None => break,
+                    Some(note) => self.record_foreign_guid(g, &note)?,
+                }
             }
             candidate = candidate.checked_add(1).ok_or_else(exhausted)?;
         }
@@ -1157,7 +1694,46 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn audit(&mut self, event: &AuditEvent) -> Result<AuditRecord, StoreError> {
-        audit::append(self.tx, event)
+        let r = audit::append(self.tx, event)?;
+        self.appended = true;
+        Ok(r)
+    }
+
+    fn record_pf_custody(&mut self, device: &DeviceId, pf: &DeviceId) -> Result<(), StoreError> {
+        if self.device(device)?.is_none() {
+            return Err(StoreError::UnknownDevice(*device));
+        }
+        self.tx
+            .execute(
+                "INSERT OR REPLACE INTO pf_custody (device, pf, since_ms) VALUES (?1, ?2, ?3)",
+                params![device.to_string(), pf.to_string(), now_ms()],
+            )
+            .map_err(sql("recording PF custody"))?;
+        Ok(())
+    }
+
+    fn pf_custody(&mut self) -> Result<Vec<(DeviceId, DeviceId)>, StoreError> {
+        let rows: Vec<(String, String)> = {
+            let mut st = self
+                .tx
+                .prepare(
+                    "SELECT c.device, c.pf FROM pf_custody c JOIN devices d ON d.id = c.device \
+                     WHERE d.tenant IS NOT NULL ORDER BY c.pf, c.device",
+                )
+                .map_err(sql("reading PF custody"))?;
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(sql("reading PF custody"))?
+                .collect::<Result<_, _>>()
+                .map_err(sql("reading PF custody"))?
+        };
+        rows.into_iter()
+            .map(|(d, p)| {
+                Ok((
+                    parse_device("pf_custody", &d, &d)?,
+                    parse_device("pf_custody", &d, &p)?,
+                ))
+            })
+            .collect()
     }
 
     fn state_nonce(&mut self, nonce: &str) -> Result<Option<StateNonce>, StoreError> {
@@ -1293,6 +1869,11 @@ mod tests {
         s.parse().expect("device id")
     }
 
+    fn private(path: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+
     fn fresh() -> (tempfile::TempDir, PathBuf, SqliteStore) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("ledger.db");
@@ -1304,7 +1885,12 @@ mod tests {
     fn migrations_from_empty_set_up_schema_and_pragmas() {
         let (_d, _p, store) = fresh();
         assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
-        assert_eq!(SCHEMA_VERSION, 2);
+        assert_eq!(SCHEMA_VERSION, 3);
+        let app: i32 = store
+            .conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .expect("application_id");
+        assert_eq!(app, APPLICATION_ID);
         let mode: String = store
             .conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -1400,8 +1986,8 @@ mod tests {
             matches!(
                 err,
                 StoreError::NewerSchema {
-                    found: 3,
-                    known: 2,
+                    found: 4,
+                    known: 3,
                     ..
                 }
             ),
@@ -1421,6 +2007,7 @@ mod tests {
             b"this is not a database, it is garbage bytes \x00\xff\x13".repeat(100),
         )
         .expect("write");
+        private(&path);
         let err = SqliteStore::open(&path).expect_err("garbage");
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
         let msg = err.to_string();
@@ -1470,6 +2057,7 @@ mod tests {
             .expect("open")
             .execute_batch("CREATE TABLE photos (id INTEGER)")
             .expect("create");
+        private(&path);
         let err = SqliteStore::open(&path).expect_err("foreign");
         assert!(
             matches!(&err, StoreError::Corrupt { detail, .. } if detail.contains("not a devfence ledger")),
@@ -1988,12 +2576,13 @@ mod tests {
             .conn
             .execute_batch(
                 "DROP TRIGGER state_nonces_never_forgotten; DROP TRIGGER state_nonces_never_changed; \
-                 DROP TABLE state_nonces; DELETE FROM schema_version WHERE version = 2;",
+                 DROP TABLE state_nonces; DROP TABLE pf_custody; \
+                 DELETE FROM schema_version WHERE version >= 2; PRAGMA application_id = 0;",
             )
             .expect("downgrade");
         drop(store);
         let mut store = SqliteStore::open(&path).expect("reopen migrates");
-        assert_eq!(store.schema_version().expect("version"), 2);
+        assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
         assert!(
             store
                 .atomically(|tx| tx.tenant(&tid("acme")))
@@ -2003,5 +2592,217 @@ mod tests {
         store
             .atomically(|tx| tx.record_state_nonce(&nonce(N1, "0000:3b:00.1")))
             .expect("the new table works");
+    }
+
+    /// issue 18 item 3: a zero-length file, an empty SQLite database and a `-wal`
+    /// without its ledger are never taken for a new ledger.
+    #[test]
+    fn damaged_or_foreign_files_are_never_taken_for_a_new_ledger() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ledger.db");
+        std::fs::write(&path, b"").expect("write");
+        private(&path);
+        let err = SqliteStore::open(&path).expect_err("empty");
+        assert!(
+            matches!(&err, StoreError::Corrupt { detail, .. } if detail.contains("empty")),
+            "{err:?}"
+        );
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0);
+        std::fs::remove_file(&path).expect("rm");
+        rusqlite::Connection::open(&path)
+            .expect("open")
+            .execute_batch("VACUUM")
+            .expect("vacuum");
+        private(&path);
+        let err = SqliteStore::open(&path).expect_err("empty sqlite");
+        assert!(err.to_string().contains("not a devfence ledger"), "{err}");
+        std::fs::remove_file(&path).expect("rm");
+        // Another program's database with a table named like devfence's marker.
+        rusqlite::Connection::open(&path)
+            .expect("open")
+            .execute_batch("CREATE TABLE schema_version (v INTEGER)")
+            .expect("create");
+        private(&path);
+        let err = SqliteStore::open(&path).expect_err("look-alike");
+        assert!(err.to_string().contains("not a devfence ledger"), "{err}");
+        std::fs::remove_file(&path).expect("rm");
+        std::fs::write(sidecar(&path, "-wal"), b"x").expect("wal");
+        let err = SqliteStore::open(&path).expect_err("wal without ledger");
+        assert!(err.to_string().contains("-wal"), "{err}");
+        assert!(!path.exists());
+    }
+
+    /// issue 18 item 3: creating is explicit and never over a file; the ledger and
+    /// its -wal/-shm are 0600; a looser mode is refused.
+    #[test]
+    fn creation_is_explicit_private_and_never_over_a_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ledger.db");
+        assert!(matches!(
+            SqliteStore::open_existing(&path),
+            Err(StoreError::Missing { .. })
+        ));
+        assert!(!path.exists());
+        let mut store = SqliteStore::create(&path).expect("create");
+        store
+            .atomically(|tx| tx.add_tenant(&tenant("acme")))
+            .expect("write");
+        for side in ["", "-wal", "-shm", ".audit-head"] {
+            let p = sidecar(&path, side);
+            let m = std::fs::metadata(&p).expect("exists");
+            assert_eq!(m.permissions().mode() & 0o777, 0o600, "{}", p.display());
+        }
+        assert!(matches!(
+            SqliteStore::create(&path),
+            Err(StoreError::Exists { .. })
+        ));
+        drop(store);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let err = SqliteStore::open(&path).expect_err("loose");
+        assert!(
+            matches!(err, StoreError::LooseMode { mode: 0o640, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+
+    /// issue 18 items 1 and 2: a P_Key (any membership) and a launcher uid belong to
+    /// one tenant; the default partition and (uid_t)-1 are refused.
+    #[test]
+    fn pkeys_and_launcher_uids_belong_to_one_tenant() {
+        let (_d, _p, mut store) = fresh();
+        store
+            .atomically(|tx| tx.add_tenant(&tenant("acme")))
+            .expect("acme");
+        let other = |uid: u32, pkey: u16, m: Membership| Tenant {
+            id: tid("mallory"),
+            launcher_uid: Some(uid),
+            launcher_gid: Some(300),
+            security_label: None,
+            partitions: vec![Partition {
+                pkey: PKey(pkey),
+                membership: m,
+            }],
+        };
+        for (t, what) in [
+            (
+                other(300, 0x0001, Membership::Limited),
+                "belongs to tenant acme",
+            ),
+            (
+                other(300, 0x8002, Membership::Full),
+                "belongs to tenant acme",
+            ),
+            (
+                other(107, 0x8003, Membership::Full),
+                "uid 107 belongs to tenant acme",
+            ),
+            (other(300, 0x7fff, Membership::Limited), "default partition"),
+            (other(u32::MAX, 0x8003, Membership::Full), "4294967295"),
+        ] {
+            let err = store
+                .atomically(|tx| tx.add_tenant(&t))
+                .expect_err("refused");
+            assert!(err.to_string().contains(what), "{what}: {err}");
+            assert!(err.to_string().contains("Hint:"), "{err}");
+        }
+        assert_eq!(store.atomically(|tx| tx.tenants()).expect("t").len(), 1);
+        store
+            .atomically(|tx| tx.add_tenant(&other(300, 0x8003, Membership::Full)))
+            .expect("a tenant of its own");
+    }
+
+    /// issue 18 item 4: a candidate GUID that is live elsewhere is skipped and
+    /// remembered as foreign.
+    #[test]
+    fn live_guids_are_skipped_and_remembered() {
+        let (_d, _p, mut store) = fresh();
+        let d = dev("0000:3b:00.2");
+        let g = store
+            .atomically(|tx| {
+                tx.add_tenant(&tenant("acme"))?;
+                tx.set_guid_pool(GuidRange {
+                    first: Guid(0x10),
+                    last: Guid(0x20),
+                })?;
+                tx.allocate_guid_avoiding(&d, &tid("acme"), &mut |g| {
+                    Ok((g.0 < 0x13).then(|| format!("{g} is on a port")))
+                })
+            })
+            .expect("allocate");
+        assert_eq!(g, Guid(0x13));
+        let rec = store.atomically(|tx| tx.guid(Guid(0x11))).expect("read");
+        assert_eq!(rec.expect("known").state, GuidState::Foreign);
+        let err = store
+            .atomically(|tx| {
+                tx.allocate_guid_avoiding(&d, &tid("acme"), &mut |g| {
+                    Err(StoreError::GuidLiveCheck {
+                        guid: g,
+                        reason: "SM unreachable".into(),
+                    })
+                })
+            })
+            .expect_err("fail closed");
+        assert!(err.to_string().contains("SM unreachable"), "{err}");
+    }
+
+    /// issue 18 item 8: the head kept beside the ledger catches a cut tail, an
+    /// emptied chain, a rewritten chain and a deleted head.
+    #[test]
+    fn the_stored_head_catches_cuts_and_rewrites() {
+        let ok_sig = |_: &audit::StoredHead| Ok(());
+        let grow = |store: &mut SqliteStore| {
+            for i in 0..3 {
+                store
+                    .atomically(|tx| {
+                        tx.audit(&AuditEvent {
+                            kind: audit::AuditKind::Ledger,
+                            device: None,
+                            tenant: None,
+                            detail: serde_json::json!({ "i": i }),
+                        })
+                    })
+                    .expect("append");
+            }
+        };
+        // A new ledger verifies (head seq 0); a grown one too.
+        let (_d, path, mut store) = fresh();
+        store.verify_with_head(None, &ok_sig).expect("new ledger");
+        grow(&mut store);
+        store.refresh_head().expect("head");
+        let (rep, head) = store.verify_with_head(None, &ok_sig).expect("intact");
+        assert_eq!(rep.records, 3);
+        assert_eq!(head.expect("head").seq, 3);
+        let unlock = "DROP TRIGGER audit_no_delete; DROP TRIGGER audit_no_update;";
+        // Tail cut.
+        store
+            .conn
+            .execute_batch(&format!("{unlock} DELETE FROM audit WHERE seq = 3;"))
+            .expect("cut");
+        let e = store.verify_with_head(None, &ok_sig).expect_err("cut");
+        assert!(e.to_string().contains("truncated"), "{e}");
+        // A later append must not launder the cut: the head stays.
+        grow(&mut store);
+        store.refresh_head().expect("head");
+        assert!(store.verify_with_head(None, &ok_sig).is_err());
+        // Everything deleted.
+        store
+            .conn
+            .execute_batch("DELETE FROM audit;")
+            .expect("empty");
+        assert!(store.verify_with_head(None, &ok_sig).is_err());
+        // The head deleted.
+        std::fs::remove_file(audit::head_path(&path)).expect("rm head");
+        let e = store.verify_with_head(None, &ok_sig).expect_err("no head");
+        assert!(e.to_string().contains("missing"), "{e}");
+        // A bad signature.
+        let (_d2, _p2, mut store) = fresh();
+        grow(&mut store);
+        store.refresh_head().expect("head");
+        let e = store
+            .verify_with_head(None, &|_| Err("bad signature".into()))
+            .expect_err("sig");
+        assert!(e.to_string().contains("bad signature"), "{e}");
     }
 }

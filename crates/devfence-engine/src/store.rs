@@ -405,6 +405,50 @@ pub enum StoreError {
         /// What is wrong.
         detail: String,
     },
+    /// There is no ledger where one was expected (devfence never creates one
+    /// implicitly from a read).
+    #[error(
+        "There is no ledger at {path}. Hint: `devfence init` creates one (so does the first \
+         `devfence tenant add`); if devfence managed devices here before, the ledger was moved \
+         or deleted: restore it from a backup before anything else"
+    )]
+    Missing {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A new ledger could not be made.
+    #[error(
+        "Cannot create the ledger {path}. Hint: check the directory exists and is writable by \
+         devfence (run it as root, or give --ledger FILE)"
+    )]
+    Create {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A ledger was to be created where a file exists already.
+    #[error(
+        "The ledger {path} exists already. Hint: devfence never creates a ledger over an \
+         existing file; use it as it is, or move it aside first if you really mean to start anew"
+    )]
+    Exists {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The ledger file (or its `-wal`/`-shm`) may be read or written by others.
+    #[error(
+        "The ledger file {path} has mode {mode:04o}: other users may read or change it. \
+         Hint: devfence keeps its ledger 0600; check nobody else changed it, then \
+         `chmod 600 {path}`"
+    )]
+    LooseMode {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The database was written by a newer devfence.
     #[error(
         "The ledger {path} has schema version {found}, newer than this devfence knows ({known}). \
@@ -588,6 +632,17 @@ pub enum StoreError {
         /// When.
         admitted_at_ms: i64,
     },
+    /// Whether a GUID is live elsewhere could not be told, so none is issued.
+    #[error(
+        "Cannot tell whether GUID {guid} is in use: {reason}. Hint: check the subnet manager \
+         (`devfence status`); devfence issues no GUID it cannot check"
+    )]
+    GuidLiveCheck {
+        /// The candidate GUID.
+        guid: Guid,
+        /// What failed.
+        reason: String,
+    },
     /// An internal invariant of the store was broken (a bug).
     #[error("Internal ledger error: {0}. Hint: this is a bug in devfence; please report it")]
     Internal(&'static str),
@@ -646,6 +701,16 @@ pub trait Tx {
     fn guid_pool(&mut self) -> Result<Option<GuidRange>, StoreError>;
     /// Issues a GUID never issued (or recorded) before, to `device` for `tenant`.
     fn allocate_guid(&mut self, device: &DeviceId, tenant: &TenantId) -> Result<Guid, StoreError>;
+    /// Issues a GUID like [`allocate_guid`](Self::allocate_guid), and also skips
+    /// every candidate `live` says exists elsewhere (on a host port, at the SM):
+    /// `live(g)` returns why (`Some(note)`) and the GUID is then recorded as
+    /// [`GuidState::Foreign`], never to be issued.
+    fn allocate_guid_avoiding(
+        &mut self,
+        device: &DeviceId,
+        tenant: &TenantId,
+        live: &mut dyn FnMut(Guid) -> Result<Option<String>, StoreError>,
+    ) -> Result<Guid, StoreError>;
     /// Retires an issued GUID: it becomes `Quarantined` and is never reissued.
     fn retire_guid(&mut self, guid: Guid, reason: &str) -> Result<(), StoreError>;
     /// Marks a quarantined GUID as seen absent from the SM (`Cleared`). It is
@@ -659,6 +724,15 @@ pub trait Tx {
 
     /// Every GUID ever issued to `device` (any state), oldest first.
     fn guids_of(&mut self, device: &DeviceId) -> Result<Vec<GuidRecord>, StoreError>;
+
+    // ---- PF custody ----
+    /// Records that devfence itself holds the custody of user-space PF `pf` for
+    /// `device` (a VF of it whose VF token devfence set). The record goes when the
+    /// device is held by no tenant any more.
+    fn record_pf_custody(&mut self, device: &DeviceId, pf: &DeviceId) -> Result<(), StoreError>;
+    /// The PFs devfence holds the custody of for a device a tenant holds, with
+    /// that device, ordered by PF.
+    fn pf_custody(&mut self) -> Result<Vec<(DeviceId, DeviceId)>, StoreError>;
 
     // ---- operations and journal ----
     /// Opens an operation on `device`. Refused with [`StoreError::Busy`] while an

@@ -411,3 +411,46 @@ fn plan_of_an_ib_vf_without_a_guid_matches_its_journal() {
     let a = fx.engine().assign(&d, &t("acme"), None).unwrap();
     assert_eq!(names(&p), journal_steps(&mut fx, &a));
 }
+
+// ----------------------------------------------------------------------
+// issue 18 item 4: the pool never issues a GUID the SM knows
+
+/// issue 18 item 4: the GUID pool never issues a GUID the SM knows: GUIDs of the
+/// pool's range named in the SM's configuration are skipped (and remembered as
+/// foreign), so the VF gets a GUID in no partition but its tenant's.
+#[test]
+fn the_pool_skips_guids_the_sm_knows() {
+    use devfence_fabric::SubnetManager;
+    let mut fx = fixture();
+    let taken = [POOL_FIRST, Guid(POOL_FIRST.0 + 1)];
+    for g in taken {
+        fx.sm
+            .stage_add(
+                g,
+                devfence_fabric::PartitionKey::new(0x0005).unwrap(),
+                devfence_model::Membership::Full,
+            )
+            .unwrap();
+    }
+    fx.sm.apply().unwrap();
+    fx.sm.settle();
+    let vf: DeviceId = "0000:3b:00.1".parse().unwrap();
+    fx.engine().assign(&vf, &t("acme"), None).unwrap();
+    let issued: Vec<Guid> = fx
+        .store
+        .atomically(|tx| tx.guids_of(&vf))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.state == GuidState::Issued)
+        .map(|r| r.guid)
+        .collect();
+    assert_eq!(issued.len(), 1, "{issued:?}");
+    assert!(
+        !taken.contains(&issued[0]),
+        "issued a GUID the SM knows: {issued:?}"
+    );
+    for g in taken {
+        let rec = fx.store.atomically(|tx| tx.guid(g)).unwrap().unwrap();
+        assert_eq!(rec.state, GuidState::Foreign, "{g}");
+    }
+}

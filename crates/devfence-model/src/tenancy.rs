@@ -19,6 +19,11 @@ pub struct Tenancy {
     /// mdev parents whose instances are not isolated from each other.
     #[serde(default, rename = "non_isolating_parent")]
     pub non_isolating_parents: Vec<NonIsolatingParent>,
+    /// User-space PFs whose custody devfence itself holds (it set their VF token
+    /// for the VFs it assigned), as its ledger records them. Never read from a
+    /// tenancy file: only the ledger knows what devfence did.
+    #[serde(skip)]
+    pub host_custody: Vec<DeviceId>,
 }
 
 /// A tenant.

@@ -25,7 +25,7 @@ use devfence_model::{Evidence, Finding, Inventory, Severity, Tenancy};
 
 pub use tenancy::{
     Entry, Invalid, MAX_TENANCY_BYTES, Problem, TenancyError, fuzz_tenancy, load_tenancy,
-    parse_tenancy,
+    load_tenancy_to_check, parse_tenancy, parse_tenancy_to_check,
 };
 
 /// Documentation of one rule, for `devfence rules` and the docs.
@@ -47,6 +47,19 @@ pub const RULES: &[RuleInfo] = &[
         severity: Severity::Error,
         summary: "The tenancy assigns (or gives PF custody of) a device the host does not have: \
                   a BDF, mdev UUID, APQN or IB GUID that resolves to nothing.",
+    },
+    RuleInfo {
+        id: rules::TENANCY_PKEY_SHARED,
+        severity: Severity::Error,
+        summary: "Two or more tenants are given one partition (the same 15-bit P_Key, in any \
+                  membership): their ports can reach each other. The default partition is \
+                  IB-DEFAULT-PKEY-FULL's.",
+    },
+    RuleInfo {
+        id: rules::TENANCY_LAUNCHER_SHARED,
+        severity: Severity::Error,
+        summary: "Two or more tenants are given one launcher uid: each owns the others' \
+                  /dev/vfio nodes.",
     },
     RuleInfo {
         id: rules::INV_UNREADABLE,

@@ -7,8 +7,14 @@
 //! entry (`assignment[2]`, indices from 0 as in the TOML arrays, with its line), the
 //! offending value and a `Hint: …`.
 //!
-//! A tenant partition with the default P_Key is *not* refused here: it is a valid
-//! declaration that the `IB-DEFAULT-PKEY-FULL` rule reports.
+//! Two strictnesses (issue 18 items 1 and 2). [`load_tenancy`] refuses a
+//! declaration that puts two tenants on one isolation domain: one P_Key (the 15-bit
+//! partition, in any membership) or one launcher uid given to two tenants, or a
+//! tenant partition in the default partition (0x7fff). `devfence check` reads the
+//! file with [`load_tenancy_to_check`] instead, which leaves exactly those to the
+//! rules that report them (`TENANCY-PKEY-SHARED`, `TENANCY-LAUNCHER-SHARED`,
+//! `IB-DEFAULT-PKEY-FULL`), so they appear as error findings next to every other
+//! finding. Both refuse a uid or gid the kernel cannot store (4294967295).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -131,6 +137,27 @@ pub enum Problem {
     EmptyPkey,
     /// An empty `non_isolating_parent` name.
     EmptyParent,
+    /// A P_Key (any membership) another tenant has.
+    SharedPkey {
+        /// The tenant that has it first.
+        holder: String,
+        /// Its partition entry.
+        first: Entry,
+    },
+    /// A launcher uid another tenant has.
+    SharedLauncher {
+        /// The tenant that has it first.
+        holder: String,
+        /// Its entry.
+        first: Entry,
+    },
+    /// A tenant partition in the default partition.
+    DefaultPkey,
+    /// A uid or gid the kernel cannot store ((uid_t)-1).
+    UnstorableId {
+        /// `launcher_uid` or `launcher_gid`.
+        field: &'static str,
+    },
 }
 
 impl fmt::Display for Invalid {
@@ -187,6 +214,29 @@ impl fmt::Display for Invalid {
                 "Empty parent name in {origin}, {entry}. Hint: name the mdev parent as in \
                  /sys/class/mdev_bus, e.g. \"0000:af:00.0\""
             ),
+            Problem::SharedPkey { holder, first } => write!(
+                f,
+                "P_Key {value} in {origin}, {entry} is tenant {holder:?}'s already ({first}), in \
+                 some membership. Hint: a partition belongs to one tenant (rule \
+                 TENANCY-PKEY-SHARED); give this tenant a P_Key of its own"
+            ),
+            Problem::SharedLauncher { holder, first } => write!(
+                f,
+                "Launcher uid {value} in {origin}, {entry} is tenant {holder:?}'s already \
+                 ({first}). Hint: the launcher uid owns the tenant's /dev/vfio nodes (rule \
+                 TENANCY-LAUNCHER-SHARED); run each tenant's QEMU as a uid of its own"
+            ),
+            Problem::DefaultPkey => write!(
+                f,
+                "P_Key {value} in {origin}, {entry} is the default partition, which every port \
+                 has. Hint: devfence keeps tenant ports limited members of it; give the tenant \
+                 a P_Key of its own, e.g. \"0x8001\""
+            ),
+            Problem::UnstorableId { field } => write!(
+                f,
+                "{field} {value} in {origin}, {entry} is (uid_t)-1, which the kernel cannot \
+                 store. Hint: give the uid/gid the tenant's QEMU runs as"
+            ),
         }
     }
 }
@@ -201,12 +251,26 @@ impl std::error::Error for Invalid {}
 /// device that is not a BDF/UUID/APQN/GUID, …), and one of the validation variants
 /// for a declaration that parses but does not hold together.
 pub fn parse_tenancy(text: &str, origin: &str) -> Result<Tenancy, TenancyError> {
+    parse(text, origin, true)
+}
+
+/// Parses and validates a tenancy declaration for `devfence check`: like
+/// [`parse_tenancy`], but a P_Key or launcher uid two tenants share and a tenant
+/// partition in the default partition are left to the rules that report them.
+///
+/// # Errors
+/// As [`parse_tenancy`], less those three.
+pub fn parse_tenancy_to_check(text: &str, origin: &str) -> Result<Tenancy, TenancyError> {
+    parse(text, origin, false)
+}
+
+fn parse(text: &str, origin: &str, strict: bool) -> Result<Tenancy, TenancyError> {
     let tenancy: Tenancy = toml::from_str(text).map_err(|e| TenancyError::Syntax {
         origin: origin.to_string(),
         message: e.to_string().trim_end().to_string(),
     })?;
     let lines = EntryLines::new(text);
-    validate(&tenancy, origin, &lines)?;
+    validate(&tenancy, origin, &lines, strict)?;
     Ok(tenancy)
 }
 
@@ -216,6 +280,18 @@ pub fn parse_tenancy(text: &str, origin: &str) -> Result<Tenancy, TenancyError> 
 /// [`TenancyError::Read`], [`TenancyError::TooLarge`] or [`TenancyError::NotUtf8`]
 /// when the file cannot be had as text, else as [`parse_tenancy`].
 pub fn load_tenancy(path: &Path) -> Result<Tenancy, TenancyError> {
+    read_text(path).and_then(|(text, shown)| parse_tenancy(&text, &shown))
+}
+
+/// Reads a tenancy file for `devfence check` ([`parse_tenancy_to_check`]).
+///
+/// # Errors
+/// As [`load_tenancy`], less what the rules report.
+pub fn load_tenancy_to_check(path: &Path) -> Result<Tenancy, TenancyError> {
+    read_text(path).and_then(|(text, shown)| parse_tenancy_to_check(&text, &shown))
+}
+
+fn read_text(path: &Path) -> Result<(String, String), TenancyError> {
     let shown = path.display().to_string();
     let read_err = |source| TenancyError::Read {
         path: shown.clone(),
@@ -236,7 +312,7 @@ pub fn load_tenancy(path: &Path) -> Result<Tenancy, TenancyError> {
         path: shown.clone(),
         offset: e.utf8_error().valid_up_to(),
     })?;
-    parse_tenancy(&text, &shown)
+    Ok((text, shown))
 }
 
 /// Fuzz entry point: parses arbitrary bytes as a tenancy file and, when that
@@ -245,7 +321,7 @@ pub fn fuzz_tenancy(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    match parse_tenancy(text, "fuzz.toml") {
+    match parse_tenancy_to_check(text, "fuzz.toml") {
         Ok(t) => {
             let findings = crate::check(&Inventory::default(), &t);
             for f in &findings {
@@ -326,7 +402,12 @@ impl EntryLines {
     }
 }
 
-fn validate(t: &Tenancy, origin: &str, lines: &EntryLines) -> Result<(), TenancyError> {
+fn validate(
+    t: &Tenancy,
+    origin: &str,
+    lines: &EntryLines,
+    strict: bool,
+) -> Result<(), TenancyError> {
     let bad = |entry: Entry, value: String, problem: Problem| {
         Err(TenancyError::Invalid(Box::new(Invalid {
             origin: origin.to_string(),
@@ -336,6 +417,8 @@ fn validate(t: &Tenancy, origin: &str, lines: &EntryLines) -> Result<(), Tenancy
         })))
     };
     let mut tenants: HashMap<&str, usize> = HashMap::new();
+    let mut uids: HashMap<u32, (usize, &str)> = HashMap::new();
+    let mut pkeys: HashMap<u16, (usize, usize, &str)> = HashMap::new();
     for (i, tenant) in t.tenants.iter().enumerate() {
         if let Some(&first) = tenants.get(tenant.id.as_str()) {
             return bad(
@@ -347,6 +430,31 @@ fn validate(t: &Tenancy, origin: &str, lines: &EntryLines) -> Result<(), Tenancy
             );
         }
         tenants.insert(tenant.id.as_str(), i);
+        for (field, id) in [
+            ("launcher_uid", tenant.launcher_uid),
+            ("launcher_gid", tenant.launcher_gid),
+        ] {
+            if id == Some(u32::MAX) {
+                return bad(
+                    lines.entry("tenant", i),
+                    u32::MAX.to_string(),
+                    Problem::UnstorableId { field },
+                );
+            }
+        }
+        if strict && let Some(uid) = tenant.launcher_uid {
+            if let Some(&(k, holder)) = uids.get(&uid) {
+                return bad(
+                    lines.entry("tenant", i),
+                    uid.to_string(),
+                    Problem::SharedLauncher {
+                        holder: holder.to_string(),
+                        first: lines.entry("tenant", k),
+                    },
+                );
+            }
+            uids.insert(uid, (i, tenant.id.as_str()));
+        }
         for (j, p) in tenant.partitions.iter().enumerate() {
             if p.pkey.is_empty_slot() {
                 return bad(
@@ -354,6 +462,32 @@ fn validate(t: &Tenancy, origin: &str, lines: &EntryLines) -> Result<(), Tenancy
                     p.pkey.to_string(),
                     Problem::EmptyPkey,
                 );
+            }
+            if !strict {
+                continue;
+            }
+            if p.pkey.is_default() {
+                return bad(
+                    lines.partition(i, j),
+                    p.pkey.to_string(),
+                    Problem::DefaultPkey,
+                );
+            }
+            match pkeys.get(&p.pkey.base()) {
+                Some(&(k, l, holder)) if holder != tenant.id.as_str() => {
+                    return bad(
+                        lines.partition(i, j),
+                        p.pkey.to_string(),
+                        Problem::SharedPkey {
+                            holder: holder.to_string(),
+                            first: lines.partition(k, l),
+                        },
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    pkeys.insert(p.pkey.base(), (i, j, tenant.id.as_str()));
+                }
             }
         }
     }
@@ -483,15 +617,21 @@ device = "0000:af:00.0"
 
     #[test]
     fn parses_the_documented_example() {
-        let t = parse_tenancy(GOOD, "t.toml").unwrap();
+        let t = parse_tenancy_to_check(GOOD, "t.toml").unwrap();
         assert_eq!(t.tenants.len(), 2);
         assert_eq!(t.assignments.len(), 3);
         assert!(matches!(t.assignments[1].device, DeviceId::Apqn(_)));
         assert!(matches!(t.assignments[2].device, DeviceId::IbGuid(_)));
         assert_eq!(t.userspace_pfs.len(), 1);
         assert_eq!(t.non_isolating_parents[0].device, "0000:af:00.0");
-        // The default P_Key is accepted here; a rule reports it.
+        // The default P_Key is accepted for `check`; a rule reports it. Loading
+        // for any other use refuses it.
         assert!(t.tenants[1].partitions[0].pkey.is_default());
+        assert!(
+            err(GOOD).contains("is the default partition"),
+            "{}",
+            err(GOOD)
+        );
         assert_eq!(parse_tenancy("", "t.toml").unwrap(), Tenancy::default());
     }
 
@@ -650,7 +790,7 @@ device = "0000:af:00.0"
 
         let good = dir.join("good.toml");
         std::fs::write(&good, GOOD).unwrap();
-        let t = load_tenancy(&good).unwrap();
+        let t = load_tenancy_to_check(&good).unwrap();
         assert_eq!(t.assignments.len(), 3);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -668,5 +808,37 @@ device = "0000:af:00.0"
         }
         let deep = format!("a = {}", "[".repeat(100_000));
         fuzz_tenancy(deep.as_bytes());
+    }
+
+    /// issue 18 items 1 and 2: a P_Key (any membership) and a launcher uid belong to
+    /// one tenant; a file giving one to two tenants is refused when loaded (and left
+    /// to the rules when loaded for `check`); (uid_t)-1 is refused by both.
+    #[test]
+    fn shared_pkeys_and_launchers_are_refused_when_loaded() {
+        let pk = "[[tenant]]\nid = \"acme\"\npartitions = [{ pkey = \"0x8001\", membership = \"full\" }]\n\
+                  [[tenant]]\nid = \"mallory\"\npartitions = [{ pkey = \"0x0001\", membership = \"limited\" }]\n";
+        let e = err(pk);
+        assert!(
+            e.starts_with("P_Key 0x0001 in t.toml, tenant[1].partitions[0]")
+                && e.contains("\"acme\"'s already"),
+            "{e}"
+        );
+        assert!(
+            e.contains("TENANCY-PKEY-SHARED") && e.contains("Hint:"),
+            "{e}"
+        );
+        assert!(parse_tenancy_to_check(pk, "t.toml").is_ok());
+        let uid = "[[tenant]]\nid = \"acme\"\nlauncher_uid = 107\n[[tenant]]\nid = \"mallory\"\nlauncher_uid = 107\n";
+        let e = err(uid);
+        assert!(
+            e.starts_with("Launcher uid 107 in t.toml, tenant[1] (line 4) is tenant \"acme\"'s"),
+            "{e}"
+        );
+        assert!(parse_tenancy_to_check(uid, "t.toml").is_ok());
+        for max in ["launcher_uid = 4294967295", "launcher_gid = 4294967295"] {
+            let text = format!("[[tenant]]\nid = \"acme\"\n{max}\n");
+            assert!(err(&text).contains("4294967295"), "{max}");
+            assert!(parse_tenancy_to_check(&text, "t.toml").is_err(), "{max}");
+        }
     }
 }

@@ -47,6 +47,16 @@ impl PublicKey {
         }
         Ok(k)
     }
+
+    /// Verifies an ed25519 signature (strict) of `message` by this key.
+    ///
+    /// # Errors
+    /// Why not: the key is unusable or the signature does not verify.
+    pub fn verify(&self, message: &[u8], signature: &[u8; 64]) -> Result<(), String> {
+        self.verifying_key()?
+            .verify_strict(message, &ed25519_dalek::Signature::from_bytes(signature))
+            .map_err(|_| "the signature does not verify".to_string())
+    }
 }
 
 impl FromStr for PublicKey {
@@ -433,6 +443,34 @@ pub enum KeyringError {
         "No key with fingerprint {0} is in the keyring. Hint: `devfence keys trust list` shows the fingerprints"
     )]
     Unknown(Fingerprint),
+    /// The key was removed from the keyring before (a compromised key is removed).
+    #[error(
+        "Key {fingerprint} of host {host} was removed from the keyring at {removed_ms} ms \
+         (removal is how a compromised key is revoked), so it is not trusted again. Hint: trust \
+         the host's new key; only if you are sure the key was never compromised, add it again \
+         with --force"
+    )]
+    Removed {
+        /// The key.
+        fingerprint: Fingerprint,
+        /// The host it spoke for.
+        host: String,
+        /// When it was removed (ms since the epoch).
+        removed_ms: u64,
+    },
+}
+
+/// A key removed from the keyring, remembered so it is not trusted again by
+/// mistake.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemovedKey {
+    /// The host it spoke for.
+    pub host: String,
+    /// Its fingerprint.
+    pub fingerprint: Fingerprint,
+    /// When it was removed (ms since the epoch).
+    pub removed_ms: u64,
 }
 
 /// The keys whose envelopes this host admits.
@@ -443,6 +481,9 @@ pub struct Keyring {
     pub format: u32,
     /// The keys, in the order they were trusted.
     pub keys: Vec<TrustedKey>,
+    /// Keys removed before (never trusted again without being forced).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<RemovedKey>,
 }
 
 /// What [`Keyring::trust`] did.
@@ -461,6 +502,7 @@ impl Keyring {
         Keyring {
             format: KEYRING_FORMAT,
             keys: Vec::new(),
+            removed: Vec::new(),
         }
     }
 
@@ -541,7 +583,37 @@ impl Keyring {
         key: PublicKey,
         now_ms: u64,
     ) -> Result<TrustChange, KeyringError> {
+        self.trust_with(host, key, now_ms, false)
+    }
+
+    /// When `key` was removed from this keyring, if ever (the latest removal).
+    #[must_use]
+    pub fn removed_at(&self, key: &PublicKey) -> Option<&RemovedKey> {
+        let f = key.fingerprint();
+        self.removed.iter().rev().find(|r| r.fingerprint == f)
+    }
+
+    /// [`trust`](Self::trust), and with `allow_removed` also a key that was
+    /// removed before (the caller warns loudly and audits it).
+    ///
+    /// # Errors
+    /// As [`trust`](Self::trust), and [`KeyringError::Removed`] for a removed
+    /// key without `allow_removed`.
+    pub fn trust_with(
+        &mut self,
+        host: &str,
+        key: PublicKey,
+        now_ms: u64,
+        allow_removed: bool,
+    ) -> Result<TrustChange, KeyringError> {
         check_host_id(host).map_err(KeyringError::Invalid)?;
+        if !allow_removed && let Some(r) = self.removed_at(&key) {
+            return Err(KeyringError::Removed {
+                fingerprint: r.fingerprint,
+                host: r.host.clone(),
+                removed_ms: r.removed_ms,
+            });
+        }
         key.verifying_key()
             .map_err(|e| KeyringError::Invalid(format!("key {}: {e}", key.fingerprint())))?;
         if let Some(k) = self.lookup(&key) {
@@ -583,12 +655,31 @@ impl Keyring {
     /// # Errors
     /// [`KeyringError::Unknown`].
     pub fn remove(&mut self, fingerprint: &Fingerprint) -> Result<TrustedKey, KeyringError> {
+        self.remove_at(fingerprint, 0)
+    }
+
+    /// Removes a key and remembers it as removed at `now_ms`, so that trusting it
+    /// again needs `allow_removed` ([`trust_with`](Self::trust_with)).
+    ///
+    /// # Errors
+    /// [`KeyringError::Unknown`].
+    pub fn remove_at(
+        &mut self,
+        fingerprint: &Fingerprint,
+        now_ms: u64,
+    ) -> Result<TrustedKey, KeyringError> {
         let i = self
             .keys
             .iter()
             .position(|k| k.fingerprint == *fingerprint)
             .ok_or(KeyringError::Unknown(*fingerprint))?;
-        Ok(self.keys.remove(i))
+        let k = self.keys.remove(i);
+        self.removed.push(RemovedKey {
+            host: k.host.clone(),
+            fingerprint: k.fingerprint,
+            removed_ms: now_ms,
+        });
+        Ok(k)
     }
 
     /// Whether `entry` vouches for an envelope with `header`: it speaks for the
@@ -736,6 +827,33 @@ mod tests {
             ring.remove(&a.fingerprint()),
             Err(KeyringError::Unknown(_))
         ));
+    }
+
+    /// issue 18 item 12: a removed (compromised) key is remembered and not trusted
+    /// again unless the caller allows it; the memory survives the file.
+    #[test]
+    fn a_removed_key_is_remembered_and_not_trusted_again_silently() {
+        let mut ring = Keyring::new();
+        let a = key(1).public();
+        ring.trust("host1", a, 100).expect("a");
+        ring.remove_at(&a.fingerprint(), 150).expect("remove");
+        let mut ring = Keyring::parse(&ring.render()).expect("round trip");
+        assert_eq!(ring.removed_at(&a).expect("remembered").removed_ms, 150);
+        let e = ring.trust("host1", a, 200).expect_err("removed");
+        assert!(
+            matches!(
+                e,
+                KeyringError::Removed {
+                    removed_ms: 150,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("--force"), "{e}");
+        ring.trust_with("host1", a, 200, true).expect("forced");
+        assert!(ring.lookup(&a).is_some());
+        assert!(Keyring::parse(&ring.render()).is_ok());
     }
 
     #[test]

@@ -105,6 +105,13 @@ pub enum Command {
     /// s390 AP: assign queues to vfio_ap matrix mdevs, edit the AP bus masks.
     #[command(subcommand)]
     Ap(ApCommand),
+    /// Create the ledger (`<root>/var/lib/devfence/ledger.db`, or --ledger FILE).
+    ///
+    /// Refused when any file is there: devfence never makes a new ledger over an
+    /// existing one, damaged or not (restore a damaged ledger from a backup). The
+    /// first `tenant add`, `guid-pool --set` or `keys` command creates it too when
+    /// no file exists; every other command needs it to exist.
+    Init,
     /// Tenants in the ledger: add, list, remove.
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -518,8 +525,22 @@ pub struct RecoverArgs {
 /// `devfence audit`.
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Check every record's hash and link; name the first broken one.
+    /// Check every record's hash and link, and the chain against its head kept
+    /// beside the ledger (`<ledger>.audit-head`, signed with the host key when
+    /// there is one); name the first problem. A broken, cut or rewritten chain
+    /// exits 1.
     Verify {
+        /// Also verify against a head kept elsewhere (what `audit head` printed
+        /// earlier): `SEQ:HASH`.
+        #[arg(long, value_name = "SEQ:HASH")]
+        head: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the chain head (`SEQ:HASH` of the newest record), to keep elsewhere
+    /// and give to `audit verify --head` later.
+    Head {
         /// Print JSON.
         #[arg(long)]
         json: bool,

@@ -52,6 +52,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Outcome> {
         Command::Sim(SimCommand::Generate(a)) => generate(a, out),
         Command::Sim(SimCommand::Profiles) => profiles(out),
         Command::Demo(a) => demo(a, out),
+        Command::Init => crate::ledger::init(&root, cli.ledger.as_deref(), out),
         Command::Tenant(c) => crate::ledger::tenant(&root, cli.ledger.as_deref(), c, out),
         Command::Assign(a) => crate::ledger::assign(&root, cli.ledger.as_deref(), a, out),
         Command::Handover(a) => crate::ledger::handover(&root, cli.ledger.as_deref(), a, out),
@@ -391,18 +392,19 @@ fn tenancy_for(
     given: Option<&Path>,
 ) -> Result<(Tenancy, Option<PathBuf>)> {
     if let Some(p) = given {
-        let t = devfence_policy::load_tenancy(p)?;
+        let t = devfence_policy::load_tenancy_to_check(p)?;
         return Ok((t, Some(p.to_path_buf())));
     }
     // The ledger, when devfence manages devices here; else the tenancy file.
     let lp = crate::ledger::ledger_path(root, ledger);
-    if lp.exists() {
+    // A `-wal` without its ledger is a damaged ledger: opening it says so.
+    if lp.exists() || devfence_engine::sqlite::sidecar(&lp, "-wal").exists() {
         let t = crate::ledger::ledger_tenancy(&lp)?;
         return Ok((t, Some(lp)));
     }
     let default = root.path(DEFAULT_TENANCY);
     if default.exists() {
-        let t = devfence_policy::load_tenancy(&default)?;
+        let t = devfence_policy::load_tenancy_to_check(&default)?;
         return Ok((t, Some(default)));
     }
     Ok((Tenancy::default(), None))

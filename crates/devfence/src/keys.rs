@@ -117,6 +117,10 @@ pub struct TrustAddArgs {
     /// The host id the key speaks for (with --key).
     #[arg(long, value_name = "ID", requires = "key")]
     pub host: Option<String>,
+    /// Trust the key even though it was removed from the keyring before (removal
+    /// is how a compromised key is revoked). Warned about and audited.
+    #[arg(long)]
+    pub force: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -256,8 +260,42 @@ pub(crate) fn read_private(path: &Path, max: u64) -> Result<Option<Vec<u8>>> {
     Ok(Some(b))
 }
 
+/// Refuses a keys directory others may enter, read or write (it must be 0700:
+/// whoever can write it can replace the keyring or the host key).
+pub(crate) fn check_keys_dir(root: &HostRoot) -> Result<()> {
+    let dir = root.path(KEYS_DIR);
+    let meta = match std::fs::symlink_metadata(&dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(anyhow!(e).context(format!("Cannot read {}", dir.display()))),
+    };
+    if !meta.is_dir() {
+        bail!(
+            "{} is not a directory. Hint: devfence keeps its keys in a root-only directory; move it aside",
+            dir.display()
+        );
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "The keys directory {} has mode {mode:04o}: others may enter it{}. Hint: it must be \
+             0700 (`chmod 700 {}`); if others could write it, check the keyring and the host key \
+             against a backup first, and rotate the key if others could read it",
+            dir.display(),
+            if mode & 0o022 != 0 {
+                " and replace the host key or the keyring"
+            } else {
+                ""
+            },
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Loads the host key.
 pub(crate) fn load_host_key(root: &HostRoot) -> Result<HostKey> {
+    check_keys_dir(root)?;
     let path = root.path(HOST_KEY);
     let Some(mut b) = read_private(&path, 4096)? else {
         bail!(
@@ -274,6 +312,7 @@ pub(crate) fn load_host_key(root: &HostRoot) -> Result<HostKey> {
 
 /// Loads the keyring (empty if there is none yet).
 pub(crate) fn load_keyring(root: &HostRoot) -> Result<Keyring> {
+    check_keys_dir(root)?;
     let path = root.path(KEYRING);
     match read_private(&path, devfence_seal::keys::MAX_KEYRING as u64)? {
         None => Ok(Keyring::new()),
@@ -286,22 +325,14 @@ pub(crate) fn load_keyring(root: &HostRoot) -> Result<Keyring> {
 }
 
 fn save_keyring(root: &HostRoot, ring: &Keyring) -> Result<()> {
+    check_keys_dir(root)?;
     private_dir(&root.path(KEYS_DIR))?;
     write_private(&root.path(KEYRING), ring.render().as_bytes())
 }
 
-/// Opens (creating) the ledger, for the audit records.
+/// Opens the ledger (creating it on first use), for the audit records.
 pub(crate) fn open_ledger(root: &HostRoot, ledger: Option<&Path>) -> Result<SqliteStore> {
-    let path = crate::ledger::ledger_path(root, ledger);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| {
-            format!(
-                "Cannot create the ledger's directory {}. Hint: run devfence as root, or give --ledger FILE",
-                dir.display()
-            )
-        })?;
-    }
-    Ok(SqliteStore::open(&path)?)
+    crate::ledger::open_store(root, ledger, true)
 }
 
 fn audit(root: &HostRoot, ledger: Option<&Path>, detail: &serde_json::Value) -> Result<()> {
@@ -355,6 +386,7 @@ fn default_host_id(root: &HostRoot) -> Result<String> {
 }
 
 fn write_host_key(root: &HostRoot, key: &HostKey) -> Result<()> {
+    check_keys_dir(root)?;
     private_dir(&root.path(KEYS_DIR))?;
     let text = key.to_file_text();
     write_private(&root.path(HOST_KEY), text.expose().as_bytes())?;
@@ -534,7 +566,18 @@ fn trust_add(
         _ => bail!("Give --from FILE, or --key HEX with --host ID"),
     };
     let mut ring = load_keyring(root)?;
-    let change = ring.trust(&line.host, line.key, now_ms())?;
+    let was_removed = ring.removed_at(&line.key).cloned();
+    let change = ring.trust_with(&line.host, line.key, now_ms(), a.force)?;
+    if let Some(r) = &was_removed {
+        eprintln!(
+            "WARNING: key {} of host {} was REMOVED from this keyring at {} (removal is how a \
+             compromised key is revoked). It is trusted again because of --force: envelopes it \
+             signs are admitted from now on.",
+            r.fingerprint,
+            r.host,
+            utc(r.removed_ms)
+        );
+    }
     save_keyring(root, &ring)?;
     audit(
         root,
@@ -544,6 +587,7 @@ fn trust_add(
             "host": line.host,
             "fingerprint": change.added,
             "retired": change.retired,
+            "forced_after_removal_ms": was_removed.as_ref().map(|r| r.removed_ms),
         }),
     )?;
     if a.json {
@@ -574,7 +618,7 @@ fn trust_remove(
 ) -> Result<Outcome> {
     let fp: Fingerprint = fingerprint.parse().map_err(|e: String| anyhow!("{e}"))?;
     let mut ring = load_keyring(root)?;
-    let removed = ring.remove(&fp)?;
+    let removed = ring.remove_at(&fp, now_ms())?;
     save_keyring(root, &ring)?;
     audit(
         root,

@@ -98,20 +98,133 @@ pub fn ledger_path(root: &HostRoot, given: Option<&Path>) -> PathBuf {
     given.map_or_else(|| root.path(LEDGER_PATH), Path::to_path_buf)
 }
 
+/// Opens the ledger of `root` (or the one given), the one way every command does.
+///
+/// With `create`, a ledger is made when no file is there (first use: `tenant add`,
+/// `guid-pool --set`, `keys`, `init`); otherwise a missing ledger is an error.
+/// An existing file is used only if it is a private devfence ledger (see
+/// [`SqliteStore::open`]). The chain heads it writes are signed with the host key
+/// when this host has one.
+pub fn open_store(root: &HostRoot, ledger: Option<&Path>, create: bool) -> Result<SqliteStore> {
+    let path = ledger_path(root, ledger);
+    let store = if create {
+        if let Some(dir) = path.parent()
+            && !dir.exists()
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| {
+                    format!(
+                        "Cannot create the ledger's directory {}. Hint: run devfence as root, or give --ledger FILE",
+                        dir.display()
+                    )
+                })?;
+        }
+        SqliteStore::open(&path)?
+    } else {
+        SqliteStore::open_existing(&path)?
+    };
+    Ok(match head_signer(root)? {
+        Some(s) => store.with_head_signer(s),
+        None => store,
+    })
+}
+
+/// Signs chain heads with this host's key, if it has one.
+fn head_signer(root: &HostRoot) -> Result<Option<devfence_engine::audit::HeadSigner>> {
+    if std::fs::symlink_metadata(root.path(crate::keys::HOST_KEY)).is_err() {
+        return Ok(None);
+    }
+    let key = crate::keys::load_host_key(root)?;
+    let fp = key.public().fingerprint().to_string();
+    Ok(Some(Box::new(move |msg: &[u8]| {
+        (fp.clone(), devfence_seal::format::hex(&key.sign(msg)))
+    })))
+}
+
+/// Judges the signature of the chain head kept beside the ledger: by this
+/// host's own key, current or retired (in its keyring under its own host id;
+/// never another host's trusted key), required once the host has a key.
+fn check_head_signature(
+    root: &HostRoot,
+) -> Result<impl Fn(&devfence_engine::audit::StoredHead) -> Result<(), String>> {
+    let has_key = std::fs::symlink_metadata(root.path(crate::keys::HOST_KEY)).is_ok();
+    let (own, own_id) = if has_key {
+        let k = crate::keys::load_host_key(root)?;
+        (Some(k.public()), Some(k.host_id().to_owned()))
+    } else {
+        (None, None)
+    };
+    let ring = crate::keys::load_keyring(root)?;
+    Ok(move |h: &devfence_engine::audit::StoredHead| {
+        let (Some(signer), Some(sig)) = (&h.signer, &h.signature) else {
+            return if has_key {
+                Err(
+                    "it is not signed, though this host has a signing key (forged or \
+                     replaced?)"
+                        .into(),
+                )
+            } else {
+                Ok(())
+            };
+        };
+        let key = own
+            .filter(|k| k.fingerprint().to_string() == *signer)
+            .or_else(|| {
+                ring.keys
+                    .iter()
+                    .find(|k| {
+                        Some(&k.host) == own_id.as_ref() && k.fingerprint.to_string() == *signer
+                    })
+                    .map(|k| k.key)
+            })
+            .ok_or_else(|| {
+                format!("it is signed by key {signer}, which is not one of this host's own keys")
+            })?;
+        let sig_bytes: [u8; 64] = devfence_seal::format::unhex(sig)
+            .ok_or_else(|| "its signature is not 128 hex digits".to_string())?;
+        key.verify(&h.message(), &sig_bytes)
+            .map_err(|_| format!("its signature by key {signer} does not verify (forged)"))
+    })
+}
+
+/// `devfence init`.
+pub fn init(root: &HostRoot, ledger: Option<&Path>, out: &mut dyn Write) -> Result<Outcome> {
+    let path = ledger_path(root, ledger);
+    if std::fs::symlink_metadata(&path).is_ok() {
+        // Opening says what is wrong with a damaged file; an intact one exists.
+        SqliteStore::open_existing(&path)?;
+        return Err(devfence_engine::StoreError::Exists { path }.into());
+    }
+    drop(open_store(root, ledger, true)?);
+    writeln!(
+        out,
+        "ledger created: {} (0600; chain head {})",
+        path.display(),
+        devfence_engine::audit::head_path(&path).display()
+    )?;
+    Ok(Outcome::Ok)
+}
+
 impl Env {
-    /// Opens the ledger (creating it and its directory), the kernel and the SM.
+    /// Opens the existing ledger, the kernel and the SM.
     pub fn open(root: &HostRoot, ledger: Option<&Path>) -> Result<Env> {
+        Self::open_mode(root, ledger, false)
+    }
+
+    /// Opens the ledger, creating it when no file is there (first use), the
+    /// kernel and the SM.
+    pub fn open_or_create(root: &HostRoot, ledger: Option<&Path>) -> Result<Env> {
+        Self::open_mode(root, ledger, true)
+    }
+
+    fn open_mode(root: &HostRoot, ledger: Option<&Path>, create: bool) -> Result<Env> {
         let kernel = Kernel::for_root(root)?;
         let path = ledger_path(root, ledger);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| {
-                format!(
-                    "Cannot create the ledger's directory {}. Hint: run devfence as root, or give --ledger FILE",
-                    dir.display()
-                )
-            })?;
-        }
-        let mut store = SqliteStore::open(&path)?;
+        let mut store = open_store(root, ledger, create)?;
         let cfg = Config::load(root, config::explicit())?;
         let backend = match (cfg.fabric.backend, &kernel) {
             (Backend::Auto, Kernel::Sim(_)) => Backend::Sim,
@@ -503,7 +616,7 @@ pub fn tenant(
     match c {
         TenantCommand::Add(a) => tenant_add(root, ledger, a, out),
         TenantCommand::List { json } => {
-            let mut store = SqliteStore::open(ledger_path(root, ledger))?;
+            let mut store = open_store(root, ledger, false)?;
             let tenants = store.atomically(|tx| tx.tenants())?;
             if *json {
                 serde_json::to_writer_pretty(&mut *out, &tenants)?;
@@ -531,7 +644,7 @@ pub fn tenant(
         }
         TenantCommand::Remove { id } => {
             let id = parse_tenant(id)?;
-            let mut store = SqliteStore::open(ledger_path(root, ledger))?;
+            let mut store = open_store(root, ledger, false)?;
             store.atomically(|tx| {
                 tx.remove_tenant(&id)?;
                 tx.audit(&devfence_engine::AuditEvent {
@@ -586,7 +699,7 @@ fn tenant_add(
         security_label: a.label.clone(),
         partitions,
     };
-    let mut env = Env::open(root, ledger)?;
+    let mut env = Env::open_or_create(root, ledger)?;
     env.engine(EngineConfig::default()).add_tenant(&t)?;
     writeln!(out, "tenant {id} added (launcher {uid}:{gid})")?;
     Ok(Outcome::Ok)
@@ -599,13 +712,6 @@ pub fn status(
     a: &StatusArgs,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
-    let path = ledger_path(root, ledger);
-    if !path.exists() {
-        bail!(
-            "There is no ledger at {}. Hint: devfence has not managed a device here yet; `devfence tenant add` starts one",
-            path.display()
-        );
-    }
     let mut env = Env::open(root, ledger)?;
     let (devices, ops, pool) = env
         .store
@@ -730,6 +836,22 @@ pub fn recover(
     a: &RecoverArgs,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
+    // No ledger at all (nor a -wal of one): devfence never acted here.
+    let path = ledger_path(root, ledger);
+    if std::fs::symlink_metadata(&path).is_err()
+        && std::fs::symlink_metadata(devfence_engine::sqlite::sidecar(&path, "-wal")).is_err()
+    {
+        if a.json {
+            writeln!(out, "[]")?;
+        } else {
+            writeln!(
+                out,
+                "nothing to recover: there is no ledger at {}",
+                path.display()
+            )?;
+        }
+        return Ok(Outcome::Ok);
+    }
     let mut env = Env::open(root, ledger)?;
     let mut sink = Vec::new();
     let res = {
@@ -775,15 +897,51 @@ pub fn audit(
     c: &AuditCommand,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
-    let path = ledger_path(root, ledger);
-    let mut store = SqliteStore::open(&path)?;
+    let mut store = open_store(root, ledger, false)?;
     match c {
-        AuditCommand::Verify { json } => {
-            let r = store.verify();
-            match r {
-                Ok(rep) => {
+        AuditCommand::Head { json } => {
+            let head = store.last_record()?;
+            let stored = devfence_engine::audit::read_head(&store.head_path())
+                .map_err(|e| anyhow!("{e}. Hint: `devfence audit verify` says what is wrong"))?;
+            if *json {
+                serde_json::to_writer_pretty(
+                    &mut *out,
+                    &serde_json::json!({ "head": head, "stored": stored }),
+                )?;
+                writeln!(out)?;
+            } else {
+                match head {
+                    Some(h) => writeln!(out, "{}:{}", h.seq, h.hash)?,
+                    None => writeln!(out, "0:{}", devfence_engine::Hash::GENESIS)?,
+                }
+                if let Some(s) = &stored {
+                    writeln!(
+                        out,
+                        "# stored beside the ledger: {}:{}{}",
+                        s.seq,
+                        s.hash,
+                        s.signer
+                            .as_deref()
+                            .map_or(" (unsigned)".into(), |f| format!(" (signed by {f})"))
+                    )?;
+                }
+                writeln!(
+                    out,
+                    "# keep this line elsewhere; `devfence audit verify --head SEQ:HASH` checks the chain still reaches it"
+                )?;
+            }
+            Ok(Outcome::Ok)
+        }
+        AuditCommand::Verify { json, head } => {
+            let external = head.as_deref().map(parse_head).transpose()?;
+            let check = check_head_signature(root)?;
+            match store.verify_with_head(external.as_ref(), &check) {
+                Ok((rep, stored)) => {
                     if *json {
-                        serde_json::to_writer_pretty(&mut *out, &rep)?;
+                        serde_json::to_writer_pretty(
+                            &mut *out,
+                            &serde_json::json!({ "intact": true, "report": rep, "stored_head": stored }),
+                        )?;
                         writeln!(out)?;
                     } else {
                         writeln!(
@@ -793,19 +951,39 @@ pub fn audit(
                             rep.head
                                 .map_or(String::new(), |h| format!(", head #{} {}", h.seq, h.hash))
                         )?;
+                        if let Some(s) = &stored {
+                            writeln!(
+                                out,
+                                "reaches the head kept beside the ledger (#{}, {}){}",
+                                s.seq,
+                                s.signer
+                                    .as_deref()
+                                    .map_or("unsigned".into(), |f| format!("signed by {f}")),
+                                if external.is_some() {
+                                    " and the head given"
+                                } else {
+                                    ""
+                                }
+                            )?;
+                        }
                     }
                     Ok(Outcome::Ok)
                 }
-                Err(e) => {
+                Err(devfence_engine::AuditError::ChainBroken(b)) => {
+                    let e = devfence_engine::AuditError::ChainBroken(b);
                     if *json {
                         serde_json::to_writer_pretty(
                             &mut *out,
                             &serde_json::json!({ "intact": false, "error": e.to_string() }),
                         )?;
                         writeln!(out)?;
+                    } else {
+                        writeln!(out, "audit chain NOT intact: {e}")?;
                     }
-                    Err(anyhow!(e))
+                    eprintln!("{e}");
+                    Ok(Outcome::Findings)
                 }
+                Err(e) => Err(anyhow!(e)),
             }
         }
         AuditCommand::Show {
@@ -840,6 +1018,20 @@ pub fn audit(
     }
 }
 
+fn parse_head(s: &str) -> Result<devfence_engine::ChainHead> {
+    let hint = "Hint: give what `devfence audit head` printed, SEQ:HASH";
+    let (q, h) = s
+        .trim()
+        .split_once(':')
+        .ok_or_else(|| anyhow!("--head {s:?} is not SEQ:HASH. {hint}"))?;
+    let seq: u64 = q
+        .parse()
+        .map_err(|_| anyhow!("--head {s:?}: {q:?} is not a sequence number. {hint}"))?;
+    let hash = devfence_engine::Hash::from_hex(h)
+        .ok_or_else(|| anyhow!("--head {s:?}: the hash is not 64 hex digits. {hint}"))?;
+    Ok(devfence_engine::ChainHead { seq, hash })
+}
+
 /// `devfence guid-pool`.
 pub fn guid_pool(
     root: &HostRoot,
@@ -847,7 +1039,12 @@ pub fn guid_pool(
     a: &GuidPoolArgs,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
-    let mut env = Env::open(root, ledger)?;
+    let mut env = if a.set.is_some() {
+        Env::open_or_create(root, ledger)?
+    } else {
+        Env::open(root, ledger)?
+    };
+    let mut marked = Vec::new();
     if let Some(s) = &a.set {
         let (f, l) = s.split_once("..").ok_or_else(|| {
             anyhow!(
@@ -856,8 +1053,19 @@ pub fn guid_pool(
         })?;
         let first: Guid = f.trim().parse().map_err(|e| anyhow!("{e}"))?;
         let last: Guid = l.trim().parse().map_err(|e| anyhow!("{e}"))?;
+        // GUIDs of the range that are live (on this host, or named by the SM) are
+        // marked used, never issued; allocation checks again, at the SM too.
+        let live = live_guids(&env)?;
+        marked = live
+            .iter()
+            .filter(|(g, _)| (first..=last).contains(*g))
+            .map(|(g, w)| (*g, w.clone()))
+            .collect();
         env.store.atomically(|tx| {
             tx.set_guid_pool(GuidRange { first, last })?;
+            for (g, w) in &marked {
+                tx.record_foreign_guid(*g, &format!("live {w} when the pool was set"))?;
+            }
             tx.audit(&devfence_engine::AuditEvent {
                 kind: devfence_engine::AuditKind::Ledger,
                 device: None,
@@ -872,12 +1080,60 @@ pub fn guid_pool(
         serde_json::to_writer_pretty(&mut *out, &pool)?;
         writeln!(out)?;
     } else {
+        if !marked.is_empty() {
+            writeln!(
+                out,
+                "{} GUID(s) of the range are live and were marked used (never issued): {}",
+                marked.len(),
+                marked
+                    .iter()
+                    .take(8)
+                    .map(|(g, w)| format!("{g} ({w})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )?;
+        }
         match pool {
             Some(p) => writeln!(out, "GUID pool: {}..{}", p.first, p.last)?,
             None => writeln!(out, "GUID pool: not set")?,
         }
     }
     Ok(Outcome::Ok)
+}
+
+/// GUIDs live on the host (any port or VF) or named in the SM's configuration,
+/// with where. An SM that cannot be read adds nothing here: allocation checks
+/// every candidate at the SM again and fails closed.
+fn live_guids(env: &Env) -> Result<std::collections::BTreeMap<Guid, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    let inv = devfence_host::read_inventory(&env.root)
+        .with_context(|| format!("Cannot read the host under {}", env.root.root().display()))?;
+    for f in &inv.pci {
+        for v in f.sriov.iter().flat_map(|s| &s.vf_guids) {
+            for g in [v.port_guid, v.node_guid].into_iter().flatten() {
+                out.entry(g)
+                    .or_insert_with(|| format!("on VF {} of {}", v.index, f.bdf));
+            }
+        }
+    }
+    for d in &inv.ib {
+        for g in d
+            .node_guid
+            .into_iter()
+            .chain(d.ports.iter().filter_map(|p| p.port_guid))
+        {
+            out.entry(g).or_insert_with(|| format!("on {}", d.name));
+        }
+    }
+    if let Ok(Some(c)) = env.sm().configured_members() {
+        for m in c {
+            if let devfence_fabric::posture::Member::Guid(g) = m.member {
+                out.entry(g)
+                    .or_insert_with(|| format!("in the SM's configuration ({})", m.source));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `devfence hook qemu`.
@@ -971,7 +1227,7 @@ pub fn hook(
 
 /// The tenancy for `check`, from the ledger at `path`.
 pub fn ledger_tenancy(path: &Path) -> Result<devfence_model::Tenancy> {
-    let mut store = SqliteStore::open(path)?;
+    let mut store = SqliteStore::open_existing(path)?;
     Ok(store.atomically(|tx| engine::tenancy_from_ledger(tx))?)
 }
 

@@ -97,7 +97,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
          Every gate below reads state back — from the kernel (sysfs) and from the SM — and only\n\
          then lets a VM start. Nothing waits a fixed time.\n"
     )?;
-    let mut env = Env::open(&root, None)?;
+    let mut env = Env::open_or_create(&root, None)?;
     let acme = tid("acme")?;
     let globex = tid("globex")?;
     writeln!(out, "-- 1. tenants: acme (P_Key 0x8001), globex (0x8002)")?;

@@ -1095,10 +1095,13 @@ pub fn tenancy_from_ledger(tx: &mut dyn Tx) -> Result<devfence_model::Tenancy, S
             tenant: a.tenant,
         })
         .collect();
+    let mut host_custody: Vec<DeviceId> = tx.pf_custody()?.into_iter().map(|(_, pf)| pf).collect();
+    host_custody.dedup();
     Ok(devfence_model::Tenancy {
         tenants,
         assignments,
         userspace_pfs: Vec::new(),
         non_isolating_parents: Vec::new(),
+        host_custody,
     })
 }

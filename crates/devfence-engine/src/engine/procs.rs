@@ -10,7 +10,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Instant;
 
-use devfence_fabric::{Expectation, PartitionKey, Unverified, wait_verified_with};
+use devfence_fabric::{Expectation, PartitionKey, Programmed, Unverified, wait_verified_with};
 use devfence_host::actuator::ops::SysfsActuator;
 use devfence_host::actuator::{ActError, Actuator, KernelIo, VfToken};
 use devfence_model::{
@@ -678,9 +678,14 @@ fn prepare_pci(
         }
         DeviceKind::TokenVf { pf, .. } => {
             let pf = *pf;
-            let token: VfToken = e.step(run, "token-set", json!({ "pf": pf }), |_| {
+            let device = run.device;
+            let token: VfToken = e.step(run, "token-set", json!({ "pf": pf }), |e| {
                 let mut custody = act.custody_pf(pf).map_err(|x| act_fail(&x))?;
                 let token = act.rekey_vf_token(&mut custody).map_err(|x| act_fail(&x))?;
+                // The ledger knows whose custody the PF is in: devfence's own
+                // (`check` reads it back; PF-TRUST is for custody it does not hold).
+                e.store
+                    .atomically(|tx| tx.record_pf_custody(&device, &DeviceId::Pci(pf)))?;
                 // The detail never carries the token.
                 Ok((
                     token,
@@ -817,8 +822,68 @@ fn prepare_ib(
     let device = run.device;
     let tid: TenantId = to.id.clone();
     let new: Guid = e.step(run, "guid-allocate", json!({ "tenant": tid }), |e| {
-        let g = e.store.atomically(|tx| tx.allocate_guid(&device, &tid))?;
-        Ok((g, json!({ "guid": g })))
+        // Never a GUID that exists anywhere devfence can see: on any port or VF of
+        // the host, or known to the SM (on the fabric or in its configuration).
+        let on_host = host_guids(&e.inventory().map_err(|x| {
+            fail(
+                format!("the host cannot be read: {x}"),
+                "devfence issues no GUID it cannot check against the host",
+            )
+        })?);
+        // GUIDs the SM's configuration names (wildcards such as ALL name none).
+        let configured: BTreeSet<Guid> = sm
+            .configured_members()
+            .map_err(|x| {
+                fail(
+                    format!("the SM's configuration cannot be read: {x}"),
+                    "devfence issues no GUID it cannot check against the SM; check its health (`devfence status`)",
+                )
+            })?
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|c| match c.member {
+                devfence_fabric::posture::Member::Guid(g) => Some(g),
+                devfence_fabric::posture::Member::Wildcard(_) => None,
+            })
+            .collect();
+        let mut skipped = Vec::new();
+        let g = e.store.atomically(|tx| {
+            tx.allocate_guid_avoiding(&device, &tid, &mut |g| {
+                let live = |reason: String| StoreError::GuidLiveCheck { guid: g, reason };
+                if skipped.len() >= MAX_LIVE_SKIPS {
+                    return Err(live(format!(
+                        "{MAX_LIVE_SKIPS} GUIDs of the pool in a row are in use elsewhere, so the \
+                         pool overlaps live GUIDs; give it a range of its own \
+                         (`devfence guid-pool --set FIRST..LAST`)"
+                    )));
+                }
+                if let Some(w) = on_host.get(&g) {
+                    skipped.push(g);
+                    return Ok(Some(format!("live on {w}, skipped by the GUID pool")));
+                }
+                if configured.contains(&g) {
+                    skipped.push(g);
+                    return Ok(Some(format!(
+                        "named in the SM's configuration ({}), skipped by the GUID pool",
+                        sm.backend()
+                    )));
+                }
+                let obs = sm.observe(&[g]).map_err(|x| live(x.to_string()))?;
+                let view = obs
+                    .ports
+                    .get(&g)
+                    .ok_or_else(|| live("the SM's answer left it out".into()))?;
+                if !matches!(view.programmed, Programmed::Absent) {
+                    skipped.push(g);
+                    return Ok(Some(format!(
+                        "a port on the fabric ({}), skipped by the GUID pool",
+                        sm.backend()
+                    )));
+                }
+                Ok(None)
+            })
+        })?;
+        Ok((g, json!({ "guid": g, "skipped": skipped })))
     })?;
     let host_driver = e.cfg.ib_host_driver.clone();
     e.step(
@@ -1342,4 +1407,36 @@ fn recover_scrub(
             _ => Err(fail(k.reason, k.hint)),
         },
     }
+}
+
+/// How many live GUIDs one allocation skips before it gives up (the pool then
+/// overlaps GUIDs in use; checking each one at the SM would take long).
+const MAX_LIVE_SKIPS: usize = 256;
+
+/// Every GUID the host shows on a port or VF, with where.
+fn host_guids(inv: &Inventory) -> BTreeMap<Guid, String> {
+    let mut out = BTreeMap::new();
+    for f in &inv.pci {
+        if let Some(s) = &f.sriov {
+            for v in &s.vf_guids {
+                for g in [v.port_guid, v.node_guid].into_iter().flatten() {
+                    out.entry(g)
+                        .or_insert_with(|| format!("VF {} of {}", v.index, f.bdf));
+                }
+            }
+        }
+    }
+    for d in &inv.ib {
+        if let Some(g) = d.node_guid {
+            out.entry(g)
+                .or_insert_with(|| format!("IB device {}", d.name));
+        }
+        for p in &d.ports {
+            if let Some(g) = p.port_guid {
+                out.entry(g)
+                    .or_insert_with(|| format!("port {} of {}", p.port, d.name));
+            }
+        }
+    }
+    out
 }

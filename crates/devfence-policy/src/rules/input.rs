@@ -5,7 +5,9 @@ use std::collections::HashSet;
 
 use devfence_model::{DeviceId, Evidence, Finding, Severity};
 
-use super::{INV_UNREADABLE, TENANCY_UNKNOWN_DEVICE, finding};
+use super::{
+    INV_UNREADABLE, TENANCY_LAUNCHER_SHARED, TENANCY_PKEY_SHARED, TENANCY_UNKNOWN_DEVICE, finding,
+};
 use crate::ctx::{Ctx, Unit};
 
 /// `TENANCY-UNKNOWN-DEVICE`: an assignment or PF custody naming a device the
@@ -74,6 +76,97 @@ pub(crate) fn unknown_device(ctx: &Ctx<'_>, out: &mut Vec<Finding>) {
                  userspace_pf entry.",
             ));
         }
+    }
+}
+
+/// `TENANCY-PKEY-SHARED`: one partition (the 15-bit P_Key, in any membership)
+/// given to two or more tenants. The default partition is left to
+/// `IB-DEFAULT-PKEY-FULL`: every port is in it, and devfence keeps tenant ports
+/// limited members.
+pub(crate) fn pkey_shared(ctx: &Ctx<'_>, out: &mut Vec<Finding>) {
+    let mut by_base: std::collections::BTreeMap<u16, Vec<(usize, String, String)>> =
+        std::collections::BTreeMap::new();
+    for (i, t) in ctx.ten.tenants.iter().enumerate() {
+        for p in &t.partitions {
+            if p.pkey.is_default() || p.pkey.is_empty_slot() {
+                continue;
+            }
+            let e = by_base.entry(p.pkey.base()).or_default();
+            if !e.iter().any(|(_, id, _)| id == t.id.as_str()) {
+                e.push((
+                    i,
+                    t.id.to_string(),
+                    format!("{} {:?}", p.pkey, p.membership),
+                ));
+            }
+        }
+    }
+    for (base, holders) in by_base {
+        if holders.len() < 2 {
+            continue;
+        }
+        let names: Vec<&str> = holders.iter().map(|(_, id, _)| id.as_str()).collect();
+        out.push(finding(
+            TENANCY_PKEY_SHARED,
+            Severity::Error,
+            format!("P_Key {base:#06x}"),
+            format!(
+                "Partition {base:#06x} is given to {} tenants ({}): their ports can reach each \
+                 other in it, whatever the membership bit says of one of them.",
+                names.len(),
+                names.join(", ")
+            ),
+            holders
+                .iter()
+                .map(|(i, id, p)| {
+                    Evidence::new(
+                        format!("tenancy:tenant[{i}].partitions"),
+                        format!("{id}: {p}"),
+                    )
+                })
+                .collect(),
+            "A partition belongs to one tenant: give each tenant P_Keys of its own and move \
+             the others' ports out of it (`devfence handover`).",
+        ));
+    }
+}
+
+/// `TENANCY-LAUNCHER-SHARED`: one launcher uid given to two or more tenants, who
+/// then own each other's `/dev/vfio` nodes.
+pub(crate) fn launcher_shared(ctx: &Ctx<'_>, out: &mut Vec<Finding>) {
+    let mut by_uid: std::collections::BTreeMap<u32, Vec<(usize, String)>> =
+        std::collections::BTreeMap::new();
+    for (i, t) in ctx.ten.tenants.iter().enumerate() {
+        if let Some(uid) = t.launcher_uid {
+            by_uid.entry(uid).or_default().push((i, t.id.to_string()));
+        }
+    }
+    for (uid, holders) in by_uid {
+        if holders.len() < 2 {
+            continue;
+        }
+        let names: Vec<&str> = holders.iter().map(|(_, id)| id.as_str()).collect();
+        out.push(finding(
+            TENANCY_LAUNCHER_SHARED,
+            Severity::Error,
+            format!("launcher uid {uid}"),
+            format!(
+                "Launcher uid {uid} is given to {} tenants ({}): each owns the others' \
+                 /dev/vfio nodes and can open their devices.",
+                names.len(),
+                names.join(", ")
+            ),
+            holders
+                .iter()
+                .map(|(i, id)| {
+                    Evidence::new(
+                        format!("tenancy:tenant[{i}].launcher_uid"),
+                        format!("{id}: {uid}"),
+                    )
+                })
+                .collect(),
+            "Run each tenant's QEMU as a uid of its own and give every tenant that uid.",
+        ));
     }
 }
 
@@ -165,8 +258,69 @@ mod tests {
     use devfence_model::Severity;
 
     use crate::check;
-    use crate::rules::{INV_UNREADABLE, RESET_UNAVAILABLE, TENANCY_UNKNOWN_DEVICE};
+    use crate::rules::{
+        INV_UNREADABLE, RESET_UNAVAILABLE, TENANCY_LAUNCHER_SHARED, TENANCY_PKEY_SHARED,
+        TENANCY_UNKNOWN_DEVICE,
+    };
     use crate::testsupport::*;
+    use devfence_model::Membership;
+
+    /// issue 18 item 1: one P_Key (15 bits, any membership) given to two tenants
+    /// is an error; distinct P_Keys and the default partition are not this rule's.
+    #[test]
+    fn pkey_shared_fires_across_memberships_only() {
+        let inv = Host::deb12().build();
+        let ten = Ten::new()
+            .tenant("acme", Some(107))
+            .partition(0x8001, Membership::Full)
+            .partition(0xffff, Membership::Full)
+            .tenant("mallory", Some(200))
+            .partition(0x0001, Membership::Limited)
+            .partition(0x7fff, Membership::Limited)
+            .tenant("globex", Some(108))
+            .partition(0x8002, Membership::Full)
+            .build();
+        let f = check(&inv, &ten);
+        let v = of(&f, TENANCY_PKEY_SHARED);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].subject, "P_Key 0x0001");
+        assert_eq!(v[0].severity, Severity::Error);
+        assert!(v[0].message.contains("acme, mallory"), "{}", v[0].message);
+        assert!(has_ev(
+            v[0],
+            "tenancy:tenant[1].partitions",
+            "mallory: 0x0001 Limited"
+        ));
+        let ok = Ten::new()
+            .tenant("acme", Some(107))
+            .partition(0x8001, Membership::Full)
+            .tenant("globex", Some(108))
+            .partition(0x8002, Membership::Full)
+            .build();
+        assert!(of(&check(&inv, &ok), TENANCY_PKEY_SHARED).is_empty());
+    }
+
+    /// issue 18 item 2: one launcher uid given to two tenants is an error.
+    #[test]
+    fn launcher_shared_fires_on_one_uid_for_two_tenants() {
+        let inv = Host::deb12().build();
+        let ten = Ten::new()
+            .tenant("acme", Some(107))
+            .tenant("mallory", Some(107))
+            .tenant("globex", Some(108))
+            .tenant("initech", None)
+            .tenant("umbrella", None)
+            .build();
+        let f = check(&inv, &ten);
+        let v = of(&f, TENANCY_LAUNCHER_SHARED);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].subject, "launcher uid 107");
+        assert!(has_ev(
+            v[0],
+            "tenancy:tenant[1].launcher_uid",
+            "mallory: 107"
+        ));
+    }
 
     #[test]
     fn unknown_device_fires_for_each_kind() {

@@ -13,6 +13,10 @@ use crate::ctx::Ctx;
 
 /// Rule id: an assignment names a device the host does not have.
 pub(crate) const TENANCY_UNKNOWN_DEVICE: &str = "TENANCY-UNKNOWN-DEVICE";
+/// Rule id: one P_Key (any membership) given to two tenants.
+pub(crate) const TENANCY_PKEY_SHARED: &str = "TENANCY-PKEY-SHARED";
+/// Rule id: one launcher uid given to two tenants.
+pub(crate) const TENANCY_LAUNCHER_SHARED: &str = "TENANCY-LAUNCHER-SHARED";
 /// Rule id: the host reader recorded an unreadable attribute.
 pub(crate) const INV_UNREADABLE: &str = "INV-UNREADABLE";
 /// Rule id: group viability.
@@ -43,6 +47,8 @@ pub(crate) const RESET_UNAVAILABLE: &str = "RESET-UNAVAILABLE";
 /// Runs every rule.
 pub(crate) fn run_all(ctx: &Ctx<'_>, out: &mut Vec<Finding>) {
     input::unknown_device(ctx, out);
+    input::pkey_shared(ctx, out);
+    input::launcher_shared(ctx, out);
     input::unreadable(ctx, out);
     groups::viable(ctx, out);
     groups::one_tenant(ctx, out);

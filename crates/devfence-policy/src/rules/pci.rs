@@ -80,6 +80,14 @@ pub(crate) fn pf_trust(ctx: &Ctx<'_>, out: &mut Vec<Finding>) {
                 ));
             }
             None => {
+                // devfence's own custody (its ledger): it set the VF token itself.
+                if ctx
+                    .ten
+                    .host_custody
+                    .contains(&devfence_model::DeviceId::Pci(pf))
+                {
+                    continue;
+                }
                 let Some(pf_fn) = ctx.pci(pf) else { continue };
                 let on_vfio = pf_fn
                     .driver
@@ -350,6 +358,17 @@ mod tests {
         // enable_sriov=N or a PF on its host driver: no user-space PF.
         assert!(check(&upf_host("vfio-pci", Some(false)), &ten).is_empty());
         assert!(check(&upf_host("mlx5_core", Some(true)), &ten).is_empty());
+        // issue 18 item 12: devfence's own custody (its ledger says it set the VF
+        // token of this PF) is custody declared.
+        let mut own = ten.clone();
+        own.host_custody = vec!["0000:3b:00.0".parse().unwrap()];
+        assert!(of(&check(&upf_host("vfio-pci", Some(true)), &own), PF_TRUST).is_empty());
+        let mut other = ten;
+        other.host_custody = vec!["0000:5e:00.0".parse().unwrap()];
+        assert_eq!(
+            of(&check(&upf_host("vfio-pci", Some(true)), &other), PF_TRUST).len(),
+            1
+        );
     }
 
     fn token_host(kernel: Option<&str>, uid: u32, mode: u32) -> devfence_model::Inventory {
