@@ -209,6 +209,97 @@ pub fn init(root: &HostRoot, ledger: Option<&Path>, out: &mut dyn Write) -> Resu
     Ok(Outcome::Ok)
 }
 
+/// The subnet manager `cfg` selects for this host, wired to the simulated kernel's
+/// port tables where the host is simulated. `tenants` is asked only by a UFM backend
+/// with no explicit `managed_pkeys` (it manages the tenants' partitions).
+fn open_sm(
+    root: &HostRoot,
+    kernel: &Kernel,
+    cfg: &Config,
+    tenants: impl FnOnce() -> Result<Vec<devfence_model::Tenant>>,
+) -> Result<Arc<dyn SubnetManager>> {
+    let backend = match (cfg.fabric.backend, kernel) {
+        (Backend::Auto, Kernel::Sim(_)) => Backend::Sim,
+        (Backend::Auto, Kernel::Real(_)) => Backend::None,
+        (b, _) => b,
+    };
+    Ok(match (backend, kernel) {
+        (Backend::Sim, Kernel::Sim(k)) => {
+            let p = root.path(SIM_SM_PATH);
+            // The simulated SM is part of the simulated world, there before any
+            // ledger: its state directory is made on first use.
+            if let Some(dir) = p.parent()
+                && !dir.exists()
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .with_context(|| format!("Cannot create {}. Hint: check that the simulated host's root is writable", dir.display()))?;
+            }
+            let sm = Arc::new(
+                PersistentSimSm::open(&p, SimConfig::default()).map_err(|e| anyhow!("{e}"))?,
+            );
+            let s2 = Arc::clone(&sm);
+            k.set_port_table_source(Arc::new(move |g: Guid| {
+                s2.with(|s| {
+                    s.programmed()
+                        .get(&g)
+                        .map(|k| k.iter().map(|p| p.0).collect())
+                })
+                .ok()
+                .flatten()
+            }));
+            sm
+        }
+        (Backend::Sim, Kernel::Real(_)) => bail!(
+            "{}: [fabric] backend = \"sim\" needs a simulated host (--sim or a root made by `devfence sim generate`). Hint: select \"opensm\" or \"ufm\" on a real host",
+            cfg.source
+                .as_deref()
+                .map_or_else(|| CONFIG_PATH.into(), |p| p.display().to_string())
+        ),
+        (Backend::Opensm, _) => {
+            let o = cfg.opensm();
+            let sa = Arc::new(SaClient::new(cfg.sa()));
+            if let Kernel::Sim(k) = kernel {
+                k.set_port_table_source(Arc::new(port_tables(
+                    Arc::clone(&sa) as Arc<dyn PortReader>,
+                    Some(o.log_file.clone()),
+                )));
+            }
+            Arc::new(OpenSmSm::with_port_reader(o, Box::new(sa)))
+        }
+        (Backend::Ufm, _) => {
+            let Some(mut u) = cfg.fabric.ufm.clone() else {
+                bail!(
+                    "[fabric] backend = \"ufm\" needs a [fabric.ufm] section. Hint: give at least its url"
+                );
+            };
+            let sa = Arc::new(SaClient::new(cfg.sa()));
+            if let Kernel::Sim(k) = kernel {
+                k.set_port_table_source(Arc::new(port_tables(
+                    Arc::clone(&sa) as Arc<dyn PortReader>,
+                    None,
+                )));
+            }
+            // Without an explicit list, devfence manages its tenants' partitions.
+            if u.managed_pkeys.is_empty() {
+                for t in tenants()? {
+                    for p in &t.partitions {
+                        if let Ok(k) = devfence_fabric::PartitionKey::new(p.pkey.0) {
+                            u.managed_pkeys.push(k);
+                        }
+                    }
+                }
+            }
+            let sm = UfmSm::new(u).map_err(|e| anyhow!("{e}"))?;
+            Arc::new(sm.with_port_reader(sa))
+        }
+        (Backend::None | Backend::Auto, _) => Arc::new(NoSm),
+    })
+}
+
 impl Env {
     /// Opens the existing ledger, the kernel and the SM.
     pub fn open(root: &HostRoot, ledger: Option<&Path>) -> Result<Env> {
@@ -226,84 +317,21 @@ impl Env {
         let path = ledger_path(root, ledger);
         let mut store = open_store(root, ledger, create)?;
         let cfg = Config::load(root, config::explicit())?;
-        let backend = match (cfg.fabric.backend, &kernel) {
-            (Backend::Auto, Kernel::Sim(_)) => Backend::Sim,
-            (Backend::Auto, Kernel::Real(_)) => Backend::None,
-            (b, _) => b,
-        };
-        let sm: Arc<dyn SubnetManager> = match (backend, &kernel) {
-            (Backend::Sim, Kernel::Sim(k)) => {
-                let p = root.path(SIM_SM_PATH);
-                let sm = Arc::new(
-                    PersistentSimSm::open(&p, SimConfig::default())
-                        .map_err(|e| anyhow!("{e}. Hint: {}", e.hint()))?,
-                );
-                let s2 = Arc::clone(&sm);
-                k.set_port_table_source(Arc::new(move |g: Guid| {
-                    s2.with(|s| {
-                        s.programmed()
-                            .get(&g)
-                            .map(|k| k.iter().map(|p| p.0).collect())
-                    })
-                    .ok()
-                    .flatten()
-                }));
-                // A simulated host gets a GUID pool of its own on first use.
-                if store.atomically(|tx| tx.guid_pool())?.is_none() {
-                    store.atomically(|tx| {
-                        tx.set_guid_pool(GuidRange {
-                            first: SIM_POOL.0,
-                            last: SIM_POOL.1,
-                        })
-                    })?;
-                }
-                sm
-            }
-            (Backend::Sim, Kernel::Real(_)) => bail!(
-                "{}: [fabric] backend = \"sim\" needs a simulated host (--sim or a root made by `devfence sim generate`). Hint: select \"opensm\" or \"ufm\" on a real host",
-                cfg.source
-                    .as_deref()
-                    .map_or_else(|| CONFIG_PATH.into(), |p| p.display().to_string())
-            ),
-            (Backend::Opensm, _) => {
-                let o = cfg.opensm();
-                let sa = Arc::new(SaClient::new(cfg.sa()));
-                if let Kernel::Sim(k) = &kernel {
-                    k.set_port_table_source(Arc::new(port_tables(
-                        Arc::clone(&sa) as Arc<dyn PortReader>,
-                        Some(o.log_file.clone()),
-                    )));
-                }
-                Arc::new(OpenSmSm::with_port_reader(o, Box::new(sa)))
-            }
-            (Backend::Ufm, _) => {
-                let Some(mut u) = cfg.fabric.ufm.clone() else {
-                    bail!(
-                        "[fabric] backend = \"ufm\" needs a [fabric.ufm] section. Hint: give at least its url"
-                    );
-                };
-                let sa = Arc::new(SaClient::new(cfg.sa()));
-                if let Kernel::Sim(k) = &kernel {
-                    k.set_port_table_source(Arc::new(port_tables(
-                        Arc::clone(&sa) as Arc<dyn PortReader>,
-                        None,
-                    )));
-                }
-                // Without an explicit list, devfence manages its tenants' partitions.
-                if u.managed_pkeys.is_empty() {
-                    for t in store.atomically(|tx| tx.tenants())? {
-                        for p in &t.partitions {
-                            if let Ok(k) = devfence_fabric::PartitionKey::new(p.pkey.0) {
-                                u.managed_pkeys.push(k);
-                            }
-                        }
-                    }
-                }
-                let sm = UfmSm::new(u).map_err(|e| anyhow!("{e}"))?;
-                Arc::new(sm.with_port_reader(sa))
-            }
-            (Backend::None | Backend::Auto, _) => Arc::new(NoSm),
-        };
+        let sm = open_sm(root, &kernel, &cfg, || {
+            Ok(store.atomically(|tx| tx.tenants())?)
+        })?;
+        // A simulated host gets a GUID pool of its own on first use.
+        if matches!(kernel, Kernel::Sim(_))
+            && sm.backend() == "sim"
+            && store.atomically(|tx| tx.guid_pool())?.is_none()
+        {
+            store.atomically(|tx| {
+                tx.set_guid_pool(GuidRange {
+                    first: SIM_POOL.0,
+                    last: SIM_POOL.1,
+                })
+            })?;
+        }
         Ok(Env {
             root: root.clone(),
             kernel,
@@ -1237,29 +1265,38 @@ pub fn fabric_findings(
     ledger: Option<&Path>,
 ) -> Result<Vec<devfence_model::Finding>> {
     use devfence_fabric::posture::{LedgerGuid, LedgerView, posture};
-    let mut env = Env::open(root, ledger)?;
     let mut view = LedgerView::default();
-    let (tenants, devices) = env
-        .store
-        .atomically(|tx| Ok((tx.tenants()?, tx.devices()?)))?;
-    for t in &tenants {
-        for p in &t.partitions {
-            view.tenant_pkeys.insert(p.pkey.base(), t.id.to_string());
-        }
-    }
-    for d in &devices {
-        let recs = env.store.atomically(|tx| tx.guids_of(&d.device))?;
-        for r in recs {
-            if r.state == devfence_engine::GuidState::Issued {
-                view.guids.push(LedgerGuid {
-                    guid: r.guid,
-                    device: d.device.to_string(),
-                    tenant: d.state.tenant().map(ToString::to_string),
-                });
+    // Read-only: without a ledger devfence holds nothing on the fabric, and the
+    // posture is the SM's own (a failed sweep, the default partition); `check`
+    // never creates a ledger.
+    let sm = if ledger_path(root, ledger).symlink_metadata().is_ok() {
+        let mut env = Env::open(root, ledger)?;
+        let (tenants, devices) = env
+            .store
+            .atomically(|tx| Ok((tx.tenants()?, tx.devices()?)))?;
+        for t in &tenants {
+            for p in &t.partitions {
+                view.tenant_pkeys.insert(p.pkey.base(), t.id.to_string());
             }
         }
-    }
-    let sm = env.sm();
+        for d in &devices {
+            let recs = env.store.atomically(|tx| tx.guids_of(&d.device))?;
+            for r in recs {
+                if r.state == devfence_engine::GuidState::Issued {
+                    view.guids.push(LedgerGuid {
+                        guid: r.guid,
+                        device: d.device.to_string(),
+                        tenant: d.state.tenant().map(ToString::to_string),
+                    });
+                }
+            }
+        }
+        env.sm
+    } else {
+        let kernel = Kernel::for_root(root)?;
+        let cfg = Config::load(root, config::explicit())?;
+        open_sm(root, &kernel, &cfg, || Ok(Vec::new()))?
+    };
     let guids: Vec<Guid> = view.guids.iter().map(|g| g.guid).collect();
     let observed = sm.observe(&guids);
     let configured = sm.configured_members();
