@@ -339,6 +339,8 @@ fn parse_flag(tok: &str, line: usize) -> Result<(String, Option<String>), Partit
 /// A statement being read (its header is parsed; members may continue).
 struct Open {
     stmt: Statement,
+    /// The members so far end with a ',' (another member must follow).
+    trailing_comma: bool,
 }
 
 fn parse_header(h: &str, line: usize) -> Result<Statement, PartitionsError> {
@@ -413,8 +415,20 @@ fn parse_header(h: &str, line: usize) -> Result<Statement, PartitionsError> {
 }
 
 /// Reads members from `seg` into `stmt`.
-fn parse_members(stmt: &mut Statement, seg: &str, line: usize) -> Result<(), PartitionsError> {
+///
+/// OpenSM 3.3.23 logs `PARSE ERROR` for an empty member — `0x1,,0x2`, a ',' right
+/// before ';' (`0x1, ;`) or a statement whose line ends with ',' closed by a line
+/// holding only ';' (found by the differential test against the real OpenSM) —
+/// so every ',' must be followed by a member. `trailing` carries "the members so
+/// far end with a ','" across segments and lines.
+fn parse_members(
+    stmt: &mut Statement,
+    seg: &str,
+    line: usize,
+    trailing: &mut bool,
+) -> Result<(), PartitionsError> {
     let mut rest = seg;
+    let mut first = true;
     loop {
         let (tok, next) = match rest.split_once(',') {
             Some((t, n)) => (t, Some(n)),
@@ -449,11 +463,38 @@ fn parse_members(stmt: &mut Statement, seg: &str, line: usize) -> Result<(), Par
                 let _ = v;
             }
             stmt.mgroups.push(whole.to_owned());
+            *trailing = false;
             return Ok(());
         }
-        if !t.is_empty() {
+        if t.is_empty() {
+            if next.is_some() && (*trailing || !first) {
+                return Err(err(
+                    line,
+                    format!(
+                        "an empty member in partition {} (two ',' with nothing between)",
+                        stmt.name
+                    ),
+                    "remove the extra ',' (OpenSM logs PARSE ERROR for an empty member and falls back to everyone-full)",
+                ));
+            }
+            if next.is_some() && first && stmt.members.is_empty() && stmt.mgroups.is_empty() {
+                return Err(err(
+                    line,
+                    format!("partition {}'s member list starts with ','", stmt.name),
+                    "remove the ',' after ':'",
+                ));
+            }
+            if next.is_none() && !first {
+                *trailing = true;
+            }
+            if next.is_some() {
+                *trailing = true;
+            }
+        } else {
             stmt.members.push(parse_member(t, line)?);
+            *trailing = false;
         }
+        first = false;
         match next {
             Some(n) => rest = n,
             None => return Ok(()),
@@ -612,7 +653,17 @@ pub fn parse(text: &str) -> Result<PartitionsFile, PartitionsError> {
                 None => (rest, false),
             };
             match open.as_mut() {
-                Some(o) => parse_members(&mut o.stmt, seg, line)?,
+                Some(o) if closed && seg.trim().is_empty() => {
+                    return Err(err(
+                        line,
+                        format!(
+                            "partition {} is closed by a ';' with no member before it on its line",
+                            o.stmt.name
+                        ),
+                        "put the ';' right after the last member, on its line (OpenSM 3.3 logs PARSE ERROR \"no partition definition found\" for a lone ';' and falls back to everyone-full)",
+                    ));
+                }
+                Some(o) => parse_members(&mut o.stmt, seg, line, &mut o.trailing_comma)?,
                 None => {
                     if seg.trim().is_empty() {
                         if closed {
@@ -633,12 +684,30 @@ pub fn parse(text: &str) -> Result<PartitionsFile, PartitionsError> {
                     };
                     let mut stmt = parse_header(h, line)?;
                     stmt.managed = managed;
-                    parse_members(&mut stmt, m, line)?;
-                    open = Some(Open { stmt });
+                    let mut trailing_comma = false;
+                    parse_members(&mut stmt, m, line, &mut trailing_comma)?;
+                    open = Some(Open {
+                        stmt,
+                        trailing_comma,
+                    });
                 }
             }
             if closed {
                 if let Some(o) = open.take() {
+                    if o.trailing_comma {
+                        return Err(err(
+                            line,
+                            format!("partition {} ends with ',' before ';'", o.stmt.name),
+                            "remove the last ',' (OpenSM logs PARSE ERROR for the empty member and falls back to everyone-full)",
+                        ));
+                    }
+                    if o.stmt.members.is_empty() && o.stmt.mgroups.is_empty() {
+                        return Err(err(
+                            o.stmt.line,
+                            format!("partition {} has no members", o.stmt.name),
+                            "list its members, or write NONE for an explicitly empty partition",
+                        ));
+                    }
                     statements.push(o.stmt);
                 }
             } else {
@@ -844,6 +913,41 @@ impl PartitionsFile {
         out
     }
 
+    /// The P_Keys OpenSM 3.3 (with its default `allow_both_pkeys FALSE`) gives a
+    /// channel-adapter port with `guid` from this file: within a partition the
+    /// **last** entry that names the port (its GUID, `ALL` or `ALL_CAS`) decides
+    /// its membership (`osm_prtn_add_port` moves the port between the full and
+    /// the limited table), and `both` means full. [`configured_for`]
+    /// (Self::configured_for) is the conservative union of every entry, which the
+    /// gates use; this is the exact prediction the differential test holds
+    /// OpenSM to.
+    ///
+    /// OpenSM builds its default partition (`0x7fff`, every port limited, its own
+    /// port full) *before* it reads the file, and a `Default=0x7fff` statement adds
+    /// to it: every port is at least a limited member of the default partition,
+    /// whatever the file says (seen on the real OpenSM by the differential test).
+    #[must_use]
+    pub fn opensm_pkeys_for(&self, guid: Guid) -> BTreeSet<PKey> {
+        let mut out = BTreeSet::new();
+        if !self
+            .statements
+            .iter()
+            .any(|s| s.base() == PKey::DEFAULT_BASE && s.members.iter().any(|m| names(m, guid)))
+        {
+            out.insert(PKey(PKey::DEFAULT_BASE));
+        }
+        for s in &self.statements {
+            let last = s.members.iter().rfind(|m| names(m, guid));
+            if let Some(m) = last {
+                out.insert(match s.membership_of(m) {
+                    PortMembership::Limited => PKey(s.base()),
+                    PortMembership::Full | PortMembership::Both => PKey(s.base() | 0x8000),
+                });
+            }
+        }
+        out
+    }
+
     /// Every port GUID named explicitly, with the P_Keys it is given.
     #[must_use]
     pub fn explicit_guids(&self) -> BTreeMap<Guid, BTreeSet<PKey>> {
@@ -858,6 +962,15 @@ impl PartitionsFile {
             }
         }
         out
+    }
+}
+
+/// True when `m` names the channel-adapter port `guid` (its GUID, `ALL`, `ALL_CAS`).
+fn names(m: &Member, guid: Guid) -> bool {
+    match m.who {
+        Who::Guid(g) => g == guid,
+        Who::All | Who::AllCas => true,
+        _ => false,
     }
 }
 
@@ -966,6 +1079,12 @@ mod tests {
             ("A=0x8001 : 0x1 ;\nA=0x8002 : 0x2 ;", "name A is also used"),
             ("A=0x8001 : mgid=fe80::1 ;", "not an IPv6 multicast"),
             (";", "stray"),
+            // Found by the differential test against the real OpenSM 3.3.23.
+            ("A=0x8001 : 0x1,,0x2 ;", "empty member"),
+            ("A=0x8001 : 0x1, ;", "ends with ','"),
+            ("A=0x8001 :\n 0x1,\n ;", "no member before it"),
+            ("A=0x8001 :\n 0x1\n ;", "no member before it"),
+            ("A=0x8001 : ;", "has no members"),
         ] {
             let e = parse(text).expect_err(text);
             assert!(e.to_string().contains(needle), "{text}: {e}");
