@@ -57,6 +57,9 @@ pub use sa::{SaClient, SaConfig, port_tables};
 
 const BACKEND: &str = "opensm";
 
+/// How a `health` note about a restore begins (`check --fabric` reports them).
+pub const RESTORE_NOTE: &str = "restore at generation";
+
 /// Where OpenSM's files are and how to reach its SA.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -1111,7 +1114,7 @@ impl SubnetManager for OpenSmSm {
         if let Ok(memo) = self.memo() {
             for r in memo.restores.iter().rev().take(3) {
                 notes.push(format!(
-                    "restore at generation {}: OpenSM could not parse the partitions file ({}); devfence wrote {}; re-verification: {}",
+                    "{RESTORE_NOTE} {}: OpenSM could not parse the partitions file ({}); devfence wrote {}; re-verification: {}",
                     r.generation,
                     r.reason,
                     r.restored,
