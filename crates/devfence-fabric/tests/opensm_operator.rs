@@ -323,9 +323,11 @@ fn a_memo_write_failing_after_the_signal_does_not_undo_the_apply() {
         &spec(),
         |f| {
             let sm = sm(f);
-            let memo_tmp = f.dir().join("partitions.conf.devfence.json.devfence-tmp");
-            let m2 = memo_tmp.clone();
+            // A directory in the memo's place: renaming the new memo onto it fails.
+            let memo = f.dir().join("partitions.conf.devfence.json");
+            let m2 = memo.clone();
             sm.set_before_replace(move |_| {
+                let _ = std::fs::remove_file(&m2);
                 let _ = std::fs::create_dir(&m2);
             });
             sm.stage_add(vf(0), key(A), Membership::Full)
@@ -337,12 +339,11 @@ fn a_memo_write_failing_after_the_signal_does_not_undo_the_apply() {
                 "{h:?}"
             );
             let exp = Expectation::after(t).grant(vf(0), [(key(A), Membership::Full)]);
-            std::fs::remove_dir(&memo_tmp).expect("rmdir");
+            std::fs::remove_dir(&memo).expect("rmdir");
             wait_verified(&sm, &exp, Instant::now() + DEADLINE).expect("verified");
             // Saved at the next chance.
-            let memo = std::fs::read_to_string(f.dir().join("partitions.conf.devfence.json"))
-                .expect("memo");
-            assert!(memo.contains("\"serial\": 1"), "{memo}");
+            let text = std::fs::read_to_string(&memo).expect("memo");
+            assert!(text.contains("\"serial\": 1"), "{text}");
         },
     );
 }
@@ -401,4 +402,33 @@ fn a_duplicated_guid_makes_the_sm_unhealthy() {
             "{h:?}"
         );
     });
+}
+
+/// issue 18 item 7: an operator line naming a GUID devfence issued (`mine=0x8003 :
+/// <devfence's GUID>=full ;`) is a conflict: the next apply refuses it naming both
+/// lines, writes nothing and signals nothing.
+#[test]
+fn an_operator_line_naming_a_managed_guid_is_refused_at_apply() {
+    in_fabric(
+        "an_operator_line_naming_a_managed_guid_is_refused_at_apply",
+        &spec(),
+        |f| {
+            let sm = sm(f);
+            grant(&sm, vf(0), A);
+            let text = format!("mine=0x8003 : {}=full ;\n{}", vf(0), read(f));
+            std::fs::write(path(f), &text).expect("operator edit");
+            let before = f.subnet_up_count();
+            sm.stage_add(vf(1), key(A), Membership::Full)
+                .expect("stage");
+            let e = sm.apply().expect_err("conflict");
+            let s = e.to_string();
+            assert!(
+                s.contains("line 1") && s.contains("devfence manages"),
+                "{s}"
+            );
+            assert!(s.contains(&vf(0).to_string()) && s.contains("Hint"), "{s}");
+            assert_eq!(read(f), text, "nothing written");
+            assert_eq!(f.subnet_up_count(), before, "nothing signalled");
+        },
+    );
 }

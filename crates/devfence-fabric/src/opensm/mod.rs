@@ -263,9 +263,17 @@ fn os(op: &str, path: &Path, e: &std::io::Error, hint: &str) -> FabricError {
     }
 }
 
+/// A temporary name beside `path`, unique to this process and call (two
+/// processes must never write one temp file).
+fn tmp_name(path: &Path) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    sibling(path, &format!(".devfence-tmp.{}.{n}", std::process::id()))
+}
+
 /// Writes `text` to `path` atomically: temp file, fsync, rename, fsync the directory.
 fn write_atomic(path: &Path, text: &str) -> Result<(), FabricError> {
-    let tmp = sibling(path, ".devfence-tmp");
+    let tmp = tmp_name(path);
     let hint = "check that devfence runs as root and the directory is writable and not full";
     let r = (|| {
         let mut f = OpenOptions::new()
@@ -607,9 +615,11 @@ impl OpenSmSm {
         {
             // Losing the cursor costs a re-read of the log's tail, not
             // correctness: written without fsync.
-            let tmp = sibling(&self.cursor_path(), ".tmp");
-            if std::fs::write(&tmp, text).is_ok() {
-                let _ = std::fs::rename(&tmp, self.cursor_path());
+            let tmp = tmp_name(&self.cursor_path());
+            if std::fs::write(&tmp, text).is_ok()
+                && std::fs::rename(&tmp, self.cursor_path()).is_err()
+            {
+                let _ = std::fs::remove_file(&tmp);
             }
         }
         let mut st = cursor.state.clone();

@@ -296,29 +296,7 @@ impl SaClient {
             .map(|b| NodeRecord::decode(b))
             .collect::<Result<_, _>>()
             .map_err(|e| malformed(e.0))?;
-        let mine: Vec<&NodeRecord> = recs.iter().filter(|n| n.port_guid == guid).collect();
-        if mine.len() != recs.len() {
-            return Err(malformed(format!(
-                "asked for the port with GUID {guid}, the SA answered records of other ports"
-            )));
-        }
-        match mine.as_slice() {
-            [] => Ok(None),
-            // The SA knows the port but has no LID for it (yet): what it holds is
-            // unknown — never "absent", which would answer "in none of the old
-            // tenant's partitions".
-            [one] if one.lid == 0 => Err(FabricError::Unreachable {
-                backend: BACKEND.into(),
-                detail: format!("the SA knows port GUID {guid} but holds LID 0 for it"),
-                hint: "the port is being (re)configured; the gate reads again after the SM's sweep".into(),
-            }),
-            [one] => Ok(Some(**one)),
-            many => Err(FabricError::Refused {
-                backend: BACKEND.into(),
-                detail: format!("{} ports claim GUID {guid} (LIDs {:?})", many.len(), many.iter().map(|n| n.lid).collect::<Vec<_>>()),
-                hint: "a duplicated port GUID breaks partition isolation: find the second port (`ibnetdiscover`) before handing anything over".into(),
-            }),
-        }
+        the_port(guid, &recs)
     }
 
     /// The P_Key table of `lid`/`port` as a set, over `cap` slots.
@@ -507,5 +485,73 @@ impl Drop for SaClient {
         if let Some((u, Some(o))) = g.as_ref() {
             u.close(o.fd, o.agent);
         }
+    }
+}
+
+/// The one port with `guid` among the NodeRecords the SA returned for it.
+///
+/// # Errors
+/// Records of other ports (malformed), a record with LID 0 (unknown: the SA knows
+/// the port but has not given it a LID — never "absent", which would answer "in
+/// none of the old tenant's partitions"), two ports claiming the GUID.
+fn the_port(guid: Guid, recs: &[NodeRecord]) -> Result<Option<NodeRecord>, FabricError> {
+    let mine: Vec<&NodeRecord> = recs.iter().filter(|n| n.port_guid == guid).collect();
+    if mine.len() != recs.len() {
+        return Err(malformed(format!(
+            "asked for the port with GUID {guid}, the SA answered records of other ports"
+        )));
+    }
+    match mine.as_slice() {
+        [] => Ok(None),
+        [one] if one.lid == 0 => Err(FabricError::Unreachable {
+            backend: BACKEND.into(),
+            detail: format!("the SA knows port GUID {guid} but holds LID 0 for it"),
+            hint: "the port is being (re)configured; the gate reads again after the SM's sweep"
+                .into(),
+        }),
+        [one] => Ok(Some(**one)),
+        many => Err(FabricError::Refused {
+            backend: BACKEND.into(),
+            detail: format!(
+                "{} ports claim GUID {guid} (LIDs {:?})",
+                many.len(),
+                many.iter().map(|n| n.lid).collect::<Vec<_>>()
+            ),
+            hint: "a duplicated port GUID breaks partition isolation: find the second port (`ibnetdiscover`) before handing anything over".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(guid: u64, lid: u16) -> NodeRecord {
+        NodeRecord {
+            lid,
+            node_type: 1,
+            node_guid: Guid(guid - 1),
+            port_guid: Guid(guid),
+            partition_cap: 64,
+            local_port: 1,
+        }
+    }
+
+    /// issue 17 item 8: a NodeRecord with LID 0 is unknown, never absent.
+    #[test]
+    fn a_port_with_lid_0_is_unknown_not_absent() {
+        let g = Guid(0x0002_c903_00f0_0003);
+        assert_eq!(the_port(g, &[]).expect("absent"), None);
+        assert_eq!(
+            the_port(g, &[rec(g.0, 7)]).expect("one").map(|r| r.lid),
+            Some(7)
+        );
+        let e = the_port(g, &[rec(g.0, 0)]).expect_err("LID 0");
+        assert!(matches!(e, FabricError::Unreachable { .. }), "{e}");
+        assert!(e.is_retryable(), "{e}");
+        let e = the_port(g, &[rec(g.0, 7), rec(g.0, 9)]).expect_err("two ports");
+        assert!(e.to_string().contains("2 ports claim"), "{e}");
+        let e = the_port(g, &[rec(g.0 + 2, 7)]).expect_err("another port");
+        assert!(matches!(e, FabricError::Malformed { .. }), "{e}");
     }
 }
