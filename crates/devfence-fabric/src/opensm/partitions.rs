@@ -701,13 +701,6 @@ pub fn parse(text: &str) -> Result<PartitionsFile, PartitionsError> {
                             "remove the last ',' (OpenSM logs PARSE ERROR for the empty member and falls back to everyone-full)",
                         ));
                     }
-                    if o.stmt.members.is_empty() && o.stmt.mgroups.is_empty() {
-                        return Err(err(
-                            o.stmt.line,
-                            format!("partition {} has no members", o.stmt.name),
-                            "list its members, or write NONE for an explicitly empty partition",
-                        ));
-                    }
                     statements.push(o.stmt);
                 }
             } else {
@@ -1084,7 +1077,6 @@ mod tests {
             ("A=0x8001 : 0x1, ;", "ends with ','"),
             ("A=0x8001 :\n 0x1,\n ;", "no member before it"),
             ("A=0x8001 :\n 0x1\n ;", "no member before it"),
-            ("A=0x8001 : ;", "has no members"),
         ] {
             let e = parse(text).expect_err(text);
             assert!(e.to_string().contains(needle), "{text}: {e}");
