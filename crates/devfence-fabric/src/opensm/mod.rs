@@ -138,9 +138,13 @@ struct Memo {
     /// The last restores (at most 16).
     #[serde(default)]
     restores: Vec<RestoreNote>,
-    /// Re-verify devfence's ports at the first clean sweep after this count.
+    /// Re-verify devfence's ports at the first clean sweep after this count
+    /// (kept while the re-verification fails: tried again at each new sweep).
     #[serde(default)]
     reverify_after: Option<u64>,
+    /// The `SUBNET UP` count of the last re-verification tried.
+    #[serde(default)]
+    reverify_tried: u64,
     /// SHA-256 of a parseable file devfence signalled OpenSM to re-read after a
     /// parse error (once: if OpenSM refuses it again, devfence restores).
     #[serde(default)]
@@ -833,7 +837,7 @@ impl OpenSmSm {
         let Some(after) = memo.reverify_after else {
             return Ok(());
         };
-        if status.generation.0 <= after {
+        if status.generation.0 <= after.max(memo.reverify_tried) {
             return Ok(());
         }
         let desired = memo.desired.clone().unwrap_or_default();
@@ -862,7 +866,10 @@ impl OpenSmSm {
         if memo.reverify_after != Some(after) {
             return Ok(());
         }
-        memo.reverify_after = None;
+        memo.reverify_tried = status.generation.0;
+        if bad.is_empty() {
+            memo.reverify_after = None;
+        }
         if let Some(last) = memo.restores.last_mut() {
             last.failed = !bad.is_empty();
             last.reverified = Some(if bad.is_empty() {
@@ -1070,7 +1077,14 @@ impl SubnetManager for OpenSmSm {
         }
         // One read of the file per observation: settled, then parsed once.
         let text = self.settle_file(&status, pid)?;
-        self.reverify(&status)?;
+        // The re-verification after a restore is the backend's own check: a port
+        // it cannot read now leaves it pending (retried at the next observation)
+        // rather than failing this observation.
+        if let Err(e) = self.reverify(&status) {
+            self.note(format!(
+                "the re-verification after the restore is pending: {e}"
+            ));
+        }
         let file = partitions::parse(&text).map_err(|e| self.refused_file("cannot parse", &e))?;
         for g in guids {
             let programmed = self.reader.read_port(*g)?;
