@@ -791,12 +791,23 @@ fn check_members(statements: &[Statement]) -> Result<(), PartitionsError> {
             if let Some((prev, line)) = seen.insert(g, (mem, m.line))
                 && prev != mem
             {
+                let rank = |x: PortMembership| match x {
+                    PortMembership::Full => 0,
+                    PortMembership::Limited => 1,
+                    PortMembership::Both => 2,
+                };
+                let (a, b) = if rank(prev) <= rank(mem) {
+                    (prev, mem)
+                } else {
+                    (mem, prev)
+                };
                 return Err(err(
                     m.line,
                     format!(
-                        "GUID {g} is listed in partition {} (P_Key 0x{:04x}) as both {prev} (line {line}) and {mem}: conflicting memberships",
+                        "GUID {g} is listed in partition {} (P_Key 0x{:04x}) as both {a} and {b} (lines {line} and {}): conflicting memberships",
                         s.name,
-                        s.base()
+                        s.base(),
+                        m.line
                     ),
                     "list each port once per partition with the membership you mean (OpenSM applies only one of them; UFM refuses the same)",
                 ));
