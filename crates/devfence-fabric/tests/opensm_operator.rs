@@ -432,3 +432,84 @@ fn an_operator_line_naming_a_managed_guid_is_refused_at_apply() {
         },
     );
 }
+
+/// Kills the process on drop (a second OpenSM this test started).
+struct KillOnDrop(std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// issue 17 item 1: the role devfence acts on is that of the SM on *this* host's
+/// port, read from the SA's SMInfoRecords. When another SM with a higher priority
+/// takes the fabric over (the log shows the handover), this host's OpenSM is
+/// standby and devfence must not report it master: on a real fabric the new
+/// master's SA lists this host's SM as standby; under umad2sim the client's SM LID
+/// is a snapshot from its start, so the query reaches the now-standby SM, which
+/// answers no SA query — `unknown`. Either way: not master, not healthy, no port
+/// observed (every gate stays closed).
+#[test]
+fn a_standby_sm_on_this_host_is_not_taken_for_the_master() {
+    in_fabric(
+        "a_standby_sm_on_this_host_is_not_taken_for_the_master",
+        &spec(),
+        |f| {
+            let sm = sm(f);
+            assert_eq!(sm.health().expect("health").status.state, SmState::Master);
+            let d = f.dir();
+            let mut conf = std::fs::read_to_string(d.join("opensm.conf")).expect("conf");
+            conf = conf
+                .lines()
+                .map(|l| match l.split_whitespace().next() {
+                    Some("sm_priority") => "sm_priority 15".to_owned(),
+                    Some("log_file") => format!("log_file {}", d.join("opensm2.log").display()),
+                    Some("dump_files_dir") => format!("dump_files_dir {}", d.join("sm2").display()),
+                    _ => l.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            std::fs::create_dir_all(d.join("sm2/cache")).expect("mkdir");
+            std::fs::write(d.join("opensm2.conf"), conf).expect("write");
+            let sock = std::fs::read_to_string(d.join("sockname")).expect("sock");
+            let _other = KillOnDrop(
+                std::process::Command::new("opensm")
+                    .arg("-F")
+                    .arg(d.join("opensm2.conf"))
+                    .current_dir(d.join("sm2"))
+                    .env("IBSIM_SOCKNAME", sock.trim())
+                    .env("SIM_HOST", "vf3")
+                    .env("OSM_CACHE_DIR", d.join("sm2/cache"))
+                    .env("OSM_TMP_DIR", d.join("sm2"))
+                    .env("LD_PRELOAD", devfence_fabric::opensm::harness::UMAD2SIM)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("start a second OpenSM"),
+            );
+            let end = Instant::now() + Duration::from_secs(20);
+            let h = loop {
+                let h = sm.health().expect("health");
+                let log = std::fs::read_to_string(d.join("opensm.log")).unwrap_or_default();
+                if log.contains("-> Entering STANDBY state") && h.status.state != SmState::Master {
+                    break h;
+                }
+                assert!(
+                    Instant::now() < end,
+                    "this host's OpenSM is still taken for the master: {h:?}\n{}",
+                    std::fs::read_to_string(d.join("opensm2.log")).unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert!(
+                matches!(h.status.state, SmState::Standby | SmState::Unknown),
+                "{h:?}"
+            );
+            assert!(!h.is_healthy(), "{h:?}");
+            let o = sm.observe(&[vf(0)]).expect("observe");
+            assert!(o.ports.is_empty(), "{o:?}");
+        },
+    );
+}
