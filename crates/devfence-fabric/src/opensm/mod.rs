@@ -159,8 +159,11 @@ const MAX_STATE: u64 = 4 << 20;
 const MAX_PID_FILE: u64 = 64;
 /// The largest /proc/PID/stat devfence reads.
 const MAX_PROC_STAT: u64 = 4096;
-/// Linux `O_NONBLOCK` and `O_NOFOLLOW`.
+/// Linux `O_NONBLOCK` and `O_NOFOLLOW` (the latter differs on Arm).
 const O_NONBLOCK: i32 = 0o4000;
+#[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
+const O_NOFOLLOW: i32 = 0o100000;
+#[cfg(not(any(target_arch = "aarch64", target_arch = "arm")))]
 const O_NOFOLLOW: i32 = 0o400000;
 /// How often `apply` redoes its work when the file changes under it.
 const APPLY_ATTEMPTS: usize = 3;
