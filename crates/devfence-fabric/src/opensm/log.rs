@@ -273,8 +273,11 @@ impl LogCursor {
             ));
         }
         let len = meta.len();
-        let mut head = vec![0u8; HEAD.min(usize::try_from(len).unwrap_or(HEAD))];
-        f.read_exact(&mut head)?;
+        // The file's first bytes (fewer if it is shorter, or shrank meanwhile).
+        let mut head = Vec::with_capacity(HEAD);
+        (&mut f)
+            .take(HEAD.min(usize::try_from(len).unwrap_or(HEAD)) as u64)
+            .read_to_end(&mut head)?;
         let id = FileId {
             dev: meta.dev(),
             ino: meta.ino(),
