@@ -432,3 +432,77 @@ fn an_operator_line_naming_a_managed_guid_is_refused_at_apply() {
         },
     );
 }
+
+/// A port reader that reads the real SA but, while `lie` is set, reports `victim`
+/// without any partition but the default one (a port that lost its grant).
+struct Lying {
+    victim: Guid,
+    lie: Arc<std::sync::atomic::AtomicBool>,
+}
+impl PortReader for Lying {
+    fn read_port(&self, g: Guid) -> Result<Programmed, FabricError> {
+        let p = sa().read_port(g)?;
+        if g == self.victim && self.lie.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(match p {
+                Programmed::Present { lid, .. } => Programmed::Present {
+                    lid,
+                    pkeys: BTreeSet::from([PKey(0x7fff)]),
+                },
+                Programmed::Absent => Programmed::Absent,
+            });
+        }
+        Ok(p)
+    }
+    fn local_sm_state(&self) -> Result<Option<SmState>, FabricError> {
+        sa().local_sm_state()
+    }
+}
+
+/// issue 17 item 2: when the re-verification after a restore finds a port devfence
+/// manages without its partitions, the SM is not healthy (and `check --fabric`
+/// turns FAB-RESTORED into an error) until a later sweep re-verifies it.
+#[test]
+fn a_failed_reverification_after_a_restore_makes_the_sm_unhealthy_until_it_passes() {
+    in_fabric(
+        "a_failed_reverification_after_a_restore_makes_the_sm_unhealthy_until_it_passes",
+        &spec(),
+        |f| {
+            let lie = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let sm = OpenSmSm::with_port_reader(
+                f.opensm_config(),
+                Box::new(Lying {
+                    victim: vf(0),
+                    lie: Arc::clone(&lie),
+                }),
+            );
+            grant(&sm, vf(0), A);
+            let good = read(f);
+            std::fs::write(path(f), format!("x=0x8101 : 0xZZZZ ;\n{good}")).expect("typo");
+            let before = f.subnet_up_count();
+            f.hup().expect("HUP");
+            f.wait_subnet_up(before, DEADLINE).expect("sweep");
+            lie.store(true, std::sync::atomic::Ordering::SeqCst);
+            until(&sm, "the failed re-verification", |s| {
+                let _ = s.observe(&[]);
+                s.health()
+                    .is_ok_and(|h| h.notes.iter().any(|n| n.contains("FAILED")))
+            });
+            let h = sm.health().expect("health");
+            assert!(!h.is_healthy(), "{h:?}");
+            assert!(
+                matches!(h.status.sweep, SweepOutcome::Errors(ref e) if e.contains(&vf(0).to_string())),
+                "{h:?}"
+            );
+            // The port holds its grant again (here: the reader stops lying); the
+            // next sweep re-verifies and the SM is healthy again.
+            lie.store(false, std::sync::atomic::Ordering::SeqCst);
+            let before = f.subnet_up_count();
+            f.hup().expect("HUP");
+            f.wait_subnet_up(before, DEADLINE).expect("sweep");
+            until(&sm, "the passing re-verification", |s| {
+                let _ = s.observe(&[]);
+                s.health().is_ok_and(|h| h.is_healthy())
+            });
+        },
+    );
+}
