@@ -13,6 +13,16 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let _ = file.explicit_guids();
+    // OpenSM trims only space, tab and newline: whatever is accepted holds no
+    // other whitespace or non-ASCII outside a comment (issue 17 item 5).
+    for line in text.split('\n') {
+        let body = line.split('#').next().unwrap_or("");
+        assert!(
+            body.chars().all(|c| c == ' ' || c == '\t' || c.is_ascii_graphic()),
+            "accepted a line OpenSM reads differently: {line:?}"
+        );
+        assert!(!line.contains('\r'), "accepted a CR: {line:?}");
+    }
     let Ok(map) = file.managed() else {
         return;
     };

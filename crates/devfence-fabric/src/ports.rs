@@ -5,7 +5,7 @@
 
 use devfence_model::Guid;
 
-use crate::{FabricError, Programmed};
+use crate::{FabricError, Programmed, SmState};
 
 /// Reads what a port acknowledged: its LID and P_Key table as a set.
 pub trait PortReader: Send + Sync {
@@ -15,10 +15,23 @@ pub trait PortReader: Send + Sync {
     /// # Errors
     /// Unreachable SA, malformed replies, timeouts.
     fn read_port(&self, guid: Guid) -> Result<Programmed, FabricError>;
+
+    /// The role of the SM on this host, as the SM itself reports it (OpenSM:
+    /// the SMInfoRecord of the local port's GUID); `Ok(None)` when this reader
+    /// cannot tell.
+    ///
+    /// # Errors
+    /// Unreachable SA, malformed replies, timeouts.
+    fn local_sm_state(&self) -> Result<Option<SmState>, FabricError> {
+        Ok(None)
+    }
 }
 
 impl<T: PortReader + ?Sized> PortReader for std::sync::Arc<T> {
     fn read_port(&self, guid: Guid) -> Result<Programmed, FabricError> {
         (**self).read_port(guid)
+    }
+    fn local_sm_state(&self) -> Result<Option<SmState>, FabricError> {
+        (**self).local_sm_state()
     }
 }

@@ -79,6 +79,14 @@ pub const RULES: &[FabricRule] = &[
         summary: "(check --fabric) The SM could not be read, or is not master: no fabric \
                   posture could be verified.",
     },
+    FabricRule {
+        id: "FAB-RESTORED",
+        severity: Severity::Warning,
+        summary: "(check --fabric) The OpenSM backend restored the partitions file after OpenSM \
+                  could not parse it (an error while the re-verification after it has not \
+                  passed); find who wrote the refused file, kept beside it as \
+                  .devfence-rejected.",
+    },
 ];
 
 /// Who a configured entry names.

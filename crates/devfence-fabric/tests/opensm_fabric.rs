@@ -280,3 +280,59 @@ fn an_sm_that_is_not_running_verifies_nothing() {
         assert!(o.ports.is_empty());
     });
 }
+
+/// issue 17 item 6: a fabric node's description is free text its host sets. A
+/// node named `evil PARSE ERROR node` leaving the fabric makes OpenSM log its name;
+/// devfence matches OpenSM's own message format (timestamp, thread, level, the
+/// function prefix), so that line is not a parse error: nothing is restored, the
+/// sweep is clean and the grant still verifies.
+#[test]
+fn a_node_description_saying_parse_error_is_not_a_parse_error() {
+    let mut spec = spec();
+    spec.ports
+        .push(("evil PARSE ERROR node".into(), Guid(BASE.0 + 0x100)));
+    in_fabric(
+        "a_node_description_saying_parse_error_is_not_a_parse_error",
+        &spec,
+        |f| {
+            let sm = sm(f);
+            sm.stage_add(vf(0), key(A), Membership::Full)
+                .expect("stage");
+            let t = sm.apply().expect("apply");
+            let exp = Expectation::after(t).grant(vf(0), [(key(A), Membership::Full)]);
+            wait_verified(&sm, &exp, Instant::now() + DEADLINE).expect("verified");
+            let before = f.subnet_up_count();
+            f.console("Unlink \"evil PARSE ERROR node\"")
+                .expect("unlink");
+            f.wait_subnet_up(before, DEADLINE).expect("the trap sweep");
+            let log = std::fs::read_to_string(f.dir().join("opensm.log")).expect("log");
+            assert!(
+                log.contains("evil PARSE ERROR node"),
+                "OpenSM logged the node's name (else the test proves nothing):\n{log}"
+            );
+            let o = sm.observe(&[vf(0)]).expect("observe");
+            assert_eq!(
+                o.status.sweep,
+                devfence_fabric::SweepOutcome::Clean,
+                "{:?}",
+                o.status
+            );
+            assert!(
+                !sm.rejected_path().exists(),
+                "nothing restored on a node's name"
+            );
+            let h = sm.health().expect("health");
+            assert!(!h.notes.iter().any(|n| n.contains("restored")), "{h:?}");
+            let exp2 = Expectation::after(devfence_fabric::Ticket {
+                change: t.change,
+                generation: o.status.generation,
+            })
+            .grant(vf(0), [(key(A), Membership::Full)]);
+            assert!(
+                matches!(verify(&o, &exp2), Verdict::Verified(_)),
+                "{:?}",
+                verify(&o, &exp2)
+            );
+        },
+    );
+}

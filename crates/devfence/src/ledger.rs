@@ -1300,10 +1300,33 @@ pub fn fabric_findings(
     let guids: Vec<Guid> = view.guids.iter().map(|g| g.guid).collect();
     let observed = sm.observe(&guids);
     let configured = sm.configured_members();
-    Ok(posture(
+    let mut out = posture(
         sm.backend(),
         configured.as_ref().map(Option::as_deref),
         observed.as_ref(),
         &view,
-    ))
+    );
+    // Restores the backend made after the SM could not parse its configuration
+    // (persisted by the backend; issue 17 item 2).
+    if let Ok(h) = sm.health() {
+        for n in h
+            .notes
+            .iter()
+            .filter(|n| n.starts_with(devfence_fabric::opensm::RESTORE_NOTE))
+        {
+            out.push(devfence_model::Finding {
+                rule: "FAB-RESTORED".into(),
+                severity: if h.is_healthy() {
+                    devfence_model::Severity::Warning
+                } else {
+                    devfence_model::Severity::Error
+                },
+                subject: sm.backend().into(),
+                message: n.clone(),
+                evidence: Vec::new(),
+                hint: "the SM could not parse its partitions file and devfence restored it; find who wrote the refused file (kept beside it as .devfence-rejected)".into(),
+            });
+        }
+    }
+    Ok(out)
 }

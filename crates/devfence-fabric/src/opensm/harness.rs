@@ -410,6 +410,81 @@ impl Fabric {
         })
     }
 
+    /// Restarts OpenSM as `systemctl restart opensm` would: SIGTERM, wait until it
+    /// has exited, start it again with the same configuration (its log is
+    /// rewritten: `accum_log_file FALSE`); returns once it logged `SUBNET UP`.
+    /// The new process's PID goes to `opensm.pid`; the fabric's owner kills it
+    /// on drop.
+    ///
+    /// # Errors
+    /// The old process does not exit in 10 s, the new one does not come up.
+    pub fn restart_opensm(&self) -> Result<(), String> {
+        let pid = self.opensm_pid()?;
+        let first_line = |dir: &Path| {
+            std::fs::read_to_string(dir.join("opensm.log"))
+                .unwrap_or_default()
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        };
+        let old_first = first_line(&self.dir);
+        self.signal(rustix::process::Signal::TERM)?;
+        wait_for("OpenSM to exit", Duration::from_secs(10), || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.trim_start().chars().next());
+            Ok(state.is_none_or(|c| c == 'Z' || c == 'X'))
+        })?;
+        let dir = &self.dir;
+        let out = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(dir.join("opensm.stdout"))
+            .map_err(|e| io("open opensm.stdout", &e))?;
+        let out2 = out.try_clone().map_err(|e| io("dup", &e))?;
+        let child = Command::new("opensm")
+            .arg("-F")
+            .arg(dir.join("opensm.conf"))
+            .current_dir(dir)
+            .env("IBSIM_SOCKNAME", &self.sock)
+            .env("OSM_CACHE_DIR", dir.join("cache"))
+            .env("OSM_TMP_DIR", dir)
+            .env("LD_PRELOAD", UMAD2SIM)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(out2))
+            .spawn()
+            .map_err(|e| io("start opensm", &e))?;
+        let new_pid = child.id();
+        // The child is reaped by whoever owns the fabric (it kills the PID in
+        // opensm.pid on drop); this handle is let go.
+        drop(child);
+        std::fs::write(dir.join("opensm.pid"), new_pid.to_string())
+            .map_err(|e| io("write opensm.pid", &e))?;
+        wait_for(
+            "the new OpenSM's SUBNET UP",
+            Duration::from_secs(20),
+            || {
+                let log = std::fs::read_to_string(dir.join("opensm.log")).unwrap_or_default();
+                Ok(
+                    first_line(dir) != old_first
+                        && log.lines().any(|l| l.ends_with("-> SUBNET UP")),
+                )
+            },
+        )
+    }
+
+    /// Asks OpenSM to reopen its log (SIGUSR1), as Debian's logrotate does after
+    /// moving it away.
+    ///
+    /// # Errors
+    /// The signal cannot be sent.
+    pub fn signal_usr1(&self) -> Result<(), String> {
+        self.signal(rustix::process::Signal::USR1)
+    }
+
     /// Asks OpenSM for a heavy sweep (SIGHUP), as an operator would.
     ///
     /// # Errors
@@ -468,6 +543,17 @@ impl Drop for Fabric {
         if !self.owned {
             return;
         }
+        // An OpenSM restarted by a test (`restart_opensm`) is not our child
+        // handle: kill it by the PID it recorded, if it is not the one we hold.
+        if let Ok(pid) = self.opensm_pid()
+            && self
+                .opensm
+                .as_ref()
+                .is_some_and(|c| i64::from(c.id()) != i64::from(pid))
+            && let Some(p) = rustix::process::Pid::from_raw(pid)
+        {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        }
         for c in [self.opensm.as_mut(), self.ibsim.as_mut()]
             .into_iter()
             .flatten()
@@ -512,7 +598,8 @@ pub fn in_fabric(test: &str, spec: &FabricSpec, body: impl FnOnce(&Fabric)) {
     );
     assert!(
         out.status.success(),
-        "{test} under the fabric failed:\n{text}"
+        "{test} under the fabric failed ({}):\n{text}",
+        out.status
     );
     assert!(
         text.contains("1 passed"),

@@ -33,6 +33,11 @@ pub const GET_TABLE: u8 = 0x12;
 pub const ATTR_NODE_RECORD: u16 = 0x0011;
 /// Attribute PKeyTableRecord.
 pub const ATTR_PKEY_TABLE_RECORD: u16 = 0x0033;
+/// Attribute SMInfoRecord.
+pub const ATTR_SMINFO_RECORD: u16 = 0x0018;
+/// Bytes in an SMInfoRecord: LID, reserved, SMInfo (GUID, SM_Key, ActCount,
+/// Priority/SMState) — 25 bytes, padded to 32 in a table.
+pub const SMINFO_RECORD_LEN: usize = 25;
 /// Bytes in a NodeRecord: LID, reserved, NodeInfo (40), NodeDescription (64).
 pub const NODE_RECORD_LEN: usize = 108;
 /// Bytes in a PKeyTableRecord: LID, block, port, reserved (3), 32 P_Keys.
@@ -82,6 +87,21 @@ impl SaRequest {
             sm_key,
             comp_mask: 1 << 8,
             record,
+        }
+    }
+
+    /// SMInfoRecord GetTable: every SM the SA knows, with its state. Sent with
+    /// SM_Key 0: an untrusted requester is answered (the records' SM_Key zeroed),
+    /// so the role is readable even when the configured `sm_key` is wrong.
+    #[must_use]
+    pub fn sm_info_records(tid: u64) -> Self {
+        Self {
+            method: GET_TABLE,
+            tid,
+            attr: ATTR_SMINFO_RECORD,
+            sm_key: 0,
+            comp_mask: 0,
+            record: vec![0u8; SMINFO_RECORD_LEN],
         }
     }
 
@@ -240,6 +260,40 @@ impl NodeRecord {
             port_guid: Guid(be64(ni, 20).unwrap_or(0)),
             partition_cap: be16(ni, 28).unwrap_or(0),
             local_port: ni[36],
+        })
+    }
+}
+
+/// What an SMInfoRecord says about one SM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SmInfoRecord {
+    /// The SM's LID.
+    pub lid: u16,
+    /// The SM's port GUID.
+    pub guid: Guid,
+    /// Its priority (0..15).
+    pub priority: u8,
+    /// Its state: 0 not active, 1 discovering, 2 standby, 3 master.
+    pub state: u8,
+}
+
+impl SmInfoRecord {
+    /// Decodes a 25-byte SMInfoRecord.
+    ///
+    /// # Errors
+    /// A short record.
+    pub fn decode(r: &[u8]) -> Result<Self, MadError> {
+        if r.len() < SMINFO_RECORD_LEN {
+            return Err(MadError(format!(
+                "an SMInfoRecord of {} bytes is too short",
+                r.len()
+            )));
+        }
+        Ok(Self {
+            lid: be16(r, 0).unwrap_or(0),
+            guid: Guid(be64(r, 4).unwrap_or(0)),
+            priority: r[24] >> 4,
+            state: r[24] & 0x0f,
         })
     }
 }

@@ -16,11 +16,21 @@
 //! signal forced can produce. OpenSM's log does not say when a sweep started, so
 //! devfence does not pretend to know.
 //!
-//! **A parse error after an apply.** If OpenSM logs `PARSE ERROR` (it then falls
-//! back to the default configuration: every port a full member of the default
-//! partition), the sweep counts as failed — no gate opens on it — and `observe`
-//! restores the last file that swept cleanly (keeping the refused one beside it as
-//! `<file>.devfence-rejected`) and signals OpenSM again.
+//! **devfence's block comes from devfence, never from a file.** The membership
+//! devfence manages is kept in its memo (`<file>.devfence.json`): every `apply`
+//! renders the block from it plus the staged changes — not from the block found
+//! in the file, which an operator's restore, an old backup or a hand edit may have
+//! changed.
+//!
+//! **A parse error.** If OpenSM logs `PARSE ERROR` (it then falls back to the
+//! default configuration: every port a full member of the default partition),
+//! the sweep counts as failed — no gate opens on it — and `observe` restores: the
+//! operator's **last parseable text** (`<file>.devfence-last-good`, refreshed
+//! whenever devfence reads a file that parses) with devfence's **current** block
+//! rendered into it, keeps the refused file as `<file>.devfence-rejected`, records
+//! the restore in the memo (reported by `health`, so by `devfence status` in any
+//! process), signals OpenSM and, at the next clean sweep, re-verifies at the SA
+//! that every port devfence manages holds its partitions.
 
 pub mod harness;
 pub mod log;
@@ -30,7 +40,8 @@ pub mod sa;
 mod umad;
 
 use std::fs::{File, OpenOptions};
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -45,6 +56,9 @@ use crate::{
 pub use sa::{SaClient, SaConfig, port_tables};
 
 const BACKEND: &str = "opensm";
+
+/// How a `health` note about a restore begins (`check --fabric` reports them).
+pub const RESTORE_NOTE: &str = "restore at generation";
 
 /// Where OpenSM's files are and how to reach its SA.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -81,6 +95,26 @@ struct SmRead {
     pid: Option<i32>,
 }
 
+/// One restore devfence made after OpenSM could not parse the partitions file
+/// (kept in the memo, reported by `health`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RestoreNote {
+    /// When (seconds since the epoch).
+    pub at_unix: u64,
+    /// The `SUBNET UP` count of the failed sweep.
+    pub generation: u64,
+    /// What OpenSM logged.
+    pub reason: String,
+    /// What the restored file is made of.
+    pub restored: String,
+    /// The outcome of the re-verification at the SA after the restore (`None`:
+    /// pending).
+    pub reverified: Option<String>,
+    /// True when the re-verification found a port without its partitions.
+    #[serde(default)]
+    pub failed: bool,
+}
+
 /// What devfence remembers next to the partitions file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Memo {
@@ -89,24 +123,118 @@ struct Memo {
     serial: u64,
     /// SHA-256 of the file devfence last wrote.
     written: String,
-    /// SHA-256 of the file last seen sweeping cleanly (saved as last-good).
+    /// SHA-256 of the file last seen parseable (saved as last-good).
     confirmed: String,
     /// The `SUBNET UP` count when devfence last signalled OpenSM: only a sweep
     /// after it can be blamed on (or credited to) the file devfence wrote.
     #[serde(default)]
     signalled_at: u64,
+    /// The membership devfence manages, as it last applied it: the block is
+    /// always rendered from this (plus staged changes), never from the file.
+    /// `None` only in a memo written before devfence kept it (the file's block
+    /// is then adopted once).
+    #[serde(default)]
+    desired: Option<MembershipMap>,
+    /// The last restores (at most 16).
+    #[serde(default)]
+    restores: Vec<RestoreNote>,
+    /// Re-verify devfence's ports at the first clean sweep after this count
+    /// (kept while the re-verification fails: tried again at each new sweep).
+    #[serde(default)]
+    reverify_after: Option<u64>,
+    /// The `SUBNET UP` count of the last re-verification tried.
+    #[serde(default)]
+    reverify_tried: u64,
+    /// SHA-256 of a parseable file devfence signalled OpenSM to re-read after a
+    /// parse error (once: if OpenSM refuses it again, devfence restores).
+    #[serde(default)]
+    resignalled: String,
 }
 
-const MEMO_FORMAT: &str = "devfence-opensm/1";
+const MEMO_FORMAT: &str = "devfence-opensm/2";
+const MEMO_FORMATS: [&str; 2] = ["devfence-opensm/1", MEMO_FORMAT];
+/// The largest state file (memo, log cursor) devfence reads.
+const MAX_STATE: u64 = 4 << 20;
+/// The largest PID file devfence reads.
+const MAX_PID_FILE: u64 = 64;
+/// The largest /proc/PID/stat devfence reads.
+const MAX_PROC_STAT: u64 = 4096;
+/// Linux `O_NONBLOCK` and `O_NOFOLLOW` (the latter differs on Arm).
+const O_NONBLOCK: i32 = 0o4000;
+#[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
+const O_NOFOLLOW: i32 = 0o100000;
+#[cfg(not(any(target_arch = "aarch64", target_arch = "arm")))]
+const O_NOFOLLOW: i32 = 0o400000;
+/// How often `apply` redoes its work when the file changes under it.
+const APPLY_ATTEMPTS: usize = 3;
+
+/// Reads a regular file of at most `cap` bytes without following a symlink at
+/// its last component and without blocking on a FIFO. `Ok(None)`: no such file.
+fn read_capped(path: &Path, cap: u64) -> std::io::Result<Option<(Vec<u8>, std::fs::Metadata)>> {
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK | O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(40) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "is a symbolic link (devfence does not follow it)",
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    let meta = f.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is not a regular file",
+        ));
+    }
+    if meta.len() > cap {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("is {} bytes, over the {cap}-byte limit", meta.len()),
+        ));
+    }
+    let mut buf = Vec::new();
+    f.take(cap + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > cap {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("grew over the {cap}-byte limit while read"),
+        ));
+    }
+    Ok(Some((buf, meta)))
+}
+
+/// The partitions file as read: its text and what identifies this version of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Snapshot {
+    text: String,
+    /// Device, inode, mtime (ns), length; `None`: no file.
+    id: Option<(u64, u64, i128, u64)>,
+}
 
 /// The OpenSM backend of [`SubnetManager`].
 pub struct OpenSmSm {
     cfg: OpenSmConfig,
     staged: Mutex<Vec<Change>>,
-    log: Mutex<log::LogCursor>,
+    /// The log cursor (`None`: not loaded from its state file yet).
+    log: Mutex<Option<log::LogCursor>>,
     reader: Box<dyn PortReader>,
     notes: Mutex<Vec<String>>,
+    /// A memo devfence could not save after OpenSM took a change: used instead of
+    /// the file's until it is saved.
+    unsaved: Mutex<Option<Memo>>,
+    /// Called just before the new partitions file replaces the old one (tests
+    /// use it to edit the file concurrently).
+    before_replace: Mutex<Option<ReplaceHook>>,
 }
+
+type ReplaceHook = Box<dyn FnMut(&Path) + Send>;
 
 impl std::fmt::Debug for OpenSmSm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -142,9 +270,17 @@ fn os(op: &str, path: &Path, e: &std::io::Error, hint: &str) -> FabricError {
     }
 }
 
+/// A temporary name beside `path`, unique to this process and call (two
+/// processes must never write one temp file).
+fn tmp_name(path: &Path) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    sibling(path, &format!(".devfence-tmp.{}.{n}", std::process::id()))
+}
+
 /// Writes `text` to `path` atomically: temp file, fsync, rename, fsync the directory.
 fn write_atomic(path: &Path, text: &str) -> Result<(), FabricError> {
-    let tmp = sibling(path, ".devfence-tmp");
+    let tmp = tmp_name(path);
     let hint = "check that devfence runs as root and the directory is writable and not full";
     let r = (|| {
         let mut f = OpenOptions::new()
@@ -177,15 +313,26 @@ struct Proc {
     pid: i32,
     /// The state letter of /proc/PID/stat (R, S, D, T, t, Z, …).
     state: char,
+    /// Its start time (clock ticks since boot): a restart changes it.
+    start: u64,
 }
 
-fn proc_state(pid: i32) -> Option<(String, char)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// A process's name, state letter and start time (clock ticks since boot),
+/// from a size-capped read of /proc/PID/stat.
+fn proc_state(pid: i32) -> Option<(String, char, u64)> {
+    let (bytes, _) = read_capped(Path::new(&format!("/proc/{pid}/stat")), MAX_PROC_STAT)
+        .ok()
+        .flatten()?;
+    let stat = String::from_utf8_lossy(&bytes);
     let open = stat.find('(')?;
     let close = stat.rfind(')')?;
     let comm = stat.get(open + 1..close)?.to_owned();
-    let state = stat.get(close + 1..)?.trim_start().chars().next()?;
-    Some((comm, state))
+    let rest = stat.get(close + 1..)?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // Field 22 of stat is the start time; `rest` starts at field 3.
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((comm, state, start))
 }
 
 impl OpenSmSm {
@@ -202,9 +349,11 @@ impl OpenSmSm {
         Self {
             cfg,
             staged: Mutex::new(Vec::new()),
-            log: Mutex::new(log::LogCursor::default()),
+            log: Mutex::new(None),
             reader,
             notes: Mutex::new(Vec::new()),
+            unsaved: Mutex::new(None),
+            before_replace: Mutex::new(None),
         }
     }
 
@@ -248,61 +397,106 @@ impl OpenSmSm {
         Ok(f)
     }
 
+    /// Where the log cursor is kept.
+    fn cursor_path(&self) -> PathBuf {
+        sibling(&self.cfg.partitions_file, ".devfence-log.json")
+    }
+
+    /// Sets a function called just before the new partitions file replaces the
+    /// old one (for tests of concurrent edits and failing writes).
+    #[doc(hidden)]
+    pub fn set_before_replace(&self, f: impl FnMut(&Path) + Send + 'static) {
+        *lock(&self.before_replace) = Some(Box::new(f));
+    }
+
     fn memo(&self) -> Result<Memo, FabricError> {
+        if let Some(m) = lock(&self.unsaved).clone() {
+            return Ok(m);
+        }
         let p = self.memo_path();
-        match std::fs::read_to_string(&p) {
-            Ok(t) => {
-                let m: Memo = serde_json::from_str(&t).map_err(|e| FabricError::Malformed {
-                    backend: BACKEND.into(),
-                    detail: format!("{}: {e}", p.display()),
-                    hint: "the file is devfence's memo of its last apply; move it aside and retry (a fresh one is written)".into(),
+        let bad = |detail: String, hint: &str| FabricError::Malformed {
+            backend: BACKEND.into(),
+            detail,
+            hint: hint.into(),
+        };
+        match read_capped(&p, MAX_STATE) {
+            Ok(Some((bytes, _))) => {
+                let m: Memo = serde_json::from_slice(&bytes).map_err(|e| {
+                    bad(format!("{}: {e}", p.display()), "the file is devfence's memo of its last apply; move it aside and retry (a fresh one is written)")
                 })?;
-                if m.format != MEMO_FORMAT {
-                    return Err(FabricError::Malformed {
-                        backend: BACKEND.into(),
-                        detail: format!(
+                if !MEMO_FORMATS.contains(&m.format.as_str()) {
+                    return Err(bad(
+                        format!(
                             "{}: format {:?}, expected {MEMO_FORMAT:?}",
                             p.display(),
                             m.format
                         ),
-                        hint: "written by another devfence version; move it aside and retry".into(),
-                    });
+                        "written by another devfence version; move it aside and retry",
+                    ));
                 }
                 Ok(m)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Memo {
+            Ok(None) => Ok(Memo {
                 format: MEMO_FORMAT.into(),
                 ..Memo::default()
             }),
-            Err(e) => Err(os("read", &p, &e, "run devfence as root")),
+            Err(e) => Err(os(
+                "read",
+                &p,
+                &e,
+                "run devfence as root; the memo must be a regular file",
+            )),
         }
     }
 
     fn save_memo(&self, m: &Memo) -> Result<(), FabricError> {
-        let text = serde_json::to_string_pretty(m).map_err(|e| FabricError::Malformed {
+        let mut m = m.clone();
+        m.format = MEMO_FORMAT.into();
+        let text = serde_json::to_string_pretty(&m).map_err(|e| FabricError::Malformed {
             backend: BACKEND.into(),
             detail: e.to_string(),
             hint: "bug".into(),
         })?;
-        write_atomic(&self.memo_path(), &text)
+        write_atomic(&self.memo_path(), &text)?;
+        *lock(&self.unsaved) = None;
+        Ok(())
     }
 
-    fn read_file(&self) -> Result<String, FabricError> {
+    /// The partitions file as it is now. A symlink is refused: devfence replaces
+    /// the file by a rename, which would put a regular file in the link's place
+    /// and leave the file it points to — the one OpenSM may read — stale.
+    fn snapshot(&self) -> Result<Snapshot, FabricError> {
         let p = &self.cfg.partitions_file;
-        match std::fs::metadata(p) {
-            Ok(m) if m.len() > partitions::MAX_FILE as u64 => {
+        if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(FabricError::Refused {
+                backend: BACKEND.into(),
+                detail: format!("{} is a symbolic link", p.display()),
+                hint: "devfence replaces the partitions file atomically (write, rename), which would replace the link by a regular file and leave its target stale: point OpenSM's partition_config_file and [fabric.opensm] partitions_file at the real file".into(),
+            });
+        }
+        let (bytes, meta) = match read_capped(p, partitions::MAX_FILE as u64) {
+            Ok(Some(x)) => x,
+            Ok(None) => {
+                return Ok(Snapshot {
+                    text: String::new(),
+                    id: None,
+                });
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+                ) =>
+            {
                 return Err(FabricError::Refused {
                     backend: BACKEND.into(),
-                    detail: format!("{} is {} bytes", p.display(), m.len()),
+                    detail: format!("{} {e}", p.display()),
                     hint: "that is not a partitions file devfence will rewrite; check partition_config_file".into(),
                 });
             }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
-            Err(e) => return Err(os("stat", p, &e, "run devfence as root")),
-        }
-        let bytes = std::fs::read(p).map_err(|e| os("read", p, &e, "run devfence as root"))?;
-        String::from_utf8(bytes).map_err(|e| FabricError::Refused {
+            Err(e) => return Err(os("read", p, &e, "run devfence as root")),
+        };
+        let text = String::from_utf8(bytes).map_err(|e| FabricError::Refused {
             backend: BACKEND.into(),
             detail: format!(
                 "{} is not UTF-8 text (byte {})",
@@ -310,7 +504,16 @@ impl OpenSmSm {
                 e.utf8_error().valid_up_to()
             ),
             hint: "fix the file by hand; devfence does not rewrite a file it cannot read".into(),
+        })?;
+        let mtime = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+        Ok(Snapshot {
+            text,
+            id: Some((meta.dev(), meta.ino(), mtime, meta.len())),
         })
+    }
+
+    fn read_file(&self) -> Result<String, FabricError> {
+        Ok(self.snapshot()?.text)
     }
 
     fn refused_file(&self, what: &str, e: &partitions::PartitionsError) -> FabricError {
@@ -323,10 +526,17 @@ impl OpenSmSm {
 
     fn process(&self) -> Result<Option<Proc>, FabricError> {
         if let Some(pf) = &self.cfg.pid_file {
-            let t = match std::fs::read_to_string(pf) {
-                Ok(t) => t,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(os("read", pf, &e, "check [fabric.opensm] pid_file")),
+            let t = match read_capped(pf, MAX_PID_FILE) {
+                Ok(Some((b, _))) => String::from_utf8_lossy(&b).into_owned(),
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    return Err(os(
+                        "read",
+                        pf,
+                        &e,
+                        "check [fabric.opensm] pid_file (a regular file of a few bytes)",
+                    ));
+                }
             };
             let pid: i32 = t.trim().parse().map_err(|_| FabricError::Malformed {
                 backend: BACKEND.into(),
@@ -338,8 +548,8 @@ impl OpenSmSm {
                 hint: "check [fabric.opensm] pid_file".into(),
             })?;
             return Ok(match proc_state(pid) {
-                Some((comm, state)) if comm == "opensm" && state != 'Z' && state != 'X' => {
-                    Some(Proc { pid, state })
+                Some((comm, state, start)) if comm == "opensm" && state != 'Z' && state != 'X' => {
+                    Some(Proc { pid, state, start })
                 }
                 _ => None,
             });
@@ -351,12 +561,12 @@ impl OpenSmSm {
             let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
                 continue;
             };
-            if let Some((comm, state)) = proc_state(pid)
+            if let Some((comm, state, start)) = proc_state(pid)
                 && comm == "opensm"
                 && state != 'Z'
                 && state != 'X'
             {
-                found.push(Proc { pid, state });
+                found.push(Proc { pid, state, start });
             }
         }
         match found.as_slice() {
@@ -375,22 +585,68 @@ impl OpenSmSm {
         }
     }
 
-    /// The SM's status from its process and log.
-    fn status(&self) -> Result<SmRead, FabricError> {
-        let proc = self.process()?;
-        let mut cursor = lock(&self.log);
-        let st = cursor
-            .read(&self.cfg.log_file)
+    /// Reads the log's news through the persistent cursor.
+    fn read_log(&self, proc: Option<Proc>) -> Result<log::LogState, FabricError> {
+        let mut guard = lock(&self.log);
+        if guard.is_none() {
+            let loaded = match read_capped(&self.cursor_path(), MAX_STATE) {
+                Ok(Some((b, _))) => serde_json::from_slice::<log::LogCursor>(&b).ok(),
+                _ => None,
+            };
+            // A lost cursor starts at the count devfence last signalled at, so
+            // the memo's "signalled at" stays comparable.
+            *guard = Some(loaded.unwrap_or_else(|| {
+                log::LogCursor::based_at(self.memo().map_or(0, |m| m.signalled_at))
+            }));
+        }
+        let Some(cursor) = guard.as_mut() else {
+            return Err(FabricError::Malformed {
+                backend: BACKEND.into(),
+                detail: "no log cursor".into(),
+                hint: "bug".into(),
+            });
+        };
+        let before = cursor.clone();
+        cursor
+            .read(&self.cfg.log_file, proc.map(|p| (p.pid, p.start)))
             .map_err(|e| {
                 os(
                     "read",
                     &self.cfg.log_file,
                     &e,
-                    "check [fabric.opensm] log_file (OpenSM's log_file, with force_log_flush TRUE)",
+                    "check [fabric.opensm] log_file (OpenSM's log_file, a regular file, with force_log_flush TRUE)",
                 )
-            })?
-            .clone();
-        drop(cursor);
+            })?;
+        if *cursor != before
+            && let Ok(text) = serde_json::to_string(&*cursor)
+        {
+            // Losing the cursor costs a re-read of the log's tail, not
+            // correctness: written without fsync.
+            let tmp = tmp_name(&self.cursor_path());
+            if std::fs::write(&tmp, text).is_ok()
+                && std::fs::rename(&tmp, self.cursor_path()).is_err()
+            {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+        let mut st = cursor.state.clone();
+        if let Some(reason) = &cursor.rebase_reason
+            && before.rebase_reason.as_ref() != Some(reason)
+            && before.file.is_some()
+        {
+            self.note(format!(
+                "OpenSM's log: {reason}; sweeps are counted on from {}",
+                st.subnet_up
+            ));
+        }
+        st.pending_errors.truncate(8);
+        Ok(st)
+    }
+
+    /// The SM's status from its process, the SM's own SMInfo and the log.
+    fn status(&self) -> Result<SmRead, FabricError> {
+        let proc = self.process()?;
+        let st = self.read_log(proc)?;
         let mut notes = Vec::new();
         let state = match proc {
             None => {
@@ -404,8 +660,32 @@ impl OpenSmSm {
                 ));
                 SmState::NotActive
             }
-            Some(_) => st.role.unwrap_or(SmState::Unknown),
+            // The role comes from the SM (its SMInfoRecord at the SA), not from a
+            // log line it writes once: a rotated log forgets it.
+            Some(_) => {
+                match self.reader.local_sm_state() {
+                    Ok(Some(s)) => s,
+                    Ok(None) => {
+                        notes.push("the SM's role is read from its log (this port reader cannot read SMInfo)".into());
+                        st.role.unwrap_or(SmState::Unknown)
+                    }
+                    Err(e) => {
+                        notes.push(format!("cannot read the SM's role at the SA: {e}"));
+                        SmState::Unknown
+                    }
+                }
+            }
         };
+        let mut sweep = st.last.clone().unwrap_or(SweepOutcome::NoneYet);
+        if let Some(d) = st.duplicate_guid() {
+            // OpenSM loops on a duplicated GUID without ever logging SUBNET UP:
+            // the last clean sweep is history, not the fabric's state.
+            sweep = SweepOutcome::Errors(format!("OpenSM's sweeps fail and none completes: {d}"));
+            notes.push(
+                "a duplicated GUID stops OpenSM's sweeps: find the second port (`ibnetdiscover`)"
+                    .into(),
+            );
+        }
         if !st.pending_errors.is_empty() {
             notes.push(format!(
                 "errors since the last SUBNET UP: {}",
@@ -416,7 +696,7 @@ impl OpenSmSm {
             status: SmStatus {
                 state,
                 generation: Generation(st.subnet_up),
-                sweep: st.last.clone().unwrap_or(SweepOutcome::NoneYet),
+                sweep,
             },
             notes,
             version: st.version,
@@ -424,43 +704,63 @@ impl OpenSmSm {
         })
     }
 
-    /// After a sweep: remember a clean file as last good, or restore the last good
-    /// one if OpenSM could not parse what it read. Returns the file as it now is.
+    /// After a sweep: remember a parseable file as the operator's last good text,
+    /// or restore after OpenSM could not parse what it read. Returns the file as
+    /// it now is.
     fn settle_file(&self, status: &SmStatus, pid: Option<i32>) -> Result<String, FabricError> {
         let _guard = self.file_lock()?;
         let mut memo = self.memo()?;
         let mut text = self.read_file()?;
         let now = sha(&text);
+        let parse_error = matches!(&status.sweep, SweepOutcome::Errors(e)
+            if e.contains("PARSE ERROR") || e.contains("Partition configuration"))
+            && status.generation.0 > memo.signalled_at;
+        if !parse_error && parses_to_something(&text) && memo.confirmed != now {
+            write_atomic(&self.last_good_path(), &text)?;
+            memo.confirmed = now.clone();
+            self.save_memo(&memo)?;
+        }
         match &status.sweep {
-            SweepOutcome::Clean
-                if now == memo.written
-                    && memo.confirmed != now
-                    && status.generation.0 > memo.signalled_at
-                    && parses_to_something(&text) =>
-            {
-                write_atomic(&self.last_good_path(), &text)?;
-                memo.confirmed = now;
-                self.save_memo(&memo)?;
-            }
-            SweepOutcome::Errors(e)
-                if (e.contains("PARSE ERROR") || e.contains("Partition configuration"))
-                    && status.generation.0 > memo.signalled_at =>
-            {
-                let ours = now == memo.written;
-                let broken = !parses_to_something(&text);
-                let good = std::fs::read_to_string(self.last_good_path()).ok();
-                if let Some(good) = good
-                    && (ours || broken)
-                    && sha(&good) != now
-                {
-                    write_atomic(&self.rejected_path(), &text)?;
-                    write_atomic(&self.cfg.partitions_file, &good)?;
-                    text.clone_from(&good);
-                    memo.written = sha(&good);
+            SweepOutcome::Errors(e) if parse_error => {
+                if parses_to_something(&text) && memo.resignalled != now {
+                    // The file parses now (the operator fixed it, or wrote it
+                    // after the sweep): have OpenSM read it once more.
                     memo.signalled_at = status.generation.0;
+                    memo.resignalled = now;
                     self.save_memo(&memo)?;
                     self.note(format!(
-                        "OpenSM could not parse {} ({e}); devfence restored the last good file and kept the refused one as {}",
+                        "OpenSM could not parse {} ({e}); the file parses now, devfence asked OpenSM to read it again",
+                        self.cfg.partitions_file.display()
+                    ));
+                    if let Some(pid) = pid {
+                        hup(pid)?;
+                    }
+                    return Ok(text);
+                }
+                let restored = self.restore_text(&memo, &text);
+                if sha(&restored.0) != now {
+                    write_atomic(&self.rejected_path(), &text)?;
+                    write_atomic(&self.cfg.partitions_file, &restored.0)?;
+                    text.clone_from(&restored.0);
+                    memo.written = sha(&restored.0);
+                    memo.signalled_at = status.generation.0;
+                    memo.reverify_after = Some(status.generation.0);
+                    if memo.restores.len() >= 16 {
+                        memo.restores.remove(0);
+                    }
+                    memo.restores.push(RestoreNote {
+                        at_unix: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs()),
+                        generation: status.generation.0,
+                        reason: e.chars().take(300).collect(),
+                        restored: restored.1,
+                        reverified: None,
+                        failed: false,
+                    });
+                    self.save_memo(&memo)?;
+                    self.note(format!(
+                        "OpenSM could not parse {} ({e}); devfence restored the operator's last parseable text with its current block and kept the refused file as {}",
                         self.cfg.partitions_file.display(),
                         self.rejected_path().display()
                     ));
@@ -491,6 +791,110 @@ impl OpenSmSm {
         Ok(text)
     }
 
+    /// What a restore writes: the operator's last parseable text with devfence's
+    /// current block (rendered from its desired membership), or — when the two
+    /// do not fit together or there is no parseable text — devfence's block alone.
+    fn restore_text(&self, memo: &Memo, current: &str) -> (String, String) {
+        let good = read_capped(&self.last_good_path(), partitions::MAX_FILE as u64)
+            .ok()
+            .flatten()
+            .and_then(|(b, _)| String::from_utf8(b).ok())
+            .filter(|t| parses_to_something(t));
+        let desired = memo.desired.clone().or_else(|| {
+            // A memo from before devfence kept its membership: the block of the
+            // last parseable file, else of the current one.
+            good.as_deref()
+                .or(Some(current))
+                .and_then(|t| partitions::parse(t).ok())
+                .and_then(|p| p.managed().ok())
+        });
+        let block = partitions::render_block(&desired.unwrap_or_default());
+        if let Some(g) = good
+            && let Ok(p) = partitions::parse(&g)
+        {
+            let t = partitions::with_block(&g, &p, &block);
+            if parses_to_something(&t) {
+                return (
+                    t,
+                    format!(
+                        "the operator's last parseable text (SHA-256 {}) with devfence's current block",
+                        &sha(&g)[..16]
+                    ),
+                );
+            }
+        }
+        (
+            block,
+            "devfence's current block alone (no parseable operator text fits with it)".into(),
+        )
+    }
+
+    /// At the first clean sweep after a restore: every port devfence manages must
+    /// hold exactly its partitions among those devfence manages. The outcome is
+    /// recorded with the restore.
+    fn reverify(&self, status: &SmStatus) -> Result<(), FabricError> {
+        if status.state != SmState::Master || status.sweep != SweepOutcome::Clean {
+            return Ok(());
+        }
+        let memo = self.memo()?;
+        let Some(after) = memo.reverify_after else {
+            return Ok(());
+        };
+        if status.generation.0 <= after.max(memo.reverify_tried) {
+            return Ok(());
+        }
+        let desired = memo.desired.clone().unwrap_or_default();
+        let managed: std::collections::BTreeSet<u16> =
+            desired.iter().map(|(_, k, _)| k.base()).collect();
+        let (mut ok, mut absent, mut bad) = (0usize, 0usize, Vec::new());
+        for g in desired.guids().collect::<Vec<_>>() {
+            let want = desired.pkeys_of(g);
+            match self.reader.read_port(g)? {
+                crate::Programmed::Absent => absent += 1,
+                crate::Programmed::Present { pkeys, .. } => {
+                    let have: std::collections::BTreeSet<PKey> = pkeys
+                        .into_iter()
+                        .filter(|p| managed.contains(&(p.0 & 0x7fff)))
+                        .collect();
+                    if have == want {
+                        ok += 1;
+                    } else {
+                        bad.push(format!("{g} holds {have:?}, devfence manages {want:?}"));
+                    }
+                }
+            }
+        }
+        let _guard = self.file_lock()?;
+        let mut memo = self.memo()?;
+        if memo.reverify_after != Some(after) {
+            return Ok(());
+        }
+        memo.reverify_tried = status.generation.0;
+        if bad.is_empty() {
+            memo.reverify_after = None;
+        }
+        if let Some(last) = memo.restores.last_mut() {
+            last.failed = !bad.is_empty();
+            last.reverified = Some(if bad.is_empty() {
+                format!(
+                    "at {}: {ok} port(s) verified at the SA, {absent} not on the fabric",
+                    status.generation
+                )
+            } else {
+                format!("FAILED at {}: {}", status.generation, bad.join("; "))
+            });
+        }
+        self.save_memo(&memo)
+    }
+
+    /// Saves a memo that could not be saved after an apply.
+    fn flush_unsaved(&self) {
+        let m = lock(&self.unsaved).clone();
+        if let Some(m) = m {
+            let _ = self.save_memo(&m);
+        }
+    }
+
     /// Keeps an operator note for `health()` (the last 16).
     fn note(&self, n: String) {
         let mut notes = lock(&self.notes);
@@ -507,6 +911,14 @@ impl OpenSmSm {
     pub fn current(&self) -> Result<partitions::PartitionsFile, FabricError> {
         let text = self.read_file()?;
         partitions::parse(&text).map_err(|e| self.refused_file("cannot parse", &e))
+    }
+
+    /// The restores devfence recorded (oldest first), for `status`.
+    ///
+    /// # Errors
+    /// The memo cannot be read.
+    pub fn restores(&self) -> Result<Vec<RestoreNote>, FabricError> {
+        Ok(self.memo()?.restores)
     }
 }
 
@@ -548,85 +960,117 @@ impl SubnetManager for OpenSmSm {
     fn apply(&self) -> Result<Ticket, FabricError> {
         let staged = lock(&self.staged).clone();
         let _guard = self.file_lock()?;
-        let text = self.read_file()?;
-        let parsed =
-            partitions::parse(&text).map_err(|e| self.refused_file("will not rewrite", &e))?;
-        let mut map: MembershipMap = parsed
-            .managed()
-            .map_err(|e| self.refused_file("will not rewrite", &e))?;
-        for c in &staged {
-            map.apply(c)?;
-        }
-        let new_text = partitions::with_block(&text, &parsed, &partitions::render_block(&map));
-        let check = partitions::parse(&new_text)
-            .map_err(|e| self.refused_file("would write an unparseable", &e))?;
-        if check
-            .managed()
-            .map_err(|e| self.refused_file("would write", &e))?
-            != map
-        {
-            return Err(FabricError::Refused {
-                backend: BACKEND.into(),
-                detail: "the rendered block does not read back as the membership asked for".into(),
-                hint: "a bug: nothing was written; report it with the partitions file".into(),
-            });
-        }
-        let Some(p) = self.process()? else {
-            return Err(FabricError::Unreachable {
-                backend: BACKEND.into(),
-                detail: "OpenSM is not running".into(),
-                hint: "start OpenSM (nothing was written; the change stays staged)".into(),
-            });
-        };
-        if p.state == 'T' || p.state == 't' {
-            return Err(FabricError::Unreachable {
-                backend: BACKEND.into(),
-                detail: format!("OpenSM (PID {}) is stopped", p.pid),
-                hint: "continue it (SIGCONT) — nothing was written; the change stays staged".into(),
-            });
-        }
-        let mut memo = self.memo()?;
-        if !self.last_good_path().exists() && parses_to_something(&text) {
-            write_atomic(&self.last_good_path(), &text)?;
-            memo.confirmed = sha(&text);
-        }
-        let before = {
-            let mut cursor = lock(&self.log);
-            cursor
-                .read(&self.cfg.log_file)
-                .map_err(|e| {
-                    os(
-                        "read",
-                        &self.cfg.log_file,
-                        &e,
-                        "check [fabric.opensm] log_file",
-                    )
-                })?
-                .subnet_up
+        let mut attempt = 0;
+        let (snap, new_text, map, p, mut memo, before) = loop {
+            attempt += 1;
+            let snap = self.snapshot()?;
+            let text = &snap.text;
+            let parsed =
+                partitions::parse(text).map_err(|e| self.refused_file("will not rewrite", &e))?;
+            let mut memo = self.memo()?;
+            // devfence's membership comes from its memo, never from the file's
+            // block (which a restore, a backup or a hand edit may have changed);
+            // a memo from before devfence kept it adopts the file's block once.
+            let mut map: MembershipMap = match &memo.desired {
+                Some(m) => m.clone(),
+                None => parsed
+                    .managed()
+                    .map_err(|e| self.refused_file("will not rewrite", &e))?,
+            };
+            for c in &staged {
+                map.apply(c)?;
+            }
+            let new_text = partitions::with_block(text, &parsed, &partitions::render_block(&map));
+            let check = partitions::parse(&new_text)
+                .map_err(|e| self.refused_file("would write an unparseable", &e))?;
+            if check
+                .managed()
+                .map_err(|e| self.refused_file("would write", &e))?
+                != map
+            {
+                return Err(FabricError::Refused {
+                    backend: BACKEND.into(),
+                    detail: "the rendered block does not read back as the membership asked for"
+                        .into(),
+                    hint: "a bug: nothing was written; report it with the partitions file".into(),
+                });
+            }
+            let Some(p) = self.process()? else {
+                return Err(FabricError::Unreachable {
+                    backend: BACKEND.into(),
+                    detail: "OpenSM is not running".into(),
+                    hint: "start OpenSM (nothing was written; the change stays staged)".into(),
+                });
+            };
+            if p.state == 'T' || p.state == 't' {
+                return Err(FabricError::Unreachable {
+                    backend: BACKEND.into(),
+                    detail: format!("OpenSM (PID {}) is stopped", p.pid),
+                    hint: "continue it (SIGCONT) — nothing was written; the change stays staged"
+                        .into(),
+                });
+            }
+            if parses_to_something(text) && memo.confirmed != sha(text) {
+                write_atomic(&self.last_good_path(), text)?;
+                memo.confirmed = sha(text);
+            }
+            let before = self.read_log(Some(p))?.subnet_up;
+            if let Some(hook) = lock(&self.before_replace).as_mut() {
+                hook(&self.cfg.partitions_file);
+            }
+            // The lock binds only devfence: an operator's editor may have written
+            // the file since it was read. Redo the work on the new version.
+            let again = self.snapshot()?;
+            if again == snap {
+                break (snap, new_text, map, p, memo, before);
+            }
+            if attempt >= APPLY_ATTEMPTS {
+                return Err(FabricError::Refused {
+                    backend: BACKEND.into(),
+                    detail: format!(
+                        "{} changed {attempt} times while devfence applied",
+                        self.cfg.partitions_file.display()
+                    ),
+                    hint: "someone is editing the partitions file: nothing was written and OpenSM was not signalled (the change stays staged); retry when the edit is saved".into(),
+                });
+            }
         };
         write_atomic(&self.cfg.partitions_file, &new_text)?;
         if let Err(e) = hup(p.pid) {
             // Put the file back: nothing half-applied.
-            write_atomic(&self.cfg.partitions_file, &text)?;
+            write_atomic(&self.cfg.partitions_file, &snap.text)?;
             return Err(e);
         }
         memo.serial += 1;
         memo.signalled_at = before;
         memo.written = sha(&new_text);
-        memo.format = MEMO_FORMAT.into();
-        self.save_memo(&memo)?;
+        memo.desired = Some(map);
+        memo.resignalled.clear();
+        let ticket = Ticket {
+            change: ChangeId(memo.serial),
+            generation: Generation(before + 1),
+        };
         {
             let mut s = lock(&self.staged);
             let n = staged.len().min(s.len());
             s.drain(..n);
         }
-        Ok(Ticket {
-            change: ChangeId(memo.serial),
-            generation: Generation(before + 1),
-        })
+        // OpenSM has the change: failing to record it must not say otherwise.
+        // The memo is kept in memory (used from there) and saved at the next
+        // chance.
+        if let Err(e) = self.save_memo(&memo) {
+            *lock(&self.unsaved) = Some(memo);
+            self.note(format!(
+                "OpenSM took change {} but devfence could not record it in {}: {e}; it is kept in memory and saved at the next apply or observation",
+                ticket.change.0,
+                self.memo_path().display()
+            ));
+        }
+        Ok(ticket)
     }
 
     fn observe(&self, guids: &[Guid]) -> Result<Observation, FabricError> {
+        self.flush_unsaved();
         let SmRead { status, pid, .. } = self.status()?;
         let mut ports = std::collections::BTreeMap::new();
         if status.state != SmState::Master {
@@ -636,6 +1080,14 @@ impl SubnetManager for OpenSmSm {
         }
         // One read of the file per observation: settled, then parsed once.
         let text = self.settle_file(&status, pid)?;
+        // The re-verification after a restore is the backend's own check: a port
+        // it cannot read now leaves it pending (retried at the next observation)
+        // rather than failing this observation.
+        if let Err(e) = self.reverify(&status) {
+            self.note(format!(
+                "the re-verification after the restore is pending: {e}"
+            ));
+        }
         let file = partitions::parse(&text).map_err(|e| self.refused_file("cannot parse", &e))?;
         for g in guids {
             let programmed = self.reader.read_port(*g)?;
@@ -676,13 +1128,36 @@ impl SubnetManager for OpenSmSm {
     }
 
     fn health(&self) -> Result<Health, FabricError> {
+        self.flush_unsaved();
         let SmRead {
-            status,
+            mut status,
             mut notes,
             version,
             ..
         } = self.status()?;
+        let _ = self.reverify(&status);
         notes.extend(lock(&self.notes).iter().cloned());
+        // Restores are persisted: any process's `status` reports them.
+        if let Ok(memo) = self.memo() {
+            for r in memo.restores.iter().rev().take(3) {
+                notes.push(format!(
+                    "{RESTORE_NOTE} {}: OpenSM could not parse the partitions file ({}); devfence wrote {}; re-verification: {}",
+                    r.generation,
+                    r.reason,
+                    r.restored,
+                    r.reverified.as_deref().unwrap_or("pending (at the next clean sweep)")
+                ));
+            }
+            if let Some(r) = memo.restores.last()
+                && r.failed
+            {
+                status.sweep = SweepOutcome::Errors(format!(
+                    "after the restore at generation {}, a port devfence manages does not hold its partitions: {}",
+                    r.generation,
+                    r.reverified.as_deref().unwrap_or("")
+                ));
+            }
+        }
         Ok(Health {
             backend: BACKEND.into(),
             version,

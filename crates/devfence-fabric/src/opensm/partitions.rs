@@ -339,6 +339,8 @@ fn parse_flag(tok: &str, line: usize) -> Result<(String, Option<String>), Partit
 /// A statement being read (its header is parsed; members may continue).
 struct Open {
     stmt: Statement,
+    /// The members so far end with a ',' (another member must follow).
+    trailing_comma: bool,
 }
 
 fn parse_header(h: &str, line: usize) -> Result<Statement, PartitionsError> {
@@ -413,8 +415,20 @@ fn parse_header(h: &str, line: usize) -> Result<Statement, PartitionsError> {
 }
 
 /// Reads members from `seg` into `stmt`.
-fn parse_members(stmt: &mut Statement, seg: &str, line: usize) -> Result<(), PartitionsError> {
+///
+/// OpenSM 3.3.23 logs `PARSE ERROR` for an empty member — `0x1,,0x2`, a ',' right
+/// before ';' (`0x1, ;`) or a statement whose line ends with ',' closed by a line
+/// holding only ';' (found by the differential test against the real OpenSM) —
+/// so every ',' must be followed by a member. `trailing` carries "the members so
+/// far end with a ','" across segments and lines.
+fn parse_members(
+    stmt: &mut Statement,
+    seg: &str,
+    line: usize,
+    trailing: &mut bool,
+) -> Result<(), PartitionsError> {
     let mut rest = seg;
+    let mut first = true;
     loop {
         let (tok, next) = match rest.split_once(',') {
             Some((t, n)) => (t, Some(n)),
@@ -449,16 +463,112 @@ fn parse_members(stmt: &mut Statement, seg: &str, line: usize) -> Result<(), Par
                 let _ = v;
             }
             stmt.mgroups.push(whole.to_owned());
+            *trailing = false;
             return Ok(());
         }
-        if !t.is_empty() {
+        if t.is_empty() {
+            if next.is_some() && (*trailing || !first) {
+                return Err(err(
+                    line,
+                    format!(
+                        "an empty member in partition {} (two ',' with nothing between)",
+                        stmt.name
+                    ),
+                    "remove the extra ',' (OpenSM logs PARSE ERROR for an empty member and falls back to everyone-full)",
+                ));
+            }
+            if next.is_some() && first && stmt.members.is_empty() && stmt.mgroups.is_empty() {
+                return Err(err(
+                    line,
+                    format!("partition {}'s member list starts with ','", stmt.name),
+                    "remove the ',' after ':'",
+                ));
+            }
+            if next.is_none() && !first {
+                *trailing = true;
+            }
+            if next.is_some() {
+                *trailing = true;
+            }
+        } else {
             stmt.members.push(parse_member(t, line)?);
+            *trailing = false;
         }
+        first = false;
         match next {
             Some(n) => rest = n,
             None => return Ok(()),
         }
     }
+}
+
+/// The name of a character devfence refuses, for the error.
+fn char_name(c: char) -> &'static str {
+    match c {
+        '\r' => "CARRIAGE RETURN: a CRLF (Windows) line ending",
+        '\u{a0}' => "NO-BREAK SPACE",
+        '\u{feff}' => "BYTE ORDER MARK / ZERO WIDTH NO-BREAK SPACE",
+        '\u{200b}' => "ZERO WIDTH SPACE",
+        '\u{0b}' => "VERTICAL TAB",
+        '\u{0c}' => "FORM FEED",
+        '\u{85}' => "NEXT LINE",
+        '\u{2028}' => "LINE SEPARATOR",
+        '\u{2029}' => "PARAGRAPH SEPARATOR",
+        '\u{1680}' | '\u{2000}'..='\u{200a}' | '\u{202f}' | '\u{205f}' | '\u{3000}' => {
+            "a Unicode space"
+        }
+        c if c.is_control() => "a control character",
+        c if c.is_whitespace() => "a Unicode space",
+        _ => "a non-ASCII character",
+    }
+}
+
+/// OpenSM trims only space, tab and newline around a token (`parse_name_token`,
+/// `STRIP_HEAD_SPACES` in `osm_prtn_config.c`); any other byte is part of the
+/// token: `0x1\r` or `0x1<NBSP>` is a bad PortGUID to OpenSM, which then falls
+/// back to everyone-full. Rust's `trim()` strips CR and Unicode spaces, so the
+/// parser below would read such a token as the GUID. Refuse them up front:
+/// outside a comment only printable ASCII, space and tab; inside a comment
+/// (OpenSM stops reading at `#`) anything but a control character.
+fn check_chars(raw: &str, line: usize) -> Result<(), PartitionsError> {
+    let mut comment = false;
+    for (i, c) in raw.chars().enumerate() {
+        if c == '#' {
+            comment = true;
+        }
+        let ok = c == ' '
+            || c == '\t'
+            || if comment {
+                !c.is_control()
+            } else {
+                c.is_ascii_graphic()
+            };
+        if !ok {
+            let hint = if c == '\r' {
+                "OpenSM trims only space, tab and newline: it reads the CR as part of the last token. Convert the file to Unix line endings (dos2unix)"
+            } else if comment {
+                "remove the control character from the comment"
+            } else {
+                "OpenSM trims only space, tab and newline and reads any other character as part of the token (a GUID followed by it is a bad PortGUID, and OpenSM then makes every port a full member of the default partition): replace it with a plain space or remove it"
+            };
+            return Err(err(
+                line,
+                format!(
+                    "column {}: U+{:04X} ({}) {}",
+                    i + 1,
+                    u32::from(c),
+                    char_name(c),
+                    if comment {
+                        "in a comment"
+                    } else {
+                        "outside a comment"
+                    }
+                ),
+                hint,
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Parses a whole partitions file.
@@ -493,17 +603,7 @@ pub fn parse(text: &str) -> Result<PartitionsFile, PartitionsError> {
                 ),
             ));
         }
-        if raw.contains('\0')
-            || raw
-                .chars()
-                .any(|c| c.is_control() && c != '\t' && c != '\r')
-        {
-            return Err(err(
-                line,
-                "the line holds a control character",
-                "is this a text file?",
-            ));
-        }
+        check_chars(raw, line)?;
         let trimmed = raw.trim();
         if trimmed == BEGIN_MARK || trimmed.starts_with(&format!("{BEGIN_MARK} ")) {
             if begin.is_some() {
@@ -553,7 +653,17 @@ pub fn parse(text: &str) -> Result<PartitionsFile, PartitionsError> {
                 None => (rest, false),
             };
             match open.as_mut() {
-                Some(o) => parse_members(&mut o.stmt, seg, line)?,
+                Some(o) if closed && seg.trim().is_empty() => {
+                    return Err(err(
+                        line,
+                        format!(
+                            "partition {} is closed by a ';' with no member before it on its line",
+                            o.stmt.name
+                        ),
+                        "put the ';' right after the last member, on its line (OpenSM 3.3 logs PARSE ERROR \"no partition definition found\" for a lone ';' and falls back to everyone-full)",
+                    ));
+                }
+                Some(o) => parse_members(&mut o.stmt, seg, line, &mut o.trailing_comma)?,
                 None => {
                     if seg.trim().is_empty() {
                         if closed {
@@ -574,12 +684,23 @@ pub fn parse(text: &str) -> Result<PartitionsFile, PartitionsError> {
                     };
                     let mut stmt = parse_header(h, line)?;
                     stmt.managed = managed;
-                    parse_members(&mut stmt, m, line)?;
-                    open = Some(Open { stmt });
+                    let mut trailing_comma = false;
+                    parse_members(&mut stmt, m, line, &mut trailing_comma)?;
+                    open = Some(Open {
+                        stmt,
+                        trailing_comma,
+                    });
                 }
             }
             if closed {
                 if let Some(o) = open.take() {
+                    if o.trailing_comma {
+                        return Err(err(
+                            line,
+                            format!("partition {} ends with ',' before ';'", o.stmt.name),
+                            "remove the last ',' (OpenSM logs PARSE ERROR for the empty member and falls back to everyone-full)",
+                        ));
+                    }
                     statements.push(o.stmt);
                 }
             } else {
@@ -640,10 +761,72 @@ pub fn parse(text: &str) -> Result<PartitionsFile, PartitionsError> {
             ));
         }
     }
+    check_members(&statements)?;
     Ok(PartitionsFile {
         statements,
         managed_lines: begin.zip(end),
     })
+}
+
+/// One GUID twice in one partition with different memberships is refused (the
+/// UFM decoder's rule: a reader cannot tell which one the SM applies), and an
+/// operator statement naming a GUID devfence's block holds is a conflict.
+fn check_members(statements: &[Statement]) -> Result<(), PartitionsError> {
+    let mut managed: BTreeMap<Guid, (usize, &str)> = BTreeMap::new();
+    for s in statements
+        .iter()
+        .filter(|s| s.managed && s.base() != PKey::DEFAULT_BASE)
+    {
+        for m in &s.members {
+            if let Who::Guid(g) = m.who {
+                managed.entry(g).or_insert((m.line, s.name.as_str()));
+            }
+        }
+    }
+    for s in statements {
+        let mut seen: BTreeMap<Guid, (PortMembership, usize)> = BTreeMap::new();
+        for m in &s.members {
+            let Who::Guid(g) = m.who else { continue };
+            let mem = s.membership_of(m);
+            if let Some((prev, line)) = seen.insert(g, (mem, m.line))
+                && prev != mem
+            {
+                let rank = |x: PortMembership| match x {
+                    PortMembership::Full => 0,
+                    PortMembership::Limited => 1,
+                    PortMembership::Both => 2,
+                };
+                let (a, b) = if rank(prev) <= rank(mem) {
+                    (prev, mem)
+                } else {
+                    (mem, prev)
+                };
+                return Err(err(
+                    m.line,
+                    format!(
+                        "GUID {g} is listed in partition {} (P_Key 0x{:04x}) as both {a} and {b} (lines {line} and {}): conflicting memberships",
+                        s.name,
+                        s.base(),
+                        m.line
+                    ),
+                    "list each port once per partition with the membership you mean (OpenSM applies only one of them; UFM refuses the same)",
+                ));
+            }
+            if !s.managed
+                && let Some((line, name)) = managed.get(&g)
+            {
+                return Err(err(
+                    m.line,
+                    format!(
+                        "the operator's partition {} names GUID {g}, which devfence manages (devfence's block, partition {name}, line {line})",
+                        s.name
+                    ),
+                    "devfence owns the partitions of the ports it hands to tenants; remove the GUID from the operator's line (a port devfence issued must be in its tenant's partitions only)",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl PartitionsFile {
@@ -734,6 +917,41 @@ impl PartitionsFile {
         out
     }
 
+    /// The P_Keys OpenSM 3.3 (with its default `allow_both_pkeys FALSE`) gives a
+    /// channel-adapter port with `guid` from this file: within a partition the
+    /// **last** entry that names the port (its GUID, `ALL` or `ALL_CAS`) decides
+    /// its membership (`osm_prtn_add_port` moves the port between the full and
+    /// the limited table), and `both` means full. [`configured_for`]
+    /// (Self::configured_for) is the conservative union of every entry, which the
+    /// gates use; this is the exact prediction the differential test holds
+    /// OpenSM to.
+    ///
+    /// OpenSM builds its default partition (`0x7fff`, every port limited, its own
+    /// port full) *before* it reads the file, and a `Default=0x7fff` statement adds
+    /// to it: every port is at least a limited member of the default partition,
+    /// whatever the file says (seen on the real OpenSM by the differential test).
+    #[must_use]
+    pub fn opensm_pkeys_for(&self, guid: Guid) -> BTreeSet<PKey> {
+        let mut out = BTreeSet::new();
+        if !self
+            .statements
+            .iter()
+            .any(|s| s.base() == PKey::DEFAULT_BASE && s.members.iter().any(|m| names(m, guid)))
+        {
+            out.insert(PKey(PKey::DEFAULT_BASE));
+        }
+        for s in &self.statements {
+            let last = s.members.iter().rfind(|m| names(m, guid));
+            if let Some(m) = last {
+                out.insert(match s.membership_of(m) {
+                    PortMembership::Limited => PKey(s.base()),
+                    PortMembership::Full | PortMembership::Both => PKey(s.base() | 0x8000),
+                });
+            }
+        }
+        out
+    }
+
     /// Every port GUID named explicitly, with the P_Keys it is given.
     #[must_use]
     pub fn explicit_guids(&self) -> BTreeMap<Guid, BTreeSet<PKey>> {
@@ -748,6 +966,15 @@ impl PartitionsFile {
             }
         }
         out
+    }
+}
+
+/// True when `m` names the channel-adapter port `guid` (its GUID, `ALL`, `ALL_CAS`).
+fn names(m: &Member, guid: Guid) -> bool {
+    match m.who {
+        Who::Guid(g) => g == guid,
+        Who::All | Who::AllCas => true,
+        _ => false,
     }
 }
 
@@ -856,6 +1083,11 @@ mod tests {
             ("A=0x8001 : 0x1 ;\nA=0x8002 : 0x2 ;", "name A is also used"),
             ("A=0x8001 : mgid=fe80::1 ;", "not an IPv6 multicast"),
             (";", "stray"),
+            // Found by the differential test against the real OpenSM 3.3.23.
+            ("A=0x8001 : 0x1,,0x2 ;", "empty member"),
+            ("A=0x8001 : 0x1, ;", "ends with ','"),
+            ("A=0x8001 :\n 0x1,\n ;", "no member before it"),
+            ("A=0x8001 :\n 0x1\n ;", "no member before it"),
         ] {
             let e = parse(text).expect_err(text);
             assert!(e.to_string().contains(needle), "{text}: {e}");
@@ -863,6 +1095,34 @@ mod tests {
         }
         let long = format!("A=0x8001 : {} ;", vec!["0x1=full"; 600].join(","));
         assert!(parse(&long).expect_err("long").what.contains("bytes long"));
+    }
+
+    /// issue 17 item 5: OpenSM trims space, tab and newline only; a CR (a CRLF
+    /// line), a no-break space or any other Unicode space is part of the token to
+    /// OpenSM (a GUID `0x1\u{a0}` is a bad PortGUID, the whole file falls back to
+    /// everyone-full), so devfence refuses it, naming line and column.
+    #[test]
+    fn refuses_whitespace_opensm_does_not_trim() {
+        for (text, line, col) in [
+            ("A=0x8001 : 0x1=full ;\r\n", 1, 22),
+            ("A=0x8001 :\n 0x1\u{a0}=full ;\n", 2, 5),
+            ("A=0x8001 : 0x1=full\u{2003};\n", 1, 20),
+            ("A=0x8001\u{3000}: 0x1 ;", 1, 9),
+            ("\u{feff}A=0x8001 : 0x1 ;", 1, 1),
+            ("A=0x8001 : 0x1\u{0b}=full ;", 1, 15),
+            ("A=0x8001 : 0x1 ; # comment\r\n", 1, 27),
+        ] {
+            let e = parse(text).expect_err(text);
+            assert_eq!(e.line, line, "{text:?}: {e}");
+            assert!(
+                e.to_string().contains(&format!("column {col}")),
+                "{text:?}: {e}"
+            );
+            assert!(e.to_string().contains("U+"), "{text:?}: {e}");
+            assert!(e.to_string().contains("Hint:"), "{e}");
+        }
+        // Unicode in a comment is the operator's business: OpenSM stops at '#'.
+        parse("A=0x8001 : 0x1 ; # caf\u{e9} \u{a0} ok\n\t B=0x8002 :\t0x3 ;\n").expect("ok");
     }
 
     #[test]
@@ -932,6 +1192,53 @@ mod tests {
         let p = parse(operator).expect("ok");
         let e = parse(&with_block(operator, &p, &render_block(&map))).expect_err("conflict");
         assert!(e.to_string().contains("0x7fff"), "{e}");
+    }
+
+    /// issue 18 item 7: an operator statement naming a GUID devfence's block
+    /// holds is a conflict (docs/fabric-opensm.md): refused, naming both lines.
+    #[test]
+    fn operator_line_naming_a_managed_guid_is_a_conflict() {
+        let mut map = MembershipMap::new();
+        map.insert(Guid(0x0002_c903_00f0_0001), key(0x8002), Membership::Full)
+            .expect("ok");
+        let operator = "mine=0x8001 : 0x0002c90300f00001=full ;\n";
+        let p = parse(operator).expect("ok alone");
+        let e = parse(&with_block(operator, &p, &render_block(&map))).expect_err("conflict");
+        let s = e.to_string();
+        assert_eq!(e.line, 1, "{s}");
+        assert!(
+            s.contains("0x0002c90300f00001") && s.contains("devfence"),
+            "{s}"
+        );
+        assert!(s.contains("line 7"), "names devfence's line: {s}");
+        // The same GUID in devfence's block only, or another GUID in the
+        // operator's part: fine.
+        let operator = "mine=0x8001 : 0x0002c90300f00003=full ;\n";
+        let p = parse(operator).expect("ok");
+        parse(&with_block(operator, &p, &render_block(&map))).expect("no conflict");
+    }
+
+    /// issue 18 item 7: one GUID twice in one partition with different
+    /// memberships is refused, as the UFM decoder refuses it (one rule for both);
+    /// the same membership twice merges.
+    #[test]
+    fn one_guid_full_and_limited_in_one_partition_is_refused() {
+        for text in [
+            "A=0x8001 : 0x1=full, 0x1=limited ;",
+            "A=0x8001 :\n 0x1=full,\n 0x1 ;",
+            "A=0x8001, defmember=full : 0x1, 0x1=both ;",
+        ] {
+            let e = parse(text).expect_err(text);
+            let s = e.to_string();
+            assert!(
+                s.contains("0x0000000000000001") && s.contains("both full and limited")
+                    || s.contains("memberships"),
+                "{text}: {s}"
+            );
+            assert!(s.contains("Hint:"), "{s}");
+        }
+        let f = parse("A=0x8001 : 0x1=full, 0x1=full ;").expect("same membership merges");
+        assert_eq!(f.configured_for(Guid(1)), BTreeSet::from([PKey(0x8001)]));
     }
 
     #[test]

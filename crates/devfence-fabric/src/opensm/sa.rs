@@ -14,10 +14,10 @@ use devfence_model::{Guid, PKey};
 
 use super::mad::{
     self, NODE_RECORD_LEN, NodeRecord, PKEY_RECORD_LEN, PKeyBlock, SA_CLASS, SA_CLASS_VERSION,
-    SaReply, SaRequest,
+    SMINFO_RECORD_LEN, SaReply, SaRequest, SmInfoRecord,
 };
 use super::umad::{LIBRARY, Umad};
-use crate::{FabricError, PortReader, Programmed};
+use crate::{FabricError, PortReader, Programmed, SmState};
 
 const BACKEND: &str = "opensm";
 
@@ -80,6 +80,8 @@ struct Open {
     agent: i32,
     sm_lid: u32,
     sm_sl: u32,
+    /// The local port's GUID (the SM on this host binds to it).
+    port_guid: u64,
 }
 
 /// An SA client over libibumad. Opened lazily; one query at a time.
@@ -177,6 +179,7 @@ impl SaClient {
                 agent,
                 sm_lid: info.sm_lid,
                 sm_sl: info.sm_sl,
+                port_guid: info.port_guid,
             });
         }
         let Some(o) = open.as_ref() else {
@@ -240,6 +243,37 @@ impl SaClient {
         }
     }
 
+    /// The local port's GUID (after a first query opened the port).
+    fn local_port_guid(&self) -> Option<Guid> {
+        let g = self
+            .umad
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.as_ref()
+            .and_then(|(_, o)| o.as_ref())
+            .map(|o| Guid(o.port_guid))
+    }
+
+    /// A keyed query timed out: if the SA answers an untrusted one, it is alive
+    /// and drops devfence's keyed MADs — OpenSM does that for a non-zero SM_Key
+    /// that is not its own (ERR 1A04 in its log), silently.
+    fn explain_timeout(&self, e: FabricError) -> FabricError {
+        if !matches!(e, FabricError::Timeout { .. }) || self.cfg.sm_key == 0 {
+            return e;
+        }
+        match self.query(&SaRequest::sm_info_records(0), SMINFO_RECORD_LEN) {
+            Ok(_) => FabricError::Refused {
+                backend: BACKEND.into(),
+                detail: format!(
+                    "the SA answers untrusted queries but drops devfence's queries with SM_Key 0x{:x}",
+                    self.cfg.sm_key
+                ),
+                hint: "[fabric.sa] sm_key is not OpenSM's sm_key (OpenSM logs \"ERR 1A04: Non-Zero MAD SM_Key\" and ignores the MAD): set it to the sm_key in opensm.conf".into(),
+            },
+            Err(_) => e,
+        }
+    }
+
     /// The NodeRecord of the port with `guid`, if the SA knows it.
     ///
     /// # Errors
@@ -262,22 +296,7 @@ impl SaClient {
             .map(|b| NodeRecord::decode(b))
             .collect::<Result<_, _>>()
             .map_err(|e| malformed(e.0))?;
-        let mine: Vec<&NodeRecord> = recs.iter().filter(|n| n.port_guid == guid).collect();
-        if mine.len() != recs.len() {
-            return Err(malformed(format!(
-                "asked for the port with GUID {guid}, the SA answered records of other ports"
-            )));
-        }
-        match mine.as_slice() {
-            [] => Ok(None),
-            [one] if one.lid == 0 => Ok(None),
-            [one] => Ok(Some(**one)),
-            many => Err(FabricError::Refused {
-                backend: BACKEND.into(),
-                detail: format!("{} ports claim GUID {guid} (LIDs {:?})", many.len(), many.iter().map(|n| n.lid).collect::<Vec<_>>()),
-                hint: "a duplicated port GUID breaks partition isolation: find the second port (`ibnetdiscover`) before handing anything over".into(),
-            }),
-        }
+        the_port(guid, &recs)
     }
 
     /// The P_Key table of `lid`/`port` as a set, over `cap` slots.
@@ -316,10 +335,11 @@ impl SaClient {
             let b = PKeyBlock::decode(rec).map_err(|e| malformed(e.0))?;
             // OpenSM 3.3 writes the block number of its reply in host byte order
             // (a long-standing quirk); either order names the block asked for.
-            if b.lid != lid || (b.block != block && b.block != block.swap_bytes()) {
+            if b.lid != lid || b.port != port || (b.block != block && b.block != block.swap_bytes())
+            {
                 return Err(malformed(format!(
-                    "asked for LID {lid} block {block}, got LID {} block {}",
-                    b.lid, b.block
+                    "asked for LID {lid} port {port} block {block}, got LID {} port {} block {}",
+                    b.lid, b.port, b.block
                 )));
             }
             out.extend(b.pkeys());
@@ -379,16 +399,80 @@ pub fn port_tables(
 
 impl PortReader for SaClient {
     fn read_port(&self, guid: Guid) -> Result<Programmed, FabricError> {
+        self.read_port_keyed(guid)
+            .map_err(|e| self.explain_timeout(e))
+    }
+
+    fn local_sm_state(&self) -> Result<Option<SmState>, FabricError> {
+        self.sm_state()
+    }
+}
+
+impl SaClient {
+    fn read_port_keyed(&self, guid: Guid) -> Result<Programmed, FabricError> {
         let Some(n) = self.node_of(guid)? else {
             return Ok(Programmed::Absent);
         };
         // A CA's record names its own port; a switch's port 0 holds its table.
         let port = if n.node_type == 2 { 0 } else { n.local_port };
         let pkeys = self.pkeys_of(n.lid, port, n.partition_cap)?;
+        // The table was read by LID: make sure the LID still belongs to the GUID
+        // (the SM may have moved it between the two queries).
+        match self.node_of(guid)? {
+            Some(again) if again.lid == n.lid && again.local_port == n.local_port => {}
+            again => {
+                return Err(FabricError::Unreachable {
+                    backend: BACKEND.into(),
+                    detail: format!(
+                        "port GUID {guid} moved while its table was read (LID {} → {:?})",
+                        n.lid,
+                        again.map(|a| a.lid)
+                    ),
+                    hint: "the SM is re-assigning LIDs; the gate reads again".into(),
+                });
+            }
+        }
         Ok(Programmed::Present {
             lid: Some(n.lid),
             pkeys,
         })
+    }
+
+    /// The state of the SM on this host's port, from the SA's SMInfoRecords.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query); no SM on this host's port.
+    pub fn sm_state(&self) -> Result<Option<SmState>, FabricError> {
+        let r = self.query(&SaRequest::sm_info_records(0), SMINFO_RECORD_LEN)?;
+        if r.status != 0 && r.status >> 8 != 3 {
+            return Err(refused(r.status, "SMInfoRecord"));
+        }
+        let recs: Vec<SmInfoRecord> = r
+            .records
+            .iter()
+            .map(|b| SmInfoRecord::decode(b))
+            .collect::<Result<_, _>>()
+            .map_err(|e| malformed(e.0))?;
+        let Some(me) = self.local_port_guid() else {
+            return Err(unreachable("the local port is not open", "retry"));
+        };
+        match recs.iter().find(|r| r.guid == me) {
+            Some(r) => Ok(Some(match r.state {
+                3 => SmState::Master,
+                2 => SmState::Standby,
+                1 => SmState::Discovering,
+                0 => SmState::NotActive,
+                _ => SmState::Unknown,
+            })),
+            None => Err(FabricError::Refused {
+                backend: BACKEND.into(),
+                detail: format!(
+                    "the SA lists no SM on this host's port {me} (SMs: {:?})",
+                    recs.iter().map(|r| (r.guid.to_string(), r.state)).collect::<Vec<_>>()
+                ),
+                hint: "the OpenSM devfence drives must run on this host's port ([fabric.sa] ca/port select it)".into(),
+            }),
+        }
     }
 }
 
@@ -401,5 +485,73 @@ impl Drop for SaClient {
         if let Some((u, Some(o))) = g.as_ref() {
             u.close(o.fd, o.agent);
         }
+    }
+}
+
+/// The one port with `guid` among the NodeRecords the SA returned for it.
+///
+/// # Errors
+/// Records of other ports (malformed), a record with LID 0 (unknown: the SA knows
+/// the port but has not given it a LID — never "absent", which would answer "in
+/// none of the old tenant's partitions"), two ports claiming the GUID.
+fn the_port(guid: Guid, recs: &[NodeRecord]) -> Result<Option<NodeRecord>, FabricError> {
+    let mine: Vec<&NodeRecord> = recs.iter().filter(|n| n.port_guid == guid).collect();
+    if mine.len() != recs.len() {
+        return Err(malformed(format!(
+            "asked for the port with GUID {guid}, the SA answered records of other ports"
+        )));
+    }
+    match mine.as_slice() {
+        [] => Ok(None),
+        [one] if one.lid == 0 => Err(FabricError::Unreachable {
+            backend: BACKEND.into(),
+            detail: format!("the SA knows port GUID {guid} but holds LID 0 for it"),
+            hint: "the port is being (re)configured; the gate reads again after the SM's sweep"
+                .into(),
+        }),
+        [one] => Ok(Some(**one)),
+        many => Err(FabricError::Refused {
+            backend: BACKEND.into(),
+            detail: format!(
+                "{} ports claim GUID {guid} (LIDs {:?})",
+                many.len(),
+                many.iter().map(|n| n.lid).collect::<Vec<_>>()
+            ),
+            hint: "a duplicated port GUID breaks partition isolation: find the second port (`ibnetdiscover`) before handing anything over".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(guid: u64, lid: u16) -> NodeRecord {
+        NodeRecord {
+            lid,
+            node_type: 1,
+            node_guid: Guid(guid - 1),
+            port_guid: Guid(guid),
+            partition_cap: 64,
+            local_port: 1,
+        }
+    }
+
+    /// issue 17 item 8: a NodeRecord with LID 0 is unknown, never absent.
+    #[test]
+    fn a_port_with_lid_0_is_unknown_not_absent() {
+        let g = Guid(0x0002_c903_00f0_0003);
+        assert_eq!(the_port(g, &[]).expect("absent"), None);
+        assert_eq!(
+            the_port(g, &[rec(g.0, 7)]).expect("one").map(|r| r.lid),
+            Some(7)
+        );
+        let e = the_port(g, &[rec(g.0, 0)]).expect_err("LID 0");
+        assert!(matches!(e, FabricError::Unreachable { .. }), "{e}");
+        assert!(e.is_retryable(), "{e}");
+        let e = the_port(g, &[rec(g.0, 7), rec(g.0, 9)]).expect_err("two ports");
+        assert!(e.to_string().contains("2 ports claim"), "{e}");
+        let e = the_port(g, &[rec(g.0 + 2, 7)]).expect_err("another port");
+        assert!(matches!(e, FabricError::Malformed { .. }), "{e}");
     }
 }

@@ -11,3 +11,4 @@ mod containment;
 mod fabric;
 mod hook;
 mod ledger;
+mod opensm;
