@@ -332,6 +332,106 @@ impl HostRoot {
         }
     }
 
+    /// Creates the file at `kernel_path` afresh for writing — for files devfence
+    /// hands out under a root, such as a VF token for a launcher. Every directory
+    /// from the root down is created when absent (mode 0755) and must be a real
+    /// directory: a symbolic link anywhere on the way is refused (`ELOOP` with a
+    /// message naming it), on a real host as on a fixture. A previous file of that
+    /// name is removed (a link there is removed, not followed) and the new one is
+    /// created exclusively with `mode`, never through a link.
+    ///
+    /// # Errors
+    /// A link or non-directory on the way; the create's error.
+    pub fn create_fresh_file(&self, kernel_path: &str, mode: u32) -> io::Result<fs::File> {
+        let (dir, name) = self
+            .real_parent(kernel_path, true)?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let name = name.as_str();
+        match rustix::fs::unlinkat(&dir, name, rustix::fs::AtFlags::empty()) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::NOENT => {}
+            Err(e) => return Err(e.into()),
+        }
+        let fd = rustix::fs::openat(
+            &dir,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode),
+        )?;
+        Ok(fs::File::from(fd))
+    }
+
+    /// Removes the file at `kernel_path` (a link there is removed, not followed),
+    /// reaching it only through real directories as
+    /// [`HostRoot::create_fresh_file`] does. Returns whether there was one.
+    ///
+    /// # Errors
+    /// A link or non-directory on the way; the unlink's error.
+    pub fn remove_file(&self, kernel_path: &str) -> io::Result<bool> {
+        let Some((dir, name)) = self.real_parent(kernel_path, false)? else {
+            return Ok(false);
+        };
+        match rustix::fs::unlinkat(&dir, name.as_str(), rustix::fs::AtFlags::empty()) {
+            Ok(()) => Ok(true),
+            Err(e) if e == rustix::io::Errno::NOENT => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The directory holding `kernel_path`, walked from the root one real
+    /// directory at a time (`O_NOFOLLOW`: a link anywhere is refused), created
+    /// when absent with `create`; `None` when absent without it. Also returns the
+    /// last component.
+    fn real_parent(
+        &self,
+        kernel_path: &str,
+        create: bool,
+    ) -> io::Result<Option<(OwnedFd, String)>> {
+        let clean = normalize(kernel_path);
+        let mut parts: Vec<&str> = clean.split('/').filter(|c| !c.is_empty()).collect();
+        let name = parts
+            .pop()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?
+            .to_owned();
+        let mut dir = rustix::fs::openat(
+            self.root_fd()?,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut walked = String::new();
+        for c in parts {
+            walked.push('/');
+            walked.push_str(c);
+            if create {
+                match rustix::fs::mkdirat(&dir, c, Mode::from_raw_mode(0o755)) {
+                    Ok(()) => {}
+                    Err(e) if e == rustix::io::Errno::EXIST => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            dir = match rustix::fs::openat(
+                &dir,
+                c,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(d) => d,
+                Err(e) if !create && e == rustix::io::Errno::NOENT => return Ok(None),
+                Err(e) if e == rustix::io::Errno::LOOP || e == rustix::io::Errno::NOTDIR => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "{walked} is a symbolic link or not a directory (devfence writes there only through real directories)"
+                        ),
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            };
+        }
+        Ok(Some((dir, name)))
+    }
+
     /// Lists the directory at `kernel_path` under the root: each name with its
     /// type as the directory reports it (`d_type`; `None` when unknown), `.` and
     /// `..` left out, in directory order.
@@ -783,5 +883,38 @@ mod tests {
         // A size cap.
         let e = r.read_file("/sys/a/abs", 3).unwrap_err();
         assert!(matches!(e, ReadFileError::TooLarge { limit: 3, .. }), "{e}");
+    }
+    /// issue 18 item 6: a file devfence hands out under a root is never written
+    /// through a link: a linked directory on the way is refused, a link in the
+    /// file's place is replaced, not followed.
+    #[test]
+    fn fresh_files_are_never_written_through_links() {
+        let outside = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let r = HostRoot::new(dir.path());
+        let mut f = r
+            .create_fresh_file("/run/devfence/tokens/a.token", 0o600)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"x").unwrap();
+        assert_eq!(
+            fs::read(dir.path().join("run/devfence/tokens/a.token")).unwrap(),
+            b"x"
+        );
+        // A link in the file's place is removed, not written through.
+        let target = outside.path().join("victim");
+        fs::write(&target, "keep").unwrap();
+        fs::remove_file(dir.path().join("run/devfence/tokens/a.token")).unwrap();
+        symlink(&target, dir.path().join("run/devfence/tokens/a.token")).unwrap();
+        r.create_fresh_file("/run/devfence/tokens/a.token", 0o600)
+            .unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "keep");
+        // A linked directory is refused, whether it points out or in.
+        fs::remove_dir_all(dir.path().join("run/devfence/tokens")).unwrap();
+        symlink(outside.path(), dir.path().join("run/devfence/tokens")).unwrap();
+        let e = r
+            .create_fresh_file("/run/devfence/tokens/b.token", 0o600)
+            .unwrap_err();
+        assert!(e.to_string().contains("/run/devfence/tokens"), "{e}");
+        assert!(!outside.path().join("b.token").exists());
     }
 }

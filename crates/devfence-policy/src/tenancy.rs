@@ -10,9 +10,9 @@
 //! A tenant partition with the default P_Key is *not* refused here: it is a valid
 //! declaration that the `IB-DEFAULT-PKEY-FULL` rule reports.
 
+use devfence_model::bounded::ReadFileError;
 use std::collections::HashMap;
 use std::fmt;
-use std::io::Read;
 use std::path::Path;
 
 use devfence_model::{Bdf, DeviceId, Inventory, Tenancy};
@@ -221,17 +221,17 @@ pub fn load_tenancy(path: &Path) -> Result<Tenancy, TenancyError> {
         path: shown.clone(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(read_err)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_TENANCY_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_err)?;
-    if bytes.len() as u64 > MAX_TENANCY_BYTES {
-        return Err(TenancyError::TooLarge {
-            path: shown,
-            limit: MAX_TENANCY_BYTES,
-        });
-    }
+    // Non-blocking, a regular file only, capped (devfence_model::bounded).
+    let bytes = match devfence_model::bounded::read_file(path, MAX_TENANCY_BYTES) {
+        Ok(b) => b,
+        Err(ReadFileError::TooLarge { .. }) => {
+            return Err(TenancyError::TooLarge {
+                path: shown,
+                limit: MAX_TENANCY_BYTES,
+            });
+        }
+        Err(e) => return Err(read_err(e.into_io())),
+    };
     let text = String::from_utf8(bytes).map_err(|e| TenancyError::NotUtf8 {
         path: shown.clone(),
         offset: e.utf8_error().valid_up_to(),

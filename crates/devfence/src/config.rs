@@ -34,9 +34,13 @@ use anyhow::{Context, Result, bail};
 use devfence_fabric::opensm::SaConfig;
 use devfence_fabric::{OpenSmConfig, UfmConfig};
 use devfence_host::HostRoot;
+use devfence_model::bounded::{self, ReadFileError};
 
 /// Where the configuration lives under a host root.
 pub const CONFIG_PATH: &str = "/etc/devfence/devfence.toml";
+
+/// The most devfence reads of a configuration file.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// The fabric backends.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -131,9 +135,24 @@ impl Config {
             Some(p) => (p.to_path_buf(), true),
             None => (root.path(CONFIG_PATH), false),
         };
-        match std::fs::read_to_string(&path) {
+        // Bounded, non-blocking, a regular file only; the default file is found
+        // inside the root.
+        let read = match explicit {
+            Some(p) => bounded::read_file(p, MAX_CONFIG_BYTES),
+            None => root.read_file(CONFIG_PATH, MAX_CONFIG_BYTES),
+        };
+        let text = read.and_then(|b| {
+            String::from_utf8(b).map_err(|e| ReadFileError::Read {
+                path: path.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+                ),
+            })
+        });
+        match text {
             Ok(t) => Self::parse(&t, &path),
-            Err(e) if !must && e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) if !must && e.is_not_found() => Ok(Self::default()),
             Err(e) => Err(e).with_context(|| {
                 format!(
                     "Cannot read the configuration {}. Hint: check --config",

@@ -5,7 +5,7 @@
 //! made `0700`, files `0600`, written to a temporary file, synced and renamed
 //! into place. The private key is never printed, logged or audited.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -249,10 +249,8 @@ pub(crate) fn read_private(path: &Path, max: u64) -> Result<Option<Vec<u8>>> {
             meta.len()
         );
     }
-    let mut b = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(max + 1).read_to_end(&mut b))
-        .with_context(|| format!("Cannot read {}", path.display()))?;
+    // Non-blocking, a regular file only (checked again on the open file), capped.
+    let b = devfence_model::bounded::read_file(path, max)?;
     Ok(Some(b))
 }
 
@@ -338,7 +336,8 @@ pub fn run(
 
 fn default_host_id(root: &HostRoot) -> Result<String> {
     let p = root.path("/etc/hostname");
-    if let Ok(t) = std::fs::read_to_string(&p)
+    if let Ok(b) = root.read_file("/etc/hostname", 4096)
+        && let Ok(t) = String::from_utf8(b)
         && let Some(l) = t.lines().next()
     {
         let id = l.trim().split('.').next().unwrap_or("").to_owned();
@@ -500,17 +499,14 @@ fn trust_add(
 ) -> Result<Outcome> {
     let line: PublicLine = match (&a.from, &a.key, &a.host) {
         (Some(file), _, _) => {
-            let mut text = String::new();
-            if file.as_os_str() == "-" {
-                std::io::stdin()
-                    .take(64 * 1024)
-                    .read_to_string(&mut text)
-                    .context("Cannot read the public key line from standard input")?;
+            let bytes = if file.as_os_str() == "-" {
+                devfence_model::bounded::read_stream(std::io::stdin(), "standard input", 64 * 1024)
+                    .context("Cannot read the public key line from standard input")?
             } else {
-                std::fs::File::open(file)
-                    .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
-                    .with_context(|| format!("Cannot read {}", file.display()))?;
-            }
+                devfence_model::bounded::read_file(file, 64 * 1024)?
+            };
+            let text = String::from_utf8(bytes)
+                .map_err(|_| anyhow!("{} is not UTF-8 text", file.display()))?;
             let l = text
                 .lines()
                 .map(str::trim)

@@ -899,11 +899,12 @@ pub fn hook(
         ("release", "end") => 2,
         _ => return Ok(Outcome::Ok),
     };
-    let mut xml = String::new();
-    stdin
-        .take(4 * 1024 * 1024 + 1)
-        .read_to_string(&mut xml)
-        .context("Cannot read the domain XML on standard input")?;
+    // At most 4 MiB: more is an error, never a silently cut document.
+    let xml =
+        devfence_model::bounded::read_stream(stdin, "the domain XML on standard input", 4 << 20)
+            .context("Cannot read the domain XML on standard input")?;
+    let xml = String::from_utf8(xml)
+        .map_err(|_| anyhow!("the domain XML on standard input is not UTF-8 text"))?;
     let spec = parse_domain(&xml).map_err(|e| anyhow!("domain {domain}: {e}"))?;
     if spec.name != *domain {
         bail!(

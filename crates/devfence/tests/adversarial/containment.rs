@@ -1,4 +1,243 @@
-//! Adversarial tests: containment.
+//! Adversarial tests: containment (issue 18 items 6, 11, 12 host part, 14).
+//!
+//! Every read and write under a root stays inside it, no file devfence reads can
+//! block it or grow it without limit, output cannot carry terminal control
+//! sequences to the operator, and the simulated kernel is one kernel for every
+//! process that drives it.
 
-#[allow(unused_imports)]
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
 use super::support::*;
+
+/// Runs `cmd` to completion, polling for its exit up to a generous deadline; a
+/// process still running then is killed and the test fails ("hung"). Bounded
+/// polling only turns "did not finish" into a clear failure; no result depends
+/// on timing.
+fn finish_within(mut cmd: Command, what: &str) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn devfence");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let o = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        out.read_to_end(&mut b).ok();
+        b
+    });
+    let e = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        err.read_to_end(&mut b).ok();
+        b
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("{what} hung (still running after the deadline)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: o.join().unwrap(),
+        stderr: e.join().unwrap(),
+    }
+}
+
+fn cmd_on(root: &Path, args: &[&str]) -> Command {
+    let mut c = devfence();
+    c.arg("--root").arg(root).args(args);
+    c
+}
+
+/// The directory a bus entry of `root` points at.
+fn device_dir(root: &Path, bdf: &str) -> PathBuf {
+    let link = root.join("sys/bus/pci/devices").join(bdf);
+    std::fs::canonicalize(link).unwrap()
+}
+
+fn mkfifo(p: &Path) {
+    let _ = std::fs::remove_file(p);
+    let st = Command::new("mkfifo").arg(p).status().unwrap();
+    assert!(st.success());
+}
+
+/// The tenant every test assigns to.
+fn add_acme(root: &Path) {
+    let o = on(
+        root,
+        &[
+            "tenant",
+            "add",
+            "acme",
+            "--launcher",
+            "107:107",
+            "--partition",
+            "0x8001",
+        ],
+    );
+    assert!(o.status.success(), "tenant add: {}", stderr(&o));
+}
+
+/// issue 18 item 6: a link planted in place of a sysfs attribute (absolute, or
+/// climbing out with `..`) is never followed out of the root — `inventory --json`
+/// and `check` never print the outside file; the attribute is reported instead.
+#[test]
+fn a_linked_attribute_is_never_read_outside_the_root() {
+    let (tmp, root) = host("lab");
+    let secret = tmp.path().join("outside-secret");
+    std::fs::write(&secret, "0x5ec7\n").unwrap();
+    let dir = device_dir(&root, "0000:5e:10.0");
+    std::fs::remove_file(dir.join("vendor")).unwrap();
+    std::os::unix::fs::symlink(&secret, dir.join("vendor")).unwrap();
+    std::fs::remove_file(dir.join("device")).unwrap();
+    std::os::unix::fs::symlink(
+        format!(
+            "{}{}",
+            "../".repeat(40),
+            secret.to_str().unwrap().trim_start_matches('/')
+        ),
+        dir.join("device"),
+    )
+    .unwrap();
+    for args in [
+        &["inventory", "--json"][..],
+        &["inventory"][..],
+        &["check"][..],
+        &["check", "--json"][..],
+    ] {
+        let o = on(&root, args);
+        let all = format!("{}{}", stdout(&o), stderr(&o));
+        assert!(
+            !all.contains("5ec7"),
+            "{args:?} read outside the root:\n{all}"
+        );
+    }
+    let o = on(&root, &["check"]);
+    assert!(
+        stdout(&o).contains("symbolic link"),
+        "the planted link is reported: {}",
+        stdout(&o)
+    );
+}
+
+/// issue 18 item 6: a `run/devfence/tokens` link out of the root makes `assign`
+/// refuse to deliver the VF token (device quarantined) — nothing is written, and
+/// nothing removed, outside the root.
+#[test]
+fn a_linked_token_directory_is_refused() {
+    let (tmp, root) = host("lab");
+    add_acme(&root);
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    // A file the token withdrawal would remove through the link.
+    std::fs::write(outside.join("0000:af:10.0.token"), "victim").unwrap();
+    std::fs::create_dir_all(root.join("run/devfence")).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("run/devfence/tokens")).unwrap();
+    let o = on(&root, &["assign", "0000:af:10.0", "--tenant", "acme"]);
+    assert!(
+        !o.status.success(),
+        "assign through a linked token directory"
+    );
+    assert!(
+        stderr(&o).contains("/run/devfence/tokens is a symbolic link"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("Hint:"), "{}", stderr(&o));
+    let names: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec!["0000:af:10.0.token"], "wrote outside the root");
+    assert_eq!(
+        std::fs::read_to_string(outside.join("0000:af:10.0.token")).unwrap(),
+        "victim"
+    );
+}
+
+/// issue 18 item 6: a FIFO in place of an attribute of an unrelated device never
+/// blocks `inventory`, `check` or `assign`: it is reported as a FIFO and the
+/// assignment of another device goes through.
+#[test]
+fn a_fifo_attribute_never_hangs_any_command() {
+    let (_tmp, root) = host("lab");
+    add_acme(&root);
+    mkfifo(&device_dir(&root, "0000:5e:10.2").join("vendor"));
+    let o = finish_within(cmd_on(&root, &["inventory"]), "inventory");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = finish_within(cmd_on(&root, &["check"]), "check");
+    assert!(stdout(&o).contains("FIFO"), "{}", stdout(&o));
+    let o = finish_within(
+        cmd_on(&root, &["assign", "0000:af:10.0", "--tenant", "acme"]),
+        "assign",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// issue 18 item 6: the files devfence reads itself — its configuration, a
+/// tenancy file (`status` reads the configuration, `check` the tenancy) — are
+/// regular files read with a cap: a FIFO, a device node or a
+/// huge file is a clear error naming the path (exit 2), never a hang or an
+/// unbounded read.
+#[test]
+fn config_and_tenancy_reads_are_bounded_and_never_block() {
+    let (tmp, root) = host("lab");
+    add_acme(&root);
+    let etc = root.join("etc/devfence");
+    std::fs::create_dir_all(&etc).unwrap();
+    mkfifo(&etc.join("devfence.toml"));
+    let o = finish_within(cmd_on(&root, &["status"]), "status with a FIFO config");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("FIFO"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("devfence.toml"), "{}", stderr(&o));
+    std::fs::remove_file(etc.join("devfence.toml")).unwrap();
+
+    let o = finish_within(
+        cmd_on(&root, &["--config", "/dev/zero", "status"]),
+        "status --config /dev/zero",
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("character device"), "{}", stderr(&o));
+
+    let big = tmp.path().join("big.toml");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(64 << 20).unwrap();
+    let o = finish_within(
+        cmd_on(&root, &["--config", big.to_str().unwrap(), "status"]),
+        "status with a huge config",
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("larger than"), "{}", stderr(&o));
+
+    let fifo = tmp.path().join("tenancy.toml");
+    mkfifo(&fifo);
+    let o = finish_within(
+        cmd_on(&root, &["check", "--tenancy", fifo.to_str().unwrap()]),
+        "check --tenancy FIFO",
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("FIFO"), "{}", stderr(&o));
+}
+
+/// issue 18 item 6: the libvirt hook reads at most 4 MiB of domain XML from
+/// standard input; an endless stream is refused with a clear error.
+#[test]
+fn the_hook_reads_a_bounded_domain_xml() {
+    let (_tmp, root) = host("lab");
+    let mut c = cmd_on(&root, &["hook", "qemu", "vm1", "prepare", "begin"]);
+    c.stdin(std::fs::File::open("/dev/zero").unwrap())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let o = c.output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("larger than"), "{}", stderr(&o));
+}
