@@ -58,6 +58,18 @@ pub enum HostError {
         /// The root as given.
         path: PathBuf,
     },
+    /// The simulated kernel's shared state beside the tree cannot be used.
+    #[error(
+        "Cannot use the simulated kernel's shared state {}. Hint: the simulated host's run/devfence-simkernel/ must be a writable directory inside the root (no symbolic links); regenerate the host with `devfence sim generate` if it was damaged",
+        path.display()
+    )]
+    SimState {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: io::Error,
+    },
     /// The root could not be examined (permissions, I/O error).
     #[error(
         "Cannot examine host root {}. Hint: check that the user running devfence may read it",
@@ -359,6 +371,70 @@ impl HostRoot {
             Mode::from_raw_mode(mode),
         )?;
         Ok(fs::File::from(fd))
+    }
+
+    /// Opens (creating it when absent, mode 0600) the lock file at
+    /// `kernel_path`, reached through real directories only as
+    /// [`HostRoot::create_fresh_file`] does; never truncated, never a link.
+    ///
+    /// # Errors
+    /// A link or non-directory on the way; the open's error; not a regular file.
+    pub fn open_lock_file(&self, kernel_path: &str) -> io::Result<fs::File> {
+        let (dir, name) = self
+            .real_parent(kernel_path, true)?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let fd = rustix::fs::openat(
+            &dir,
+            name.as_str(),
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        let f = fs::File::from(fd);
+        let t = f.metadata()?.file_type();
+        if !t.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a {}, not a regular file", bounded::kind_name(t)),
+            ));
+        }
+        Ok(f)
+    }
+
+    /// Replaces the file at `kernel_path` with `contents` atomically: a new file
+    /// beside it (mode `mode`) renamed over it, through real directories only.
+    /// Returns the new file's metadata.
+    ///
+    /// # Errors
+    /// A link or non-directory on the way; the create, write or rename error.
+    pub fn replace_file(
+        &self,
+        kernel_path: &str,
+        contents: &[u8],
+        mode: u32,
+    ) -> io::Result<fs::Metadata> {
+        use std::io::Write;
+        let (dir, name) = self
+            .real_parent(kernel_path, true)?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let tmp = format!(".{name}.{}.tmp", std::process::id());
+        let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), rustix::fs::AtFlags::empty());
+        let fd = rustix::fs::openat(
+            &dir,
+            tmp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode),
+        )?;
+        let mut f = fs::File::from(fd);
+        let written = f.write_all(contents).and_then(|()| f.metadata());
+        let m = match written {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), rustix::fs::AtFlags::empty());
+                return Err(e);
+            }
+        };
+        rustix::fs::renameat(&dir, tmp.as_str(), &dir, name.as_str())?;
+        Ok(m)
     }
 
     /// Removes the file at `kernel_path` (a link there is removed, not followed),

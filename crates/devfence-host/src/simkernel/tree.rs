@@ -27,7 +27,7 @@ pub(super) enum Kind {
 
 /// One entry of a subtree saved in memory (a driver's `infiniband/`, `net/`,
 /// `sriov/` while the device is unbound), relative to the saved directory.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) enum Saved {
     Dir(String),
     File(String, Vec<u8>, u32),
