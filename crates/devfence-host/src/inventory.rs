@@ -697,7 +697,7 @@ fn read_function(r: &mut Reader<'_>, bdf: Bdf, e: &Entry) -> Option<PciFunction>
         None
     };
     let iommu_group = if l.has("iommu_group") {
-        r.link_value(subj, &format!("{dir}/iommu_group"), true, group_id)
+        group_link(r, subj, &format!("{dir}/iommu_group"), false)
     } else {
         None
     };
@@ -742,6 +742,60 @@ fn name(s: &str) -> Result<String, String> {
         Err("expected a link whose last component names the target".to_string())
     } else {
         Ok(s.to_owned())
+    }
+}
+
+/// A device's `iommu_group` link: it must resolve to
+/// `/sys/kernel/iommu_groups/<N>`. A link that points anywhere else is reported as
+/// malformed, naming the link and where it points — the device's group is then
+/// unknown, which is not the same as the IOMMU being off (no link at all). An
+/// absent link is a problem only when `required`.
+fn group_link(
+    r: &mut Reader<'_>,
+    subject: Option<&str>,
+    link: &str,
+    required: bool,
+) -> Option<IommuGroupId> {
+    let t = match r.link_target(link) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if required {
+                r.problem(subject, link, None, "missing");
+            }
+            return None;
+        }
+        Err(e) => {
+            let reason = if e.kind() == io::ErrorKind::InvalidInput {
+                "malformed iommu_group: not a symlink (the kernel links it to /sys/kernel/iommu_groups/<N>)".to_string()
+            } else {
+                io_reason(&e)
+            };
+            r.problem(subject, link, None, reason);
+            return None;
+        }
+    };
+    let resolved = resolve_target(link, &t);
+    let id = resolved
+        .strip_prefix(GROUPS)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .and_then(|n| group_id(n).ok());
+    match id {
+        Some(id) => {
+            r.stats.attributes += 1;
+            Some(id)
+        }
+        None => {
+            r.problem(
+                subject,
+                link,
+                Some(show_str(&t)),
+                format!(
+                    "malformed iommu_group link: it points at {}, not at {GROUPS}/<N>, so the device's group is unknown (the IOMMU is not necessarily off)",
+                    show_str(&resolved)
+                ),
+            );
+            None
+        }
     }
 }
 
@@ -1152,7 +1206,7 @@ fn read_mdev(r: &mut Reader<'_>, uuid: MdevUuid, e: &Entry) -> Option<Mdev> {
             None
         }
     };
-    let iommu_group = r.link_value(subj, &format!("{dir}/iommu_group"), false, group_id);
+    let iommu_group = group_link(r, subj, &format!("{dir}/iommu_group"), true);
     let driver = r.link_value(subj, &format!("{dir}/driver"), true, name);
     let parent = {
         let mut parts = dir.rsplit('/');
@@ -2237,5 +2291,25 @@ mod tests {
             .find(|p| p.path == format!("{VF1}/class"))
             .expect("the huge file is a problem");
         assert!(big.error.contains("larger than"), "{big:?}");
+    }
+    /// issue 18 item 12: an `iommu_group` link that points anywhere but
+    /// `/sys/kernel/iommu_groups/<N>` — even at a directory named like a group —
+    /// is a malformed link naming its target, and the device has no group.
+    #[test]
+    fn a_group_link_elsewhere_is_malformed() {
+        let t = full_host();
+        fs::remove_file(t.real(&format!("{VF1}/iommu_group"))).unwrap();
+        t.raw_link(&format!("{VF1}/iommu_group"), "../../../../tmp/41");
+        let inv = read_inventory(&t.root()).unwrap();
+        let f = inv.pci_function("0000:3b:00.1".parse().unwrap()).unwrap();
+        assert_eq!(f.iommu_group, None);
+        let p = inv
+            .problems
+            .iter()
+            .find(|p| p.path == format!("{VF1}/iommu_group"))
+            .expect("a problem");
+        assert!(p.error.contains("malformed"), "{p:?}");
+        assert!(p.error.contains("/sys/tmp/41"), "{p:?}");
+        assert_eq!(p.value.as_deref(), Some("../../../../tmp/41"));
     }
 }

@@ -291,7 +291,12 @@ impl<'w> Printer<'w> {
                     engine_truncate(last, 110)
                 );
                 if self.tty {
-                    write!(self.out, "\r{line}\x1b[K")?;
+                    // devfence's own control sequence goes to the terminal as is
+                    // (everything through `out` is escaped); the line is escaped.
+                    self.out.flush()?;
+                    let mut tty = std::io::stdout();
+                    write!(tty, "\r{}\x1b[K", crate::safeout::escape_controls(&line))?;
+                    tty.flush()?;
                     self.waiting = true;
                 } else if *polls == 1 || polls.is_power_of_two() {
                     writeln!(self.out, "{line}")?;

@@ -464,13 +464,12 @@ impl K<'_> {
                 .trim_end_matches(|c: char| c.is_ascii_digit())
                 .to_owned();
             let class_dir = format!("/sys/class/{class}");
-            let new =
-                format!(
-                    "{prefix}{}",
-                    lowest_free(self.t.list(&class_dir).iter().filter_map(|n| {
-                        n.strip_prefix(prefix.as_str()).and_then(|x| x.parse().ok())
-                    }))
-                );
+            let new = format!(
+                "{prefix}{}",
+                lowest_free(self.t.list(&class_dir).iter().filter_map(|n| {
+                    n.strip_prefix(prefix.as_str()).and_then(|x| x.parse().ok())
+                }))
+            );
             for e in entries.iter_mut() {
                 if let Saved::Link(_, t) = e
                     && let Some(parent) = t.parent()

@@ -278,3 +278,120 @@ fn concurrent_assigns_on_one_simulated_host_all_succeed() {
         assert_eq!(ready, 4, "round {round}: {}", stdout(&o));
     }
 }
+
+/// Writes `bytes` into the attribute `name` of the function `bdf`.
+fn plant(root: &Path, bdf: &str, name: &str, bytes: &[u8]) {
+    std::fs::write(device_dir(root, bdf).join(name), bytes).unwrap();
+}
+
+/// issue 18 item 11: terminal control sequences read from the host never reach
+/// the operator's terminal: in every text output (and in errors) they are written
+/// as `\u00XX`; JSON output stays valid and carries the value losslessly.
+#[test]
+fn control_sequences_from_the_host_never_reach_the_terminal() {
+    let (_tmp, root) = host("lab");
+    add_acme(&root);
+    let o = on(&root, &["assign", "0000:3b:00.1", "--tenant", "acme"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A title write, a colour, a screen clear, a carriage return and a C1 CSI.
+    plant(
+        &root,
+        "0000:5e:10.2",
+        "vendor",
+        b"\x1b]0;pwned\x07\x1b[31m0x8086\r\n",
+    );
+    plant(
+        &root,
+        "0000:5e:10.2",
+        "driver_override",
+        "vfio\u{9b}2J\x1b[2J-pci\n".as_bytes(),
+    );
+    for args in [
+        &["inventory"][..],
+        &["check"][..],
+        &["status"][..],
+        &["audit", "show"][..],
+        &["tenant", "list"][..],
+        &["assign", "0000:5e:10.2", "--tenant", "acme"][..],
+    ] {
+        let o = on(&root, args);
+        for (what, bytes) in [("stdout", &o.stdout), ("stderr", &o.stderr)] {
+            let s = String::from_utf8_lossy(bytes);
+            assert!(
+                !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t'),
+                "{args:?} wrote a control character to {what}:\n{s:?}"
+            );
+        }
+    }
+    let o = on(&root, &["check"]);
+    assert!(
+        stdout(&o).contains("\\u001b]0;pwned\\u0007"),
+        "{}",
+        stdout(&o)
+    );
+    let o = on(&root, &["inventory", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("valid JSON");
+    fn strings(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::String(s) => out.push(s.clone()),
+            serde_json::Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+            serde_json::Value::Object(m) => m.values().for_each(|x| strings(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    strings(&v, &mut all);
+    assert!(
+        all.iter().any(|s| s == "vfio\u{9b}2J\u{1b}[2J-pci"),
+        "the JSON value is kept whole"
+    );
+}
+
+/// issue 18 item 11: a command whose reader goes away (`devfence audit show
+/// --json | head`) ends quietly: exit 0, nothing on standard error.
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    let (_tmp, root) = host("lab");
+    add_acme(&root);
+    for args in [
+        &["audit", "show", "--json"][..],
+        &["audit", "show"][..],
+        &["inventory", "--json"][..],
+    ] {
+        let mut c = cmd_on(&root, args);
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        // Close the reading end before the command has written anything.
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o), "", "{args:?}");
+    }
+}
+
+/// issue 18 item 12 (host part): a garbage `iommu_group` link is reported as
+/// malformed, naming the link and where it points — not as a missing group with
+/// the advice to enable the IOMMU.
+#[test]
+fn a_garbage_iommu_group_link_is_malformed_not_missing() {
+    let (_tmp, root) = host("lab");
+    add_acme(&root);
+    let link = device_dir(&root, "0000:5e:10.0").join("iommu_group");
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink("../../../../nowhere/garbage", &link).unwrap();
+    let o = on(&root, &["assign", "0000:5e:10.0", "--tenant", "acme"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("malformed"), "{e}");
+    assert!(e.contains("0000:5e:10.0/iommu_group"), "{e}");
+    assert!(e.contains("nowhere/garbage"), "{e}");
+    assert!(!e.contains("enable the IOMMU"), "{e}");
+    let o = on(&root, &["check"]);
+    assert!(
+        stdout(&o).contains("malformed iommu_group link"),
+        "{}",
+        stdout(&o)
+    );
+}
