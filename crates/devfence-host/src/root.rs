@@ -212,7 +212,11 @@ impl HostRoot {
 
     /// [`HostRoot::open`] without the regular-file check.
     fn open_unchecked(&self, kernel_path: &str, access: Access) -> io::Result<fs::File> {
-        let clean = normalize(kernel_path);
+        let clean: Cow<'_, str> = if needs_normalizing(kernel_path) {
+            Cow::Owned(normalize(kernel_path))
+        } else {
+            Cow::Borrowed(kernel_path)
+        };
         let rel = clean.trim_start_matches('/');
         let rel = if rel.is_empty() { "." } else { rel };
         let root = self.root_fd()?;
@@ -516,9 +520,13 @@ impl HostRoot {
     /// The open or read error (`NotFound`, `NotADirectory`, …).
     pub fn list_dir(&self, kernel_path: &str) -> io::Result<Vec<DirEntry>> {
         let f = self.open(kernel_path, Access::Dir)?;
-        let dir = rustix::fs::Dir::read_from(f.as_fd())?;
+        // getdents64 into an uninitialised buffer on the stack: no copy of the
+        // descriptor, no zeroing (this runs for every directory the inventory
+        // lists).
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 16 * 1024];
+        let mut dir = rustix::fs::RawDir::new(f.as_fd(), &mut buf);
         let mut out = Vec::new();
-        for e in dir {
+        while let Some(e) = dir.next() {
             let e = e?;
             let name = e.file_name().to_bytes();
             if name == b"." || name == b".." {

@@ -71,6 +71,15 @@ impl<W: Write> SafeOut<W> {
 
 impl<W: Write> Write for SafeOut<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // The common case, nothing to escape: straight through, no copy.
+        if !self.pending_c2
+            && !buf
+                .iter()
+                .any(|&b| (b < 0x20 && b != b'\n' && b != b'\t') || b == 0x7f || b == 0xc2)
+        {
+            self.put(buf)?;
+            return Ok(buf.len());
+        }
         let mut out = Vec::with_capacity(buf.len() + 8);
         for &b in buf {
             if std::mem::take(&mut self.pending_c2) {
