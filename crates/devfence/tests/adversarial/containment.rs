@@ -395,3 +395,24 @@ fn a_garbage_iommu_group_link_is_malformed_not_missing() {
         stdout(&o)
     );
 }
+
+/// issue 18 item 6: the default tenancy file under the root is found in the root:
+/// a link from `etc/devfence/tenancy.toml` to a file outside is not followed out.
+#[test]
+fn a_linked_default_tenancy_is_not_read_outside_the_root() {
+    let (tmp, root) = host("no-acs");
+    let outside = tmp.path().join("outside-tenancy.toml");
+    std::fs::write(
+        &outside,
+        "[[tenant]]\nid = \"outsider\"\nlauncher_uid = 4242\n",
+    )
+    .unwrap();
+    let t = root.join("etc/devfence/tenancy.toml");
+    std::fs::remove_file(&t).unwrap();
+    std::os::unix::fs::symlink(&outside, &t).unwrap();
+    let o = on(&root, &["check"]);
+    let out = stdout(&o);
+    assert!(out.contains("tenancy: none"), "{out}");
+    let o = on(&root, &["check", "--json"]);
+    assert!(!stdout(&o).contains("outsider"), "{}", stdout(&o));
+}
