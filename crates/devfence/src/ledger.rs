@@ -955,14 +955,11 @@ pub fn hook(
             // The launcher has read its VF tokens by now: remove the files.
             for d in &spec.hostdevs {
                 if let DeviceId::Pci(b) = d {
-                    let p = env.root.path(&format!(
-                        "{}/tokens/{b}.token",
-                        EngineConfig::default().runtime_dir
-                    ));
-                    if p.exists() {
-                        std::fs::remove_file(&p)
-                            .with_context(|| format!("Cannot remove {}", p.display()))?;
-                    }
+                    let k = format!("{}/tokens/{b}.token", EngineConfig::default().runtime_dir);
+                    // Through real directories inside the root only, never a link.
+                    env.root.remove_file(&k).with_context(|| {
+                        format!("Cannot remove {}", env.root.path(&k).display())
+                    })?;
                 }
             }
             Ok(Outcome::Ok)

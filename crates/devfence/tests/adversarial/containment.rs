@@ -416,3 +416,43 @@ fn a_linked_default_tenancy_is_not_read_outside_the_root() {
     let o = on(&root, &["check", "--json"]);
     assert!(!stdout(&o).contains("outsider"), "{}", stdout(&o));
 }
+
+/// issue 18 item 6: the hook's removal of delivered VF tokens (`started begin`)
+/// never deletes through a linked `run/devfence/tokens`: the file outside stays.
+#[test]
+fn the_hook_never_removes_a_token_through_a_link() {
+    let (tmp, root) = host("lab");
+    add_acme(&root);
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("0000:af:10.0.token"), "victim").unwrap();
+    std::fs::create_dir_all(root.join("run/devfence")).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("run/devfence/tokens")).unwrap();
+    let xml = "<domain type='kvm'><name>vm1</name>\
+        <uuid>6f1e2c3a-1111-4222-8333-944455556666</uuid><devices>\
+        <hostdev mode='subsystem' type='pci' managed='no'><source>\
+        <address domain='0x0000' bus='0xaf' slot='0x10' function='0x0'/>\
+        </source></hostdev></devices></domain>";
+    let mut c = cmd_on(&root, &["hook", "qemu", "vm1", "started", "begin"]);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(xml.as_bytes())
+            .unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(outside.join("0000:af:10.0.token")).unwrap(),
+        "victim",
+        "removed outside the root: {}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("symbolic link"), "{}", stderr(&o));
+}
