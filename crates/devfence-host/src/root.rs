@@ -967,6 +967,17 @@ mod tests {
         // A size cap.
         let e = r.read_file("/sys/a/abs", 3).unwrap_err();
         assert!(matches!(e, ReadFileError::TooLarge { limit: 3, .. }), "{e}");
+        // Without openat2 (old kernels, seccomp) the fallback keeps the same rules.
+        for p in ["/sys/a/abs", "/sys/a/up", "/sys/d/secret"] {
+            let fd = r.open_without_openat2(p, Access::Read).unwrap();
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut fs::File::from(fd), &mut s).unwrap();
+            assert_eq!(s, "inside", "{p}");
+        }
+        let e = r
+            .open_without_openat2("/sys/a/abs", Access::ReadNoFollow)
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(40), "{e}");
     }
     /// issue 18 item 6: a file devfence hands out under a root is never written
     /// through a link: a linked directory on the way is refused, a link in the
