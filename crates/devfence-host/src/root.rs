@@ -603,6 +603,20 @@ impl HostRoot {
         }
     }
 
+    /// The file that holds `kernel_path`, its links resolved *in* the root
+    /// ([`HostRoot::resolve_in_root`]): for paths devfence hands to code that
+    /// opens by path (SQLite, key and envelope files), so that a link in a fixture
+    /// tree is re-rooted instead of followed out. On `/` it is [`HostRoot::path`].
+    ///
+    /// # Errors
+    /// A link on the way cannot be read; too many links.
+    pub fn path_in_root(&self, kernel_path: &str) -> io::Result<PathBuf> {
+        if self.root == Path::new("/") {
+            return Ok(self.path(kernel_path));
+        }
+        Ok(self.path(&self.resolve_in_root(kernel_path, true)?))
+    }
+
     /// The kernel path of a file under this root, always starting with `/`:
     /// `<root>/sys/devices/x` → `/sys/devices/x`. A path outside the root is
     /// returned as it is (made absolute-looking), lossily decoded.

@@ -256,7 +256,7 @@ pub(crate) fn read_private(path: &Path, max: u64) -> Result<Option<Vec<u8>>> {
 
 /// Loads the host key.
 pub(crate) fn load_host_key(root: &HostRoot) -> Result<HostKey> {
-    let path = root.path(HOST_KEY);
+    let path = root.path_in_root(HOST_KEY)?;
     let Some(mut b) = read_private(&path, 4096)? else {
         bail!(
             "This host has no signing key ({} is missing). Hint: make one with `devfence keys init`",
@@ -272,7 +272,7 @@ pub(crate) fn load_host_key(root: &HostRoot) -> Result<HostKey> {
 
 /// Loads the keyring (empty if there is none yet).
 pub(crate) fn load_keyring(root: &HostRoot) -> Result<Keyring> {
-    let path = root.path(KEYRING);
+    let path = root.path_in_root(KEYRING)?;
     match read_private(&path, devfence_seal::keys::MAX_KEYRING as u64)? {
         None => Ok(Keyring::new()),
         Some(b) => {
@@ -284,8 +284,8 @@ pub(crate) fn load_keyring(root: &HostRoot) -> Result<Keyring> {
 }
 
 fn save_keyring(root: &HostRoot, ring: &Keyring) -> Result<()> {
-    private_dir(&root.path(KEYS_DIR))?;
-    write_private(&root.path(KEYRING), ring.render().as_bytes())
+    private_dir(&root.path_in_root(KEYS_DIR)?)?;
+    write_private(&root.path_in_root(KEYRING)?, ring.render().as_bytes())
 }
 
 /// Opens (creating) the ledger, for the audit records.
@@ -354,12 +354,12 @@ fn default_host_id(root: &HostRoot) -> Result<String> {
 }
 
 fn write_host_key(root: &HostRoot, key: &HostKey) -> Result<()> {
-    private_dir(&root.path(KEYS_DIR))?;
+    private_dir(&root.path_in_root(KEYS_DIR)?)?;
     let text = key.to_file_text();
-    write_private(&root.path(HOST_KEY), text.expose().as_bytes())?;
+    write_private(&root.path_in_root(HOST_KEY)?, text.expose().as_bytes())?;
     drop(text);
     write_private(
-        &root.path(HOST_PUB),
+        &root.path_in_root(HOST_PUB)?,
         format!("{}\n", key.public_line()).as_bytes(),
     )
 }
@@ -380,7 +380,7 @@ fn init(
     a: &KeysInitArgs,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
-    let path = root.path(HOST_KEY);
+    let path = root.path_in_root(HOST_KEY)?;
     if std::fs::symlink_metadata(&path).is_ok() {
         let existing = load_host_key(root)
             .map(|k| format!(" (fingerprint {})", k.public().fingerprint()))
@@ -421,7 +421,7 @@ fn init(
              public key:  {}\n\ngive this line to every destination host (`devfence keys trust add --from FILE` there):\n{}",
             key.public().fingerprint(),
             path.display(),
-            root.path(HOST_PUB).display(),
+            root.path_in_root(HOST_PUB)?.display(),
             key.public_line()
         )?;
     }

@@ -259,7 +259,7 @@ fn seal_cmd(
         &payload,
     )?;
     let id = EnvelopeId::of(&bytes);
-    let dir = root.path(STATE_STORE);
+    let dir = root.path_in_root(STATE_STORE)?;
     private_dir(&dir)?;
     let path = dir.join(format!("{id}.dfseal"));
     // Write, then audit (re-reading the holder in the same transaction), then
@@ -514,7 +514,7 @@ fn admit_cmd(
         .with_context(|| format!("Cannot read the host under {}", root.root().display()))?;
     let described = describe(&inv, &dev);
     let mut store = open_ledger(root, ledger)?;
-    let side = root.path(SIDE_LOAD);
+    let side = root.path_in_root(SIDE_LOAD)?;
 
     // The whole decision, the nonce and the audit record in one transaction: a
     // concurrent admission of the same envelope waits, then finds the nonce.

@@ -456,3 +456,31 @@ fn the_hook_never_removes_a_token_through_a_link() {
     );
     assert!(stderr(&o).contains("symbolic link"), "{}", stderr(&o));
 }
+
+/// issue 18 item 6: the host key devfence writes under a root stays in the root:
+/// an `etc/devfence` link to a directory outside is resolved under the root
+/// (re-rooted), so the private key never lands outside it.
+#[test]
+fn keys_are_written_inside_the_root() {
+    let (tmp, root) = host("lab");
+    let outside = tmp.path().join("outside-etc");
+    std::fs::create_dir_all(&outside).unwrap();
+    let etc = root.join("etc/devfence");
+    if etc.exists() {
+        std::fs::remove_dir_all(&etc).unwrap();
+    }
+    std::os::unix::fs::symlink(&outside, &etc).unwrap();
+    let o = on(&root, &["keys", "init", "--host-id", "hv01"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "keys were written outside the root"
+    );
+    let inside = root
+        .join(outside.strip_prefix("/").unwrap())
+        .join("keys/host.key");
+    assert!(inside.is_file(), "the key is re-rooted under the root");
+    let o = on(&root, &["keys", "show"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
