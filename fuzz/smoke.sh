@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for FUZZ_SECONDS (default 45) each, starting from the
 # checked-in seeds. A crash fails the run and leaves the input in fuzz/artifacts/.
+# An input that runs longer than 30 s is a failure too (-timeout): for
+# root_containment a hang (a FIFO opened blocking) is the bug it looks for.
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${FUZZ_SECONDS:-45}
@@ -13,7 +15,7 @@ for t in $(cargo +nightly fuzz list); do
   log="$(mktemp)"
   echo "fuzz $t for ${secs}s"
   if cargo +nightly fuzz run "$t" "$corpus" "${seeds[@]}" -- \
-      -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
+      -max_total_time="$secs" -timeout=30 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
     grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|Done)' "$log" || tail -n 3 "$log"
   else
     tail -n 60 "$log"

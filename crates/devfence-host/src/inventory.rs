@@ -22,10 +22,9 @@
 //! states, IB devices) are read on up to [`std::thread::available_parallelism`]
 //! threads; results, counters and problems are merged deterministically.
 
-use std::fs::{self, File};
 use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use devfence_model::{
@@ -36,7 +35,7 @@ use devfence_model::{
 
 use crate::parse::{self, ParseResult};
 pub use crate::root::HostError;
-use crate::root::{HostRoot, resolve_target};
+use crate::root::{Access, EntryKind, HostRoot, resolve_target};
 
 /// How much reading an inventory took, in syscall-level operations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -162,7 +161,7 @@ const MIN_ITEMS_PER_THREAD: usize = 32;
 /// Items a thread claims at a time.
 const BLOCK: usize = 16;
 /// Larger attribute files are refused (sysfs values are at most a page).
-const MAX_FILE: usize = 16 << 20;
+const MAX_FILE: usize = 1 << 20;
 /// Problem values are cut to this many characters.
 const VALUE_MAX_CHARS: usize = 80;
 
@@ -187,6 +186,10 @@ fn show_str(s: &str) -> String {
 fn io_reason(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::NotFound => "missing".to_string(),
+        _ if e.raw_os_error() == Some(40) => {
+            "cannot read: a symbolic link where the kernel has a file (devfence does not follow it)"
+                .to_string()
+        }
         _ => format!("cannot read: {e}"),
     }
 }
@@ -242,8 +245,6 @@ struct Reader<'r> {
     threads: usize,
     /// Reused for the value of every file read.
     buf: Vec<u8>,
-    /// Reused for the path under the root of every file opened.
-    real: PathBuf,
     stats: ReadStats,
     problems: Vec<ReadProblem>,
 }
@@ -254,7 +255,6 @@ impl<'r> Reader<'r> {
             root,
             threads,
             buf: vec![0; 4096],
-            real: PathBuf::new(),
             stats: ReadStats::default(),
             problems: Vec::new(),
         }
@@ -282,15 +282,17 @@ impl<'r> Reader<'r> {
     /// only reads short at its end. This saves the extra `read` that returns 0.
     fn read(&mut self, kpath: &str) -> io::Result<usize> {
         self.stats.files_read += 1;
-        self.root.path_into(kpath, &mut self.real);
-        let mut f = File::open(&self.real)?;
+        // In the root, not following a link in the last component, non-blocking
+        // and only a regular file (HostRoot::open): a FIFO or a link planted in
+        // place of an attribute is a problem, never a hang or a read elsewhere.
+        let mut f = self.root.open(kpath, Access::ReadNoFollow)?;
         let mut len = 0;
         loop {
             if len == self.buf.len() {
                 if self.buf.len() >= MAX_FILE {
                     return Err(io::Error::other(format!(
-                        "larger than {} MiB",
-                        MAX_FILE >> 20
+                        "larger than {} KiB",
+                        MAX_FILE >> 10
                     )));
                 }
                 let grown = self.buf.len().saturating_mul(2).max(4096);
@@ -391,22 +393,24 @@ impl<'r> Reader<'r> {
     fn list(&mut self, subject: Option<&str>, kpath: &str) -> io::Result<Vec<Entry>> {
         self.stats.dirs_listed += 1;
         let mut out = Vec::new();
-        self.root.path_into(kpath, &mut self.real);
-        for e in fs::read_dir(&self.real)? {
-            let e = match e {
-                Ok(e) => e,
-                Err(err) => {
-                    self.problem(subject, kpath, None, format!("cannot list: {err}"));
-                    continue;
-                }
+        for e in self.root.list_dir(kpath)? {
+            let kind = match e.kind {
+                Some(EntryKind::Link) => Kind::Link,
+                Some(EntryKind::Dir) => Kind::Dir,
+                Some(EntryKind::File) => Kind::File,
+                Some(EntryKind::Other) => Kind::Other,
+                // The file system does not say: ask (without following).
+                None => match self
+                    .root
+                    .metadata(&format!("{kpath}/{}", e.name.display()), false)
+                {
+                    Ok(m) if m.file_type().is_symlink() => Kind::Link,
+                    Ok(m) if m.is_dir() => Kind::Dir,
+                    Ok(m) if m.is_file() => Kind::File,
+                    _ => Kind::Other,
+                },
             };
-            let kind = match e.file_type() {
-                Ok(t) if t.is_symlink() => Kind::Link,
-                Ok(t) if t.is_dir() => Kind::Dir,
-                Ok(t) if t.is_file() => Kind::File,
-                _ => Kind::Other,
-            };
-            match e.file_name().into_string() {
+            match e.name.into_string() {
                 Ok(name) => out.push(Entry { name, kind }),
                 Err(name) => {
                     let shown = show(name.as_encoded_bytes());
@@ -454,9 +458,8 @@ impl<'r> Reader<'r> {
     /// `InvalidData` error.
     fn link_target(&mut self, kpath: &str) -> io::Result<String> {
         self.stats.links_read += 1;
-        self.root.path_into(kpath, &mut self.real);
-        let t = fs::read_link(&self.real)?;
-        t.into_os_string().into_string().map_err(|t| {
+        let t = self.root.read_link_raw(kpath)?;
+        t.into_string().map_err(|t| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
@@ -531,8 +534,7 @@ impl<'r> Reader<'r> {
     /// Whether the file at `kpath` exists (following links).
     fn exists(&mut self, kpath: &str) -> bool {
         self.stats.files_read += 1;
-        self.root.path_into(kpath, &mut self.real);
-        fs::metadata(&self.real).is_ok()
+        self.root.metadata(kpath, true).is_ok()
     }
 
     /// Maps `f` over `items` on up to `self.threads` threads. Results keep the
@@ -695,7 +697,7 @@ fn read_function(r: &mut Reader<'_>, bdf: Bdf, e: &Entry) -> Option<PciFunction>
         None
     };
     let iommu_group = if l.has("iommu_group") {
-        r.link_value(subj, &format!("{dir}/iommu_group"), true, group_id)
+        group_link(r, subj, &format!("{dir}/iommu_group"), false)
     } else {
         None
     };
@@ -740,6 +742,60 @@ fn name(s: &str) -> Result<String, String> {
         Err("expected a link whose last component names the target".to_string())
     } else {
         Ok(s.to_owned())
+    }
+}
+
+/// A device's `iommu_group` link: it must resolve to
+/// `/sys/kernel/iommu_groups/<N>`. A link that points anywhere else is reported as
+/// malformed, naming the link and where it points — the device's group is then
+/// unknown, which is not the same as the IOMMU being off (no link at all). An
+/// absent link is a problem only when `required`.
+fn group_link(
+    r: &mut Reader<'_>,
+    subject: Option<&str>,
+    link: &str,
+    required: bool,
+) -> Option<IommuGroupId> {
+    let t = match r.link_target(link) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if required {
+                r.problem(subject, link, None, "missing");
+            }
+            return None;
+        }
+        Err(e) => {
+            let reason = if e.kind() == io::ErrorKind::InvalidInput {
+                "malformed iommu_group: not a symlink (the kernel links it to /sys/kernel/iommu_groups/<N>)".to_string()
+            } else {
+                io_reason(&e)
+            };
+            r.problem(subject, link, None, reason);
+            return None;
+        }
+    };
+    let resolved = resolve_target(link, &t);
+    let id = resolved
+        .strip_prefix(GROUPS)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .and_then(|n| group_id(n).ok());
+    match id {
+        Some(id) => {
+            r.stats.attributes += 1;
+            Some(id)
+        }
+        None => {
+            r.problem(
+                subject,
+                link,
+                Some(show_str(&t)),
+                format!(
+                    "malformed iommu_group link: it points at {}, not at {GROUPS}/<N>, so the device's group is unknown (the IOMMU is not necessarily off)",
+                    show_str(&resolved)
+                ),
+            );
+            None
+        }
     }
 }
 
@@ -1002,9 +1058,17 @@ fn node_key(k: &VfioNodeKind) -> (u8, u32, (&str, u64, &str)) {
 }
 
 fn read_node(r: &mut Reader<'_>, path: &str, kind: &VfioNodeKind) -> Option<VfioNode> {
-    let real = r.root.path(path);
     r.stats.files_read += 1;
-    let meta = match fs::metadata(&real) {
+    // A handle on the node itself, found in the root (a link is followed in the
+    // root only): its metadata and label are read through the handle.
+    let node = match r.root.open(path, Access::Path) {
+        Ok(f) => f,
+        Err(e) => {
+            r.problem(None, path, None, io_reason(&e));
+            return None;
+        }
+    };
+    let meta = match node.metadata() {
         Ok(m) => m,
         Err(e) => {
             r.problem(None, path, None, io_reason(&e));
@@ -1013,7 +1077,8 @@ fn read_node(r: &mut Reader<'_>, path: &str, kind: &VfioNodeKind) -> Option<Vfio
     };
     r.stats.attributes += 1;
     r.stats.files_read += 1;
-    let selinux_label = match xattr::get_deref(&real, "security.selinux") {
+    let by_handle = format!("/proc/self/fd/{}", node.as_raw_fd());
+    let selinux_label = match xattr::get_deref(&by_handle, "security.selinux") {
         Ok(Some(v)) => match parse::selinux_label(&v) {
             Ok(label) => {
                 r.stats.attributes += 1;
@@ -1141,7 +1206,7 @@ fn read_mdev(r: &mut Reader<'_>, uuid: MdevUuid, e: &Entry) -> Option<Mdev> {
             None
         }
     };
-    let iommu_group = r.link_value(subj, &format!("{dir}/iommu_group"), false, group_id);
+    let iommu_group = group_link(r, subj, &format!("{dir}/iommu_group"), true);
     let driver = r.link_value(subj, &format!("{dir}/driver"), true, name);
     let parent = {
         let mut parts = dir.rsplit('/');
@@ -1402,6 +1467,7 @@ fn read_pkeys(r: &mut Reader<'_>, subj: Option<&str>, dir: &str) -> Vec<PKeySlot
 mod tests {
     use super::*;
     use devfence_model::{ApMask, Guid, PKey};
+    use std::fs;
     use std::os::unix::fs::{PermissionsExt, symlink};
 
     /// A host tree built by hand in a temporary directory, with the kernel's
@@ -2149,5 +2215,101 @@ mod tests {
         assert_eq!(card_id("card0A"), None);
         assert_eq!(queue_id("05.0012").map(|q| q.domain), Some(0x12));
         assert_eq!(queue_id("05.00AB"), None);
+    }
+    /// issue 18 item 6: a link planted in place of an attribute, or a directory
+    /// link leading out of the fixture, is never followed out of the root: the
+    /// outside file's contents appear nowhere in the inventory.
+    #[test]
+    fn links_never_lead_out_of_the_root() {
+        let outside = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("secret");
+        fs::write(&secret, "0xdead\n").unwrap();
+        fs::create_dir_all(outside.path().join("dir")).unwrap();
+        fs::write(outside.path().join("dir/vendor"), "0xbeef\n").unwrap();
+        let t = full_host();
+        // An attribute that is an absolute link to a file outside the root.
+        fs::remove_file(t.real(&format!("{PF}/vendor"))).unwrap();
+        t.raw_link(&format!("{PF}/vendor"), secret.to_str().unwrap());
+        // A relative link climbing out of the root.
+        fs::remove_file(t.real(&format!("{VF1}/device"))).unwrap();
+        let up = "../".repeat(20);
+        t.raw_link(
+            &format!("{VF1}/device"),
+            &format!("{up}{}", secret.to_str().unwrap().trim_start_matches('/')),
+        );
+        // A bus entry whose target is a directory outside the root.
+        t.raw_link(
+            "/sys/bus/pci/devices/0000:99:00.0",
+            outside.path().join("dir").to_str().unwrap(),
+        );
+        let inv = read_inventory(&t.root()).unwrap();
+        let json = serde_json::to_string(&inv).unwrap();
+        assert!(!json.contains("dead"), "read outside the root: {json}");
+        assert!(!json.contains("beef"), "read outside the root: {json}");
+        let p = inv
+            .problems
+            .iter()
+            .find(|p| p.path == format!("{PF}/vendor"))
+            .expect("the linked vendor is a problem");
+        assert!(p.error.contains("symbolic link"), "{p:?}");
+        assert!(
+            inv.problems
+                .iter()
+                .any(|p| p.path == format!("{VF1}/device")),
+            "{:?}",
+            inv.problems
+        );
+    }
+
+    /// issue 18 item 6: a FIFO in place of an attribute is a problem at once —
+    /// the reader never opens it blocking — and a huge attribute is refused at
+    /// the cap.
+    #[test]
+    fn a_fifo_or_a_huge_file_is_a_problem_not_a_hang() {
+        let t = full_host();
+        fs::remove_file(t.real(&format!("{VF2}/vendor"))).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            t.real(&format!("{VF2}/vendor")),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let f = fs::File::create(t.real(&format!("{VF1}/class"))).unwrap();
+        f.set_len(MAX_FILE as u64 + 1).unwrap();
+        let inv = read_inventory(&t.root()).unwrap();
+        let fifo = inv
+            .problems
+            .iter()
+            .find(|p| p.path == format!("{VF2}/vendor"))
+            .expect("the FIFO is a problem");
+        assert!(fifo.error.contains("FIFO"), "{fifo:?}");
+        let big = inv
+            .problems
+            .iter()
+            .find(|p| p.path == format!("{VF1}/class"))
+            .expect("the huge file is a problem");
+        assert!(big.error.contains("larger than"), "{big:?}");
+    }
+    /// issue 18 item 12: an `iommu_group` link that points anywhere but
+    /// `/sys/kernel/iommu_groups/<N>` — even at a directory named like a group —
+    /// is a malformed link naming its target, and the device has no group.
+    #[test]
+    fn a_group_link_elsewhere_is_malformed() {
+        let t = full_host();
+        fs::remove_file(t.real(&format!("{VF1}/iommu_group"))).unwrap();
+        t.raw_link(&format!("{VF1}/iommu_group"), "../../../../tmp/41");
+        let inv = read_inventory(&t.root()).unwrap();
+        let f = inv.pci_function("0000:3b:00.1".parse().unwrap()).unwrap();
+        assert_eq!(f.iommu_group, None);
+        let p = inv
+            .problems
+            .iter()
+            .find(|p| p.path == format!("{VF1}/iommu_group"))
+            .expect("a problem");
+        assert!(p.error.contains("malformed"), "{p:?}");
+        assert!(p.error.contains("/sys/tmp/41"), "{p:?}");
+        assert_eq!(p.value.as_deref(), Some("../../../../tmp/41"));
     }
 }

@@ -13,6 +13,8 @@
 //! tests, benchmarks and the demo run on.
 
 pub mod actuator;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inventory;
 pub mod parse;
 pub mod root;

@@ -6,8 +6,10 @@
 //! [`DeviceId`]), describes what a host has ([`Inventory`]), who holds what
 //! ([`Tenancy`]) and what the isolation rules report ([`Finding`]). It does no I/O:
 //! parsing happens once at the edge, and inside, a value of a type is valid by
-//! construction.
+//! construction. The one exception is [`bounded`], the bounded file read every crate
+//! uses, so that no file devfence reads can block it or grow it without limit.
 
+pub mod bounded;
 pub mod finding;
 pub mod ids;
 pub mod inventory;

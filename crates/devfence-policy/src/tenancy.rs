@@ -16,9 +16,9 @@
 //! `IB-DEFAULT-PKEY-FULL`), so they appear as error findings next to every other
 //! finding. Both refuse a uid or gid the kernel cannot store (4294967295).
 
+use devfence_model::bounded::ReadFileError;
 use std::collections::HashMap;
 use std::fmt;
-use std::io::Read;
 use std::path::Path;
 
 use devfence_model::{Bdf, DeviceId, Inventory, Tenancy};
@@ -297,17 +297,17 @@ fn read_text(path: &Path) -> Result<(String, String), TenancyError> {
         path: shown.clone(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(read_err)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_TENANCY_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_err)?;
-    if bytes.len() as u64 > MAX_TENANCY_BYTES {
-        return Err(TenancyError::TooLarge {
-            path: shown,
-            limit: MAX_TENANCY_BYTES,
-        });
-    }
+    // Non-blocking, a regular file only, capped (devfence_model::bounded).
+    let bytes = match devfence_model::bounded::read_file(path, MAX_TENANCY_BYTES) {
+        Ok(b) => b,
+        Err(ReadFileError::TooLarge { .. }) => {
+            return Err(TenancyError::TooLarge {
+                path: shown,
+                limit: MAX_TENANCY_BYTES,
+            });
+        }
+        Err(e) => return Err(read_err(e.into_io())),
+    };
     let text = String::from_utf8(bytes).map_err(|e| TenancyError::NotUtf8 {
         path: shown.clone(),
         offset: e.utf8_error().valid_up_to(),

@@ -402,7 +402,8 @@ fn tenancy_for(
         let t = crate::ledger::ledger_tenancy(&lp)?;
         return Ok((t, Some(lp)));
     }
-    let default = root.path(DEFAULT_TENANCY);
+    // Found in the root: a link on the way is resolved under it, never out of it.
+    let default = root.path(&root.resolve_in_root(DEFAULT_TENANCY, true)?);
     if default.exists() {
         let t = devfence_policy::load_tenancy_to_check(&default)?;
         return Ok((t, Some(default)));

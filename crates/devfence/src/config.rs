@@ -34,9 +34,13 @@ use anyhow::{Context, Result, bail};
 use devfence_fabric::opensm::SaConfig;
 use devfence_fabric::{OpenSmConfig, UfmConfig};
 use devfence_host::HostRoot;
+use devfence_model::bounded::{self, ReadFileError};
 
 /// Where the configuration lives under a host root.
 pub const CONFIG_PATH: &str = "/etc/devfence/devfence.toml";
+
+/// The most devfence reads of a configuration file.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// The fabric backends.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -166,9 +170,24 @@ impl Config {
             Some(p) => (p.to_path_buf(), true),
             None => (root.path(CONFIG_PATH), false),
         };
-        match read_config(&path) {
+        // Bounded, non-blocking, a regular file only; the default file is found
+        // inside the root.
+        let read = match explicit {
+            Some(p) => bounded::read_file(p, MAX_CONFIG_BYTES),
+            None => root.read_file(CONFIG_PATH, MAX_CONFIG_BYTES),
+        };
+        let text = read.and_then(|b| {
+            String::from_utf8(b).map_err(|e| ReadFileError::Read {
+                path: path.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+                ),
+            })
+        });
+        match text {
             Ok(t) => Self::parse(&t, &path),
-            Err(e) if !must && e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) if !must && e.is_not_found() => Ok(Self::default()),
             Err(e) => Err(e).with_context(|| {
                 format!(
                     "Cannot read the configuration {}. Hint: check --config",
@@ -196,46 +215,12 @@ impl Config {
     }
 }
 
-/// The largest configuration file devfence reads.
-pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// The most retries `[fabric.sa]` may ask libibumad for, per query.
 pub const MAX_SA_RETRIES: u32 = 10;
 /// The longest SA answer time `[fabric.sa]` may give, in milliseconds.
 pub const MAX_SA_TIMEOUT_MS: u32 = 10_000;
 /// The longest one SA query may take with every retry, in milliseconds.
 pub const MAX_SA_QUERY_MS: u64 = 20_000;
-
-/// Reads the configuration: a regular file (checked before it is opened, so a
-/// FIFO in its place does not block, and again on the open file), at most
-/// [`MAX_CONFIG_BYTES`], UTF-8.
-fn read_config(path: &Path) -> std::io::Result<String> {
-    use std::io::Read as _;
-    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
-    let not_regular =
-        || invalid("it is not a regular file (a device, FIFO, socket or directory)".into());
-    if !std::fs::metadata(path)?.is_file() {
-        return Err(not_regular());
-    }
-    let f = std::fs::File::open(path)?;
-    let meta = f.metadata()?;
-    if !meta.is_file() {
-        return Err(not_regular());
-    }
-    if meta.len() > MAX_CONFIG_BYTES {
-        return Err(invalid(format!(
-            "it is {} bytes, more than the {MAX_CONFIG_BYTES} devfence reads",
-            meta.len()
-        )));
-    }
-    let mut bytes = Vec::new();
-    f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(invalid(format!(
-            "it grew past the {MAX_CONFIG_BYTES} bytes devfence reads"
-        )));
-    }
-    String::from_utf8(bytes).map_err(|_| invalid("it is not UTF-8 text".into()))
-}
 
 /// The SA client's bounds: a huge `retries` or `timeout_ms` made `status` hang
 /// for minutes per port (issue 18 item 12).

@@ -5,7 +5,7 @@
 //! made `0700`, files `0600`, written to a temporary file, synced and renamed
 //! into place. The private key is never printed, logged or audited.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -253,17 +253,15 @@ pub(crate) fn read_private(path: &Path, max: u64) -> Result<Option<Vec<u8>>> {
             meta.len()
         );
     }
-    let mut b = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(max + 1).read_to_end(&mut b))
-        .with_context(|| format!("Cannot read {}", path.display()))?;
+    // Non-blocking, a regular file only (checked again on the open file), capped.
+    let b = devfence_model::bounded::read_file(path, max)?;
     Ok(Some(b))
 }
 
 /// Refuses a keys directory others may enter, read or write (it must be 0700:
 /// whoever can write it can replace the keyring or the host key).
 pub(crate) fn check_keys_dir(root: &HostRoot) -> Result<()> {
-    let dir = root.path(KEYS_DIR);
+    let dir = root.path_in_root(KEYS_DIR)?;
     let meta = match std::fs::symlink_metadata(&dir) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -296,7 +294,7 @@ pub(crate) fn check_keys_dir(root: &HostRoot) -> Result<()> {
 /// Loads the host key.
 pub(crate) fn load_host_key(root: &HostRoot) -> Result<HostKey> {
     check_keys_dir(root)?;
-    let path = root.path(HOST_KEY);
+    let path = root.path_in_root(HOST_KEY)?;
     let Some(mut b) = read_private(&path, 4096)? else {
         bail!(
             "This host has no signing key ({} is missing). Hint: make one with `devfence keys init`",
@@ -313,7 +311,7 @@ pub(crate) fn load_host_key(root: &HostRoot) -> Result<HostKey> {
 /// Loads the keyring (empty if there is none yet).
 pub(crate) fn load_keyring(root: &HostRoot) -> Result<Keyring> {
     check_keys_dir(root)?;
-    let path = root.path(KEYRING);
+    let path = root.path_in_root(KEYRING)?;
     match read_private(&path, devfence_seal::keys::MAX_KEYRING as u64)? {
         None => Ok(Keyring::new()),
         Some(b) => {
@@ -326,8 +324,8 @@ pub(crate) fn load_keyring(root: &HostRoot) -> Result<Keyring> {
 
 fn save_keyring(root: &HostRoot, ring: &Keyring) -> Result<()> {
     check_keys_dir(root)?;
-    private_dir(&root.path(KEYS_DIR))?;
-    write_private(&root.path(KEYRING), ring.render().as_bytes())
+    private_dir(&root.path_in_root(KEYS_DIR)?)?;
+    write_private(&root.path_in_root(KEYRING)?, ring.render().as_bytes())
 }
 
 /// Opens the ledger (creating it on first use), for the audit records.
@@ -369,7 +367,8 @@ pub fn run(
 
 fn default_host_id(root: &HostRoot) -> Result<String> {
     let p = root.path("/etc/hostname");
-    if let Ok(t) = std::fs::read_to_string(&p)
+    if let Ok(b) = root.read_file("/etc/hostname", 4096)
+        && let Ok(t) = String::from_utf8(b)
         && let Some(l) = t.lines().next()
     {
         let id = l.trim().split('.').next().unwrap_or("").to_owned();
@@ -387,12 +386,12 @@ fn default_host_id(root: &HostRoot) -> Result<String> {
 
 fn write_host_key(root: &HostRoot, key: &HostKey) -> Result<()> {
     check_keys_dir(root)?;
-    private_dir(&root.path(KEYS_DIR))?;
+    private_dir(&root.path_in_root(KEYS_DIR)?)?;
     let text = key.to_file_text();
-    write_private(&root.path(HOST_KEY), text.expose().as_bytes())?;
+    write_private(&root.path_in_root(HOST_KEY)?, text.expose().as_bytes())?;
     drop(text);
     write_private(
-        &root.path(HOST_PUB),
+        &root.path_in_root(HOST_PUB)?,
         format!("{}\n", key.public_line()).as_bytes(),
     )
 }
@@ -413,7 +412,7 @@ fn init(
     a: &KeysInitArgs,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
-    let path = root.path(HOST_KEY);
+    let path = root.path_in_root(HOST_KEY)?;
     if std::fs::symlink_metadata(&path).is_ok() {
         let existing = load_host_key(root)
             .map(|k| format!(" (fingerprint {})", k.public().fingerprint()))
@@ -454,7 +453,7 @@ fn init(
              public key:  {}\n\ngive this line to every destination host (`devfence keys trust add --from FILE` there):\n{}",
             key.public().fingerprint(),
             path.display(),
-            root.path(HOST_PUB).display(),
+            root.path_in_root(HOST_PUB)?.display(),
             key.public_line()
         )?;
     }
@@ -532,17 +531,14 @@ fn trust_add(
 ) -> Result<Outcome> {
     let line: PublicLine = match (&a.from, &a.key, &a.host) {
         (Some(file), _, _) => {
-            let mut text = String::new();
-            if file.as_os_str() == "-" {
-                std::io::stdin()
-                    .take(64 * 1024)
-                    .read_to_string(&mut text)
-                    .context("Cannot read the public key line from standard input")?;
+            let bytes = if file.as_os_str() == "-" {
+                devfence_model::bounded::read_stream(std::io::stdin(), "standard input", 64 * 1024)
+                    .context("Cannot read the public key line from standard input")?
             } else {
-                std::fs::File::open(file)
-                    .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
-                    .with_context(|| format!("Cannot read {}", file.display()))?;
-            }
+                devfence_model::bounded::read_file(file, 64 * 1024)?
+            };
+            let text = String::from_utf8(bytes)
+                .map_err(|_| anyhow!("{} is not UTF-8 text", file.display()))?;
             let l = text
                 .lines()
                 .map(str::trim)

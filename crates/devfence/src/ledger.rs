@@ -432,7 +432,12 @@ impl<'w> Printer<'w> {
                     engine_truncate(last, 110)
                 );
                 if self.tty {
-                    write!(self.out, "\r{line}\x1b[K")?;
+                    // devfence's own control sequence goes to the terminal as is
+                    // (everything through `out` is escaped); the line is escaped.
+                    self.out.flush()?;
+                    let mut tty = std::io::stdout();
+                    write!(tty, "\r{}\x1b[K", crate::safeout::escape_controls(&line))?;
+                    tty.flush()?;
                     self.waiting = true;
                 } else if *polls == 1 || polls.is_power_of_two() {
                     writeln!(self.out, "{line}")?;
@@ -1183,11 +1188,12 @@ pub fn hook(
         ("release", "end") => 2,
         _ => return Ok(Outcome::Ok),
     };
-    let mut xml = String::new();
-    stdin
-        .take(4 * 1024 * 1024 + 1)
-        .read_to_string(&mut xml)
-        .context("Cannot read the domain XML on standard input")?;
+    // At most 4 MiB: more is an error, never a silently cut document.
+    let xml =
+        devfence_model::bounded::read_stream(stdin, "the domain XML on standard input", 4 << 20)
+            .context("Cannot read the domain XML on standard input")?;
+    let xml = String::from_utf8(xml)
+        .map_err(|_| anyhow!("the domain XML on standard input is not UTF-8 text"))?;
     let spec = parse_domain(&xml).map_err(|e| anyhow!("domain {domain}: {e}"))?;
     if spec.name != *domain {
         bail!(
@@ -1220,14 +1226,11 @@ pub fn hook(
             // The launcher has read its VF tokens by now: remove the files.
             for d in &spec.hostdevs {
                 if let DeviceId::Pci(b) = d {
-                    let p = env.root.path(&format!(
-                        "{}/tokens/{b}.token",
-                        EngineConfig::default().runtime_dir
-                    ));
-                    if p.exists() {
-                        std::fs::remove_file(&p)
-                            .with_context(|| format!("Cannot remove {}", p.display()))?;
-                    }
+                    let k = format!("{}/tokens/{b}.token", EngineConfig::default().runtime_dir);
+                    // Through real directories inside the root only, never a link.
+                    env.root.remove_file(&k).with_context(|| {
+                        format!("Cannot remove {}", env.root.path(&k).display())
+                    })?;
                 }
             }
             Ok(Outcome::Ok)

@@ -13,6 +13,7 @@ mod commands;
 mod config;
 mod keys;
 mod ledger;
+mod safeout;
 mod state;
 mod story;
 mod table;
@@ -38,27 +39,26 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     config::set_explicit(cli.config.clone());
     let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    // Every byte to the terminal is escaped (safeout.rs), whatever the command.
+    let mut out = safeout::SafeOut::new(stdout.lock());
     let result = commands::run(&cli, &mut out);
     let _ = out.flush();
+    if out.pipe_closed() {
+        // The reader went away (`devfence audit show | head`): what it wanted it
+        // has; end quietly with 0 (README, exit status), whatever error the write
+        // came back wrapped in.
+        return ExitCode::SUCCESS;
+    }
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::Findings | Outcome::Refused) => ExitCode::from(1),
-        Err(err)
-            if err
-                .downcast_ref::<std::io::Error>()
-                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
-        {
-            // The reader went away (`devfence inventory | head`): not an error.
-            ExitCode::SUCCESS
-        }
         Err(err) => {
             // Print the whole chain: each cause on its own line, the hint last.
             let mut msg = format!("devfence: error: {err}");
             for cause in err.chain().skip(1) {
                 msg.push_str(&format!("\n  caused by: {cause}"));
             }
-            eprintln!("{msg}");
+            eprintln!("{}", safeout::escape_controls(&msg));
             ExitCode::from(2)
         }
     }

@@ -10,7 +10,7 @@
 //! payload in the root-only side-load directory under a one-time token for the VM
 //! launcher. `inspect` shows what admit would decide, without admitting.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -173,26 +173,8 @@ pub fn run(
 
 /// Reads at most `max` bytes of `path`, refusing a larger file before reading.
 fn read_bounded(path: &Path, max: u64, what: &str) -> Result<Vec<u8>> {
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("Cannot read {what} {}", path.display()))?;
-    if !meta.is_file() {
-        bail!("{what} {} is not a regular file", path.display());
-    }
-    if meta.len() > max {
-        bail!(
-            "{what} {} is {} bytes, more than the {max} allowed. Hint: check the file",
-            path.display(),
-            meta.len()
-        );
-    }
-    let mut b = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    std::fs::File::open(path)
-        .and_then(|f| f.take(max + 1).read_to_end(&mut b))
-        .with_context(|| format!("Cannot read {what} {}", path.display()))?;
-    if b.len() as u64 > max {
-        bail!("{what} {} grew past {max} bytes while read", path.display());
-    }
-    Ok(b)
+    // Non-blocking, a regular file only, at most `max` bytes.
+    devfence_model::bounded::read_file(path, max).with_context(|| format!("Cannot read {what}"))
 }
 
 fn holder_of(rec: Option<&DeviceRecord>) -> Option<TenantId> {
@@ -277,7 +259,7 @@ fn seal_cmd(
         &payload,
     )?;
     let id = EnvelopeId::of(&bytes);
-    let dir = root.path(STATE_STORE);
+    let dir = root.path_in_root(STATE_STORE)?;
     private_dir(&dir)?;
     let path = dir.join(format!("{id}.dfseal"));
     // Write, then audit (re-reading the holder in the same transaction), then
@@ -532,7 +514,7 @@ fn admit_cmd(
         .with_context(|| format!("Cannot read the host under {}", root.root().display()))?;
     let described = describe(&inv, &dev);
     let mut store = open_ledger(root, ledger)?;
-    let side = root.path(SIDE_LOAD);
+    let side = root.path_in_root(SIDE_LOAD)?;
 
     // The whole decision, the nonce and the audit record in one transaction: a
     // concurrent admission of the same envelope waits, then finds the nonce.

@@ -158,9 +158,22 @@ fn classify_pci(inv: &Inventory, device: DeviceId, bdf: Bdf) -> Result<DeviceKin
         )
     })?;
     let group = f.iommu_group.ok_or_else(|| {
+        // A link that is there but malformed is not a missing IOMMU.
+        let link = format!("{}/iommu_group", f.sysfs_path);
+        if let Some(p) = inv.problems.iter().find(|p| p.path == link) {
+            return err(
+                device,
+                format!(
+                    "its IOMMU group is unknown: {link} ({}) — {}",
+                    p.value.as_deref().unwrap_or("unreadable"),
+                    p.error
+                ),
+                "the kernel links every device of an IOMMU to /sys/kernel/iommu_groups/<N>; something changed this link — check the host (`ls -l`) before trusting the device",
+            );
+        }
         err(
             device,
-            format!("it has no IOMMU group ({}/iommu_group is missing)", f.sysfs_path),
+            format!("it has no IOMMU group ({link} is missing)"),
             "enable the IOMMU (intel_iommu=on or amd_iommu=on on the kernel command line); without one no device can be isolated",
         )
     })?;

@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::time::Instant;
 
 use devfence_fabric::{Expectation, PartitionKey, Programmed, Unverified, wait_verified_with};
@@ -399,16 +398,13 @@ fn scrub(
                 let root = io.root().clone();
                 let p = token_path(&e.cfg.runtime_dir, bdf);
                 e.step(run, "token-withdraw", json!({ "path": p }), |_| {
-                    let real = root.path(&p);
-                    let existed = real.exists();
-                    if existed {
-                        std::fs::remove_file(&real).map_err(|x| {
-                            fail(
-                                format!("cannot remove {}: {x}", real.display()),
-                                "remove it by hand; the token in it is void once a new one is set",
-                            )
-                        })?;
-                    }
+                    // Through real directories inside the root only, never a link.
+                    let existed = root.remove_file(&p).map_err(|x| {
+                        fail(
+                            format!("cannot remove {}: {x}", root.path(&p).display()),
+                            "remove it by hand; the token in it is void once a new one is set",
+                        )
+                    })?;
                     Ok(((), json!({ "path": p, "removed": existed })))
                 })?;
             }
@@ -699,7 +695,7 @@ fn prepare_pci(
                 "token-deliver",
                 json!({ "path": p, "launcher": format!("{uid}:{gid}") }),
                 |_| {
-                    deliver_token(&root.path(&p), &token, uid, gid)?;
+                    deliver_token(&root, &p, &token, uid, gid)?;
                     Ok((
                         (),
                         json!({ "path": p, "owner": format!("{uid}:{gid}"), "mode": "0600" }),
@@ -769,29 +765,22 @@ fn launcher(t: &Tenant) -> Result<(u32, u32), StepFailure> {
 }
 
 fn deliver_token(
-    path: &std::path::Path,
+    root: &devfence_host::HostRoot,
+    kpath: &str,
     token: &VfToken,
     uid: u32,
     gid: u32,
 ) -> Result<(), StepFailure> {
+    let path = root.path(kpath);
     let io_fail = |what: &str, x: std::io::Error| {
         fail(
             format!("cannot {what} {}: {x}", path.display()),
-            "check the runtime directory (root-owned, on tmpfs); the token was not delivered",
+            "check the runtime directory (root-owned, on tmpfs, no symbolic links); the token was not delivered",
         )
     };
-    let dir = path
-        .parent()
-        .ok_or_else(|| fail("the token path has no directory", "bug"))?;
-    std::fs::create_dir_all(dir).map_err(|x| io_fail("create the directory of", x))?;
-    if path.exists() {
-        std::fs::remove_file(path).map_err(|x| io_fail("remove the previous", x))?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
+    // Inside the root, through real directories only, never through a link.
+    let mut f = root
+        .create_fresh_file(kpath, 0o600)
         .map_err(|x| io_fail("create", x))?;
     std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(|x| io_fail("chown", x))?;
     let mut text = token.reveal_for_launcher();

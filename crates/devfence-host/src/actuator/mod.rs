@@ -130,6 +130,29 @@ impl fmt::Debug for Errno {
     }
 }
 
+/// The sorted UTF-8 names in the directory at `path`, resolved in `root`.
+pub(crate) fn list_dir_in_root(root: &HostRoot, path: &str) -> Result<Vec<String>, Errno> {
+    let mut out: Vec<String> = root
+        .list_dir(path)
+        .map_err(|e| Errno::from_io(&e))?
+        .into_iter()
+        .filter_map(|e| e.name.into_string().ok())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Owner, group and mode of the node at `path` (a link followed in `root`).
+pub(crate) fn stat_in_root(root: &HostRoot, path: &str) -> Result<NodeMeta, Errno> {
+    use std::os::unix::fs::MetadataExt;
+    let m = root.metadata(path, true).map_err(|e| Errno::from_io(&e))?;
+    Ok(NodeMeta {
+        uid: m.uid(),
+        gid: m.gid(),
+        mode: m.mode() & 0o7777,
+    })
+}
+
 /// Which GUID of an IB VF.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GuidKind {
@@ -278,16 +301,7 @@ pub trait KernelIo {
     /// # Errors
     /// The errno of `opendir`/`readdir` (`ENOENT` when there is no directory).
     fn list_dir(&self, path: &str) -> Result<Vec<String>, Errno> {
-        let rd = std::fs::read_dir(self.root().path(path)).map_err(|e| Errno::from_io(&e))?;
-        let mut out = Vec::new();
-        for ent in rd {
-            let ent = ent.map_err(|e| Errno::from_io(&e))?;
-            if let Ok(name) = ent.file_name().into_string() {
-                out.push(name);
-            }
-        }
-        out.sort();
-        Ok(out)
+        list_dir_in_root(self.root(), path)
     }
 
     /// Owner, group and permission bits of a node (following links). The default
@@ -296,13 +310,7 @@ pub trait KernelIo {
     /// # Errors
     /// The errno of `stat`.
     fn stat(&self, path: &str) -> Result<NodeMeta, Errno> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(self.root().path(path)).map_err(|e| Errno::from_io(&e))?;
-        Ok(NodeMeta {
-            uid: m.uid(),
-            gid: m.gid(),
-            mode: m.mode() & 0o7777,
-        })
+        stat_in_root(self.root(), path)
     }
 
     /// True when writes are only recorded, not performed (`--dry-run`): the

@@ -1171,6 +1171,22 @@ impl<K: KernelIo> Actuator for SysfsActuator<K> {
             .with_path(total));
         }
         let glink = format!("{d}/iommu_group");
+        // A link that points outside /sys/kernel/iommu_groups is malformed, not
+        // missing: say where it points instead of blaming the IOMMU setting.
+        if let Ok(t) = self.io.read_link(&glink) {
+            let resolved = crate::root::resolve_target(&glink, &t);
+            let parent = resolved.rsplit_once('/').map_or("", |(p, _)| p);
+            if parent != "/sys/kernel/iommu_groups" {
+                return Err(ActError::new(
+                    &op,
+                    format!(
+                        "the iommu_group link of {pf} is malformed: it points at {resolved} ({t:?}), not at /sys/kernel/iommu_groups/<N>"
+                    ),
+                    "the kernel links every device of an IOMMU to its group there; something rewrote this link — check the host (`ls -l`) before trusting the device",
+                )
+                .with_path(glink));
+            }
+        }
         let Some(gname) = self.link_name(&op, &glink)? else {
             return Err(ActError::new(
                 &op,

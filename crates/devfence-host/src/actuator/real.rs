@@ -3,14 +3,15 @@
 //! Every path is a kernel path mapped under the [`HostRoot`] (`/` on a real host),
 //! so that the same code can be pointed at a scratch tree in tests.
 
-use std::fs::{self, OpenOptions, Permissions};
+use std::fs::{self, Permissions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 
 use devfence_model::{Bdf, Guid, IommuGroupId};
 
 use super::{Errno, GuidKind, KernelIo, PfHandle, netlink, vfio};
-use crate::root::HostRoot;
+use crate::root::{Access, HostRoot, MAX_ATTR_BYTES};
 
 /// The running kernel, seen under `root`.
 #[derive(Clone, Debug)]
@@ -42,9 +43,10 @@ impl KernelIo for RealKernel {
     /// value in one `write(2)`, as sysfs expects: a store sees the whole value
     /// once. A short write is an `EIO`.
     fn write(&self, path: &str, value: &[u8]) -> Result<(), Errno> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .open(self.root.path(path))
+        // In the root, not through a link, non-blocking, a regular file only.
+        let mut f = self
+            .root
+            .open(path, Access::WriteNoFollow)
             .map_err(|e| errno(&e))?;
         let n = f.write(value).map_err(|e| errno(&e))?;
         if n == value.len() {
@@ -55,7 +57,9 @@ impl KernelIo for RealKernel {
     }
 
     fn read(&self, path: &str) -> Result<Vec<u8>, Errno> {
-        fs::read(self.root.path(path)).map_err(|e| errno(&e))
+        self.root
+            .read_attr(path, MAX_ATTR_BYTES)
+            .map_err(|e| errno(&e.into_io()))
     }
 
     fn read_link(&self, path: &str) -> Result<String, Errno> {
@@ -63,16 +67,32 @@ impl KernelIo for RealKernel {
     }
 
     fn exists(&self, path: &str) -> bool {
-        fs::symlink_metadata(self.root.path(path)).is_ok()
+        self.root.metadata(path, false).is_ok()
     }
 
+    /// On the node found in the root (a link followed in the root only), through
+    /// its handle.
     fn chown(&self, path: &str, uid: u32, gid: u32) -> Result<(), Errno> {
-        std::os::unix::fs::chown(self.root.path(path), Some(uid), Some(gid)).map_err(|e| errno(&e))
+        let node = self.root.open(path, Access::Path).map_err(|e| errno(&e))?;
+        rustix::fs::chownat(
+            &node,
+            c"",
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+            rustix::fs::AtFlags::EMPTY_PATH,
+        )
+        .map_err(|e| Errno(e.raw_os_error()))
     }
 
+    /// On the node found in the root, through `/proc/self/fd/<handle>` (there is
+    /// no `fchmod` on an `O_PATH` handle before Linux 6.6).
     fn chmod(&self, path: &str, mode: u32) -> Result<(), Errno> {
-        fs::set_permissions(self.root.path(path), Permissions::from_mode(mode))
-            .map_err(|e| errno(&e))
+        let node = self.root.open(path, Access::Path).map_err(|e| errno(&e))?;
+        fs::set_permissions(
+            format!("/proc/self/fd/{}", node.as_raw_fd()),
+            Permissions::from_mode(mode),
+        )
+        .map_err(|e| errno(&e))
     }
 
     /// `RTM_SETLINK` on the netdev's index (`/sys/class/net/<netdev>/ifindex`).

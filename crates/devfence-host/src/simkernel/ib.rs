@@ -56,7 +56,7 @@ impl K<'_> {
         if !self.vfs_of(pf_dir).iter().any(|(i, _, _)| *i == vf) {
             return Err(Errno::ENODEV);
         }
-        let a = self.s.admin_guids.entry((pf, vf)).or_default();
+        let a = self.s.dm().admin_guids.entry((pf, vf)).or_default();
         match kind {
             GuidKind::Node => a.node = Some(guid),
             GuidKind::Port => a.port = Some(guid),
@@ -81,7 +81,7 @@ impl K<'_> {
             "node" | "port" => match parse_colon_guid(value) {
                 None => Err(Errno::EINVAL),
                 Some(g) => {
-                    let a = self.s.admin_guids.entry((pf, idx)).or_default();
+                    let a = self.s.dm().admin_guids.entry((pf, idx)).or_default();
                     if name == "node" {
                         a.node = Some(g);
                     } else {
@@ -120,7 +120,7 @@ impl K<'_> {
         let Some(idx) = self.vf_index(&pf_dir, vf_dir) else {
             return Ok(());
         };
-        let Some(a) = self.s.admin_guids.get(&(pf, idx)).copied() else {
+        let Some(a) = self.s.d.admin_guids.get(&(pf, idx)).copied() else {
             return Ok(());
         };
         let s = format!("{pf_dir}/sriov/{idx}");
@@ -170,7 +170,7 @@ impl K<'_> {
         }
         let a = self
             .vf_index(&pf_dir, vf_dir)
-            .and_then(|i| self.s.admin_guids.get(&(pf, i)).copied())
+            .and_then(|i| self.s.d.admin_guids.get(&(pf, i)).copied())
             .unwrap_or_default();
         let n = lowest_free(
             self.t

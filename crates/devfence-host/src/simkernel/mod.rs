@@ -9,11 +9,18 @@
 //! (`/sys/bus/pci/devices/<bdf>/…`, `/sys/class/mdev_bus/<parent>/…`, a device's
 //! `driver/unbind`): they are resolved under the root first.
 //!
-//! What the kernel keeps outside sysfs is kept in memory, behind one lock: the
-//! native driver of each function, who has which device open (group-path opens,
-//! PF custody), each vfio-pci PF's VF token (never written to the tree, never
-//! printed), the administrative GUIDs of mlx5 VFs, and the subtrees a host driver
-//! creates (`infiniband/`, `net/`, OFED `sriov/`) while the device is unbound.
+//! What the kernel keeps outside sysfs is kept beside the tree, so that every
+//! process simulating one host sees one kernel, as processes on a real host do:
+//! the native driver of each function, the administrative GUIDs of mlx5 VFs, the
+//! subtrees a host driver creates (`infiniband/`, `net/`, OFED `sriov/`) while the
+//! device is unbound, and each function's default `reset_method` are persisted
+//! in `<root>/run/devfence-simkernel/state.json`. Every operation is atomic across
+//! processes: it takes an exclusive `flock` on `<root>/run/devfence-simkernel/lock`,
+//! re-reads the persisted state when another process changed it, acts, and writes
+//! the state back (atomically, by rename) before the lock is released.
+//! What a process holds open (group-path opens, PF custody) and each vfio-pci PF's
+//! VF token stay in the process's memory: opens die with their process as file
+//! descriptors do, and a token is never written anywhere (never printed either).
 //!
 //! Modelled: `driver_override`, driver `bind`/`unbind`, `drivers_probe` (with the
 //! DMA-ownership rule), `sriov_numvfs` (VFs with their own groups, the vfio-pci
@@ -62,14 +69,137 @@ pub struct SimKernel {
 struct Shared {
     tree: Tree,
     state: Mutex<State>,
+    /// The lock file every process simulating this host locks around an operation.
+    lock_file: std::fs::File,
+    /// The generation of the state this process read or wrote last. The
+    /// generation is a counter in the lock file's first 8 bytes, raised by every
+    /// write of the state (a file's inode is no identity: tmpfs reuses them).
+    seen: Mutex<Option<u64>>,
     /// The fabric's P_Key tables; kept apart from `state` so that the source is
     /// never called with the kernel's lock held.
     port_tables: Mutex<Option<PortTableSource>>,
 }
 
+/// Where the simulated kernel keeps what every process shares (module docs).
+const SIM_LOCK: &str = "/run/devfence-simkernel/lock";
+/// The persisted state (module docs).
+const SIM_STATE: &str = "/run/devfence-simkernel/state.json";
+/// The most the persisted state may hold.
+const MAX_SIM_STATE: u64 = 256 << 20;
+
+/// The cross-process lock, released when dropped.
+struct CrossLock<'a>(&'a std::fs::File);
+
+impl Drop for CrossLock<'_> {
+    fn drop(&mut self) {
+        let _ = rustix::fs::flock(self.0, rustix::fs::FlockOperation::Unlock);
+    }
+}
+
+/// A result that can say "the simulator's shared state could not be had".
+trait SimFailure {
+    fn sim_failure() -> Self;
+}
+impl<T> SimFailure for Result<T, Errno> {
+    fn sim_failure() -> Self {
+        Err(Errno::EIO)
+    }
+}
+impl<T> SimFailure for Option<T> {
+    fn sim_failure() -> Self {
+        None
+    }
+}
+impl SimFailure for () {
+    fn sim_failure() -> Self {}
+}
+impl SimFailure for bool {
+    fn sim_failure() -> Self {
+        false
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs one operation atomically across processes: the in-process lock, then
+    /// the `flock`; the persisted state re-read if another process changed it;
+    /// written back if the operation changed it. When the shared state cannot be
+    /// read or written the operation fails closed (`EIO`, `None`) without acting.
+    fn with<R: SimFailure>(&self, f: impl FnOnce(&mut K<'_>) -> R) -> R {
+        let mut st = self.lock();
+        let Ok(_cross) = self.cross_lock() else {
+            return R::sim_failure();
+        };
+        if self.refresh(&mut st).is_err() {
+            return R::sim_failure();
+        }
+        st.dirty = false;
+        let r = f(&mut K {
+            t: &self.tree,
+            s: &mut st,
+        });
+        if std::mem::take(&mut st.dirty) && self.persist(&st.d).is_err() {
+            // The change is in the tree but not in the shared state: take the
+            // state as it was persisted at the next operation; say so now.
+            *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            return R::sim_failure();
+        }
+        r
+    }
+
+    fn cross_lock(&self) -> std::io::Result<CrossLock<'_>> {
+        loop {
+            match rustix::fs::flock(&self.lock_file, rustix::fs::FlockOperation::LockExclusive) {
+                Ok(()) => return Ok(CrossLock(&self.lock_file)),
+                Err(e) if e == rustix::io::Errno::INTR => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The generation in the lock file (0: nothing persisted yet).
+    fn generation(&self) -> std::io::Result<u64> {
+        let mut b = [0u8; 8];
+        let n = rustix::io::pread(&self.lock_file, &mut b, 0)?;
+        Ok(if n == 8 { u64::from_le_bytes(b) } else { 0 })
+    }
+
+    /// Re-reads the persisted state when another process wrote it since.
+    fn refresh(&self, st: &mut State) -> std::io::Result<()> {
+        let generation = self.generation()?;
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if generation == 0 || *seen == Some(generation) {
+            // Nothing persisted yet (this process's state is the state), or
+            // nothing changed since this process last read or wrote it.
+            return Ok(());
+        }
+        let bytes = self
+            .tree
+            .root
+            .read_file(SIM_STATE, MAX_SIM_STATE)
+            .map_err(devfence_model::bounded::ReadFileError::into_io)?;
+        let file: DurableFile = serde_json::from_slice(&bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        st.d = Durable::from_file(file);
+        *seen = Some(generation);
+        Ok(())
+    }
+
+    /// Writes the state (a new file renamed over the old one) and notes its identity.
+    fn persist(&self, d: &Durable) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(&d.to_file())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        self.tree.root.replace_file(SIM_STATE, &bytes, 0o600)?;
+        let next = self.generation()?.wrapping_add(1).max(1);
+        let n = rustix::io::pwrite(&self.lock_file, &next.to_le_bytes(), 0)?;
+        if n != 8 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+        }
+        *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = Some(next);
+        Ok(())
     }
 
     fn port_table_source(&self) -> Option<PortTableSource> {
@@ -92,18 +222,68 @@ pub type PortTableSource = Arc<dyn Fn(Guid) -> Option<Vec<u16>> + Send + Sync>;
 
 /// The mlx5 administrative GUIDs of one VF (what `ip link set … vf N node_guid`
 /// stored), applied at the VF's next bind.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct AdminGuids {
     node: Option<Guid>,
     port: Option<Guid>,
 }
 
-/// What the kernel knows beyond sysfs.
-#[derive(Default)]
-struct State {
+/// What the kernel knows beyond sysfs that every process shares (persisted).
+#[derive(Clone, Default, PartialEq, Eq)]
+struct Durable {
     /// The driver each function had when the simulator first saw it (never a vfio
     /// driver); functions not listed fall back to the id table.
     natives: HashMap<Bdf, String>,
+    /// Per (PF, VF index): administrative GUIDs.
+    admin_guids: HashMap<(Bdf, u32), AdminGuids>,
+    /// Per (device path, driver): the subtrees the driver created, saved while the
+    /// device is not bound to it.
+    stash: HashMap<(String, String), Stashed>,
+    /// Per function: `reset_method` as first seen (what `default` restores).
+    reset_defaults: HashMap<Bdf, String>,
+}
+
+/// [`Durable`] as it is written: sorted lists (JSON keys are strings only).
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct DurableFile {
+    natives: Vec<(Bdf, String)>,
+    admin_guids: Vec<((Bdf, u32), AdminGuids)>,
+    stash: Vec<((String, String), Stashed)>,
+    reset_defaults: Vec<(Bdf, String)>,
+}
+
+impl Durable {
+    fn to_file(&self) -> DurableFile {
+        fn sorted<K: Clone + Ord, V: Clone>(m: &HashMap<K, V>) -> Vec<(K, V)> {
+            let mut v: Vec<(K, V)> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        }
+        DurableFile {
+            natives: sorted(&self.natives),
+            admin_guids: sorted(&self.admin_guids),
+            stash: sorted(&self.stash),
+            reset_defaults: sorted(&self.reset_defaults),
+        }
+    }
+    fn from_file(f: DurableFile) -> Self {
+        Self {
+            natives: f.natives.into_iter().collect(),
+            admin_guids: f.admin_guids.into_iter().collect(),
+            stash: f.stash.into_iter().collect(),
+            reset_defaults: f.reset_defaults.into_iter().collect(),
+        }
+    }
+}
+
+/// What the kernel knows beyond sysfs.
+#[derive(Default)]
+struct State {
+    /// Shared by every process (persisted beside the tree). Read it here; change
+    /// it through [`State::dm`], which marks it to be written back.
+    d: Durable,
+    /// `d` changed in this operation.
+    dirty: bool,
     /// Open VFIO handles per PCI function (group-path opens and PF custody).
     opens: HashMap<Bdf, u32>,
     /// Open VFIO handles per mdev.
@@ -113,13 +293,14 @@ struct State {
     /// Per vfio-pci PF: the VF token last set. Absent: the random token vfio-pci
     /// made at probe, which nobody knows.
     tokens: HashMap<Bdf, VfToken>,
-    /// Per (PF, VF index): administrative GUIDs.
-    admin_guids: HashMap<(Bdf, u32), AdminGuids>,
-    /// Per (device path, driver): the subtrees the driver created, saved while the
-    /// device is not bound to it.
-    stash: HashMap<(String, String), Stashed>,
-    /// Per function: `reset_method` as first seen (what `default` restores).
-    reset_defaults: HashMap<Bdf, String>,
+}
+
+impl State {
+    /// The shared state, to change: marks it to be written back.
+    fn dm(&mut self) -> &mut Durable {
+        self.dirty = true;
+        &mut self.d
+    }
 }
 
 /// Subtrees saved while a driver is unbound: (where, what) pairs.
@@ -169,12 +350,8 @@ impl SimOpen {
             return;
         }
         self.closed = true;
-        let mut st = self.shared.lock();
-        let mut k = K {
-            t: &self.shared.tree,
-            s: &mut st,
-        };
-        k.release(self.held, self.pf_user);
+        let (held, pf_user) = (self.held, self.pf_user);
+        self.shared.with(|k| k.release(held, pf_user));
     }
 }
 
@@ -227,6 +404,7 @@ impl PfHandle for SimPfHandle {
         if !self.is_pf {
             return Err(Errno::ENOTTY);
         }
+        // In this process's memory only: a token is never written anywhere.
         self.shared.lock().tokens.insert(self.pf, token.clone());
         Ok(())
     }
@@ -234,12 +412,8 @@ impl PfHandle for SimPfHandle {
 
 impl Drop for SimPfHandle {
     fn drop(&mut self) {
-        let mut st = self.shared.lock();
-        let mut k = K {
-            t: &self.shared.tree,
-            s: &mut st,
-        };
-        k.release(Held::Pci(self.pf), None);
+        let pf = self.pf;
+        self.shared.with(|k| k.release(Held::Pci(pf), None));
     }
 }
 
@@ -274,35 +448,54 @@ impl SimKernel {
     /// The root is missing or not a directory.
     pub fn new(root: HostRoot) -> Result<Self, HostError> {
         root.check()?;
+        let lock_file = root
+            .open_lock_file(SIM_LOCK)
+            .map_err(|source| HostError::SimState {
+                path: root.path(SIM_LOCK),
+                source,
+            })?;
         let tree = Tree { root };
-        let mut state = State::default();
-        for name in tree.list("/sys/bus/pci/devices") {
-            let Ok(bdf) = name.parse::<Bdf>() else {
-                continue;
-            };
-            if let Some(drv) = tree.link_name(&format!("/sys/bus/pci/devices/{name}/driver"))
-                && !pci::is_vfio(&drv)
-                && drv != "pci-stub"
-            {
-                state.natives.insert(bdf, drv);
+        let shared = Shared {
+            tree,
+            state: Mutex::new(State::default()),
+            lock_file,
+            seen: Mutex::new(None),
+            port_tables: Mutex::new(None),
+        };
+        // Under the lock: what other processes persisted, plus the native driver
+        // of every function no process has seen yet.
+        let ok: Result<(), Errno> = shared.with(|k| {
+            for name in k.t.list("/sys/bus/pci/devices") {
+                let Ok(bdf) = name.parse::<Bdf>() else {
+                    continue;
+                };
+                if k.s.d.natives.contains_key(&bdf) {
+                    continue;
+                }
+                if let Some(drv) =
+                    k.t.link_name(&format!("/sys/bus/pci/devices/{name}/driver"))
+                    && !pci::is_vfio(&drv)
+                    && drv != "pci-stub"
+                {
+                    k.s.dm().natives.insert(bdf, drv);
+                }
             }
+            Ok(())
+        });
+        if ok.is_err() {
+            let path = shared.tree.root.path(SIM_STATE);
+            return Err(HostError::SimState {
+                path,
+                source: std::io::Error::other("cannot read or write the shared simulator state"),
+            });
         }
         Ok(Self {
-            shared: Arc::new(Shared {
-                tree,
-                state: Mutex::new(state),
-                port_tables: Mutex::new(None),
-            }),
+            shared: Arc::new(shared),
         })
     }
 
-    fn with<R>(&self, f: impl FnOnce(&mut K<'_>) -> R) -> R {
-        let mut st = self.shared.lock();
-        let mut k = K {
-            t: &self.shared.tree,
-            s: &mut st,
-        };
-        f(&mut k)
+    fn with<R: SimFailure>(&self, f: impl FnOnce(&mut K<'_>) -> R) -> R {
+        self.shared.with(f)
     }
 
     /// Opens a PCI function through its VFIO group the way QEMU does
@@ -464,36 +657,41 @@ impl KernelIo for SimKernel {
         })
     }
 
+    /// Under the lock like every operation: another process's change is seen
+    /// whole or not at all.
     fn read_link(&self, path: &str) -> Result<String, Errno> {
-        let t = &self.shared.tree;
-        let p = t.resolve(path, false)?;
-        match std::fs::read_link(t.host(&p)) {
-            Ok(target) => target
-                .into_os_string()
-                .into_string()
-                .map_err(|_| Errno::EINVAL),
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Err(Errno::EINVAL),
-            Err(e) => Err(Errno::from_io(&e)),
-        }
+        self.with(|k| {
+            let p = k.t.resolve(path, false)?;
+            match std::fs::read_link(k.t.host(&p)) {
+                Ok(target) => target
+                    .into_os_string()
+                    .into_string()
+                    .map_err(|_| Errno::EINVAL),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Err(Errno::EINVAL),
+                Err(e) => Err(Errno::from_io(&e)),
+            }
+        })
     }
 
     fn exists(&self, path: &str) -> bool {
-        let t = &self.shared.tree;
-        t.resolve(path, false).is_ok_and(|p| t.lexists(&p))
+        self.with(|k| k.t.resolve(path, false).is_ok_and(|p| k.t.lexists(&p)))
     }
 
     fn chown(&self, path: &str, uid: u32, gid: u32) -> Result<(), Errno> {
-        let t = &self.shared.tree;
-        let p = t.resolve(path, true)?;
-        std::os::unix::fs::chown(t.host(&p), Some(uid), Some(gid)).map_err(|e| Errno::from_io(&e))
+        self.with(|k| {
+            let p = k.t.resolve(path, true)?;
+            std::os::unix::fs::chown(k.t.host(&p), Some(uid), Some(gid))
+                .map_err(|e| Errno::from_io(&e))
+        })
     }
 
     fn chmod(&self, path: &str, mode: u32) -> Result<(), Errno> {
         use std::os::unix::fs::PermissionsExt;
-        let t = &self.shared.tree;
-        let p = t.resolve(path, true)?;
-        std::fs::set_permissions(t.host(&p), std::fs::Permissions::from_mode(mode & 0o7777))
-            .map_err(|e| Errno::from_io(&e))
+        self.with(|k| {
+            let p = k.t.resolve(path, true)?;
+            std::fs::set_permissions(k.t.host(&p), std::fs::Permissions::from_mode(mode & 0o7777))
+                .map_err(|e| Errno::from_io(&e))
+        })
     }
 
     fn set_vf_guid(

@@ -5,7 +5,7 @@ use devfence_model::{Bdf, IommuGroupId};
 
 use super::num::{kstrtou16, kstrtoull, strip_nl};
 use super::tree::{Kind, base, split};
-use super::{K, Saved};
+use super::{K, Saved, Stashed};
 use crate::actuator::{Errno, VfToken};
 use crate::sim::{PciSpec, vf_bdf, vf_config_space};
 
@@ -135,7 +135,7 @@ impl K<'_> {
     /// The driver `bdf` binds to without an override: the one it had when the
     /// simulator started, the VF driver of its PF's driver, or the id table.
     pub(super) fn native_of(&self, bdf: Bdf) -> Option<String> {
-        if let Some(n) = self.s.natives.get(&bdf) {
+        if let Some(n) = self.s.d.natives.get(&bdf) {
             return Some(n.clone());
         }
         let dir = self.pci_dir(bdf)?;
@@ -421,7 +421,16 @@ impl K<'_> {
             }
             // A PF's token is a fresh random one at every probe.
             self.s.tokens.remove(&bdf);
-        } else if let Some(saved) = self.s.stash.remove(&(dir.to_owned(), drv.to_owned())) {
+        } else if let Some(saved) = self
+            .s
+            .d
+            .stash
+            .contains_key(&(dir.to_owned(), drv.to_owned()))
+            .then(|| self.s.dm().stash.remove(&(dir.to_owned(), drv.to_owned())))
+            .flatten()
+        {
+            let mut saved = saved;
+            self.rename_taken_class_names(&mut saved);
             for (at, entries) in saved {
                 self.t.restore(&at, &entries)?;
             }
@@ -432,6 +441,62 @@ impl K<'_> {
             self.apply_admin_guids(dir)?;
         }
         Ok(())
+    }
+
+    /// A driver's subtree comes back at its next probe under the names it had,
+    /// unless another device took a name meanwhile (`mlx5_3`, `ib1`): the kernel
+    /// names a device afresh at every probe, the lowest free number of its
+    /// prefix, so a taken name is replaced by that, in the class link and in the
+    /// device's own subtree.
+    fn rename_taken_class_names(&self, saved: &mut Stashed) {
+        let mut renames: Vec<(String, String, String)> = Vec::new();
+        for (cl, entries) in saved.iter_mut() {
+            let Some(rest) = cl.strip_prefix("/sys/class/") else {
+                continue;
+            };
+            let Some((class, old)) = rest.split_once('/') else {
+                continue;
+            };
+            if !self.t.lexists(cl) {
+                continue;
+            }
+            let prefix = old
+                .trim_end_matches(|c: char| c.is_ascii_digit())
+                .to_owned();
+            let class_dir = format!("/sys/class/{class}");
+            let new = format!(
+                "{prefix}{}",
+                lowest_free(self.t.list(&class_dir).iter().filter_map(|n| {
+                    n.strip_prefix(prefix.as_str()).and_then(|x| x.parse().ok())
+                }))
+            );
+            for e in entries.iter_mut() {
+                if let Saved::Link(_, t) = e
+                    && let Some(parent) = t.parent()
+                {
+                    *t = parent.join(&new);
+                }
+            }
+            renames.push((old.to_owned(), new.clone(), format!("{class_dir}/{new}")));
+            *cl = format!("{class_dir}/{new}");
+        }
+        for (old, new, _) in &renames {
+            for (at, entries) in saved.iter_mut() {
+                if at.starts_with("/sys/class/") {
+                    continue;
+                }
+                for e in entries.iter_mut() {
+                    let r = match e {
+                        Saved::Dir(r) | Saved::File(r, _, _) | Saved::Link(r, _) => r,
+                    };
+                    if r == old {
+                        r.clone_from(new);
+                    } else if let Some(tail) = r.strip_prefix(&format!("{old}/")) {
+                        *r = format!("{new}/{tail}");
+                    }
+                }
+            }
+        }
     }
 
     /// Unbinds `dir` from `drv`.
@@ -467,7 +532,10 @@ impl K<'_> {
             if !saved.is_empty() {
                 // Directories first, class links after.
                 saved.sort_by_key(|(p, _)| !p.starts_with(dir));
-                self.s.stash.insert((dir.to_owned(), drv.to_owned()), saved);
+                self.s
+                    .dm()
+                    .stash
+                    .insert((dir.to_owned(), drv.to_owned()), saved);
             }
         }
         Ok(())
@@ -626,9 +694,10 @@ impl K<'_> {
             if let Some(drv) = self.driver_of(&vd) {
                 self.detach(vf, &vd, &drv)?;
             }
-            self.s.stash.retain(|(d, _), _| *d != vd);
-            self.s.natives.remove(&vf);
-            self.s.reset_defaults.remove(&vf);
+            let d = self.s.dm();
+            d.stash.retain(|(d, _), _| *d != vd);
+            d.natives.remove(&vf);
+            d.reset_defaults.remove(&vf);
             if let Some(g) = self.group_of(&vd) {
                 let gd = format!("/sys/kernel/iommu_groups/{g}");
                 self.t.unlink(&format!("{gd}/devices/{vf}"))?;
@@ -642,7 +711,7 @@ impl K<'_> {
             self.t.unlink(&format!("{pf_dir}/virtfn{i}"))?;
             self.t.rmtree(&format!("{pf_dir}/sriov/{i}"))?;
         }
-        self.s.admin_guids.retain(|(p, _), _| *p != pf);
+        self.s.dm().admin_guids.retain(|(p, _), _| *p != pf);
         self.t.set(&format!("{pf_dir}/sriov_numvfs"), "0\n")
     }
 
@@ -675,7 +744,10 @@ impl K<'_> {
         }
         let f = format!("{dir}/reset_method");
         let cur = self.t.text(&f).unwrap_or_default();
-        let supported = self.s.reset_defaults.entry(bdf).or_insert(cur).clone();
+        let supported = match self.s.d.reset_defaults.get(&bdf) {
+            Some(s) => s.clone(),
+            None => self.s.dm().reset_defaults.entry(bdf).or_insert(cur).clone(),
+        };
         let v = std::str::from_utf8(strip_nl(value)).map_err(|_| Errno::EINVAL)?;
         let new = if v.is_empty() {
             String::new()

@@ -27,7 +27,7 @@ pub(super) enum Kind {
 
 /// One entry of a subtree saved in memory (a driver's `infiniband/`, `net/`,
 /// `sriov/` while the device is unbound), relative to the saved directory.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) enum Saved {
     Dir(String),
     File(String, Vec<u8>, u32),
@@ -42,6 +42,34 @@ pub(super) struct Tree {
 
 fn io_errno(e: &io::Error) -> Errno {
     Errno::from_io(e)
+}
+
+/// Opens the file at `p` for writing without blocking and without following a
+/// final link (`create`: create it if absent); anything but a regular file is
+/// refused (`EINVAL`), so a FIFO in the tree never blocks the simulated kernel.
+fn open_regular(p: &Path, create: bool) -> Result<fs::File, Errno> {
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create(create)
+        .custom_flags(
+            (rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOFOLLOW)
+                .bits()
+                .cast_signed(),
+        )
+        .open(p)
+        .map_err(|e| io_errno(&e))?;
+    match f.metadata() {
+        Ok(m) if m.is_file() => Ok(f),
+        Ok(_) => Err(Errno::EINVAL),
+        Err(e) => Err(io_errno(&e)),
+    }
+}
+
+/// Replaces the whole contents of `f` with `contents`.
+fn write_all_at_start(mut f: &fs::File, contents: &[u8]) -> Result<(), Errno> {
+    use std::io::Write;
+    f.set_len(0).map_err(|e| io_errno(&e))?;
+    f.write_all(contents).map_err(|e| io_errno(&e))
 }
 
 /// `/a/b/c` → (`/a/b`, `c`).
@@ -132,7 +160,11 @@ impl Tree {
     /// The bytes of a file (any path; links followed).
     pub(super) fn read(&self, k: &str) -> Result<Vec<u8>, Errno> {
         let p = self.resolve(k, true)?;
-        fs::read(self.host(&p)).map_err(|e| io_errno(&e))
+        // Bounded, non-blocking, a regular file only: a FIFO in the tree is an
+        // error, never a hang.
+        self.root
+            .read_attr(&p, crate::root::MAX_ATTR_BYTES)
+            .map_err(|e| io_errno(&e.into_io()))
     }
 
     /// A file as text with one trailing newline removed.
@@ -180,16 +212,16 @@ impl Tree {
         if let Some(d) = p.parent() {
             fs::create_dir_all(d).map_err(|e| io_errno(&e))?;
         }
-        fs::write(&p, contents).map_err(|e| io_errno(&e))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).map_err(|e| io_errno(&e))
+        let f = open_regular(&p, true)?;
+        write_all_at_start(&f, contents)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|e| io_errno(&e))
     }
 
     /// Replaces the contents of the existing file `k`, keeping its mode.
     pub(super) fn set(&self, k: &str, contents: impl AsRef<[u8]>) -> Result<(), Errno> {
-        let p = self.host(k);
-        let mode = fs::metadata(&p).map(|m| m.mode() & 0o7777).unwrap_or(0o644);
-        fs::write(&p, contents.as_ref()).map_err(|e| io_errno(&e))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).map_err(|e| io_errno(&e))
+        let f = open_regular(&self.host(k), false)?;
+        write_all_at_start(&f, contents.as_ref())
     }
 
     /// Creates the directory `k` and its parents.
