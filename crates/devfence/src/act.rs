@@ -134,7 +134,7 @@ fn act(
 /// Every device the ledger holds (any state but `Free`); none without a ledger
 /// (an acting command never creates one).
 fn holdings(root: &HostRoot, ledger: Option<&Path>) -> Result<Vec<DeviceRecord>> {
-    let path = crate::ledger::ledger_path(root, ledger);
+    let path = crate::ledger::ledger_path(root, ledger)?;
     if !path.exists() {
         return Ok(Vec::new());
     }
@@ -209,7 +209,7 @@ fn guard(
     if flags.dry_run {
         return Ok(());
     }
-    let path = crate::ledger::ledger_path(root, ledger);
+    let path = crate::ledger::ledger_path(root, ledger)?;
     let mut store = SqliteStore::open(&path)?;
     store.atomically(|tx| {
         for (r, how) in &hit {

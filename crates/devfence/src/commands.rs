@@ -396,7 +396,7 @@ fn tenancy_for(
         return Ok((t, Some(p.to_path_buf())));
     }
     // The ledger, when devfence manages devices here; else the tenancy file.
-    let lp = crate::ledger::ledger_path(root, ledger);
+    let lp = crate::ledger::ledger_path(root, ledger)?;
     // A `-wal` without its ledger is a damaged ledger: opening it says so.
     if lp.exists() || devfence_engine::sqlite::sidecar(&lp, "-wal").exists() {
         let t = crate::ledger::ledger_tenancy(&lp)?;

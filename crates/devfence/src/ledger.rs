@@ -93,9 +93,19 @@ pub struct Env {
 }
 
 /// The ledger path for `root` (or the one given).
-#[must_use]
-pub fn ledger_path(root: &HostRoot, given: Option<&Path>) -> PathBuf {
-    given.map_or_else(|| root.path(LEDGER_PATH), Path::to_path_buf)
+///
+/// The default is resolved inside the root: a link on the way in a fixture tree is
+/// re-rooted, never followed out of it.
+pub fn ledger_path(root: &HostRoot, given: Option<&Path>) -> Result<PathBuf> {
+    match given {
+        Some(p) => Ok(p.to_path_buf()),
+        None => root.path_in_root(LEDGER_PATH).with_context(|| {
+            format!(
+                "Cannot resolve the ledger's path {LEDGER_PATH} under {}. Hint: a link on the way cannot be read or loops; give --ledger FILE",
+                root.root().display()
+            )
+        }),
+    }
 }
 
 /// Opens the ledger of `root` (or the one given), the one way every command does.
@@ -106,7 +116,7 @@ pub fn ledger_path(root: &HostRoot, given: Option<&Path>) -> PathBuf {
 /// [`SqliteStore::open`]). The chain heads it writes are signed with the host key
 /// when this host has one.
 pub fn open_store(root: &HostRoot, ledger: Option<&Path>, create: bool) -> Result<SqliteStore> {
-    let path = ledger_path(root, ledger);
+    let path = ledger_path(root, ledger)?;
     let store = if create {
         if let Some(dir) = path.parent()
             && !dir.exists()
@@ -193,7 +203,7 @@ fn check_head_signature(
 
 /// `devfence init`.
 pub fn init(root: &HostRoot, ledger: Option<&Path>, out: &mut dyn Write) -> Result<Outcome> {
-    let path = ledger_path(root, ledger);
+    let path = ledger_path(root, ledger)?;
     if std::fs::symlink_metadata(&path).is_ok() {
         // Opening says what is wrong with a damaged file; an intact one exists.
         SqliteStore::open_existing(&path)?;
@@ -225,7 +235,7 @@ fn open_sm(
     };
     Ok(match (backend, kernel) {
         (Backend::Sim, Kernel::Sim(k)) => {
-            let p = root.path(SIM_SM_PATH);
+            let p = root.path_in_root(SIM_SM_PATH)?;
             // The simulated SM is part of the simulated world, there before any
             // ledger: its state directory is made on first use.
             if let Some(dir) = p.parent()
@@ -314,7 +324,7 @@ impl Env {
 
     fn open_mode(root: &HostRoot, ledger: Option<&Path>, create: bool) -> Result<Env> {
         let kernel = Kernel::for_root(root)?;
-        let path = ledger_path(root, ledger);
+        let path = ledger_path(root, ledger)?;
         let mut store = open_store(root, ledger, create)?;
         let cfg = Config::load(root, config::explicit())?;
         let sm = open_sm(root, &kernel, &cfg, || {
@@ -870,7 +880,7 @@ pub fn recover(
     out: &mut dyn Write,
 ) -> Result<Outcome> {
     // No ledger at all (nor a -wal of one): devfence never acted here.
-    let path = ledger_path(root, ledger);
+    let path = ledger_path(root, ledger)?;
     if std::fs::symlink_metadata(&path).is_err()
         && std::fs::symlink_metadata(devfence_engine::sqlite::sidecar(&path, "-wal")).is_err()
     {
@@ -1272,7 +1282,7 @@ pub fn fabric_findings(
     // Read-only: without a ledger devfence holds nothing on the fabric, and the
     // posture is the SM's own (a failed sweep, the default partition); `check`
     // never creates a ledger.
-    let sm = if ledger_path(root, ledger).symlink_metadata().is_ok() {
+    let sm = if ledger_path(root, ledger)?.symlink_metadata().is_ok() {
         let mut env = Env::open(root, ledger)?;
         let (tenants, devices) = env
             .store

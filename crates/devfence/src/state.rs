@@ -736,7 +736,7 @@ fn inspect_cmd(
     let path = envelope_path(root, &a.envelope);
     let bytes = read_envelope(&path)?;
     let ring = load_keyring(root)?;
-    let ledger_file = crate::ledger::ledger_path(root, ledger);
+    let ledger_file = crate::ledger::ledger_path(root, ledger)?;
     // Read only: no ledger is made where there is none.
     let mut store = if ledger_file.exists() {
         Some(open_ledger(root, ledger)?)

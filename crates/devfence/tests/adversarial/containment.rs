@@ -484,3 +484,44 @@ fn keys_are_written_inside_the_root() {
     let o = on(&root, &["keys", "show"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// issue 18 item 6: the ledger (and the simulated SM's state beside it) stays in the
+/// root: a `var/lib/devfence` link to a directory outside is resolved under the root,
+/// so `tenant add` never creates the ledger outside it.
+#[test]
+fn the_ledger_is_written_inside_the_root() {
+    let (tmp, root) = host("lab");
+    let outside = tmp.path().join("outside-lib");
+    std::fs::create_dir_all(&outside).unwrap();
+    let lib = root.join("var/lib/devfence");
+    if lib.exists() {
+        std::fs::remove_dir_all(&lib).unwrap();
+    }
+    std::fs::create_dir_all(lib.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&outside, &lib).unwrap();
+    let o = on(
+        &root,
+        &[
+            "tenant",
+            "add",
+            "acme",
+            "--launcher",
+            "107:107",
+            "--partition",
+            "0x8001",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "the ledger was written outside the root"
+    );
+    let inside = root
+        .join(outside.strip_prefix("/").unwrap())
+        .join("ledger.db");
+    assert!(inside.is_file(), "the ledger is re-rooted under the root");
+    let o = on(&root, &["tenant", "list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("acme"), "{}", stdout(&o));
+}
