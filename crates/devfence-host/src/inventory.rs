@@ -1444,16 +1444,23 @@ fn read_ib_device(r: &mut Reader<'_>, e: &Entry) -> Option<IbDevice> {
     })
 }
 
+/// The slots of a port's `pkeys` directory, by index: the names that are a
+/// number, in numeric order (the one reading of a P_Key table, shared by the
+/// inventory and the engine's read-back).
+pub(crate) fn pkey_slot_names(names: impl IntoIterator<Item = String>) -> Vec<(u32, String)> {
+    let mut slots: Vec<(u32, String)> = names
+        .into_iter()
+        .filter_map(|n| numbered(&n, "").map(|i| (i, n)))
+        .collect();
+    slots.sort_unstable();
+    slots
+}
+
 fn read_pkeys(r: &mut Reader<'_>, subj: Option<&str>, dir: &str) -> Vec<PKeySlot> {
     let Some(entries) = r.list_opt(subj, dir) else {
         return Vec::new();
     };
-    let mut slots: Vec<(u32, String)> = entries
-        .into_iter()
-        .filter_map(|e| numbered(&e.name, "").map(|n| (n, e.name)))
-        .collect();
-    slots.sort_unstable();
-    slots
+    pkey_slot_names(entries.into_iter().map(|e| e.name))
         .into_iter()
         .filter_map(|(index, n)| {
             r.req_attr(subj, &format!("{dir}/{n}"), parse::pkey)

@@ -17,6 +17,7 @@ pub mod actuator;
 pub mod fuzzing;
 pub mod inventory;
 pub mod parse;
+pub mod readback;
 pub mod root;
 pub mod sim;
 pub mod simkernel;

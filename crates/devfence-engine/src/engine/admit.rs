@@ -24,7 +24,7 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use devfence_fabric::{PartitionKey, Programmed};
-use devfence_host::actuator::KernelIo;
+use devfence_host::readback::{self, ReadBack};
 use devfence_model::{Bdf, DeviceId, Guid, IommuGroupId, PKey, TenantId};
 use serde_json::{Value, json};
 
@@ -74,10 +74,6 @@ fn dma_managed(driver: Option<&str>) -> bool {
     }
 }
 
-fn basename(link: &str) -> &str {
-    link.rsplit('/').next().unwrap_or(link)
-}
-
 /// What a device of the ledger must still show when its VM starts.
 struct Expect<'a> {
     tenant: &'a Tenant,
@@ -92,7 +88,7 @@ struct Expect<'a> {
 
 /// Re-verifies one device against what its gates established.
 fn reverify(
-    io: &dyn KernelIo,
+    host: ReadBack<'_>,
     sm: &dyn devfence_fabric::SubnetManager,
     device: &DeviceId,
     x: &Expect<'_>,
@@ -100,29 +96,24 @@ fn reverify(
     let differs = |s: String| Drift::Differs(s);
     let (group, mut ev) = match device {
         DeviceId::Pci(bdf) => {
-            let dir = format!("/sys/bus/pci/devices/{bdf}");
-            if !io.exists(&dir) {
-                return Err(differs(format!("{dir} is gone")));
+            if !host.pci_present(*bdf) {
+                return Err(differs(format!("{} is gone", readback::pci_dir(*bdf))));
             }
-            let driver = io
-                .read_link(&format!("{dir}/driver"))
-                .ok()
-                .map(|t| basename(&t).to_owned());
+            let driver = host.driver_of(*bdf);
             if driver.as_deref() != Some("vfio-pci") {
                 return Err(differs(format!(
                     "driver is {}, not vfio-pci",
                     driver.as_deref().unwrap_or("none")
                 )));
             }
-            let group = read_group(io, &dir).map_err(differs)?;
+            let group = host.pci_group(*bdf).map_err(|e| differs(e.to_string()))?;
             (group, json!({ "driver": "vfio-pci" }))
         }
         DeviceId::Mdev(u) => {
-            let dir = format!("/sys/bus/mdev/devices/{u}");
-            if !io.exists(&dir) {
-                return Err(differs(format!("{dir} is gone")));
+            if !host.mdev_present(*u) {
+                return Err(differs(format!("{} is gone", readback::mdev_dir(*u))));
             }
-            let group = read_group(io, &dir).map_err(differs)?;
+            let group = host.mdev_group(*u).map_err(|e| differs(e.to_string()))?;
             (group, json!({ "present": true }))
         }
         other => {
@@ -132,13 +123,13 @@ fn reverify(
         }
     };
     ev["group"] = json!(group.0);
-    group_viable(io, group, device, x).map_err(differs)?;
-    let node = format!("/dev/vfio/{group}");
+    group_viable(host, group, device, x).map_err(differs)?;
+    let node = readback::group_node(group);
     let (uid, gid) = (
         x.tenant.launcher_uid.unwrap_or(0),
         x.tenant.launcher_gid.unwrap_or(0),
     );
-    match io.stat(&node) {
+    match host.node_meta(group) {
         Ok(m) if m.uid == uid && m.gid == gid && m.mode == x.node_mode => {
             ev["node"] = json!(format!("{}:{} {:04o}", m.uid, m.gid, m.mode));
         }
@@ -152,34 +143,20 @@ fn reverify(
     }
     if let (DeviceId::Pci(bdf), Some(guid)) = (device, x.guid) {
         ev["guid"] = json!(guid);
-        ev["pkeys"] = ib_port(io, sm, *bdf, guid, x)?;
+        ev["pkeys"] = ib_port(host, sm, *bdf, guid, x)?;
     }
     Ok(ev)
-}
-
-fn read_group(io: &dyn KernelIo, dir: &str) -> Result<IommuGroupId, String> {
-    let link = format!("{dir}/iommu_group");
-    let t = io
-        .read_link(&link)
-        .map_err(|e| format!("it has no IOMMU group ({link}: {e})"))?;
-    basename(&t)
-        .parse::<u32>()
-        .map(IommuGroupId)
-        .map_err(|_| format!("{link} points to {t:?}, not an IOMMU group"))
 }
 
 /// Every member of the group is on a DMA-managed driver and held by no other
 /// tenant.
 fn group_viable(
-    io: &dyn KernelIo,
+    host: ReadBack<'_>,
     group: IommuGroupId,
     device: &DeviceId,
     x: &Expect<'_>,
 ) -> Result<(), String> {
-    let dir = format!("/sys/kernel/iommu_groups/{group}/devices");
-    let members = io
-        .list_dir(&dir)
-        .map_err(|e| format!("cannot list IOMMU group {group} ({dir}: {e})"))?;
+    let members = host.group_members(group).map_err(|e| e.to_string())?;
     for m in &members {
         if let Some((d, t)) = x.others.iter().find(|(d, _)| d.to_string() == *m) {
             return Err(format!(
@@ -190,10 +167,7 @@ fn group_viable(
             continue;
         }
         if let Ok(b) = m.parse::<Bdf>() {
-            let driver = io
-                .read_link(&format!("/sys/bus/pci/devices/{b}/driver"))
-                .ok()
-                .map(|t| basename(&t).to_owned());
+            let driver = host.driver_of(b);
             if !dma_managed(driver.as_deref()) {
                 return Err(format!(
                     "IOMMU group {group} member {b} is on {}, a host driver (GRP-VIABLE)",
@@ -207,35 +181,16 @@ fn group_viable(
 
 /// The IB VF's GUID as its PF shows it, and its port's P_Key table at the SM.
 fn ib_port(
-    io: &dyn KernelIo,
+    host: ReadBack<'_>,
     sm: &dyn devfence_fabric::SubnetManager,
     bdf: Bdf,
     guid: Guid,
     x: &Expect<'_>,
 ) -> Result<Value, Drift> {
     let differs = |s: String| Drift::Differs(s);
-    let dir = format!("/sys/bus/pci/devices/{bdf}");
-    let pf = io
-        .read_link(&format!("{dir}/physfn"))
-        .map_err(|e| differs(format!("it has no PF ({dir}/physfn: {e})")))?;
-    let pf = basename(&pf).to_owned();
-    let pfdir = format!("/sys/bus/pci/devices/{pf}");
-    let entries = io
-        .list_dir(&pfdir)
-        .map_err(|e| differs(format!("cannot list its PF {pfdir}: {e}")))?;
-    let index = entries
-        .iter()
-        .filter_map(|n| n.strip_prefix("virtfn").and_then(|i| i.parse::<u32>().ok()))
-        .find(|i| {
-            io.read_link(&format!("{pfdir}/virtfn{i}"))
-                .is_ok_and(|t| basename(&t) == bdf.to_string())
-        })
-        .ok_or_else(|| differs(format!("its PF {pf} does not list it among its VFs")))?;
-    let port = format!("{pfdir}/sriov/{index}/port");
-    let seen = io
-        .read(&port)
-        .ok()
-        .and_then(|b| devfence_host::parse::ofed_guid(&b).ok());
+    let (seen, port) = host
+        .vf_guid_at_pf(bdf)
+        .map_err(|e| differs(e.to_string()))?;
     if seen != Some(guid) {
         return Err(differs(format!(
             "its GUID is {} ({port}), not {guid}, the one devfence issued",
@@ -438,7 +393,7 @@ impl Engine<'_> {
                 others: &facts.others,
                 node_mode: self.cfg.node_mode,
             };
-            match reverify(self.io, self.sm, d, &x) {
+            match reverify(self.host, self.sm, d, &x) {
                 Ok(ev) => evidence.push((*d, ev)),
                 Err(drift) => drifts.push((*d, drift)),
             }

@@ -19,11 +19,14 @@ mod facts;
 pub mod failpoint;
 mod procs;
 
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use devfence_fabric::{Pace, SubnetManager};
 use devfence_host::HostRoot;
-use devfence_host::actuator::KernelIo;
+use devfence_host::actuator::ops::SysfsActuator;
+use devfence_host::actuator::{Actuator, KernelIo};
+use devfence_host::readback::ReadBack;
 use devfence_model::{DeviceId, Inventory, TenantId};
 use serde_json::{Value, json};
 
@@ -222,7 +225,10 @@ pub struct Recovered {
 /// Drives devices through their lifecycle on one host and fabric.
 pub struct Engine<'a> {
     store: &'a mut dyn Store,
-    io: &'a dyn KernelIo,
+    /// Every change to the host goes through it (one, built once).
+    act: Rc<dyn Actuator + 'a>,
+    /// Every read of the host that verifies a change.
+    host: ReadBack<'a>,
     sm: &'a dyn SubnetManager,
     cfg: EngineConfig,
     fp: Failpoints,
@@ -273,12 +279,21 @@ impl<'a> Engine<'a> {
     ) -> Self {
         Self {
             store,
-            io,
+            act: Rc::new(SysfsActuator::new(io)),
+            host: ReadBack::new(io),
             sm,
             cfg,
             fp: Failpoints::none(),
             progress: Box::new(|_| {}),
         }
+    }
+
+    /// Acting through `act` instead of the actuator over the kernel it was
+    /// built with (reads still go through that kernel).
+    #[must_use]
+    pub fn with_actuator(mut self, act: Rc<dyn Actuator + 'a>) -> Self {
+        self.act = act;
+        self
     }
 
     /// With failpoints.
@@ -303,7 +318,7 @@ impl<'a> Engine<'a> {
     /// The host root.
     #[must_use]
     pub fn root(&self) -> &HostRoot {
-        self.io.root()
+        self.host.root()
     }
 
     /// The failpoints (to read which were passed).
@@ -317,8 +332,8 @@ impl<'a> Engine<'a> {
     }
 
     fn inventory(&self) -> Result<Inventory, EngineError> {
-        devfence_host::read_inventory(self.io.root()).map_err(|e| EngineError::Host {
-            root: self.io.root().root().display().to_string(),
+        self.host.inventory().map_err(|e| EngineError::Host {
+            root: self.host.root().root().display().to_string(),
             reason: e.to_string(),
             hint: "devfence reads the host through sysfs; run it as root on the host (or on a simulated host)".into(),
         })

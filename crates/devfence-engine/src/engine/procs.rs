@@ -4,14 +4,18 @@
 //!
 //! Step order is the journal order; [`plan`] lists the same steps without
 //! acting (a test keeps the two in step).
+//!
+//! The host is changed only through the engine's [`Actuator`] (token delivery
+//! and withdrawal included) and read back only through
+//! [`devfence_host::readback`]; no path is built here.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::time::Instant;
 
 use devfence_fabric::{Expectation, PartitionKey, Programmed, Unverified, wait_verified_with};
-use devfence_host::actuator::ops::SysfsActuator;
-use devfence_host::actuator::{ActError, Actuator, KernelIo, VfToken};
+use devfence_host::actuator::files::FileStepError;
+use devfence_host::actuator::{ActError, Actuator, VfToken};
+use devfence_host::readback::{self, ReadBack, ReadBackError};
 use devfence_model::{
     Bdf, DeviceId, Guid, Inventory, IommuGroupId, MdevUuid, Membership, PKey, Severity, TenantId,
 };
@@ -62,8 +66,12 @@ fn fail(reason: impl Into<String>, hint: impl Into<String>) -> StepFailure {
     }
 }
 
+fn file_fail(e: &FileStepError) -> StepFailure {
+    fail(e.reason(), e.hint())
+}
+
 fn node_path(g: IommuGroupId) -> String {
-    format!("/dev/vfio/{g}")
+    readback::group_node(g)
 }
 
 fn token_path(runtime: &str, bdf: Bdf) -> String {
@@ -367,19 +375,18 @@ fn scrub(
     kind: &DeviceKind,
     old: Option<&Tenant>,
 ) -> Result<(), StepFailure> {
-    let io = e.io;
-    let act = SysfsActuator::new(io);
+    let (act, host) = (e.act.clone(), e.host);
     void_admitted_state(e, run)?;
     match kind {
         DeviceKind::Mdev { uuid, .. } => {
             let u = *uuid;
             e.step(run, "mdev-remove", json!({ "uuid": u }), |_| {
-                let p = format!("/sys/bus/mdev/devices/{u}");
-                if !io.exists(&p) {
+                let p = readback::mdev_dir(u);
+                if !host.mdev_present(u) {
                     return Ok(((), json!({ "uuid": u, "removed": false, "absent": true })));
                 }
                 act.mdev_remove(u).map_err(|x| act_fail(&x))?;
-                if io.exists(&p) {
+                if host.mdev_present(u) {
                     return Err(fail(
                         format!("{p} still exists after the remove"),
                         "check `dmesg`; the mdev may be in use by a VM",
@@ -393,18 +400,12 @@ fn scrub(
         | DeviceKind::TokenVf { bdf, group, .. }
         | DeviceKind::IbVf { bdf, group, .. } => {
             let (bdf, group) = (*bdf, *group);
-            revoke_node(e, run, &act, group)?;
+            revoke_node(e, run, act.as_ref(), host, group)?;
             if let DeviceKind::TokenVf { .. } = kind {
-                let root = io.root().clone();
                 let p = token_path(&e.cfg.runtime_dir, bdf);
                 e.step(run, "token-withdraw", json!({ "path": p }), |_| {
                     // Through real directories inside the root only, never a link.
-                    let existed = root.remove_file(&p).map_err(|x| {
-                        fail(
-                            format!("cannot remove {}: {x}", root.path(&p).display()),
-                            "remove it by hand; the token in it is void once a new one is set",
-                        )
-                    })?;
+                    let existed = act.withdraw_token(&p).map_err(|x| file_fail(&x))?;
                     Ok(((), json!({ "path": p, "removed": existed })))
                 })?;
             }
@@ -432,60 +433,13 @@ fn state_dir(runtime: &str) -> String {
 /// no later VM can be given the previous tenant's state. An owner record that is
 /// not a small regular file fails the step (the device stays quarantined).
 fn void_admitted_state(e: &mut Engine<'_>, run: &mut Run) -> Result<(), StepFailure> {
-    const MAX_OWNER: u64 = 256;
-    let root = e.io.root().clone();
+    let act = e.act.clone();
     let dir = state_dir(&e.cfg.runtime_dir);
     let device = run.device.to_string();
     e.step(run, "state-void", json!({ "dir": dir }), |_| {
-        let real = root.path(&dir);
-        let entries = match std::fs::read_dir(&real) {
-            Ok(r) => r,
-            Err(x) if x.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(((), json!({ "dir": dir, "voided": 0 })));
-            }
-            Err(x) => {
-                return Err(fail(
-                    format!("cannot list {}: {x}", real.display()),
-                    "check the side-load directory (root-owned, 0700); admitted state of this device may still be there",
-                ));
-            }
-        };
-        let mut voided = 0u32;
-        for ent in entries.flatten() {
-            let name = ent.file_name();
-            let Some(token) = name.to_str().and_then(|n| n.strip_suffix(".owner")) else {
-                continue;
-            };
-            let owner = ent.path();
-            let bad = |why: String| {
-                fail(
-                    format!("{}: {why}", owner.display()),
-                    "remove the file by hand after checking whose state it records; devfence cannot tell whether it is this device's",
-                )
-            };
-            let meta = std::fs::symlink_metadata(&owner).map_err(|x| bad(x.to_string()))?;
-            if !meta.is_file() || meta.len() > MAX_OWNER {
-                return Err(bad("not a small regular file".into()));
-            }
-            let text = std::fs::read_to_string(&owner).map_err(|x| bad(x.to_string()))?;
-            if text.trim_end_matches('\n') != device {
-                continue;
-            }
-            let payload = real.join(format!("{token}.state"));
-            for p in [&payload, &owner] {
-                match std::fs::remove_file(p) {
-                    Ok(()) => {}
-                    Err(x) if x.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(x) => {
-                        return Err(fail(
-                            format!("cannot remove {}: {x}", p.display()),
-                            "remove it by hand: it is the previous tenant's admitted device state",
-                        ));
-                    }
-                }
-            }
-            voided += 1;
-        }
+        let voided = act
+            .void_device_state(&dir, &device)
+            .map_err(|x| file_fail(&x))?;
         // The tokens name the payloads; only their number is journalled.
         Ok(((), json!({ "dir": dir, "voided": voided })))
     })
@@ -494,13 +448,13 @@ fn void_admitted_state(e: &mut Engine<'_>, run: &mut Run) -> Result<(), StepFail
 fn revoke_node(
     e: &mut Engine<'_>,
     run: &mut Run,
-    act: &SysfsActuator<&dyn KernelIo>,
+    act: &dyn Actuator,
+    host: ReadBack<'_>,
     group: IommuGroupId,
 ) -> Result<(), StepFailure> {
-    let io = e.io;
     let node = node_path(group);
     e.step(run, "node-revoke", json!({ "node": node }), |_| {
-        if !io.exists(&node) {
+        if !host.node_present(group) {
             return Ok(((), json!({ "node": node, "present": false })));
         }
         act.set_group_node_owner(group, 0, 0, 0o600)
@@ -508,10 +462,10 @@ fn revoke_node(
         Ok(((), json!({ "node": node, "owner": "0:0", "mode": "0600" })))
     })?;
     e.gate(run, "node-revoked", |_, _| {
-        if !io.exists(&node) {
+        if !host.node_present(group) {
             return Ok(json!({ "node": node, "present": false }));
         }
-        match io.stat(&node) {
+        match host.node_meta(group) {
             Ok(m) if m.uid == 0 && m.gid == 0 => Ok(json!({ "node": node, "uid": m.uid, "gid": m.gid, "mode": format!("{:04o}", m.mode) })),
             Ok(m) => Err((
                 format!("{node} is still owned by {}:{}", m.uid, m.gid),
@@ -656,8 +610,7 @@ fn prepare_pci(
     old: Option<&Tenant>,
     to: &Tenant,
 ) -> Result<Option<String>, StepFailure> {
-    let io = e.io;
-    let act = SysfsActuator::new(io);
+    let (act, host) = (e.act.clone(), e.host);
     let (Some(bdf), Some(group)) = (kind.bdf(), kind.group()) else {
         return Err(fail("not a PCI function", "this is a bug in devfence"));
     };
@@ -670,7 +623,7 @@ fn prepare_pci(
             port_guid,
             ..
         } => {
-            prepare_ib(e, run, &act, bdf, *pf, *index, *port_guid, old, to)?;
+            prepare_ib(e, run, act.as_ref(), bdf, *pf, *index, *port_guid, old, to)?;
         }
         DeviceKind::TokenVf { pf, .. } => {
             let pf = *pf;
@@ -689,13 +642,13 @@ fn prepare_pci(
                 ))
             })?;
             let p = token_path(&e.cfg.runtime_dir, bdf);
-            let root = io.root().clone();
             e.step(
                 run,
                 "token-deliver",
                 json!({ "path": p, "launcher": format!("{uid}:{gid}") }),
                 |_| {
-                    deliver_token(&root, &p, &token, uid, gid)?;
+                    act.deliver_token(&p, &token, uid, gid)
+                        .map_err(|x| file_fail(&x))?;
                     Ok((
                         (),
                         json!({ "path": p, "owner": format!("{uid}:{gid}"), "mode": "0600" }),
@@ -704,14 +657,12 @@ fn prepare_pci(
             )?;
             drop(token);
             e.gate(run, "token-delivered", |_, _| {
-                use std::os::unix::fs::MetadataExt;
-                let real = root.path(&p);
-                match std::fs::metadata(&real) {
-                    Ok(m) if m.uid() == uid && m.gid() == gid && m.mode() & 0o777 == 0o600 => {
-                        Ok(json!({ "path": p, "uid": m.uid(), "gid": m.gid(), "mode": format!("{:04o}", m.mode() & 0o7777) }))
+                match host.file_meta(&p) {
+                    Ok(m) if m.uid == uid && m.gid == gid && m.mode & 0o777 == 0o600 => {
+                        Ok(json!({ "path": p, "uid": m.uid, "gid": m.gid, "mode": format!("{:04o}", m.mode) }))
                     }
                     Ok(m) => Err((
-                        format!("{p} is {}:{} mode {:04o}, not {uid}:{gid} 0600", m.uid(), m.gid(), m.mode() & 0o7777),
+                        format!("{p} is {}:{} mode {:04o}, not {uid}:{gid} 0600", m.uid, m.gid, m.mode),
                         json!({ "path": p }),
                         "something changed the token file; it is void: hand the device over again".into(),
                     )),
@@ -732,8 +683,8 @@ fn prepare_pci(
         },
     )?;
     e.gate(run, "driver", |_, _| {
-        let link = format!("/sys/bus/pci/devices/{bdf}/driver");
-        match io.read_link(&link) {
+        let link = readback::driver_link(bdf);
+        match host.driver_target(bdf) {
             Ok(t) if t.rsplit('/').next() == Some("vfio-pci") => {
                 Ok(json!({ "path": link, "target": t }))
             }
@@ -750,7 +701,7 @@ fn prepare_pci(
         }
     })?;
     group_rules(e, run, group, &DeviceId::Pci(bdf))?;
-    grant_node(e, run, &act, group, uid, gid)?;
+    grant_node(e, run, act.as_ref(), host, group, uid, gid)?;
     Ok(token_file)
 }
 
@@ -764,41 +715,11 @@ fn launcher(t: &Tenant) -> Result<(u32, u32), StepFailure> {
     }
 }
 
-fn deliver_token(
-    root: &devfence_host::HostRoot,
-    kpath: &str,
-    token: &VfToken,
-    uid: u32,
-    gid: u32,
-) -> Result<(), StepFailure> {
-    let path = root.path(kpath);
-    let io_fail = |what: &str, x: std::io::Error| {
-        fail(
-            format!("cannot {what} {}: {x}", path.display()),
-            "check the runtime directory (root-owned, on tmpfs, no symbolic links); the token was not delivered",
-        )
-    };
-    // Inside the root, through real directories only, never through a link.
-    let mut f = root
-        .create_fresh_file(kpath, 0o600)
-        .map_err(|x| io_fail("create", x))?;
-    std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(|x| io_fail("chown", x))?;
-    let mut text = token.reveal_for_launcher();
-    text.push('\n');
-    let r = f.write_all(text.as_bytes()).and_then(|()| f.sync_all());
-    // Wipe the copy before anything else can fail.
-    // Overwrite the String's bytes in place before it is freed.
-    let wiped = "0".repeat(text.len());
-    text.replace_range(.., &wiped);
-    drop(text);
-    r.map_err(|x| io_fail("write", x))
-}
-
 #[allow(clippy::too_many_arguments)]
 fn prepare_ib(
     e: &mut Engine<'_>,
     run: &mut Run,
-    act: &SysfsActuator<&dyn KernelIo>,
+    act: &dyn Actuator,
     bdf: Bdf,
     pf: Bdf,
     index: u32,
@@ -806,7 +727,7 @@ fn prepare_ib(
     old: Option<&Tenant>,
     to: &Tenant,
 ) -> Result<(), StepFailure> {
-    let io = e.io;
+    let host = e.host;
     let sm = e.sm;
     let device = run.device;
     let tid: TenantId = to.id.clone();
@@ -945,85 +866,49 @@ fn prepare_ib(
     let want: BTreeSet<PKey> = grant.iter().map(|(k, m)| k.pkey(*m)).collect();
     let forbidden: BTreeSet<u16> = old_parts.iter().map(|k| k.base()).collect();
     e.gate(run, "port-pkeys", |_, _| {
-        port_pkeys(io, bdf, new, &want, &forbidden)
+        port_pkeys(host, bdf, new, &want, &forbidden)
     })
 }
 
 /// Reads the P_Key table of the VF's IB port and checks it against the grant.
 fn port_pkeys(
-    io: &dyn KernelIo,
+    host: ReadBack<'_>,
     bdf: Bdf,
     guid: Guid,
     want: &BTreeSet<PKey>,
     forbidden: &BTreeSet<u16>,
 ) -> Result<Value, (String, Value, String)> {
     let hint = "the port does not (yet) carry what the SM shows: check the VF's link and the SM's log; the device stays quarantined until it does".to_string();
-    let ibdir = format!("/sys/bus/pci/devices/{bdf}/infiniband");
-    let devs = io.list_dir(&ibdir).map_err(|x| {
-        (
-            format!("{bdf} has no InfiniBand device on its host driver ({ibdir}: {x})"),
-            json!({ "path": ibdir }),
+    let port = host.vf_ib_port(bdf).map_err(|x| match &x {
+        ReadBackError::NoIbDevice { dir, .. } => (
+            x.to_string(),
+            json!({ "path": dir }),
             "load mlx5_ib so the VF's port can be read; devfence does not trust a table it cannot read".to_string(),
-        )
+        ),
+        ReadBackError::EmptyIbDir { dir } => (x.to_string(), json!({ "path": dir }), hint.clone()),
+        _ => (x.to_string(), json!({}), hint.clone()),
     })?;
-    let Some(dev) = devs.into_iter().next() else {
-        return Err((format!("{ibdir} is empty"), json!({ "path": ibdir }), hint));
-    };
-    let port = format!("{ibdir}/{dev}/ports/1");
-    let gid0 = format!("{port}/gids/0");
-    let seen_guid = io
-        .read(&gid0)
-        .ok()
-        .and_then(|b| devfence_host::parse::gid_port_guid(&b).ok());
-    if seen_guid != Some(guid) {
+    let gid0 = &port.gid0;
+    if port.guid != Some(guid) {
         return Err((
             format!(
                 "the port shows GUID {} in {gid0}, not {guid}",
-                seen_guid.map_or_else(|| "none".to_owned(), |g| g.to_string())
+                port.guid
+                    .map_or_else(|| "none".to_owned(), |g| g.to_string())
             ),
             json!({ "path": gid0 }),
             hint,
         ));
     }
-    let pdir = format!("{port}/pkeys");
-    let mut slots: Vec<(u32, String)> = io
-        .list_dir(&pdir)
-        .map_err(|x| {
-            (
-                format!("cannot list {pdir}: {x}"),
-                json!({ "path": pdir }),
-                hint.clone(),
-            )
-        })?
-        .into_iter()
-        .filter_map(|n| n.parse::<u32>().ok().map(|i| (i, n)))
-        .collect();
-    slots.sort();
-    let mut table: BTreeMap<u32, PKey> = BTreeMap::new();
-    for (i, n) in slots {
-        let p = format!("{pdir}/{n}");
-        let raw = io.read(&p).map_err(|x| {
-            (
-                format!("cannot read {p}: {x}"),
-                json!({ "path": p }),
-                hint.clone(),
-            )
-        })?;
-        let k = devfence_host::parse::pkey(&raw).map_err(|x| {
-            (
-                format!(
-                    "{p} holds {:?}, not a P_Key ({x})",
-                    String::from_utf8_lossy(&raw)
-                ),
-                json!({ "path": p }),
-                hint.clone(),
-            )
-        })?;
-        if !k.is_empty_slot() {
-            table.insert(i, k);
-        }
-    }
-    let keys: BTreeSet<PKey> = table.values().copied().collect();
+    let pdir = port.pkeys_dir();
+    let table = host.pkey_table(&port).map_err(|x| {
+        let path = match &x {
+            ReadBackError::Read { path, .. } | ReadBackError::NotAPKey { path, .. } => path.clone(),
+            _ => pdir.clone(),
+        };
+        (x.to_string(), json!({ "path": path }), hint.clone())
+    })?;
+    let keys: BTreeSet<PKey> = table.iter().map(|s| s.pkey).collect();
     let shown: Vec<String> = keys.iter().map(|k| format!("{:#06x}", k.0)).collect();
     let missing: Vec<String> = want
         .difference(&keys)
@@ -1099,19 +984,19 @@ fn group_rules(
 fn grant_node(
     e: &mut Engine<'_>,
     run: &mut Run,
-    act: &SysfsActuator<&dyn KernelIo>,
+    act: &dyn Actuator,
+    host: ReadBack<'_>,
     group: IommuGroupId,
     uid: u32,
     gid: u32,
 ) -> Result<(), StepFailure> {
-    let io = e.io;
     let mode = e.cfg.node_mode;
     let node = node_path(group);
     e.step(run, "node-grant", json!({ "node": node, "owner": format!("{uid}:{gid}") }), |_| {
         act.set_group_node_owner(group, uid, gid, mode).map_err(|x| act_fail(&x))?;
         Ok(((), json!({ "node": node, "owner": format!("{uid}:{gid}"), "mode": format!("{mode:04o}") })))
     })?;
-    e.gate(run, "node-owner", |_, _| match io.stat(&node) {
+    e.gate(run, "node-owner", |_, _| match host.node_meta(group) {
         Ok(m) if m.uid == uid && m.gid == gid && m.mode == mode => Ok(
             json!({ "node": node, "uid": m.uid, "gid": m.gid, "mode": format!("{:04o}", m.mode) }),
         ),
@@ -1144,8 +1029,7 @@ fn prepare_mdev(
     else {
         return Err(fail("not an mdev", "this is a bug in devfence"));
     };
-    let io = e.io;
-    let act = SysfsActuator::new(io);
+    let (act, host) = (e.act.clone(), e.host);
     let (uid, gid) = launcher(to)?;
     let mut b = [0u8; 16];
     getrandom::fill(&mut b).map_err(|x| {
@@ -1190,9 +1074,9 @@ fn prepare_mdev(
             ))
         },
     )?;
-    let mdir = format!("/sys/bus/mdev/devices/{new}");
+    let mdir = readback::mdev_dir(new);
     let group = e.gate(run, "mdev-present", |_, _| {
-        if !io.exists(&mdir) {
+        if !host.mdev_present(new) {
             return Err((
                 format!("{mdir} does not exist after the create"),
                 json!({ "path": mdir }),
@@ -1203,19 +1087,14 @@ fn prepare_mdev(
     });
     group?;
     let link = format!("{mdir}/iommu_group");
-    let g = io
-        .read_link(&link)
-        .ok()
-        .and_then(|t| t.rsplit('/').next().and_then(|n| n.parse::<u32>().ok()))
-        .map(IommuGroupId);
-    let Some(g) = g else {
+    let Ok(g) = host.mdev_group(new) else {
         return Err(fail(
             format!("the new mdev has no IOMMU group ({link})"),
             "is the vendor driver's mdev bound to vfio_mdev?",
         ));
     };
     group_rules(e, run, g, &newdev)?;
-    grant_node(e, run, &act, g, uid, gid)?;
+    grant_node(e, run, act.as_ref(), host, g, uid, gid)?;
     Ok(new)
 }
 
@@ -1372,8 +1251,7 @@ fn recover_scrub(
     created: &[MdevUuid],
     inv: &Inventory,
 ) -> Result<(), StepFailure> {
-    let io = e.io;
-    let act = SysfsActuator::new(io);
+    let (act, host) = (e.act.clone(), e.host);
     for u in created {
         let u = *u;
         e.step(
@@ -1381,7 +1259,7 @@ fn recover_scrub(
             "mdev-remove",
             json!({ "uuid": u, "created-by-interrupted-operation": true }),
             |_| {
-                if !io.exists(&format!("/sys/bus/mdev/devices/{u}")) {
+                if !host.mdev_present(u) {
                     return Ok(((), json!({ "uuid": u, "absent": true })));
                 }
                 act.mdev_remove(u).map_err(|x| act_fail(&x))?;

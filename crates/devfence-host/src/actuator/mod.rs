@@ -27,6 +27,7 @@
 // would only complicate the contract.
 #![allow(clippy::result_large_err)]
 
+pub mod files;
 pub mod netlink;
 pub mod ops;
 pub mod real;
@@ -313,6 +314,32 @@ pub trait KernelIo {
         stat_in_root(self.root(), path)
     }
 
+    /// Creates a fresh private file at `path` (mode 0600, owned by
+    /// `uid:gid`) holding `contents`, synced. The default reaches it under
+    /// [`KernelIo::root`] through real directories only, never a link
+    /// ([`HostRoot::create_fresh_file`]).
+    ///
+    /// # Errors
+    /// What failed, and the I/O error (a link on the way names the link).
+    fn create_private_file(
+        &self,
+        path: &str,
+        contents: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), files::FileStepError> {
+        files::create_private_file(self.root(), path, contents, uid, gid)
+    }
+
+    /// Removes the file at `path` (a link there is removed, not followed),
+    /// reached through real directories only; whether there was one.
+    ///
+    /// # Errors
+    /// A link or non-directory on the way; the unlink's error.
+    fn remove_file(&self, path: &str) -> std::io::Result<bool> {
+        self.root().remove_file(path)
+    }
+
     /// True when writes are only recorded, not performed (`--dry-run`): the
     /// actuator then skips the read-backs, which would see the host unchanged.
     fn is_dry_run(&self) -> bool {
@@ -360,6 +387,18 @@ impl<T: KernelIo + ?Sized> KernelIo for &T {
     fn stat(&self, path: &str) -> Result<NodeMeta, Errno> {
         (**self).stat(path)
     }
+    fn create_private_file(
+        &self,
+        path: &str,
+        contents: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), files::FileStepError> {
+        (**self).create_private_file(path, contents, uid, gid)
+    }
+    fn remove_file(&self, path: &str) -> std::io::Result<bool> {
+        (**self).remove_file(path)
+    }
     fn is_dry_run(&self) -> bool {
         (**self).is_dry_run()
     }
@@ -404,6 +443,18 @@ impl<T: KernelIo + ?Sized> KernelIo for Box<T> {
     }
     fn stat(&self, path: &str) -> Result<NodeMeta, Errno> {
         (**self).stat(path)
+    }
+    fn create_private_file(
+        &self,
+        path: &str,
+        contents: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), files::FileStepError> {
+        (**self).create_private_file(path, contents, uid, gid)
+    }
+    fn remove_file(&self, path: &str) -> std::io::Result<bool> {
+        (**self).remove_file(path)
     }
     fn is_dry_run(&self) -> bool {
         (**self).is_dry_run()
@@ -748,6 +799,33 @@ pub trait Actuator {
     /// # Errors
     /// What failed, with errno and hint.
     fn rekey_vf_token(&self, custody: &mut PfCustody) -> Result<VfToken, ActError>;
+    /// Hands `token` to a launcher: a fresh 0600 file at `path` (under the
+    /// runtime directory), owned by `uid:gid`, reached through real
+    /// directories only. The copy of the token in memory is wiped.
+    ///
+    /// # Errors
+    /// What failed (a link on the way names the link) and a hint.
+    fn deliver_token(
+        &self,
+        path: &str,
+        token: &VfToken,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), files::FileStepError>;
+    /// Removes an undelivered token file at `path` (never through a link);
+    /// whether there was one.
+    ///
+    /// # Errors
+    /// What failed and a hint.
+    fn withdraw_token(&self, path: &str) -> Result<bool, files::FileStepError>;
+    /// Removes every device-state payload admitted for `device` from the
+    /// side-load directory `dir` (`<token>.state` with its `<token>.owner`);
+    /// how many were voided. An owner record that is not a small regular file
+    /// is refused (it cannot be told whose it is).
+    ///
+    /// # Errors
+    /// What failed and a hint.
+    fn void_device_state(&self, dir: &str, device: &str) -> Result<u32, files::FileStepError>;
 }
 
 /// An operation that failed or was refused. The message names the operation and

@@ -18,6 +18,7 @@ use std::fmt::Write as _;
 
 use devfence_model::{ApMask, ApMatrix, Apqn, Bdf, Guid, IommuGroupId, MdevUuid};
 
+use super::files::{self, FileStepError};
 use super::{
     ActError, Actuator, ApMaskKind, ApResource, Errno, GuidKind, KernelIo, MaskEdit, NodeMeta,
     PfCustody, VfToken,
@@ -1247,5 +1248,23 @@ impl<K: KernelIo> Actuator for SysfsActuator<K> {
             .with_errno(e)
         })?;
         Ok(token)
+    }
+
+    fn deliver_token(
+        &self,
+        path: &str,
+        token: &VfToken,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), FileStepError> {
+        files::deliver_token(&self.io, path, token, uid, gid)
+    }
+
+    fn withdraw_token(&self, path: &str) -> Result<bool, FileStepError> {
+        files::withdraw_token(&self.io, path)
+    }
+
+    fn void_device_state(&self, dir: &str, device: &str) -> Result<u32, FileStepError> {
+        files::void_device_state(&self.io, dir, device)
     }
 }
