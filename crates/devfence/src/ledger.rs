@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use devfence_app::fabric::NoSm;
 use devfence_engine::domain::{Unidentified, parse_domain, reserved_for};
 use devfence_engine::engine::{Engine, EngineConfig, EngineError, Failpoints, Progress};
 use devfence_engine::store::{Partition, Tenant};
@@ -21,10 +22,7 @@ use devfence_engine::{
     AuditFilter, DeviceState, GuidRange, SqliteStore, StepState, Store, StoreExt, engine,
 };
 use devfence_fabric::opensm::{SaClient, port_tables};
-use devfence_fabric::{
-    Change, FabricError, Health, Observation, OpenSmSm, PersistentSimSm, PortReader, SimConfig,
-    SubnetManager, Ticket, UfmSm,
-};
+use devfence_fabric::{OpenSmSm, PersistentSimSm, PortReader, SimConfig, SubnetManager, UfmSm};
 use devfence_host::HostRoot;
 use devfence_model::{DeviceId, Guid, Membership, PKey, TenantId};
 
@@ -43,42 +41,6 @@ pub const LEDGER_PATH: &str = "/var/lib/devfence/ledger.db";
 pub const SIM_SM_PATH: &str = "/var/lib/devfence/sim-sm.json";
 /// The GUID range a simulated host's ledger starts with.
 pub const SIM_POOL: (Guid, Guid) = (Guid(0x0002_c903_00f0_0000), Guid(0x0002_c903_00f0_ffff));
-
-/// The SM of a host with no SM configured: every call is a clear error.
-struct NoSm;
-
-impl NoSm {
-    fn err() -> FabricError {
-        FabricError::Refused {
-            backend: "none".into(),
-            detail: "no subnet manager is configured on this host".into(),
-            hint: "select one in /etc/devfence/devfence.toml ([fabric] backend = \"opensm\" or \"ufm\"; \
-                   see `man devfence`); devices other than IB VFs need none"
-                .into(),
-        }
-    }
-}
-
-impl SubnetManager for NoSm {
-    fn backend(&self) -> &str {
-        "none"
-    }
-    fn stage(&self, _: Change) -> Result<(), FabricError> {
-        Err(Self::err())
-    }
-    fn discard_staged(&self) -> usize {
-        0
-    }
-    fn apply(&self) -> Result<Ticket, FabricError> {
-        Err(Self::err())
-    }
-    fn observe(&self, _: &[Guid]) -> Result<Observation, FabricError> {
-        Err(Self::err())
-    }
-    fn health(&self) -> Result<Health, FabricError> {
-        Err(Self::err())
-    }
-}
 
 /// The host, kernel, SM and ledger one command works with.
 pub struct Env {
@@ -1277,69 +1239,20 @@ pub fn fabric_findings(
     root: &HostRoot,
     ledger: Option<&Path>,
 ) -> Result<Vec<devfence_model::Finding>> {
-    use devfence_fabric::posture::{LedgerGuid, LedgerView, posture};
-    let mut view = LedgerView::default();
     // Read-only: without a ledger devfence holds nothing on the fabric, and the
     // posture is the SM's own (a failed sweep, the default partition); `check`
     // never creates a ledger.
-    let sm = if ledger_path(root, ledger)?.symlink_metadata().is_ok() {
+    let (sm, view) = if ledger_path(root, ledger)?.symlink_metadata().is_ok() {
         let mut env = Env::open(root, ledger)?;
-        let (tenants, devices) = env
-            .store
-            .atomically(|tx| Ok((tx.tenants()?, tx.devices()?)))?;
-        for t in &tenants {
-            for p in &t.partitions {
-                view.tenant_pkeys.insert(p.pkey.base(), t.id.to_string());
-            }
-        }
-        for d in &devices {
-            let recs = env.store.atomically(|tx| tx.guids_of(&d.device))?;
-            for r in recs {
-                if r.state == devfence_engine::GuidState::Issued {
-                    view.guids.push(LedgerGuid {
-                        guid: r.guid,
-                        device: d.device.to_string(),
-                        tenant: d.state.tenant().map(ToString::to_string),
-                    });
-                }
-            }
-        }
-        env.sm
+        let view = devfence_app::fabric::ledger_view(&mut env.store)?;
+        (env.sm, view)
     } else {
         let kernel = Kernel::for_root(root)?;
         let cfg = Config::load(root, config::explicit())?;
-        open_sm(root, &kernel, &cfg, || Ok(Vec::new()))?
+        (
+            open_sm(root, &kernel, &cfg, || Ok(Vec::new()))?,
+            devfence_fabric::posture::LedgerView::default(),
+        )
     };
-    let guids: Vec<Guid> = view.guids.iter().map(|g| g.guid).collect();
-    let observed = sm.observe(&guids);
-    let configured = sm.configured_members();
-    let mut out = posture(
-        sm.backend(),
-        configured.as_ref().map(Option::as_deref),
-        observed.as_ref(),
-        &view,
-    );
-    // Restores the backend made after the SM could not parse its configuration
-    // (persisted by the backend; issue 17 item 2).
-    if let Ok(h) = sm.health() {
-        for n in h
-            .notes
-            .iter()
-            .filter(|n| n.starts_with(devfence_fabric::opensm::RESTORE_NOTE))
-        {
-            out.push(devfence_model::Finding {
-                rule: "FAB-RESTORED".into(),
-                severity: if h.is_healthy() {
-                    devfence_model::Severity::Warning
-                } else {
-                    devfence_model::Severity::Error
-                },
-                subject: sm.backend().into(),
-                message: n.clone(),
-                evidence: Vec::new(),
-                hint: "the SM could not parse its partitions file and devfence restored it; find who wrote the refused file (kept beside it as .devfence-rejected)".into(),
-            });
-        }
-    }
-    Ok(out)
+    Ok(devfence_app::fabric::fabric_findings(&*sm, &view))
 }

@@ -1,0 +1,14 @@
+//! devfence's application layer: what a command *does*, shared by every front
+//! end — the CLI today, the daemon and the fleet agent next (issue 11 item 2).
+//!
+//! A use case here takes typed input (a ledger, a subnet manager, a request) and
+//! returns a typed result; it neither parses arguments nor prints. The binary
+//! parses, calls and renders. Layering (docs/architecture.md): this crate sits
+//! on the engine, the fabric seam and the model; it never reads the host itself
+//! (that is `devfence-host`, reached through the engine).
+//!
+//! Moved here so far: the subnet manager of a host with none configured
+//! ([`fabric::NoSm`]), the ledger → fabric view and `check --fabric`'s
+//! findings ([`fabric::ledger_view`], [`fabric::fabric_findings`]).
+
+pub mod fabric;
