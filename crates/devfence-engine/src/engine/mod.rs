@@ -17,6 +17,7 @@
 mod admit;
 mod facts;
 pub mod failpoint;
+mod lifecycle;
 mod procs;
 
 use std::rc::Rc;
@@ -33,6 +34,7 @@ use serde_json::{Value, json};
 pub use admit::{Drift, Started};
 pub use facts::{DeviceKind, KindError, classify};
 pub use failpoint::{Crash, CrashMode, Failpoints};
+pub use lifecycle::{Gate, GateFailure, OpKind, Step};
 pub use procs::PlannedStep;
 
 use crate::audit::{AuditEvent, AuditKind};
@@ -238,7 +240,7 @@ pub struct Engine<'a> {
 /// One running operation's bookkeeping.
 pub(crate) struct Run {
     pub(crate) op: OperationId,
-    pub(crate) kind: String,
+    pub(crate) kind: OpKind,
     pub(crate) device: DeviceId,
     pub(crate) tenant: Option<TenantId>,
     pub(crate) started: Instant,
@@ -425,7 +427,7 @@ impl<'a> Engine<'a> {
         tenant: &TenantId,
         vm: Option<&str>,
     ) -> Result<Done, EngineError> {
-        self.transfer("assign", device, tenant, vm)
+        self.transfer(OpKind::Assign, device, tenant, vm)
     }
 
     /// Hands a device held (Ready, Draining or Quarantined) for one tenant over to
@@ -440,12 +442,12 @@ impl<'a> Engine<'a> {
         to: &TenantId,
         vm: Option<&str>,
     ) -> Result<Done, EngineError> {
-        self.transfer("handover", device, to, vm)
+        self.transfer(OpKind::Handover, device, to, vm)
     }
 
     fn transfer(
         &mut self,
-        kind: &str,
+        kind: OpKind,
         device: &DeviceId,
         to: &TenantId,
         vm: Option<&str>,
@@ -526,7 +528,7 @@ impl<'a> Engine<'a> {
             DeviceState::Free | DeviceState::Scrubbing => None,
             DeviceState::Quarantined { .. } => None,
             DeviceState::Ready { tenant, .. } | DeviceState::Draining { tenant, .. } => {
-                if kind == "assign" {
+                if kind == OpKind::Assign {
                     let e = EngineError::refused(
                         Some(*device),
                         format!("{device} is {from}, not Free"),
@@ -557,7 +559,7 @@ impl<'a> Engine<'a> {
                 return Err(self.refuse(Some(*device), Some(to.clone()), e));
             }
         };
-        if kind == "handover"
+        if kind == OpKind::Handover
             && old_tenant.is_none()
             && !matches!(from, DeviceState::Quarantined { .. })
         {
@@ -568,7 +570,7 @@ impl<'a> Engine<'a> {
             );
             return Err(self.refuse(Some(*device), Some(to.clone()), e));
         }
-        if old_tenant.as_ref() == Some(to) && kind == "handover" {
+        if old_tenant.as_ref() == Some(to) && kind == OpKind::Handover {
             let e = EngineError::refused(
                 Some(*device),
                 format!("{device} is already held by {to}"),
@@ -598,7 +600,14 @@ impl<'a> Engine<'a> {
                 "from": from.to_string(), "to": to, "vm": vm, "device-kind": facts,
             }),
         )?;
-        let res = procs::transfer(self, &mut run, &facts, &from, old.as_ref(), &to_tenant, vm);
+        let t = procs::Transfer {
+            kind: &facts,
+            from: &from,
+            old: old.as_ref(),
+            to: &to_tenant,
+            vm,
+        };
+        let res = procs::transfer(self, &mut run, &t);
         self.conclude(run, res)
     }
 
@@ -650,7 +659,7 @@ impl<'a> Engine<'a> {
         };
         let tenant = from.tenant().cloned();
         let mut run = self.begin(
-            "release",
+            OpKind::Release,
             device,
             tenant,
             &from,
@@ -779,19 +788,19 @@ impl<'a> Engine<'a> {
     #[allow(clippy::needless_pass_by_value)]
     fn begin(
         &mut self,
-        kind: &str,
+        kind: OpKind,
         device: &DeviceId,
         tenant: Option<TenantId>,
         from: &DeviceState,
         first: &DeviceState,
         detail: Value,
     ) -> Result<Run, EngineError> {
-        let k = kind.to_owned();
+        let k = kind.name();
         let dev = *device;
         let t = tenant.clone();
         let (f, n) = (from.clone(), first.clone());
         let res = self.store.atomically(|tx| {
-            let op = tx.begin_operation(&dev, &k)?;
+            let op = tx.begin_operation(&dev, k)?;
             tx.set_device_state(&dev, &f, &n)?;
             let d = json!({ "step": "begin", "operation": op, "detail": detail, "state": n.to_string() });
             tx.journal_step(op, "begin", StepState::Done, &d)?;
@@ -804,7 +813,7 @@ impl<'a> Engine<'a> {
         };
         let run = Run {
             op,
-            kind: kind.to_owned(),
+            kind,
             device: dev,
             tenant,
             started: Instant::now(),
@@ -812,7 +821,7 @@ impl<'a> Engine<'a> {
         };
         self.emit(&Progress::Began {
             op,
-            kind: kind.to_owned(),
+            kind: kind.name().to_owned(),
             device: dev,
         });
         self.fp.hit(&format!("{kind}:begin:acted"));
@@ -825,10 +834,11 @@ impl<'a> Engine<'a> {
     pub(crate) fn step<T>(
         &mut self,
         run: &mut Run,
-        name: &str,
+        step: Step,
         plan: Value,
         act: impl FnOnce(&mut Self) -> Result<(T, Value), StepFailure>,
     ) -> Result<T, StepFailure> {
+        let name = step.name();
         self.journal(run, name, StepState::Planned, &plan, AuditKind::Step, false)?;
         self.fp.hit(&format!("{}:{name}:planned", run.kind));
         let t0 = Instant::now();
@@ -858,10 +868,11 @@ impl<'a> Engine<'a> {
     pub(crate) fn gate(
         &mut self,
         run: &mut Run,
-        name: &str,
-        check: impl FnOnce(&mut Self, &Run) -> Result<Value, (String, Value, String)>,
+        gate: Gate,
+        check: impl FnOnce(&mut Self, &Run) -> Result<Value, GateFailure>,
     ) -> Result<(), StepFailure> {
-        let gname = format!("gate:{name}");
+        let name = gate.name();
+        let gname = gate.journal_name();
         self.journal(
             run,
             &gname,
@@ -893,7 +904,11 @@ impl<'a> Engine<'a> {
                 run.timings.push((gname, ms));
                 Ok(())
             }
-            Err((reason, evidence, hint)) => {
+            Err(GateFailure {
+                reason,
+                evidence,
+                hint,
+            }) => {
                 self.emit(&Progress::Gate {
                     name: name.to_owned(),
                     passed: false,
@@ -1022,7 +1037,7 @@ impl<'a> Engine<'a> {
                 let reason = format!("{} failed: {}", f.step, f.reason);
                 let state = self.quarantine(&run, &run.device, &reason)?;
                 Err(EngineError::Failed {
-                    kind: run.kind.clone(),
+                    kind: run.kind.name().to_owned(),
                     device: run.device,
                     step: f.step,
                     reason: f.reason,

@@ -3,7 +3,8 @@
 //! verified), and recovery of an interrupted operation.
 //!
 //! Step order is the journal order; [`plan`] lists the same steps without
-//! acting (a test keeps the two in step).
+//! acting. Names and descriptions of steps and gates are defined once, in
+//! `lifecycle.rs` ([`Step`], [`Gate`]), for both; a test keeps the order in step.
 //!
 //! The host is changed only through the engine's [`Actuator`] (token delivery
 //! and withdrawal included) and read back only through
@@ -21,7 +22,9 @@ use devfence_model::{
 };
 use serde_json::{Value, json};
 
-use super::{DeviceKind, Engine, EngineError, Progress, Run, StepFailure};
+use super::{
+    DeviceKind, Engine, EngineError, Gate, GateFailure, OpKind, Progress, Run, Step, StepFailure,
+};
 use crate::audit::{AuditEvent, AuditKind};
 use crate::store::{
     DeviceState, GuidRecord, GuidState, Operation, Outcome, StepState, StoreError, StoreExt, Tenant,
@@ -41,6 +44,17 @@ pub struct PlannedStep {
     pub name: String,
     /// What it does or checks.
     pub what: String,
+}
+
+fn st(s: Step) -> PlannedStep {
+    ps(s.name(), s.what())
+}
+
+fn gt(g: Gate) -> PlannedStep {
+    PlannedStep {
+        name: g.journal_name(),
+        what: g.what().to_owned(),
+    }
 }
 
 fn ps(name: &str, what: &str) -> PlannedStep {
@@ -95,42 +109,24 @@ fn partitions(t: &Tenant) -> Vec<(PartitionKey, Membership)> {
 /// The steps of scrubbing a device of `kind`; `fabric`: it has GUIDs to revoke
 /// at the SM (see `revoke_guids`).
 fn plan_scrub(kind: &DeviceKind, fabric: bool) -> Vec<PlannedStep> {
-    let mut v = vec![ps(
-        "state-void",
-        "remove the device-state payloads admitted for the device (never delivered to the next VM)",
-    )];
+    let mut v = vec![st(Step::StateVoid)];
     match kind {
         DeviceKind::Mdev { .. } => {
-            v.push(ps(
-                "mdev-remove",
-                "remove the mdev (its UUID is never used again)",
-            ));
+            v.push(st(Step::MdevRemove));
         }
         _ => {
-            v.push(ps(
-                "node-revoke",
-                "give /dev/vfio/<group> back to root:root 0600 (the old launcher loses access)",
-            ));
-            v.push(ps("gate:node-revoked", "stat the node: owned by root"));
+            v.push(st(Step::NodeRevoke));
+            v.push(gt(Gate::NodeRevoked));
             if matches!(kind, DeviceKind::TokenVf { .. }) {
-                v.push(ps("token-withdraw", "remove any undelivered VF token file"));
+                v.push(st(Step::TokenWithdraw));
             }
-            v.push(ps(
-                "reset",
-                "reset the function and read its config space back",
-            ));
+            v.push(st(Step::Reset));
             if matches!(kind, DeviceKind::IbVf { .. }) {
-                v.push(ps(
-                    "guid-retire",
-                    "retire the old GUIDs in the pool (never reissued)",
-                ));
+                v.push(st(Step::GuidRetire));
             }
             if matches!(kind, DeviceKind::IbVf { .. }) && fabric {
-                v.push(ps(
-                    "fabric-revoke",
-                    "remove the old GUIDs from every partition at the SM and apply",
-                ));
-                v.push(ps("gate:fabric-revoked", "read back from the SM: old GUIDs in no tenant's partition, the sweep after the change done"));
+                v.push(st(Step::FabricRevoke));
+                v.push(gt(Gate::FabricRevoked));
             }
         }
     }
@@ -142,67 +138,31 @@ fn plan_prepare(kind: &DeviceKind) -> Vec<PlannedStep> {
     let mut v = Vec::new();
     match kind {
         DeviceKind::Mdev { .. } => {
-            v.push(ps(
-                "mdev-create",
-                "create an mdev of the same type with a fresh UUID",
-            ));
-            v.push(ps(
-                "gate:mdev-present",
-                "read back /sys/bus/mdev/devices/<uuid>",
-            ));
+            v.push(st(Step::MdevCreate));
+            v.push(gt(Gate::MdevPresent));
         }
         DeviceKind::IbVf { .. } => {
-            v.push(ps("guid-allocate", "allocate a GUID never issued before"));
-            v.push(ps(
-                "bind-host-driver",
-                "bind the VF to its host driver (a new GUID takes effect there)",
-            ));
-            v.push(ps(
-                "guid-set",
-                "set the VF's node and port GUID, rebind, read the port GUID back",
-            ));
-            v.push(ps(
-                "fabric-grant",
-                "add the new GUID to the tenant's partitions at the SM and apply",
-            ));
-            v.push(ps("gate:sm-verified", "read back from the SM: old GUIDs revoked, new GUID in exactly the tenant's partitions, sweep done"));
-            v.push(ps(
-                "gate:port-pkeys",
-                "read the VF's P_Key table at the port: the tenant's P_Keys, nobody else's",
-            ));
+            v.push(st(Step::GuidAllocate));
+            v.push(st(Step::BindHostDriver));
+            v.push(st(Step::GuidSet));
+            v.push(st(Step::FabricGrant));
+            v.push(gt(Gate::SmVerified));
+            v.push(gt(Gate::PortPkeys));
         }
         DeviceKind::TokenVf { .. } => {
-            v.push(ps(
-                "token-set",
-                "take custody of the PF and set a fresh random VF token",
-            ));
-            v.push(ps(
-                "token-deliver",
-                "hand the token to the tenant's launcher only (0600 file in the runtime directory)",
-            ));
-            v.push(ps(
-                "gate:token-delivered",
-                "stat the token file: owned by the launcher, mode 0600",
-            ));
+            v.push(st(Step::TokenSet));
+            v.push(st(Step::TokenDeliver));
+            v.push(gt(Gate::TokenDelivered));
         }
         DeviceKind::Pci { .. } => {}
     }
     if !matches!(kind, DeviceKind::Mdev { .. }) {
-        v.push(ps("bind-vfio", "bind the function to vfio-pci"));
-        v.push(ps("gate:driver", "read the driver link back: vfio-pci"));
+        v.push(st(Step::BindVfio));
+        v.push(gt(Gate::Driver));
     }
-    v.push(ps(
-        "gate:group-rules",
-        "the isolation rules pass for the device's IOMMU group with the new tenant",
-    ));
-    v.push(ps(
-        "node-grant",
-        "give /dev/vfio/<group> to the tenant's launcher",
-    ));
-    v.push(ps(
-        "gate:node-owner",
-        "stat the node: owned by the launcher, mode 0600",
-    ));
+    v.push(gt(Gate::GroupRules));
+    v.push(st(Step::NodeGrant));
+    v.push(gt(Gate::NodeOwner));
     v
 }
 
@@ -259,16 +219,33 @@ pub(crate) fn plan(
 // ----------------------------------------------------------------------
 // Operations
 
-#[allow(clippy::too_many_arguments)]
+/// What an assign or handover moves: the device, from which state and tenant,
+/// to which tenant and VM.
+pub(crate) struct Transfer<'t> {
+    /// The device as the host shows it.
+    pub(crate) kind: &'t DeviceKind,
+    /// Its state before the operation.
+    pub(crate) from: &'t DeviceState,
+    /// The tenant it is taken from, if any.
+    pub(crate) old: Option<&'t Tenant>,
+    /// The tenant it is given to.
+    pub(crate) to: &'t Tenant,
+    /// The VM it is reserved for, if any.
+    pub(crate) vm: Option<&'t str>,
+}
+
 pub(crate) fn transfer(
     e: &mut Engine<'_>,
     run: &mut Run,
-    kind: &DeviceKind,
-    from: &DeviceState,
-    old: Option<&Tenant>,
-    to: &Tenant,
-    vm: Option<&str>,
+    t: &Transfer<'_>,
 ) -> Result<Finish, StepFailure> {
+    let Transfer {
+        kind,
+        from,
+        old,
+        to,
+        vm,
+    } = *t;
     let device = run.device;
     scrub(e, run, kind, old)?;
     let preparing = DeviceState::Preparing {
@@ -380,7 +357,7 @@ fn scrub(
     match kind {
         DeviceKind::Mdev { uuid, .. } => {
             let u = *uuid;
-            e.step(run, "mdev-remove", json!({ "uuid": u }), |_| {
+            e.step(run, Step::MdevRemove, json!({ "uuid": u }), |_| {
                 let p = readback::mdev_dir(u);
                 if !host.mdev_present(u) {
                     return Ok(((), json!({ "uuid": u, "removed": false, "absent": true })));
@@ -403,13 +380,13 @@ fn scrub(
             revoke_node(e, run, act.as_ref(), host, group)?;
             if let DeviceKind::TokenVf { .. } = kind {
                 let p = token_path(&e.cfg.runtime_dir, bdf);
-                e.step(run, "token-withdraw", json!({ "path": p }), |_| {
+                e.step(run, Step::TokenWithdraw, json!({ "path": p }), |_| {
                     // Through real directories inside the root only, never a link.
                     let existed = act.withdraw_token(&p).map_err(|x| file_fail(&x))?;
                     Ok(((), json!({ "path": p, "removed": existed })))
                 })?;
             }
-            e.step(run, "reset", json!({ "bdf": bdf }), |_| {
+            e.step(run, Step::Reset, json!({ "bdf": bdf }), |_| {
                 act.reset(bdf).map_err(|x| act_fail(&x))?;
                 Ok(((), json!({ "bdf": bdf, "answers": true })))
             })?;
@@ -436,7 +413,7 @@ fn void_admitted_state(e: &mut Engine<'_>, run: &mut Run) -> Result<(), StepFail
     let act = e.act.clone();
     let dir = state_dir(&e.cfg.runtime_dir);
     let device = run.device.to_string();
-    e.step(run, "state-void", json!({ "dir": dir }), |_| {
+    e.step(run, Step::StateVoid, json!({ "dir": dir }), |_| {
         let voided = act
             .void_device_state(&dir, &device)
             .map_err(|x| file_fail(&x))?;
@@ -453,7 +430,7 @@ fn revoke_node(
     group: IommuGroupId,
 ) -> Result<(), StepFailure> {
     let node = node_path(group);
-    e.step(run, "node-revoke", json!({ "node": node }), |_| {
+    e.step(run, Step::NodeRevoke, json!({ "node": node }), |_| {
         if !host.node_present(group) {
             return Ok(((), json!({ "node": node, "present": false })));
         }
@@ -461,18 +438,18 @@ fn revoke_node(
             .map_err(|x| act_fail(&x))?;
         Ok(((), json!({ "node": node, "owner": "0:0", "mode": "0600" })))
     })?;
-    e.gate(run, "node-revoked", |_, _| {
+    e.gate(run, Gate::NodeRevoked, |_, _| {
         if !host.node_present(group) {
             return Ok(json!({ "node": node, "present": false }));
         }
         match host.node_meta(group) {
             Ok(m) if m.uid == 0 && m.gid == 0 => Ok(json!({ "node": node, "uid": m.uid, "gid": m.gid, "mode": format!("{:04o}", m.mode) })),
-            Ok(m) => Err((
+            Ok(m) => Err(GateFailure::new(
                 format!("{node} is still owned by {}:{}", m.uid, m.gid),
                 json!({ "node": node, "uid": m.uid, "gid": m.gid }),
                 "something changed the owner back; find it (udev rules?) before handing the device over".into(),
             )),
-            Err(x) => Err((format!("cannot stat {node}: {x}"), json!({ "node": node }), "check /dev/vfio".into())),
+            Err(x) => Err(GateFailure::new(format!("cannot stat {node}: {x}"), json!({ "node": node }), "check /dev/vfio".into())),
         }
     })
 }
@@ -487,38 +464,43 @@ fn revoke_guids(
 ) -> Result<(), StepFailure> {
     let device = run.device;
     let op = run.op;
-    let guids: Vec<Guid> = e.step(run, "guid-retire", json!({ "port-guid": port_guid }), |e| {
-        let r = e.store.atomically(|tx| {
-            let mut out = BTreeSet::new();
-            for rec in tx.guids_of(&device)? {
-                if rec.state == GuidState::Issued {
-                    tx.retire_guid(rec.guid, &format!("{op}: revoked from {device}"))?;
-                }
-                if matches!(rec.state, GuidState::Issued | GuidState::Quarantined) {
-                    out.insert(rec.guid);
-                }
-            }
-            if let Some(g) = port_guid {
-                match tx.guid(g)? {
-                    None => tx.record_foreign_guid(g, &format!("found on {device} by {op}"))?,
-                    Some(r) if r.state == GuidState::Issued => {
-                        tx.retire_guid(g, &format!("{op}: found on {device}"))?;
+    let guids: Vec<Guid> = e.step(
+        run,
+        Step::GuidRetire,
+        json!({ "port-guid": port_guid }),
+        |e| {
+            let r = e.store.atomically(|tx| {
+                let mut out = BTreeSet::new();
+                for rec in tx.guids_of(&device)? {
+                    if rec.state == GuidState::Issued {
+                        tx.retire_guid(rec.guid, &format!("{op}: revoked from {device}"))?;
                     }
-                    Some(_) => {}
+                    if matches!(rec.state, GuidState::Issued | GuidState::Quarantined) {
+                        out.insert(rec.guid);
+                    }
                 }
-                out.insert(g);
-            }
-            Ok(out)
-        })?;
-        let list: Vec<Guid> = r.into_iter().collect();
-        Ok((list.clone(), json!({ "retired": list })))
-    })?;
+                if let Some(g) = port_guid {
+                    match tx.guid(g)? {
+                        None => tx.record_foreign_guid(g, &format!("found on {device} by {op}"))?,
+                        Some(r) if r.state == GuidState::Issued => {
+                            tx.retire_guid(g, &format!("{op}: found on {device}"))?;
+                        }
+                        Some(_) => {}
+                    }
+                    out.insert(g);
+                }
+                Ok(out)
+            })?;
+            let list: Vec<Guid> = r.into_iter().collect();
+            Ok((list.clone(), json!({ "retired": list })))
+        },
+    )?;
     if guids.is_empty() {
         return Ok(());
     }
     let sm = e.sm;
     let all = every_partition(e)?;
-    let ticket = e.step(run, "fabric-revoke", json!({ "guids": guids }), |_| {
+    let ticket = e.step(run, Step::FabricRevoke, json!({ "guids": guids }), |_| {
         for g in &guids {
             sm.stage_remove_all(*g).map_err(|x| fail(format!("staging the removal of {g} failed: {x}"), "check the SM"))?;
         }
@@ -536,7 +518,7 @@ fn revoke_guids(
         }
         exp = exp.revoke(*g, parts);
     }
-    sm_gate(e, run, "fabric-revoked", &exp)
+    sm_gate(e, run, Gate::FabricRevoked, &exp)
 }
 
 /// Every partition of every tenant in the ledger.
@@ -551,14 +533,14 @@ fn every_partition(e: &mut Engine<'_>) -> Result<BTreeSet<PartitionKey>, StepFai
 fn sm_gate(
     e: &mut Engine<'_>,
     run: &mut Run,
-    name: &str,
+    gate: Gate,
     exp: &Expectation,
 ) -> Result<(), StepFailure> {
     let sm = e.sm;
     let deadline = Instant::now() + e.cfg.gate_deadline;
     let pace = e.cfg.pace;
-    let gname = name.to_owned();
-    e.gate(run, name, |e, run| {
+    let gname = gate.name().to_owned();
+    e.gate(run, gate, |e, run| {
         let mut polls = 0u32;
         let started = run.started;
         let progress = &mut e.progress;
@@ -590,7 +572,7 @@ fn sm_gate(
                         stray.join(", ")
                     )
                 };
-                Err((
+                Err(GateFailure::new(
                     format!("the SM did not verify: {nv}"),
                     json!({ "backend": sm.backend(), "polls": nv.polls, "waited_ms": nv.waited.as_millis() as u64, "failed": nv.failed(), "last": nv.last.to_string(), "statements": stray }),
                     hint,
@@ -623,12 +605,18 @@ fn prepare_pci(
             port_guid,
             ..
         } => {
-            prepare_ib(e, run, act.as_ref(), bdf, *pf, *index, *port_guid, old, to)?;
+            let vf = IbVf {
+                bdf,
+                pf: *pf,
+                index: *index,
+                old_port: *port_guid,
+            };
+            prepare_ib(e, run, act.as_ref(), &vf, old, to)?;
         }
         DeviceKind::TokenVf { pf, .. } => {
             let pf = *pf;
             let device = run.device;
-            let token: VfToken = e.step(run, "token-set", json!({ "pf": pf }), |e| {
+            let token: VfToken = e.step(run, Step::TokenSet, json!({ "pf": pf }), |e| {
                 let mut custody = act.custody_pf(pf).map_err(|x| act_fail(&x))?;
                 let token = act.rekey_vf_token(&mut custody).map_err(|x| act_fail(&x))?;
                 // The ledger knows whose custody the PF is in: devfence's own
@@ -644,7 +632,7 @@ fn prepare_pci(
             let p = token_path(&e.cfg.runtime_dir, bdf);
             e.step(
                 run,
-                "token-deliver",
+                Step::TokenDeliver,
                 json!({ "path": p, "launcher": format!("{uid}:{gid}") }),
                 |_| {
                     act.deliver_token(&p, &token, uid, gid)
@@ -656,17 +644,17 @@ fn prepare_pci(
                 },
             )?;
             drop(token);
-            e.gate(run, "token-delivered", |_, _| {
+            e.gate(run, Gate::TokenDelivered, |_, _| {
                 match host.file_meta(&p) {
                     Ok(m) if m.uid == uid && m.gid == gid && m.mode & 0o777 == 0o600 => {
                         Ok(json!({ "path": p, "uid": m.uid, "gid": m.gid, "mode": format!("{:04o}", m.mode) }))
                     }
-                    Ok(m) => Err((
+                    Ok(m) => Err(GateFailure::new(
                         format!("{p} is {}:{} mode {:04o}, not {uid}:{gid} 0600", m.uid, m.gid, m.mode),
                         json!({ "path": p }),
                         "something changed the token file; it is void: hand the device over again".into(),
                     )),
-                    Err(x) => Err((format!("cannot stat {p}: {x}"), json!({ "path": p }), "check the runtime directory".into())),
+                    Err(x) => Err(GateFailure::new(format!("cannot stat {p}: {x}"), json!({ "path": p }), "check the runtime directory".into())),
                 }
             })?;
             token_file = Some(p);
@@ -675,25 +663,25 @@ fn prepare_pci(
     }
     e.step(
         run,
-        "bind-vfio",
+        Step::BindVfio,
         json!({ "bdf": bdf, "driver": "vfio-pci" }),
         |_| {
             act.bind(bdf, "vfio-pci").map_err(|x| act_fail(&x))?;
             Ok(((), json!({ "bdf": bdf, "driver": "vfio-pci" })))
         },
     )?;
-    e.gate(run, "driver", |_, _| {
+    e.gate(run, Gate::Driver, |_, _| {
         let link = readback::driver_link(bdf);
         match host.driver_target(bdf) {
             Ok(t) if t.rsplit('/').next() == Some("vfio-pci") => {
                 Ok(json!({ "path": link, "target": t }))
             }
-            Ok(t) => Err((
+            Ok(t) => Err(GateFailure::new(
                 format!("{bdf} is bound to {t}, not vfio-pci"),
                 json!({ "path": link, "target": t }),
                 "bind it with `devfence bind --driver vfio-pci`".into(),
             )),
-            Err(x) => Err((
+            Err(x) => Err(GateFailure::new(
                 format!("{bdf} has no driver ({x})"),
                 json!({ "path": link }),
                 "bind it with `devfence bind --driver vfio-pci`".into(),
@@ -715,23 +703,33 @@ fn launcher(t: &Tenant) -> Result<(u32, u32), StepFailure> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn prepare_ib(
-    e: &mut Engine<'_>,
-    run: &mut Run,
-    act: &dyn Actuator,
+/// An IB VF being prepared: where it is, and the GUID its port had.
+struct IbVf {
     bdf: Bdf,
     pf: Bdf,
     index: u32,
     old_port: Option<Guid>,
+}
+
+fn prepare_ib(
+    e: &mut Engine<'_>,
+    run: &mut Run,
+    act: &dyn Actuator,
+    vf: &IbVf,
     old: Option<&Tenant>,
     to: &Tenant,
 ) -> Result<(), StepFailure> {
+    let IbVf {
+        bdf,
+        pf,
+        index,
+        old_port,
+    } = *vf;
     let host = e.host;
     let sm = e.sm;
     let device = run.device;
     let tid: TenantId = to.id.clone();
-    let new: Guid = e.step(run, "guid-allocate", json!({ "tenant": tid }), |e| {
+    let new: Guid = e.step(run, Step::GuidAllocate, json!({ "tenant": tid }), |e| {
         // Never a GUID that exists anywhere devfence can see: on any port or VF of
         // the host, or known to the SM (on the fabric or in its configuration).
         let on_host = host_guids(&e.inventory().map_err(|x| {
@@ -798,7 +796,7 @@ fn prepare_ib(
     let host_driver = e.cfg.ib_host_driver.clone();
     e.step(
         run,
-        "bind-host-driver",
+        Step::BindHostDriver,
         json!({ "bdf": bdf, "driver": host_driver }),
         |_| {
             act.bind(bdf, &host_driver).map_err(|x| act_fail(&x))?;
@@ -807,7 +805,7 @@ fn prepare_ib(
     )?;
     e.step(
         run,
-        "guid-set",
+        Step::GuidSet,
         json!({ "pf": pf, "vf": index, "guid": new }),
         |_| {
             act.set_vf_guid(pf, index, new, new)
@@ -826,7 +824,7 @@ fn prepare_ib(
         ));
     }
     let g2 = grant.clone();
-    let ticket = e.step(run, "fabric-grant", json!({ "guid": new, "partitions": g2.iter().map(|(k, m)| format!("{:#06x}:{m:?}", k.base())).collect::<Vec<_>>() }), |_| {
+    let ticket = e.step(run, Step::FabricGrant, json!({ "guid": new, "partitions": g2.iter().map(|(k, m)| format!("{:#06x}:{m:?}", k.base())).collect::<Vec<_>>() }), |_| {
         for (k, m) in &g2 {
             sm.stage_add(new, *k, *m).map_err(|x| fail(format!("staging {new} into {:#06x} failed: {x}", k.base()), "check the SM"))?;
         }
@@ -861,11 +859,11 @@ fn prepare_ib(
         exp = exp.revoke(g, old_parts.iter().copied());
     }
     exp = exp.grant(new, grant.iter().copied());
-    sm_gate(e, run, "sm-verified", &exp)?;
+    sm_gate(e, run, Gate::SmVerified, &exp)?;
     // Verification at the port: the VF's own P_Key table, read on the host.
     let want: BTreeSet<PKey> = grant.iter().map(|(k, m)| k.pkey(*m)).collect();
     let forbidden: BTreeSet<u16> = old_parts.iter().map(|k| k.base()).collect();
-    e.gate(run, "port-pkeys", |_, _| {
+    e.gate(run, Gate::PortPkeys, |_, _| {
         port_pkeys(host, bdf, new, &want, &forbidden)
     })
 }
@@ -877,20 +875,22 @@ fn port_pkeys(
     guid: Guid,
     want: &BTreeSet<PKey>,
     forbidden: &BTreeSet<u16>,
-) -> Result<Value, (String, Value, String)> {
+) -> Result<Value, GateFailure> {
     let hint = "the port does not (yet) carry what the SM shows: check the VF's link and the SM's log; the device stays quarantined until it does".to_string();
     let port = host.vf_ib_port(bdf).map_err(|x| match &x {
-        ReadBackError::NoIbDevice { dir, .. } => (
+        ReadBackError::NoIbDevice { dir, .. } => GateFailure::new(
             x.to_string(),
             json!({ "path": dir }),
             "load mlx5_ib so the VF's port can be read; devfence does not trust a table it cannot read".to_string(),
         ),
-        ReadBackError::EmptyIbDir { dir } => (x.to_string(), json!({ "path": dir }), hint.clone()),
-        _ => (x.to_string(), json!({}), hint.clone()),
+        ReadBackError::EmptyIbDir { dir } => {
+            GateFailure::new(x.to_string(), json!({ "path": dir }), hint.clone())
+        }
+        _ => GateFailure::new(x.to_string(), json!({}), hint.clone()),
     })?;
     let gid0 = &port.gid0;
     if port.guid != Some(guid) {
-        return Err((
+        return Err(GateFailure::new(
             format!(
                 "the port shows GUID {} in {gid0}, not {guid}",
                 port.guid
@@ -906,7 +906,7 @@ fn port_pkeys(
             ReadBackError::Read { path, .. } | ReadBackError::NotAPKey { path, .. } => path.clone(),
             _ => pdir.clone(),
         };
-        (x.to_string(), json!({ "path": path }), hint.clone())
+        GateFailure::new(x.to_string(), json!({ "path": path }), hint.clone())
     })?;
     let keys: BTreeSet<PKey> = table.iter().map(|s| s.pkey).collect();
     let shown: Vec<String> = keys.iter().map(|k| format!("{:#06x}", k.0)).collect();
@@ -921,7 +921,7 @@ fn port_pkeys(
         .collect();
     let ev = json!({ "path": pdir, "guid": guid, "table": shown, "missing": missing, "other-tenant": leaked });
     if !leaked.is_empty() {
-        return Err((
+        return Err(GateFailure::new(
             format!(
                 "the port still carries another tenant's P_Keys {}",
                 leaked.join(", ")
@@ -931,7 +931,7 @@ fn port_pkeys(
         ));
     }
     if !missing.is_empty() {
-        return Err((
+        return Err(GateFailure::new(
             format!("the port lacks the tenant's P_Keys {}", missing.join(", ")),
             ev,
             hint,
@@ -947,14 +947,16 @@ fn group_rules(
     device: &DeviceId,
 ) -> Result<(), StepFailure> {
     let dev = *device;
-    e.gate(run, "group-rules", |e, _| {
-        let inv = e
-            .inventory()
-            .map_err(|x| (x.to_string(), json!({}), "check the host".to_string()))?;
+    e.gate(run, Gate::GroupRules, |e, _| {
+        let inv = e.inventory().map_err(|x| {
+            GateFailure::new(x.to_string(), json!({}), "check the host".to_string())
+        })?;
         let tenancy = e
             .store
             .atomically(|tx| super::tenancy_from_ledger(tx))
-            .map_err(|x| (x.to_string(), json!({}), "check the ledger".to_string()))?;
+            .map_err(|x| {
+                GateFailure::new(x.to_string(), json!({}), "check the ledger".to_string())
+            })?;
         let members: BTreeSet<String> = inv
             .iommu_groups
             .iter()
@@ -973,7 +975,7 @@ fn group_rules(
             return Ok(json!({ "group": group, "members": members, "errors": 0 }));
         }
         let first = &blocking[0];
-        Err((
+        Err(GateFailure::new(
             format!("{} ({}): {}", first.rule, first.subject, first.message),
             json!({ "group": group, "findings": blocking }),
             first.hint.clone(),
@@ -992,15 +994,15 @@ fn grant_node(
 ) -> Result<(), StepFailure> {
     let mode = e.cfg.node_mode;
     let node = node_path(group);
-    e.step(run, "node-grant", json!({ "node": node, "owner": format!("{uid}:{gid}") }), |_| {
+    e.step(run, Step::NodeGrant, json!({ "node": node, "owner": format!("{uid}:{gid}") }), |_| {
         act.set_group_node_owner(group, uid, gid, mode).map_err(|x| act_fail(&x))?;
         Ok(((), json!({ "node": node, "owner": format!("{uid}:{gid}"), "mode": format!("{mode:04o}") })))
     })?;
-    e.gate(run, "node-owner", |_, _| match host.node_meta(group) {
+    e.gate(run, Gate::NodeOwner, |_, _| match host.node_meta(group) {
         Ok(m) if m.uid == uid && m.gid == gid && m.mode == mode => Ok(
             json!({ "node": node, "uid": m.uid, "gid": m.gid, "mode": format!("{:04o}", m.mode) }),
         ),
-        Ok(m) => Err((
+        Ok(m) => Err(GateFailure::new(
             format!(
                 "{node} is {}:{} {:04o}, not {uid}:{gid} {mode:04o}",
                 m.uid, m.gid, m.mode
@@ -1008,7 +1010,7 @@ fn grant_node(
             json!({ "node": node, "uid": m.uid, "gid": m.gid, "mode": format!("{:04o}", m.mode) }),
             "something changed the node (udev rules?); fix that before assigning".into(),
         )),
-        Err(x) => Err((
+        Err(x) => Err(GateFailure::new(
             format!("cannot stat {node}: {x}"),
             json!({ "node": node }),
             "is the device bound to vfio-pci?".into(),
@@ -1051,7 +1053,7 @@ fn prepare_mdev(
     // crash comes after the create).
     e.step(
         run,
-        "mdev-create",
+        Step::MdevCreate,
         json!({ "uuid": new, "parent": parent, "type": type_id }),
         |e| {
             let p2 = preparing.clone();
@@ -1075,9 +1077,9 @@ fn prepare_mdev(
         },
     )?;
     let mdir = readback::mdev_dir(new);
-    let group = e.gate(run, "mdev-present", |_, _| {
+    let group = e.gate(run, Gate::MdevPresent, |_, _| {
         if !host.mdev_present(new) {
-            return Err((
+            return Err(GateFailure::new(
                 format!("{mdir} does not exist after the create"),
                 json!({ "path": mdir }),
                 "check `dmesg` for the parent driver's error".into(),
@@ -1132,7 +1134,7 @@ pub(crate) fn recover_one(
     );
     let mut run = Run {
         op: op.id,
-        kind: "recover".into(),
+        kind: OpKind::Recover,
         device,
         tenant: None,
         started: Instant::now(),
@@ -1256,7 +1258,7 @@ fn recover_scrub(
         let u = *u;
         e.step(
             run,
-            "mdev-remove",
+            Step::MdevRemove,
             json!({ "uuid": u, "created-by-interrupted-operation": true }),
             |_| {
                 if !host.mdev_present(u) {
