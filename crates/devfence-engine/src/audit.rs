@@ -673,7 +673,10 @@ pub(crate) fn write_head(path: &std::path::Path, head: &StoredHead) -> std::io::
 // ---------------------------------------------------------------------------
 
 fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
-    move |source| StoreError::Sql { context, source }
+    move |source| StoreError::Sql {
+        context,
+        source: Box::new(source),
+    }
 }
 
 /// Appends `event` in the caller's transaction.

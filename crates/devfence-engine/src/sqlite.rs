@@ -259,7 +259,10 @@ fn setup(
 }
 
 fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
-    move |source| StoreError::Sql { context, source }
+    move |source| StoreError::Sql {
+        context,
+        source: Box::new(source),
+    }
 }
 
 fn bad(
@@ -399,7 +402,7 @@ impl SqliteStore {
             }
             _ => StoreError::Open {
                 path: path.to_path_buf(),
-                source: e,
+                source: Box::new(e),
             },
         };
         // Never SQLITE_OPEN_CREATE: the file was checked above, and SQLite must not
@@ -465,7 +468,7 @@ impl SqliteStore {
         let built = (|| -> Result<(), StoreError> {
             let classify = |e: rusqlite::Error| StoreError::Open {
                 path: path.to_path_buf(),
-                source: e,
+                source: Box::new(e),
             };
             let conn = rusqlite::Connection::open_with_flags(
                 &tmp,

@@ -381,6 +381,11 @@ pub struct Busy {
     pub since_ms: i64,
 }
 
+/// The error of a store's backend (SQLite today, etcd for the fleet), kept as
+/// the source of a [`StoreError`] so that no backend's type is part of the
+/// [`Store`] trait.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Everything that can go wrong with the ledger.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -391,8 +396,9 @@ pub enum StoreError {
     Open {
         /// The file.
         path: PathBuf,
-        /// What SQLite said.
-        source: rusqlite::Error,
+        /// What the backend said (for SQLite, its error).
+        #[source]
+        source: BackendError,
     },
     /// The file is not a database, or fails SQLite's integrity check.
     #[error(
@@ -469,8 +475,9 @@ pub enum StoreError {
     Sql {
         /// What was being done.
         context: &'static str,
-        /// What SQLite said.
-        source: rusqlite::Error,
+        /// What the backend said (for SQLite, its error).
+        #[source]
+        source: BackendError,
     },
     /// A row read back holds a value devfence cannot have written.
     #[error(

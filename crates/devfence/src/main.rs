@@ -53,13 +53,48 @@ fn main() -> ExitCode {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::Findings | Outcome::Refused) => ExitCode::from(1),
         Err(err) => {
-            // Print the whole chain: each cause on its own line, the hint last.
-            let mut msg = format!("devfence: error: {err}");
-            for cause in err.chain().skip(1) {
-                msg.push_str(&format!("\n  caused by: {cause}"));
-            }
-            eprintln!("{}", safeout::escape_controls(&msg));
+            eprintln!("{}", safeout::escape_controls(&render_error(&err)));
             ExitCode::from(2)
         }
+    }
+}
+
+/// The error as printed: the whole chain, each cause on its own line, the hint
+/// last. A cause an error already quotes in its own message (a ledger error
+/// names what SQLite said) is printed once.
+fn render_error(err: &anyhow::Error) -> String {
+    let mut msg = format!("devfence: error: {err}");
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(&format!("\n  caused by: {text}"));
+        }
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render_error;
+
+    #[test]
+    fn a_ledger_error_prints_the_backends_message_once() {
+        let e = devfence_engine::StoreError::Sql {
+            context: "commit",
+            source: Box::new(std::io::Error::other("database or disk is full")),
+        };
+        let text = render_error(&anyhow::Error::from(e));
+        assert_eq!(
+            text.matches("database or disk is full").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("Hint:"), "{text}");
+        // A cause the message does not quote is still printed.
+        let e = anyhow::Error::from(std::io::Error::other("inner")).context("outer");
+        assert_eq!(
+            render_error(&e),
+            "devfence: error: outer\n  caused by: inner"
+        );
     }
 }
