@@ -525,8 +525,9 @@ fn run_op(
     op: &OpFlags,
     what: &str,
     out: &mut dyn Write,
-    f: impl FnOnce(&mut Engine<'_>) -> Result<engine::Done, EngineError>,
+    req: &devfence_app::lifecycle::Request,
 ) -> Result<Outcome> {
+    let f = |e: &mut Engine<'_>| devfence_app::lifecycle::run(e, req);
     let cfg = config(op)?;
     let mut env = Env::open(root, ledger)?;
     let tty = std::io::stdout().is_terminal();
@@ -555,9 +556,12 @@ pub fn assign(
 ) -> Result<Outcome> {
     let dev = parse_device(&a.device)?;
     let t = parse_tenant(&a.tenant)?;
-    run_op(root, ledger, &a.op, "assign", out, |e| {
-        e.assign(&dev, &t, a.vm.as_deref())
-    })
+    let req = devfence_app::lifecycle::Request::Assign {
+        device: dev,
+        tenant: t,
+        vm: a.vm.clone(),
+    };
+    run_op(root, ledger, &a.op, "assign", out, &req)
 }
 
 /// `devfence handover`.
@@ -569,9 +573,12 @@ pub fn handover(
 ) -> Result<Outcome> {
     let dev = parse_device(&a.device)?;
     let t = parse_tenant(&a.to)?;
-    run_op(root, ledger, &a.op, "handover", out, |e| {
-        e.handover(&dev, &t, a.vm.as_deref())
-    })
+    let req = devfence_app::lifecycle::Request::Handover {
+        device: dev,
+        to: t,
+        vm: a.vm.clone(),
+    };
+    run_op(root, ledger, &a.op, "handover", out, &req)
 }
 
 /// `devfence release`.
@@ -582,7 +589,8 @@ pub fn release(
     out: &mut dyn Write,
 ) -> Result<Outcome> {
     let dev = parse_device(&a.device)?;
-    run_op(root, ledger, &a.op, "release", out, |e| e.release(&dev))
+    let req = devfence_app::lifecycle::Request::Release { device: dev };
+    run_op(root, ledger, &a.op, "release", out, &req)
 }
 
 fn parse_partition(s: &str) -> Result<Partition> {
@@ -718,10 +726,13 @@ pub fn status(
     out: &mut dyn Write,
 ) -> Result<Outcome> {
     let mut env = Env::open(root, ledger)?;
-    let (devices, ops, pool) = env
-        .store
-        .atomically(|tx| Ok((tx.devices()?, tx.open_operations()?, tx.guid_pool()?)))?;
-    let health = env.sm().health();
+    let devfence_app::lifecycle::Status {
+        devices,
+        open_operations: ops,
+        guid_pool: pool,
+        sm_backend,
+        health,
+    } = devfence_app::lifecycle::status(&mut env.store, &*env.sm)?;
     if a.json {
         serde_json::to_writer_pretty(
             &mut *out,
@@ -731,8 +742,8 @@ pub fn status(
                 "open_operations": ops,
                 "guid_pool": pool,
                 "sm": match &health {
-                    Ok(h) => serde_json::json!({ "backend": env.sm().backend(), "healthy": h.is_healthy(), "health": h }),
-                    Err(e) => serde_json::json!({ "backend": env.sm().backend(), "error": e.to_string() }),
+                    Ok(h) => serde_json::json!({ "backend": sm_backend, "healthy": h.is_healthy(), "health": h }),
+                    Err(e) => serde_json::json!({ "backend": sm_backend, "error": e.to_string() }),
                 },
             }),
         )?;
@@ -778,7 +789,7 @@ pub fn status(
             writeln!(
                 out,
                 "SM: {} — {} ({}, {}, last sweep {}{})",
-                env.sm().backend(),
+                sm_backend,
                 if h.is_healthy() {
                     "healthy"
                 } else {
@@ -795,7 +806,7 @@ pub fn status(
                 writeln!(out, "  note: {n}")?;
             }
         }
-        Err(e) => writeln!(out, "SM: {} — {e}", env.sm().backend())?,
+        Err(e) => writeln!(out, "SM: {sm_backend} — {e}")?,
     }
     Ok(Outcome::Ok)
 }
@@ -810,9 +821,11 @@ pub fn plan(
     let dev = parse_device(&a.device)?;
     let to = a.to.as_deref().map(parse_tenant).transpose()?;
     let mut env = Env::open(root, ledger)?;
-    let steps = env
-        .engine(EngineConfig::default())
-        .plan(&dev, to.as_ref())?;
+    let req = devfence_app::lifecycle::PlanRequest {
+        device: dev,
+        to: to.clone(),
+    };
+    let steps = devfence_app::lifecycle::plan(&mut env.engine(EngineConfig::default()), &req)?;
     if a.json {
         serde_json::to_writer_pretty(&mut *out, &steps)?;
         writeln!(out)?;
@@ -866,7 +879,7 @@ pub fn recover(
         if !a.json {
             e = e.with_progress(|p| printer.event(p));
         }
-        e.recover()
+        devfence_app::lifecycle::recover(&mut e)
     };
     out.write_all(&sink)?;
     let rec = res?;

@@ -1,0 +1,137 @@
+//! The lifecycle use cases: assign, hand over, release, plan, recover and the
+//! host's status, each a typed request in and a typed result out. The caller
+//! opens the environment (ledger, kernel, SM) and renders the result.
+
+use devfence_engine::engine::{Done, Engine, EngineError, PlannedStep, Recovered};
+use devfence_engine::store::{DeviceRecord, GuidRange, Operation, Store, StoreError, StoreExt};
+use devfence_fabric::{FabricError, Health, SubnetManager};
+use devfence_model::{DeviceId, TenantId};
+
+/// An operation that moves a device through its lifecycle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// A free device to a tenant (`devfence assign`).
+    Assign {
+        /// The device.
+        device: DeviceId,
+        /// The tenant.
+        tenant: TenantId,
+        /// The VM it is reserved for, if any.
+        vm: Option<String>,
+    },
+    /// A held device to another tenant (`devfence handover`).
+    Handover {
+        /// The device.
+        device: DeviceId,
+        /// The new tenant.
+        to: TenantId,
+        /// The VM it is reserved for, if any.
+        vm: Option<String>,
+    },
+    /// A device back to free (`devfence release`).
+    Release {
+        /// The device.
+        device: DeviceId,
+    },
+}
+
+/// Runs the operation `req` asks for.
+///
+/// # Errors
+/// The engine's refusal or failure (a failed device is left quarantined).
+pub fn run(engine: &mut Engine<'_>, req: &Request) -> Result<Done, EngineError> {
+    match req {
+        Request::Assign { device, tenant, vm } => engine.assign(device, tenant, vm.as_deref()),
+        Request::Handover { device, to, vm } => engine.handover(device, to, vm.as_deref()),
+        Request::Release { device } => engine.release(device),
+    }
+}
+
+/// What `devfence plan` asks: the steps an operation on `device` would run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanRequest {
+    /// The device.
+    pub device: DeviceId,
+    /// The tenant it would go to (assign or handover); `None`: a release.
+    pub to: Option<TenantId>,
+}
+
+/// The steps and gates the operation would run, in order; nothing is done.
+///
+/// # Errors
+/// The device or tenant is unknown, or the host cannot be read.
+pub fn plan(engine: &mut Engine<'_>, req: &PlanRequest) -> Result<Vec<PlannedStep>, EngineError> {
+    engine.plan(&req.device, req.to.as_ref())
+}
+
+/// Scrubs every operation a dead process left unfinished.
+///
+/// # Errors
+/// The ledger fails.
+pub fn recover(engine: &mut Engine<'_>) -> Result<Vec<Recovered>, EngineError> {
+    engine.recover()
+}
+
+/// The host's state as the ledger and the SM show it (`devfence status`).
+#[derive(Debug)]
+pub struct Status {
+    /// Every device of the ledger with its state.
+    pub devices: Vec<DeviceRecord>,
+    /// Operations begun and not finished.
+    pub open_operations: Vec<Operation>,
+    /// The GUID pool, if set.
+    pub guid_pool: Option<GuidRange>,
+    /// The SM's backend.
+    pub sm_backend: String,
+    /// The SM's health, or why it cannot be read.
+    pub health: Result<Health, FabricError>,
+}
+
+/// Reads the host's status from the ledger (one transaction) and the SM.
+///
+/// # Errors
+/// The ledger cannot be read (an SM that does not answer is part of the status).
+pub fn status(store: &mut dyn Store, sm: &dyn SubnetManager) -> Result<Status, StoreError> {
+    let (devices, open_operations, guid_pool) =
+        store.atomically(|tx| Ok((tx.devices()?, tx.open_operations()?, tx.guid_pool()?)))?;
+    Ok(Status {
+        devices,
+        open_operations,
+        guid_pool,
+        sm_backend: sm.backend().to_owned(),
+        health: sm.health(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fabric::NoSm;
+    use devfence_engine::SqliteStore;
+    use devfence_engine::store::DeviceState;
+    use devfence_model::Bdf;
+
+    #[test]
+    fn status_reads_the_ledger_and_says_why_the_sm_cannot_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = SqliteStore::open(dir.path().join("ledger.db")).expect("ledger");
+        let d = DeviceId::Pci("0000:03:00.2".parse::<Bdf>().expect("bdf"));
+        store
+            .atomically(|tx| {
+                tx.add_device(&d)?;
+                tx.set_guid_pool(GuidRange {
+                    first: devfence_model::Guid(1),
+                    last: devfence_model::Guid(9),
+                })
+            })
+            .expect("ledger");
+        let s = status(&mut store, &NoSm).expect("status");
+        assert_eq!(s.devices.len(), 1);
+        assert_eq!(s.devices[0].device, d);
+        assert_eq!(s.devices[0].state, DeviceState::Free);
+        assert!(s.open_operations.is_empty());
+        assert_eq!(s.guid_pool.map(|p| p.last), Some(devfence_model::Guid(9)));
+        assert_eq!(s.sm_backend, "none");
+        assert!(s.health.is_err());
+    }
+}
