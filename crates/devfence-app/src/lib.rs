@@ -10,10 +10,12 @@
 //! Moved here so far: the subnet manager of a host with none configured
 //! ([`fabric::NoSm`]), the ledger → fabric view and `check --fabric`'s
 //! findings ([`fabric::ledger_view`], [`fabric::fabric_findings`]); the
-//! lifecycle operations, plan, recover and status ([`lifecycle`]).
+//! lifecycle operations, plan, recover and status ([`lifecycle`]); the libvirt
+//! hook's decisions ([`hook`]).
 
 // EngineError carries its evidence and hint (as in the engine); it is not hot.
 #![allow(clippy::result_large_err)]
 
 pub mod fabric;
+pub mod hook;
 pub mod lifecycle;

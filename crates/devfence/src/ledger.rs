@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use devfence_app::fabric::NoSm;
-use devfence_engine::domain::{Unidentified, parse_domain, reserved_for};
+use devfence_app::hook::{Decision, Phase};
+use devfence_engine::domain::{Unidentified, parse_domain};
 use devfence_engine::engine::{Engine, EngineConfig, EngineError, Failpoints, Progress};
 use devfence_engine::store::{Partition, Tenant};
 use devfence_engine::{
@@ -1190,53 +1191,28 @@ pub fn hook(
         return Ok(Outcome::Ok);
     }
     let mut env = Env::open(root, ledger)?;
-    match act {
+    let phase = match act {
         0 => {
             let cfg = Config::load(root, config::explicit())?;
-            let policy = if cfg.hook.allow_unidentified_single_tenant {
+            Phase::Prepare(if cfg.hook.allow_unidentified_single_tenant {
                 Unidentified::SingleTenant { tenants: 0 }
             } else {
                 Unidentified::Refuse
-            };
-            let mut e = env.engine(EngineConfig::default());
-            match e.start_domain(&spec, policy) {
-                Ok(_) => Ok(Outcome::Ok),
-                Err(r) => {
-                    eprintln!("{r}");
-                    Ok(Outcome::Refused)
-                }
-            }
+            })
         }
-        1 => {
-            // The launcher has read its VF tokens by now: remove the files.
-            for d in &spec.hostdevs {
-                if let DeviceId::Pci(b) = d {
-                    let k = format!("{}/tokens/{b}.token", EngineConfig::default().runtime_dir);
-                    // Through real directories inside the root only, never a link.
-                    env.root.remove_file(&k).with_context(|| {
-                        format!("Cannot remove {}", env.root.path(&k).display())
-                    })?;
-                }
-            }
-            Ok(Outcome::Ok)
+        1 => Phase::Started,
+        _ => Phase::Release,
+    };
+    let mut e = env.engine(EngineConfig::default());
+    match devfence_app::hook::decide(&mut e, &spec, phase)? {
+        Decision::Allowed => Ok(Outcome::Ok),
+        Decision::Refused(r) => {
+            eprintln!("{r}");
+            Ok(Outcome::Refused)
         }
-        _ => {
-            let mut failures = Vec::new();
-            for d in &spec.hostdevs {
-                let st = env.store.atomically(|tx| tx.device(d))?.map(|r| r.state);
-                if matches!(&st, Some(DeviceState::Active { vm, .. }) if reserved_for(&spec, vm)) {
-                    let mut e = env.engine(EngineConfig::default());
-                    if let Err(x) = e.vm_stopped(d) {
-                        failures.push(x.to_string().replace('\n', " "));
-                    }
-                }
-            }
-            if failures.is_empty() {
-                Ok(Outcome::Ok)
-            } else {
-                eprintln!("devfence: teardown of {domain}: {}", failures.join("; "));
-                Ok(Outcome::Refused)
-            }
+        Decision::TeardownFailed(failures) => {
+            eprintln!("devfence: teardown of {domain}: {}", failures.join("; "));
+            Ok(Outcome::Refused)
         }
     }
 }

@@ -323,6 +323,20 @@ impl<'a> Engine<'a> {
         self.host.root()
     }
 
+    /// Removes the VF token file handed to a launcher for `bdf` (libvirt's
+    /// `started` hook: the launcher has read it), through the actuator, never
+    /// through a link; whether there was one.
+    ///
+    /// # Errors
+    /// The file cannot be removed (a link on the way names the link).
+    pub fn withdraw_token(
+        &self,
+        bdf: devfence_model::Bdf,
+    ) -> Result<bool, devfence_host::actuator::files::FileStepError> {
+        self.act
+            .withdraw_token(&procs::token_path(&self.cfg.runtime_dir, bdf))
+    }
+
     /// The failpoints (to read which were passed).
     #[must_use]
     pub fn failpoints(&self) -> &Failpoints {

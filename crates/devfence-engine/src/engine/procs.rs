@@ -88,7 +88,7 @@ fn node_path(g: IommuGroupId) -> String {
     readback::group_node(g)
 }
 
-fn token_path(runtime: &str, bdf: Bdf) -> String {
+pub(crate) fn token_path(runtime: &str, bdf: Bdf) -> String {
     format!("{}/tokens/{bdf}.token", runtime.trim_end_matches('/'))
 }
 
