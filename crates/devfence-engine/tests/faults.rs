@@ -1032,3 +1032,31 @@ fn a_port_table_that_does_not_follow_the_sm_fails_port_pkeys() {
         in_no_partition(&fx, g);
     }
 }
+
+/// issue 11 item 4: a step that fails keeps the error it stems from as the
+/// source of `EngineError::Failed` (here the file step's error, naming the
+/// planted link), and the device is quarantined.
+#[test]
+fn a_failed_step_keeps_its_cause_as_the_source() {
+    let mut fx = fixture();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(fx.root.path("/run/devfence")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), fx.root.path("/run/devfence/tokens")).unwrap();
+    let d = dev(TOKEN_VF);
+    let e = fx.engine().assign(&d, &t("acme"), None).unwrap_err();
+    let (step, reason, st) = failed_at(&e);
+    // The scrub before the grant withdraws any old token: through the link, never.
+    assert_eq!(step, "token-withdraw");
+    assert!(reason.contains("is a symbolic link"), "{reason}");
+    assert!(says_quarantined(st), "{st}");
+    let src = std::error::Error::source(&e).expect("a source");
+    let file = src
+        .downcast_ref::<devfence_host::actuator::files::FileStepError>()
+        .expect("the file step's error");
+    assert!(
+        std::error::Error::source(file).is_some_and(|io| io.to_string().contains("symbolic link")),
+        "{file:?}"
+    );
+    assert!(is_quarantined(&state(&mut fx, &d)));
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+}

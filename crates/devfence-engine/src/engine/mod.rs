@@ -161,6 +161,10 @@ pub enum EngineError {
         state: String,
         /// What to do.
         hint: String,
+        /// The error the step stems from, if any (a gate that did not pass has
+        /// none: its evidence is in the journal). Its text is in `reason`.
+        #[source]
+        source: Option<Cause>,
     },
     /// The host could not be read.
     #[error("Cannot read the host under {root}: {reason}. Hint: {hint}")]
@@ -253,12 +257,19 @@ impl Run {
     }
 }
 
-/// A step failure inside a procedure: which step, why, what to do.
+/// The error a failed step stems from (an [`devfence_host::actuator::ActError`],
+/// a [`StoreError`], a file step's error), kept as the source of
+/// [`EngineError::Failed`].
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A step failure inside a procedure: which step, why, what to do, and the
+/// error it stems from (none for a gate: its evidence says why).
 #[derive(Debug)]
 pub(crate) struct StepFailure {
     pub(crate) step: String,
     pub(crate) reason: String,
     pub(crate) hint: String,
+    pub(crate) source: Option<Cause>,
 }
 
 impl From<StoreError> for StepFailure {
@@ -267,6 +278,7 @@ impl From<StoreError> for StepFailure {
             step: "ledger".into(),
             reason: e.to_string(),
             hint: "check the ledger file and disk space; run `devfence recover`".into(),
+            source: Some(Box::new(e)),
         }
     }
 }
@@ -935,6 +947,7 @@ impl<'a> Engine<'a> {
                     step: gname,
                     reason,
                     hint,
+                    source: None,
                 })
             }
         }
@@ -1057,6 +1070,7 @@ impl<'a> Engine<'a> {
                     reason: f.reason,
                     state: state.name().to_owned(),
                     hint: f.hint,
+                    source: f.source,
                 })
             }
         }

@@ -69,6 +69,7 @@ fn act_fail(e: &ActError) -> StepFailure {
         step: String::new(),
         reason: e.to_string(),
         hint: e.hint.clone(),
+        source: Some(Box::new(e.clone())),
     }
 }
 
@@ -77,11 +78,17 @@ fn fail(reason: impl Into<String>, hint: impl Into<String>) -> StepFailure {
         step: String::new(),
         reason: reason.into(),
         hint: hint.into(),
+        source: None,
     }
 }
 
-fn file_fail(e: &FileStepError) -> StepFailure {
-    fail(e.reason(), e.hint())
+fn file_fail(e: FileStepError) -> StepFailure {
+    StepFailure {
+        step: String::new(),
+        reason: e.reason(),
+        hint: e.hint().to_owned(),
+        source: Some(Box::new(e)),
+    }
 }
 
 fn node_path(g: IommuGroupId) -> String {
@@ -382,7 +389,7 @@ fn scrub(
                 let p = token_path(&e.cfg.runtime_dir, bdf);
                 e.step(run, Step::TokenWithdraw, json!({ "path": p }), |_| {
                     // Through real directories inside the root only, never a link.
-                    let existed = act.withdraw_token(&p).map_err(|x| file_fail(&x))?;
+                    let existed = act.withdraw_token(&p).map_err(file_fail)?;
                     Ok(((), json!({ "path": p, "removed": existed })))
                 })?;
             }
@@ -414,9 +421,7 @@ fn void_admitted_state(e: &mut Engine<'_>, run: &mut Run) -> Result<(), StepFail
     let dir = state_dir(&e.cfg.runtime_dir);
     let device = run.device.to_string();
     e.step(run, Step::StateVoid, json!({ "dir": dir }), |_| {
-        let voided = act
-            .void_device_state(&dir, &device)
-            .map_err(|x| file_fail(&x))?;
+        let voided = act.void_device_state(&dir, &device).map_err(file_fail)?;
         // The tokens name the payloads; only their number is journalled.
         Ok(((), json!({ "dir": dir, "voided": voided })))
     })
@@ -635,8 +640,7 @@ fn prepare_pci(
                 Step::TokenDeliver,
                 json!({ "path": p, "launcher": format!("{uid}:{gid}") }),
                 |_| {
-                    act.deliver_token(&p, &token, uid, gid)
-                        .map_err(|x| file_fail(&x))?;
+                    act.deliver_token(&p, &token, uid, gid).map_err(file_fail)?;
                     Ok((
                         (),
                         json!({ "path": p, "owner": format!("{uid}:{gid}"), "mode": "0600" }),
