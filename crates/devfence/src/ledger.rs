@@ -1074,25 +1074,11 @@ pub fn guid_pool(
         let last: Guid = l.trim().parse().map_err(|e| anyhow!("{e}"))?;
         // GUIDs of the range that are live (on this host, or named by the SM) are
         // marked used, never issued; allocation checks again, at the SM too.
-        let live = live_guids(&env)?;
-        marked = live
-            .iter()
-            .filter(|(g, _)| (first..=last).contains(*g))
-            .map(|(g, w)| (*g, w.clone()))
-            .collect();
-        env.store.atomically(|tx| {
-            tx.set_guid_pool(GuidRange { first, last })?;
-            for (g, w) in &marked {
-                tx.record_foreign_guid(*g, &format!("live {w} when the pool was set"))?;
-            }
-            tx.audit(&devfence_engine::AuditEvent {
-                kind: devfence_engine::AuditKind::Ledger,
-                device: None,
-                tenant: None,
-                detail: serde_json::json!({ "action": "guid-pool-set", "first": first, "last": last }),
-            })?;
-            Ok(())
-        })?;
+        let inv = devfence_host::read_inventory(&env.root)
+            .with_context(|| format!("Cannot read the host under {}", env.root.root().display()))?;
+        let live = devfence_app::guid_pool::live_guids(&inv, env.sm());
+        marked =
+            devfence_app::guid_pool::set_pool(&mut env.store, GuidRange { first, last }, &live)?;
     }
     let pool = env.store.atomically(|tx| tx.guid_pool())?;
     if a.json {
@@ -1123,38 +1109,6 @@ pub fn guid_pool(
 /// GUIDs live on the host (any port or VF) or named in the SM's configuration,
 /// with where. An SM that cannot be read adds nothing here: allocation checks
 /// every candidate at the SM again and fails closed.
-fn live_guids(env: &Env) -> Result<std::collections::BTreeMap<Guid, String>> {
-    let mut out = std::collections::BTreeMap::new();
-    let inv = devfence_host::read_inventory(&env.root)
-        .with_context(|| format!("Cannot read the host under {}", env.root.root().display()))?;
-    for f in &inv.pci {
-        for v in f.sriov.iter().flat_map(|s| &s.vf_guids) {
-            for g in [v.port_guid, v.node_guid].into_iter().flatten() {
-                out.entry(g)
-                    .or_insert_with(|| format!("on VF {} of {}", v.index, f.bdf));
-            }
-        }
-    }
-    for d in &inv.ib {
-        for g in d
-            .node_guid
-            .into_iter()
-            .chain(d.ports.iter().filter_map(|p| p.port_guid))
-        {
-            out.entry(g).or_insert_with(|| format!("on {}", d.name));
-        }
-    }
-    if let Ok(Some(c)) = env.sm().configured_members() {
-        for m in c {
-            if let devfence_fabric::posture::Member::Guid(g) = m.member {
-                out.entry(g)
-                    .or_insert_with(|| format!("in the SM's configuration ({})", m.source));
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// `devfence hook qemu`.
 pub fn hook(
     root: &HostRoot,
