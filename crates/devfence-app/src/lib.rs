@@ -11,7 +11,8 @@
 //! ([`fabric::NoSm`]), the ledger → fabric view and `check --fabric`'s
 //! findings ([`fabric::ledger_view`], [`fabric::fabric_findings`]); the
 //! lifecycle operations, plan, recover and status ([`lifecycle`]); the libvirt
-//! hook's decisions ([`hook`]); the GUID pool ([`guid_pool`]).
+//! hook's decisions ([`hook`]); the GUID pool ([`guid_pool`]); the tenants
+//! ([`tenant`]).
 
 // EngineError carries its evidence and hint (as in the engine); it is not hot.
 #![allow(clippy::result_large_err)]
@@ -20,3 +21,4 @@ pub mod fabric;
 pub mod guid_pool;
 pub mod hook;
 pub mod lifecycle;
+pub mod tenant;

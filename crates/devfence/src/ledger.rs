@@ -631,7 +631,7 @@ pub fn tenant(
         TenantCommand::Add(a) => tenant_add(root, ledger, a, out),
         TenantCommand::List { json } => {
             let mut store = open_store(root, ledger, false)?;
-            let tenants = store.atomically(|tx| tx.tenants())?;
+            let tenants = devfence_app::tenant::list(&mut store)?;
             if *json {
                 serde_json::to_writer_pretty(&mut *out, &tenants)?;
                 writeln!(out)?;
@@ -659,16 +659,7 @@ pub fn tenant(
         TenantCommand::Remove { id } => {
             let id = parse_tenant(id)?;
             let mut store = open_store(root, ledger, false)?;
-            store.atomically(|tx| {
-                tx.remove_tenant(&id)?;
-                tx.audit(&devfence_engine::AuditEvent {
-                    kind: devfence_engine::AuditKind::Ledger,
-                    device: None,
-                    tenant: Some(id.clone()),
-                    detail: serde_json::json!({ "action": "tenant-remove" }),
-                })?;
-                Ok(())
-            })?;
+            devfence_app::tenant::remove(&mut store, &id)?;
             writeln!(out, "tenant {id} removed")?;
             Ok(Outcome::Ok)
         }
@@ -714,7 +705,7 @@ fn tenant_add(
         partitions,
     };
     let mut env = Env::open_or_create(root, ledger)?;
-    env.engine(EngineConfig::default()).add_tenant(&t)?;
+    devfence_app::tenant::add(&mut env.engine(EngineConfig::default()), &t)?;
     writeln!(out, "tenant {id} added (launcher {uid}:{gid})")?;
     Ok(Outcome::Ok)
 }
