@@ -1,12 +1,15 @@
 //! The lifecycle commands: tenants, assign, handover, release, status, plan,
-//! recover, audit, the GUID pool and the libvirt hook — thin over
-//! `devfence-engine`.
+//! recover, audit, the GUID pool and the libvirt hook. Each parses its
+//! arguments, calls its use case in `devfence-app` (or, for audit, the store)
+//! and renders the result; opening the environment (`Env`: root, ledger,
+//! kernel, SM) is still here (issue 11: it moves to `devfence-app` next).
 //!
-//! Which subnet manager: on a simulated host, the simulated SM whose state lives
-//! under the host root (`/var/lib/devfence/sim-sm.json`), so that it outlives each
-//! command as a real SM would; on the real host none is configured yet (the real
-//! OpenSM and UFM backends come with their own issue), so IB VF handovers are
-//! refused there with a clear error while every other kind works.
+//! Which subnet manager: the one `[fabric] backend` in the configuration
+//! selects (`opensm`, `ufm`); with `auto`, on a simulated host the simulated SM
+//! whose state lives under the host root (`/var/lib/devfence/sim-sm.json`), so
+//! that it outlives each command as a real SM would, and on the real host none
+//! (`NoSm`: IB VF handovers are refused with a clear error, every other kind
+//! works).
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
