@@ -582,6 +582,14 @@ impl fmt::Display for DeviceId {
 }
 serde_via_str!(DeviceId);
 
+/// Makes 16 random bytes a version-4 (random) UUID in place: the version
+/// nibble 4 and the RFC 4122 variant bits. The one place devfence sets them
+/// (a new mdev's UUID, a VF token); the caller supplies the randomness.
+pub fn make_uuid_v4(b: &mut [u8; 16]) {
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -694,5 +702,17 @@ mod tests {
         let back: Bdf = serde_json::from_str("\"0000:3b:00.1\"").unwrap();
         assert_eq!(back, b);
         assert!(serde_json::from_str::<Bdf>("\"bogus\"").is_err());
+    }
+
+    #[test]
+    fn a_v4_uuid_has_its_version_and_variant() {
+        let mut b = [0xff; 16];
+        make_uuid_v4(&mut b);
+        let u = MdevUuid(b).to_string();
+        assert_eq!(u.as_bytes()[14], b'4', "{u}");
+        assert!(matches!(u.as_bytes()[19], b'8' | b'9' | b'a' | b'b'), "{u}");
+        let mut z = [0; 16];
+        make_uuid_v4(&mut z);
+        assert_eq!((z[6], z[8]), (0x40, 0x80));
     }
 }

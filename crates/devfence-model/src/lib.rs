@@ -18,7 +18,7 @@ pub mod tenancy;
 pub use finding::{Evidence, Finding, Severity};
 pub use ids::{
     ApMask, Apqn, Bdf, DeviceId, Guid, IommuGroupId, MdevUuid, Membership, PKey, ParseError,
-    TenantId,
+    TenantId, make_uuid_v4,
 };
 pub use inventory::*;
 pub use tenancy::{Assignment, NonIsolatingParent, Partition, Tenancy, Tenant};

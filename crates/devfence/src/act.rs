@@ -426,8 +426,7 @@ fn fresh_uuid() -> Result<MdevUuid> {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b)
         .map_err(|e| anyhow::anyhow!("Cannot get random bytes for a UUID: {e}"))?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
+    devfence_model::make_uuid_v4(&mut b);
     Ok(MdevUuid(b))
 }
 

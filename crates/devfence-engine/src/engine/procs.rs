@@ -1044,8 +1044,7 @@ fn prepare_mdev(
             "check /dev/urandom",
         )
     })?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
+    devfence_model::make_uuid_v4(&mut b);
     let new = MdevUuid(b);
     let newdev = DeviceId::Mdev(new);
     let preparing = DeviceState::Preparing {

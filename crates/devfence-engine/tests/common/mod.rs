@@ -173,8 +173,7 @@ impl Fx {
     pub fn new_mdev(&self) -> DeviceId {
         let mut b = [0u8; 16];
         getrandom::fill(&mut b).unwrap();
-        b[6] = (b[6] & 0x0f) | 0x40;
-        b[8] = (b[8] & 0x3f) | 0x80;
+        devfence_model::make_uuid_v4(&mut b);
         let u = MdevUuid(b);
         SysfsActuator::new(&self.kernel)
             .mdev_create(MDEV_PARENT, MDEV_TYPE, u)

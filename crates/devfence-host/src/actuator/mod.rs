@@ -180,8 +180,7 @@ impl VfToken {
     pub fn fresh() -> Result<Self, Errno> {
         let mut b = [0u8; 16];
         getrandom::fill(&mut b).map_err(|_| Errno::EIO)?;
-        b[6] = (b[6] & 0x0f) | 0x40;
-        b[8] = (b[8] & 0x3f) | 0x80;
+        devfence_model::make_uuid_v4(&mut b);
         Ok(Self(b))
     }
     /// Builds a token from known bytes (tests, and tokens handed back by a launcher).
