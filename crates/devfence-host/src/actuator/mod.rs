@@ -125,6 +125,8 @@ impl fmt::Display for Errno {
         f.write_str(&self.name())
     }
 }
+impl std::error::Error for Errno {}
+
 impl fmt::Debug for Errno {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Errno({})", self.name())
@@ -838,7 +840,8 @@ pub struct ActError {
     pub reason: String,
     /// The kernel path involved, if any.
     pub path: Option<String>,
-    /// The errno the kernel answered, if any.
+    /// The errno the kernel answered, if any (the error's source).
+    #[source]
     pub errno: Option<Errno>,
     /// What the operator can do.
     pub hint: String,

@@ -1138,3 +1138,21 @@ fn dry_run_records_the_steps_and_changes_nothing() {
     // Refusals are still refusals in a dry run.
     assert!(a.bind(bdf(DEV), "nvme").is_err());
 }
+
+/// issue 11 item 4: the errno an operation failed with is the source of its
+/// error (and its text is in the message once).
+#[test]
+fn the_errno_is_the_source_of_an_act_error() {
+    let e = ActError::new(
+        "bind 0000:03:00.0 to vfio-pci",
+        "the kernel refused",
+        "check dmesg",
+    )
+    .with_path("/sys/bus/pci/drivers/vfio-pci/bind")
+    .with_errno(Errno::EBUSY);
+    let src = std::error::Error::source(&e).expect("a source");
+    assert_eq!(src.downcast_ref::<Errno>(), Some(&Errno::EBUSY));
+    assert_eq!(e.to_string().matches(&src.to_string()).count(), 1, "{e}");
+    let bare = ActError::new("reset 0000:03:00.0", "no reset method", "none");
+    assert!(std::error::Error::source(&bare).is_none());
+}
