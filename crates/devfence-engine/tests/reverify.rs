@@ -234,13 +234,15 @@ impl SubnetManager for Restoring<'_> {
     }
 }
 
-fn note(generation: u64) -> RestoreNote {
+/// A restore at `generation`; `swept`: the backend has seen a clean sweep
+/// after it (its own check at the SA is recorded).
+fn note(generation: u64, swept: bool) -> RestoreNote {
     RestoreNote {
         at_unix: 1_790_000_000 + generation,
         generation,
         reason: "PARSE ERROR line 3".into(),
         restored: "the operator's last parseable text with devfence's current block".into(),
-        reverified: None,
+        reverified: swept.then(|| format!("at {}: 1 port(s) verified at the SA", generation + 1)),
         failed: false,
     }
 }
@@ -264,8 +266,13 @@ fn a_restore_is_audited_once_and_reverifies() {
             .record_fabric_restores()
             .unwrap()
     };
-    let (new, rv) = run(vec![note(7)]);
+    // Recorded at once; the devices are re-verified once the SM has swept
+    // the restored file.
+    let (new, rv) = run(vec![note(7, false)]);
     assert_eq!(new.len(), 1);
+    assert!(rv.is_none());
+    let (new, rv) = run(vec![note(7, true)]);
+    assert!(new.is_empty());
     let rv = rv.unwrap();
     assert!(
         matches!(
@@ -282,11 +289,12 @@ fn a_restore_is_audited_once_and_reverifies() {
         "{rv:?}"
     );
     // A second process sees the same restore: nothing new, nothing re-run.
-    let (new, rv) = run(vec![note(7)]);
+    let (new, rv) = run(vec![note(7, true)]);
     assert!(new.is_empty() && rv.is_none());
     // A later restore is recorded in its turn.
-    let (new, _) = run(vec![note(7), note(9)]);
+    let (new, rv) = run(vec![note(7, true), note(9, true)]);
     assert_eq!(new.len(), 1);
+    assert!(rv.is_some());
     let all = fx.store.audit_show(&AuditFilter::default()).unwrap();
     let restores: Vec<_> = all
         .iter()

@@ -23,7 +23,7 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use devfence_fabric::{PartitionKey, Programmed};
+use devfence_fabric::{PartitionKey, Programmed, SmState, SweepOutcome};
 use devfence_host::actuator::KernelIo;
 use devfence_model::{Bdf, DeviceId, Guid, IommuGroupId, PKey, TenantId};
 use serde_json::{Value, json};
@@ -246,6 +246,21 @@ fn ib_port(
     let obs = sm
         .observe(&[guid])
         .map_err(|e| Drift::Unknown(format!("the SM cannot show {guid}'s port: {e}")))?;
+    // A port table read while the SM is not master, or after a sweep that failed
+    // (an operator's unparseable file that devfence is restoring), is not a
+    // state the SM stands behind: unknown, never a difference.
+    if obs.status.state != SmState::Master {
+        return Err(Drift::Unknown(format!(
+            "the SM is {}, not master: its port tables are not verified state",
+            obs.status.state
+        )));
+    }
+    if let SweepOutcome::Errors(e) = &obs.status.sweep {
+        return Err(Drift::Unknown(format!(
+            "the SM's last sweep ({}) ended with errors ({e}); its port tables are not verified state until a clean sweep",
+            obs.status.generation
+        )));
+    }
     let Some(view) = obs.ports.get(&guid) else {
         return Err(Drift::Unknown(format!("the SM did not answer for {guid}")));
     };

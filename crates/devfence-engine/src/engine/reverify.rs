@@ -285,9 +285,13 @@ impl Engine<'_> {
 
     /// Records in the ledger, once, every restore of the SM's configuration the
     /// backend persisted (one audit record each, in the same transaction as the
-    /// ledger's note of it), and when there was a new one re-verifies every
-    /// `Ready` and `Active` device ([`reverify`](Self::reverify)), auditing a
-    /// summary. Returns the newly recorded restores and the re-verification.
+    /// ledger's note of it); and once the backend has seen a clean sweep after
+    /// a restore (its own check at the SA is recorded with the restore),
+    /// re-verifies every `Ready` and `Active` device ([`reverify`](Self::reverify)),
+    /// once per restore, auditing a summary. A restore whose sweep is still to
+    /// come is re-verified by a later call (`Env::open` of any process, `status`,
+    /// `verify`). Returns the newly recorded restores and the re-verification,
+    /// if one ran.
     ///
     /// # Errors
     /// The backend's record cannot be read; the ledger refuses.
@@ -295,16 +299,16 @@ impl Engine<'_> {
         &mut self,
     ) -> Result<(Vec<RecordedRestore>, Option<Reverification>), EngineError> {
         let backend = self.sm.backend().to_owned();
-        let restores = self
-            .sm
-            .persisted_restores()
-            .map_err(|e| EngineError::Host {
+        let read = |sm: &dyn devfence_fabric::SubnetManager| {
+            sm.persisted_restores().map_err(|e| EngineError::Host {
                 root: backend.clone(),
                 reason: format!("cannot read the restores the SM backend recorded: {e}"),
                 hint: "check the SM backend's state files (docs/fabric-opensm.md)".into(),
-            })?;
+            })
+        };
+        let mut restores = read(self.sm)?;
         let mut new = Vec::new();
-        for r in restores {
+        for r in &restores {
             let id = r.id();
             let b = backend.clone();
             let recorded = self.store.atomically(|tx| {
@@ -315,7 +319,7 @@ impl Engine<'_> {
                     kind: AuditKind::Recovery,
                     device: None,
                     tenant: None,
-                    detail: json!({ "event": "fabric-restore", "backend": b, "restore": id, "generation": r.generation, "at_unix": r.at_unix, "reason": r.reason, "restored": r.restored, "reverified_at_sa": r.reverified }),
+                    detail: json!({ "event": "fabric-restore", "backend": b, "restore": id, "generation": r.generation, "at_unix": r.at_unix, "reason": r.reason, "restored": r.restored }),
                 })?;
                 Ok::<bool, StoreError>(true)
             })?;
@@ -323,11 +327,27 @@ impl Engine<'_> {
                 new.push(RecordedRestore { backend: b, id });
             }
         }
-        if new.is_empty() {
+        // A restore the backend has not re-checked yet: its health drives the
+        // check (at a clean sweep after the restore; nothing waits here).
+        if restores.iter().any(|r| r.reverified.is_none()) {
+            let _ = self.sm.health();
+            restores = read(self.sm)?;
+        }
+        let mut due = Vec::new();
+        for r in restores.iter().filter(|r| r.reverified.is_some()) {
+            let key = format!("{}/reverify", r.id());
+            let b = backend.clone();
+            if self
+                .store
+                .atomically(|tx| tx.record_fabric_restore(&b, &key))?
+            {
+                due.push((r.id(), r.reverified.clone().unwrap_or_default()));
+            }
+        }
+        if due.is_empty() {
             return Ok((new, None));
         }
         let rv = self.reverify(None)?;
-        let ids: Vec<&str> = new.iter().map(|r| r.id.as_str()).collect();
         let count = |f: fn(&Check) -> bool| rv.devices.iter().filter(|d| f(&d.check)).count();
         self.audit(&AuditEvent {
             kind: AuditKind::Gate,
@@ -336,7 +356,9 @@ impl Engine<'_> {
             detail: json!({
                 "gate": "reverify",
                 "after": "fabric-restore",
-                "restores": ids,
+                "backend": backend,
+                "restores": due.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+                "at_sa": due.iter().map(|(_, at)| at).collect::<Vec<_>>(),
                 "verified": count(|c| matches!(c, Check::Verified { .. })),
                 "drifted": count(|c| matches!(c, Check::Drifted { .. })),
                 "unknown": count(|c| matches!(c, Check::Unknown { .. })),
