@@ -309,3 +309,39 @@ fn a_restore_is_audited_once_and_reverifies() {
     assert_eq!(summaries, 2);
     assert!(fx.store.verify().is_ok());
 }
+
+/// issue 17 item 2: port tables read after a sweep that failed (the state while
+/// an operator's unparseable file is being restored) are unknown, never a
+/// drift: nothing is quarantined on them — by `reverify` or at VM start.
+#[test]
+fn a_failed_sweep_is_unknown_not_a_drift() {
+    let mut fx = fixture();
+    let d = dev(IB_VF);
+    fx.engine().assign(&d, &t("acme"), None).unwrap();
+    let g = issued(&mut fx, &d);
+    strip_at_sm(&mut fx, g);
+    // The next sweep fails, and its retry is an hour away.
+    fx.sm.set_lag(std::time::Duration::from_secs(3600));
+    fx.sm.fail_next_sweep();
+    fx.sm.apply().unwrap();
+    fx.sm.advance(std::time::Duration::from_secs(3601));
+    let rv = fx.engine().reverify(None).unwrap();
+    assert!(
+        matches!(check_of(&rv, &d), Check::Unknown { why } if why.contains("ended with errors")),
+        "{rv:?}"
+    );
+    assert!(matches!(state(&mut fx, &d), DeviceState::Ready { .. }));
+    let spec = DomainSpec {
+        name: "web1".into(),
+        uuid: None,
+        tenant: Some(t("acme")),
+        hostdevs: vec![d],
+        unsupported: vec![],
+    };
+    let r = fx
+        .engine()
+        .start_domain(&spec, Unidentified::Refuse)
+        .unwrap_err();
+    assert!(r.reason.contains("ended with errors"), "{r}");
+    assert!(matches!(state(&mut fx, &d), DeviceState::Ready { .. }));
+}
