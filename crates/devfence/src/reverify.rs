@@ -149,16 +149,22 @@ fn render(rv: &Reverification, out: &mut dyn Write) -> std::io::Result<()> {
             Check::Verified { .. } => {}
             Check::Drifted {
                 what, quarantined, ..
-            } => writeln!(
-                out,
-                "  {}: {what}; {}",
-                d.device,
-                if *quarantined {
-                    "it was Ready and is now Quarantined. Hint: release it to scrub and verify it, then assign it again"
-                } else {
-                    "it is Active and left to its VM (devfence never takes a device from a running guest). Hint: stop the VM and release the device, or find what changed it (`devfence audit show --device ...`)"
-                }
-            )?,
+            } => {
+                let dev = d.device;
+                writeln!(
+                    out,
+                    "  {dev}: {what}; {}",
+                    if *quarantined {
+                        format!(
+                            "it was Ready and is now Quarantined. Hint: release it to scrub and verify it, then assign it again (`devfence audit show --device {dev}` lists forced actions)"
+                        )
+                    } else {
+                        format!(
+                            "it is Active and left to its VM (devfence never takes a device from a running guest). Hint: stop the VM and release the device; `devfence audit show --device {dev}` lists forced actions"
+                        )
+                    },
+                )?;
+            }
             Check::Unknown { why } => writeln!(
                 out,
                 "  {}: not verified: {why}. Hint: nothing was changed; run `devfence verify` again once it can be read (`devfence status` shows the SM)",
