@@ -152,6 +152,16 @@ CREATE TABLE pf_custody (
     since_ms INTEGER NOT NULL
 );
 ",
+    r"
+CREATE TABLE fabric_restores (
+    backend        TEXT NOT NULL,
+    id             TEXT NOT NULL,
+    recorded_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (backend, id)
+);
+CREATE TRIGGER fabric_restores_never_forgotten BEFORE DELETE ON fabric_restores
+    BEGIN SELECT RAISE(ABORT, 'recorded fabric restores are remembered forever'); END;
+",
 ];
 
 /// The newest schema version this build knows.
@@ -1803,6 +1813,19 @@ impl Tx for SqliteTx<'_> {
             .map_err(sql("recording an envelope nonce"))?;
         Ok(())
     }
+
+    fn record_fabric_restore(&mut self, backend: &str, id: &str) -> Result<bool, StoreError> {
+        check_name("fabric backend", backend)?;
+        check_name("fabric restore id", id)?;
+        let n = self
+            .tx
+            .execute(
+                "INSERT OR IGNORE INTO fabric_restores (backend, id, recorded_at_ms) VALUES (?1, ?2, ?3)",
+                params![backend, id, now_ms()],
+            )
+            .map_err(sql("recording a fabric restore"))?;
+        Ok(n == 1)
+    }
 }
 
 impl SqliteTx<'_> {
@@ -1885,7 +1908,7 @@ mod tests {
     fn migrations_from_empty_set_up_schema_and_pragmas() {
         let (_d, _p, store) = fresh();
         assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
-        assert_eq!(SCHEMA_VERSION, 3);
+        assert_eq!(SCHEMA_VERSION, 4);
         let app: i32 = store
             .conn
             .query_row("PRAGMA application_id", [], |r| r.get(0))
@@ -1986,8 +2009,8 @@ mod tests {
             matches!(
                 err,
                 StoreError::NewerSchema {
-                    found: 4,
-                    known: 3,
+                    found: 5,
+                    known: 4,
                     ..
                 }
             ),
@@ -2577,6 +2600,7 @@ mod tests {
             .execute_batch(
                 "DROP TRIGGER state_nonces_never_forgotten; DROP TRIGGER state_nonces_never_changed; \
                  DROP TABLE state_nonces; DROP TABLE pf_custody; \
+                 DROP TRIGGER fabric_restores_never_forgotten; DROP TABLE fabric_restores; \
                  DELETE FROM schema_version WHERE version >= 2; PRAGMA application_id = 0;",
             )
             .expect("downgrade");

@@ -133,6 +133,16 @@ pub enum Command {
     /// Show the ledger: devices and their lifecycle state, open operations, the
     /// GUID pool and the subnet manager's health.
     Status(StatusArgs),
+    /// Re-verify every Ready and Active device (or one) against what its gates
+    /// established: driver, IOMMU group, /dev/vfio node owner and mode, an IB
+    /// VF's GUID and its port's P_Keys at the SM, an mdev's presence.
+    ///
+    /// A drifted Ready device is quarantined; a drifted Active device is
+    /// reported and left to its VM; state that cannot be read (the SM does not
+    /// answer) is reported, nothing quarantined. Each is audited. Exit 0 when
+    /// every device verified, 1 when one drifted or could not be verified, 2 on
+    /// usage or I/O errors.
+    Verify(VerifyArgs),
     /// Print the steps and gates an assignment, handover or release would run,
     /// without acting.
     Plan(PlanArgs),
@@ -496,6 +506,17 @@ pub struct ReleaseArgs {
 /// `devfence status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `devfence verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Only this device (it must be Ready or Active).
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

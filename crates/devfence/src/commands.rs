@@ -58,6 +58,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Outcome> {
         Command::Handover(a) => crate::ledger::handover(&root, cli.ledger.as_deref(), a, out),
         Command::Release(a) => crate::ledger::release(&root, cli.ledger.as_deref(), a, out),
         Command::Status(a) => crate::ledger::status(&root, cli.ledger.as_deref(), a, out),
+        Command::Verify(a) => crate::reverify::verify(&root, cli.ledger.as_deref(), a, out),
         Command::Plan(a) => crate::ledger::plan(&root, cli.ledger.as_deref(), a, out),
         Command::Recover(a) => crate::ledger::recover(&root, cli.ledger.as_deref(), a, out),
         Command::Audit(c) => crate::ledger::audit(&root, cli.ledger.as_deref(), c, out),

@@ -342,13 +342,17 @@ impl Env {
                 })
             })?;
         }
-        Ok(Env {
+        let mut env = Env {
             root: root.clone(),
             kernel,
             sm,
             store,
             ledger_path: path,
-        })
+        };
+        // A restore of the SM's configuration that any process made enters the
+        // audit chain once and re-verifies the devices (issue 17 item 2).
+        crate::reverify::record_restores(&mut env);
+        Ok(env)
     }
 
     /// An engine over this environment.

@@ -18,6 +18,7 @@ mod admit;
 mod facts;
 pub mod failpoint;
 mod procs;
+mod reverify;
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,7 @@ pub use admit::{Drift, Started};
 pub use facts::{DeviceKind, KindError, classify};
 pub use failpoint::{Crash, CrashMode, Failpoints};
 pub use procs::PlannedStep;
+pub use reverify::{Check, DeviceCheck, RecordedRestore, Reverification};
 
 use crate::audit::{AuditEvent, AuditKind};
 use crate::store::{

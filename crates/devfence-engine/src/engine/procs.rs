@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use devfence_fabric::{Expectation, PartitionKey, Programmed, Unverified, wait_verified_with};
 use devfence_host::actuator::ops::SysfsActuator;
-use devfence_host::actuator::{ActError, Actuator, KernelIo, VfToken};
+use devfence_host::actuator::{ActError, Actuator, ApResource, KernelIo, VfToken};
 use devfence_model::{
     Bdf, DeviceId, Guid, Inventory, IommuGroupId, MdevUuid, Membership, PKey, Severity, TenantId,
 };
@@ -142,6 +142,16 @@ fn plan_prepare(kind: &DeviceKind) -> Vec<PlannedStep> {
                 "gate:mdev-present",
                 "read back /sys/bus/mdev/devices/<uuid>",
             ));
+            if is_ap_matrix(kind) {
+                v.push(ps(
+                    "ap-matrix-assign",
+                    "assign the old matrix's adapters, domains and control domains to the new mdev",
+                ));
+                v.push(ps(
+                    "gate:ap-matrix",
+                    "read back matrix and control_domains: exactly the old ones",
+                ));
+            }
         }
         DeviceKind::IbVf { .. } => {
             v.push(ps("guid-allocate", "allocate a GUID never issued before"));
@@ -231,6 +241,12 @@ pub(crate) fn plan(
         v.push(ps("finish", "close the operation"));
         return v;
     }
+    if is_ap_matrix(kind) {
+        v.push(ps(
+            "ap-matrix-read",
+            "read the matrix mdev's adapters, domains and control domains (journalled before the remove)",
+        ));
+    }
     v.extend(plan_scrub(kind, fabric));
     if !free && !matches!(kind, DeviceKind::Mdev { .. }) {
         v.push(ps("state:free", "verified clean: Free"));
@@ -262,6 +278,13 @@ pub(crate) fn transfer(
     vm: Option<&str>,
 ) -> Result<Finish, StepFailure> {
     let device = run.device;
+    // A vfio_ap matrix mdev's matrix is its configuration (the APQNs the tenant
+    // gets): read and journalled before the remove, given to the new mdev.
+    let matrix = if is_ap_matrix(kind) {
+        Some(read_ap_matrix(e, run, kind)?)
+    } else {
+        None
+    };
     scrub(e, run, kind, old)?;
     let preparing = DeviceState::Preparing {
         tenant: to.id.clone(),
@@ -269,7 +292,7 @@ pub(crate) fn transfer(
     };
     if let DeviceKind::Mdev { .. } = kind {
         // The old mdev is gone for good; the tenant gets a new one.
-        let new = prepare_mdev(e, run, kind, to, vm)?;
+        let new = prepare_mdev(e, run, kind, to, vm, matrix.as_ref())?;
         let cur = current(e, &device)?;
         e.move_state(
             run,
@@ -1137,6 +1160,7 @@ fn prepare_mdev(
     kind: &DeviceKind,
     to: &Tenant,
     vm: Option<&str>,
+    matrix: Option<&ApConfig>,
 ) -> Result<MdevUuid, StepFailure> {
     let DeviceKind::Mdev {
         parent, type_id, ..
@@ -1202,6 +1226,9 @@ fn prepare_mdev(
         Ok(json!({ "path": mdir }))
     });
     group?;
+    if let Some(m) = matrix {
+        give_ap_matrix(e, run, &act, new, m)?;
+    }
     let link = format!("{mdir}/iommu_group");
     let g = io
         .read_link(&link)
@@ -1217,6 +1244,106 @@ fn prepare_mdev(
     group_rules(e, run, g, &newdev)?;
     grant_node(e, run, &act, g, uid, gid)?;
     Ok(new)
+}
+
+/// A vfio_ap matrix mdev's configuration: what its `matrix` and
+/// `control_domains` list.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct ApConfig {
+    adapters: Vec<u8>,
+    domains: Vec<u8>,
+    control_domains: Vec<u8>,
+}
+
+const AP_MATRIX_DIR: &str = "/sys/devices/vfio_ap/matrix";
+
+fn is_ap_matrix(kind: &DeviceKind) -> bool {
+    matches!(kind, DeviceKind::Mdev { type_id, .. } if type_id == "vfio_ap-passthrough")
+}
+
+fn ap_config(io: &dyn KernelIo, u: MdevUuid) -> Result<ApConfig, String> {
+    let dir = format!("{AP_MATRIX_DIR}/{u}");
+    let read = |name: &str| {
+        let p = format!("{dir}/{name}");
+        io.read(&p).map_err(|x| format!("cannot read {p}: {x}"))
+    };
+    let m = devfence_host::parse::ap_matrix(&read("matrix")?)
+        .map_err(|x| format!("{dir}/matrix: {x}"))?;
+    let cd = devfence_host::parse::control_domains(&read("control_domains")?)
+        .map_err(|x| format!("{dir}/control_domains: {x}"))?;
+    Ok(ApConfig {
+        adapters: m.adapters,
+        domains: m.domains,
+        control_domains: cd,
+    })
+}
+
+/// Reads (and journals) the matrix of the vfio_ap mdev about to be removed.
+fn read_ap_matrix(
+    e: &mut Engine<'_>,
+    run: &mut Run,
+    kind: &DeviceKind,
+) -> Result<ApConfig, StepFailure> {
+    let DeviceKind::Mdev { uuid, .. } = kind else {
+        return Err(fail("not an mdev", "this is a bug in devfence"));
+    };
+    let (u, io) = (*uuid, e.io);
+    e.step(run, "ap-matrix-read", json!({ "uuid": u }), |_| {
+        let c = ap_config(io, u).map_err(|x| {
+            fail(
+                x,
+                "devfence gives the new mdev the old one's matrix and cannot read it; check the vfio_ap driver (`devfence inventory`)",
+            )
+        })?;
+        let ev = json!({ "uuid": u, "matrix": c });
+        Ok((c, ev))
+    })
+}
+
+/// Assigns `m` to the new matrix mdev `new` and reads it back: exactly `m`.
+fn give_ap_matrix(
+    e: &mut Engine<'_>,
+    run: &mut Run,
+    act: &SysfsActuator<&dyn KernelIo>,
+    new: MdevUuid,
+    m: &ApConfig,
+) -> Result<(), StepFailure> {
+    e.step(
+        run,
+        "ap-matrix-assign",
+        json!({ "uuid": new, "matrix": m }),
+        |_| {
+            let what = m
+                .adapters
+                .iter()
+                .map(|a| ApResource::Adapter(*a))
+                .chain(m.domains.iter().map(|d| ApResource::Domain(*d)))
+                .chain(
+                    m.control_domains
+                        .iter()
+                        .map(|d| ApResource::ControlDomain(*d)),
+                );
+            for r in what {
+                act.ap_assign(new, r).map_err(|x| act_fail(&x))?;
+            }
+            Ok(((), json!({ "uuid": new, "matrix": m })))
+        },
+    )?;
+    let io = e.io;
+    e.gate(run, "ap-matrix", |_, _| match ap_config(io, new) {
+        Ok(seen) if seen == *m => Ok(json!({ "uuid": new, "matrix": seen })),
+        Ok(seen) => Err((
+            format!("the new mdev {new} holds {seen:?}, not the old matrix {m:?}"),
+            json!({ "uuid": new, "matrix": seen, "expected": m }),
+            "check `dmesg` for the vfio_ap driver; an APQN may have been taken by another mdev or the host meanwhile".into(),
+        )),
+        Err(x) => Err((
+            x,
+            json!({ "uuid": new }),
+            "check the vfio_ap driver".into(),
+        )),
+    })?;
+    Ok(())
 }
 
 // ----------------------------------------------------------------------
