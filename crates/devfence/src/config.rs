@@ -188,12 +188,9 @@ impl Config {
         match text {
             Ok(t) => Self::parse(&t, &path),
             Err(e) if !must && e.is_not_found() => Ok(Self::default()),
-            Err(e) => Err(e).with_context(|| {
-                format!(
-                    "Cannot read the configuration {}",
-                    path.display()
-                )
-            }),
+            Err(e) => {
+                Err(e).with_context(|| format!("Cannot read the configuration {}", path.display()))
+            }
         }
     }
 
