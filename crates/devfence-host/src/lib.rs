@@ -14,6 +14,7 @@
 
 pub mod actuator;
 pub mod inventory;
+pub mod migration;
 pub mod parse;
 pub mod root;
 pub mod sim;
