@@ -566,3 +566,305 @@ pub fn caps_of(dev: &dyn MigrationDevice) -> Result<MigrationCaps, Errno> {
         Err(e) => Err(e),
     }
 }
+
+/// Whether a PCI driver is a VFIO driver (vfio-pci or a variant such as
+/// `mlx5_vfio_pci`): only those have a VFIO device to ask.
+fn vfio_driver(d: &str) -> bool {
+    d == "vfio-pci" || d.ends_with("_vfio_pci") || d.starts_with("vfio")
+}
+
+/// Asks the kernel, for every mdev and every PCI function on a VFIO driver,
+/// whether its driver implements VFIO migration and with which flags, and
+/// records the answers in `inv.migration`.
+///
+/// Each device is opened through its group and closed again. Opening a
+/// vfio-pci function for the first time resets it, and a device whose group is
+/// held (its VM runs) answers `EBUSY`, recorded as the entry's `error`: probe
+/// only when that is acceptable (`devfence inventory --probe-migration`).
+pub fn probe_migration(io: &dyn crate::actuator::KernelIo, inv: &mut devfence_model::Inventory) {
+    let mut targets: Vec<MigTarget> = Vec::new();
+    for f in &inv.pci {
+        if let (Some(d), Some(g)) = (&f.driver, f.iommu_group)
+            && vfio_driver(d)
+        {
+            targets.push(MigTarget {
+                name: f.bdf.to_string(),
+                group: g,
+            });
+        }
+    }
+    for m in &inv.mdevs {
+        if let (Some(_), Some(g)) = (&m.driver, m.iommu_group) {
+            targets.push(MigTarget {
+                name: m.uuid.to_string(),
+                group: g,
+            });
+        }
+    }
+    inv.migration = targets
+        .into_iter()
+        .map(|t| {
+            let r = io.open_migration(&t).and_then(|d| caps_of(&*d));
+            match r {
+                Ok(c) => devfence_model::DeviceMigration {
+                    device: t.name,
+                    supported: Some(c.supported),
+                    flags: c.flags,
+                    state: c.state,
+                    error: None,
+                },
+                Err(e) => devfence_model::DeviceMigration {
+                    device: t.name,
+                    supported: None,
+                    flags: Vec::new(),
+                    state: None,
+                    error: Some(e.name()),
+                },
+            }
+        })
+        .collect();
+}
+
+/// An in-memory device for [`fuzz_load`]: an honest driver that takes at most
+/// `capacity` bytes in RESUMING (`ENOMEM` beyond, as mtty does), refuses a
+/// stream whose first byte is `0xff` at RESUMING → STOP (`EINVAL`), and saves
+/// back what it loaded. It counts every migration call.
+struct FuzzDevice {
+    state: MigState,
+    loaded: Vec<u8>,
+    incoming: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    capacity: usize,
+    calls: u32,
+    chunk: usize,
+}
+
+struct FuzzFile {
+    buf: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    read_pos: Option<usize>,
+    capacity: usize,
+    chunk: usize,
+}
+
+impl Read for FuzzFile {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let Some(pos) = self.read_pos.as_mut() else {
+            return Err(io::Error::from_raw_os_error(9));
+        };
+        let b = self
+            .buf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = out.len().min(b.len() - *pos).min(self.chunk.max(1));
+        out[..n].copy_from_slice(&b[*pos..*pos + n]);
+        *pos += n;
+        Ok(n)
+    }
+}
+
+impl Write for FuzzFile {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.read_pos.is_some() {
+            return Err(io::Error::from_raw_os_error(9));
+        }
+        let mut b = self
+            .buf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if b.len() + data.len() > self.capacity {
+            return Err(io::Error::from_raw_os_error(12));
+        }
+        let n = data.len().min(self.chunk.max(1));
+        b.extend_from_slice(&data[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl MigrationDevice for FuzzDevice {
+    fn flags(&self) -> Result<MigFlags, Errno> {
+        Ok(MigFlags(MigFlags::STOP_COPY))
+    }
+    fn state(&self) -> Result<MigState, Errno> {
+        Ok(self.state)
+    }
+    fn set_state(&mut self, s: MigState) -> Result<Option<Box<dyn MigData>>, Errno> {
+        self.calls += 1;
+        let file = |buf, read_pos, capacity, chunk| -> Box<dyn MigData> {
+            Box::new(FuzzFile {
+                buf,
+                read_pos,
+                capacity,
+                chunk,
+            })
+        };
+        let r = match (self.state, s) {
+            (a, b) if a == b => None,
+            (MigState::Running | MigState::Stop, MigState::Running | MigState::Stop) => None,
+            (MigState::Stop, MigState::Resuming) => {
+                self.incoming = std::sync::Arc::default();
+                Some(file(
+                    std::sync::Arc::clone(&self.incoming),
+                    None,
+                    self.capacity,
+                    self.chunk,
+                ))
+            }
+            (MigState::Resuming, MigState::Stop) => {
+                let b = self
+                    .incoming
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                if b.first() == Some(&0xff) {
+                    return Err(Errno::EINVAL);
+                }
+                self.loaded = b;
+                None
+            }
+            (MigState::Stop, MigState::StopCopy) => Some(file(
+                std::sync::Arc::new(std::sync::Mutex::new(self.loaded.clone())),
+                Some(0),
+                0,
+                self.chunk,
+            )),
+            (MigState::StopCopy, MigState::Stop) => None,
+            _ => return Err(Errno::EINVAL),
+        };
+        self.state = s;
+        Ok(r)
+    }
+    fn reset(&mut self) -> Result<(), Errno> {
+        self.state = MigState::Running;
+        Ok(())
+    }
+    fn region_write(&mut self, _: u64, _: &[u8]) -> Result<(), Errno> {
+        Err(Errno::EINVAL)
+    }
+    fn region_read(&self, _: u64, _: usize) -> Result<Vec<u8>, Errno> {
+        Err(Errno::EINVAL)
+    }
+}
+
+/// The fuzz target of the load path (`fuzz/fuzz_targets/migration_load.rs`),
+/// also run by unit tests: byte 0 is the cap (× 8 bytes), byte 1 the chunk size
+/// of the data fd, byte 2 the device's capacity (× 8), the rest the payload.
+///
+/// Properties: a payload over the cap is refused before any migration call;
+/// a payload within the cap and the device's capacity that the driver accepts
+/// loads and reads back equal, leaving the device in the requested state; any
+/// failure leaves the device RUNNING; [`read_capped`] never returns more than
+/// its cap. Never a panic.
+///
+/// # Panics
+/// When a property does not hold (that is the fuzzer's finding).
+#[doc(hidden)]
+pub fn fuzz_load(data: &[u8]) {
+    let [cap, chunk, capacity, payload @ ..] = data else {
+        return;
+    };
+    let cap = u64::from(*cap) * 8;
+    let capacity = usize::from(*capacity) * 8;
+    let mut d = FuzzDevice {
+        state: MigState::Running,
+        loaded: Vec::new(),
+        incoming: std::sync::Arc::default(),
+        capacity,
+        calls: 0,
+        chunk: usize::from(*chunk),
+    };
+    let r = load_state(&mut d, "fuzz", payload, cap, MigState::Stop);
+    if payload.len() as u64 > cap {
+        assert!(matches!(r, Err(MigError::TooLarge { .. })), "{r:?}");
+        assert_eq!(d.calls, 0, "a payload over the cap reached the device");
+        assert_eq!(d.state, MigState::Running);
+    } else if payload.len() <= capacity && payload.first() != Some(&0xff) {
+        let rep = r.unwrap_or_else(|e| panic!("an acceptable payload failed: {e}"));
+        assert!(rep.readback_equal);
+        assert_eq!(rep.written, payload.len() as u64);
+        assert_eq!(d.state, MigState::Stop);
+        assert_eq!(d.loaded, payload);
+    } else {
+        assert!(
+            r.is_err(),
+            "a payload the driver refuses was reported loaded"
+        );
+        assert_eq!(
+            d.state,
+            MigState::Running,
+            "a failed load left the device stopped"
+        );
+    }
+    let mut f = FuzzFile {
+        buf: std::sync::Arc::new(std::sync::Mutex::new(payload.to_vec())),
+        read_pos: Some(0),
+        capacity: 0,
+        chunk: usize::from(*chunk),
+    };
+    match read_capped(&mut f, cap, "fuzz") {
+        Ok(b) => {
+            assert!(b.len() as u64 <= cap);
+            assert_eq!(b, payload);
+        }
+        Err(MigError::TooLarge { .. }) => assert!(payload.len() as u64 > cap),
+        Err(e) => panic!("read_capped: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fuzz_load_holds_on_a_spread_of_inputs() {
+        // cap, chunk, capacity, payload.
+        let payload: Vec<u8> = (0..200u8).collect();
+        for cap in [0u8, 1, 3, 25, 255] {
+            for chunk in [0u8, 1, 7, 255] {
+                for capacity in [0u8, 2, 25, 255] {
+                    for len in [0usize, 1, 8, 24, 60, 199] {
+                        let mut d = vec![cap, chunk, capacity];
+                        d.extend_from_slice(&payload[..len]);
+                        fuzz_load(&d);
+                        let mut bad = d.clone();
+                        if len > 0 {
+                            bad[3] = 0xff;
+                            fuzz_load(&bad);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_payload_over_the_cap_is_refused_before_the_device_is_touched() {
+        let mut d = FuzzDevice {
+            state: MigState::Running,
+            loaded: Vec::new(),
+            incoming: std::sync::Arc::default(),
+            capacity: 1 << 20,
+            calls: 0,
+            chunk: 4096,
+        };
+        let r = load_state(&mut d, "x", &[0; 100], 99, MigState::Stop);
+        assert!(
+            matches!(r, Err(MigError::TooLarge { max: 99, .. })),
+            "{r:?}"
+        );
+        assert_eq!(d.calls, 0);
+    }
+
+    #[test]
+    fn states_and_flags_name_like_the_uapi() {
+        for (i, s) in MigState::ALL.iter().enumerate() {
+            assert_eq!(MigState::from_raw(u32::try_from(i).unwrap()), Some(*s));
+            assert_eq!(s.raw() as usize, i);
+        }
+        assert_eq!(MigState::from_raw(8), None);
+        assert_eq!(MigFlags(7).names(), ["STOP_COPY", "P2P", "PRE_COPY"]);
+        assert_eq!(MigFlags(9).names(), ["STOP_COPY", "0x8"]);
+        assert!(!MigFlags(1).supports(MigState::PreCopy));
+    }
+}

@@ -388,3 +388,33 @@ fn a_kernel_without_mtty_migration_refuses_save_and_load() {
         ],
     ));
 }
+
+/// issue 16 item 4: the inventory shows, per device, whether its driver
+/// supports migration and with which flags, as the kernel answers — supported
+/// with STOP_COPY P2P PRE_COPY on 6.12, unsupported on 6.1 — and nothing when
+/// not asked to probe.
+#[test]
+fn inventory_probes_migration_capability_from_the_kernel() {
+    let tmp = scratch();
+    for (release, supported, flags) in [
+        (K612, true, vec!["STOP_COPY", "P2P", "PRE_COPY"]),
+        (K61, false, vec![]),
+    ] {
+        let h = host(tmp.path(), &format!("h{}", release.len()), release);
+        let u = "83b8f4f2-509f-382f-3c1e-e6bfe0fa9999";
+        ok(&dv(&h, &["mdev", "create", "mtty", "mtty-1", "--uuid", u]));
+        let plain = json(&dv(&h, &["inventory", "--json"]));
+        assert!(plain.get("migration").is_none(), "{plain}");
+        let v = json(&dv(&h, &["inventory", "--probe-migration", "--json"]));
+        let m = &v["migration"];
+        assert_eq!(m.as_array().map(Vec::len), Some(1), "{m}");
+        assert_eq!(m[0]["device"], u);
+        assert_eq!(m[0]["supported"], supported, "{release}: {m}");
+        assert_eq!(m[0]["flags"], serde_json::json!(flags), "{release}: {m}");
+        // Probing is not a migration: the device is left as it was.
+        if supported {
+            assert_eq!(m[0]["state"], "RUNNING");
+            assert_eq!(mig_state(&h, u), MigState::Running);
+        }
+    }
+}
