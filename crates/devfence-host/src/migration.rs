@@ -155,6 +155,19 @@ impl MigFlags {
     }
 }
 
+/// Whether the kernel's state table blocks `cur` → `new` (STOP_COPY →
+/// PRE_COPY or PRE_COPY_P2P: the table leads to ERROR).
+///
+/// devfence never asks the kernel for such a transition, and its seam refuses
+/// it with `EINVAL` before the ioctl: on the testbed's Debian 6.12.95 kernel the
+/// request did not fail, it spun (soft lockup of the CPU in the ioctl, the
+/// guest never recovered) — `vfio_mig_get_next_state` skips "unsupported"
+/// steps in a loop, and the ERROR entry it lands on is never "supported".
+#[must_use]
+pub fn kernel_blocks(cur: MigState, new: MigState) -> bool {
+    cur == MigState::StopCopy && matches!(new, MigState::PreCopy | MigState::PreCopyP2p)
+}
+
 /// A device's migration capability as the inventory shows it: read from the
 /// kernel (`VFIO_DEVICE_FEATURE` GET `MIGRATION` on an open device), never
 /// assumed.

@@ -74,7 +74,17 @@ fn prepared() -> &'static Result<PathBuf, String> {
             Command::new("bash")
                 .arg("testbed/build-tests.sh")
                 .arg(&share)
-                .args(["-p", "devfence-testbed", "--test", "guest"])
+                // `guest` of both packages: the differential scenario and the
+                // real-kernel tests of devfence-testbed, and devfence's own
+                // (the `devfence` binary, built with them, goes to bin/).
+                .args([
+                    "-p",
+                    "devfence-testbed",
+                    "-p",
+                    "devfence",
+                    "--test",
+                    "guest",
+                ])
                 .env("CARGO_TARGET_DIR", &target)
                 .env("RUSTFLAGS", "--cfg devfence_testbed")
                 .env_remove("CARGO_ENCODED_RUSTFLAGS")

@@ -21,18 +21,19 @@ const VM: &str = "4b1c5c52-9d4e-4f43-a0d6-1e0f2f3a4b5c";
 const K612: &str = "6.12.95+deb12-amd64";
 const K61: &str = "6.1.0-57-amd64";
 /// UART registers written into the source (offset, value): DLAB and divisor
-/// 0x000c, 8N1, scratch 0x5a, IER 0x05, MCR 0x0b, FIFO on, "AB" in the FIFO.
+/// 0x000c, 8N1, scratch 0x5a, FIFO on, "AB" in the FIFO, MCR 0x0b, IER 0x05
+/// (the order of the testbed's scenario: no write raises an interrupt).
 const WRITES: &[(u64, u8)] = &[
     (3, 0x80),
     (0, 0x0c),
     (1, 0x00),
     (3, 0x03),
     (7, 0x5a),
-    (1, 0x05),
-    (4, 0x0b),
     (2, 0x01),
     (0, 0x41),
     (0, 0x42),
+    (4, 0x0b),
+    (1, 0x05),
 ];
 
 fn dv(root: &Path, args: &[&str]) -> Output {

@@ -512,6 +512,11 @@ impl crate::migration::MigrationDevice for VfioDevice {
         &mut self,
         s: crate::migration::MigState,
     ) -> Result<Option<Box<dyn crate::migration::MigData>>, Errno> {
+        // A blocked arc hangs the kernel (see `kernel_blocks`): refused here.
+        let cur = crate::migration::MigrationDevice::state(self)?;
+        if crate::migration::kernel_blocks(cur, s) {
+            return Err(Errno::EINVAL);
+        }
         Ok(self
             .set_mig_state(s.raw())?
             .map(|fd| Box::new(std::fs::File::from(fd)) as Box<dyn crate::migration::MigData>))

@@ -9,8 +9,11 @@
 //! * GET `MIGRATION`: `ENOTTY` for a device whose driver has no `mig_ops` (every
 //!   device but an mtty mdev on a kernel ≥ 6.7); mtty: `STOP_COPY | P2P |
 //!   PRE_COPY`.
-//! * SET `MIG_DEVICE_STATE` to a number above 7, to ERROR, from ERROR, or
-//!   STOP_COPY → PRE_COPY(_P2P): `EINVAL` (the table leads to ERROR). Otherwise
+//! * SET `MIG_DEVICE_STATE` to a number above 7, to ERROR, or from ERROR:
+//!   `EINVAL`. STOP_COPY → PRE_COPY(_P2P), which the table blocks, spun in the
+//!   real 6.12 kernel (a soft lockup); devfence's seam refuses it before the
+//!   ioctl with `EINVAL` (`migration::kernel_blocks`), and so does the
+//!   simulator, so that the scenario sees the same answer on both. Otherwise
 //!   the core steps along its table and the driver performs each arc; a failing
 //!   arc stops the walk where it was.
 //! * mtty's stream: a 24-byte header (magic `0x7e9d09898c3e2c4e`, version 1.0,
