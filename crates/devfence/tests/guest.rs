@@ -187,6 +187,22 @@ fn t01_state_save_and_load_through_the_kernel() {
             t.contains(&release) && t.contains(&a) && t.contains("mtty"),
             "{t}"
         );
+        // load: an envelope sealed from a file (what a 6.12 host would have
+        // saved) is refused at check `migration`, and not spent.
+        let f = "/tmp/mtty-state.bin";
+        std::fs::write(f, [0u8; 60]).unwrap();
+        let v = json(&dv(&[
+            "state", "seal", "--device", &a, "--vm", VM, "--in", f, "--json",
+        ]));
+        let env = v["path"].as_str().unwrap().to_owned();
+        let o = dv(&["state", "load", &env, "--device", &a, "--vm", VM, "--json"]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        let v = json(&o);
+        assert_eq!(v["check"], "migration", "{v}");
+        let reason = v["reason"].as_str().unwrap();
+        assert!(reason.contains("no migration support"), "{reason}");
+        assert!(reason.contains(&release) && reason.contains(&a), "{reason}");
+        ok(&dv(&["state", "inspect", &env, "--device", &a, "--vm", VM]));
         cleanup(&[&a]);
         return;
     }
