@@ -422,12 +422,17 @@ pub(crate) fn seal_payload(
             out,
             "sealed the state of {dev} ({}) for tenant {tenant}, VM {vm}\n  envelope: {} (0600)\n  \
              valid until {}; signed by {} ({})\n  next: copy it to the destination host and run \
-             `devfence state admit FILE --device DEVICE --vm {vm}` there",
+             `devfence state {} FILE --device DEVICE --vm {vm}` there",
             header.device.kind,
             path.display(),
             utc(header.expires_ms),
             key.host_id(),
-            key.public().fingerprint()
+            key.public().fingerprint(),
+            if r.action == "state-save" {
+                "load"
+            } else {
+                "admit"
+            },
         )?;
     }
     Ok(Outcome::Ok)
