@@ -301,8 +301,9 @@ pub enum MigError {
         /// The cap.
         max: u64,
     },
-    /// Reading or writing the data fd failed.
-    #[error("{device}: {what} failed")]
+    /// Reading or writing the data fd failed (the driver's errno shown: it is
+    /// how the driver refuses a stream, e.g. mtty's `EFAULT` for a header).
+    #[error("{device}: {what} failed: {}", errno_of(source))]
     Data {
         /// The device.
         device: String,
@@ -328,6 +329,11 @@ pub enum MigError {
         /// The errno.
         errno: Errno,
     },
+}
+
+fn errno_of(e: &io::Error) -> String {
+    e.raw_os_error()
+        .map_or_else(|| e.to_string(), |n| Errno(n).name())
 }
 
 impl MigError {
@@ -453,11 +459,24 @@ fn set(
     })
 }
 
-/// After a failed step: back to RUNNING (through a reset when the device went
-/// to ERROR). Best effort: closing the device does the same in the kernel.
+/// After a failed step: back to RUNNING.
+///
+/// From RESUMING (or ERROR, or an unknown state) only through
+/// `VFIO_DEVICE_RESET`: asking for RUNNING would pass through RESUMING → STOP,
+/// which is the driver's "apply what was written" — the very stream that just
+/// failed (mtty keeps the bytes of a write it answered `EFAULT`). If the reset
+/// fails the device is left where it is (a later preflight refuses it).
+/// Otherwise (STOP, STOP_COPY) by asking for RUNNING, with a reset as fallback.
 fn recover(dev: &mut dyn MigrationDevice) {
-    if dev.set_state(MigState::Running).is_err() {
-        let _ = dev.reset();
+    match dev.state() {
+        Ok(MigState::Resuming | MigState::Error) | Err(_) => {
+            let _ = dev.reset();
+        }
+        Ok(_) => {
+            if dev.set_state(MigState::Running).is_err() {
+                let _ = dev.reset();
+            }
+        }
     }
 }
 

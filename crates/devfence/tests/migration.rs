@@ -419,3 +419,55 @@ fn inventory_probes_migration_capability_from_the_kernel() {
         }
     }
 }
+
+/// issue 16 item 2 (fail closed): an admitted envelope whose stream the
+/// driver refuses (here: sealed from a file with a wrong mtty header, as a
+/// compromised source could) spends the envelope before anything reaches the
+/// device, stops at the driver's first refusal (mtty answers `EFAULT` for the
+/// header, yet would take the bytes if the writer went on), returns the device
+/// to RUNNING with its registers unchanged, exits 2 and audits the failed load.
+#[test]
+fn a_stream_the_driver_refuses_fails_closed_and_is_audited() {
+    let tmp = scratch();
+    let h = host(tmp.path(), "h", K612);
+    let b = mdev_for(&h, "mtty-1", "acme");
+    let before = registers(&h, &b);
+    let f = tmp.path().join("bogus.bin");
+    let mut bogus = vec![0u8; 60];
+    bogus[24 + 7] = 0xee; // another scratch register, behind a wrong header
+    fs::write(&f, &bogus).unwrap();
+    let v = json(&dv(
+        &h,
+        &[
+            "state",
+            "seal",
+            "--device",
+            &b,
+            "--vm",
+            VM,
+            "--in",
+            f.to_str().unwrap(),
+            "--json",
+        ],
+    ));
+    let env = v["path"].as_str().unwrap().to_owned();
+    let o = dv(&h, &["state", "load", &env, "--device", &b, "--vm", VM]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("nonce is spent") && t.contains("EFAULT"), "{t}");
+    assert_eq!(
+        registers(&h, &b),
+        before,
+        "the refused stream reached the ports"
+    );
+    assert_eq!(mig_state(&h, &b), MigState::Running);
+    let audit = ok(&dv(&h, &["audit", "show", "--device", &b, "--json"]));
+    assert!(audit.contains("\"failed\""), "{audit}");
+    // Spent: a second attempt is a replay.
+    let o = dv(
+        &h,
+        &["state", "load", &env, "--device", &b, "--vm", VM, "--json"],
+    );
+    refused(&o);
+    assert_eq!(json(&o)["check"], "single-use");
+}
