@@ -658,9 +658,11 @@ pub fn probe_migration(io: &dyn crate::actuator::KernelIo, inv: &mut devfence_mo
 }
 
 /// An in-memory device for [`fuzz_load`]: an honest driver that takes at most
-/// `capacity` bytes in RESUMING (`ENOMEM` beyond, as mtty does), refuses a
-/// stream whose first byte is `0xff` at RESUMING → STOP (`EINVAL`), and saves
-/// back what it loaded. It counts every migration call.
+/// `capacity` bytes in RESUMING (`ENOMEM` beyond, as mtty does), answers a
+/// first write starting with `0xfe` with `EFAULT` but keeps its bytes (as mtty
+/// does with a header it rejects), refuses a stream whose first byte is `0xff`
+/// at RESUMING → STOP (`EINVAL`), and saves back what it loaded. It counts
+/// every migration call.
 struct FuzzDevice {
     state: MigState,
     loaded: Vec<u8>,
@@ -706,7 +708,12 @@ impl Write for FuzzFile {
             return Err(io::Error::from_raw_os_error(12));
         }
         let n = data.len().min(self.chunk.max(1));
+        let header_bad = b.is_empty() && data.first() == Some(&0xfe);
         b.extend_from_slice(&data[..n]);
+        if header_bad {
+            // As mtty does with a header it rejects: keeps the bytes, EFAULT.
+            return Err(io::Error::from_raw_os_error(14));
+        }
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -723,6 +730,11 @@ impl MigrationDevice for FuzzDevice {
     }
     fn set_state(&mut self, s: MigState) -> Result<Option<Box<dyn MigData>>, Errno> {
         self.calls += 1;
+        // As the kernel's table: out of RESUMING every path goes through STOP,
+        // which applies what was written.
+        if self.state == MigState::Resuming && !matches!(s, MigState::Resuming | MigState::Stop) {
+            self.set_state(MigState::Stop)?;
+        }
         let file = |buf, read_pos, capacity, chunk| -> Box<dyn MigData> {
             Box::new(FuzzFile {
                 buf,
@@ -811,7 +823,7 @@ pub fn fuzz_load(data: &[u8]) {
         assert!(matches!(r, Err(MigError::TooLarge { .. })), "{r:?}");
         assert_eq!(d.calls, 0, "a payload over the cap reached the device");
         assert_eq!(d.state, MigState::Running);
-    } else if payload.len() <= capacity && payload.first() != Some(&0xff) {
+    } else if payload.len() <= capacity && !matches!(payload.first(), Some(&(0xfe | 0xff))) {
         let rep = r.unwrap_or_else(|e| panic!("an acceptable payload failed: {e}"));
         assert!(rep.readback_equal);
         assert_eq!(rep.written, payload.len() as u64);
@@ -826,6 +838,10 @@ pub fn fuzz_load(data: &[u8]) {
             d.state,
             MigState::Running,
             "a failed load left the device stopped"
+        );
+        assert!(
+            d.loaded.is_empty(),
+            "a failed load applied the stream (through RESUMING -> STOP)"
         );
     }
     let mut f = FuzzFile {
@@ -859,10 +875,12 @@ mod tests {
                         let mut d = vec![cap, chunk, capacity];
                         d.extend_from_slice(&payload[..len]);
                         fuzz_load(&d);
-                        let mut bad = d.clone();
                         if len > 0 {
-                            bad[3] = 0xff;
-                            fuzz_load(&bad);
+                            for first in [0xfe, 0xff] {
+                                let mut bad = d.clone();
+                                bad[3] = first;
+                                fuzz_load(&bad);
+                            }
                         }
                     }
                 }
