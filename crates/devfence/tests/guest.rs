@@ -265,6 +265,28 @@ fn t01_state_save_and_load_through_the_kernel() {
     assert_eq!(registers(&b)[4], 0x77, "the replay reached B");
     assert_eq!(mig_state(&b), "RUNNING");
 
+    // An admitted stream the driver refuses (wrong mtty header, another
+    // scratch value): mtty answers the write EFAULT but keeps the bytes; devfence
+    // stops, recovers by reset (never through RESUMING -> STOP, which would
+    // apply them) and exits 2 with the envelope spent.
+    let f = "/tmp/bogus-state.bin";
+    let mut bogus = [0u8; 60];
+    bogus[24 + 7] = 0xee;
+    std::fs::write(f, bogus).unwrap();
+    let v = json(&dv(&[
+        "state", "seal", "--device", &b, "--vm", VM, "--in", f, "--json",
+    ]));
+    let bogus_env = v["path"].as_str().unwrap().to_owned();
+    let o = dv(&["state", "load", &bogus_env, "--device", &b, "--vm", VM]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("EFAULT"), "{}", text(&o));
+    assert_eq!(
+        registers(&b)[4],
+        0x77,
+        "the refused stream was applied to B"
+    );
+    assert_eq!(mig_state(&b), "RUNNING");
+
     // Closing keeps what was loaded (see docs/state-envelopes.md): the state
     // survives devfence's close, so the launcher's later open sees it.
     let db = open(&b);
