@@ -287,6 +287,28 @@ fn t01_state_save_and_load_through_the_kernel() {
     );
     assert_eq!(mig_state(&b), "RUNNING");
 
+    // A device in use (its VM would hold the group; here this process does):
+    // save refuses, and load refuses at check `migration` without spending the
+    // envelope, which then loads once the device is free.
+    let v = json(&dv(&[
+        "state", "save", "--device", &a, "--vm", VM, "--json",
+    ]));
+    let env2 = v["path"].as_str().unwrap().to_owned();
+    {
+        let _held = open(&b);
+        let o = dv(&["state", "save", "--device", &b, "--vm", VM]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains("EBUSY"), "{}", text(&o));
+        let o = load(&env2, &b);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        let v = json(&o);
+        assert_eq!(v["check"], "migration", "{v}");
+        assert!(v["reason"].as_str().unwrap().contains("EBUSY"), "{v}");
+    }
+    let o = load(&env2, &b);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(registers(&b), want);
+
     // Closing keeps what was loaded (see docs/state-envelopes.md): the state
     // survives devfence's close, so the launcher's later open sees it.
     let db = open(&b);
