@@ -186,6 +186,11 @@ pub struct InventoryArgs {
     /// Print JSON (schema: docs/inventory-schema.md) instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Also ask the kernel which VFIO devices support migration, and with which
+    /// flags (opens each through its group: a vfio-pci function is reset at
+    /// its first open; a device of a running VM answers EBUSY).
+    #[arg(long)]
+    pub probe_migration: bool,
 }
 
 /// `devfence check`.

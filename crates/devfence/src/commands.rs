@@ -98,12 +98,24 @@ fn read(root: &HostRoot) -> Result<Inventory> {
 }
 
 fn inventory(root: &HostRoot, a: &InventoryArgs, out: &mut dyn Write) -> Result<Outcome> {
-    let inv = read(root)?;
+    let mut inv = read(root)?;
+    if a.probe_migration {
+        let k = crate::act::Kernel::for_root(root)?;
+        devfence_host::migration::probe_migration(k.io(), &mut inv);
+    }
     if a.json {
         serde_json::to_writer_pretty(&mut *out, &inv)?;
         writeln!(out)?;
     } else {
         print_inventory(&inv, out)?;
+        for m in &inv.migration {
+            let what = match (m.supported, &m.error) {
+                (Some(true), _) => format!("migration: {}", m.flags.join(" ")),
+                (Some(false), _) => "no migration support".to_owned(),
+                (None, e) => format!("not asked: {}", e.as_deref().unwrap_or("?")),
+            };
+            writeln!(out, "migration {}: {what}", m.device)?;
+        }
     }
     Ok(Outcome::Ok)
 }

@@ -13,6 +13,7 @@ mod commands;
 mod config;
 mod keys;
 mod ledger;
+mod migrate;
 mod reverify;
 mod safeout;
 mod state;
