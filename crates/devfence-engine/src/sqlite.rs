@@ -1478,11 +1478,32 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn devices(&mut self) -> Result<Vec<DeviceRecord>, StoreError> {
-        let ids = self.ids("SELECT id FROM devices ORDER BY id", "listing devices")?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            let d = parse_device("devices", &id, &id)?;
-            out.extend(self.device(&d)?);
+        // One statement for all (a query per device cost ~10 µs each: 0.1 s at
+        // 10,000 devices, paid by `status` and every `check`).
+        let mut stmt = self
+            .tx
+            .prepare("SELECT id, state, tenant, vm, reason, updated_at_ms FROM devices ORDER BY id")
+            .map_err(sql("listing devices"))?;
+        let mut rows = stmt.query([]).map_err(sql("listing devices"))?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(sql("listing devices"))? {
+            let row = (|| {
+                Ok::<_, rusqlite::Error>((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })()
+            .map_err(sql("listing devices"))?;
+            let (id, state, tenant, vm, reason, at) = row;
+            out.push(DeviceRecord {
+                device: parse_device("devices", &id, &id)?,
+                state: decode_state(&id, &state, tenant, vm, reason)?,
+                updated_at_ms: at,
+            });
         }
         Ok(out)
     }
