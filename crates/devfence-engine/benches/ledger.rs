@@ -61,6 +61,19 @@ fn median(mut v: Vec<f64>) -> (f64, f64) {
     (v[v.len() / 2], v[0])
 }
 
+/// This process's user + system CPU time (ms), from /proc/self/stat.
+fn cpu_ms() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = s.rsplit_once(')').map_or("", |x| x.1);
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() * 10.0 // USER_HZ = 100
+}
+
 fn uptime() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -247,11 +260,17 @@ fn main() {
 
     if only.is_empty() || only == "verify" {
         let (scan, hash, n) = reference(&path);
+        let c0 = cpu_ms();
         let (v, vmin, rep) = time(3, || {
             let mut s = SqliteStore::open_existing(&path).unwrap();
             s.verify_with_head(None, &ok_sig).unwrap().0
         });
+        let cpu = (cpu_ms() - c0) / 3.0;
         let rate = rep.records as f64 / (v / 1000.0);
+        println!(
+            "audit verify CPU time per run: {cpu:.0} ms = {:.2} M records per CPU-second",
+            rep.records as f64 / (cpu / 1000.0) / 1e6
+        );
         println!(
             "audit verify: {} records, median {v:.0} ms (min {vmin:.0}) = {:.2} M records/s (target >= 1.00)",
             rep.records,
