@@ -571,6 +571,26 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Retention: remove the oldest records, keeping the chain verifiable. The
+    /// whole chain is verified first; the last removed record becomes the
+    /// pruning anchor (kept in the ledger and in the signed head), where
+    /// `audit verify` starts. The newest record is never removed.
+    Prune {
+        /// Remove every record before this seq.
+        #[arg(
+            long,
+            value_name = "SEQ",
+            conflicts_with = "keep",
+            required_unless_present = "keep"
+        )]
+        before: Option<u64>,
+        /// Keep the newest N records (N >= 1).
+        #[arg(long, value_name = "N")]
+        keep: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print audit records.
     Show {
         /// Only records about this device.

@@ -1033,6 +1033,33 @@ pub fn audit(
                 Err(e) => Err(anyhow!(e)),
             }
         }
+        AuditCommand::Prune { before, keep, json } => {
+            let cut = match (before, keep) {
+                (Some(s), _) => devfence_engine::audit::PruneCut::Before(*s),
+                (None, Some(n)) => devfence_engine::audit::PruneCut::Keep(*n),
+                (None, None) => {
+                    return Err(anyhow!(
+                        "audit prune needs a cut. Hint: --before SEQ or --keep N"
+                    ));
+                }
+            };
+            let check = check_head_signature(root)?;
+            let rep = store.audit_prune(cut, &check)?;
+            if *json {
+                serde_json::to_writer_pretty(&mut *out, &rep)?;
+                writeln!(out)?;
+            } else {
+                match rep.anchor {
+                    Some(a) if rep.pruned > 0 => writeln!(
+                        out,
+                        "pruned {} record(s) through seq {} ({}); {} kept; the chain now starts after it",
+                        rep.pruned, a.seq, a.hash, rep.kept
+                    )?,
+                    _ => writeln!(out, "nothing to prune; {} record(s) kept", rep.kept)?,
+                }
+            }
+            Ok(Outcome::Ok)
+        }
         AuditCommand::Show {
             device,
             tenant,
