@@ -2211,8 +2211,8 @@ mod tests {
             matches!(
                 err,
                 StoreError::NewerSchema {
-                    found: 5,
-                    known: 4,
+                    found: 6,
+                    known: 5,
                     ..
                 }
             ),
