@@ -3,40 +3,9 @@
 //! once whichever processes open the ledger afterwards, and is followed by a
 //! re-verification of the devices (audited once); `devfence verify` works on
 //! the OpenSM backend.
-#![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-use std::process::{Command, Output};
+use super::*;
 use std::time::Duration;
-
-use devfence_fabric::opensm::harness::{Fabric, FabricSpec};
-use devfence_model::Guid;
-
-const VF0: u64 = 0x0c42_a103_4000_0000;
-
-fn devfence(f: &Fabric, root: &Path, config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_devfence"))
-        .env_remove("DEVFENCE_ROOT")
-        .envs(f.env())
-        .current_dir(f.dir())
-        .arg("--root")
-        .arg(root)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    })
-}
 
 fn records(f: &Fabric, root: &Path, config: &Path, key: &str, value: &str) -> usize {
     let out = devfence(f, root, config, &["audit", "show", "--json"]);
@@ -57,26 +26,7 @@ fn records(f: &Fabric, root: &Path, config: &Path, key: &str, value: &str) -> us
 #[test]
 fn a_restore_enters_the_audit_log_once_and_is_followed_by_a_reverification() {
     let f = Fabric::start(&FabricSpec::vfs(2, Guid(VF0))).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    let st = Command::new(env!("CARGO_BIN_EXE_devfence"))
-        .args(["sim", "generate", "--profile", "lab", "--out"])
-        .arg(&root)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let o = f.opensm_config();
-    let config = dir.path().join("devfence.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[fabric]\nbackend = \"opensm\"\n\n[fabric.opensm]\npartitions_file = \"{}\"\nlog_file = \"{}\"\npid_file = \"{}\"\n",
-            o.partitions_file.display(),
-            o.log_file.display(),
-            o.pid_file.as_ref().unwrap().display()
-        ),
-    )
-    .unwrap();
+    let (_dir, root, config, o) = lab_host(&f, "");
     let out = devfence(
         &f,
         &root,
