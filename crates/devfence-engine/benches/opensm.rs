@@ -5,9 +5,14 @@
 //! - (b) 100 VFs handed over in one batch: 100 old GUIDs out of tenant A, 100
 //!   fresh GUIDs into tenant B, one partitions apply, one sweep, all 200 questions
 //!   verified at the SA;
-//! - (c) OpenSM's own SIGHUP → `SUBNET UP` time (no change, a heavy sweep).
+//! - (c) OpenSM's own SIGHUP → `SUBNET UP` time (no change, a heavy sweep);
+//! - (d) on the batch fabric, OpenSM's own SIGHUP → `SUBNET UP` for the same
+//!   change as (b) written by hand (the batch's GUIDs moved between the two
+//!   partitions in the partitions file), before devfence's SM is created.
 //!
 //! `cargo bench -p devfence-engine --bench opensm` (needs opensm and ibsim-utils).
+//! `DEVFENCE_BENCH_BATCH=N` (default 100) sets the batch and the batch fabric's
+//! VF nodes (N + 4); above 128 nodes the fabric is a two-level switch tree.
 //! The process re-runs itself under the umad2sim preload, like the tests.
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -25,7 +30,13 @@ use devfence_fabric::{Expectation, Pace, PartitionKey, SubnetManager, wait_verif
 use devfence_model::{DeviceId, Guid, Membership, TenantId};
 use support::{OnFabric, host};
 
-const BATCH: usize = 100;
+fn batch_size() -> usize {
+    std::env::var("DEVFENCE_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
+
 const BATCH_BASE: u64 = 0x0002_c903_00a0_0001;
 
 fn batch_guid(i: usize, round: u64) -> Guid {
@@ -35,7 +46,7 @@ fn batch_guid(i: usize, round: u64) -> Guid {
 
 fn spec() -> FabricSpec {
     let mut s = support::spec();
-    for i in 0..BATCH {
+    for i in 0..batch_size() {
         s.ports.push((format!("b{i}"), batch_guid(i, 0)));
     }
     s
@@ -64,6 +75,7 @@ fn main() {
         if phase == "lab" {
             println!("RESULT a {}", one_handover(&f));
         } else {
+            println!("RESULT d {}", same_change_by_hand(&f));
             println!("RESULT b {}", batch(&f));
         }
         return;
@@ -75,7 +87,7 @@ fn main() {
         let t0 = Instant::now();
         let f = Fabric::start(&spec).unwrap();
         println!(
-            "fabric {phase}: ibsim + OpenSM, {} HCA nodes + 1 switch, up in {:.0} ms",
+            "fabric {phase}: ibsim + OpenSM, {} HCA nodes, up in {:.0} ms",
             spec.ports.len() + 1,
             ms(t0.elapsed())
         );
@@ -101,15 +113,23 @@ fn main() {
         assert!(out.status.success(), "phase {phase} failed");
     }
     let (a, b) = (results["a"], results["b"]);
-    let (cl, cb) = (results["c_lab"], results["c_batch"]);
+    let (cl, cb, d) = (results["c_lab"], results["c_batch"], results["d"]);
+    let nodes = batch_size() + 5;
     println!();
     println!(
-        "summary (medians): (a) {a:.1} ms, (b) {b:.1} ms, (c) {cl:.1} ms on the lab fabric, {cb:.1} ms on the 105-node fabric"
+        "summary (medians): (a) {a:.1} ms, (b) {b:.1} ms, (c) {cl:.1} ms on the lab fabric, {cb:.1} ms on the {nodes}-node fabric, (d) {d:.1} ms"
     );
     println!(
-        "ratios: (a)/(c) = {:.1}, (b)/(c) = {:.1} (each against its own fabric's sweep)",
+        "ratios: (a)/(c) = {:.1}, (b)/(c) = {:.1}, (b)/(d) = {:.1} (each against its own fabric's sweep)",
         a / cl,
-        b / cb
+        b / cb,
+        b / d
+    );
+    println!(
+        "load: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
 }
 
@@ -180,18 +200,60 @@ fn one_handover(f: &Fabric) -> f64 {
     med
 }
 
-/// (b): 100 VFs from A to B in one apply and one sweep, verified at the SA.
+/// (d): the SM's own reconfiguration for (b)'s change: the partitions file with
+/// the batch's GUIDs in A, then in B (written by hand), SIGHUP → `SUBNET UP`;
+/// 5 runs. The file is put back as it was before (and swept) afterwards.
+fn same_change_by_hand(f: &Fabric) -> f64 {
+    let a = PartitionKey::new(0x8001).unwrap();
+    let b = PartitionKey::new(0x8002).unwrap();
+    let path = f.opensm_config().partitions_file;
+    let original = std::fs::read_to_string(&path).unwrap();
+    let file = |k: PartitionKey| {
+        let mut m = devfence_fabric::MembershipMap::new();
+        for i in 0..batch_size() {
+            m.insert(batch_guid(i, 0), k, Membership::Full).unwrap();
+        }
+        devfence_fabric::opensm::partitions::render_block(&m)
+    };
+    let (in_a, in_b) = (file(a), file(b));
+    let sweep = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        let n = f.subnet_up_count();
+        let t0 = Instant::now();
+        f.hup().unwrap();
+        while f.subnet_up_count() <= n {
+            assert!(t0.elapsed() < Duration::from_secs(30), "no SUBNET UP");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        ms(t0.elapsed())
+    };
+    sweep(&in_a);
+    let mut v = Vec::new();
+    for round in 1..=5 {
+        v.push(sweep(if round % 2 == 1 { &in_b } else { &in_a }));
+    }
+    sweep(&original);
+    let (med, p90, min) = stats(&mut v);
+    let n = batch_size();
+    println!(
+        "(d) OpenSM's own reconfiguration for the same change ({n} GUIDs moved A <-> B in the partitions file by hand), SIGHUP -> SUBNET UP, 5 runs: median {med:.1} ms, p90 {p90:.1} ms, min {min:.1} ms"
+    );
+    med
+}
+
+/// (b): the batch's VFs from A to B in one apply and one sweep, verified at the SA.
 fn batch(f: &Fabric) -> f64 {
+    let n = batch_size();
     let sm = OpenSmSm::new(f.opensm_config());
     let a = PartitionKey::new(0x8001).unwrap();
     let b = PartitionKey::new(0x8002).unwrap();
     // Setup: the 100 VFs are tenant A's (one apply), verified.
-    for i in 0..BATCH {
+    for i in 0..n {
         sm.stage_add(batch_guid(i, 0), a, Membership::Full).unwrap();
     }
     let t = sm.apply().unwrap();
     let mut exp = Expectation::after(t);
-    for i in 0..BATCH {
+    for i in 0..n {
         exp = exp.grant(batch_guid(i, 0), [(a, Membership::Full)]);
     }
     wait_verified(&sm, &exp, Instant::now() + Duration::from_secs(30)).unwrap();
@@ -201,20 +263,20 @@ fn batch(f: &Fabric) -> f64 {
         let (from, to) = if round % 2 == 1 { (a, b) } else { (b, a) };
         // The VF resets (each VF comes back with a fresh GUID) happen on the hosts.
         let t0 = Instant::now();
-        for i in 0..BATCH {
+        for i in 0..n {
             f.rotate(&format!("b{i}"), batch_guid(i, round)).unwrap();
         }
         resets.push(ms(t0.elapsed()));
         // devfence's part: one apply for all, then all questions at the SA.
         let t0 = Instant::now();
-        for i in 0..BATCH {
+        for i in 0..n {
             sm.stage_remove_all(batch_guid(i, round - 1)).unwrap();
             sm.stage_add(batch_guid(i, round), to, Membership::Full)
                 .unwrap();
         }
         let t = sm.apply().unwrap();
         let mut exp = Expectation::after(t);
-        for i in 0..BATCH {
+        for i in 0..n {
             exp = exp
                 .revoke(batch_guid(i, round - 1), [from])
                 .grant(batch_guid(i, round), [(to, Membership::Full)]);
@@ -225,10 +287,11 @@ fn batch(f: &Fabric) -> f64 {
     let (med, p90, min) = stats(&mut v);
     let (rmed, _, _) = stats(&mut resets);
     println!(
-        "(b) {BATCH} VFs handed over in one batch (one apply, one sweep, 200 questions at the SA), 5 runs: median {med:.1} ms, p90 {p90:.1} ms, min {min:.1} ms"
+        "(b) {n} VFs handed over in one batch (one apply, one sweep, {} questions at the SA), 5 runs: median {med:.1} ms, p90 {p90:.1} ms, min {min:.1} ms",
+        2 * n
     );
     println!(
-        "      (not in (b): the {BATCH} VF resets on ibsim before it, 3 console commands each: median {rmed:.0} ms)"
+        "      (not in (b): the {n} VF resets on ibsim before it, 3 console commands each: median {rmed:.0} ms)"
     );
     med
 }

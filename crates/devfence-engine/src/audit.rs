@@ -273,6 +273,14 @@ pub enum ChainProblem {
         /// The stored hash.
         found: Hash,
     },
+    /// The anchor given lies in the pruned part of the chain: its record is gone,
+    /// so the chain cannot be shown to reach it.
+    AnchorPruned {
+        /// The anchor's seq.
+        anchor_seq: u64,
+        /// The last pruned seq (the chain now starts after it).
+        pruned_through: u64,
+    },
     /// The chain has records but no head is kept beside the ledger (deleted).
     HeadMissing,
     /// The head kept beside the ledger cannot be trusted (unreadable, unsigned
@@ -330,6 +338,15 @@ impl fmt::Display for ChainBreak {
                 f,
                 "{at}: hash {found} differs from the anchored {anchor} (rewritten)"
             ),
+            ChainProblem::AnchorPruned {
+                anchor_seq,
+                pruned_through,
+            } => write!(
+                f,
+                "the anchored seq {anchor_seq} was pruned (records up to seq {pruned_through} \
+                 were removed by `devfence audit prune`), so the chain cannot be shown to reach \
+                 it; give a head taken after the prune"
+            ),
             ChainProblem::HeadMissing => f.write_str(
                 "the chain head kept beside the ledger is missing (deleted?), so a cut or \
                  rewritten chain could not be told from an intact one",
@@ -350,6 +367,15 @@ pub enum AuditError {
          keep a copy for investigation and compare it with the last backup"
     )]
     ChainBroken(ChainBreak),
+    /// A prune that would cut where the chain could not be kept verifiable.
+    #[error(
+        "Cannot prune the audit chain: {reason}. Hint: `devfence audit prune --keep N` \
+         keeps the newest N records (N >= 1)"
+    )]
+    BadCut {
+        /// Why.
+        reason: String,
+    },
     /// The ledger failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -409,38 +435,85 @@ pub fn record_hash(
     Hash(bytes)
 }
 
-/// Checks a chain given in storage order; `anchor` additionally requires the
-/// anchored record to be present with its hash.
-pub(crate) fn verify_records(
-    records: Vec<RawRecord>,
-    anchor: Option<&ChainHead>,
-) -> Result<VerifyReport, ChainBreak> {
-    // Every seq present, to tell a reordering (the expected seq comes later) from a
-    // deletion (it is nowhere).
-    let present: std::collections::HashSet<u64> =
-        records.iter().filter_map(|r| r.seq.clone().ok()).collect();
-    let mut prev = Hash::GENESIS;
-    let mut position: u64 = 0;
-    let mut head = None;
-    // Seq 0 is the head of a new, empty chain: nothing to find.
-    let mut anchor_seen = match anchor {
-        Some(a) if a.seq == 0 => {
-            if a.hash != Hash::GENESIS {
+/// A record as stored, borrowed from the row being read: what the hash covers.
+/// A column that is not what devfence writes is an `Err` naming why.
+pub(crate) struct RawRef<'a> {
+    pub seq: Result<u64, String>,
+    pub at_ms: Result<i64, String>,
+    pub kind: Result<&'a str, String>,
+    pub device: Result<Option<&'a str>, String>,
+    pub tenant: Result<Option<&'a str>, String>,
+    pub detail: Result<&'a str, String>,
+    pub prev_hash: Result<Hash, String>,
+    pub hash: Result<Hash, String>,
+}
+
+/// Checks a chain one record at a time, in storage order, without keeping the
+/// records: `start` is where it begins (the pruning anchor, or seq 0 and the
+/// genesis hash); `anchor` additionally requires the anchored record to be
+/// present with its hash.
+pub(crate) struct ChainCheck {
+    anchor: Option<ChainHead>,
+    anchor_seen: bool,
+    expected: u64,
+    prev: Hash,
+    position: u64,
+    head: Option<ChainHead>,
+}
+
+impl ChainCheck {
+    /// A check starting after `start` (seq 0 and [`Hash::GENESIS`] for a chain
+    /// never pruned).
+    pub(crate) fn new(start: ChainHead, anchor: Option<&ChainHead>) -> Result<Self, ChainBreak> {
+        let mut anchor_seen = false;
+        if let Some(a) = anchor {
+            if a.seq < start.seq {
                 return Err(ChainBreak {
                     position: 0,
-                    seq: Some(0),
-                    problem: ChainProblem::AnchorMismatch {
-                        anchor: a.hash,
-                        found: Hash::GENESIS,
+                    seq: Some(a.seq),
+                    problem: ChainProblem::AnchorPruned {
+                        anchor_seq: a.seq,
+                        pruned_through: start.seq,
                     },
                 });
             }
-            true
+            // The anchor is the chain's start (an empty chain's seq 0, or the
+            // pruning anchor itself): its hash must be the start's.
+            if a.seq == start.seq {
+                if a.hash != start.hash {
+                    return Err(ChainBreak {
+                        position: 0,
+                        seq: Some(a.seq),
+                        problem: ChainProblem::AnchorMismatch {
+                            anchor: a.hash,
+                            found: start.hash,
+                        },
+                    });
+                }
+                anchor_seen = true;
+            }
         }
-        _ => false,
-    };
-    for (expected_seq, r) in (1u64..).zip(records) {
-        position = expected_seq;
+        Ok(ChainCheck {
+            anchor: anchor.copied(),
+            anchor_seen,
+            expected: start.seq + 1,
+            prev: start.hash,
+            position: 0,
+            head: (start.seq > 0).then_some(start),
+        })
+    }
+
+    /// Checks the next record; `present(seq)` says whether a record with that
+    /// seq is stored anywhere (asked only when a seq skips ahead, to tell a
+    /// reordering from a deletion).
+    pub(crate) fn push(
+        &mut self,
+        r: RawRef<'_>,
+        present: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<(), ChainBreak> {
+        self.position += 1;
+        let position = self.position;
+        let expected_seq = self.expected;
         let malformed = |seq: Option<u64>, column: &'static str, reason: String| ChainBreak {
             position,
             seq,
@@ -461,15 +534,7 @@ pub(crate) fn verify_records(
             seq: Some(seq),
             problem,
         };
-        let computed = record_hash(
-            seq,
-            at,
-            &kind,
-            device.as_deref(),
-            tenant.as_deref(),
-            &detail,
-            &prev_hash,
-        );
+        let computed = record_hash(seq, at, kind, device, tenant, detail, &prev_hash);
         if computed != hash {
             return Err(brk(ChainProblem::HashMismatch {
                 stored: hash,
@@ -477,7 +542,7 @@ pub(crate) fn verify_records(
             }));
         }
         if seq > expected_seq {
-            return Err(brk(if present.contains(&expected_seq) {
+            return Err(brk(if present(expected_seq) {
                 ChainProblem::SeqOutOfOrder {
                     expected: expected_seq,
                 }
@@ -492,13 +557,13 @@ pub(crate) fn verify_records(
                 expected: expected_seq,
             }));
         }
-        if prev_hash != prev {
+        if prev_hash != self.prev {
             return Err(brk(ChainProblem::PrevHashMismatch {
-                expected: prev,
+                expected: self.prev,
                 found: prev_hash,
             }));
         }
-        if let Some(a) = anchor
+        if let Some(a) = self.anchor
             && a.seq == seq
         {
             if a.hash != hash {
@@ -507,28 +572,34 @@ pub(crate) fn verify_records(
                     found: hash,
                 }));
             }
-            anchor_seen = true;
+            self.anchor_seen = true;
         }
-        prev = hash;
-        head = Some(ChainHead { seq, hash });
+        self.prev = hash;
+        self.expected = seq + 1;
+        self.head = Some(ChainHead { seq, hash });
+        Ok(())
     }
-    if let Some(a) = anchor
-        && !anchor_seen
-    {
-        return Err(ChainBreak {
-            position: position + 1,
-            seq: None,
-            problem: ChainProblem::Truncated {
-                anchor_seq: a.seq,
-                last_seq: head.map_or(0, |h| h.seq),
-            },
-        });
+
+    /// The report, once every record was pushed.
+    pub(crate) fn finish(self) -> Result<VerifyReport, ChainBreak> {
+        if let Some(a) = self.anchor
+            && !self.anchor_seen
+        {
+            return Err(ChainBreak {
+                position: self.position + 1,
+                seq: None,
+                problem: ChainProblem::Truncated {
+                    anchor_seq: a.seq,
+                    last_seq: self.head.map_or(0, |h| h.seq),
+                },
+            });
+        }
+        Ok(VerifyReport {
+            records: self.position,
+            head: self.head,
+            anchored: self.anchor.is_some(),
+        })
     }
-    Ok(VerifyReport {
-        records: position,
-        head,
-        anchored: anchor.is_some(),
-    })
 }
 
 // ---------------------------------------------------------------------------
@@ -558,9 +629,23 @@ pub struct StoredHead {
     /// The fingerprint of the key that signed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signer: Option<String>,
-    /// The ed25519 signature of [`head_message`] (128 hex digits).
+    /// The ed25519 signature of [`StoredHead::message`] (128 hex digits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
+    /// Where the stored chain starts, if records were pruned: the last pruned
+    /// record (written only by `devfence audit prune`, signed with the head).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruned: Option<PruneMark>,
+}
+
+/// The last record removed by a prune, as kept in the head file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneMark {
+    /// Its seq.
+    pub seq: u64,
+    /// Its hash (64 lowercase hex digits).
+    pub hash: String,
 }
 
 impl StoredHead {
@@ -576,10 +661,15 @@ impl StoredHead {
         })
     }
 
-    /// What is signed.
+    /// What is signed: [`head_message`], followed by `pruned <seq> <hash>\n`
+    /// when records were pruned.
     #[must_use]
     pub fn message(&self) -> Vec<u8> {
-        head_message(self.seq, &self.hash)
+        let mut m = head_message(self.seq, &self.hash);
+        if let Some(p) = &self.pruned {
+            m.extend_from_slice(format!("pruned {} {}\n", p.seq, p.hash).as_bytes());
+        }
+        m
     }
 }
 
@@ -801,20 +891,179 @@ fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRecord> {
 
 const COLUMNS: &str = "seq, at_ms, kind, device, tenant, detail, prev_hash, hash";
 
-/// Verifies the chain stored in `conn` (one read transaction).
+fn text_ref(v: ValueRef<'_>) -> Result<&str, String> {
+    match v {
+        ValueRef::Text(t) => std::str::from_utf8(t).map_err(|_| "not UTF-8 text".to_string()),
+        other => Err(format!("expected text, found {:?}", other.data_type())),
+    }
+}
+
+fn opt_text_ref(v: ValueRef<'_>) -> Result<Option<&str>, String> {
+    match v {
+        ValueRef::Null => Ok(None),
+        v => text_ref(v).map(Some),
+    }
+}
+
+fn hash_ref(v: ValueRef<'_>) -> Result<Hash, String> {
+    let t = text_ref(v)?;
+    Hash::from_hex(t).ok_or_else(|| format!("{t:?} is not 64 hex digits"))
+}
+
+fn raw_ref<'a>(r: &'a rusqlite::Row<'_>) -> rusqlite::Result<RawRef<'a>> {
+    Ok(RawRef {
+        seq: int(r.get_ref(0)?)
+            .and_then(|i| u64::try_from(i).map_err(|_| format!("{i} is negative"))),
+        at_ms: int(r.get_ref(1)?),
+        kind: text_ref(r.get_ref(2)?),
+        device: opt_text_ref(r.get_ref(3)?),
+        tenant: opt_text_ref(r.get_ref(4)?),
+        detail: text_ref(r.get_ref(5)?),
+        prev_hash: hash_ref(r.get_ref(6)?),
+        hash: hash_ref(r.get_ref(7)?),
+    })
+}
+
+/// The pruning anchor: the seq and hash of the last record removed by
+/// [`prune`], where the stored chain now starts. `None` if never pruned.
+pub(crate) fn pruned_anchor(conn: &rusqlite::Connection) -> Result<Option<ChainHead>, AuditError> {
+    let row: Option<(i64, String)> = conn
+        .query_row("SELECT seq, hash FROM audit_pruned WHERE id = 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })
+        .map_err(sql("reading the pruning anchor"))?;
+    let Some((s, h)) = row else {
+        return Ok(None);
+    };
+    let malformed = |reason: String| {
+        AuditError::ChainBroken(ChainBreak {
+            position: 0,
+            seq: None,
+            problem: ChainProblem::Malformed {
+                column: "audit_pruned",
+                reason,
+            },
+        })
+    };
+    let seq = u64::try_from(s).map_err(|_| malformed(format!("seq {s} is negative")))?;
+    let hash =
+        Hash::from_hex(&h).ok_or_else(|| malformed(format!("{h:?} is not 64 hex digits")))?;
+    Ok(Some(ChainHead { seq, hash }))
+}
+
+/// Verifies the chain stored in `conn` (one read transaction), from the pruning
+/// anchor if records were pruned: one statement streaming the rows, each hashed
+/// as it is read, nothing kept but the previous hash.
 pub(crate) fn verify(
     conn: &rusqlite::Connection,
     anchor: Option<&ChainHead>,
 ) -> Result<VerifyReport, AuditError> {
+    let start = pruned_anchor(conn)?.unwrap_or(ChainHead {
+        seq: 0,
+        hash: Hash::GENESIS,
+    });
+    let mut check = ChainCheck::new(start, anchor).map_err(AuditError::ChainBroken)?;
     let mut stmt = conn
         .prepare(&format!("SELECT {COLUMNS} FROM audit ORDER BY id"))
         .map_err(sql("audit verify"))?;
-    let rows = stmt
-        .query_map([], raw_row)
-        .map_err(sql("audit verify"))?
-        .collect::<Result<Vec<_>, _>>()
+    let mut exists = conn
+        .prepare("SELECT EXISTS (SELECT 1 FROM audit WHERE seq = ?1)")
         .map_err(sql("audit verify"))?;
-    verify_records(rows, anchor).map_err(AuditError::ChainBroken)
+    let mut present = |seq: u64| {
+        i64::try_from(seq).is_ok_and(|s| {
+            exists
+                .query_row([s], |r| r.get::<_, bool>(0))
+                .unwrap_or(false)
+        })
+    };
+    let mut rows = stmt.query([]).map_err(sql("audit verify"))?;
+    while let Some(row) = rows.next().map_err(sql("audit verify"))? {
+        let raw = raw_ref(row).map_err(sql("audit verify"))?;
+        check
+            .push(raw, &mut present)
+            .map_err(AuditError::ChainBroken)?;
+    }
+    check.finish().map_err(AuditError::ChainBroken)
+}
+
+/// What a prune did.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PruneReport {
+    /// How many records were removed now.
+    pub pruned: u64,
+    /// The pruning anchor: the last removed record, where the chain now starts.
+    pub anchor: Option<ChainHead>,
+    /// How many records the ledger keeps (the prune's own record included).
+    pub kept: u64,
+}
+
+/// Where a prune cuts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PruneCut {
+    /// Remove every record before this seq.
+    Before(u64),
+    /// Keep the newest `n` records (at least 1).
+    Keep(u64),
+}
+
+/// Removes the records up to seq `through` in the caller's (immediate)
+/// transaction, moving the pruning anchor to that record and recording the prune
+/// as an audit record. `through` must be a stored record past the current
+/// anchor and before the newest record (the newest is never pruned). Returns
+/// the new anchor and how many records went.
+pub(crate) fn prune(
+    conn: &rusqlite::Connection,
+    through: u64,
+) -> Result<(ChainHead, u64), StoreError> {
+    let s = i64::try_from(through).map_err(|_| StoreError::Internal("audit seq overflow"))?;
+    let hash: String = conn
+        .query_row("SELECT hash FROM audit WHERE seq = ?1", [s], |r| r.get(0))
+        .map_err(sql("audit prune"))?;
+    let hash = Hash::from_hex(&hash).ok_or_else(|| StoreError::BadRow {
+        table: "audit",
+        row: format!("seq {through}"),
+        column: "hash",
+        value: hash.clone(),
+        reason: "not 64 hex digits".into(),
+    })?;
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM audit WHERE seq <= ?1", [s], |r| {
+            r.get(0)
+        })
+        .map_err(sql("audit prune"))?;
+    // The anchor first: the trigger lets a record go only at or below it.
+    conn.execute(
+        "INSERT INTO audit_pruned (id, seq, hash, records, at_ms) VALUES (1, ?1, ?2, ?3, ?4) \
+         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, \
+         records = records + excluded.records, at_ms = excluded.at_ms",
+        rusqlite::params![s, hash.to_string(), n, crate::store::now_ms()],
+    )
+    .map_err(sql("audit prune"))?;
+    let deleted = conn
+        .execute("DELETE FROM audit WHERE seq <= ?1", [s])
+        .map_err(sql("audit prune"))?;
+    let n = deleted as u64;
+    let anchor = ChainHead { seq: through, hash };
+    append(
+        conn,
+        &AuditEvent {
+            kind: AuditKind::Ledger,
+            device: None,
+            tenant: None,
+            detail: serde_json::json!({
+                "event": "audit-pruned",
+                "through_seq": through,
+                "through_hash": hash.to_string(),
+                "records": n,
+            }),
+        },
+    )?;
+    Ok((anchor, n))
 }
 
 /// The records matching `filter`, in storage order, parsed.
@@ -824,14 +1073,28 @@ pub(crate) fn show(
 ) -> Result<Vec<AuditRecord>, AuditError> {
     let device = filter.device.map(|d| d.to_string());
     let tenant = filter.tenant.as_ref().map(|t| t.to_string());
+    // One condition per filter given, so that SQLite uses the device or tenant
+    // index (`?1 IS NULL OR device = ?1` would scan every record).
+    let mut cond: Vec<&str> = Vec::new();
+    let mut params: Vec<&dyn rusqlite::ToSql> = Vec::new();
+    if let Some(d) = &device {
+        cond.push("device = ?");
+        params.push(d);
+    }
+    if let Some(t) = &tenant {
+        cond.push("tenant = ?");
+        params.push(t);
+    }
+    let filter = if cond.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", cond.join(" AND "))
+    };
     let mut stmt = conn
-        .prepare(&format!(
-            "SELECT {COLUMNS} FROM audit \
-             WHERE (?1 IS NULL OR device = ?1) AND (?2 IS NULL OR tenant = ?2) ORDER BY id"
-        ))
+        .prepare(&format!("SELECT {COLUMNS} FROM audit {filter} ORDER BY id"))
         .map_err(sql("audit show"))?;
     let rows = stmt
-        .query_map(rusqlite::params![device, tenant], raw_row)
+        .query_map(params.as_slice(), raw_row)
         .map_err(sql("audit show"))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(sql("audit show"))?;
@@ -1289,5 +1552,172 @@ mod tests {
             record_hash(1, 5, "gate", Some("a"), Some("t"), "{}", &Hash([1; 32]))
         );
         assert_eq!(Hash::from_hex(&base.to_string()), Some(base));
+    }
+
+    const OK_SIG: fn(&StoredHead) -> Result<(), String> = |_| Ok(());
+
+    /// A chain of `N` records pruned to its newest two (and the prune's record).
+    fn pruned() -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        SqliteStore,
+        PruneReport,
+    ) {
+        let (d, path, mut store) = chain();
+        let rep = store
+            .audit_prune(PruneCut::Keep(2), &OK_SIG)
+            .expect("prune");
+        (d, path, store, rep)
+    }
+
+    /// issue 14 item 4: retention keeps the chain verifiable — from the pruning
+    /// anchor, against the head beside the ledger, after a reopen.
+    #[test]
+    fn a_pruned_chain_verifies() {
+        let (_d, path, mut store, rep) = pruned();
+        assert_eq!(rep.pruned, N - 2);
+        assert_eq!(rep.kept, 3, "the newest two and the prune's own record");
+        let anchor = rep.anchor.expect("anchor");
+        assert_eq!(anchor.seq, N - 2);
+        let v = store.verify().expect("pruned chain verifies");
+        assert_eq!(v.records, 3);
+        assert_eq!(v.head.map(|h| h.seq), Some(N + 1));
+        drop(store);
+        let mut store = SqliteStore::open(&path).expect("reopen");
+        let (v, head) = store.verify_with_head(None, &OK_SIG).expect("with head");
+        assert_eq!(v.records, 3);
+        let head = head.expect("stored head");
+        assert_eq!(head.pruned.as_ref().map(|p| p.seq), Some(anchor.seq));
+        assert!(
+            String::from_utf8_lossy(&head.message()).contains("pruned 4 "),
+            "the prune is in the signed message"
+        );
+        let shown = store.audit_show(&AuditFilter::default()).expect("show");
+        assert_eq!(shown[0].prev_hash, anchor.hash);
+        let last = shown.last().expect("prune record");
+        assert_eq!(last.detail["event"], "audit-pruned");
+        assert_eq!(last.detail["through_seq"], N - 2);
+        // Appending and pruning again keeps it verifiable.
+        store
+            .atomically(|tx| {
+                tx.audit(&AuditEvent {
+                    kind: AuditKind::Step,
+                    device: None,
+                    tenant: None,
+                    detail: json!({"after": "prune"}),
+                })
+                .map(|_| ())
+            })
+            .expect("append");
+        let again = store
+            .audit_prune(PruneCut::Before(N + 1), &OK_SIG)
+            .expect("prune");
+        assert_eq!(again.pruned, 2);
+        store.verify_with_head(None, &OK_SIG).expect("twice pruned");
+        // An external head taken before the prune cannot be reached any more.
+        let old = ChainHead {
+            seq: 2,
+            hash: Hash::GENESIS,
+        };
+        match store.audit_verify(Some(&old)) {
+            Err(AuditError::ChainBroken(b)) => {
+                assert!(
+                    matches!(b.problem, ChainProblem::AnchorPruned { .. }),
+                    "{b:?}"
+                );
+            }
+            other => panic!("expected AnchorPruned, got {other:?}"),
+        }
+    }
+
+    /// issue 14 item 4: a pruned chain whose anchor is tampered with fails —
+    /// its hash, its seq, or a forged prune (old records deleted and an anchor
+    /// written by hand), which the signed head's pruning mark catches.
+    #[test]
+    fn a_pruned_chain_whose_anchor_is_tampered_fails() {
+        let (_d, path, mut store, _) = pruned();
+        let attacker = raw(&path);
+        attacker
+            .execute_batch("DROP TRIGGER audit_pruned_forward;")
+            .expect("drop trigger");
+        attacker
+            .execute(
+                "UPDATE audit_pruned SET hash = ?1",
+                [Hash([7; 32]).to_string()],
+            )
+            .expect("edit anchor hash");
+        let b = broken(&mut store);
+        assert!(
+            matches!(b.problem, ChainProblem::PrevHashMismatch { .. }),
+            "{b:?}"
+        );
+        attacker
+            .execute("UPDATE audit_pruned SET seq = 3", [])
+            .expect("edit anchor seq");
+        assert!(store.verify().is_err(), "anchor seq moved back");
+
+        // A forged prune on an intact, never pruned chain: internally consistent,
+        // so only the head tells.
+        let (_d2, path2, mut store2) = chain();
+        store2.refresh_head().expect("head");
+        let a = raw(&path2);
+        let h3: String = a
+            .query_row("SELECT hash FROM audit WHERE seq = 3", [], |r| r.get(0))
+            .expect("hash 3");
+        a.execute_batch("DELETE FROM audit WHERE seq <= 3;")
+            .expect("delete");
+        a.execute(
+            "INSERT INTO audit_pruned (id, seq, hash, records, at_ms) VALUES (1, 3, ?1, 3, 0)",
+            [h3],
+        )
+        .expect("forge anchor");
+        store2.verify().expect("consistent on its own");
+        match store2.verify_with_head(None, &OK_SIG) {
+            Err(AuditError::ChainBroken(b)) => {
+                assert!(
+                    matches!(b.problem, ChainProblem::HeadInvalid { .. }),
+                    "{b:?}"
+                );
+                let msg = AuditError::ChainBroken(b).to_string();
+                assert!(msg.contains("pruning anchor"), "{msg}");
+            }
+            other => panic!("expected the head to catch the forged prune, got {other:?}"),
+        }
+    }
+
+    /// issue 14 item 4: pruning never removes records after the anchor — not
+    /// through ordinary SQL (the trigger), not by a cut at or past the newest
+    /// record, not on a broken chain.
+    #[test]
+    fn pruning_never_removes_records_after_the_anchor() {
+        let (_d, path, mut store, rep) = pruned();
+        let anchor = rep.anchor.expect("anchor").seq;
+        let c = rusqlite::Connection::open(&path).expect("open");
+        let e = c
+            .execute("DELETE FROM audit WHERE seq = ?1", [anchor as i64 + 1])
+            .expect_err("after the anchor");
+        assert!(e.to_string().contains("append-only"), "{e}");
+        assert!(c.execute("UPDATE audit_pruned SET seq = 1", []).is_err());
+        assert!(c.execute("DELETE FROM audit_pruned", []).is_err());
+        for cut in [PruneCut::Keep(0), PruneCut::Before(N + 2)] {
+            match store.audit_prune(cut, &OK_SIG) {
+                Err(e @ AuditError::BadCut { .. }) => {
+                    assert!(e.to_string().contains("Hint:"), "{e}");
+                }
+                other => panic!("{cut:?}: expected BadCut, got {other:?}"),
+            }
+        }
+        assert_eq!(store.verify().expect("intact").records, 3);
+        // A broken chain is never pruned (nothing removed).
+        let (_d2, path2, mut store2) = chain();
+        let attacker = raw(&path2);
+        attacker
+            .execute("UPDATE audit SET detail = '{}' WHERE seq = 5", [])
+            .expect("edit");
+        assert!(store2.audit_prune(PruneCut::Keep(1), &OK_SIG).is_err());
+        let n: i64 = attacker
+            .query_row("SELECT count(*) FROM audit", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(n, N as i64);
     }
 }

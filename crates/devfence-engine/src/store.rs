@@ -776,6 +776,12 @@ pub trait Tx {
     /// was admitted before. Write it in the same transaction as the admission's
     /// audit record.
     fn record_state_nonce(&mut self, admission: &StateNonce) -> Result<(), StoreError>;
+
+    // ---- fabric restores (recorded once) ----
+    /// Records that the SM backend `backend` restored its configuration (the
+    /// restore `id`, stable across processes); false when it was recorded
+    /// before. Write it in the same transaction as the restore's audit record.
+    fn record_fabric_restore(&mut self, backend: &str, id: &str) -> Result<bool, StoreError>;
 }
 
 /// A ledger backend.

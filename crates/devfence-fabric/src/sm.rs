@@ -76,6 +76,16 @@ pub trait SubnetManager: Send + Sync {
         Ok(None)
     }
 
+    /// The restores of the SM's configuration this backend made and persisted
+    /// (oldest first): devfence records each once in the ledger's audit chain and
+    /// re-verifies its devices after it. A backend that never restores has none.
+    ///
+    /// # Errors
+    /// The backend's persisted state cannot be read.
+    fn persisted_restores(&self) -> Result<Vec<crate::opensm::RestoreNote>, FabricError> {
+        Ok(Vec::new())
+    }
+
     /// Stages: make `guid` a member of `partition` with `membership`.
     ///
     /// # Errors

@@ -16,6 +16,7 @@ pub mod actuator;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inventory;
+pub mod migration;
 pub mod parse;
 pub mod readback;
 pub mod root;

@@ -160,6 +160,17 @@ pub struct ReadBack<'a> {
     io: &'a dyn KernelIo,
 }
 
+/// A vfio_ap matrix mdev's configuration (`matrix` and `control_domains`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ApMatrixConfig {
+    /// The adapters of the matrix.
+    pub adapters: Vec<u8>,
+    /// The usage domains of the matrix.
+    pub domains: Vec<u8>,
+    /// The control domains.
+    pub control_domains: Vec<u8>,
+}
+
 impl<'a> ReadBack<'a> {
     /// Reads through `io`.
     #[must_use]
@@ -380,6 +391,28 @@ impl<'a> ReadBack<'a> {
             }
         }
         Ok(table)
+    }
+
+    /// A vfio_ap matrix mdev's configuration: its matrix (adapters, domains)
+    /// and control domains, as the vfio_ap driver shows them.
+    ///
+    /// # Errors
+    /// A file that cannot be read or does not parse, named.
+    pub fn ap_matrix(&self, u: MdevUuid) -> Result<ApMatrixConfig, String> {
+        let dir = format!("/sys/devices/vfio_ap/matrix/{u}");
+        let read = |name: &str| {
+            let p = format!("{dir}/{name}");
+            self.io.read(&p).map_err(|x| format!("cannot read {p}: {x}"))
+        };
+        let m = crate::parse::ap_matrix(&read("matrix")?)
+            .map_err(|x| format!("{dir}/matrix: {x}"))?;
+        let cd = crate::parse::control_domains(&read("control_domains")?)
+            .map_err(|x| format!("{dir}/control_domains: {x}"))?;
+        Ok(ApMatrixConfig {
+            adapters: m.adapters,
+            domains: m.domains,
+            control_domains: cd,
+        })
     }
 }
 

@@ -37,6 +37,10 @@ use std::sync::{Arc, OnceLock};
 use devfence_model::bounded::{self, ReadFileError};
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
+/// How often [`HostRoot::open`] retries `openat2` after a rename raced its
+/// resolution (`EAGAIN`) before it resolves the path with its own walk.
+const OPENAT2_RACE_RETRIES: usize = 8;
+
 /// The host root was not usable: nothing could be read under it.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -220,20 +224,25 @@ impl HostRoot {
         let rel = clean.trim_start_matches('/');
         let rel = if rel.is_empty() { "." } else { rel };
         let root = self.root_fd()?;
-        let fd = match rustix::fs::openat2(
-            root,
-            rel,
-            access.flags(),
-            Mode::empty(),
-            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-        ) {
-            Ok(fd) => fd,
-            Err(e) if e == rustix::io::Errno::NOSYS || e == rustix::io::Errno::PERM => {
-                self.open_without_openat2(&clean, access)?
+        // openat2 answers EAGAIN when a rename anywhere on the system raced a `..`
+        // in the resolution (sysfs links are relative, full of `..`): it may be
+        // retried. After a few races the user-space walk, under the same rules,
+        // resolves it instead.
+        for _ in 0..OPENAT2_RACE_RETRIES {
+            match rustix::fs::openat2(
+                root,
+                rel,
+                access.flags(),
+                Mode::empty(),
+                ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+            ) {
+                Ok(fd) => return Ok(fs::File::from(fd)),
+                Err(e) if e == rustix::io::Errno::AGAIN => {}
+                Err(e) if e == rustix::io::Errno::NOSYS || e == rustix::io::Errno::PERM => break,
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
-        };
-        Ok(fs::File::from(fd))
+        }
+        Ok(fs::File::from(self.open_without_openat2(&clean, access)?))
     }
 
     /// The fallback of [`HostRoot::open`] without `openat2`: on `/` the kernel's
@@ -917,6 +926,60 @@ mod tests {
     /// issue 18 item 6: every open under a root stays in it — an absolute link is
     /// re-rooted, `..` stops at the root, a link in place of an attribute and a
     /// FIFO are refused — and the user-space fallback resolves the same way.
+    /// openat2 with RESOLVE_IN_ROOT answers EAGAIN when a rename anywhere on the
+    /// system races a `..` of the resolution (sysfs links are all `../..`): an
+    /// open never fails for that — the crash suite's concurrent jobs, which rename
+    /// their simulated kernels' state files, saw `EAGAIN` reading a VF's
+    /// `infiniband` directory and quarantined it.
+    #[test]
+    fn a_racing_rename_never_fails_an_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = HostRoot::new(dir.path());
+        fs::create_dir_all(dir.path().join("sys/devices/pci/0000:3b:00.1")).unwrap();
+        fs::write(
+            dir.path().join("sys/devices/pci/0000:3b:00.1/vendor"),
+            "0x15b3\n",
+        )
+        .unwrap();
+        fs::create_dir_all(dir.path().join("sys/bus/pci/devices")).unwrap();
+        symlink(
+            "../../../devices/pci/0000:3b:00.1",
+            dir.path().join("sys/bus/pci/devices/0000:3b:00.1"),
+        )
+        .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let renamer = {
+            let stop = std::sync::Arc::clone(&stop);
+            let d = dir.path().join("churn");
+            fs::create_dir_all(&d).unwrap();
+            std::thread::spawn(move || {
+                let (a, b) = (d.join("a"), d.join("b"));
+                fs::write(&a, "x").unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = fs::rename(&a, &b);
+                    let _ = fs::rename(&b, &a);
+                }
+            })
+        };
+        let mut failures = Vec::new();
+        for _ in 0..20_000 {
+            if let Err(e) = r.read_file(
+                "/sys/bus/pci/devices/0000:3b:00.1/../0000:3b:00.1/vendor",
+                64,
+            ) {
+                failures.push(e.to_string());
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        renamer.join().unwrap();
+        assert!(
+            failures.is_empty(),
+            "{} opens failed: {:?}",
+            failures.len(),
+            failures.first()
+        );
+    }
+
     #[test]
     fn opens_stay_in_the_root() {
         let outside = tempfile::tempdir().unwrap();

@@ -36,6 +36,32 @@ pub struct Inventory {
     pub ib: Vec<IbDevice>,
     /// Everything that could not be read or parsed.
     pub problems: Vec<ReadProblem>,
+    /// Per VFIO device, its migration capability as the kernel answered when
+    /// asked (`devfence inventory --probe-migration`); empty, and absent from
+    /// the JSON, when not probed. Never assumed from ids or driver names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migration: Vec<DeviceMigration>,
+}
+
+/// One device's VFIO migration capability, read from the kernel
+/// (`VFIO_DEVICE_FEATURE` GET `MIGRATION` on the device opened through its group).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceMigration {
+    /// The device: a BDF or an mdev UUID.
+    pub device: String,
+    /// Whether the driver implements VFIO migration v2; `None` when the device
+    /// could not be asked (see `error`).
+    pub supported: Option<bool>,
+    /// The flags the kernel reported: `STOP_COPY`, `P2P`, `PRE_COPY`.
+    #[serde(default)]
+    pub flags: Vec<String>,
+    /// The migration state when asked (`RUNNING` normally).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Why the device could not be asked (e.g. `EBUSY`: its group is held, by
+    /// its running VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// An attribute that could not be read or did not parse.

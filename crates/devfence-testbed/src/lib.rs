@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 use devfence_host::HostRoot;
 use devfence_host::actuator::ops::SysfsActuator;
 use devfence_host::actuator::{Actuator, Errno, KernelIo};
+use devfence_host::migration::{
+    MAX_STATE, MigState, MigTarget, MigrationDevice, load_state, save_state,
+};
 use devfence_model::{Bdf, MdevUuid};
 
 /// The testbed guest's fixed topology (`testbed/run.sh`, `docs/testbed.md`).
@@ -59,6 +62,10 @@ pub mod topo {
     pub const MISSING: &str = "0000:09:00.0";
     /// The mdev the scenario creates and removes.
     pub const MDEV_UUID: &str = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
+    /// The migration scenario's source mdev ("A").
+    pub const MIG_A: &str = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1002";
+    /// Its destination mdev ("B").
+    pub const MIG_B: &str = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1003";
 }
 
 /// One normalised result of a scenario step.
@@ -171,10 +178,16 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn note(&mut self, step: impl Into<String>, outcome: impl Into<String>) {
-        self.obs.push(Observation {
+        let o = Observation {
             step: step.into(),
             outcome: outcome.into(),
-        });
+        };
+        // `TESTBED_APPEND=testbed.trace=1`: each step on the console as it is
+        // made, to see where a guest stopped.
+        if std::env::var_os("TESTBED_TRACE").is_some() {
+            eprintln!("TRACE {}: {}", o.step, o.outcome);
+        }
+        self.obs.push(o);
     }
     fn raw(&mut self, step: &str, path: &str, value: &str) {
         let o = outcome(self.io.write(path, value.as_bytes()));
@@ -428,8 +441,245 @@ pub fn run_scenario(io: &dyn KernelIo) -> Vec<Observation> {
     let o = r.facts(MF_FN1);
     r.note(format!("{MF_FN1} after bind"), o);
 
+    migration_scenario(&mut r);
+
     r.inventory("end");
     r.obs
+}
+
+/// The registers the migration scenario writes into mtty's port 0 (BAR0,
+/// region 0 at offset 0), in order: (offset, value). DLAB on, divisor 0x000c
+/// (9600 baud), DLAB off with 8N1, scratch 0x5a, FIFO on, two bytes into the
+/// loop-back FIFO, MCR 0x0b, and IER 0x05 last: no write may raise an
+/// interrupt, because 6.1's mtty then signals a NULL eventfd (no IRQ is set
+/// up) and oopses — the testbed's first 6.1 run did, at the FIFO write with
+/// IER's receive interrupt already enabled.
+pub const MTTY_WRITES: &[(u64, u8)] = &[
+    (3, 0x80),
+    (0, 0x0c),
+    (1, 0x00),
+    (3, 0x03),
+    (7, 0x5a),
+    (2, 0x01),
+    (0, 0x41),
+    (0, 0x42),
+    (4, 0x0b),
+    (1, 0x05),
+];
+
+/// The registers read back: IER, LCR, MCR, LSR, SCR.
+pub const MTTY_READS: &[u64] = &[1, 3, 4, 5, 7];
+
+fn hexs(b: &[u8]) -> String {
+    b.iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
+}
+
+fn mig_target(io: &dyn KernelIo, uuid: &str) -> Option<MigTarget> {
+    let g = link_name(io, &format!("/sys/bus/mdev/devices/{uuid}/iommu_group"))?;
+    Some(MigTarget {
+        name: uuid.to_owned(),
+        group: devfence_model::IommuGroupId(g.parse().ok()?),
+    })
+}
+
+fn mig_open(io: &dyn KernelIo, uuid: &str) -> Result<Box<dyn MigrationDevice>, Errno> {
+    let t = mig_target(io, uuid).ok_or(Errno::ENODEV)?;
+    io.open_migration(&t)
+}
+
+fn regs(d: &dyn MigrationDevice) -> String {
+    let mut s = String::new();
+    for off in MTTY_READS {
+        match d.region_read(*off, 1) {
+            Ok(b) => {
+                let _ = write!(s, "r{off}={} ", hexs(&b));
+            }
+            Err(e) => {
+                let _ = write!(s, "r{off}={} ", e.name());
+            }
+        }
+    }
+    s.trim_end().to_owned()
+}
+
+fn state_of(d: &dyn MigrationDevice) -> String {
+    d.state().map_or_else(|e| e.name(), |s| s.name().to_owned())
+}
+
+fn set_outcome(d: &mut dyn MigrationDevice, s: MigState) -> String {
+    match d.set_state(s) {
+        Ok(Some(_)) => format!("ok data_fd -> {}", state_of(d)),
+        Ok(None) => format!("ok -> {}", state_of(d)),
+        Err(e) => format!("{} -> {}", e.name(), state_of(d)),
+    }
+}
+
+fn write_outcome(d: &mut dyn MigrationDevice, bytes: &[u8]) -> String {
+    match d.set_state(MigState::Resuming) {
+        Ok(Some(mut f)) => match f.write(bytes) {
+            Ok(n) => format!("wrote {n}"),
+            Err(e) => Errno::from_io(&e).name(),
+        },
+        Ok(None) => "no data fd".into(),
+        Err(e) => e.name(),
+    }
+}
+
+/// VFIO migration (v2) of mtty mdevs: capability, the state machine's arcs and
+/// errnos, save from A, load into B, what closing and reset do. On a kernel
+/// whose mtty has no migration (6.1) every step answers `ENOTTY` and the
+/// operations refuse with "no migration support".
+fn migration_scenario(r: &mut Run<'_>) {
+    use topo::*;
+    let io = r.io;
+    let (Ok(a), Ok(b)) = (MIG_A.parse::<MdevUuid>(), MIG_B.parse::<MdevUuid>()) else {
+        r.note("migration: uuids", "unparsable");
+        return;
+    };
+    let o = act_outcome(r.act.mdev_create(MTTY_PARENT, MTTY_TYPE, a));
+    r.note("migration: create A", o);
+    let o = act_outcome(r.act.mdev_create(MTTY_PARENT, MTTY_TYPE, b));
+    r.note("migration: create B", o);
+
+    let mut da = match mig_open(io, MIG_A) {
+        Ok(d) => d,
+        Err(e) => {
+            r.note("migration: open A", e.name());
+            let _ = r.act.mdev_remove(a);
+            let _ = r.act.mdev_remove(b);
+            return;
+        }
+    };
+    r.note("migration: open A", "ok");
+    let o = match da.flags() {
+        Ok(f) => f.names().join(" "),
+        Err(e) => e.name(),
+    };
+    r.note("migration: A flags", o);
+    r.note("migration: A state at open", state_of(&*da));
+    for (off, v) in MTTY_WRITES {
+        if let Err(e) = da.region_write(*off, &[*v]) {
+            r.note(format!("migration: A write r{off}"), e.name());
+        }
+    }
+    r.note("migration: A registers", regs(&*da));
+    let saved = save_state(&mut *da, MIG_A, MAX_STATE, MigState::Running);
+    let stream = match saved {
+        Ok(s) => {
+            r.note(
+                "migration: save A",
+                format!("{} bytes {}", s.len(), hexs(&s)),
+            );
+            Some(s)
+        }
+        Err(e) => {
+            r.note("migration: save A", e.to_string());
+            None
+        }
+    };
+    r.note("migration: A state after save", state_of(&*da));
+    let Some(stream) = stream else {
+        drop(da);
+        let o = act_outcome(r.act.mdev_remove(a));
+        r.note("migration: remove A", o);
+        let o = act_outcome(r.act.mdev_remove(b));
+        r.note("migration: remove B", o);
+        return;
+    };
+
+    // The arcs and errnos.
+    let o = set_outcome(&mut *da, MigState::Error);
+    r.note("migration: A RUNNING -> ERROR", o);
+    let o = set_outcome(&mut *da, MigState::StopCopy);
+    r.note("migration: A RUNNING -> STOP_COPY", o);
+    let o = set_outcome(&mut *da, MigState::PreCopy);
+    r.note("migration: A STOP_COPY -> PRE_COPY", o);
+    let o = set_outcome(&mut *da, MigState::Resuming);
+    r.note("migration: A STOP_COPY -> RESUMING", o);
+    let o = set_outcome(&mut *da, MigState::Running);
+    r.note("migration: A RESUMING -> RUNNING (nothing written)", o);
+    let o = match da.reset() {
+        Ok(()) => format!("ok -> {}", state_of(&*da)),
+        Err(e) => e.name(),
+    };
+    r.note("migration: A reset", o);
+    let o = set_outcome(&mut *da, MigState::PreCopy);
+    r.note("migration: A RUNNING -> PRE_COPY", o);
+    let o = set_outcome(&mut *da, MigState::Running);
+    r.note("migration: A PRE_COPY -> RUNNING", o);
+    r.note("migration: A registers after the arcs", regs(&*da));
+    drop(da);
+
+    // B: malformed streams are the driver's to refuse.
+    let mut db = match mig_open(io, MIG_B) {
+        Ok(d) => d,
+        Err(e) => {
+            r.note("migration: open B", e.name());
+            return;
+        }
+    };
+    r.note("migration: B registers before", regs(&*db));
+    let _ = db.set_state(MigState::Stop);
+    // A stream with a wrong magic and another scratch register (0xee).
+    let mut bad = stream.clone();
+    bad[0] ^= 0xff;
+    if let Some(scr) = bad.get_mut(24 + 7) {
+        *scr = 0xee;
+    }
+    let o = write_outcome(&mut *db, &bad);
+    r.note("migration: B RESUMING write, bad magic", o);
+    let o = set_outcome(&mut *db, MigState::Stop);
+    r.note("migration: B RESUMING -> STOP after bad magic", o);
+    let mut long = stream.clone();
+    long.push(0);
+    let o = write_outcome(&mut *db, &long);
+    r.note("migration: B RESUMING write, one byte too many", o);
+    let o = set_outcome(&mut *db, MigState::Stop);
+    r.note("migration: B RESUMING -> STOP after nothing written", o);
+    let o = match db.reset() {
+        Ok(()) => format!("ok -> {}", state_of(&*db)),
+        Err(e) => e.name(),
+    };
+    r.note("migration: B reset", o);
+    r.note(
+        "migration: B registers after the streams mtty refused",
+        regs(&*db),
+    );
+
+    // B: the load.
+    let o = match load_state(&mut *db, MIG_B, &stream, MAX_STATE, MigState::Stop) {
+        Ok(rep) => format!(
+            "written={} readback_equal={} final={}",
+            rep.written, rep.readback_equal, rep.final_state
+        ),
+        Err(e) => e.to_string(),
+    };
+    r.note("migration: load B", o);
+    r.note("migration: B registers after load", regs(&*db));
+    r.note("migration: B state after load", state_of(&*db));
+
+    // What closing the device does to the loaded state.
+    drop(db);
+    match mig_open(io, MIG_B) {
+        Ok(mut db) => {
+            r.note("migration: B state after close and reopen", state_of(&*db));
+            r.note("migration: B registers after close and reopen", regs(&*db));
+            let o = match db.reset() {
+                Ok(()) => format!("ok -> {}", state_of(&*db)),
+                Err(e) => e.name(),
+            };
+            r.note("migration: B reset", o);
+            r.note("migration: B registers after reset", regs(&*db));
+        }
+        Err(e) => r.note("migration: reopen B", e.name()),
+    }
+    let o = act_outcome(r.act.mdev_remove(a));
+    r.note("migration: remove A", o);
+    let o = act_outcome(r.act.mdev_remove(b));
+    r.note("migration: remove B", o);
 }
 
 /// The observations as the one line the guest prints.

@@ -133,6 +133,16 @@ pub enum Command {
     /// Show the ledger: devices and their lifecycle state, open operations, the
     /// GUID pool and the subnet manager's health.
     Status(StatusArgs),
+    /// Re-verify every Ready and Active device (or one) against what its gates
+    /// established: driver, IOMMU group, /dev/vfio node owner and mode, an IB
+    /// VF's GUID and its port's P_Keys at the SM, an mdev's presence.
+    ///
+    /// A drifted Ready device is quarantined; a drifted Active device is
+    /// reported and left to its VM; state that cannot be read (the SM does not
+    /// answer) is reported, nothing quarantined. Each is audited. Exit 0 when
+    /// every device verified, 1 when one drifted or could not be verified, 2 on
+    /// usage or I/O errors.
+    Verify(VerifyArgs),
     /// Print the steps and gates an assignment, handover or release would run,
     /// without acting.
     Plan(PlanArgs),
@@ -176,6 +186,11 @@ pub struct InventoryArgs {
     /// Print JSON (schema: docs/inventory-schema.md) instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Also ask the kernel which VFIO devices support migration, and with which
+    /// flags (opens each through its group: a vfio-pci function is reset at
+    /// its first open; a device of a running VM answers EBUSY).
+    #[arg(long)]
+    pub probe_migration: bool,
 }
 
 /// `devfence check`.
@@ -501,6 +516,17 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// `devfence verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Only this device (it must be Ready or Active).
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `devfence plan`.
 #[derive(Debug, Args)]
 pub struct PlanArgs {
@@ -541,6 +567,26 @@ pub enum AuditCommand {
     /// Print the chain head (`SEQ:HASH` of the newest record), to keep elsewhere
     /// and give to `audit verify --head` later.
     Head {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retention: remove the oldest records, keeping the chain verifiable. The
+    /// whole chain is verified first; the last removed record becomes the
+    /// pruning anchor (kept in the ledger and in the signed head), where
+    /// `audit verify` starts. The newest record is never removed.
+    Prune {
+        /// Remove every record before this seq.
+        #[arg(
+            long,
+            value_name = "SEQ",
+            conflicts_with = "keep",
+            required_unless_present = "keep"
+        )]
+        before: Option<u64>,
+        /// Keep the newest N records (N >= 1).
+        #[arg(long, value_name = "N")]
+        keep: Option<u64>,
         /// Print JSON.
         #[arg(long)]
         json: bool,

@@ -58,6 +58,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Outcome> {
         Command::Handover(a) => crate::ledger::handover(&root, cli.ledger.as_deref(), a, out),
         Command::Release(a) => crate::ledger::release(&root, cli.ledger.as_deref(), a, out),
         Command::Status(a) => crate::ledger::status(&root, cli.ledger.as_deref(), a, out),
+        Command::Verify(a) => crate::reverify::verify(&root, cli.ledger.as_deref(), a, out),
         Command::Plan(a) => crate::ledger::plan(&root, cli.ledger.as_deref(), a, out),
         Command::Recover(a) => crate::ledger::recover(&root, cli.ledger.as_deref(), a, out),
         Command::Audit(c) => crate::ledger::audit(&root, cli.ledger.as_deref(), c, out),
@@ -97,12 +98,24 @@ fn read(root: &HostRoot) -> Result<Inventory> {
 }
 
 fn inventory(root: &HostRoot, a: &InventoryArgs, out: &mut dyn Write) -> Result<Outcome> {
-    let inv = read(root)?;
+    let mut inv = read(root)?;
+    if a.probe_migration {
+        let k = crate::act::Kernel::for_root(root)?;
+        devfence_host::migration::probe_migration(k.io(), &mut inv);
+    }
     if a.json {
         serde_json::to_writer_pretty(&mut *out, &inv)?;
         writeln!(out)?;
     } else {
         print_inventory(&inv, out)?;
+        for m in &inv.migration {
+            let what = match (m.supported, &m.error) {
+                (Some(true), _) => format!("migration: {}", m.flags.join(" ")),
+                (Some(false), _) => "no migration support".to_owned(),
+                (None, e) => format!("not asked: {}", e.as_deref().unwrap_or("?")),
+            };
+            writeln!(out, "migration {}: {what}", m.device)?;
+        }
     }
     Ok(Outcome::Ok)
 }

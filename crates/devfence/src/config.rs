@@ -188,12 +188,9 @@ impl Config {
         match text {
             Ok(t) => Self::parse(&t, &path),
             Err(e) if !must && e.is_not_found() => Ok(Self::default()),
-            Err(e) => Err(e).with_context(|| {
-                format!(
-                    "Cannot read the configuration {}. Hint: check --config",
-                    path.display()
-                )
-            }),
+            Err(e) => {
+                Err(e).with_context(|| format!("Cannot read the configuration {}", path.display()))
+            }
         }
     }
 
@@ -382,6 +379,6 @@ mod tests {
         let big = dir.path().join("big.toml");
         std::fs::write(&big, vec![b'#'; (1 << 20) + 1]).expect("write");
         let e = Config::load(&root, Some(&big)).expect_err("big");
-        assert!(format!("{e:#}").contains("more than the 1048576"), "{e:#}");
+        assert!(format!("{e:#}").contains("larger than 1048576"), "{e:#}");
     }
 }

@@ -308,13 +308,17 @@ impl Env {
                 })
             })?;
         }
-        Ok(Env {
+        let mut env = Env {
             root: root.clone(),
             kernel,
             sm,
             store,
             ledger_path: path,
-        })
+        };
+        // A restore of the SM's configuration that any process made enters the
+        // audit chain once and re-verifies the devices (issue 17 item 2).
+        crate::reverify::record_restores(&mut env);
+        Ok(env)
     }
 
     /// An engine over this environment.
@@ -998,6 +1002,33 @@ pub fn audit(
                 }
                 Err(e) => Err(anyhow!(e)),
             }
+        }
+        AuditCommand::Prune { before, keep, json } => {
+            let cut = match (before, keep) {
+                (Some(s), _) => devfence_engine::audit::PruneCut::Before(*s),
+                (None, Some(n)) => devfence_engine::audit::PruneCut::Keep(*n),
+                (None, None) => {
+                    return Err(anyhow!(
+                        "audit prune needs a cut. Hint: --before SEQ or --keep N"
+                    ));
+                }
+            };
+            let check = check_head_signature(root)?;
+            let rep = store.audit_prune(cut, &check)?;
+            if *json {
+                serde_json::to_writer_pretty(&mut *out, &rep)?;
+                writeln!(out)?;
+            } else {
+                match rep.anchor {
+                    Some(a) if rep.pruned > 0 => writeln!(
+                        out,
+                        "pruned {} record(s) through seq {} ({}); {} kept; the chain now starts after it",
+                        rep.pruned, a.seq, a.hash, rep.kept
+                    )?,
+                    _ => writeln!(out, "nothing to prune; {} record(s) kept", rep.kept)?,
+                }
+            }
+            Ok(Outcome::Ok)
         }
         AuditCommand::Show {
             device,

@@ -13,6 +13,8 @@ mod commands;
 mod config;
 mod keys;
 mod ledger;
+mod migrate;
+mod reverify;
 mod safeout;
 mod state;
 mod story;

@@ -69,6 +69,25 @@ pub enum StateCommand {
     /// Without --device and --vm, the checks that need a destination (device,
     /// tenant, VM) are skipped. Exit 1 if admit would refuse it.
     Inspect(InspectArgs),
+    /// Save a stopped device's state through the kernel's VFIO migration
+    /// interface and seal it (on the source host).
+    ///
+    /// The device's VM must not be running: devfence opens the device through
+    /// its VFIO group itself (a running QEMU holds the group: EBUSY). It moves the
+    /// device RUNNING -> STOP -> STOP_COPY, reads the state to its end (at most
+    /// 256 MiB), returns the device to RUNNING, and seals the bytes as `state
+    /// seal` does. Refused (exit 1) for a device held by no tenant, and for a
+    /// device or kernel without VFIO migration support.
+    Save(crate::migrate::SaveArgs),
+    /// Admit an envelope, then load its state into the device through the
+    /// kernel's VFIO migration interface (on the destination host).
+    ///
+    /// Every check of `state admit`, in the same transaction; only an admitted
+    /// envelope opens the device: STOP -> RESUMING, the payload written, -> STOP
+    /// (the driver validates it), the state read back and compared, -> RUNNING.
+    /// Refused (exit 1) as `admit` refuses, and for a device or kernel without
+    /// VFIO migration support (then the envelope is not spent).
+    Load(AdmitArgs),
 }
 
 /// `devfence state seal`.
@@ -127,7 +146,7 @@ pub struct InspectArgs {
 }
 
 /// Parses a validity: `90`, `90s`, `30m`, `6h`, `7d`; 1 s to 7 days. In ms.
-fn parse_ttl(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_ttl(s: &str) -> Result<u64, String> {
     let (num, unit) = match s.trim().char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => (&s.trim()[..i], c),
         _ => (s.trim(), 's'),
@@ -168,6 +187,8 @@ pub fn run(
         StateCommand::Seal(a) => seal_cmd(root, ledger, a, out),
         StateCommand::Admit(a) => admit_cmd(root, ledger, a, out),
         StateCommand::Inspect(a) => inspect_cmd(root, ledger, a, out),
+        StateCommand::Save(a) => crate::migrate::save_cmd(root, ledger, a, out),
+        StateCommand::Load(a) => crate::migrate::load_cmd(root, ledger, a, out),
     }
 }
 
@@ -193,6 +214,56 @@ fn seal_cmd(
     let vm = parse_vm(&a.vm)?;
     let key = load_host_key(root)?;
     let payload = read_bounded(&a.input, MAX_PAYLOAD, "The device state")?;
+    let mut once = Some(payload);
+    let mut source = || {
+        Ok(Ok((
+            once.take().unwrap_or_default(),
+            serde_json::Value::Null,
+        )))
+    };
+    seal_payload(
+        root,
+        ledger,
+        &SealRequest {
+            dev,
+            vm,
+            ttl: a.ttl,
+            json: a.json,
+            action: "state-seal",
+        },
+        &key,
+        &mut source,
+        out,
+    )
+}
+
+/// What to seal, for `state seal` and `state save`.
+pub(crate) struct SealRequest {
+    pub dev: DeviceId,
+    pub vm: VmUuid,
+    pub ttl: u64,
+    pub json: bool,
+    /// The audit action: `state-seal` or `state-save`.
+    pub action: &'static str,
+}
+
+/// The payload to seal, asked for once the device and its tenant passed:
+/// the bytes and what to add to the audit record and the output under
+/// `source` (`Null` for none), or a refusal (reason, hint).
+pub(crate) type PayloadSource<'a> =
+    dyn FnMut() -> Result<std::result::Result<(Vec<u8>, serde_json::Value), (String, String)>> + 'a;
+
+/// Seals `payload()` for `r.dev` (see `state seal`): refused when the device
+/// cannot be described or no tenant holds it — before `payload` is called.
+pub(crate) fn seal_payload(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    r: &SealRequest,
+    key: &devfence_seal::HostKey,
+    payload: &mut PayloadSource<'_>,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
+    let (dev, vm) = (r.dev, r.vm);
     let inv = read_inventory(root)
         .with_context(|| format!("Cannot read the host under {}", root.root().display()))?;
     let described = describe(&inv, &dev);
@@ -202,7 +273,7 @@ fn seal_cmd(
     // that cannot be described, is refused (and audited).
     let rec = store.atomically(|tx| tx.device(&dev))?;
     let holder = holder_of(rec.as_ref());
-    let refused = match (&described, &holder) {
+    let mut refused = match (&described, &holder) {
         (Err(e), _) => Some((format!("{}: {}", e.device, e.reason), e.hint.clone())),
         (Ok(_), None) => Some((
             format!(
@@ -218,6 +289,13 @@ fn seal_cmd(
         )),
         (Ok(_), Some(_)) => None,
     };
+    let mut got = None;
+    if refused.is_none() {
+        match payload()? {
+            Ok(p) => got = Some(p),
+            Err(rh) => refused = Some(rh),
+        }
+    }
     if let Some((reason, hint)) = refused {
         store.atomically(|tx| {
             tx.audit(&AuditEvent {
@@ -225,35 +303,36 @@ fn seal_cmd(
                 device: Some(dev),
                 tenant: holder.clone(),
                 detail: serde_json::json!({
-                    "action": "state-seal", "vm": vm.to_string(), "reason": reason, "hint": hint,
+                    "action": r.action, "vm": vm.to_string(), "reason": reason, "hint": hint,
                 }),
             })
         })?;
-        if a.json {
+        if r.json {
             serde_json::to_writer_pretty(
                 &mut *out,
                 &serde_json::json!({ "sealed": false, "reason": reason, "hint": hint }),
             )?;
             writeln!(out)?;
         } else {
-            eprintln!("devfence: state seal refused: {reason}. Hint: {hint}");
+            let verb = r.action.replace('-', " ");
+            eprintln!("devfence: {verb} refused: {reason}. Hint: {hint}");
         }
         return Ok(Outcome::Refused);
     }
-    let (Ok(descriptor), Some(tenant)) = (described, holder) else {
+    let (Ok(descriptor), Some(tenant), Some((payload, source))) = (described, holder, got) else {
         bail!("Internal error: seal decided without a device or tenant. Hint: this is a bug");
     };
 
     let now = now_ms();
     let nonce = Nonce::random().map_err(|e| anyhow!("Cannot get randomness for the nonce: {e}"))?;
     let bytes = seal(
-        &key,
+        key,
         Binding {
             device: descriptor,
             tenant: tenant.clone(),
             vm,
             created_ms: now,
-            expires_ms: now + a.ttl,
+            expires_ms: now + r.ttl,
             nonce,
         },
         &payload,
@@ -284,7 +363,8 @@ fn seal_cmd(
             device: Some(dev),
             tenant: Some(tenant.clone()),
             detail: serde_json::json!({
-                "action": "state-seal",
+                "action": r.action,
+                "source": source,
                 "envelope": id,
                 "nonce": header.nonce,
                 "vm": vm.to_string(),
@@ -305,11 +385,12 @@ fn seal_cmd(
         .and_then(|()| sync_dir(&path))
         .with_context(|| format!("Cannot move the envelope into {}", path.display()))?;
 
-    if a.json {
+    if r.json {
         serde_json::to_writer_pretty(
             &mut *out,
             &serde_json::json!({
                 "sealed": true,
+                "source": source,
                 "id": id,
                 "path": path.display().to_string(),
                 "header": header,
@@ -323,12 +404,17 @@ fn seal_cmd(
             out,
             "sealed the state of {dev} ({}) for tenant {tenant}, VM {vm}\n  envelope: {} (0600)\n  \
              valid until {}; signed by {} ({})\n  next: copy it to the destination host and run \
-             `devfence state admit FILE --device DEVICE --vm {vm}` there",
+             `devfence state {} FILE --device DEVICE --vm {vm}` there",
             header.device.kind,
             path.display(),
             utc(header.expires_ms),
             key.host_id(),
-            key.public().fingerprint()
+            key.public().fingerprint(),
+            if r.action == "state-save" {
+                "load"
+            } else {
+                "admit"
+            },
         )?;
     }
     Ok(Outcome::Ok)
@@ -496,7 +582,32 @@ enum Decision {
         path: PathBuf,
         header: Box<Header>,
     },
+    /// Admitted for `state load`: the payload goes to the device, not to a file.
+    Loading {
+        payload: Vec<u8>,
+        header: Box<Header>,
+        prepared: serde_json::Value,
+    },
+    /// Every envelope check passed, but the device cannot load it (no
+    /// migration support, in use): not admitted, the envelope not spent.
+    Unloadable {
+        reason: String,
+        hint: String,
+    },
     Refused,
+}
+
+/// The device side of `state load` (`crate::migrate`).
+pub(crate) trait DeviceLoader {
+    /// Inside the admission transaction, only once every check passed: opens
+    /// the device's migration interface and checks that it can take state.
+    /// `Err((reason, hint))` refuses the load (the envelope stays unspent).
+    fn prepare(&mut self) -> std::result::Result<serde_json::Value, (String, String)>;
+    /// After the commit (the envelope is spent): loads `payload`; what it did.
+    ///
+    /// # Errors
+    /// The load failed (its reason and hint in the message).
+    fn load(&mut self, payload: &[u8]) -> Result<serde_json::Value>;
 }
 
 fn admit_cmd(
@@ -505,6 +616,22 @@ fn admit_cmd(
     a: &AdmitArgs,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
+    admit_with(root, ledger, a, out, None)
+}
+
+/// `state admit`, or with a `loader`, `state load`.
+pub(crate) fn admit_with(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &AdmitArgs,
+    out: &mut dyn Write,
+    mut loader: Option<&mut dyn DeviceLoader>,
+) -> Result<Outcome> {
+    let action = if loader.is_some() {
+        "state-load"
+    } else {
+        "state-admit"
+    };
     let dev = parse_device(&a.device)?;
     let vm = parse_vm(&a.vm)?;
     let path = envelope_path(root, &a.envelope);
@@ -542,6 +669,65 @@ fn admit_cmd(
                     },
                 );
                 let r = Report::of(&ev);
+                if let (Some(payload), Some(h), Some(l)) =
+                    (ev.payload(), ev.header.clone(), loader.as_deref_mut())
+                {
+                    // Admitted for a load: only now is the device opened.
+                    match l.prepare() {
+                        Err((reason, hint)) => {
+                            tx.audit(&AuditEvent {
+                                kind: AuditKind::Refusal,
+                                device: Some(dev),
+                                tenant: Some(h.tenant.clone()),
+                                detail: serde_json::json!({
+                                    "action": action,
+                                    "envelope": r.id,
+                                    "vm": vm.to_string(),
+                                    "signer": r.signer,
+                                    "check": "migration",
+                                    "reason": reason,
+                                }),
+                            })?;
+                            report = Some(r);
+                            return Ok(Decision::Unloadable { reason, hint });
+                        }
+                        Ok(prepared) => {
+                            tx.record_state_nonce(&StateNonce {
+                                nonce: h.nonce.to_string(),
+                                envelope: r.id.to_string(),
+                                device: dev,
+                                tenant: h.tenant.clone(),
+                                vm: h.vm.to_string(),
+                                signer: r.signer.clone().unwrap_or_default(),
+                                admitted_at_ms: devfence_engine::store::now_ms(),
+                                expires_at_ms: i64::try_from(h.expires_ms).unwrap_or(i64::MAX),
+                            })?;
+                            tx.audit(&AuditEvent {
+                                kind: AuditKind::Admit,
+                                device: Some(dev),
+                                tenant: Some(h.tenant.clone()),
+                                detail: serde_json::json!({
+                                    "action": action,
+                                    "envelope": r.id,
+                                    "nonce": h.nonce,
+                                    "vm": h.vm.to_string(),
+                                    "signer": r.signer,
+                                    "source_host": h.source_host,
+                                    "device_kind": h.device.kind,
+                                    "payload_len": h.payload_len,
+                                    "payload_sha256": h.payload_sha256,
+                                    "migration": prepared,
+                                }),
+                            })?;
+                            report = Some(r);
+                            return Ok(Decision::Loading {
+                                payload: payload.to_vec(),
+                                header: Box::new(h),
+                                prepared,
+                            });
+                        }
+                    }
+                }
                 if let (Some(payload), Some(h)) = (ev.payload(), ev.header.clone()) {
                     // Admitted: place the payload, record the nonce and the audit.
                     let mut t = [0u8; 32];
@@ -609,7 +795,7 @@ fn admit_cmd(
                 .map(|h| h.tenant.clone())
                 .or(dest.holder.clone()),
             detail: serde_json::json!({
-                "action": "state-admit",
+                "action": action,
                 "envelope": (r.size > 0).then(|| r.id.to_string()),
                 "path": path.display().to_string(),
                 "vm": vm.to_string(),
@@ -695,6 +881,89 @@ fn admit_cmd(
             }
             Ok(Outcome::Ok)
         }
+        Decision::Loading {
+            payload,
+            header,
+            prepared,
+        } => {
+            // Committed: the nonce is spent. Now, and only now, the device takes
+            // the state; a failed load leaves the envelope spent (fail closed).
+            let Some(l) = loader else {
+                bail!("Internal error: a load without a loader. Hint: this is a bug");
+            };
+            let loaded = l.load(&payload);
+            let detail = match &loaded {
+                Ok(v) => serde_json::json!({"action": "state-load", "step": "migration-load",
+                    "envelope": report.id, "result": "ok", "migration": v}),
+                Err(e) => serde_json::json!({"action": "state-load", "step": "migration-load",
+                    "envelope": report.id, "result": "failed", "error": format!("{e:#}")}),
+            };
+            store.atomically(|tx| {
+                tx.audit(&AuditEvent {
+                    kind: AuditKind::Step,
+                    device: Some(dev),
+                    tenant: Some(header.tenant.clone()),
+                    detail,
+                })
+            })?;
+            let done = loaded.context(format!(
+                "{dev}: envelope {} was admitted (its nonce is spent) but the load failed",
+                report.id
+            ))?;
+            if a.json {
+                serde_json::to_writer_pretty(
+                    &mut *out,
+                    &serde_json::json!({
+                        "admitted": true,
+                        "loaded": true,
+                        "envelope": report.id,
+                        "device": dev,
+                        "tenant": header.tenant,
+                        "vm": header.vm,
+                        "source_host": header.source_host,
+                        "prepared": prepared,
+                        "migration": done,
+                        "checks": report.checks_json(),
+                    }),
+                )?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "admitted envelope {} to {dev}: tenant {}, VM {}, sealed on {}",
+                    report.id, header.tenant, header.vm, header.source_host
+                )?;
+                writeln!(
+                    out,
+                    "loaded {} bytes into {dev} through its VFIO migration interface: {done}",
+                    payload.len()
+                )?;
+            }
+            Ok(Outcome::Ok)
+        }
+        Decision::Unloadable { reason, hint } => {
+            if a.json {
+                serde_json::to_writer_pretty(
+                    &mut *out,
+                    &serde_json::json!({
+                        "admitted": false,
+                        "envelope": report.id,
+                        "device": dev,
+                        "check": "migration",
+                        "reason": reason,
+                        "hint": hint,
+                        "checks": report.checks_json(),
+                    }),
+                )?;
+                writeln!(out)?;
+            } else {
+                eprintln!(
+                    "devfence: state load {}: refused at check migration: {reason}. Hint: {hint}",
+                    path.display()
+                );
+            }
+            Ok(Outcome::Refused)
+        }
         Decision::Refused => {
             let r = report.refusal.clone().unwrap_or(Refusal {
                 check: Check::Frame,
@@ -716,7 +985,8 @@ fn admit_cmd(
                 )?;
                 writeln!(out)?;
             } else {
-                eprintln!("devfence: state admit {}: {r}", path.display());
+                let verb = action.replace('-', " ");
+                eprintln!("devfence: {verb} {}: {r}", path.display());
             }
             Ok(Outcome::Refused)
         }

@@ -1,15 +1,23 @@
 //! The CLI with the OpenSM backend selected by the configuration file, against a
 //! real OpenSM on an ibsim fabric: `status` reports it, `check --fabric` finds
-//! posture problems in its partitions and reads ports at its SA.
+//! posture problems in its partitions and reads ports at its SA; a restore of its
+//! partitions file is reported (`restore`) and audited once, then re-verified
+//! (`reverify`).
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use devfence_fabric::opensm::OpenSmConfig;
 use devfence_fabric::opensm::harness::{Fabric, FabricSpec};
 use devfence_model::Guid;
 
 const VF0: u64 = 0x0c42_a103_4000_0000;
+
+#[path = "fabric/restore.rs"]
+mod restore;
+#[path = "fabric/reverify.rs"]
+mod reverify;
 
 fn devfence(f: &Fabric, root: &Path, config: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_devfence"))
@@ -35,6 +43,32 @@ fn json(o: &Output) -> serde_json::Value {
     })
 }
 
+/// A simulated `lab` host whose devfence.toml selects the fabric's OpenSM (with
+/// `extra` appended): (guard, root, the configuration file, OpenSM's files).
+fn lab_host(f: &Fabric, extra: &str) -> (tempfile::TempDir, PathBuf, PathBuf, OpenSmConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    let st = Command::new(env!("CARGO_BIN_EXE_devfence"))
+        .args(["sim", "generate", "--profile", "lab", "--out"])
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = f.opensm_config();
+    let config = dir.path().join("devfence.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[fabric]\nbackend = \"opensm\"\n\n[fabric.opensm]\npartitions_file = \"{}\"\nlog_file = \"{}\"\npid_file = \"{}\"\n{extra}",
+            o.partitions_file.display(),
+            o.log_file.display(),
+            o.pid_file.as_ref().unwrap().display()
+        ),
+    )
+    .unwrap();
+    (dir, root, config, o)
+}
+
 fn rules(report: &serde_json::Value) -> Vec<(String, String)> {
     report["findings"]
         .as_array()
@@ -53,26 +87,7 @@ fn rules(report: &serde_json::Value) -> Vec<(String, String)> {
 #[test]
 fn check_fabric_reads_opensm_posture_through_the_config() {
     let f = Fabric::start(&FabricSpec::vfs(2, Guid(VF0))).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    let st = Command::new(env!("CARGO_BIN_EXE_devfence"))
-        .args(["sim", "generate", "--profile", "lab", "--out"])
-        .arg(&root)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let o = f.opensm_config();
-    let config = dir.path().join("devfence.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[fabric]\nbackend = \"opensm\"\n\n[fabric.opensm]\npartitions_file = \"{}\"\nlog_file = \"{}\"\npid_file = \"{}\"\n\n[fabric.opensm.sa]\nsm_key = \"0x1\"\n",
-            o.partitions_file.display(),
-            o.log_file.display(),
-            o.pid_file.as_ref().unwrap().display()
-        ),
-    )
-    .unwrap();
+    let (_dir, root, config, o) = lab_host(&f, "\n[fabric.opensm.sa]\nsm_key = \"0x1\"\n");
     for (t, uid, pkey) in [
         ("acme", "107:107", "0x8001"),
         ("globex", "108:108", "0x8002"),

@@ -5,7 +5,7 @@
 //! 1. read the ledger state of every device the domain names (one transaction);
 //! 2. [`decide_prepare_with`]: every device `Ready` for one tenant, the tenant
 //!    the domain says it is (metadata or reservation), reservations honoured;
-//! 3. **re-verify at the moment of use** ([`reverify`]) what the gates
+//! 3. **re-verify at the moment of use** (`check_device`) what the gates
 //!    established when the device became `Ready` — the device is there, bound to
 //!    vfio-pci, its IOMMU group viable and held by no other tenant, the group node
 //!    owned by the tenant's launcher with the gate's mode; for an IB VF the GUID
@@ -23,7 +23,7 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use devfence_fabric::{PartitionKey, Programmed};
+use devfence_fabric::{PartitionKey, Programmed, SmState, SweepOutcome};
 use devfence_host::readback::{self, ReadBack};
 use devfence_model::{Bdf, DeviceId, Guid, IommuGroupId, PKey, TenantId};
 use serde_json::{Value, json};
@@ -55,7 +55,7 @@ pub enum Drift {
 }
 
 impl Drift {
-    fn text(&self) -> &str {
+    pub(super) fn text(&self) -> &str {
         match self {
             Drift::Differs(s) | Drift::Unknown(s) => s,
         }
@@ -75,19 +75,20 @@ fn dma_managed(driver: Option<&str>) -> bool {
 }
 
 /// What a device of the ledger must still show when its VM starts.
-struct Expect<'a> {
-    tenant: &'a Tenant,
+pub(super) struct Expect<'a> {
+    pub(super) tenant: &'a Tenant,
     /// The GUID the ledger issued to the device (an IB VF), if any.
-    guid: Option<Guid>,
+    pub(super) guid: Option<Guid>,
     /// P_Key bases other tenants hold.
-    foreign: &'a BTreeSet<u16>,
+    pub(super) foreign: &'a BTreeSet<u16>,
     /// Devices other tenants hold (for the group rule).
-    others: &'a [(DeviceId, TenantId)],
-    node_mode: u32,
+    pub(super) others: &'a [(DeviceId, TenantId)],
+    pub(super) node_mode: u32,
 }
 
-/// Re-verifies one device against what its gates established.
-fn reverify(
+/// Re-verifies one device against what its gates established (the hook's
+/// check at VM start, and [`Engine::reverify`]'s at any time).
+pub(super) fn check_device(
     host: ReadBack<'_>,
     sm: &dyn devfence_fabric::SubnetManager,
     device: &DeviceId,
@@ -200,6 +201,21 @@ fn ib_port(
     let obs = sm
         .observe(&[guid])
         .map_err(|e| Drift::Unknown(format!("the SM cannot show {guid}'s port: {e}")))?;
+    // A port table read while the SM is not master, or after a sweep that failed
+    // (an operator's unparseable file that devfence is restoring), is not a
+    // state the SM stands behind: unknown, never a difference.
+    if obs.status.state != SmState::Master {
+        return Err(Drift::Unknown(format!(
+            "the SM is {}, not master: its port tables are not verified state",
+            obs.status.state
+        )));
+    }
+    if let SweepOutcome::Errors(e) = &obs.status.sweep {
+        return Err(Drift::Unknown(format!(
+            "the SM's last sweep ({}) ended with errors ({e}); its port tables are not verified state until a clean sweep",
+            obs.status.generation
+        )));
+    }
     let Some(view) = obs.ports.get(&guid) else {
         return Err(Drift::Unknown(format!("the SM did not answer for {guid}")));
     };
@@ -239,15 +255,15 @@ fn ib_port(
 }
 
 /// Everything the re-verification needs from the ledger, in one read.
-struct LedgerFacts {
-    tenant: Tenant,
+pub(super) struct LedgerFacts {
+    pub(super) tenant: Tenant,
     /// Per device (in order), the GUID the ledger issued to it, if any.
-    guids: Vec<Option<Guid>>,
-    foreign: BTreeSet<u16>,
-    others: Vec<(DeviceId, TenantId)>,
+    pub(super) guids: Vec<Option<Guid>>,
+    pub(super) foreign: BTreeSet<u16>,
+    pub(super) others: Vec<(DeviceId, TenantId)>,
 }
 
-fn expectations(
+pub(super) fn expectations(
     tx: &mut dyn Tx,
     tenant: &TenantId,
     devices: &[DeviceId],
@@ -393,7 +409,7 @@ impl Engine<'_> {
                 others: &facts.others,
                 node_mode: self.cfg.node_mode,
             };
-            match reverify(self.host, self.sm, d, &x) {
+            match check_device(self.host, self.sm, d, &x) {
                 Ok(ev) => evidence.push((*d, ev)),
                 Err(drift) => drifts.push((*d, drift)),
             }

@@ -40,11 +40,15 @@ pub enum Step {
     BindVfio,
     /// Give the group node to the tenant's launcher.
     NodeGrant,
+    /// Read (and journal) a vfio_ap matrix mdev's matrix before it is removed.
+    ApMatrixRead,
+    /// Give the old matrix to the new vfio_ap matrix mdev.
+    ApMatrixAssign,
 }
 
 impl Step {
     /// Every step.
-    pub const ALL: [Step; 16] = [
+    pub const ALL: [Step; 18] = [
         Step::StateVoid,
         Step::MdevRemove,
         Step::NodeRevoke,
@@ -61,6 +65,8 @@ impl Step {
         Step::TokenDeliver,
         Step::BindVfio,
         Step::NodeGrant,
+        Step::ApMatrixRead,
+        Step::ApMatrixAssign,
     ];
 
     /// The name the journal records.
@@ -83,6 +89,8 @@ impl Step {
             Step::TokenDeliver => "token-deliver",
             Step::BindVfio => "bind-vfio",
             Step::NodeGrant => "node-grant",
+            Step::ApMatrixRead => "ap-matrix-read",
+            Step::ApMatrixAssign => "ap-matrix-assign",
         }
     }
 
@@ -114,6 +122,12 @@ impl Step {
             }
             Step::BindVfio => "bind the function to vfio-pci",
             Step::NodeGrant => "give /dev/vfio/<group> to the tenant's launcher",
+            Step::ApMatrixRead => {
+                "read the matrix mdev's adapters, domains and control domains (journalled before the remove)"
+            }
+            Step::ApMatrixAssign => {
+                "assign the old matrix's adapters, domains and control domains to the new mdev"
+            }
         }
     }
 }
@@ -139,11 +153,13 @@ pub enum Gate {
     GroupRules,
     /// The group node is the launcher's, with the configured mode.
     NodeOwner,
+    /// The new matrix mdev holds exactly the old matrix.
+    ApMatrix,
 }
 
 impl Gate {
     /// Every gate.
-    pub const ALL: [Gate; 9] = [
+    pub const ALL: [Gate; 10] = [
         Gate::NodeRevoked,
         Gate::FabricRevoked,
         Gate::MdevPresent,
@@ -153,6 +169,7 @@ impl Gate {
         Gate::Driver,
         Gate::GroupRules,
         Gate::NodeOwner,
+        Gate::ApMatrix,
     ];
 
     /// The gate's name (the journal records it as `gate:<name>`).
@@ -168,6 +185,7 @@ impl Gate {
             Gate::Driver => "driver",
             Gate::GroupRules => "group-rules",
             Gate::NodeOwner => "node-owner",
+            Gate::ApMatrix => "ap-matrix",
         }
     }
 
@@ -198,6 +216,7 @@ impl Gate {
                 "the isolation rules pass for the device's IOMMU group with the new tenant"
             }
             Gate::NodeOwner => "stat the node: owned by the launcher, mode 0600",
+            Gate::ApMatrix => "read back matrix and control_domains: exactly the old ones",
         }
     }
 }

@@ -19,6 +19,7 @@ mod facts;
 pub mod failpoint;
 mod lifecycle;
 mod procs;
+mod reverify;
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -36,6 +37,7 @@ pub use facts::{DeviceKind, KindError, classify};
 pub use failpoint::{Crash, CrashMode, Failpoints};
 pub use lifecycle::{Gate, GateFailure, OpKind, Step};
 pub use procs::PlannedStep;
+pub use reverify::{Check, DeviceCheck, RecordedRestore, Reverification};
 
 use crate::audit::{AuditEvent, AuditKind};
 use crate::store::{

@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use devfence_fabric::{Expectation, PartitionKey, Programmed, Unverified, wait_verified_with};
 use devfence_host::actuator::files::FileStepError;
-use devfence_host::actuator::{ActError, Actuator, VfToken};
-use devfence_host::readback::{self, ReadBack, ReadBackError};
+use devfence_host::actuator::{ActError, Actuator, ApResource, VfToken};
+use devfence_host::readback::{self, ApMatrixConfig, ReadBack, ReadBackError};
 use devfence_model::{
     Bdf, DeviceId, Guid, Inventory, IommuGroupId, MdevUuid, Membership, PKey, Severity, TenantId,
 };
@@ -147,6 +147,10 @@ fn plan_prepare(kind: &DeviceKind) -> Vec<PlannedStep> {
         DeviceKind::Mdev { .. } => {
             v.push(st(Step::MdevCreate));
             v.push(gt(Gate::MdevPresent));
+            if is_ap_matrix(kind) {
+                v.push(st(Step::ApMatrixAssign));
+                v.push(gt(Gate::ApMatrix));
+            }
         }
         DeviceKind::IbVf { .. } => {
             v.push(st(Step::GuidAllocate));
@@ -206,6 +210,9 @@ pub(crate) fn plan(
         v.push(ps("finish", "close the operation"));
         return v;
     }
+    if is_ap_matrix(kind) {
+        v.push(st(Step::ApMatrixRead));
+    }
     v.extend(plan_scrub(kind, fabric));
     if !free && !matches!(kind, DeviceKind::Mdev { .. }) {
         v.push(ps("state:free", "verified clean: Free"));
@@ -254,6 +261,13 @@ pub(crate) fn transfer(
         vm,
     } = *t;
     let device = run.device;
+    // A vfio_ap matrix mdev's matrix is its configuration (the APQNs the tenant
+    // gets): read and journalled before the remove, given to the new mdev.
+    let matrix = if is_ap_matrix(kind) {
+        Some(read_ap_matrix(e, run, kind)?)
+    } else {
+        None
+    };
     scrub(e, run, kind, old)?;
     let preparing = DeviceState::Preparing {
         tenant: to.id.clone(),
@@ -261,7 +275,7 @@ pub(crate) fn transfer(
     };
     if let DeviceKind::Mdev { .. } = kind {
         // The old mdev is gone for good; the tenant gets a new one.
-        let new = prepare_mdev(e, run, kind, to, vm)?;
+        let new = prepare_mdev(e, run, kind, to, vm, matrix.as_ref())?;
         let cur = current(e, &device)?;
         e.move_state(
             run,
@@ -1028,6 +1042,7 @@ fn prepare_mdev(
     kind: &DeviceKind,
     to: &Tenant,
     vm: Option<&str>,
+    matrix: Option<&ApMatrixConfig>,
 ) -> Result<MdevUuid, StepFailure> {
     let DeviceKind::Mdev {
         parent, type_id, ..
@@ -1091,6 +1106,9 @@ fn prepare_mdev(
         Ok(json!({ "path": mdir }))
     });
     group?;
+    if let Some(m) = matrix {
+        give_ap_matrix(e, run, act.as_ref(), new, m)?;
+    }
     let link = format!("{mdir}/iommu_group");
     let Ok(g) = host.mdev_group(new) else {
         return Err(fail(
@@ -1101,6 +1119,78 @@ fn prepare_mdev(
     group_rules(e, run, g, &newdev)?;
     grant_node(e, run, act.as_ref(), host, g, uid, gid)?;
     Ok(new)
+}
+
+fn is_ap_matrix(kind: &DeviceKind) -> bool {
+    matches!(kind, DeviceKind::Mdev { type_id, .. } if type_id == "vfio_ap-passthrough")
+}
+
+/// Reads (and journals) the matrix of the vfio_ap mdev about to be removed.
+fn read_ap_matrix(
+    e: &mut Engine<'_>,
+    run: &mut Run,
+    kind: &DeviceKind,
+) -> Result<ApMatrixConfig, StepFailure> {
+    let DeviceKind::Mdev { uuid, .. } = kind else {
+        return Err(fail("not an mdev", "this is a bug in devfence"));
+    };
+    let (u, host) = (*uuid, e.host);
+    e.step(run, Step::ApMatrixRead, json!({ "uuid": u }), |_| {
+        let c = host.ap_matrix(u).map_err(|x| {
+            fail(
+                x,
+                "devfence gives the new mdev the old one's matrix and cannot read it; check the vfio_ap driver (`devfence inventory`)",
+            )
+        })?;
+        let ev = json!({ "uuid": u, "matrix": c });
+        Ok((c, ev))
+    })
+}
+
+/// Assigns `m` to the new matrix mdev `new` and reads it back: exactly `m`.
+fn give_ap_matrix(
+    e: &mut Engine<'_>,
+    run: &mut Run,
+    act: &dyn Actuator,
+    new: MdevUuid,
+    m: &ApMatrixConfig,
+) -> Result<(), StepFailure> {
+    e.step(
+        run,
+        Step::ApMatrixAssign,
+        json!({ "uuid": new, "matrix": m }),
+        |_| {
+            let what = m
+                .adapters
+                .iter()
+                .map(|a| ApResource::Adapter(*a))
+                .chain(m.domains.iter().map(|d| ApResource::Domain(*d)))
+                .chain(
+                    m.control_domains
+                        .iter()
+                        .map(|d| ApResource::ControlDomain(*d)),
+                );
+            for r in what {
+                act.ap_assign(new, r).map_err(|x| act_fail(&x))?;
+            }
+            Ok(((), json!({ "uuid": new, "matrix": m })))
+        },
+    )?;
+    let host = e.host;
+    e.gate(run, Gate::ApMatrix, |_, _| match host.ap_matrix(new) {
+        Ok(seen) if seen == *m => Ok(json!({ "uuid": new, "matrix": seen })),
+        Ok(seen) => Err(GateFailure::new(
+            format!("the new mdev {new} holds {seen:?}, not the old matrix {m:?}"),
+            json!({ "uuid": new, "matrix": seen, "expected": m }),
+            "check `dmesg` for the vfio_ap driver; an APQN may have been taken by another mdev or the host meanwhile".into(),
+        )),
+        Err(x) => Err(GateFailure::new(
+            x,
+            json!({ "uuid": new }),
+            "check the vfio_ap driver".into(),
+        )),
+    })?;
+    Ok(())
 }
 
 // ----------------------------------------------------------------------

@@ -66,25 +66,57 @@ impl FabricSpec {
     }
 
     fn net(&self) -> String {
+        // Up to LEAF ports hang off one switch `sw1`; a larger fabric is a two-level
+        // tree: `sw1` with the SM host and one uplink per leaf switch `leafN`, each
+        // leaf with up to LEAF VF nodes.
+        const LEAF: usize = 128;
         let mut s = String::new();
         let n = self.ports.len() + self.spares.len();
+        let tree = self.ports.len() > LEAF;
+        let at = |i: usize| -> (String, usize) {
+            if tree {
+                (format!("leaf{}", i / LEAF), i % LEAF + 2)
+            } else {
+                ("sw1".to_string(), i + 2)
+            }
+        };
         let _ = writeln!(
             s,
             "switchguid=0x0002c90000001000\ncaguid=0x0002c90000002000\n"
         );
         let _ = writeln!(s, "Hca\t1 \"smhost\"\n[1]\t\"sw1\"[1]\n");
-        let _ = writeln!(s, "Switch\t{} \"sw1\"", (n + 1).max(2));
-        let _ = writeln!(s, "[1]\t\"smhost\"[1]");
-        for (i, (name, _)) in self.ports.iter().enumerate() {
-            let _ = writeln!(s, "[{}]\t\"{name}\"[1]", i + 2);
+        if tree {
+            let leaves = self.ports.len().div_ceil(LEAF);
+            let _ = writeln!(s, "Switch\t{} \"sw1\"", leaves + 1);
+            let _ = writeln!(s, "[1]\t\"smhost\"[1]");
+            for j in 0..leaves {
+                let _ = writeln!(s, "[{}]\t\"leaf{j}\"[1]", j + 2);
+            }
+            s.push('\n');
+            for j in 0..leaves {
+                let first = j * LEAF;
+                let last = (first + LEAF).min(self.ports.len());
+                let _ = writeln!(s, "Switch\t{} \"leaf{j}\"", last - first + 1);
+                let _ = writeln!(s, "[1]\t\"sw1\"[{}]", j + 2);
+                for (i, (name, _)) in self.ports.iter().enumerate().take(last).skip(first) {
+                    let _ = writeln!(s, "[{}]\t\"{name}\"[1]", at(i).1);
+                }
+                s.push('\n');
+            }
+        } else {
+            let _ = writeln!(s, "Switch\t{} \"sw1\"", (n + 1).max(2));
+            let _ = writeln!(s, "[1]\t\"smhost\"[1]");
+            for (i, (name, _)) in self.ports.iter().enumerate() {
+                let _ = writeln!(s, "[{}]\t\"{name}\"[1]", i + 2);
+            }
+            s.push('\n');
         }
-        s.push('\n');
         for (i, (name, g)) in self.ports.iter().enumerate() {
+            let (sw, port) = at(i);
             let _ = writeln!(
                 s,
-                "caguid=0x{:016x}\nHca\t1 \"{name}\"\n[1]\t\"sw1\"[{}]\n",
+                "caguid=0x{:016x}\nHca\t1 \"{name}\"\n[1]\t\"{sw}\"[{port}]\n",
                 g.0 - 1,
-                i + 2
             );
         }
         for (name, g) in &self.spares {

@@ -115,6 +115,15 @@ pub struct RestoreNote {
     pub failed: bool,
 }
 
+impl RestoreNote {
+    /// A stable id of this restore (the failed sweep's count and the time: the
+    /// count alone restarts with OpenSM), for recording it once.
+    #[must_use]
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.generation, self.at_unix)
+    }
+}
+
 /// What devfence remembers next to the partitions file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Memo {
@@ -1101,6 +1110,10 @@ impl SubnetManager for OpenSmSm {
             );
         }
         Ok(Observation { status, ports })
+    }
+
+    fn persisted_restores(&self) -> Result<Vec<RestoreNote>, FabricError> {
+        self.restores()
     }
 
     fn configured_members(&self) -> Result<Option<Vec<Configured>>, FabricError> {

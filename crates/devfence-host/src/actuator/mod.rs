@@ -94,7 +94,9 @@ impl Errno {
             4 => "EINTR",
             5 => "EIO",
             11 => "EAGAIN",
+            12 => "ENOMEM",
             13 => "EACCES",
+            14 => "EFAULT",
             16 => "EBUSY",
             17 => "EEXIST",
             19 => "ENODEV",
@@ -297,6 +299,22 @@ pub trait KernelIo {
     /// The errno of the failing open or ioctl.
     fn open_pf(&self, pf: Bdf, group: IommuGroupId) -> Result<Box<dyn PfHandle>, Errno>;
 
+    /// Opens a device through its VFIO group for its migration interface
+    /// (`crate::migration`), and keeps it (and the group) open for as long as
+    /// the handle lives. The default, for kernels that cannot open devices
+    /// (recorders, dry runs), answers `ENODEV`.
+    ///
+    /// # Errors
+    /// The errno of the failing open or ioctl (`EBUSY`: the group is held by
+    /// another process, e.g. the VM's QEMU).
+    fn open_migration(
+        &self,
+        target: &crate::migration::MigTarget,
+    ) -> Result<Box<dyn crate::migration::MigrationDevice>, Errno> {
+        let _ = target;
+        Err(Errno::ENODEV)
+    }
+
     /// The names in a directory, sorted (`.` and `..` and non-UTF-8 names left
     /// out). The default reads the directory under [`KernelIo::root`].
     ///
@@ -382,6 +400,12 @@ impl<T: KernelIo + ?Sized> KernelIo for &T {
     fn open_pf(&self, pf: Bdf, group: IommuGroupId) -> Result<Box<dyn PfHandle>, Errno> {
         (**self).open_pf(pf, group)
     }
+    fn open_migration(
+        &self,
+        target: &crate::migration::MigTarget,
+    ) -> Result<Box<dyn crate::migration::MigrationDevice>, Errno> {
+        (**self).open_migration(target)
+    }
     fn list_dir(&self, path: &str) -> Result<Vec<String>, Errno> {
         (**self).list_dir(path)
     }
@@ -438,6 +462,12 @@ impl<T: KernelIo + ?Sized> KernelIo for Box<T> {
     }
     fn open_pf(&self, pf: Bdf, group: IommuGroupId) -> Result<Box<dyn PfHandle>, Errno> {
         (**self).open_pf(pf, group)
+    }
+    fn open_migration(
+        &self,
+        target: &crate::migration::MigTarget,
+    ) -> Result<Box<dyn crate::migration::MigrationDevice>, Errno> {
+        (**self).open_migration(target)
     }
     fn list_dir(&self, path: &str) -> Result<Vec<String>, Errno> {
         (**self).list_dir(path)

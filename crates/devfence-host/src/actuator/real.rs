@@ -118,6 +118,17 @@ impl KernelIo for RealKernel {
     fn open_pf(&self, pf: Bdf, group: IommuGroupId) -> Result<Box<dyn PfHandle>, Errno> {
         Ok(Box::new(vfio::open_pf(&self.root, pf, group)?))
     }
+
+    fn open_migration(
+        &self,
+        target: &crate::migration::MigTarget,
+    ) -> Result<Box<dyn crate::migration::MigrationDevice>, Errno> {
+        Ok(Box::new(vfio::open_named(
+            &self.root,
+            &target.name,
+            target.group,
+        )?))
+    }
 }
 
 #[cfg(test)]

@@ -42,6 +42,8 @@ pub const VFIO_GROUP_GET_STATUS: Opcode = opcode::none(VFIO_TYPE, VFIO_BASE + 3)
 pub const VFIO_GROUP_SET_CONTAINER: Opcode = opcode::none(VFIO_TYPE, VFIO_BASE + 4);
 /// `VFIO_GROUP_GET_DEVICE_FD` (group, `char *` device name): returns a new fd.
 pub const VFIO_GROUP_GET_DEVICE_FD: Opcode = opcode::none(VFIO_TYPE, VFIO_BASE + 6);
+/// `VFIO_DEVICE_RESET` (device, no argument).
+pub const VFIO_DEVICE_RESET: Opcode = opcode::none(VFIO_TYPE, VFIO_BASE + 11);
 /// `VFIO_DEVICE_FEATURE` (device, `struct vfio_device_feature *`).
 pub const VFIO_DEVICE_FEATURE: Opcode = opcode::none(VFIO_TYPE, VFIO_BASE + 17);
 
@@ -63,6 +65,39 @@ pub const VFIO_DEVICE_FEATURE_SET: u32 = 1 << 17;
 pub const VFIO_DEVICE_FEATURE_PROBE: u32 = 1 << 18;
 /// `VFIO_DEVICE_FEATURE_PCI_VF_TOKEN`: feature index 0.
 pub const VFIO_DEVICE_FEATURE_PCI_VF_TOKEN: u32 = 0;
+/// `VFIO_DEVICE_FEATURE_MIGRATION`: feature index 1 (GET: the migration flags).
+pub const VFIO_DEVICE_FEATURE_MIGRATION: u32 = 1;
+/// `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE`: feature index 2 (GET/SET the state).
+pub const VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE: u32 = 2;
+
+/// `struct vfio_device_feature` followed by `struct vfio_device_feature_migration
+/// { __aligned_u64 flags; }`: 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VfioFeatureMigration {
+    /// 8 (header) + 8 = 16.
+    pub argsz: u32,
+    /// `VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIGRATION`.
+    pub flags: u32,
+    /// `VFIO_MIGRATION_*`, filled in by the kernel.
+    pub mig_flags: u64,
+}
+
+/// `struct vfio_device_feature` followed by `struct vfio_device_feature_mig_state
+/// { __u32 device_state; __s32 data_fd; }`: 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VfioFeatureMigState {
+    /// 8 (header) + 8 = 16.
+    pub argsz: u32,
+    /// `VFIO_DEVICE_FEATURE_{GET,SET} | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE`.
+    pub flags: u32,
+    /// `enum vfio_device_mig_state`.
+    pub device_state: u32,
+    /// The data fd the kernel returns for a transition that starts a data
+    /// session (into STOP_COPY, RESUMING, PRE_COPY); -1 otherwise.
+    pub data_fd: i32,
+}
 
 /// `struct vfio_group_status { __u32 argsz; __u32 flags; }`.
 #[repr(C)]
@@ -325,6 +360,191 @@ impl VfioDevice {
     }
 }
 
+impl VfioDevice {
+    /// `VFIO_DEVICE_FEATURE` GET `MIGRATION`: the device's `VFIO_MIGRATION_*`
+    /// flags.
+    ///
+    /// # Errors
+    /// `ENOTTY` when the device's driver has no migration support (no
+    /// `mig_ops`); otherwise the kernel's errno.
+    pub fn migration_flags(&self) -> Result<u64, Errno> {
+        let mut req = VfioFeatureMigration {
+            argsz: 16,
+            flags: VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIGRATION,
+            mig_flags: 0,
+        };
+        // SAFETY: VFIO_DEVICE_FEATURE takes a pointer to a `struct
+        // vfio_device_feature` whose `argsz` (16) covers the 8-byte header and
+        // the 8-byte `struct vfio_device_feature_migration`; `req` is a live
+        // #[repr(C)] value of exactly 16 bytes (u64 at offset 8, checked by a
+        // test), and the kernel writes only within `argsz`.
+        unsafe {
+            ioctl(
+                self.device.as_fd(),
+                VFIO_DEVICE_FEATURE,
+                (&raw mut req).cast::<c_void>(),
+            )
+        }?;
+        Ok(req.mig_flags)
+    }
+
+    fn mig_state_ioctl(&self, req: &mut VfioFeatureMigState) -> Result<(), Errno> {
+        // SAFETY: VFIO_DEVICE_FEATURE takes a pointer to a `struct
+        // vfio_device_feature` whose `argsz` (16) covers the 8-byte header and the
+        // 8-byte `struct vfio_device_feature_mig_state`; `req` is a live
+        // #[repr(C)] value of exactly 16 bytes, and the kernel reads and writes
+        // only within `argsz`.
+        unsafe {
+            ioctl(
+                self.device.as_fd(),
+                VFIO_DEVICE_FEATURE,
+                std::ptr::from_mut(req).cast::<c_void>(),
+            )
+        }
+        .map(|_| ())
+    }
+
+    /// `VFIO_DEVICE_FEATURE` GET `MIG_DEVICE_STATE`: the device's current
+    /// migration state (`enum vfio_device_mig_state`).
+    ///
+    /// # Errors
+    /// `ENOTTY` without migration support; otherwise the kernel's errno.
+    pub fn mig_state(&self) -> Result<u32, Errno> {
+        let mut req = VfioFeatureMigState {
+            argsz: 16,
+            flags: VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+            device_state: 0,
+            data_fd: -1,
+        };
+        self.mig_state_ioctl(&mut req)?;
+        Ok(req.device_state)
+    }
+
+    /// `VFIO_DEVICE_FEATURE` SET `MIG_DEVICE_STATE`: asks the kernel to move the
+    /// device to `state` (along the kernel's shortest path). Returns the data fd
+    /// when the transition starts a data session (into STOP_COPY: read-only; into
+    /// RESUMING: write-only).
+    ///
+    /// # Errors
+    /// The kernel's errno (`EINVAL` for a state it cannot reach, `ENOTTY`
+    /// without migration support, the driver's error for a rejected stream).
+    pub fn set_mig_state(&self, state: u32) -> Result<Option<OwnedFd>, Errno> {
+        let mut req = VfioFeatureMigState {
+            argsz: 16,
+            flags: VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+            device_state: state,
+            data_fd: -1,
+        };
+        self.mig_state_ioctl(&mut req)?;
+        if req.data_fd < 0 {
+            return Ok(None);
+        }
+        // SAFETY: on success with `data_fd >= 0` the kernel installed a new file
+        // descriptor for this process that nothing else owns; `OwnedFd` takes sole
+        // ownership and closes it on drop.
+        Ok(Some(unsafe { OwnedFd::from_raw_fd(req.data_fd) }))
+    }
+
+    /// `VFIO_DEVICE_RESET`: returns the device (and its migration state) to
+    /// RUNNING, also out of ERROR.
+    ///
+    /// # Errors
+    /// The kernel's errno.
+    pub fn reset(&self) -> Result<(), Errno> {
+        // SAFETY: VFIO_DEVICE_RESET takes no argument.
+        unsafe { ioctl(self.device.as_fd(), VFIO_DEVICE_RESET, std::ptr::null_mut()) }.map(|_| ())
+    }
+}
+
+impl VfioDevice {
+    /// A duplicate of the device fd as a file, for `pread`/`pwrite` on its
+    /// regions and for handing the device on (`SCM_RIGHTS`).
+    ///
+    /// # Errors
+    /// The errno of `dup`.
+    pub fn try_clone_file(&self) -> Result<std::fs::File, Errno> {
+        self.device
+            .try_clone()
+            .map(std::fs::File::from)
+            .map_err(|e| Errno::from_io(&e))
+    }
+
+    /// `pwrite` at `offset` of the device fd: a region access (region `i` of a
+    /// vfio-pci style device is at the offset the driver reports; mtty puts
+    /// `i << 40`).
+    ///
+    /// # Errors
+    /// The errno of `pwrite` (a short write is `EIO`).
+    pub fn region_write(&self, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        use std::os::unix::fs::FileExt;
+        let f = self.try_clone_file()?;
+        match f.write_at(data, offset) {
+            Ok(n) if n == data.len() => Ok(()),
+            Ok(_) => Err(Errno::EIO),
+            Err(e) => Err(Errno::from_io(&e)),
+        }
+    }
+
+    /// `pread` of `len` bytes at `offset` of the device fd.
+    ///
+    /// # Errors
+    /// The errno of `pread` (a short read is `EIO`).
+    pub fn region_read(&self, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        use std::os::unix::fs::FileExt;
+        let f = self.try_clone_file()?;
+        let mut b = vec![0u8; len];
+        match f.read_at(&mut b, offset) {
+            Ok(n) if n == len => Ok(b),
+            Ok(_) => Err(Errno::EIO),
+            Err(e) => Err(Errno::from_io(&e)),
+        }
+    }
+}
+
+impl crate::migration::MigrationDevice for VfioDevice {
+    fn flags(&self) -> Result<crate::migration::MigFlags, Errno> {
+        self.migration_flags().map(crate::migration::MigFlags)
+    }
+    fn state(&self) -> Result<crate::migration::MigState, Errno> {
+        crate::migration::MigState::from_raw(self.mig_state()?).ok_or(Errno::EPROTO)
+    }
+    fn set_state(
+        &mut self,
+        s: crate::migration::MigState,
+    ) -> Result<Option<Box<dyn crate::migration::MigData>>, Errno> {
+        // A blocked arc hangs the kernel (see `kernel_blocks`): refused here.
+        let cur = crate::migration::MigrationDevice::state(self)?;
+        if crate::migration::kernel_blocks(cur, s) {
+            return Err(Errno::EINVAL);
+        }
+        Ok(self
+            .set_mig_state(s.raw())?
+            .map(|fd| Box::new(std::fs::File::from(fd)) as Box<dyn crate::migration::MigData>))
+    }
+    fn reset(&mut self) -> Result<(), Errno> {
+        VfioDevice::reset(self)
+    }
+    fn region_write(&mut self, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        VfioDevice::region_write(self, offset, data)
+    }
+    fn region_read(&self, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        VfioDevice::region_read(self, offset, len)
+    }
+}
+
+/// Opens a device of `group` by its VFIO name: a BDF, or an mdev's UUID
+/// (lowercase), as `VFIO_GROUP_GET_DEVICE_FD` takes it. The device is open
+/// (and its group held) for as long as the handle lives.
+///
+/// # Errors
+/// The errno of the failing open or ioctl (see [`Group::open`],
+/// [`Group::get_device_fd`]).
+pub fn open_named(root: &HostRoot, name: &str, group: IommuGroupId) -> Result<VfioDevice, Errno> {
+    let group = Group::open(root, group)?;
+    let device = group.get_device_fd(name)?;
+    Ok(VfioDevice { device, group })
+}
+
 /// Opens a device through its group with an optional VF token, the way QEMU's
 /// `vfio-pci,host=<bdf>,vf-token=<uuid>` does: the name is `"<bdf>"` or
 /// `"<bdf> vf_token=<uuid>"`. For the real-kernel tests: a VF of a vfio-pci PF
@@ -458,6 +678,18 @@ mod tests {
         assert_eq!(VFIO_DEVICE_FEATURE_SET, 0x2_0000);
         assert_eq!(VFIO_DEVICE_FEATURE_PROBE, 0x4_0000);
         assert_eq!(VFIO_TYPE1V2_IOMMU, 3);
+        assert_eq!(VFIO_DEVICE_RESET, 0x3b6f);
+        assert_eq!(VFIO_DEVICE_FEATURE_MIGRATION, 1);
+        assert_eq!(VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, 2);
+    }
+
+    #[test]
+    fn migration_struct_layouts() {
+        assert_eq!(std::mem::size_of::<VfioFeatureMigration>(), 16);
+        assert_eq!(std::mem::offset_of!(VfioFeatureMigration, mig_flags), 8);
+        assert_eq!(std::mem::size_of::<VfioFeatureMigState>(), 16);
+        assert_eq!(std::mem::offset_of!(VfioFeatureMigState, device_state), 8);
+        assert_eq!(std::mem::offset_of!(VfioFeatureMigState, data_fd), 12);
     }
 
     #[test]

@@ -44,6 +44,8 @@ impl K<'_> {
         if avail == 0 {
             return Err(Errno::EUSERS);
         }
+        // A new device: no memory of an earlier one with the same UUID.
+        self.mtty_forget(uuid);
         let parent = split(split(type_dir).0).0.to_owned();
         let type_id = base(type_dir).to_owned();
         let drv = self.mdev_driver_for(&parent, &type_id);
@@ -134,6 +136,7 @@ impl K<'_> {
         };
         let type_dir = self.t.link(&format!("{d}/mdev_type"));
         let g = self.group_of(d);
+        self.mtty_forget(uuid);
         if let Some(drv) = self.driver_of(d) {
             self.t
                 .unlink(&format!("/sys/bus/mdev/drivers/{drv}/{uuid}"))?;

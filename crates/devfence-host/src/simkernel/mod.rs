@@ -40,6 +40,7 @@
 mod ap;
 mod ib;
 mod mdev;
+mod mig;
 mod num;
 mod pci;
 mod tree;
@@ -54,7 +55,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use devfence_model::{Bdf, Guid, IommuGroupId, MdevUuid};
 
 use crate::actuator::{Errno, GuidKind, KernelIo, PfHandle, VfToken};
+use crate::migration::{MigTarget, MigrationDevice};
+
 use crate::root::{HostError, HostRoot};
+pub use mig::{MTTY_HEADER, MTTY_MAGIC, MTTY_PORT, SimMigDevice};
 
 use tree::{Kind, Saved, Tree, split};
 
@@ -112,6 +116,13 @@ impl<T> SimFailure for Option<T> {
 }
 impl SimFailure for () {
     fn sim_failure() -> Self {}
+}
+/// A count the simulator could not read is no count at all: the largest, so a
+/// test asserting "no calls" fails closed.
+impl SimFailure for u64 {
+    fn sim_failure() -> Self {
+        u64::MAX
+    }
 }
 impl SimFailure for bool {
     fn sim_failure() -> Self {
@@ -293,6 +304,9 @@ struct State {
     /// Per vfio-pci PF: the VF token last set. Absent: the random token vfio-pci
     /// made at probe, which nobody knows.
     tokens: HashMap<Bdf, VfToken>,
+    /// The memory of mtty mdevs whose driver implements migration (`mig.rs`; each
+    /// persisted on its own beside the tree, so every process sees one device).
+    mtty: HashMap<MdevUuid, mig::MttyDev>,
 }
 
 impl State {
@@ -540,6 +554,55 @@ impl SimKernel {
         })
     }
 
+    /// [`KernelIo::open_migration`] with the concrete handle: opens the device
+    /// named by `target` (an mdev UUID or a BDF) through its group, as the
+    /// group path does: `ENODEV` when there is no such device or it is not in
+    /// `target.group`, `EBUSY` while another opener holds the device's group.
+    /// Its migration interface is modelled for mtty mdevs (`mig.rs`); every
+    /// other device answers `ENOTTY`, as a driver without `mig_ops` does.
+    ///
+    /// # Errors
+    /// As listed, and those of [`SimKernel::open_vf`].
+    pub fn open_migration_device(&self, target: &MigTarget) -> Result<SimMigDevice, Errno> {
+        let open = if let Ok(uuid) = target.name.parse::<MdevUuid>() {
+            self.with(|k| {
+                let d =
+                    k.t.link(&format!("/sys/bus/mdev/devices/{uuid}"))
+                        .ok_or(Errno::ENODEV)?;
+                if k.group_of(&d) != Some(target.group.0) {
+                    return Err(Errno::ENODEV);
+                }
+                if k.s.mdev_opens.get(&uuid).is_some_and(|n| *n > 0) {
+                    return Err(Errno::EBUSY);
+                }
+                Ok(())
+            })?;
+            self.open_mdev(uuid)?
+        } else {
+            let bdf: Bdf = target.name.parse().map_err(|_| Errno::EINVAL)?;
+            self.with(|k| {
+                let d = k.pci_dir(bdf).ok_or(Errno::ENODEV)?;
+                if k.group_of(&d) != Some(target.group.0) {
+                    return Err(Errno::ENODEV);
+                }
+                if k.s.opens.get(&bdf).is_some_and(|n| *n > 0) {
+                    return Err(Errno::EBUSY);
+                }
+                Ok(())
+            })?;
+            self.open_vf(bdf, None)?
+        };
+        Ok(SimMigDevice::new(Arc::clone(&self.shared), open))
+    }
+
+    /// How many migration calls (GET/SET `MIGRATION`, `MIG_DEVICE_STATE`) were
+    /// made on an mtty mdev, over the life of the simulated host: a test's
+    /// proof that a refused load never reached the device's migration interface.
+    #[must_use]
+    pub fn migration_calls(&self, uuid: MdevUuid) -> u64 {
+        self.with(|k| k.mtty_calls(uuid))
+    }
+
     /// [`KernelIo::open_pf`] with the concrete handle: `ENODEV` unless `pf` is
     /// bound to vfio-pci and in `group`; `EPERM` when the group is not viable;
     /// `EACCES` while VFs of the PF are open (the open carries no token).
@@ -706,6 +769,10 @@ impl KernelIo for SimKernel {
 
     fn open_pf(&self, pf: Bdf, group: IommuGroupId) -> Result<Box<dyn PfHandle>, Errno> {
         Ok(Box::new(self.open_pf_handle(pf, group)?))
+    }
+
+    fn open_migration(&self, target: &MigTarget) -> Result<Box<dyn MigrationDevice>, Errno> {
+        Ok(Box::new(self.open_migration_device(target)?))
     }
 }
 

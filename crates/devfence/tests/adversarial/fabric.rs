@@ -168,6 +168,14 @@ fn a_failed_sweep_is_an_error_without_any_tenant_port() {
     // PARSE ERROR until it is signalled again): it sweeps once, then is frozen.
     let sm = sim_sm(&root);
     sm.with(|s| {
+        // The SM's first sweep (requested when the first check created it) ends
+        // first: armed while it runs, the fault would fail that sweep instead,
+        // and the retry it asks for would carry the change, cleanly.
+        s.settle();
+        // A long lag: the retry the failed sweep asks for is due a lag after it,
+        // so it cannot run before the freeze however slowly this thread runs.
+        let lag = Duration::from_secs(30);
+        s.set_lag(lag);
         s.fail_next_sweep();
         s.stage_add(
             Guid(0x0002_c903_00ff_0001),
@@ -177,8 +185,7 @@ fn a_failed_sweep_is_an_error_without_any_tenant_port() {
         .unwrap();
         let before = s.generation();
         s.apply().unwrap();
-        let cfg = SimConfig::default();
-        s.advance(cfg.lag + cfg.sweep_time);
+        s.advance(lag + SimConfig::default().sweep_time);
         assert!(s.generation() > before, "the failing sweep ran");
         s.freeze();
     })

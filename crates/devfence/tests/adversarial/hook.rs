@@ -203,6 +203,22 @@ fn mdev_and_ap_commands_refuse_held_matrix() {
         &on(&root, &["tenant", "add", "acme", "--launcher", "107:107"]),
         "tenant add",
     );
+    // The profile plants APQN 06.0013 in two mdevs (an AP-OVERLAP finding); the
+    // assignment re-creates mdev A with A's matrix, which the kernel refuses while
+    // B holds 06.0013: free it in B first (B is not held).
+    ok(
+        &on(
+            &root,
+            &[
+                "ap",
+                "unassign",
+                "0f6c1a7e-2b1d-4c3a-9a53-6a2f1c3e0b02",
+                "--domain",
+                "0x13",
+            ],
+        ),
+        "ap unassign the shared domain from B",
+    );
     let o = on(
         &root,
         &[

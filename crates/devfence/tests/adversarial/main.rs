@@ -12,3 +12,4 @@ mod fabric;
 mod hook;
 mod ledger;
 mod opensm;
+mod reverify;

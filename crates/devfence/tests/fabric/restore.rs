@@ -1,64 +1,14 @@
 //! issue 17 item 2: a restore of OpenSM's partitions file is persisted and
 //! reported — by `check --fabric` (FAB-RESTORED) and by `status` in a later
 //! process — not kept in the memory of the process that restored.
-#![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-use std::process::{Command, Output};
+use super::*;
 use std::time::Duration;
-
-use devfence_fabric::opensm::harness::{Fabric, FabricSpec};
-use devfence_model::Guid;
-
-const VF0: u64 = 0x0c42_a103_4000_0000;
-
-fn devfence(f: &Fabric, root: &Path, config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_devfence"))
-        .env_remove("DEVFENCE_ROOT")
-        .envs(f.env())
-        .current_dir(f.dir())
-        .arg("--root")
-        .arg(root)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    })
-}
 
 #[test]
 fn a_restore_is_reported_by_check_fabric_and_by_a_later_status() {
     let f = Fabric::start(&FabricSpec::vfs(2, Guid(VF0))).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    let st = Command::new(env!("CARGO_BIN_EXE_devfence"))
-        .args(["sim", "generate", "--profile", "lab", "--out"])
-        .arg(&root)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let o = f.opensm_config();
-    let config = dir.path().join("devfence.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[fabric]\nbackend = \"opensm\"\n\n[fabric.opensm]\npartitions_file = \"{}\"\nlog_file = \"{}\"\npid_file = \"{}\"\n",
-            o.partitions_file.display(),
-            o.log_file.display(),
-            o.pid_file.as_ref().unwrap().display()
-        ),
-    )
-    .unwrap();
+    let (_dir, root, config, o) = lab_host(&f, "");
     let out = devfence(
         &f,
         &root,

@@ -1,0 +1,92 @@
+//! `devfence audit prune` end to end (issue 14 item 4): retention keeps the chain
+//! verifiable, with the pruning anchor inside the head signed by the host key.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn dv(root: &Path, args: &[&str]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_devfence"));
+    c.env_remove("DEVFENCE_ROOT").env_remove("DEVFENCE_LEDGER");
+    c.arg("--root").arg(root).args(args);
+    c.output().expect("run devfence")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[track_caller]
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+fn lab(tmp: &Path) -> PathBuf {
+    let root = tmp.join("h1");
+    ok(&dv(
+        Path::new("/"),
+        &[
+            "sim",
+            "generate",
+            "--profile",
+            "lab",
+            "--out",
+            root.to_str().unwrap(),
+        ],
+    ));
+    ok(&dv(&root, &["keys", "init", "--host-id", "h1"]));
+    for (t, uid, pkey) in [
+        ("acme", "107:107", "0x8001"),
+        ("globex", "108:108", "0x8002"),
+        ("initech", "109:109", "0x8003"),
+    ] {
+        ok(&dv(
+            &root,
+            &["tenant", "add", t, "--launcher", uid, "--partition", pkey],
+        ));
+    }
+    root
+}
+
+/// issue 14 item 4: `audit prune --keep` on a host with a signing key leaves a
+/// chain that `audit verify` accepts (the anchor is in the signed head), a
+/// `--keep 0` is refused with a hint, and an external head from before the prune
+/// is reported as pruned, not as intact.
+#[test]
+fn audit_prune_keeps_a_signed_chain_verifiable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = lab(tmp.path());
+    ok(&dv(&root, &["audit", "verify"]));
+    let all: serde_json::Value =
+        serde_json::from_str(&ok(&dv(&root, &["audit", "show", "--json"]))).unwrap();
+    let first = &all[0];
+    let old_head = format!("{}:{}", first["seq"], first["hash"].as_str().unwrap());
+    let out = ok(&dv(&root, &["audit", "prune", "--keep", "2", "--json"]));
+    let rep: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(rep["pruned"].as_u64().unwrap() >= 1, "{rep}");
+    assert_eq!(rep["kept"], 3, "{rep}");
+    let v = ok(&dv(&root, &["audit", "verify"]));
+    assert!(v.contains("intact: 3 records"), "{v}");
+    let refused = dv(&root, &["audit", "prune", "--keep", "0"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("Hint:"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let stale = dv(&root, &["audit", "verify", "--head", &old_head]);
+    assert_eq!(stale.status.code(), Some(1), "{}", text(&stale.stdout));
+    assert!(
+        text(&stale.stdout).contains("pruned"),
+        "{}",
+        text(&stale.stdout)
+    );
+}
