@@ -402,10 +402,12 @@ impl<'a> ReadBack<'a> {
         let dir = format!("/sys/devices/vfio_ap/matrix/{u}");
         let read = |name: &str| {
             let p = format!("{dir}/{name}");
-            self.io.read(&p).map_err(|x| format!("cannot read {p}: {x}"))
+            self.io
+                .read(&p)
+                .map_err(|x| format!("cannot read {p}: {x}"))
         };
-        let m = crate::parse::ap_matrix(&read("matrix")?)
-            .map_err(|x| format!("{dir}/matrix: {x}"))?;
+        let m =
+            crate::parse::ap_matrix(&read("matrix")?).map_err(|x| format!("{dir}/matrix: {x}"))?;
         let cd = crate::parse::control_domains(&read("control_domains")?)
             .map_err(|x| format!("{dir}/control_domains: {x}"))?;
         Ok(ApMatrixConfig {
