@@ -510,6 +510,20 @@ fn nonce_use(n: &StateNonce) -> NonceUse {
     }
 }
 
+/// The ledger's record of an envelope admitted now for `dev` (single use).
+fn admitted_nonce(h: &Header, r: &Report, dev: DeviceId) -> StateNonce {
+    StateNonce {
+        nonce: h.nonce.to_string(),
+        envelope: r.id.to_string(),
+        device: dev,
+        tenant: h.tenant.clone(),
+        vm: h.vm.to_string(),
+        signer: r.signer.clone().unwrap_or_default(),
+        admitted_at_ms: devfence_engine::store::now_ms(),
+        expires_at_ms: i64::try_from(h.expires_ms).unwrap_or(i64::MAX),
+    }
+}
+
 /// What an evaluation found, owned (it outlives the transaction).
 struct Report {
     id: EnvelopeId,
@@ -692,16 +706,7 @@ pub(crate) fn admit_with(
                             return Ok(Decision::Unloadable { reason, hint });
                         }
                         Ok(prepared) => {
-                            tx.record_state_nonce(&StateNonce {
-                                nonce: h.nonce.to_string(),
-                                envelope: r.id.to_string(),
-                                device: dev,
-                                tenant: h.tenant.clone(),
-                                vm: h.vm.to_string(),
-                                signer: r.signer.clone().unwrap_or_default(),
-                                admitted_at_ms: devfence_engine::store::now_ms(),
-                                expires_at_ms: i64::try_from(h.expires_ms).unwrap_or(i64::MAX),
-                            })?;
+                            tx.record_state_nonce(&admitted_nonce(&h, &r, dev))?;
                             tx.audit(&AuditEvent {
                                 kind: AuditKind::Admit,
                                 device: Some(dev),
@@ -743,16 +748,7 @@ pub(crate) fn admit_with(
                         return Err(StoreError::Internal("the payload could not be placed"));
                     }
                     placed = Some(tmp);
-                    tx.record_state_nonce(&StateNonce {
-                        nonce: h.nonce.to_string(),
-                        envelope: r.id.to_string(),
-                        device: dev,
-                        tenant: h.tenant.clone(),
-                        vm: h.vm.to_string(),
-                        signer: r.signer.clone().unwrap_or_default(),
-                        admitted_at_ms: devfence_engine::store::now_ms(),
-                        expires_at_ms: i64::try_from(h.expires_ms).unwrap_or(i64::MAX),
-                    })?;
+                    tx.record_state_nonce(&admitted_nonce(&h, &r, dev))?;
                     tx.audit(&AuditEvent {
                         kind: AuditKind::Admit,
                         device: Some(dev),
