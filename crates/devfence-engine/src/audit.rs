@@ -690,7 +690,6 @@ pub fn head_path(ledger: &std::path::Path) -> std::path::PathBuf {
 /// # Errors
 /// What is wrong with it (not a regular file, too large, not a head).
 pub fn read_head(path: &std::path::Path) -> Result<Option<StoredHead>, String> {
-    use std::io::Read;
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -699,16 +698,9 @@ pub fn read_head(path: &std::path::Path) -> Result<Option<StoredHead>, String> {
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", path.display()));
     }
-    let mut b = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_HEAD_BYTES + 1).read_to_end(&mut b))
-        .map_err(|e| format!("{} cannot be read ({e})", path.display()))?;
-    if b.len() as u64 > MAX_HEAD_BYTES {
-        return Err(format!(
-            "{} is larger than {MAX_HEAD_BYTES} bytes",
-            path.display()
-        ));
-    }
+    // Opened non-blocking and checked again on the open file (a FIFO swapped in
+    // after the look above does not hang), at most MAX_HEAD_BYTES.
+    let b = devfence_model::bounded::read_file(path, MAX_HEAD_BYTES).map_err(|e| e.to_string())?;
     let h: StoredHead = serde_json::from_slice(&b)
         .map_err(|e| format!("{} is not a chain head ({e})", path.display()))?;
     if h.format != HEAD_FORMAT {

@@ -302,7 +302,12 @@ impl Tree {
                     out.push(Saved::Dir(r.clone()));
                     walk(base, &r, out)?;
                 } else {
-                    out.push(Saved::File(r, fs::read(e.path())?, m.mode() & 0o7777));
+                    // Bounded and non-blocking: a FIFO or a huge file in the tree
+                    // is an error, not a hang.
+                    let b =
+                        devfence_model::bounded::read_file(&e.path(), crate::root::MAX_ATTR_BYTES)
+                            .map_err(devfence_model::bounded::ReadFileError::into_io)?;
+                    out.push(Saved::File(r, b, m.mode() & 0o7777));
                 }
             }
             Ok(())
