@@ -109,6 +109,34 @@ pub fn fabric_findings(sm: &dyn SubnetManager, view: &LedgerView) -> Vec<Finding
     out
 }
 
+/// `check --fabric`: the fabric posture at the SM the configuration selects,
+/// against the ledger; with the notices opening the environment produced.
+///
+/// Read-only: without a ledger devfence holds nothing on the fabric, and the
+/// posture is the SM's own (a failed sweep, the default partition); `check`
+/// never creates a ledger.
+///
+/// # Errors
+/// The configuration, the ledger, the kernel or the SM cannot be opened.
+pub fn check_fabric(
+    root: &devfence_host::HostRoot,
+    ledger: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+) -> crate::Result<(Vec<Finding>, Vec<String>)> {
+    use crate::env::{Env, Kernel, ledger_path, open_sm};
+    if ledger_path(root, ledger)?.symlink_metadata().is_ok() {
+        let mut env = Env::open(root, ledger, config)?;
+        let view = ledger_view(&mut env.store)?;
+        let findings = fabric_findings(env.sm(), &view);
+        Ok((findings, std::mem::take(&mut env.notices)))
+    } else {
+        let kernel = Kernel::for_root(root)?;
+        let cfg = crate::config::Config::load(root, config)?;
+        let sm = open_sm(root, &kernel, &cfg, || Ok(Vec::new()))?;
+        Ok((fabric_findings(&*sm, &LedgerView::default()), Vec::new()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

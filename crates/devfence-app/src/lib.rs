@@ -17,8 +17,15 @@
 // EngineError carries its evidence and hint (as in the engine); it is not hot.
 #![allow(clippy::result_large_err)]
 
+pub use env::{Env, Kernel};
+pub use error::{AppError, Result};
+
+pub mod config;
+pub mod env;
+pub mod error;
 pub mod fabric;
 pub mod guid_pool;
 pub mod hook;
+pub mod keystore;
 pub mod lifecycle;
 pub mod tenant;

@@ -8,15 +8,13 @@
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use devfence_engine::store::DeviceRecord;
 use devfence_engine::{AuditEvent, AuditKind, DeviceState, SqliteStore, StoreExt};
 use devfence_host::actuator::ops::SysfsActuator;
-use devfence_host::actuator::real::RealKernel;
 use devfence_host::actuator::recording::RecordingIo;
-use devfence_host::actuator::{ActError, Actuator, ApMaskKind, ApResource, KernelIo, MaskEdit};
-use devfence_host::simkernel::SimKernel;
-use devfence_host::{HostRoot, read_inventory, sim};
+use devfence_host::actuator::{ActError, Actuator, ApMaskKind, ApResource, MaskEdit};
+use devfence_host::{HostRoot, read_inventory};
 use devfence_model::{ApMask, Bdf, DeviceId, Inventory, MdevUuid, PciFunction};
 
 use crate::Outcome;
@@ -24,52 +22,7 @@ use crate::cli::{
     ActFlags, ApAssignArgs, ApCommand, ApMaskArgs, BindArgs, MdevCommand, ResetArgs, UnbindArgs,
     VfsArgs,
 };
-
-/// The kernel behind the actuator.
-pub enum Kernel {
-    /// The running kernel.
-    Real(RealKernel),
-    /// The simulated kernel over a simulated host tree.
-    Sim(SimKernel),
-}
-
-impl Kernel {
-    /// Picks the kernel for `root` (see the module docs).
-    pub fn for_root(root: &HostRoot) -> Result<Kernel> {
-        if root.root() == std::path::Path::new("/") {
-            return Ok(Kernel::Real(RealKernel::new(root.clone())));
-        }
-        if root.path(sim::SIMULATED_MARKER).exists() {
-            let k = SimKernel::new(root.clone()).with_context(|| {
-                format!(
-                    "Cannot start the simulated kernel on {}",
-                    root.root().display()
-                )
-            })?;
-            return Ok(Kernel::Sim(k));
-        }
-        bail!(
-            "{} is neither the running host (/) nor a simulated host, so there is no kernel to act on. \
-             Hint: act on the real host with --root / (the default), or on a simulated host made by \
-             `devfence sim generate` (or --sim PROFILE)",
-            root.root().display()
-        )
-    }
-
-    pub(crate) fn io(&self) -> &dyn KernelIo {
-        match self {
-            Kernel::Real(k) => k,
-            Kernel::Sim(k) => k,
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Kernel::Real(_) => "running kernel",
-            Kernel::Sim(_) => "simulated kernel",
-        }
-    }
-}
+use devfence_app::Kernel;
 
 /// One acting command's work: operations on the actuator, then a line saying what
 /// reads back. The error is boxed: an `ActError` carries path, errno and hint.

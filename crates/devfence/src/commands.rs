@@ -100,7 +100,7 @@ fn read(root: &HostRoot) -> Result<Inventory> {
 fn inventory(root: &HostRoot, a: &InventoryArgs, out: &mut dyn Write) -> Result<Outcome> {
     let mut inv = read(root)?;
     if a.probe_migration {
-        let k = crate::act::Kernel::for_root(root)?;
+        let k = devfence_app::Kernel::for_root(root)?;
         devfence_host::migration::probe_migration(k.io(), &mut inv);
     }
     if a.json {

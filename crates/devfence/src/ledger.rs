@@ -1,181 +1,57 @@
 //! The lifecycle commands: tenants, assign, handover, release, status, plan,
 //! recover, audit, the GUID pool and the libvirt hook. Each parses its
 //! arguments, calls its use case in `devfence-app` (or, for audit, the store)
-//! and renders the result; opening the environment (`Env`: root, ledger,
-//! kernel, SM) is still here (issue 11: it moves to `devfence-app` next).
-//!
-//! Which subnet manager: the one `[fabric] backend` in the configuration
-//! selects (`opensm`, `ufm`); with `auto`, on a simulated host the simulated SM
-//! whose state lives under the host root (`/var/lib/devfence/sim-sm.json`), so
-//! that it outlives each command as a real SM would, and on the real host none
-//! (`NoSm`: IB VF handovers are refused with a clear error, every other kind
-//! works).
+//! and renders the result; the environment (`Env`: root, ledger, kernel, SM)
+//! is opened by `devfence_app::env`.
 
 use std::io::{IsTerminal, Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use devfence_app::fabric::NoSm;
 use devfence_app::hook::{Decision, Phase};
 use devfence_engine::domain::{Unidentified, parse_domain};
-use devfence_engine::engine::{Engine, EngineConfig, EngineError, Failpoints, Progress};
+use devfence_engine::engine::{Engine, EngineConfig, EngineError, Progress};
 use devfence_engine::store::{Partition, Tenant};
 use devfence_engine::{
     AuditFilter, DeviceState, GuidRange, SqliteStore, StepState, Store, StoreExt, engine,
 };
-use devfence_fabric::opensm::{SaClient, port_tables};
-use devfence_fabric::{OpenSmSm, PersistentSimSm, PortReader, SimConfig, SubnetManager, UfmSm};
 use devfence_host::HostRoot;
 use devfence_model::{DeviceId, Guid, Membership, PKey, TenantId};
 
 use crate::Outcome;
-use crate::act::Kernel;
 use crate::cli::{
     AssignArgs, AuditCommand, GuidPoolArgs, HandoverArgs, HookCommand, OpFlags, PlanArgs,
     RecoverArgs, ReleaseArgs, StatusArgs, TenantAddArgs, TenantCommand,
 };
-use crate::config::{self, Backend, CONFIG_PATH, Config};
+use crate::config::{self, Config};
 use crate::table::Table;
+pub use devfence_app::env::{Env, SIM_SM_PATH, ledger_path, open_store};
 
-/// Where the ledger lives under a host root.
-pub const LEDGER_PATH: &str = "/var/lib/devfence/ledger.db";
-/// Where the simulated SM keeps its state under a simulated host's root.
-pub const SIM_SM_PATH: &str = "/var/lib/devfence/sim-sm.json";
-/// The GUID range a simulated host's ledger starts with.
-pub const SIM_POOL: (Guid, Guid) = (Guid(0x0002_c903_00f0_0000), Guid(0x0002_c903_00f0_ffff));
-
-/// The host, kernel, SM and ledger one command works with.
-pub struct Env {
-    /// The host root.
-    pub root: HostRoot,
-    kernel: Kernel,
-    sm: Arc<dyn SubnetManager>,
-    /// The ledger.
-    pub store: SqliteStore,
-    /// The ledger's file.
-    pub ledger_path: PathBuf,
+/// Opens the environment (the existing ledger, the kernel, the SM) with the
+/// process's `--config`, and shows what opening noticed on stderr.
+pub fn open_env(root: &HostRoot, ledger: Option<&Path>) -> Result<Env> {
+    let env = Env::open(root, ledger, config::explicit())?;
+    show_notices(&env);
+    Ok(env)
 }
 
-/// The ledger path for `root` (or the one given).
-///
-/// The default is resolved inside the root: a link on the way in a fixture tree is
-/// re-rooted, never followed out of it.
-pub fn ledger_path(root: &HostRoot, given: Option<&Path>) -> Result<PathBuf> {
-    match given {
-        Some(p) => Ok(p.to_path_buf()),
-        None => root.path_in_root(LEDGER_PATH).with_context(|| {
-            format!(
-                "Cannot resolve the ledger's path {LEDGER_PATH} under {}. Hint: a link on the way cannot be read or loops; give --ledger FILE",
-                root.root().display()
-            )
-        }),
+/// As [`open_env`], creating the ledger on first use.
+pub fn open_env_or_create(root: &HostRoot, ledger: Option<&Path>) -> Result<Env> {
+    let env = Env::open_or_create(root, ledger, config::explicit())?;
+    show_notices(&env);
+    Ok(env)
+}
+
+fn show_notices(env: &Env) {
+    for n in &env.notices {
+        eprintln!("devfence: {n}");
     }
-}
-
-/// Opens the ledger of `root` (or the one given), the one way every command does.
-///
-/// With `create`, a ledger is made when no file is there (first use: `tenant add`,
-/// `guid-pool --set`, `keys`, `init`); otherwise a missing ledger is an error.
-/// An existing file is used only if it is a private devfence ledger (see
-/// [`SqliteStore::open`]). The chain heads it writes are signed with the host key
-/// when this host has one.
-pub fn open_store(root: &HostRoot, ledger: Option<&Path>, create: bool) -> Result<SqliteStore> {
-    let path = ledger_path(root, ledger)?;
-    let store = if create {
-        if let Some(dir) = path.parent()
-            && !dir.exists()
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .with_context(|| {
-                    format!(
-                        "Cannot create the ledger's directory {}. Hint: run devfence as root, or give --ledger FILE",
-                        dir.display()
-                    )
-                })?;
-        }
-        SqliteStore::open(&path)?
-    } else {
-        SqliteStore::open_existing(&path)?
-    };
-    Ok(match head_signer(root)? {
-        Some(s) => store.with_head_signer(s),
-        None => store,
-    })
-}
-
-/// Signs chain heads with this host's key, if it has one.
-fn head_signer(root: &HostRoot) -> Result<Option<devfence_engine::audit::HeadSigner>> {
-    if std::fs::symlink_metadata(root.path(crate::keys::HOST_KEY)).is_err() {
-        return Ok(None);
-    }
-    let key = crate::keys::load_host_key(root)?;
-    let fp = key.public().fingerprint().to_string();
-    Ok(Some(Box::new(move |msg: &[u8]| {
-        (fp.clone(), devfence_seal::format::hex(&key.sign(msg)))
-    })))
-}
-
-/// Judges the signature of the chain head kept beside the ledger: by this
-/// host's own key, current or retired (in its keyring under its own host id;
-/// never another host's trusted key), required once the host has a key.
-fn check_head_signature(
-    root: &HostRoot,
-) -> Result<impl Fn(&devfence_engine::audit::StoredHead) -> Result<(), String>> {
-    let has_key = std::fs::symlink_metadata(root.path(crate::keys::HOST_KEY)).is_ok();
-    let (own, own_id) = if has_key {
-        let k = crate::keys::load_host_key(root)?;
-        (Some(k.public()), Some(k.host_id().to_owned()))
-    } else {
-        (None, None)
-    };
-    let ring = crate::keys::load_keyring(root)?;
-    Ok(move |h: &devfence_engine::audit::StoredHead| {
-        let (Some(signer), Some(sig)) = (&h.signer, &h.signature) else {
-            return if has_key {
-                Err(
-                    "it is not signed, though this host has a signing key (forged or \
-                     replaced?)"
-                        .into(),
-                )
-            } else {
-                Ok(())
-            };
-        };
-        let key = own
-            .filter(|k| k.fingerprint().to_string() == *signer)
-            .or_else(|| {
-                ring.keys
-                    .iter()
-                    .find(|k| {
-                        Some(&k.host) == own_id.as_ref() && k.fingerprint.to_string() == *signer
-                    })
-                    .map(|k| k.key)
-            })
-            .ok_or_else(|| {
-                format!("it is signed by key {signer}, which is not one of this host's own keys")
-            })?;
-        let sig_bytes: [u8; 64] = devfence_seal::format::unhex(sig)
-            .ok_or_else(|| "its signature is not 128 hex digits".to_string())?;
-        key.verify(&h.message(), &sig_bytes)
-            .map_err(|_| format!("its signature by key {signer} does not verify (forged)"))
-    })
 }
 
 /// `devfence init`.
 pub fn init(root: &HostRoot, ledger: Option<&Path>, out: &mut dyn Write) -> Result<Outcome> {
-    let path = ledger_path(root, ledger)?;
-    if std::fs::symlink_metadata(&path).is_ok() {
-        // Opening says what is wrong with a damaged file; an intact one exists.
-        SqliteStore::open_existing(&path)?;
-        return Err(devfence_engine::StoreError::Exists { path }.into());
-    }
-    drop(open_store(root, ledger, true)?);
+    let path = devfence_app::env::init(root, ledger)?;
     writeln!(
         out,
         "ledger created: {} (0600; chain head {})",
@@ -183,154 +59,6 @@ pub fn init(root: &HostRoot, ledger: Option<&Path>, out: &mut dyn Write) -> Resu
         devfence_engine::audit::head_path(&path).display()
     )?;
     Ok(Outcome::Ok)
-}
-
-/// The subnet manager `cfg` selects for this host, wired to the simulated kernel's
-/// port tables where the host is simulated. `tenants` is asked only by a UFM backend
-/// with no explicit `managed_pkeys` (it manages the tenants' partitions).
-fn open_sm(
-    root: &HostRoot,
-    kernel: &Kernel,
-    cfg: &Config,
-    tenants: impl FnOnce() -> Result<Vec<devfence_model::Tenant>>,
-) -> Result<Arc<dyn SubnetManager>> {
-    let backend = match (cfg.fabric.backend, kernel) {
-        (Backend::Auto, Kernel::Sim(_)) => Backend::Sim,
-        (Backend::Auto, Kernel::Real(_)) => Backend::None,
-        (b, _) => b,
-    };
-    Ok(match (backend, kernel) {
-        (Backend::Sim, Kernel::Sim(k)) => {
-            let p = root.path_in_root(SIM_SM_PATH)?;
-            // The simulated SM is part of the simulated world, there before any
-            // ledger: its state directory is made on first use.
-            if let Some(dir) = p.parent()
-                && !dir.exists()
-            {
-                use std::os::unix::fs::DirBuilderExt;
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .with_context(|| format!("Cannot create {}. Hint: check that the simulated host's root is writable", dir.display()))?;
-            }
-            let sm = Arc::new(
-                PersistentSimSm::open(&p, SimConfig::default()).map_err(|e| anyhow!("{e}"))?,
-            );
-            let s2 = Arc::clone(&sm);
-            k.set_port_table_source(Arc::new(move |g: Guid| {
-                s2.with(|s| {
-                    s.programmed()
-                        .get(&g)
-                        .map(|k| k.iter().map(|p| p.0).collect())
-                })
-                .ok()
-                .flatten()
-            }));
-            sm
-        }
-        (Backend::Sim, Kernel::Real(_)) => bail!(
-            "{}: [fabric] backend = \"sim\" needs a simulated host (--sim or a root made by `devfence sim generate`). Hint: select \"opensm\" or \"ufm\" on a real host",
-            cfg.source
-                .as_deref()
-                .map_or_else(|| CONFIG_PATH.into(), |p| p.display().to_string())
-        ),
-        (Backend::Opensm, _) => {
-            let o = cfg.opensm();
-            let sa = Arc::new(SaClient::new(cfg.sa()));
-            if let Kernel::Sim(k) = kernel {
-                k.set_port_table_source(Arc::new(port_tables(
-                    Arc::clone(&sa) as Arc<dyn PortReader>,
-                    Some(o.log_file.clone()),
-                )));
-            }
-            Arc::new(OpenSmSm::with_port_reader(o, Box::new(sa)))
-        }
-        (Backend::Ufm, _) => {
-            let Some(mut u) = cfg.fabric.ufm.clone() else {
-                bail!(
-                    "[fabric] backend = \"ufm\" needs a [fabric.ufm] section. Hint: give at least its url"
-                );
-            };
-            let sa = Arc::new(SaClient::new(cfg.sa()));
-            if let Kernel::Sim(k) = kernel {
-                k.set_port_table_source(Arc::new(port_tables(
-                    Arc::clone(&sa) as Arc<dyn PortReader>,
-                    None,
-                )));
-            }
-            // Without an explicit list, devfence manages its tenants' partitions.
-            if u.managed_pkeys.is_empty() {
-                for t in tenants()? {
-                    for p in &t.partitions {
-                        if let Ok(k) = devfence_fabric::PartitionKey::new(p.pkey.0) {
-                            u.managed_pkeys.push(k);
-                        }
-                    }
-                }
-            }
-            let sm = UfmSm::new(u).map_err(|e| anyhow!("{e}"))?;
-            Arc::new(sm.with_port_reader(sa))
-        }
-        (Backend::None | Backend::Auto, _) => Arc::new(NoSm),
-    })
-}
-
-impl Env {
-    /// Opens the existing ledger, the kernel and the SM.
-    pub fn open(root: &HostRoot, ledger: Option<&Path>) -> Result<Env> {
-        Self::open_mode(root, ledger, false)
-    }
-
-    /// Opens the ledger, creating it when no file is there (first use), the
-    /// kernel and the SM.
-    pub fn open_or_create(root: &HostRoot, ledger: Option<&Path>) -> Result<Env> {
-        Self::open_mode(root, ledger, true)
-    }
-
-    fn open_mode(root: &HostRoot, ledger: Option<&Path>, create: bool) -> Result<Env> {
-        let kernel = Kernel::for_root(root)?;
-        let path = ledger_path(root, ledger)?;
-        let mut store = open_store(root, ledger, create)?;
-        let cfg = Config::load(root, config::explicit())?;
-        let sm = open_sm(root, &kernel, &cfg, || {
-            Ok(store.atomically(|tx| tx.tenants())?)
-        })?;
-        // A simulated host gets a GUID pool of its own on first use.
-        if matches!(kernel, Kernel::Sim(_))
-            && sm.backend() == "sim"
-            && store.atomically(|tx| tx.guid_pool())?.is_none()
-        {
-            store.atomically(|tx| {
-                tx.set_guid_pool(GuidRange {
-                    first: SIM_POOL.0,
-                    last: SIM_POOL.1,
-                })
-            })?;
-        }
-        let mut env = Env {
-            root: root.clone(),
-            kernel,
-            sm,
-            store,
-            ledger_path: path,
-        };
-        // A restore of the SM's configuration that any process made enters the
-        // audit chain once and re-verifies the devices (issue 17 item 2).
-        crate::reverify::record_restores(&mut env);
-        Ok(env)
-    }
-
-    /// An engine over this environment.
-    pub fn engine<'a>(&'a mut self, cfg: EngineConfig) -> Engine<'a> {
-        Engine::new(&mut self.store, self.kernel.io(), &*self.sm, cfg)
-            .with_failpoints(Failpoints::from_env())
-    }
-
-    /// The SM.
-    pub fn sm(&self) -> &dyn SubnetManager {
-        &*self.sm
-    }
 }
 
 fn config(op: &OpFlags) -> Result<EngineConfig> {
@@ -537,7 +265,7 @@ fn run_op(
 ) -> Result<Outcome> {
     let f = |e: &mut Engine<'_>| devfence_app::lifecycle::run(e, req);
     let cfg = config(op)?;
-    let mut env = Env::open(root, ledger)?;
+    let mut env = open_env(root, ledger)?;
     let tty = std::io::stdout().is_terminal();
     let res = if op.json {
         let mut e = env.engine(cfg);
@@ -711,7 +439,7 @@ fn tenant_add(
         security_label: a.label.clone(),
         partitions,
     };
-    let mut env = Env::open_or_create(root, ledger)?;
+    let mut env = open_env_or_create(root, ledger)?;
     devfence_app::tenant::add(&mut env.engine(EngineConfig::default()), &t)?;
     writeln!(out, "tenant {id} added (launcher {uid}:{gid})")?;
     Ok(Outcome::Ok)
@@ -724,7 +452,7 @@ pub fn status(
     a: &StatusArgs,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
-    let mut env = Env::open(root, ledger)?;
+    let mut env = open_env(root, ledger)?;
     let devfence_app::lifecycle::Status {
         devices,
         open_operations: ops,
@@ -819,7 +547,7 @@ pub fn plan(
 ) -> Result<Outcome> {
     let dev = parse_device(&a.device)?;
     let to = a.to.as_deref().map(parse_tenant).transpose()?;
-    let mut env = Env::open(root, ledger)?;
+    let mut env = open_env(root, ledger)?;
     let req = devfence_app::lifecycle::PlanRequest {
         device: dev,
         to: to.clone(),
@@ -869,7 +597,7 @@ pub fn recover(
         }
         return Ok(Outcome::Ok);
     }
-    let mut env = Env::open(root, ledger)?;
+    let mut env = open_env(root, ledger)?;
     let mut sink = Vec::new();
     let res = {
         let tty = std::io::stdout().is_terminal();
@@ -951,7 +679,7 @@ pub fn audit(
         }
         AuditCommand::Verify { json, head } => {
             let external = head.as_deref().map(parse_head).transpose()?;
-            let check = check_head_signature(root)?;
+            let check = devfence_app::env::check_head_signature(root)?;
             match store.verify_with_head(external.as_ref(), &check) {
                 Ok((rep, stored)) => {
                     if *json {
@@ -1013,7 +741,7 @@ pub fn audit(
                     ));
                 }
             };
-            let check = check_head_signature(root)?;
+            let check = devfence_app::env::check_head_signature(root)?;
             let rep = store.audit_prune(cut, &check)?;
             if *json {
                 serde_json::to_writer_pretty(&mut *out, &rep)?;
@@ -1084,9 +812,9 @@ pub fn guid_pool(
     out: &mut dyn Write,
 ) -> Result<Outcome> {
     let mut env = if a.set.is_some() {
-        Env::open_or_create(root, ledger)?
+        open_env_or_create(root, ledger)?
     } else {
-        Env::open(root, ledger)?
+        open_env(root, ledger)?
     };
     let mut marked = Vec::new();
     if let Some(s) = &a.set {
@@ -1169,7 +897,7 @@ pub fn hook(
     if spec.hostdevs.is_empty() {
         return Ok(Outcome::Ok);
     }
-    let mut env = Env::open(root, ledger)?;
+    let mut env = open_env(root, ledger)?;
     let phase = match act {
         0 => {
             let cfg = Config::load(root, config::explicit())?;
@@ -1207,20 +935,9 @@ pub fn fabric_findings(
     root: &HostRoot,
     ledger: Option<&Path>,
 ) -> Result<Vec<devfence_model::Finding>> {
-    // Read-only: without a ledger devfence holds nothing on the fabric, and the
-    // posture is the SM's own (a failed sweep, the default partition); `check`
-    // never creates a ledger.
-    let (sm, view) = if ledger_path(root, ledger)?.symlink_metadata().is_ok() {
-        let mut env = Env::open(root, ledger)?;
-        let view = devfence_app::fabric::ledger_view(&mut env.store)?;
-        (env.sm, view)
-    } else {
-        let kernel = Kernel::for_root(root)?;
-        let cfg = Config::load(root, config::explicit())?;
-        (
-            open_sm(root, &kernel, &cfg, || Ok(Vec::new()))?,
-            devfence_fabric::posture::LedgerView::default(),
-        )
-    };
-    Ok(devfence_app::fabric::fabric_findings(&*sm, &view))
+    let (findings, notices) = devfence_app::fabric::check_fabric(root, ledger, config::explicit())?;
+    for n in notices {
+        eprintln!("devfence: {n}");
+    }
+    Ok(findings)
 }

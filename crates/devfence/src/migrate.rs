@@ -23,9 +23,9 @@ use devfence_model::{DeviceId, Inventory};
 use devfence_seal::{MAX_PAYLOAD, VmUuid};
 
 use crate::Outcome;
-use crate::act::Kernel;
 use crate::keys::load_host_key;
 use crate::state::{AdmitArgs, DEFAULT_TTL, DeviceLoader, SealRequest, admit_with, seal_payload};
+use devfence_app::Kernel;
 
 /// `devfence state save`.
 #[derive(Debug, Args)]

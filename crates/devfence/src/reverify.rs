@@ -6,48 +6,13 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Result, anyhow};
-use devfence_engine::engine::{Check, EngineConfig, RecordedRestore, Reverification};
+use devfence_engine::engine::{Check, EngineConfig, Reverification};
 use devfence_host::HostRoot;
 use devfence_model::DeviceId;
 
 use crate::Outcome;
 use crate::cli::VerifyArgs;
-use crate::ledger::Env;
 use crate::table::Table;
-
-/// Records, once, every restore the SM backend persisted and re-verifies the
-/// devices after a new one (issue 17 item 2). Says so on stderr; a backend
-/// whose record cannot be read is a warning (the restore stays in the backend's
-/// record and is recorded by the next process that can read it).
-pub fn record_restores(env: &mut Env) {
-    let backend = env.sm().backend().to_owned();
-    match env.engine(EngineConfig::default()).record_fabric_restores() {
-        Ok((_, None)) => {}
-        Ok((new, Some(rv))) => eprintln!("devfence: {}", restored_line(&backend, &new, &rv)),
-        Err(e) => eprintln!("devfence: warning: {e}"),
-    }
-}
-
-fn restored_line(backend: &str, new: &[RecordedRestore], rv: &Reverification) -> String {
-    let ids: Vec<&str> = new.iter().map(|r| r.id.as_str()).collect();
-    let drifted: Vec<String> = rv
-        .drifted()
-        .map(|d| format!("{} ({})", d.device, d.state))
-        .collect();
-    format!(
-        "the {backend} backend restored the SM's configuration (restore {}); recorded in the audit log; \
-         re-verified {} Ready/Active device(s): {}. Hint: `devfence verify` re-runs it, `devfence audit show` has the records",
-        ids.join(", "),
-        rv.devices.len(),
-        if rv.all_verified() {
-            "all verified".to_owned()
-        } else if drifted.is_empty() {
-            "some could not be verified".to_owned()
-        } else {
-            format!("drifted: {}", drifted.join(", "))
-        }
-    )
-}
 
 /// `devfence verify`: exit 0 when every device verified, 1 when one drifted or
 /// could not be verified, 2 on usage or I/O errors.
@@ -66,7 +31,7 @@ pub fn verify(
         })?),
         None => None,
     };
-    let mut env = Env::open(root, ledger)?;
+    let mut env = crate::ledger::open_env(root, ledger)?;
     let scope = device.map(|d| vec![d]);
     let backend = env.sm().backend().to_owned();
     let (rv, ids) = {

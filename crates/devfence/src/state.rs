@@ -743,7 +743,10 @@ pub(crate) fn admit_with(
                     let token = hex(&t);
                     let final_path = side.join(format!("{token}.state"));
                     let tmp = side.join(format!(".{token}.tmp"));
-                    if let Err(e) = private_dir(&side).and_then(|()| write_new(&tmp, payload)) {
+                    if let Err(e) = private_dir(&side)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|()| write_new(&tmp, payload))
+                    {
                         io_failure = Some(e);
                         return Err(StoreError::Internal("the payload could not be placed"));
                     }

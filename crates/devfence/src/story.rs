@@ -97,7 +97,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
          Every gate below reads state back — from the kernel (sysfs) and from the SM — and only\n\
          then lets a VM start. Nothing waits a fixed time.\n"
     )?;
-    let mut env = Env::open_or_create(&root, None)?;
+    let mut env = crate::ledger::open_env_or_create(&root, None)?;
     let acme = tid("acme")?;
     let globex = tid("globex")?;
     writeln!(out, "-- 1. tenants: acme (P_Key 0x8001), globex (0x8002)")?;
@@ -163,7 +163,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
     for name in ["intruder", "db1"] {
         drop(env);
         let r = call_hook(&root, name, "prepare", "begin")?;
-        env = Env::open(&root, None)?;
+        env = crate::ledger::open_env(&root, None)?;
         writeln!(
             out,
             "   hook qemu {name} prepare begin -> {:?}; 0000:3b:00.1 is {}",
@@ -181,7 +181,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
     {
         drop(env);
         let r = call_hook(&root, "db1", "release", "end")?;
-        env = Env::open(&root, None)?;
+        env = crate::ledger::open_env(&root, None)?;
         writeln!(
             out,
             "\n-- 6. db1 stops: hook qemu db1 release end -> {r:?}; 0000:3b:00.1 is {} (drained, scrubbed, verified)",
@@ -249,7 +249,8 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
         bail!("the demo's failpoint did not fire. Hint: this is a bug in devfence");
     }
     drop(env);
-    let mut env = Env::open(&root, None).context("Cannot reopen the ledger after the crash")?;
+    let mut env =
+        crate::ledger::open_env(&root, None).context("Cannot reopen the ledger after the crash")?;
     let open = env.store.atomically(|tx| tx.open_operations())?;
     writeln!(
         out,

@@ -1,0 +1,403 @@
+//! `/etc/devfence/devfence.toml`: which fabric backend devfence drives.
+//!
+//! Read from `--config FILE`, else `<root>/etc/devfence/devfence.toml` when it
+//! exists; without either the default holds: the simulated SM on a simulated host,
+//! none on the real host (IB VF handovers are then refused with a hint to
+//! configure one).
+//!
+//! ```toml
+//! [fabric]
+//! backend = "opensm"          # "sim", "opensm", "ufm" or "none"
+//!
+//! [fabric.opensm]
+//! partitions_file = "/etc/opensm/partitions.conf"
+//! log_file = "/var/log/opensm.log"
+//! pid_file = "/run/opensm.pid"  # optional: else the one process named opensm
+//! [fabric.opensm.sa]
+//! sm_key = "0x1"               # OpenSM's sm_key: the SA answers P_Key tables only to it
+//! timeout_ms = 200
+//!
+//! [fabric.ufm]
+//! url = "https://ufm.example:443"
+//! ca_file = "/etc/devfence/ufm-ca.pem"
+//! credentials = { file = "/etc/devfence/ufm.credentials" }
+//! managed_pkeys = ["0x0001", "0x0002"]
+//! ```
+//!
+//! Unknown keys are refused (a misspelt key silently ignored would mean a
+//! backend other than the one the operator thinks).
+
+use std::path::{Path, PathBuf};
+
+use devfence_fabric::opensm::SaConfig;
+use devfence_fabric::{OpenSmConfig, UfmConfig};
+use devfence_host::HostRoot;
+use devfence_model::bounded::{self, ReadFileError};
+
+/// Where the configuration lives under a host root.
+pub const CONFIG_PATH: &str = "/etc/devfence/devfence.toml";
+
+/// The most devfence reads of a configuration file.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The fabric backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The default: the simulated SM on a simulated host, none on the real one.
+    #[default]
+    Auto,
+    /// The simulated SM (simulated hosts only).
+    Sim,
+    /// OpenSM on this host: partitions file + SIGHUP, verified at the SA.
+    Opensm,
+    /// NVIDIA UFM over its REST API.
+    Ufm,
+    /// No SM: IB VF handovers are refused.
+    None,
+}
+
+/// `[fabric]`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FabricConfig {
+    /// Which backend.
+    #[serde(default)]
+    pub backend: Backend,
+    /// `[fabric.opensm]`.
+    #[serde(default)]
+    pub opensm: Option<OpenSmConfig>,
+    /// `[fabric.ufm]`.
+    #[serde(default)]
+    pub ufm: Option<UfmConfig>,
+    /// `[fabric.sa]`: how to reach the SA (both backends verify there).
+    #[serde(default)]
+    pub sa: Option<SaConfig>,
+}
+
+/// `[hook]`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookConfig {
+    /// Admit a domain that names no tenant and holds no device reserved for it,
+    /// for the tenant its devices are Ready for — only while the ledger knows at
+    /// most one tenant. Default false: such a domain is refused.
+    #[serde(default)]
+    pub allow_unidentified_single_tenant: bool,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file names a key, value or combination devfence refuses; the
+    /// message names the file, the line or section, and a hint.
+    #[error("{0}")]
+    Invalid(String),
+    /// The file cannot be read.
+    #[error("Cannot read the configuration {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: ReadFileError,
+    },
+}
+
+type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+/// The whole file.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[fabric]`.
+    #[serde(default)]
+    pub fabric: FabricConfig,
+    /// `[hook]`: the libvirt hook (docs/libvirt-hook.md).
+    #[serde(default)]
+    pub hook: HookConfig,
+    /// Where it was read from (`None`: the defaults).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+impl Config {
+    /// Parses `text` (read from `path`).
+    ///
+    /// # Errors
+    /// A TOML error or an inconsistent backend choice, naming the file.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let mut c: Config = toml::from_str(text).map_err(|e| {
+            // The message and the line, never the line's text: it may hold a
+            // secret (a password written into a URL).
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            ConfigError::Invalid(format!(
+                "{}{}: {}. Hint: see `man devfence` (CONFIGURATION) for the keys",
+                path.display(),
+                line.map(|l| format!(" line {l}")).unwrap_or_default(),
+                without_quoted_strings(e.message().trim_end())
+            ))
+        })?;
+        c.source = Some(path.to_path_buf());
+        if let Some(u) = &c.fabric.ufm {
+            u.validate().map_err(|e| {
+                ConfigError::Invalid(format!("{}: [fabric.ufm] {e}", path.display()))
+            })?;
+        }
+        for (section, sa) in [
+            ("[fabric.sa]", c.fabric.sa.as_ref()),
+            (
+                "[fabric.opensm.sa]",
+                c.fabric.opensm.as_ref().map(|o| &o.sa),
+            ),
+        ] {
+            if let Some(sa) = sa {
+                check_sa(sa).map_err(|e| {
+                    ConfigError::Invalid(format!("{}: {section} {e}", path.display()))
+                })?;
+            }
+        }
+        match c.fabric.backend {
+            Backend::Ufm if c.fabric.ufm.is_none() => {
+                return Err(ConfigError::Invalid(format!(
+                    "{}: [fabric] backend = \"ufm\" but there is no [fabric.ufm] section. Hint: give at least its url",
+                    path.display()
+                )));
+            }
+            _ => {}
+        }
+        Ok(c)
+    }
+
+    /// Loads `explicit`, else `<root>/etc/devfence/devfence.toml` if present, else
+    /// the defaults.
+    ///
+    /// # Errors
+    /// An explicit file that cannot be read; any file that does not parse.
+    pub fn load(root: &HostRoot, explicit: Option<&Path>) -> Result<Self> {
+        let (path, must) = match explicit {
+            Some(p) => (p.to_path_buf(), true),
+            None => (root.path(CONFIG_PATH), false),
+        };
+        // Bounded, non-blocking, a regular file only; the default file is found
+        // inside the root.
+        let read = match explicit {
+            Some(p) => bounded::read_file(p, MAX_CONFIG_BYTES),
+            None => root.read_file(CONFIG_PATH, MAX_CONFIG_BYTES),
+        };
+        let text = read.and_then(|b| {
+            String::from_utf8(b).map_err(|e| ReadFileError::Read {
+                path: path.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+                ),
+            })
+        });
+        match text {
+            Ok(t) => Self::parse(&t, &path),
+            Err(e) if !must && e.is_not_found() => Ok(Self::default()),
+            Err(source) => Err(ConfigError::Read { path, source }),
+        }
+    }
+
+    /// How to reach the SA: `[fabric.sa]`, else `[fabric.opensm.sa]`, else the
+    /// defaults (the UFM backend reads acknowledged port tables there too).
+    #[must_use]
+    pub fn sa(&self) -> SaConfig {
+        self.fabric
+            .sa
+            .clone()
+            .or_else(|| self.fabric.opensm.as_ref().map(|o| o.sa.clone()))
+            .unwrap_or_default()
+    }
+
+    /// The OpenSM section, or its defaults.
+    #[must_use]
+    pub fn opensm(&self) -> OpenSmConfig {
+        self.fabric.opensm.clone().unwrap_or_default()
+    }
+}
+
+/// The most retries `[fabric.sa]` may ask libibumad for, per query.
+pub const MAX_SA_RETRIES: u32 = 10;
+/// The longest SA answer time `[fabric.sa]` may give, in milliseconds.
+pub const MAX_SA_TIMEOUT_MS: u32 = 10_000;
+/// The longest one SA query may take with every retry, in milliseconds.
+pub const MAX_SA_QUERY_MS: u64 = 20_000;
+
+/// The SA client's bounds: a huge `retries` or `timeout_ms` made `status` hang
+/// for minutes per port (issue 18 item 12).
+fn check_sa(sa: &SaConfig) -> Result<(), String> {
+    if sa.retries > MAX_SA_RETRIES {
+        return Err(format!(
+            "retries = {} is out of range. Hint: give 0 to {MAX_SA_RETRIES} (libibumad repeats each query that often; the default is 3)",
+            sa.retries
+        ));
+    }
+    if sa.timeout_ms == 0 || sa.timeout_ms > MAX_SA_TIMEOUT_MS {
+        return Err(format!(
+            "timeout_ms = {} is out of range. Hint: give 1 to {MAX_SA_TIMEOUT_MS} (one SA answer; the default is 200)",
+            sa.timeout_ms
+        ));
+    }
+    let worst = u64::from(sa.timeout_ms) * (u64::from(sa.retries) + 1);
+    if worst > MAX_SA_QUERY_MS {
+        return Err(format!(
+            "timeout_ms = {} with retries = {} lets one SA query take {worst} ms, more than {MAX_SA_QUERY_MS}. Hint: lower one of them; `status` and every gate read wait that long per port when the SA does not answer",
+            sa.timeout_ms, sa.retries
+        ));
+    }
+    Ok(())
+}
+
+/// `msg` with every `"…"` part (escapes included) replaced by `"…"`: a parser's
+/// message may quote a value of the file, which may be a secret.
+fn without_quoted_strings(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut chars = msg.chars();
+    while let Some(c) = chars.next() {
+        if c == '"' {
+            let mut escaped = false;
+            for d in chars.by_ref() {
+                match d {
+                    '\\' if !escaped => escaped = true,
+                    '"' if !escaped => break,
+                    _ => escaped = false,
+                }
+            }
+            out.push_str("\"…\"");
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error and its causes, as the CLI prints them.
+    fn chain(e: &ConfigError) -> String {
+        let mut s = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(c) = src {
+            s.push_str(&format!(": {c}"));
+            src = c.source();
+        }
+        s
+    }
+
+    #[test]
+    fn parses_each_backend_and_refuses_unknown_keys() {
+        let p = Path::new("devfence.toml");
+        let c = Config::parse(
+            "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npartitions_file = \"/x/p.conf\"\nlog_file = \"/x/o.log\"\n[fabric.opensm.sa]\nsm_key = \"0x1\"\n",
+            p,
+        )
+        .expect("parses");
+        assert_eq!(c.fabric.backend, Backend::Opensm);
+        assert_eq!(c.opensm().partitions_file, PathBuf::from("/x/p.conf"));
+        assert_eq!(c.opensm().sa.sm_key, 1);
+        assert_eq!(
+            Config::parse("", p).expect("empty").fabric.backend,
+            Backend::Auto
+        );
+        let e = Config::parse("[fabric]\nbackend = \"opnsm\"\n", p).expect_err("typo");
+        assert!(e.to_string().contains("devfence.toml"), "{e}");
+        let e = Config::parse("[fabric]\nbackend = \"opensm\"\npartitons = 1\n", p)
+            .expect_err("unknown key");
+        assert!(e.to_string().contains("partitons"), "{e}");
+        let e = Config::parse("[fabric]\nbackend = \"ufm\"\n", p).expect_err("no section");
+        assert!(e.to_string().contains("[fabric.ufm]"), "{e}");
+        let e = Config::parse("[fabric.opensm.sa]\nsm_key = \"zz\"\n", p).expect_err("bad key");
+        assert!(e.to_string().contains("sm_key"), "{e}");
+    }
+
+    /// issue 18 item 10: a password in the UFM URL is refused when the
+    /// configuration loads, and no error shows it — not the URL check's, not the
+    /// TOML parser's (which would quote the line).
+    #[test]
+    fn a_password_in_the_ufm_url_is_refused_and_never_shown() {
+        let p = Path::new("/etc/devfence/devfence.toml");
+        for text in [
+            "[fabric]\nbackend = \"ufm\"\n[fabric.ufm]\nurl = \"https://admin:Hunter2-pw@ufm.example\"\n",
+            "[fabric.ufm]\nurl = \"https://admin:Hunter2%2Dpw@ufm.example/x\"\n",
+            "[fabric.ufm]\nurl = \"https://admin:Hunter2-pw@ufm.example\"\nretries = \"x\"\n",
+            "[fabric.ufm]\nurl = \"https://admin:Hunter2-pw@ufm.example\n",
+            "[fabric.ufm]\nurl = 5\ncredentials = \"Hunter2-pw\"\n",
+        ] {
+            let e = Config::parse(text, p).expect_err(text);
+            let s = format!("{}\n{e:?}", chain(&e));
+            assert!(!s.contains("Hunter2"), "{text}: {s}");
+            assert!(s.contains("devfence.toml") && s.contains("Hint:"), "{s}");
+        }
+        let e = Config::parse(
+            "[fabric.ufm]\nurl = \"https://admin:Hunter2-pw@ufm.example\"\n",
+            p,
+        )
+        .expect_err("userinfo");
+        assert!(e.to_string().contains("carries credentials"), "{e}");
+    }
+
+    /// issue 18 item 12: `retries`, `retry_backoff_ms` and the SA's `retries` and
+    /// `timeout_ms` have upper bounds, refused at load with the key named.
+    #[test]
+    fn retries_and_timeouts_have_bounds() {
+        let p = Path::new("devfence.toml");
+        for (text, want) in [
+            (
+                "[fabric.ufm]\nurl = \"https://u\"\nretries = 1000\n",
+                "retries = 1000",
+            ),
+            (
+                "[fabric.ufm]\nurl = \"https://u\"\nretry_backoff_ms = 3600000\n",
+                "retry_backoff_ms = 3600000",
+            ),
+            (
+                "[fabric.sa]\nretries = 1000\n",
+                "[fabric.sa] retries = 1000",
+            ),
+            ("[fabric.sa]\ntimeout_ms = 600000\n", "timeout_ms = 600000"),
+            (
+                "[fabric.opensm.sa]\nretries = 4294967295\n",
+                "[fabric.opensm.sa] retries = 4294967295",
+            ),
+            ("[fabric.sa]\ntimeout_ms = 0\n", "timeout_ms = 0"),
+        ] {
+            let e = Config::parse(text, p).expect_err(text);
+            let s = e.to_string();
+            assert!(
+                s.contains(want) && s.contains("out of range") && s.contains("Hint:"),
+                "{text}: {s}"
+            );
+        }
+        Config::parse(
+            "[fabric.ufm]\nurl = \"https://u\"\nretries = 5\nretry_backoff_ms = 5000\n[fabric.sa]\nretries = 10\ntimeout_ms = 1000\n",
+            p,
+        )
+        .expect("the bounds themselves");
+        let e = Config::parse("[fabric.sa]\nretries = 10\ntimeout_ms = 10000\n", p)
+            .expect_err("together too slow");
+        assert!(e.to_string().contains("110000 ms"), "{e}");
+    }
+
+    /// issue 18 item 6: the configuration is read only if it is a regular file,
+    /// and only up to 1 MiB (a FIFO does not hang, a device is not read).
+    #[test]
+    fn the_configuration_file_is_bounded() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let root = HostRoot::new(dir.path());
+        for p in [PathBuf::from("/dev/zero"), dir.path().to_path_buf()] {
+            let e = Config::load(&root, Some(&p)).expect_err("not regular");
+            assert!(chain(&e).contains("not a regular file"), "{}", chain(&e));
+        }
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; (1 << 20) + 1]).expect("write");
+        let e = Config::load(&root, Some(&big)).expect_err("big");
+        assert!(chain(&e).contains("larger than 1048576"), "{}", chain(&e));
+    }
+}
