@@ -29,6 +29,9 @@ pub enum AppError {
     /// The host root cannot be read.
     #[error(transparent)]
     Host(#[from] devfence_host::HostError),
+    /// A tenancy file is refused.
+    #[error(transparent)]
+    Tenancy(#[from] devfence_policy::TenancyError),
     /// The simulated SM's state cannot be used.
     #[error(transparent)]
     SimSm(#[from] devfence_fabric::SimStateError),

@@ -20,6 +20,7 @@
 pub use env::{Env, Kernel};
 pub use error::{AppError, Result};
 
+pub mod check;
 pub mod config;
 pub mod env;
 pub mod error;
@@ -29,3 +30,4 @@ pub mod hook;
 pub mod keystore;
 pub mod lifecycle;
 pub mod tenant;
+pub mod verify;

@@ -5,17 +5,18 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::CommandFactory;
-use devfence_host::{HostRoot, read_inventory, sim};
-use devfence_model::{Finding, Inventory, Severity, Tenancy, VfioNodeKind};
+use devfence_host::{HostRoot, sim};
+use devfence_model::{Finding, Inventory, Severity, VfioNodeKind};
 
 use crate::Outcome;
 use crate::cli::{
     CheckArgs, Cli, Command, DemoArgs, GenerateArgs, InventoryArgs, RulesArgs, SimCommand,
 };
 use crate::table::Table;
+use devfence_app::check::{CheckRequest, Summary};
 
 /// Where a host tree keeps its tenancy file when none is given.
-pub const DEFAULT_TENANCY: &str = "/etc/devfence/tenancy.toml";
+pub use devfence_app::check::DEFAULT_TENANCY;
 
 /// Runs the command `cli` names.
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Outcome> {
@@ -92,17 +93,8 @@ fn scratch_base() -> PathBuf {
     }
 }
 
-fn read(root: &HostRoot) -> Result<Inventory> {
-    read_inventory(root)
-        .with_context(|| format!("Cannot read the host under {}", root.root().display()))
-}
-
 fn inventory(root: &HostRoot, a: &InventoryArgs, out: &mut dyn Write) -> Result<Outcome> {
-    let mut inv = read(root)?;
-    if a.probe_migration {
-        let k = devfence_app::Kernel::for_root(root)?;
-        devfence_host::migration::probe_migration(k.io(), &mut inv);
-    }
+    let inv = devfence_app::check::inventory(root, a.probe_migration)?;
     if a.json {
         serde_json::to_writer_pretty(&mut *out, &inv)?;
         writeln!(out)?;
@@ -398,66 +390,10 @@ fn ranges(ids: impl Iterator<Item = u8>) -> String {
     parts.join(",")
 }
 
-/// Where the tenancy comes from, for the report.
-fn tenancy_for(
-    root: &HostRoot,
-    ledger: Option<&Path>,
-    given: Option<&Path>,
-) -> Result<(Tenancy, Option<PathBuf>)> {
-    if let Some(p) = given {
-        let t = devfence_policy::load_tenancy_to_check(p)?;
-        return Ok((t, Some(p.to_path_buf())));
-    }
-    // The ledger, when devfence manages devices here; else the tenancy file.
-    let lp = crate::ledger::ledger_path(root, ledger)?;
-    // A `-wal` without its ledger is a damaged ledger: opening it says so.
-    if lp.exists() || devfence_engine::sqlite::sidecar(&lp, "-wal").exists() {
-        let t = crate::ledger::ledger_tenancy(&lp)?;
-        return Ok((t, Some(lp)));
-    }
-    // Found in the root: a link on the way is resolved under it, never out of it.
-    let default = root.path(&root.resolve_in_root(DEFAULT_TENANCY, true)?);
-    if default.exists() {
-        let t = devfence_policy::load_tenancy_to_check(&default)?;
-        return Ok((t, Some(default)));
-    }
-    Ok((Tenancy::default(), None))
-}
-
-/// Counts of findings by severity.
-#[derive(Debug, Default, serde::Serialize)]
-struct Summary {
-    errors: usize,
-    warnings: usize,
-    infos: usize,
-}
-
-fn summarize(findings: &[Finding]) -> Summary {
-    let mut s = Summary::default();
-    for f in findings {
-        match f.severity {
-            Severity::Error => s.errors += 1,
-            Severity::Warning => s.warnings += 1,
-            Severity::Info => s.infos += 1,
-        }
-    }
-    s
-}
-
-/// Reads the host and the tenancy and runs every rule.
-fn run_check(
-    root: &HostRoot,
-    ledger: Option<&Path>,
-    tenancy: Option<&Path>,
-) -> Result<(Vec<Finding>, Option<PathBuf>)> {
-    let inv = read(root)?;
-    let (t, source) = tenancy_for(root, ledger, tenancy)?;
-    Ok((devfence_policy::check(&inv, &t), source))
-}
-
 /// `check` with the tenancy the ledger (or the tenancy file) gives, for the demo.
 pub fn check_with_ledger(root: &HostRoot) -> Result<(Vec<Finding>, Option<PathBuf>)> {
-    run_check(root, None, None)
+    let r = devfence_app::check::check(root, None, None, &CheckRequest::default())?;
+    Ok((r.findings, r.tenancy))
 }
 
 fn check(
@@ -466,11 +402,15 @@ fn check(
     a: &CheckArgs,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
-    let (mut findings, source) = run_check(root, ledger, a.tenancy.as_deref())?;
-    if a.fabric {
-        findings.extend(crate::ledger::fabric_findings(root, ledger)?);
+    let req = CheckRequest {
+        tenancy: a.tenancy.clone(),
+        fabric: a.fabric,
+    };
+    let report = devfence_app::check::check(root, ledger, crate::config::explicit(), &req)?;
+    for n in &report.notices {
+        eprintln!("devfence: {n}");
     }
-    let summary = summarize(&findings);
+    let (findings, source, summary) = (report.findings, report.tenancy, report.summary);
     if a.json {
         #[derive(serde::Serialize)]
         struct Report<'a> {
@@ -618,7 +558,7 @@ fn demo(a: &DemoArgs, out: &mut dyn Write) -> Result<Outcome> {
         writeln!(out, "== {profile}: {}", profile.description())?;
         writeln!(out, "   generated: {summary}")?;
         let root = HostRoot::new(dir.clone());
-        let inv = read(&root)?;
+        let inv = devfence_app::check::inventory(&root, false)?;
         writeln!(
             out,
             "   inventory: {} PCI functions, {} IOMMU groups, {} mdevs, {} AP queues, {} IB devices, {} problems",
@@ -629,7 +569,7 @@ fn demo(a: &DemoArgs, out: &mut dyn Write) -> Result<Outcome> {
             inv.ib.len(),
             inv.problems.len()
         )?;
-        let (findings, _) = run_check(&root, None, None)?;
+        let (findings, _) = check_with_ledger(&root)?;
         total += findings.len();
         for f in &findings {
             writeln!(
@@ -686,7 +626,7 @@ fn demo_fix_group(base: &Path, out: &mut dyn Write) -> Result<()> {
         "== acting: make iommu_group 13 of no-acs viable (through the simulated kernel)"
     )?;
     let viable = |root: &HostRoot| -> Result<usize> {
-        let (f, _) = run_check(root, None, None)?;
+        let (f, _) = check_with_ledger(root)?;
         Ok(f.iter().filter(|f| f.rule == "GRP-VIABLE").count())
     };
     writeln!(out, "   before: {} GRP-VIABLE finding(s)", viable(&root)?)?;

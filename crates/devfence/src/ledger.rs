@@ -13,9 +13,7 @@ use devfence_app::hook::{Decision, Phase};
 use devfence_engine::domain::{Unidentified, parse_domain};
 use devfence_engine::engine::{Engine, EngineConfig, EngineError, Progress};
 use devfence_engine::store::{Partition, Tenant};
-use devfence_engine::{
-    AuditFilter, DeviceState, GuidRange, SqliteStore, StepState, Store, StoreExt, engine,
-};
+use devfence_engine::{AuditFilter, DeviceState, GuidRange, StepState, Store, StoreExt, engine};
 use devfence_host::HostRoot;
 use devfence_model::{DeviceId, Guid, Membership, PKey, TenantId};
 
@@ -922,22 +920,4 @@ pub fn hook(
             Ok(Outcome::Refused)
         }
     }
-}
-
-/// The tenancy for `check`, from the ledger at `path`.
-pub fn ledger_tenancy(path: &Path) -> Result<devfence_model::Tenancy> {
-    let mut store = SqliteStore::open_existing(path)?;
-    Ok(store.atomically(|tx| engine::tenancy_from_ledger(tx))?)
-}
-
-/// `check --fabric`: the fabric posture at the configured SM against the ledger.
-pub fn fabric_findings(
-    root: &HostRoot,
-    ledger: Option<&Path>,
-) -> Result<Vec<devfence_model::Finding>> {
-    let (findings, notices) = devfence_app::fabric::check_fabric(root, ledger, config::explicit())?;
-    for n in notices {
-        eprintln!("devfence: {n}");
-    }
-    Ok(findings)
 }

@@ -1,12 +1,11 @@
-//! `devfence verify`, and the re-verification after a restore of the SM's
-//! configuration: thin over `Engine::reverify` and
-//! `Engine::record_fabric_restores` (docs/lifecycle.md).
+//! `devfence verify`: parses, calls `devfence_app::verify` and renders the
+//! re-verification (docs/lifecycle.md).
 
 use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Result, anyhow};
-use devfence_engine::engine::{Check, EngineConfig, Reverification};
+use devfence_engine::engine::{Check, Reverification};
 use devfence_host::HostRoot;
 use devfence_model::DeviceId;
 
@@ -32,33 +31,11 @@ pub fn verify(
         None => None,
     };
     let mut env = crate::ledger::open_env(root, ledger)?;
-    let scope = device.map(|d| vec![d]);
-    let backend = env.sm().backend().to_owned();
-    let (rv, ids) = {
-        let mut engine = env.engine(EngineConfig::default());
-        let rv = engine.reverify(scope.as_deref())?;
-        // A restore the SM backend made while this verification read it is
-        // recorded now, and its re-verification of every device is the newer
-        // word.
-        match engine.record_fabric_restores() {
-            Ok((new, after)) => {
-                let ids: Vec<String> = new.into_iter().map(|r| r.id).collect();
-                match after {
-                    Some(mut after) => {
-                        after
-                            .devices
-                            .retain(|d| scope.as_ref().is_none_or(|s| s.contains(&d.device)));
-                        (after, ids)
-                    }
-                    None => (rv, ids),
-                }
-            }
-            Err(e) => {
-                eprintln!("devfence: warning: {e}");
-                (rv, Vec::new())
-            }
-        }
-    };
+    let v = devfence_app::verify::verify(&mut env, device)?;
+    for w in &v.warnings {
+        eprintln!("devfence: {w}");
+    }
+    let (rv, ids, backend) = (v.reverification, v.restores_recorded, v.backend);
     if a.json {
         serde_json::to_writer_pretty(
             &mut *out,
