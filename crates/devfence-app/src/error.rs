@@ -95,3 +95,19 @@ impl<T, E: std::error::Error + Send + Sync + 'static> StepContext<T> for Result<
 
 /// The application layer's result.
 pub type Result<T, E = AppError> = std::result::Result<T, E>;
+
+/// An error and its causes on one line, `: `-separated (for an audit record).
+#[must_use]
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    s
+}

@@ -29,5 +29,7 @@ pub mod guid_pool;
 pub mod hook;
 pub mod keystore;
 pub mod lifecycle;
+pub mod migrate;
+pub mod state;
 pub mod tenant;
 pub mod verify;

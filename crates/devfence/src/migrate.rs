@@ -1,31 +1,18 @@
-//! `devfence state save` and `devfence state load`: device state through the
-//! kernel's VFIO migration interface (docs/state-envelopes.md, "Through the
-//! kernel's migration interface").
-//!
-//! `save` opens the stopped device itself (its VM is not running, so no QEMU
-//! holds its group), saves its state (`devfence_host::migration::save_state`)
-//! and seals the bytes as `state seal` does. `load` runs every admission check
-//! of `state admit` in its transaction; only an admitted envelope opens the
-//! destination device, whose migration capability is checked before the
-//! envelope is spent; after the commit the state is loaded, read back and
-//! compared (`load_state`), and the result audited.
+//! `devfence state save` and `devfence state load`: parse, call
+//! `devfence_app::migrate`, render as `state seal` and `state admit` do.
 
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use clap::Args;
-use devfence_host::migration::{
-    MigError, MigFlags, MigState, MigTarget, MigrationDevice, load_state, save_state,
-};
-use devfence_host::{HostRoot, read_inventory};
-use devfence_model::{DeviceId, Inventory};
-use devfence_seal::{MAX_PAYLOAD, VmUuid};
+use devfence_app::state::{AdmitRequest, SealRequest};
+use devfence_host::HostRoot;
+use devfence_model::DeviceId;
+use devfence_seal::VmUuid;
 
 use crate::Outcome;
-use crate::keys::load_host_key;
-use crate::state::{AdmitArgs, DEFAULT_TTL, DeviceLoader, SealRequest, admit_with, seal_payload};
-use devfence_app::Kernel;
+use crate::state::{AdmitArgs, DEFAULT_TTL};
 
 /// `devfence state save`.
 #[derive(Debug, Args)]
@@ -38,82 +25,11 @@ pub struct SaveArgs {
     pub vm: String,
     /// How long the envelope stays admissible: seconds, or a number with s, m, h
     /// or d (at most 7d).
-    #[arg(long, value_name = "DURATION", default_value = DEFAULT_TTL, value_parser = crate::state::parse_ttl)]
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_TTL, value_parser = devfence_app::state::parse_ttl)]
     pub ttl: u64,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-/// The VFIO name and group of a device, from the inventory.
-fn target(inv: &Inventory, dev: &DeviceId) -> std::result::Result<MigTarget, (String, String)> {
-    let (name, group) = match dev {
-        DeviceId::Pci(b) => (
-            b.to_string(),
-            inv.pci_function(*b).and_then(|f| f.iommu_group),
-        ),
-        DeviceId::Mdev(u) => (
-            u.to_string(),
-            inv.mdevs
-                .iter()
-                .find(|m| m.uuid == *u)
-                .and_then(|m| m.iommu_group),
-        ),
-        other => {
-            return Err((
-                format!("{other} is not a VFIO device: it has no migration interface"),
-                "give a PCI address or an mdev UUID".into(),
-            ));
-        }
-    };
-    let group = group.ok_or_else(|| {
-        (
-            format!("{dev} is not on this host, or has no IOMMU group"),
-            "check `devfence inventory`; the device must be bound to a vfio driver".into(),
-        )
-    })?;
-    Ok(MigTarget { name, group })
-}
-
-/// Who drives the device and on which kernel, for error messages.
-fn whom(inv: &Inventory, dev: &DeviceId) -> String {
-    let driver = match dev {
-        DeviceId::Pci(b) => inv.pci_function(*b).and_then(|f| f.driver.clone()),
-        DeviceId::Mdev(u) => inv
-            .mdevs
-            .iter()
-            .find(|m| m.uuid == *u)
-            .and_then(|m| m.driver.clone()),
-        _ => None,
-    };
-    format!(
-        "device {dev}, driver {}, kernel {}",
-        driver.as_deref().unwrap_or("none"),
-        inv.kernel_release.as_deref().unwrap_or("unknown")
-    )
-}
-
-/// A refusal (reason, hint) for a migration error that is the device's or the
-/// kernel's answer rather than devfence's failure.
-fn refusal(e: &MigError, who: &str) -> (String, String) {
-    let reason = match e {
-        MigError::NoMigration { .. } => {
-            format!("no migration support: the driver does not implement VFIO migration ({who})")
-        }
-        _ => format!("{e} ({who})"),
-    };
-    (reason, e.hint())
-}
-
-fn open(kernel: &Kernel, t: &MigTarget) -> std::result::Result<Box<dyn MigrationDevice>, MigError> {
-    kernel
-        .io()
-        .open_migration(t)
-        .map_err(|errno| MigError::Open {
-            device: t.name.clone(),
-            group: t.group,
-            errno,
-        })
 }
 
 /// Runs `devfence state save`.
@@ -123,143 +39,14 @@ pub fn save_cmd(
     a: &SaveArgs,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
-    let dev: DeviceId = a.device.parse().map_err(|e| anyhow!("{e}"))?;
-    let vm: VmUuid = a.vm.parse().map_err(|e| anyhow!("--vm {e}"))?;
-    let key = load_host_key(root)?;
-    let kernel = Kernel::for_root(root)?;
-    let inv = read_inventory(root)
-        .with_context(|| format!("Cannot read the host under {}", root.root().display()))?;
-    let who = whom(&inv, &dev);
-    // Called only once the device and its tenant passed seal's checks.
-    let mut source = || {
-        let t = match target(&inv, &dev) {
-            Ok(t) => t,
-            Err(rh) => return Ok(Err(rh)),
-        };
-        let mut d = match open(&kernel, &t) {
-            Ok(d) => d,
-            Err(e) => return Ok(Err(refusal(&e, &who))),
-        };
-        let flags = d.flags().map(MigFlags::names).unwrap_or_default();
-        match save_state(&mut *d, &t.name, MAX_PAYLOAD, MigState::Running) {
-            Ok(bytes) => {
-                let after = d.state().map(|s| s.name()).unwrap_or("unknown");
-                let info = serde_json::json!({
-                    "interface": "vfio-migration-v2",
-                    "flags": flags,
-                    "bytes": bytes.len(),
-                    "device_state_after": after,
-                });
-                Ok(Ok((bytes, info)))
-            }
-            Err(
-                e @ (MigError::NoMigration { .. }
-                | MigError::NoStopCopy { .. }
-                | MigError::Busy { .. }
-                | MigError::TooLarge { .. }),
-            ) => Ok(Err(refusal(&e, &who))),
-            Err(e) => Err(anyhow!("{e}. Hint: {}", e.hint())
-                .context(format!("{dev}: saving its state failed ({who})"))),
-        }
+    let r = SealRequest {
+        dev: a.device.parse().map_err(|e| anyhow!("{e}"))?,
+        vm: a.vm.parse::<VmUuid>().map_err(|e| anyhow!("--vm {e}"))?,
+        ttl: a.ttl,
+        action: "state-save",
     };
-    seal_payload(
-        root,
-        ledger,
-        &SealRequest {
-            dev,
-            vm,
-            ttl: a.ttl,
-            json: a.json,
-            action: "state-save",
-        },
-        &key,
-        &mut source,
-        out,
-    )
-}
-
-/// The device side of `state load`.
-struct Loader<'k> {
-    kernel: &'k Kernel,
-    inv: Inventory,
-    dev: DeviceId,
-    who: String,
-    open: Option<(MigTarget, Box<dyn MigrationDevice>)>,
-}
-
-impl DeviceLoader for Loader<'_> {
-    fn prepare(&mut self) -> std::result::Result<serde_json::Value, (String, String)> {
-        let t = target(&self.inv, &self.dev)?;
-        let d = open(self.kernel, &t).map_err(|e| refusal(&e, &self.who))?;
-        let flags = match d.flags() {
-            Ok(f) if f.has(MigFlags::STOP_COPY) => f,
-            Ok(f) => {
-                return Err(refusal(
-                    &MigError::NoStopCopy {
-                        device: t.name,
-                        flags: f.names(),
-                    },
-                    &self.who,
-                ));
-            }
-            Err(e) if e.0 == 25 => {
-                return Err(refusal(
-                    &MigError::NoMigration { device: t.name },
-                    &self.who,
-                ));
-            }
-            Err(errno) => {
-                return Err(refusal(
-                    &MigError::State {
-                        device: t.name,
-                        errno,
-                    },
-                    &self.who,
-                ));
-            }
-        };
-        let state = d.state().map_err(|errno| {
-            refusal(
-                &MigError::State {
-                    device: t.name.clone(),
-                    errno,
-                },
-                &self.who,
-            )
-        })?;
-        if !matches!(state, MigState::Running | MigState::Stop) {
-            return Err(refusal(
-                &MigError::Busy {
-                    device: t.name,
-                    state,
-                },
-                &self.who,
-            ));
-        }
-        let v = serde_json::json!({"flags": flags.names(), "device_state": state.name()});
-        self.open = Some((t, d));
-        Ok(v)
-    }
-
-    fn load(&mut self, payload: &[u8]) -> Result<serde_json::Value> {
-        let (t, mut d) = self
-            .open
-            .take()
-            .ok_or_else(|| anyhow!("Internal error: load before prepare. Hint: this is a bug"))?;
-        let rep = load_state(&mut *d, &t.name, payload, MAX_PAYLOAD, MigState::Running)
-            .map_err(|e| anyhow!("{e} ({}). Hint: {}", self.who, e.hint()))?;
-        if !rep.readback_equal {
-            return Err(anyhow!(
-                "{}: the device took the state, but saves back {} bytes that differ from the {} loaded ({}). \
-                 Hint: the device's driver changed or dropped part of the state; do not start the VM on it",
-                t.name,
-                rep.readback_len,
-                rep.written,
-                self.who
-            ));
-        }
-        Ok(serde_json::to_value(&rep)?)
-    }
+    let sealed = devfence_app::migrate::save(root, ledger, &r)?;
+    crate::state::render_sealed(&r, &sealed, a.json, out)
 }
 
 /// Runs `devfence state load`.
@@ -269,17 +56,11 @@ pub fn load_cmd(
     a: &AdmitArgs,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
-    let dev: DeviceId = a.device.parse().map_err(|e| anyhow!("{e}"))?;
-    let kernel = Kernel::for_root(root)?;
-    let inv = read_inventory(root)
-        .with_context(|| format!("Cannot read the host under {}", root.root().display()))?;
-    let who = whom(&inv, &dev);
-    let mut l = Loader {
-        kernel: &kernel,
-        inv,
-        dev,
-        who,
-        open: None,
+    let req = AdmitRequest {
+        envelope: a.envelope.clone(),
+        device: a.device.parse::<DeviceId>().map_err(|e| anyhow!("{e}"))?,
+        vm: a.vm.parse::<VmUuid>().map_err(|e| anyhow!("--vm {e}"))?,
     };
-    admit_with(root, ledger, a, out, Some(&mut l))
+    let admitted = devfence_app::migrate::load(root, ledger, &req)?;
+    crate::state::render_admitted(req.device, &admitted, a.json, out)
 }
