@@ -32,6 +32,12 @@ pub enum AppError {
     /// A tenancy file is refused.
     #[error(transparent)]
     Tenancy(#[from] devfence_policy::TenancyError),
+    /// A host key cannot be made or read.
+    #[error(transparent)]
+    Key(#[from] devfence_seal::KeyError),
+    /// The keyring refuses a change.
+    #[error(transparent)]
+    Keyring(#[from] devfence_seal::KeyringError),
     /// The simulated SM's state cannot be used.
     #[error(transparent)]
     SimSm(#[from] devfence_fabric::SimStateError),

@@ -27,6 +27,7 @@ pub mod error;
 pub mod fabric;
 pub mod guid_pool;
 pub mod hook;
+pub mod keys;
 pub mod keystore;
 pub mod lifecycle;
 pub mod migrate;

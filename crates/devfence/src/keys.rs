@@ -1,22 +1,19 @@
 //! `devfence keys`: this host's signing key for device-state envelopes and the
 //! keyring of source hosts whose envelopes it admits (docs/state-envelopes.md).
-//!
-//! Everything lives under the host root, in root-only places: directories are
-//! made `0700`, files `0600`, written to a temporary file, synced and renamed
-//! into place. The private key is never printed, logged or audited.
+//! Parses, calls `devfence_app::keys` and renders; the private key is never
+//! printed.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
-use devfence_engine::{AuditEvent, AuditKind, SqliteStore, StoreExt};
 use devfence_host::HostRoot;
 use devfence_seal::{Fingerprint, HostKey, PublicKey, PublicLine, utc};
 
 use crate::Outcome;
 use crate::table::Table;
-pub(crate) use devfence_app::keystore::*;
+use devfence_app::keystore::{load_host_key, load_keyring, now_ms};
 
 /// `devfence keys …`.
 #[derive(Debug, Subcommand)]
@@ -117,24 +114,6 @@ pub struct TrustAddArgs {
     pub json: bool,
 }
 
-/// Opens the ledger (creating it on first use), for the audit records.
-pub(crate) fn open_ledger(root: &HostRoot, ledger: Option<&Path>) -> Result<SqliteStore> {
-    Ok(crate::ledger::open_store(root, ledger, true)?)
-}
-
-fn audit(root: &HostRoot, ledger: Option<&Path>, detail: &serde_json::Value) -> Result<()> {
-    let mut store = open_ledger(root, ledger)?;
-    store.atomically(|tx| {
-        tx.audit(&AuditEvent {
-            kind: AuditKind::Keys,
-            device: None,
-            tenant: None,
-            detail: detail.clone(),
-        })
-    })?;
-    Ok(())
-}
-
 /// Runs `devfence keys …`.
 pub fn run(
     root: &HostRoot,
@@ -154,37 +133,6 @@ pub fn run(
     }
 }
 
-fn default_host_id(root: &HostRoot) -> Result<String> {
-    let p = root.path("/etc/hostname");
-    if let Ok(b) = root.read_file("/etc/hostname", 4096)
-        && let Ok(t) = String::from_utf8(b)
-        && let Some(l) = t.lines().next()
-    {
-        let id = l.trim().split('.').next().unwrap_or("").to_owned();
-        if !id.is_empty() {
-            devfence_seal::format::check_host_id(&id)
-                .map_err(|e| anyhow!("{}: {e}. Hint: give --host-id ID", p.display()))?;
-            return Ok(id);
-        }
-    }
-    bail!(
-        "Cannot tell this host's id: {} does not name it. Hint: give --host-id ID",
-        p.display()
-    )
-}
-
-fn write_host_key(root: &HostRoot, key: &HostKey) -> Result<()> {
-    check_keys_dir(root)?;
-    private_dir(&root.path_in_root(KEYS_DIR)?)?;
-    let text = key.to_file_text();
-    write_private(&root.path_in_root(HOST_KEY)?, text.expose().as_bytes())?;
-    drop(text);
-    Ok(write_private(
-        &root.path_in_root(HOST_PUB)?,
-        format!("{}\n", key.public_line()).as_bytes(),
-    )?)
-}
-
 fn key_json(key: &HostKey) -> serde_json::Value {
     serde_json::json!({
         "host": key.host_id(),
@@ -201,48 +149,20 @@ fn init(
     a: &KeysInitArgs,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
-    let path = root.path_in_root(HOST_KEY)?;
-    if std::fs::symlink_metadata(&path).is_ok() {
-        let existing = load_host_key(root)
-            .map(|k| format!(" (fingerprint {})", k.public().fingerprint()))
-            .unwrap_or_default();
-        bail!(
-            "This host has a signing key already{existing}: {}. Hint: `devfence keys rotate` \
-             replaces it; `devfence keys show` prints it",
-            path.display()
-        );
-    }
-    let host_id = match &a.host_id {
-        Some(h) => h.clone(),
-        None => default_host_id(root)?,
-    };
-    let now = now_ms();
-    let key = HostKey::generate(&host_id, now)?;
-    let mut ring = load_keyring(root)?;
-    let change = ring.trust(&host_id, key.public(), now)?;
-    write_host_key(root, &key)?;
-    save_keyring(root, &ring)?;
-    audit(
-        root,
-        ledger,
-        &serde_json::json!({
-            "action": "keys-init",
-            "host": host_id,
-            "fingerprint": change.added,
-            "retired": change.retired,
-        }),
-    )?;
+    let made = devfence_app::keys::init(root, ledger, a.host_id.as_deref())?;
+    let key = &made.key;
     if a.json {
-        serde_json::to_writer_pretty(&mut *out, &key_json(&key))?;
+        serde_json::to_writer_pretty(&mut *out, &key_json(key))?;
         writeln!(out)?;
     } else {
         writeln!(
             out,
-            "host key made for host {host_id}: fingerprint {}\n  private key: {} (0600; never printed)\n  \
+            "host key made for host {}: fingerprint {}\n  private key: {} (0600; never printed)\n  \
              public key:  {}\n\ngive this line to every destination host (`devfence keys trust add --from FILE` there):\n{}",
+            key.host_id(),
             key.public().fingerprint(),
-            path.display(),
-            root.path_in_root(HOST_PUB)?.display(),
+            made.path.display(),
+            made.public_path.display(),
             key.public_line()
         )?;
     }
@@ -272,25 +192,7 @@ fn rotate(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<Outcome> {
-    let old = load_host_key(root)?;
-    let now = now_ms();
-    let new = HostKey::generate(old.host_id(), now)?;
-    let mut ring = load_keyring(root)?;
-    let change = ring.trust(old.host_id(), new.public(), now)?;
-    // The keyring first: a crash in between leaves the old key signing envelopes
-    // this host refuses (fail closed), and `keys rotate` can simply run again.
-    save_keyring(root, &ring)?;
-    write_host_key(root, &new)?;
-    audit(
-        root,
-        ledger,
-        &serde_json::json!({
-            "action": "keys-rotate",
-            "host": old.host_id(),
-            "fingerprint": change.added,
-            "retired": old.public().fingerprint(),
-        }),
-    )?;
+    let devfence_app::keys::Rotated { old, new, at_ms } = devfence_app::keys::rotate(root, ledger)?;
     if json {
         let mut v = key_json(&new);
         v["retired"] = serde_json::json!(old.public().fingerprint());
@@ -305,7 +207,7 @@ fn rotate(
             old.host_id(),
             new.public().fingerprint(),
             old.public().fingerprint(),
-            utc(now),
+            utc(at_ms),
             new.public_line()
         )?;
     }
@@ -350,9 +252,10 @@ fn trust_add(
         }
         _ => bail!("Give --from FILE, or --key HEX with --host ID"),
     };
-    let mut ring = load_keyring(root)?;
-    let was_removed = ring.removed_at(&line.key).cloned();
-    let change = ring.trust_with(&line.host, line.key, now_ms(), a.force)?;
+    let devfence_app::keys::Trusted {
+        change,
+        was_removed,
+    } = devfence_app::keys::trust_add(root, ledger, &line, a.force)?;
     if let Some(r) = &was_removed {
         eprintln!(
             "WARNING: key {} of host {} was REMOVED from this keyring at {} (removal is how a \
@@ -363,18 +266,6 @@ fn trust_add(
             utc(r.removed_ms)
         );
     }
-    save_keyring(root, &ring)?;
-    audit(
-        root,
-        ledger,
-        &serde_json::json!({
-            "action": "trust-add",
-            "host": line.host,
-            "fingerprint": change.added,
-            "retired": change.retired,
-            "forced_after_removal_ms": was_removed.as_ref().map(|r| r.removed_ms),
-        }),
-    )?;
     if a.json {
         serde_json::to_writer_pretty(
             &mut *out,
@@ -402,14 +293,7 @@ fn trust_remove(
     out: &mut dyn Write,
 ) -> Result<Outcome> {
     let fp: Fingerprint = fingerprint.parse().map_err(|e: String| anyhow!("{e}"))?;
-    let mut ring = load_keyring(root)?;
-    let removed = ring.remove_at(&fp, now_ms())?;
-    save_keyring(root, &ring)?;
-    audit(
-        root,
-        ledger,
-        &serde_json::json!({ "action": "trust-remove", "host": removed.host, "fingerprint": fp }),
-    )?;
+    let removed = devfence_app::keys::trust_remove(root, ledger, &fp)?;
     if json {
         serde_json::to_writer_pretty(&mut *out, &removed)?;
         writeln!(out)?;
