@@ -32,6 +32,10 @@ pub enum AppError {
     /// A tenancy file is refused.
     #[error(transparent)]
     Tenancy(#[from] devfence_policy::TenancyError),
+    /// The kernel refused an action (the error names the attribute, the
+    /// errno and a hint).
+    #[error(transparent)]
+    Act(Box<devfence_host::actuator::ActError>),
     /// A host key cannot be made or read.
     #[error(transparent)]
     Key(#[from] devfence_seal::KeyError),
