@@ -123,7 +123,7 @@ fn tenancy_for(
     }
     let lp = crate::env::ledger_path(root, ledger)?;
     // A `-wal` without its ledger is a damaged ledger: opening it says so.
-    if lp.exists() || devfence_engine::sqlite::sidecar(&lp, "-wal").exists() {
+    if crate::env::ledger_present(&lp) {
         let t = ledger_tenancy(&lp)?;
         return Ok((t, Some(lp)));
     }

@@ -436,3 +436,12 @@ fn restored_line(backend: &str, new: &[RecordedRestore], rv: &Reverification) ->
         }
     )
 }
+
+/// Whether a ledger is at `path`: its file, or a `-wal` left of one (a
+/// damaged ledger, which opening reports). Without either devfence never
+/// acted on this host.
+#[must_use]
+pub fn ledger_present(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+        || std::fs::symlink_metadata(devfence_engine::sqlite::sidecar(path, "-wal")).is_ok()
+}

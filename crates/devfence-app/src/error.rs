@@ -20,6 +20,12 @@ pub enum AppError {
     /// The ledger failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The libvirt hook could not decide.
+    #[error(transparent)]
+    Hook(#[from] crate::hook::HookError),
+    /// The audit chain cannot be read, verified or pruned.
+    #[error(transparent)]
+    Audit(#[from] devfence_engine::AuditError),
     /// The engine refused or failed an operation.
     #[error(transparent)]
     Engine(#[from] EngineError),

@@ -72,6 +72,21 @@ pub fn set_pool(
     Ok(marked)
 }
 
+/// `guid-pool --set`: sets the pool to `range`, marking every GUID of it that
+/// is live on this host or known to the SM as used (never issued); returns
+/// those, with where each was seen.
+///
+/// # Errors
+/// The host or the ledger cannot be read; the range is refused.
+pub fn set_from_host(
+    env: &mut crate::env::Env,
+    range: GuidRange,
+) -> crate::Result<Vec<(Guid, String)>> {
+    let inv = crate::check::inventory(&env.root, false)?;
+    let live = live_guids(&inv, &*env.sm);
+    Ok(set_pool(&mut env.store, range, &live)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,3 +84,76 @@ pub fn decide(
         }
     }
 }
+
+/// The hook calls devfence acts on; libvirt's other calls need nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// `prepare begin`.
+    PrepareBegin,
+    /// `started begin`.
+    StartedBegin,
+    /// `release end`.
+    ReleaseEnd,
+}
+
+impl Call {
+    /// The call libvirt's `operation` and `subop` name, if devfence acts on it.
+    #[must_use]
+    pub fn of(operation: &str, subop: &str) -> Option<Call> {
+        match (operation, subop) {
+            ("prepare", "begin") => Some(Call::PrepareBegin),
+            ("started", "begin") => Some(Call::StartedBegin),
+            ("release", "end") => Some(Call::ReleaseEnd),
+            _ => None,
+        }
+    }
+}
+
+/// `devfence hook qemu DOMAIN OP SUBOP` with the domain's XML: parses it,
+/// checks it is the domain libvirt named, and decides (a domain without host
+/// devices is allowed without opening the ledger). Returns the decision and
+/// what opening the environment noticed.
+///
+/// # Errors
+/// The XML is not UTF-8, does not parse or names another domain; the
+/// environment cannot be opened; the ledger fails.
+pub fn run(
+    root: &devfence_host::HostRoot,
+    ledger: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+    domain: &str,
+    call: Call,
+    xml: Vec<u8>,
+) -> crate::Result<(Decision, Vec<String>)> {
+    use crate::error::AppError;
+    let xml = String::from_utf8(xml)
+        .map_err(|_| AppError::refused("the domain XML on standard input is not UTF-8 text"))?;
+    let spec = devfence_engine::domain::parse_domain(&xml)
+        .map_err(|e| AppError::refused(format!("domain {domain}: {e}")))?;
+    if spec.name != domain {
+        return Err(AppError::refused(format!(
+            "the domain XML names {:?}, but libvirt called the hook for {domain:?}. Hint: libvirt passes the domain's own XML; check the hook's installation",
+            spec.name
+        )));
+    }
+    if spec.hostdevs.is_empty() {
+        return Ok((Decision::Allowed, Vec::new()));
+    }
+    let mut env = crate::env::Env::open(root, ledger, config)?;
+    let phase = match call {
+        Call::PrepareBegin => {
+            let cfg = crate::config::Config::load(root, config)?;
+            Phase::Prepare(if cfg.hook.allow_unidentified_single_tenant {
+                Unidentified::SingleTenant { tenants: 0 }
+            } else {
+                Unidentified::Refuse
+            })
+        }
+        Call::StartedBegin => Phase::Started,
+        Call::ReleaseEnd => Phase::Release,
+    };
+    let notices = std::mem::take(&mut env.notices);
+    let mut e = env.engine(devfence_engine::engine::EngineConfig::default());
+    let d = decide(&mut e, &spec, phase)?;
+    Ok((d, notices))
+}

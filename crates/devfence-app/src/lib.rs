@@ -21,6 +21,7 @@ pub use env::{Env, Kernel};
 pub use error::{AppError, Result};
 
 pub mod act;
+pub mod audit;
 pub mod check;
 pub mod config;
 pub mod env;

@@ -1,10 +1,8 @@
-//! `--config FILE`, recorded once for the process; the configuration itself is
-//! `devfence_app::config`.
+//! `--config FILE`, recorded once for the process and passed to every use case;
+//! the configuration itself is `devfence_app::config`.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-
-pub use devfence_app::config::*;
 
 static EXPLICIT: OnceLock<Option<PathBuf>> = OnceLock::new();
 

@@ -9,11 +9,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use devfence_app::hook::{Decision, Phase};
-use devfence_engine::domain::{Unidentified, parse_domain};
+use devfence_app::hook::Decision;
 use devfence_engine::engine::{Engine, EngineConfig, EngineError, Progress};
 use devfence_engine::store::{Partition, Tenant};
-use devfence_engine::{AuditFilter, DeviceState, GuidRange, StepState, Store, StoreExt, engine};
+use devfence_engine::{AuditFilter, DeviceState, GuidRange, StepState, StoreExt, engine};
 use devfence_host::HostRoot;
 use devfence_model::{DeviceId, Guid, Membership, PKey, TenantId};
 
@@ -22,7 +21,7 @@ use crate::cli::{
     AssignArgs, AuditCommand, GuidPoolArgs, HandoverArgs, HookCommand, OpFlags, PlanArgs,
     RecoverArgs, ReleaseArgs, StatusArgs, TenantAddArgs, TenantCommand,
 };
-use crate::config::{self, Config};
+use crate::config::{self};
 use crate::table::Table;
 pub use devfence_app::env::{Env, SIM_SM_PATH, ledger_path, open_store};
 
@@ -581,9 +580,7 @@ pub fn recover(
 ) -> Result<Outcome> {
     // No ledger at all (nor a -wal of one): devfence never acted here.
     let path = ledger_path(root, ledger)?;
-    if std::fs::symlink_metadata(&path).is_err()
-        && std::fs::symlink_metadata(devfence_engine::sqlite::sidecar(&path, "-wal")).is_err()
-    {
+    if !devfence_app::env::ledger_present(&path) {
         if a.json {
             writeln!(out, "[]")?;
         } else {
@@ -643,9 +640,7 @@ pub fn audit(
     let mut store = open_store(root, ledger, false)?;
     match c {
         AuditCommand::Head { json } => {
-            let head = store.last_record()?;
-            let stored = devfence_engine::audit::read_head(&store.head_path())
-                .map_err(|e| anyhow!("{e}. Hint: `devfence audit verify` says what is wrong"))?;
+            let devfence_app::audit::Head { head, stored } = devfence_app::audit::head(&store)?;
             if *json {
                 serde_json::to_writer_pretty(
                     &mut *out,
@@ -677,9 +672,11 @@ pub fn audit(
         }
         AuditCommand::Verify { json, head } => {
             let external = head.as_deref().map(parse_head).transpose()?;
-            let check = devfence_app::env::check_head_signature(root)?;
-            match store.verify_with_head(external.as_ref(), &check) {
-                Ok((rep, stored)) => {
+            match devfence_app::audit::verify(root, &mut store, external.as_ref())? {
+                devfence_app::audit::Verified::Intact {
+                    report: rep,
+                    stored,
+                } => {
                     if *json {
                         serde_json::to_writer_pretty(
                             &mut *out,
@@ -712,8 +709,7 @@ pub fn audit(
                     }
                     Ok(Outcome::Ok)
                 }
-                Err(devfence_engine::AuditError::ChainBroken(b)) => {
-                    let e = devfence_engine::AuditError::ChainBroken(b);
+                devfence_app::audit::Verified::Broken(e) => {
                     if *json {
                         serde_json::to_writer_pretty(
                             &mut *out,
@@ -726,7 +722,6 @@ pub fn audit(
                     eprintln!("{e}");
                     Ok(Outcome::Findings)
                 }
-                Err(e) => Err(anyhow!(e)),
             }
         }
         AuditCommand::Prune { before, keep, json } => {
@@ -739,8 +734,7 @@ pub fn audit(
                     ));
                 }
             };
-            let check = devfence_app::env::check_head_signature(root)?;
-            let rep = store.audit_prune(cut, &check)?;
+            let rep = devfence_app::audit::prune(root, &mut store, cut)?;
             if *json {
                 serde_json::to_writer_pretty(&mut *out, &rep)?;
                 writeln!(out)?;
@@ -765,7 +759,7 @@ pub fn audit(
                 device: device.as_deref().map(parse_device).transpose()?,
                 tenant: tenant.as_deref().map(parse_tenant).transpose()?,
             };
-            let recs = store.audit_show(&filter)?;
+            let recs = devfence_app::audit::show(&mut store, &filter)?;
             if *json {
                 serde_json::to_writer_pretty(&mut *out, &recs)?;
                 writeln!(out)?;
@@ -825,11 +819,7 @@ pub fn guid_pool(
         let last: Guid = l.trim().parse().map_err(|e| anyhow!("{e}"))?;
         // GUIDs of the range that are live (on this host, or named by the SM) are
         // marked used, never issued; allocation checks again, at the SM too.
-        let inv = devfence_host::read_inventory(&env.root)
-            .with_context(|| format!("Cannot read the host under {}", env.root.root().display()))?;
-        let live = devfence_app::guid_pool::live_guids(&inv, env.sm());
-        marked =
-            devfence_app::guid_pool::set_pool(&mut env.store, GuidRange { first, last }, &live)?;
+        marked = devfence_app::guid_pool::set_from_host(&mut env, GuidRange { first, last })?;
     }
     let pool = env.store.atomically(|tx| tx.guid_pool())?;
     if a.json {
@@ -857,9 +847,6 @@ pub fn guid_pool(
     Ok(Outcome::Ok)
 }
 
-/// GUIDs live on the host (any port or VF) or named in the SM's configuration,
-/// with where. An SM that cannot be read adds nothing here: allocation checks
-/// every candidate at the SM again and fails closed.
 /// `devfence hook qemu`.
 pub fn hook(
     root: &HostRoot,
@@ -873,43 +860,19 @@ pub fn hook(
         subop,
         ..
     } = c;
-    let act = match (operation.as_str(), subop.as_str()) {
-        ("prepare", "begin") => 0,
-        ("started", "begin") => 1,
-        ("release", "end") => 2,
-        _ => return Ok(Outcome::Ok),
+    let Some(call) = devfence_app::hook::Call::of(operation, subop) else {
+        return Ok(Outcome::Ok);
     };
     // At most 4 MiB: more is an error, never a silently cut document.
     let xml =
         devfence_model::bounded::read_stream(stdin, "the domain XML on standard input", 4 << 20)
             .context("Cannot read the domain XML on standard input")?;
-    let xml = String::from_utf8(xml)
-        .map_err(|_| anyhow!("the domain XML on standard input is not UTF-8 text"))?;
-    let spec = parse_domain(&xml).map_err(|e| anyhow!("domain {domain}: {e}"))?;
-    if spec.name != *domain {
-        bail!(
-            "the domain XML names {:?}, but libvirt called the hook for {domain:?}. Hint: libvirt passes the domain's own XML; check the hook's installation",
-            spec.name
-        );
+    let (decision, notices) =
+        devfence_app::hook::run(root, ledger, config::explicit(), domain, call, xml)?;
+    for n in notices {
+        eprintln!("devfence: {n}");
     }
-    if spec.hostdevs.is_empty() {
-        return Ok(Outcome::Ok);
-    }
-    let mut env = open_env(root, ledger)?;
-    let phase = match act {
-        0 => {
-            let cfg = Config::load(root, config::explicit())?;
-            Phase::Prepare(if cfg.hook.allow_unidentified_single_tenant {
-                Unidentified::SingleTenant { tenants: 0 }
-            } else {
-                Unidentified::Refuse
-            })
-        }
-        1 => Phase::Started,
-        _ => Phase::Release,
-    };
-    let mut e = env.engine(EngineConfig::default());
-    match devfence_app::hook::decide(&mut e, &spec, phase)? {
+    match decision {
         Decision::Allowed => Ok(Outcome::Ok),
         Decision::Refused(r) => {
             eprintln!("{r}");
