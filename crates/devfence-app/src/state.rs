@@ -22,9 +22,9 @@ use devfence_host::HostRoot;
 use devfence_model::{DeviceId, TenantId};
 use devfence_seal::format::hex;
 use devfence_seal::{
-    Binding, Check, Context as SealContext, Destination, EnvelopeId, Evaluation, Header,
-    MAX_ENVELOPE, MAX_PAYLOAD, MAX_TTL_MS, Nonce, NonceUse, Outcome as CheckOutcome, Refusal,
-    Sha256Digest, VmUuid, describe, evaluate, seal,
+    Binding, Check, CheckOutcome, Context as SealContext, Destination, EnvelopeId, Evaluation,
+    Header, MAX_ENVELOPE, MAX_PAYLOAD, MAX_TTL_MS, Nonce, NonceUse, Refusal, Sha256Digest, VmUuid,
+    describe, evaluate, seal,
 };
 
 use crate::error::{AppError, Result, StepContext};

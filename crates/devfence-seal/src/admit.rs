@@ -184,7 +184,7 @@ pub struct Context<'a> {
 /// The result of one check.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
-pub enum Outcome {
+pub enum CheckOutcome {
     /// It passed; what it saw.
     Passed {
         /// What was found.
@@ -217,7 +217,7 @@ pub struct Evaluation<'a> {
     /// The header, once the signature verified and it decoded.
     pub header: Option<Header>,
     /// Each check in order.
-    pub checks: Vec<(Check, Outcome)>,
+    pub checks: Vec<(Check, CheckOutcome)>,
 }
 
 impl<'a> Evaluation<'a> {
@@ -225,7 +225,7 @@ impl<'a> Evaluation<'a> {
     #[must_use]
     pub fn refusal(&self) -> Option<&Refusal> {
         self.checks.iter().find_map(|(_, o)| match o {
-            Outcome::Failed(r) => Some(r),
+            CheckOutcome::Failed(r) => Some(r),
             _ => None,
         })
     }
@@ -237,7 +237,7 @@ impl<'a> Evaluation<'a> {
             && self
                 .checks
                 .iter()
-                .all(|(_, o)| matches!(o, Outcome::Passed { .. }))
+                .all(|(_, o)| matches!(o, CheckOutcome::Passed { .. }))
     }
 
     /// The payload, if admissible.
@@ -253,7 +253,7 @@ impl<'a> Evaluation<'a> {
     fn pass(&mut self, check: Check, detail: impl Into<String>) {
         self.checks.push((
             check,
-            Outcome::Passed {
+            CheckOutcome::Passed {
                 detail: detail.into(),
             },
         ));
@@ -261,9 +261,9 @@ impl<'a> Evaluation<'a> {
 
     fn fail(mut self, r: Refusal) -> Self {
         let check = r.check;
-        self.checks.push((check, Outcome::Failed(r)));
+        self.checks.push((check, CheckOutcome::Failed(r)));
         for c in Check::ALL.iter().skip_while(|c| **c != check).skip(1) {
-            self.checks.push((*c, Outcome::NotReached));
+            self.checks.push((*c, CheckOutcome::NotReached));
         }
         self
     }
@@ -401,7 +401,7 @@ pub fn evaluate<'a>(bytes: &'a [u8], ctx: &mut Context<'_>) -> Evaluation<'a> {
             for c in [Check::Device, Check::Tenant, Check::Vm] {
                 ev.checks.push((
                     c,
-                    Outcome::NotChecked {
+                    CheckOutcome::NotChecked {
                         detail: "no destination given (--device and --vm)".into(),
                     },
                 ));
@@ -682,7 +682,7 @@ mod tests {
         assert!(
             ev.checks[i + 1..]
                 .iter()
-                .all(|(_, o)| *o == Outcome::NotReached)
+                .all(|(_, o)| *o == CheckOutcome::NotReached)
         );
         assert_eq!(ev.checks.len(), Check::ALL.len());
         r
@@ -946,7 +946,7 @@ mod tests {
         let skipped: Vec<Check> = ev
             .checks
             .iter()
-            .filter(|(_, o)| matches!(o, Outcome::NotChecked { .. }))
+            .filter(|(_, o)| matches!(o, CheckOutcome::NotChecked { .. }))
             .map(|(c, _)| *c)
             .collect();
         assert_eq!(skipped, [Check::Device, Check::Tenant, Check::Vm]);

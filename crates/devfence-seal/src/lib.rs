@@ -24,7 +24,7 @@ pub mod format;
 pub mod keys;
 
 pub use admit::{
-    Check, Context, Destination, Evaluation, NonceUse, Outcome, Refusal, evaluate, utc,
+    Check, CheckOutcome, Context, Destination, Evaluation, NonceUse, Refusal, evaluate, utc,
 };
 pub use device::{DescribeError, compare, describe};
 pub use format::{

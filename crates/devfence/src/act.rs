@@ -12,7 +12,7 @@ use devfence_host::HostRoot;
 use devfence_host::actuator::{ApMaskKind, ApResource, MaskEdit};
 use devfence_model::{Bdf, MdevUuid};
 
-use crate::Outcome;
+use crate::Exit;
 use crate::cli::{
     ActFlags, ApAssignArgs, ApCommand, ApMaskArgs, BindArgs, MdevCommand, ResetArgs, UnbindArgs,
     VfsArgs,
@@ -36,7 +36,7 @@ fn act(
     flags: &ActFlags,
     action: &Action,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let opts = ActOptions {
         dry_run: flags.dry_run,
         force: flags.force,
@@ -45,7 +45,7 @@ fn act(
     render(acted, flags.json, out)
 }
 
-fn render(a: Acted, json: bool, out: &mut dyn Write) -> Result<Outcome> {
+fn render(a: Acted, json: bool, out: &mut dyn Write) -> Result<Exit> {
     for n in &a.notes {
         writeln!(out, "{n}")?;
     }
@@ -73,7 +73,7 @@ fn render(a: Acted, json: bool, out: &mut dyn Write) -> Result<Outcome> {
             }
         }
         a.result.map_err(AppError::Act)?;
-        return Ok(Outcome::Ok);
+        return Ok(Exit::Ok);
     }
     let done = a.result.map_err(AppError::Act)?;
     if json {
@@ -88,7 +88,7 @@ fn render(a: Acted, json: bool, out: &mut dyn Write) -> Result<Outcome> {
     } else {
         writeln!(out, "{what} ({}): {done}", a.kernel)?;
     }
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
 /// `devfence bind`.
@@ -97,7 +97,7 @@ pub fn bind(
     ledger: Option<&Path>,
     a: &BindArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let action = Action::Bind {
         device: bdf(&a.device)?,
         driver: a.driver.clone(),
@@ -112,7 +112,7 @@ pub fn unbind(
     ledger: Option<&Path>,
     a: &UnbindArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let action = Action::Unbind {
         device: bdf(&a.device)?,
         with_group: a.with_group,
@@ -126,7 +126,7 @@ pub fn vfs(
     ledger: Option<&Path>,
     a: &VfsArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let action = Action::SetVfs {
         pf: bdf(&a.pf)?,
         count: a.count,
@@ -140,7 +140,7 @@ pub fn reset(
     ledger: Option<&Path>,
     a: &ResetArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let action = Action::Reset {
         device: bdf(&a.device)?,
     };
@@ -153,7 +153,7 @@ pub fn mdev(
     ledger: Option<&Path>,
     c: &MdevCommand,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     match c {
         MdevCommand::Create {
             parent,
@@ -195,7 +195,7 @@ pub fn ap(
     ledger: Option<&Path>,
     c: &ApCommand,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     match c {
         ApCommand::Assign(a) | ApCommand::Unassign(a) => {
             let action = Action::ApMatrix {
@@ -214,7 +214,7 @@ fn mask(
     ledger: Option<&Path>,
     a: &ApMaskArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let mut edits = Vec::new();
     if let Some(e) = &a.apmask {
         edits.push((

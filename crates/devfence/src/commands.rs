@@ -8,7 +8,7 @@ use clap::CommandFactory;
 use devfence_host::{HostRoot, sim};
 use devfence_model::{Finding, Inventory, Severity, VfioNodeKind};
 
-use crate::Outcome;
+use crate::Exit;
 use crate::cli::{
     CheckArgs, Cli, Command, DemoArgs, GenerateArgs, InventoryArgs, RulesArgs, SimCommand,
 };
@@ -19,7 +19,7 @@ use devfence_app::check::{CheckRequest, Summary};
 pub use devfence_app::check::DEFAULT_TENANCY;
 
 /// Runs the command `cli` names.
-pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Outcome> {
+pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Exit> {
     // `--sim PROFILE`: a fresh simulated host in a temporary directory, removed at exit.
     let _sim_dir;
     let root = match &cli.sim {
@@ -74,11 +74,11 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Outcome> {
         ),
         Command::Man => {
             clap_mangen::Man::new(Cli::command()).render(out)?;
-            Ok(Outcome::Ok)
+            Ok(Exit::Ok)
         }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "devfence", out);
-            Ok(Outcome::Ok)
+            Ok(Exit::Ok)
         }
     }
 }
@@ -93,7 +93,7 @@ fn scratch_base() -> PathBuf {
     }
 }
 
-fn inventory(root: &HostRoot, a: &InventoryArgs, out: &mut dyn Write) -> Result<Outcome> {
+fn inventory(root: &HostRoot, a: &InventoryArgs, out: &mut dyn Write) -> Result<Exit> {
     let inv = devfence_app::check::inventory(root, a.probe_migration)?;
     if a.json {
         serde_json::to_writer_pretty(&mut *out, &inv)?;
@@ -109,7 +109,7 @@ fn inventory(root: &HostRoot, a: &InventoryArgs, out: &mut dyn Write) -> Result<
             writeln!(out, "migration {}: {what}", m.device)?;
         }
     }
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
 fn opt<T: ToString>(v: Option<&T>) -> String {
@@ -401,7 +401,7 @@ fn check(
     ledger: Option<&Path>,
     a: &CheckArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let req = CheckRequest {
         tenancy: a.tenancy.clone(),
         fabric: a.fabric,
@@ -447,13 +447,13 @@ fn check(
         )?;
     }
     Ok(if summary.errors > 0 {
-        Outcome::Findings
+        Exit::Findings
     } else {
-        Outcome::Ok
+        Exit::Ok
     })
 }
 
-fn rules(a: &RulesArgs, out: &mut dyn Write) -> Result<Outcome> {
+fn rules(a: &RulesArgs, out: &mut dyn Write) -> Result<Exit> {
     // The host rules, then the fabric rules of `check --fabric`.
     let all: Vec<(&str, Severity, &str)> = devfence_policy::RULES
         .iter()
@@ -482,10 +482,10 @@ fn rules(a: &RulesArgs, out: &mut dyn Write) -> Result<Outcome> {
         }
         t.write(out)?;
     }
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
-fn generate(a: &GenerateArgs, out: &mut dyn Write) -> Result<Outcome> {
+fn generate(a: &GenerateArgs, out: &mut dyn Write) -> Result<Exit> {
     let profile: sim::Profile = a.profile.parse()?;
     let opts = sim::GenerateOptions {
         profile,
@@ -499,16 +499,16 @@ fn generate(a: &GenerateArgs, out: &mut dyn Write) -> Result<Outcome> {
         a.out.display()
     )?;
     writeln!(out, "next: devfence --root {} check", a.out.display())?;
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
-fn profiles(out: &mut dyn Write) -> Result<Outcome> {
+fn profiles(out: &mut dyn Write) -> Result<Exit> {
     let mut t = Table::new(&["PROFILE", "WHAT IT MODELS"]);
     for p in sim::Profile::ALL {
         t.row(vec![p.to_string(), p.description().to_string()]);
     }
     t.write(out)?;
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
 /// The profiles the demo walks through (all but `scale`, which is for benchmarks).
@@ -520,7 +520,7 @@ const DEMO_PROFILES: [sim::Profile; 5] = [
     sim::Profile::S390Ap,
 ];
 
-fn demo(a: &DemoArgs, out: &mut dyn Write) -> Result<Outcome> {
+fn demo(a: &DemoArgs, out: &mut dyn Write) -> Result<Exit> {
     let tmp;
     let base: PathBuf = match &a.keep {
         Some(dir) => {
@@ -601,7 +601,7 @@ fn demo(a: &DemoArgs, out: &mut dyn Write) -> Result<Outcome> {
             "Keep the hosts with --keep DIR to explore them with inventory and check."
         )?,
     }
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
 /// The second part of the demo: act on a host through the simulated kernel and

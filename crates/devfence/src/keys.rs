@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use devfence_host::HostRoot;
 use devfence_seal::{Fingerprint, HostKey, PublicKey, PublicLine, utc};
 
-use crate::Outcome;
+use crate::Exit;
 use crate::table::Table;
 use devfence_app::keystore::{load_host_key, load_keyring, now_ms};
 
@@ -120,7 +120,7 @@ pub fn run(
     ledger: Option<&Path>,
     c: &KeysCommand,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     match c {
         KeysCommand::Init(a) => init(root, ledger, a, out),
         KeysCommand::Show { json } => show(root, *json, out),
@@ -148,7 +148,7 @@ fn init(
     ledger: Option<&Path>,
     a: &KeysInitArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let made = devfence_app::keys::init(root, ledger, a.host_id.as_deref())?;
     let key = &made.key;
     if a.json {
@@ -166,10 +166,10 @@ fn init(
             key.public_line()
         )?;
     }
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
-fn show(root: &HostRoot, json: bool, out: &mut dyn Write) -> Result<Outcome> {
+fn show(root: &HostRoot, json: bool, out: &mut dyn Write) -> Result<Exit> {
     let key = load_host_key(root)?;
     if json {
         serde_json::to_writer_pretty(&mut *out, &key_json(&key))?;
@@ -183,15 +183,10 @@ fn show(root: &HostRoot, json: bool, out: &mut dyn Write) -> Result<Outcome> {
             utc(key.created_ms())
         )?;
     }
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
-fn rotate(
-    root: &HostRoot,
-    ledger: Option<&Path>,
-    json: bool,
-    out: &mut dyn Write,
-) -> Result<Outcome> {
+fn rotate(root: &HostRoot, ledger: Option<&Path>, json: bool, out: &mut dyn Write) -> Result<Exit> {
     let devfence_app::keys::Rotated { old, new, at_ms } = devfence_app::keys::rotate(root, ledger)?;
     if json {
         let mut v = key_json(&new);
@@ -211,7 +206,7 @@ fn rotate(
             new.public_line()
         )?;
     }
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
 fn trust_add(
@@ -219,7 +214,7 @@ fn trust_add(
     ledger: Option<&Path>,
     a: &TrustAddArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let line: PublicLine = match (&a.from, &a.key, &a.host) {
         (Some(file), _, _) => {
             let bytes = if file.as_os_str() == "-" {
@@ -282,7 +277,7 @@ fn trust_add(
             )?;
         }
     }
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
 fn trust_remove(
@@ -291,7 +286,7 @@ fn trust_remove(
     fingerprint: &str,
     json: bool,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let fp: Fingerprint = fingerprint.parse().map_err(|e: String| anyhow!("{e}"))?;
     let removed = devfence_app::keys::trust_remove(root, ledger, &fp)?;
     if json {
@@ -304,10 +299,10 @@ fn trust_remove(
             removed.host
         )?;
     }
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
-fn trust_list(root: &HostRoot, json: bool, out: &mut dyn Write) -> Result<Outcome> {
+fn trust_list(root: &HostRoot, json: bool, out: &mut dyn Write) -> Result<Exit> {
     let ring = load_keyring(root)?;
     let now = now_ms();
     if json {
@@ -322,14 +317,14 @@ fn trust_list(root: &HostRoot, json: bool, out: &mut dyn Write) -> Result<Outcom
             .collect();
         serde_json::to_writer_pretty(&mut *out, &v)?;
         writeln!(out)?;
-        return Ok(Outcome::Ok);
+        return Ok(Exit::Ok);
     }
     if ring.keys.is_empty() {
         writeln!(
             out,
             "no trusted keys: this host admits no envelope (`devfence keys trust add`)"
         )?;
-        return Ok(Outcome::Ok);
+        return Ok(Exit::Ok);
     }
     let mut t = Table::new(&["HOST", "FINGERPRINT", "STATUS", "TRUSTED", "RETIRED"]);
     for k in &ring.keys {
@@ -342,5 +337,5 @@ fn trust_list(root: &HostRoot, json: bool, out: &mut dyn Write) -> Result<Outcom
         ]);
     }
     t.write(out)?;
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }

@@ -16,7 +16,7 @@ use devfence_engine::{AuditFilter, DeviceState, GuidRange, StepState, StoreExt, 
 use devfence_host::HostRoot;
 use devfence_model::{DeviceId, Guid, Membership, PKey, TenantId};
 
-use crate::Outcome;
+use crate::Exit;
 use crate::cli::{
     AssignArgs, AuditCommand, GuidPoolArgs, HandoverArgs, HookCommand, OpFlags, PlanArgs,
     RecoverArgs, ReleaseArgs, StatusArgs, TenantAddArgs, TenantCommand,
@@ -47,7 +47,7 @@ fn show_notices(env: &Env) {
 }
 
 /// `devfence init`.
-pub fn init(root: &HostRoot, ledger: Option<&Path>, out: &mut dyn Write) -> Result<Outcome> {
+pub fn init(root: &HostRoot, ledger: Option<&Path>, out: &mut dyn Write) -> Result<Exit> {
     let path = devfence_app::env::init(root, ledger)?;
     writeln!(
         out,
@@ -55,7 +55,7 @@ pub fn init(root: &HostRoot, ledger: Option<&Path>, out: &mut dyn Write) -> Resu
         path.display(),
         devfence_engine::audit::head_path(&path).display()
     )?;
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
 fn config(op: &OpFlags) -> Result<EngineConfig> {
@@ -218,7 +218,7 @@ fn report(
     json: bool,
     what: &str,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     match res {
         Ok(done) => {
             if json {
@@ -237,7 +237,7 @@ fn report(
                     )?;
                 }
             }
-            Ok(Outcome::Ok)
+            Ok(Exit::Ok)
         }
         Err(e) => {
             if json {
@@ -259,7 +259,7 @@ fn run_op(
     what: &str,
     out: &mut dyn Write,
     req: &devfence_app::lifecycle::Request,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let f = |e: &mut Engine<'_>| devfence_app::lifecycle::run(e, req);
     let cfg = config(op)?;
     let mut env = open_env(root, ledger)?;
@@ -286,7 +286,7 @@ pub fn assign(
     ledger: Option<&Path>,
     a: &AssignArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let dev = parse_device(&a.device)?;
     let t = parse_tenant(&a.tenant)?;
     let req = devfence_app::lifecycle::Request::Assign {
@@ -303,7 +303,7 @@ pub fn handover(
     ledger: Option<&Path>,
     a: &HandoverArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let dev = parse_device(&a.device)?;
     let t = parse_tenant(&a.to)?;
     let req = devfence_app::lifecycle::Request::Handover {
@@ -320,7 +320,7 @@ pub fn release(
     ledger: Option<&Path>,
     a: &ReleaseArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let dev = parse_device(&a.device)?;
     let req = devfence_app::lifecycle::Request::Release { device: dev };
     run_op(root, ledger, &a.op, "release", out, &req)
@@ -358,7 +358,7 @@ pub fn tenant(
     ledger: Option<&Path>,
     c: &TenantCommand,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     match c {
         TenantCommand::Add(a) => tenant_add(root, ledger, a, out),
         TenantCommand::List { json } => {
@@ -386,14 +386,14 @@ pub fn tenant(
                 }
                 t.write(out)?;
             }
-            Ok(Outcome::Ok)
+            Ok(Exit::Ok)
         }
         TenantCommand::Remove { id } => {
             let id = parse_tenant(id)?;
             let mut store = open_store(root, ledger, false)?;
             devfence_app::tenant::remove(&mut store, &id)?;
             writeln!(out, "tenant {id} removed")?;
-            Ok(Outcome::Ok)
+            Ok(Exit::Ok)
         }
     }
 }
@@ -403,7 +403,7 @@ fn tenant_add(
     ledger: Option<&Path>,
     a: &TenantAddArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let id = parse_tenant(&a.id)?;
     let (u, g) = a.launcher.split_once(':').ok_or_else(|| {
         anyhow!(
@@ -439,7 +439,7 @@ fn tenant_add(
     let mut env = open_env_or_create(root, ledger)?;
     devfence_app::tenant::add(&mut env.engine(EngineConfig::default()), &t)?;
     writeln!(out, "tenant {id} added (launcher {uid}:{gid})")?;
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
 /// `devfence status`.
@@ -448,7 +448,7 @@ pub fn status(
     ledger: Option<&Path>,
     a: &StatusArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let mut env = open_env(root, ledger)?;
     let devfence_app::lifecycle::Status {
         devices,
@@ -472,7 +472,7 @@ pub fn status(
             }),
         )?;
         writeln!(out)?;
-        return Ok(Outcome::Ok);
+        return Ok(Exit::Ok);
     }
     writeln!(out, "ledger: {}", env.ledger_path.display())?;
     let mut t = Table::new(&["DEVICE", "STATE", "TENANT", "VM"]);
@@ -532,7 +532,7 @@ pub fn status(
         }
         Err(e) => writeln!(out, "SM: {sm_backend} — {e}")?,
     }
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
 /// `devfence plan`.
@@ -541,7 +541,7 @@ pub fn plan(
     ledger: Option<&Path>,
     a: &PlanArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let dev = parse_device(&a.device)?;
     let to = a.to.as_deref().map(parse_tenant).transpose()?;
     let mut env = open_env(root, ledger)?;
@@ -568,7 +568,7 @@ pub fn plan(
             writeln!(out, "  {:>2}. {:<20} {}", i + 1, s.name, s.what)?;
         }
     }
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
 /// `devfence recover`.
@@ -577,7 +577,7 @@ pub fn recover(
     ledger: Option<&Path>,
     a: &RecoverArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     // No ledger at all (nor a -wal of one): devfence never acted here.
     let path = ledger_path(root, ledger)?;
     if !devfence_app::env::ledger_present(&path) {
@@ -590,7 +590,7 @@ pub fn recover(
                 path.display()
             )?;
         }
-        return Ok(Outcome::Ok);
+        return Ok(Exit::Ok);
     }
     let mut env = open_env(root, ledger)?;
     let mut sink = Vec::new();
@@ -608,7 +608,7 @@ pub fn recover(
     if a.json {
         serde_json::to_writer_pretty(&mut *out, &rec)?;
         writeln!(out)?;
-        return Ok(Outcome::Ok);
+        return Ok(Exit::Ok);
     }
     if rec.is_empty() {
         writeln!(out, "nothing to recover: no unfinished operation")?;
@@ -627,7 +627,7 @@ pub fn recover(
                 .map_or(String::new(), |p| format!(" — {p}"))
         )?;
     }
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
 /// `devfence audit …`.
@@ -636,7 +636,7 @@ pub fn audit(
     ledger: Option<&Path>,
     c: &AuditCommand,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let mut store = open_store(root, ledger, false)?;
     match c {
         AuditCommand::Head { json } => {
@@ -668,7 +668,7 @@ pub fn audit(
                     "# keep this line elsewhere; `devfence audit verify --head SEQ:HASH` checks the chain still reaches it"
                 )?;
             }
-            Ok(Outcome::Ok)
+            Ok(Exit::Ok)
         }
         AuditCommand::Verify { json, head } => {
             let external = head.as_deref().map(parse_head).transpose()?;
@@ -707,7 +707,7 @@ pub fn audit(
                             )?;
                         }
                     }
-                    Ok(Outcome::Ok)
+                    Ok(Exit::Ok)
                 }
                 devfence_app::audit::Verified::Broken(e) => {
                     if *json {
@@ -720,7 +720,7 @@ pub fn audit(
                         writeln!(out, "audit chain NOT intact: {e}")?;
                     }
                     eprintln!("{e}");
-                    Ok(Outcome::Findings)
+                    Ok(Exit::Findings)
                 }
             }
         }
@@ -748,7 +748,7 @@ pub fn audit(
                     _ => writeln!(out, "nothing to prune; {} record(s) kept", rep.kept)?,
                 }
             }
-            Ok(Outcome::Ok)
+            Ok(Exit::Ok)
         }
         AuditCommand::Show {
             device,
@@ -777,7 +777,7 @@ pub fn audit(
                 }
                 writeln!(out, "{} record(s)", recs.len())?;
             }
-            Ok(Outcome::Ok)
+            Ok(Exit::Ok)
         }
     }
 }
@@ -802,7 +802,7 @@ pub fn guid_pool(
     ledger: Option<&Path>,
     a: &GuidPoolArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let mut env = if a.set.is_some() {
         open_env_or_create(root, ledger)?
     } else {
@@ -844,7 +844,7 @@ pub fn guid_pool(
             None => writeln!(out, "GUID pool: not set")?,
         }
     }
-    Ok(Outcome::Ok)
+    Ok(Exit::Ok)
 }
 
 /// `devfence hook qemu`.
@@ -853,7 +853,7 @@ pub fn hook(
     ledger: Option<&Path>,
     c: &HookCommand,
     stdin: &mut dyn Read,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let HookCommand::Qemu {
         domain,
         operation,
@@ -861,7 +861,7 @@ pub fn hook(
         ..
     } = c;
     let Some(call) = devfence_app::hook::Call::of(operation, subop) else {
-        return Ok(Outcome::Ok);
+        return Ok(Exit::Ok);
     };
     // At most 4 MiB: more is an error, never a silently cut document.
     let xml =
@@ -873,14 +873,14 @@ pub fn hook(
         eprintln!("devfence: {n}");
     }
     match decision {
-        Decision::Allowed => Ok(Outcome::Ok),
+        Decision::Allowed => Ok(Exit::Ok),
         Decision::Refused(r) => {
             eprintln!("{r}");
-            Ok(Outcome::Refused)
+            Ok(Exit::Refused)
         }
         Decision::TeardownFailed(failures) => {
             eprintln!("devfence: teardown of {domain}: {}", failures.join("; "));
-            Ok(Outcome::Refused)
+            Ok(Exit::Refused)
         }
     }
 }

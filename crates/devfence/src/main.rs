@@ -25,9 +25,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// What a command asks the process to exit with.
+/// What a command asks the process to exit with (the exit status table is in the README).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Exit {
     /// Exit 0.
     Ok,
     /// Exit 1: `check` found error-severity findings.
@@ -52,8 +52,8 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     match result {
-        Ok(Outcome::Ok) => ExitCode::SUCCESS,
-        Ok(Outcome::Findings | Outcome::Refused) => ExitCode::from(1),
+        Ok(Exit::Ok) => ExitCode::SUCCESS,
+        Ok(Exit::Findings | Exit::Refused) => ExitCode::from(1),
         Err(err) => {
             eprintln!("{}", safeout::escape_controls(&render_error(&err)));
             ExitCode::from(2)

@@ -11,7 +11,7 @@ use devfence_host::HostRoot;
 use devfence_model::DeviceId;
 use devfence_seal::VmUuid;
 
-use crate::Outcome;
+use crate::Exit;
 use crate::state::{AdmitArgs, DEFAULT_TTL};
 
 /// `devfence state save`.
@@ -38,7 +38,7 @@ pub fn save_cmd(
     ledger: Option<&Path>,
     a: &SaveArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let r = SealRequest {
         dev: a.device.parse().map_err(|e| anyhow!("{e}"))?,
         vm: a.vm.parse::<VmUuid>().map_err(|e| anyhow!("--vm {e}"))?,
@@ -55,7 +55,7 @@ pub fn load_cmd(
     ledger: Option<&Path>,
     a: &AdmitArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let req = AdmitRequest {
         envelope: a.envelope.clone(),
         device: a.device.parse::<DeviceId>().map_err(|e| anyhow!("{e}"))?,

@@ -9,7 +9,7 @@ use devfence_engine::engine::{Check, Reverification};
 use devfence_host::HostRoot;
 use devfence_model::DeviceId;
 
-use crate::Outcome;
+use crate::Exit;
 use crate::cli::VerifyArgs;
 use crate::table::Table;
 
@@ -23,7 +23,7 @@ pub fn verify(
     ledger: Option<&Path>,
     a: &VerifyArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let device = match a.device.as_deref() {
         Some(s) => Some(s.parse::<DeviceId>().map_err(|e| {
             anyhow!("--device {s:?}: {e}. Hint: give a BDF (0000:3b:00.1) or an mdev UUID as `devfence status` lists it")
@@ -58,9 +58,9 @@ pub fn verify(
         }
     }
     Ok(if rv.all_verified() {
-        Outcome::Ok
+        Exit::Ok
     } else {
-        Outcome::Findings
+        Exit::Findings
     })
 }
 

@@ -21,9 +21,9 @@ use devfence_app::state::{
 };
 use devfence_host::HostRoot;
 use devfence_model::DeviceId;
-use devfence_seal::{Outcome as CheckOutcome, VmUuid, utc};
+use devfence_seal::{CheckOutcome, VmUuid, utc};
 
-use crate::Outcome;
+use crate::Exit;
 
 /// `devfence state …`.
 #[derive(Debug, Subcommand)]
@@ -144,7 +144,7 @@ pub fn run(
     ledger: Option<&Path>,
     c: &StateCommand,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     match c {
         StateCommand::Seal(a) => seal_cmd(root, ledger, a, out),
         StateCommand::Admit(a) => admit_with(root, ledger, a, out, None),
@@ -161,7 +161,7 @@ fn seal_cmd(
     ledger: Option<&Path>,
     a: &SealArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let r = SealRequest {
         dev: parse_device(&a.device)?,
         vm: parse_vm(&a.vm)?,
@@ -178,7 +178,7 @@ pub(crate) fn render_sealed(
     sealed: &Sealed,
     json: bool,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let (dev, vm) = (r.dev, r.vm);
     match sealed {
         Sealed::Refused { reason, hint } => {
@@ -192,7 +192,7 @@ pub(crate) fn render_sealed(
                 let verb = r.action.replace('-', " ");
                 eprintln!("devfence: {verb} refused: {reason}. Hint: {hint}");
             }
-            Ok(Outcome::Refused)
+            Ok(Exit::Refused)
         }
         Sealed::Done {
             id,
@@ -235,7 +235,7 @@ pub(crate) fn render_sealed(
                     },
                 )?;
             }
-            Ok(Outcome::Ok)
+            Ok(Exit::Ok)
         }
     }
 }
@@ -262,7 +262,7 @@ pub(crate) fn admit_with(
     a: &AdmitArgs,
     out: &mut dyn Write,
     loader: Option<&mut dyn DeviceLoader>,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let req = AdmitRequest {
         envelope: a.envelope.clone(),
         device: parse_device(&a.device)?,
@@ -277,7 +277,7 @@ pub(crate) fn render_admitted(
     admitted: &Admitted,
     json: bool,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let Admitted {
         path,
         action,
@@ -319,7 +319,7 @@ pub(crate) fn render_admitted(
                     final_path.display()
                 )?;
             }
-            Ok(Outcome::Ok)
+            Ok(Exit::Ok)
         }
         Admission::Loaded {
             header,
@@ -355,7 +355,7 @@ pub(crate) fn render_admitted(
                     "loaded {bytes} bytes into {dev} through its VFIO migration interface: {done}"
                 )?;
             }
-            Ok(Outcome::Ok)
+            Ok(Exit::Ok)
         }
         Admission::Unloadable { reason, hint } => {
             if json {
@@ -378,7 +378,7 @@ pub(crate) fn render_admitted(
                     path.display()
                 );
             }
-            Ok(Outcome::Refused)
+            Ok(Exit::Refused)
         }
         Admission::Refused(r) => {
             if json {
@@ -399,7 +399,7 @@ pub(crate) fn render_admitted(
                 let verb = action.replace('-', " ");
                 eprintln!("devfence: {verb} {}: {r}", path.display());
             }
-            Ok(Outcome::Refused)
+            Ok(Exit::Refused)
         }
     }
 }
@@ -409,7 +409,7 @@ fn inspect_cmd(
     ledger: Option<&Path>,
     a: &InspectArgs,
     out: &mut dyn Write,
-) -> Result<Outcome> {
+) -> Result<Exit> {
     let target = match (&a.device, &a.vm) {
         (Some(d), Some(v)) => Some((parse_device(d)?, parse_vm(v)?)),
         _ => None,
@@ -418,7 +418,7 @@ fn inspect_cmd(
     render_inspection(&i, a.json, out)
 }
 
-fn render_inspection(i: &Inspection, json: bool, out: &mut dyn Write) -> Result<Outcome> {
+fn render_inspection(i: &Inspection, json: bool, out: &mut dyn Write) -> Result<Exit> {
     let (path, report) = (&i.path, &i.report);
     let verdict = i.verdict();
     if json {
@@ -469,8 +469,8 @@ fn render_inspection(i: &Inspection, json: bool, out: &mut dyn Write) -> Result<
         writeln!(out, "{verdict}")?;
     }
     Ok(if report.refusal.is_some() {
-        Outcome::Refused
+        Exit::Refused
     } else {
-        Outcome::Ok
+        Exit::Ok
     })
 }

@@ -52,7 +52,7 @@ fn domain_xml(name: &str, tenant: &str, bdf: (u8, u8, u8)) -> String {
 
 /// Calls the qemu hook as libvirt would, for globex's domain `name` using VF
 /// 0000:3b:00.1 (the caller closes its ledger first: the hook is another process).
-fn call_hook(root: &HostRoot, name: &str, op: &str, subop: &str) -> Result<crate::Outcome> {
+fn call_hook(root: &HostRoot, name: &str, op: &str, subop: &str) -> Result<crate::Exit> {
     let xml = domain_xml(name, "globex", (0x3b, 0, 1));
     let c = HookCommand::Qemu {
         domain: name.into(),
