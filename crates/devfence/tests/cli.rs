@@ -8,54 +8,18 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn devfence() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_devfence"));
-    c.env_remove("DEVFENCE_ROOT");
-    c
-}
+use devfence_testsupport::{run, stderr, stdout};
 
-fn run(args: &[&str]) -> Output {
-    devfence().args(args).output().expect("run devfence")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A scratch directory: `$TMPDIR` when set, else `/dev/shm` (sysfs is in memory, and
-/// so are the fixtures: writing the scale profile to a disk filesystem is slow).
 fn scratch() -> tempfile::TempDir {
-    let base = match std::env::var_os("TMPDIR") {
-        Some(t) => PathBuf::from(t),
-        None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
-        None => std::env::temp_dir(),
-    };
-    tempfile::Builder::new()
-        .prefix("devfence-test-")
-        .tempdir_in(base)
-        .unwrap()
+    devfence_testsupport::scratch("devfence-test-")
 }
 
 /// Generates `profile` into a fresh temp dir and returns (guard, host root).
 fn host(profile: &str, extra: &[&str]) -> (tempfile::TempDir, PathBuf) {
     let tmp = scratch();
     let root = tmp.path().join("host");
-    let mut args = vec![
-        "sim",
-        "generate",
-        "--profile",
-        profile,
-        "--out",
-        root.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let o = run(&args);
-    assert!(o.status.success(), "generate {profile}: {}", stderr(&o));
+    devfence_testsupport::generate(profile, &root, extra);
     (tmp, root)
 }
 

@@ -8,9 +8,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use devfence_testsupport::{dv, json, ok, refused, text, trust};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use devfence_host::HostRoot;
 use devfence_host::migration::{MigState, MigTarget, MigrationDevice};
@@ -36,79 +36,21 @@ const WRITES: &[(u64, u8)] = &[
     (1, 0x05),
 ];
 
-fn dv(root: &Path, args: &[&str]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_devfence"));
-    c.env_remove("DEVFENCE_ROOT").env_remove("DEVFENCE_LEDGER");
-    c.arg("--root").arg(root).args(args);
-    c.output().expect("run devfence")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-#[track_caller]
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "{}", text(o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-#[track_caller]
-fn refused(o: &Output) -> String {
-    assert_eq!(o.status.code(), Some(1), "{}", text(o));
-    text(o)
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(o)))
-}
-
 fn scratch() -> tempfile::TempDir {
-    let base = match std::env::var_os("TMPDIR") {
-        Some(t) => PathBuf::from(t),
-        None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
-        None => std::env::temp_dir(),
-    };
-    tempfile::Builder::new()
-        .prefix("devfence-mig-")
-        .tempdir_in(base)
-        .unwrap()
+    devfence_testsupport::scratch("devfence-mig-")
 }
 
 /// A simulated `testbed` host named `id` on kernel `release`, with tenants
 /// acme and globex and a host key.
 fn host(tmp: &Path, id: &str, release: &str) -> PathBuf {
     let root = tmp.join(id);
-    ok(&dv(
-        Path::new("/"),
-        &[
-            "sim",
-            "generate",
-            "--profile",
-            "testbed",
-            "--out",
-            root.to_str().unwrap(),
-        ],
-    ));
+    devfence_testsupport::generate("testbed", &root, &[]);
     fs::write(
         root.join("proc/sys/kernel/osrelease"),
         format!("{release}\n"),
     )
     .unwrap();
-    for (t, uid, pk) in [
-        ("acme", "107:107", "0x8001"),
-        ("globex", "108:108", "0x8002"),
-    ] {
-        ok(&dv(
-            &root,
-            &["tenant", "add", t, "--launcher", uid, "--partition", pk],
-        ));
-    }
+    devfence_testsupport::add_tenants(&root, 2);
     ok(&dv(&root, &["keys", "init", "--host-id", id]));
     root
 }
@@ -138,16 +80,6 @@ fn mdev_for(root: &Path, ty: &str, tenant: &str) -> String {
         .into_iter()
         .find(|m| s.contains(m.as_str()))
         .unwrap_or_else(|| panic!("no assigned mdev in {s}"))
-}
-
-fn trust(h1: &Path, h2: &Path, tmp: &Path) {
-    let line = ok(&dv(h1, &["keys", "show"]));
-    let f = tmp.join(format!("{}.pub", h1.file_name().unwrap().to_string_lossy()));
-    fs::write(&f, line).unwrap();
-    ok(&dv(
-        h2,
-        &["keys", "trust", "add", "--from", f.to_str().unwrap()],
-    ));
 }
 
 fn sim_device(root: &Path, uuid: &str) -> (SimKernel, devfence_host::simkernel::SimMigDevice) {

@@ -4,55 +4,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn dv(root: &Path, args: &[&str]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_devfence"));
-    c.env_remove("DEVFENCE_ROOT").env_remove("DEVFENCE_LEDGER");
-    c.arg("--root").arg(root).args(args);
-    c.output().expect("run devfence")
-}
+use devfence_testsupport::{dv, ok, stderr, stdout};
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-#[track_caller]
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    text(&o.stdout)
-}
-
+/// A simulated `lab` host with a host key and three tenants.
 fn lab(tmp: &Path) -> PathBuf {
     let root = tmp.join("h1");
-    ok(&dv(
-        Path::new("/"),
-        &[
-            "sim",
-            "generate",
-            "--profile",
-            "lab",
-            "--out",
-            root.to_str().unwrap(),
-        ],
-    ));
+    devfence_testsupport::generate("lab", &root, &[]);
     ok(&dv(&root, &["keys", "init", "--host-id", "h1"]));
-    for (t, uid, pkey) in [
-        ("acme", "107:107", "0x8001"),
-        ("globex", "108:108", "0x8002"),
-        ("initech", "109:109", "0x8003"),
-    ] {
-        ok(&dv(
-            &root,
-            &["tenant", "add", t, "--launcher", uid, "--partition", pkey],
-        ));
-    }
+    devfence_testsupport::add_tenants(&root, 3);
     root
 }
 
@@ -77,16 +37,8 @@ fn audit_prune_keeps_a_signed_chain_verifiable() {
     assert!(v.contains("intact: 3 records"), "{v}");
     let refused = dv(&root, &["audit", "prune", "--keep", "0"]);
     assert!(!refused.status.success());
-    assert!(
-        text(&refused.stderr).contains("Hint:"),
-        "{}",
-        text(&refused.stderr)
-    );
+    assert!(stderr(&refused).contains("Hint:"), "{}", stderr(&refused));
     let stale = dv(&root, &["audit", "verify", "--head", &old_head]);
-    assert_eq!(stale.status.code(), Some(1), "{}", text(&stale.stdout));
-    assert!(
-        text(&stale.stdout).contains("pruned"),
-        "{}",
-        text(&stale.stdout)
-    );
+    assert_eq!(stale.status.code(), Some(1), "{}", stdout(&stale));
+    assert!(stdout(&stale).contains("pruned"), "{}", stdout(&stale));
 }

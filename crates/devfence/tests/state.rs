@@ -7,10 +7,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use devfence_testsupport::{dv, ok, stderr, stdout, trust};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use devfence_seal::{Binding, Frame, Header, HostKey, Nonce, seal, sign_body};
 
@@ -23,85 +23,13 @@ const IGB_VF2: &str = "0000:5e:10.2";
 /// An mlx5 VF (kind ib-vf).
 const IB_VF: &str = "0000:3b:00.1";
 
-fn dv(root: &Path, args: &[&str]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_devfence"));
-    c.env_remove("DEVFENCE_ROOT").env_remove("DEVFENCE_LEDGER");
-    c.arg("--root").arg(root).args(args);
-    c.output().expect("run devfence")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-#[track_caller]
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        stdout(o),
-        stderr(o)
-    );
-    stdout(o)
-}
-
 fn scratch() -> tempfile::TempDir {
-    let base = match std::env::var_os("TMPDIR") {
-        Some(t) => PathBuf::from(t),
-        None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
-        None => std::env::temp_dir(),
-    };
-    tempfile::Builder::new()
-        .prefix("devfence-state-")
-        .tempdir_in(base)
-        .unwrap()
+    devfence_testsupport::scratch("devfence-state-")
 }
 
 /// A simulated `lab` host named `id` with tenants acme and globex and a host key.
 fn lab(tmp: &Path, id: &str) -> PathBuf {
-    let root = tmp.join(id);
-    ok(&dv(
-        Path::new("/"),
-        &[
-            "sim",
-            "generate",
-            "--profile",
-            "lab",
-            "--out",
-            root.to_str().unwrap(),
-        ],
-    ));
-    ok(&dv(
-        &root,
-        &[
-            "tenant",
-            "add",
-            "acme",
-            "--launcher",
-            "107:107",
-            "--partition",
-            "0x8001",
-        ],
-    ));
-    ok(&dv(
-        &root,
-        &[
-            "tenant",
-            "add",
-            "globex",
-            "--launcher",
-            "108:108",
-            "--partition",
-            "0x8002",
-        ],
-    ));
-    ok(&dv(&root, &["keys", "init", "--host-id", id]));
-    root
+    devfence_testsupport::keyed_host(tmp, id, "lab", 2)
 }
 
 fn assign(root: &Path, device: &str, tenant: &str, vm: Option<&str>) {
@@ -110,17 +38,6 @@ fn assign(root: &Path, device: &str, tenant: &str, vm: Option<&str>) {
         args.extend(["--vm", v]);
     }
     ok(&dv(root, &args));
-}
-
-/// Host 2 trusts host 1.
-fn trust(h1: &Path, h2: &Path, tmp: &Path) {
-    let line = ok(&dv(h1, &["keys", "show"]));
-    let f = tmp.join("host1.pub");
-    fs::write(&f, line).unwrap();
-    ok(&dv(
-        h2,
-        &["keys", "trust", "add", "--from", f.to_str().unwrap()],
-    ));
 }
 
 /// Seals `state` for `device` and VM on `root`; returns the envelope's path.

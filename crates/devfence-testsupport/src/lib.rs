@@ -1,0 +1,178 @@
+//! What the `devfence` binary's end-to-end tests share (issue 11 item 5): run
+//! the real binary on a simulated host, read what it printed, make scratch
+//! directories and simulated hosts with tenants and keys.
+//!
+//! Tests only: every helper panics with the command's exit status and output
+//! when something it needs fails, so a failing test says why.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::missing_panics_doc,
+    clippy::must_use_candidate
+)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `devfence` binary cargo built for this package's integration tests
+/// (`target/<profile>/devfence`, beside the test's own `deps/` directory).
+#[must_use]
+pub fn bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("the test binary's directory");
+    dir.join("devfence")
+}
+
+/// The real binary, with no root or ledger taken from the environment.
+#[must_use]
+pub fn devfence() -> Command {
+    let mut c = Command::new(bin());
+    c.env_remove("DEVFENCE_ROOT").env_remove("DEVFENCE_LEDGER");
+    c
+}
+
+/// Runs the binary with `args`.
+#[must_use]
+pub fn run(args: &[&str]) -> Output {
+    devfence().args(args).output().expect("run devfence")
+}
+
+/// Runs the binary on the host at `root` (`--root root` first).
+#[must_use]
+pub fn dv(root: &Path, args: &[&str]) -> Output {
+    devfence()
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .expect("run devfence")
+}
+
+/// Standard output as text.
+#[must_use]
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Standard error as text.
+#[must_use]
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The exit status and both outputs, for an assertion's message.
+#[must_use]
+pub fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        stdout(o),
+        stderr(o)
+    )
+}
+
+/// Standard output of a command that must have succeeded.
+#[track_caller]
+pub fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "{}", text(o));
+    stdout(o)
+}
+
+/// Everything a command that must have been refused (exit 1) printed.
+#[track_caller]
+pub fn refused(o: &Output) -> String {
+    assert_eq!(o.status.code(), Some(1), "{}", text(o));
+    text(o)
+}
+
+/// Standard output parsed as JSON.
+#[track_caller]
+#[must_use]
+pub fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(o)))
+}
+
+/// A scratch directory: `$TMPDIR` when set, else `/dev/shm` (sysfs is in
+/// memory, and so are the fixtures), else the system's temporary directory.
+#[must_use]
+pub fn scratch(prefix: &str) -> tempfile::TempDir {
+    let base = match std::env::var_os("TMPDIR") {
+        Some(t) => PathBuf::from(t),
+        None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
+        None => std::env::temp_dir(),
+    };
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(base)
+        .unwrap()
+}
+
+/// Generates a simulated host of `profile` at `root` (`extra`: more
+/// `sim generate` options).
+#[track_caller]
+pub fn generate(profile: &str, root: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "sim",
+        "generate",
+        "--profile",
+        profile,
+        "--out",
+        root.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    assert!(o.status.success(), "generate {profile}: {}", text(&o));
+}
+
+/// The tenants the tests use: id, launcher uid:gid, partition.
+pub const TENANTS: [(&str, &str, &str); 3] = [
+    ("acme", "107:107", "0x8001"),
+    ("globex", "108:108", "0x8002"),
+    ("initech", "109:109", "0x8003"),
+];
+
+/// Adds the first `n` of [`TENANTS`] to the host's ledger.
+#[track_caller]
+pub fn add_tenants(root: &Path, n: usize) {
+    for (t, uid, pkey) in TENANTS.iter().take(n) {
+        ok(&dv(
+            root,
+            &["tenant", "add", t, "--launcher", uid, "--partition", pkey],
+        ));
+    }
+}
+
+/// A simulated host of `profile` at `tmp/id` with the first `tenants` of
+/// [`TENANTS`] and a host key named `id`.
+#[track_caller]
+#[must_use]
+pub fn keyed_host(tmp: &Path, id: &str, profile: &str, tenants: usize) -> PathBuf {
+    let root = tmp.join(id);
+    generate(profile, &root, &[]);
+    add_tenants(&root, tenants);
+    ok(&dv(&root, &["keys", "init", "--host-id", id]));
+    root
+}
+
+/// Host `h2` trusts host `h1`'s key (its public line, through a file in `tmp`).
+#[track_caller]
+pub fn trust(h1: &Path, h2: &Path, tmp: &Path) {
+    let line = ok(&dv(h1, &["keys", "show"]));
+    let f = tmp.join(format!("{}.pub", h1.file_name().unwrap().to_string_lossy()));
+    fs::write(&f, line).unwrap();
+    ok(&dv(
+        h2,
+        &["keys", "trust", "add", "--from", f.to_str().unwrap()],
+    ));
+}
