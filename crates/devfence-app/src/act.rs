@@ -128,19 +128,26 @@ fn run(kernel: &Kernel, opts: ActOptions, f: &Step<'_>) -> Result<Ran> {
 // ----------------------------------------------------------------------
 // Held devices: an acting command does not change what the ledger holds.
 
-/// Every device the ledger holds (any state but `Free`); none without a ledger
-/// (an acting command never creates one).
-fn holdings(root: &HostRoot, ledger: Option<&Path>) -> Result<Vec<DeviceRecord>> {
+/// The ledger, opened the one way every command opens it (its chain heads
+/// signed with the host key), and every device it holds (any state but
+/// `Free`); none without a ledger (an acting command never creates one). A
+/// `-wal` left without its ledger is a damaged ledger: refused, never taken
+/// for "nothing held".
+fn holdings(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+) -> Result<Option<(SqliteStore, Vec<DeviceRecord>)>> {
     let path = crate::env::ledger_path(root, ledger)?;
-    if !path.exists() {
-        return Ok(Vec::new());
+    if !crate::env::ledger_present(&path) {
+        return Ok(None);
     }
-    let mut store = SqliteStore::open(&path)?;
+    let mut store = crate::env::open_store(root, ledger, false)?;
     let all = store.atomically(|tx| tx.devices())?;
-    Ok(all
+    let held = all
         .into_iter()
         .filter(|d| d.state != DeviceState::Free)
-        .collect())
+        .collect();
+    Ok(Some((store, held)))
 }
 
 /// How an action on the PCI function `t` touches the held device `held`: it is
@@ -177,7 +184,9 @@ fn guard(
     what: &str,
     touches: &dyn Fn(&Inventory, &DeviceRecord) -> Option<String>,
 ) -> Result<()> {
-    let held = holdings(root, ledger)?;
+    let Some((mut store, held)) = holdings(root, ledger)? else {
+        return Ok(());
+    };
     if held.is_empty() {
         return Ok(());
     }
@@ -206,8 +215,6 @@ fn guard(
     if flags.dry_run {
         return Ok(());
     }
-    let path = crate::env::ledger_path(root, ledger)?;
-    let mut store = SqliteStore::open(&path)?;
     store.atomically(|tx| {
         for (r, how) in &hit {
             tx.audit(&AuditEvent {

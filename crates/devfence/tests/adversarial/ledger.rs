@@ -640,3 +640,18 @@ fn a_head_signed_by_another_trusted_host_is_refused() {
         stderr(&o)
     );
 }
+
+/// issue 11 item 2 (one way to open the ledger): a forced acting command on a
+/// host with a signing key writes its audit record through the same store as
+/// every other command, so the chain head it leaves is signed and `audit
+/// verify` still passes. Through a store opened without the head signer the
+/// head was left unsigned and the chain reported as forged.
+#[test]
+fn a_forced_action_on_a_keyed_host_leaves_a_signed_head() {
+    let (_t, root) = audited();
+    ok(&on(&root, &["reset", "0000:5e:10.0", "--force"]));
+    let o = verify(&root, &[]);
+    assert!(ok(&o).contains("intact"), "{}", stdout(&o));
+    let a = ok(&on(&root, &["audit", "show", "--device", "0000:5e:10.0"]));
+    assert!(a.contains("force"), "the forced reset is audited: {a}");
+}
