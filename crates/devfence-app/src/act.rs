@@ -21,7 +21,7 @@ use crate::env::Kernel;
 use crate::error::{AppError, Result};
 
 macro_rules! bail {
-    ($($t:tt)*) => { return Err(AppError::refused(format!($($t)*))) };
+    ($($t:tt)*) => { return Err(AppError::invalid(format!($($t)*))) };
 }
 
 /// What to do.
@@ -204,13 +204,13 @@ fn guard(
         .collect();
     if !flags.force {
         let first = hit[0].0.device;
-        bail!(
+        return Err(AppError::Held(format!(
             "Refused: {what} would change what the ledger holds: {}. Hint: release it first \
              (`devfence release {first}`; a running VM's device is released when the VM stops), \
              or give --force to act anyway — recorded in the audit chain, and the libvirt hook \
              re-verifies (and quarantines) a changed device before its VM starts",
             list.join("; ")
-        );
+        )));
     }
     if flags.dry_run {
         return Ok(());
@@ -279,7 +279,7 @@ fn dma_managed(driver: Option<&str>, wanted: &str) -> bool {
 fn fresh_uuid() -> Result<MdevUuid> {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b)
-        .map_err(|e| AppError::refused(format!("Cannot get random bytes for a UUID: {e}")))?;
+        .map_err(|e| AppError::invalid(format!("Cannot get random bytes for a UUID: {e}")))?;
     devfence_model::make_uuid_v4(&mut b);
     Ok(MdevUuid(b))
 }

@@ -26,7 +26,7 @@ pub struct Head {
 pub fn head(store: &SqliteStore) -> Result<Head> {
     let head = store.last_record()?;
     let stored = devfence_engine::audit::read_head(&store.head_path()).map_err(|e| {
-        AppError::refused(format!(
+        AppError::invalid(format!(
             "{e}. Hint: `devfence audit verify` says what is wrong"
         ))
     })?;

@@ -32,7 +32,7 @@ use crate::fabric::NoSm;
 use crate::keystore;
 
 macro_rules! bail {
-    ($($t:tt)*) => { return Err(AppError::refused(format!($($t)*))) };
+    ($($t:tt)*) => { return Err(AppError::invalid(format!($($t)*))) };
 }
 
 /// The kernel behind the actuator.

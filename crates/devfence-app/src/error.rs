@@ -70,16 +70,35 @@ pub enum AppError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
-    /// An input or a state devfence refuses; the message names the rule and
-    /// gives a hint.
+    /// An input devfence cannot use (a value out of range, a file that is not
+    /// what it must be, nothing asked); the message names it and gives a hint.
     #[error("{0}")]
-    Refused(String),
+    Invalid(String),
+    /// Refused by an isolation rule: the action would change a device the
+    /// ledger holds (without `--force`); the message names the device, its
+    /// state and a hint.
+    #[error("{0}")]
+    Held(String),
 }
 
 impl AppError {
-    /// A refusal with its message (naming the rule, with a hint).
-    pub fn refused(msg: impl Into<String>) -> Self {
-        AppError::Refused(msg.into())
+    /// An input devfence cannot use, with its message (and a hint).
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        AppError::Invalid(msg.into())
+    }
+
+    /// Whether this is a refusal by a rule (exit status 1: the request was
+    /// understood and the answer is no) rather than an input, configuration
+    /// or I/O error (exit status 2). The table is in the README ("Exit
+    /// status").
+    #[must_use]
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            AppError::Held(_) => true,
+            AppError::Engine(e) => engine_refusal(e),
+            AppError::Store(e) => store_refusal(e),
+            _ => false,
+        }
     }
 
     /// A failed step: `what` (with a hint) caused by `source`.
@@ -126,4 +145,31 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         src = c.source();
     }
     s
+}
+
+/// An engine error that is a refusal (exit 1): the operation was refused by a
+/// rule or the lifecycle, or a step or gate failed and the device was
+/// quarantined.
+#[must_use]
+pub fn engine_refusal(e: &EngineError) -> bool {
+    match e {
+        EngineError::Refused { .. } | EngineError::Failed { .. } => true,
+        EngineError::Store(s) => store_refusal(s),
+        EngineError::Host { .. } => false,
+    }
+}
+
+/// A ledger error that is a refusal by a lifecycle rule (exit 1): a tenant
+/// that still holds devices, a device in the wrong state or busy with another
+/// operation, an exhausted GUID pool.
+#[must_use]
+pub fn store_refusal(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::TenantInUse { .. }
+            | StoreError::StateConflict { .. }
+            | StoreError::IllegalTransition { .. }
+            | StoreError::Busy(_)
+            | StoreError::GuidPoolExhausted { .. }
+    )
 }

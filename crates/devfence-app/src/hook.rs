@@ -127,11 +127,11 @@ pub fn run(
 ) -> crate::Result<(Decision, Vec<String>)> {
     use crate::error::AppError;
     let xml = String::from_utf8(xml)
-        .map_err(|_| AppError::refused("the domain XML on standard input is not UTF-8 text"))?;
+        .map_err(|_| AppError::invalid("the domain XML on standard input is not UTF-8 text"))?;
     let spec = devfence_engine::domain::parse_domain(&xml)
-        .map_err(|e| AppError::refused(format!("domain {domain}: {e}")))?;
+        .map_err(|e| AppError::invalid(format!("domain {domain}: {e}")))?;
     if spec.name != domain {
-        return Err(AppError::refused(format!(
+        return Err(AppError::invalid(format!(
             "the domain XML names {:?}, but libvirt called the hook for {domain:?}. Hint: libvirt passes the domain's own XML; check the hook's installation",
             spec.name
         )));

@@ -17,7 +17,7 @@ use crate::keystore::{
 };
 
 macro_rules! bail {
-    ($($t:tt)*) => { return Err(AppError::refused(format!($($t)*))) };
+    ($($t:tt)*) => { return Err(AppError::invalid(format!($($t)*))) };
 }
 
 fn audit(root: &HostRoot, ledger: Option<&Path>, detail: &serde_json::Value) -> Result<()> {
@@ -42,7 +42,7 @@ fn default_host_id(root: &HostRoot) -> Result<String> {
         let id = l.trim().split('.').next().unwrap_or("").to_owned();
         if !id.is_empty() {
             devfence_seal::format::check_host_id(&id).map_err(|e| {
-                AppError::refused(format!("{}: {e}. Hint: give --host-id ID", p.display()))
+                AppError::invalid(format!("{}: {e}. Hint: give --host-id ID", p.display()))
             })?;
             return Ok(id);
         }

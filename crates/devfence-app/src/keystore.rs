@@ -15,7 +15,7 @@ use devfence_seal::{HostKey, Keyring};
 use crate::error::{AppError, Result, StepContext};
 
 macro_rules! bail {
-    ($($t:tt)*) => { return Err(AppError::refused(format!($($t)*))) };
+    ($($t:tt)*) => { return Err(AppError::invalid(format!($($t)*))) };
 }
 
 /// The directory of the host key and the keyring.
@@ -102,7 +102,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn temp_beside(path: &Path) -> Result<PathBuf> {
     let mut r = [0u8; 8];
     getrandom::fill(&mut r)
-        .map_err(|e| AppError::refused(format!("Cannot get randomness: {e}")))?;
+        .map_err(|e| AppError::invalid(format!("Cannot get randomness: {e}")))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -209,10 +209,10 @@ pub fn load_host_key(root: &HostRoot) -> Result<HostKey> {
         );
     };
     let k = std::str::from_utf8(&b)
-        .map_err(|_| AppError::refused(format!("{} is not text", path.display())))
+        .map_err(|_| AppError::invalid(format!("{} is not text", path.display())))
         .and_then(|t| {
             HostKey::from_file_text(t)
-                .map_err(|e| AppError::refused(format!("{}: {e}", path.display())))
+                .map_err(|e| AppError::invalid(format!("{}: {e}", path.display())))
         });
     b.fill(0);
     k
@@ -226,8 +226,8 @@ pub fn load_keyring(root: &HostRoot) -> Result<Keyring> {
         None => Ok(Keyring::new()),
         Some(b) => {
             let t = std::str::from_utf8(&b)
-                .map_err(|_| AppError::refused(format!("{} is not text", path.display())))?;
-            Keyring::parse(t).map_err(|e| AppError::refused(format!("{}: {e}", path.display())))
+                .map_err(|_| AppError::invalid(format!("{} is not text", path.display())))?;
+            Keyring::parse(t).map_err(|e| AppError::invalid(format!("{}: {e}", path.display())))
         }
     }
 }

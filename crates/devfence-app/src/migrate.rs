@@ -138,7 +138,7 @@ pub fn save(root: &HostRoot, ledger: Option<&Path>, r: &SealRequest) -> Result<S
             ) => Ok(Err(refusal(&e, &who))),
             Err(e) => Err(AppError::step(
                 format!("{dev}: saving its state failed ({who})"),
-                AppError::refused(format!("{e}. Hint: {}", e.hint())),
+                AppError::invalid(format!("{e}. Hint: {}", e.hint())),
             )),
         }
     };
@@ -210,19 +210,19 @@ impl DeviceLoader for Loader<'_> {
 
     fn load(&mut self, payload: &[u8]) -> Result<serde_json::Value> {
         let (t, mut d) = self.open.take().ok_or_else(|| {
-            AppError::refused("Internal error: load before prepare. Hint: this is a bug")
+            AppError::invalid("Internal error: load before prepare. Hint: this is a bug")
         })?;
         let rep = load_state(&mut *d, &t.name, payload, MAX_PAYLOAD, MigState::Running)
-            .map_err(|e| AppError::refused(format!("{e} ({}). Hint: {}", self.who, e.hint())))?;
+            .map_err(|e| AppError::invalid(format!("{e} ({}). Hint: {}", self.who, e.hint())))?;
         if !rep.readback_equal {
-            return Err(AppError::refused(format!(
+            return Err(AppError::invalid(format!(
                 "{}: the device took the state, but saves back {} bytes that differ from the {} loaded ({}). \
                  Hint: the device's driver changed or dropped part of the state; do not start the VM on it",
                 t.name, rep.readback_len, rep.written, self.who
             )));
         }
         serde_json::to_value(&rep)
-            .map_err(|e| AppError::refused(format!("Internal error: {e}. Hint: this is a bug")))
+            .map_err(|e| AppError::invalid(format!("Internal error: {e}. Hint: this is a bug")))
     }
 }
 

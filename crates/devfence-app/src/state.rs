@@ -31,7 +31,7 @@ use crate::error::{AppError, Result, StepContext};
 use crate::keystore::{load_keyring, now_ms, private_dir, sync_dir, temp_beside};
 
 macro_rules! bail {
-    ($($t:tt)*) => { return Err(AppError::refused(format!($($t)*))) };
+    ($($t:tt)*) => { return Err(AppError::invalid(format!($($t)*))) };
 }
 
 /// The state store: envelopes sealed on this host, `<id>.dfseal`.
@@ -209,7 +209,7 @@ pub fn seal_payload(
 
     let now = now_ms();
     let nonce = Nonce::random()
-        .map_err(|e| AppError::refused(format!("Cannot get randomness for the nonce: {e}")))?;
+        .map_err(|e| AppError::invalid(format!("Cannot get randomness for the nonce: {e}")))?;
     let bytes = seal(
         key,
         Binding {
@@ -222,7 +222,7 @@ pub fn seal_payload(
         },
         &payload,
     )
-    .map_err(|e| AppError::refused(e.to_string()))?;
+    .map_err(|e| AppError::invalid(e.to_string()))?;
     let id = EnvelopeId::of(&bytes);
     let dir = root.path_in_root(STATE_STORE)?;
     private_dir(&dir)?;
@@ -235,7 +235,7 @@ pub fn seal_payload(
         .ok()
         .and_then(|f| Header::decode(f.header()).ok())
         .ok_or_else(|| {
-            AppError::refused(
+            AppError::invalid(
                 "Internal error: a sealed envelope does not read back. Hint: this is a bug",
             )
         })?;
@@ -653,7 +653,7 @@ pub fn admit(
                     // Admitted: place the payload, record the nonce and the audit.
                     let mut t = [0u8; 32];
                     if let Err(e) = getrandom::fill(&mut t) {
-                        io_failure = Some(AppError::refused(format!(
+                        io_failure = Some(AppError::invalid(format!(
                             "Cannot get randomness for the token: {e}"
                         )));
                         return Err(StoreError::Internal("no randomness for the token"));
@@ -734,7 +734,7 @@ pub fn admit(
         }
     };
     let report = report
-        .ok_or_else(|| AppError::refused("Internal error: no report. Hint: this is a bug"))?;
+        .ok_or_else(|| AppError::invalid("Internal error: no report. Hint: this is a bug"))?;
     let decision = match decision {
         Decision::Admitted {
             token,

@@ -16,9 +16,13 @@ use clap::{Args, Parser, Subcommand};
 /// commands run on the real host, on a saved copy of its `/sys`, or on a simulated
 /// host made by `devfence sim generate`.
 ///
-/// Exit status: 0 success (for `check`: no error-severity finding); 1 `check` found
-/// at least one error-severity finding, or a refusal (the libvirt hook, `state
-/// seal`, `state admit`, `state inspect`); 2 usage, configuration or I/O error.
+/// Exit status, for every command: 0 success; 1 the answer is no — `check` found
+/// an error-severity finding, `verify` a drift, `audit verify` a broken chain, or a
+/// rule refused the request (assign, handover or release refused or quarantined
+/// at a gate; an acting command on a device the ledger holds; a tenant that
+/// still holds devices; the libvirt hook; `state seal/admit/inspect/load`); 2
+/// usage, configuration or I/O error (a malformed argument, an unknown device or
+/// tenant, a damaged ledger, a file that cannot be read).
 #[derive(Debug, Parser)]
 #[command(
     name = "devfence",

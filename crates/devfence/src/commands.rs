@@ -40,6 +40,31 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Exit> {
         }
         None => HostRoot::new(cli.root.clone()),
     };
+    // The acting and lifecycle commands: a refusal by a rule exits 1 (the
+    // README's exit status table); every other command's errors exit 2.
+    let acting = matches!(
+        cli.command,
+        Command::Bind(_)
+            | Command::Unbind(_)
+            | Command::Vfs(_)
+            | Command::Reset(_)
+            | Command::Mdev(_)
+            | Command::Ap(_)
+            | Command::Tenant(_)
+            | Command::Assign(_)
+            | Command::Handover(_)
+            | Command::Release(_)
+    );
+    let r = dispatch(cli, &root, out);
+    if acting {
+        r.map_err(crate::refusal_if_rule)
+    } else {
+        r
+    }
+}
+
+fn dispatch(cli: &Cli, root: &HostRoot, out: &mut dyn Write) -> Result<Exit> {
+    let root = root.clone();
     match &cli.command {
         Command::Bind(a) => crate::act::bind(&root, cli.ledger.as_deref(), a, out),
         Command::Unbind(a) => crate::act::unbind(&root, cli.ledger.as_deref(), a, out),

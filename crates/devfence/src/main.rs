@@ -56,8 +56,44 @@ fn main() -> ExitCode {
         Ok(Exit::Findings | Exit::Refused) => ExitCode::from(1),
         Err(err) => {
             eprintln!("{}", safeout::escape_controls(&render_error(&err)));
-            ExitCode::from(2)
+            ExitCode::from(if err.is::<Refusal>() { 1 } else { 2 })
         }
+    }
+}
+
+/// An acting or lifecycle command's error that is a refusal by a rule (exit
+/// status 1; the README's exit status table): shown as the error it wraps.
+#[derive(Debug)]
+pub struct Refusal(anyhow::Error);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for Refusal {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// `err` as a [`Refusal`] when a rule refused (the engine refused or
+/// quarantined, a held device was guarded, the ledger's lifecycle said no);
+/// else `err` itself.
+pub fn refusal_if_rule(err: anyhow::Error) -> anyhow::Error {
+    let rule = err.chain().any(|c| {
+        c.downcast_ref::<devfence_app::AppError>()
+            .is_some_and(devfence_app::AppError::is_refusal)
+            || c.downcast_ref::<devfence_engine::engine::EngineError>()
+                .is_some_and(devfence_app::error::engine_refusal)
+            || c.downcast_ref::<devfence_engine::StoreError>()
+                .is_some_and(devfence_app::error::store_refusal)
+    });
+    if rule {
+        anyhow::Error::new(Refusal(err))
+    } else {
+        err
     }
 }
 
