@@ -491,7 +491,7 @@ fn mask(
     opts: ActOptions,
 ) -> Result<Ran> {
     // An APQN is touched when the edit sets its adapter's apmask bit or its
-    // domain's aqmask bit: the host may then take the guest's queue (DESIGN.md
+    // domain's aqmask bit: the host may then take the guest's queue (docs/design.md
     // L5). Clearing a bit only takes queues from the host and stays allowed.
     let changed = |inv: &Inventory, which: ApMaskKind| -> Vec<u8> {
         let cur = inv.ap.as_ref().and_then(|ap| match which {

@@ -20,12 +20,14 @@
 //! [fabric.ufm]
 //! url = "https://ufm.example:443"
 //! ca_file = "/etc/devfence/ufm-ca.pem"
-//! credentials = { file = "/etc/devfence/ufm.credentials" }
+//! credentials = { source = "file", path = "/etc/devfence/ufm.credentials" }
 //! managed_pkeys = ["0x0001", "0x0002"]
 //! ```
 //!
 //! Unknown keys are refused (a misspelt key silently ignored would mean a
-//! backend other than the one the operator thinks).
+//! backend other than the one the operator thinks). Every key is documented
+//! once, in [`KEYS`]; the man page devfence.toml(5) is generated from it and a
+//! test fails when a key the parser accepts is missing there.
 
 use std::path::{Path, PathBuf};
 
@@ -84,6 +86,164 @@ pub struct HookConfig {
     /// most one tenant. Default false: such a domain is refused.
     #[serde(default)]
     pub allow_unidentified_single_tenant: bool,
+}
+
+/// One key of `devfence.toml`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Key {
+    /// Its dotted path, e.g. `fabric.opensm.log_file`.
+    pub name: &'static str,
+    /// Its default, as written in the file (`-`: none).
+    pub default: &'static str,
+    /// What it does.
+    pub doc: &'static str,
+}
+
+const fn key(name: &'static str, default: &'static str, doc: &'static str) -> Key {
+    Key { name, default, doc }
+}
+
+/// Every key of `devfence.toml`, in the order of the file: the one place they
+/// are documented (devfence.toml(5) is generated from it).
+pub const KEYS: &[Key] = &[
+    key(
+        "fabric.backend",
+        "\"auto\"",
+        "The subnet manager devfence drives: \"opensm\" (partitions file + SIGHUP, verified at the SA), \"ufm\" (NVIDIA UFM's REST API), \"sim\" (the simulated SM; simulated hosts only), \"none\" (IB VF handovers refused), \"auto\" (sim on a simulated host, none on a real one).",
+    ),
+    key(
+        "fabric.opensm.partitions_file",
+        "\"/etc/opensm/partitions.conf\"",
+        "OpenSM's partition_config_file; devfence owns one marked block of it and keeps the operator's part byte for byte.",
+    ),
+    key(
+        "fabric.opensm.log_file",
+        "\"/var/log/opensm.log\"",
+        "OpenSM's log_file (OpenSM must run with force_log_flush TRUE): devfence reads sweep outcomes from it.",
+    ),
+    key(
+        "fabric.opensm.pid_file",
+        "-",
+        "A file holding OpenSM's PID; without one, devfence signals the one process named opensm.",
+    ),
+    key(
+        "fabric.opensm.sa.ca",
+        "-",
+        "The local HCA to send SA queries from (default: the first one).",
+    ),
+    key(
+        "fabric.opensm.sa.port",
+        "0",
+        "The port of that HCA (0: the first active one).",
+    ),
+    key(
+        "fabric.opensm.sa.sm_key",
+        "\"0x1\"",
+        "The SM_Key: the SA answers P_Key tables only to a trusted requester (OpenSM's default sm_key is 0x1).",
+    ),
+    key(
+        "fabric.opensm.sa.timeout_ms",
+        "200",
+        "Time for one SA answer in milliseconds (1 to 10000).",
+    ),
+    key(
+        "fabric.opensm.sa.retries",
+        "3",
+        "Retries per SA query (0 to 10; timeout_ms x (retries + 1) at most 20000 ms).",
+    ),
+    key(
+        "fabric.sa",
+        "-",
+        "How to reach the SA for either backend (the same keys as fabric.opensm.sa; it wins over that section). The UFM backend reads the ports' acknowledged P_Key tables there.",
+    ),
+    key(
+        "fabric.ufm.url",
+        "-",
+        "UFM's base URL, https://host[:port][/prefix]; http:// and credentials in the URL are refused.",
+    ),
+    key(
+        "fabric.ufm.ca_file",
+        "-",
+        "PEM file with the CA certificate(s) UFM's certificate must chain to (default: the built-in Mozilla roots).",
+    ),
+    key(
+        "fabric.ufm.credentials",
+        "{ source = \"env\" }",
+        "Where the user and password come from: { source = \"file\", path = \"FILE\" } (first line user:password, mode o-rwx) or { source = \"env\", user_var = \"DEVFENCE_UFM_USER\", password_var = \"DEVFENCE_UFM_PASSWORD\" }. Never logged.",
+    ),
+    key(
+        "fabric.ufm.insecure_skip_verify",
+        "false",
+        "Turns TLS certificate verification off (a lab only: anyone on the path can read the password and forge UFM's answers); warned about loudly.",
+    ),
+    key(
+        "fabric.ufm.timeout_ms",
+        "10000",
+        "Time for one HTTP request, connect to last byte (at most 120000).",
+    ),
+    key(
+        "fabric.ufm.connect_timeout_ms",
+        "5000",
+        "Time to establish the TCP and TLS connection (at most 60000).",
+    ),
+    key(
+        "fabric.ufm.retries",
+        "2",
+        "Repetitions after a retryable failure (HTTP 5xx, 408, 429, a timeout); 4xx and TLS failures are never repeated (at most 5).",
+    ),
+    key(
+        "fabric.ufm.retry_backoff_ms",
+        "250",
+        "Pause before the first repetition, doubling up to 8 times this (at most 5000).",
+    ),
+    key(
+        "fabric.ufm.managed_pkeys",
+        "[]",
+        "The partitions devfence manages at UFM (empty: its tenants' partitions); no other partition is touched.",
+    ),
+    key(
+        "fabric.ufm.trust_configured_view",
+        "false",
+        "Let a gate pass on UFM's configured view alone when no SA reads the ports' tables (not recommended: UFM reports what it was asked, not what the ports took).",
+    ),
+    key(
+        "fabric.ufm.ip_over_ib",
+        "true",
+        "ip_over_ib in the partitions devfence adds GUIDs to.",
+    ),
+    key(
+        "hook.allow_unidentified_single_tenant",
+        "false",
+        "Admit a domain that names no tenant and holds no device reserved for it, for the tenant its devices are Ready for, only while the ledger knows at most one tenant.",
+    ),
+];
+
+/// devfence.toml(5): the configuration file's man page, in roff, from [`KEYS`].
+#[must_use]
+pub fn man_page() -> String {
+    fn esc(s: &str) -> String {
+        s.replace('\\', "\\e").replace('-', "\\-")
+    }
+    let mut m = String::from(
+        ".TH DEVFENCE.TOML 5 \"\" \"devfence\" \"File formats\"\n\
+         .SH NAME\ndevfence.toml \\- which subnet manager devfence drives, and how its libvirt hook decides\n\
+         .SH SYNOPSIS\n/etc/devfence/devfence.toml under the host root, or \\fB\\-\\-config\\fR \\fIFILE\\fR\n\
+         .SH DESCRIPTION\nA TOML file. Without one the defaults hold: the simulated SM on a simulated host, \
+         none on a real host (IB VF handovers are then refused with a hint to configure one). \
+         Unknown keys are refused, naming the file and line; a value is never echoed in an error \
+         (it may be a secret). The file is read only if it is a regular file of at most 1 MiB.\n\
+         .SH KEYS\n",
+    );
+    for k in KEYS {
+        m.push_str(&format!(
+            ".TP\n\\fB{}\\fR (default: {})\n{}\n",
+            esc(k.name),
+            esc(k.default),
+            esc(k.doc)
+        ));
+    }
+    m.push_str(".SH SEE ALSO\ndevfence(1)\n");
+    m
 }
 
 /// Why the configuration cannot be used.
@@ -383,6 +543,52 @@ mod tests {
         let e = Config::parse("[fabric.sa]\nretries = 10\ntimeout_ms = 10000\n", p)
             .expect_err("together too slow");
         assert!(e.to_string().contains("110000 ms"), "{e}");
+    }
+
+    /// issue 15 item 2: every key the parser accepts is documented in KEYS
+    /// (the one place devfence.toml(5) is generated from), and every key
+    /// documented is one the parser accepts.
+    #[test]
+    fn every_key_is_documented_once_in_keys() {
+        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n";
+        let c = Config::parse(text, Path::new("t.toml")).expect("parses");
+        let v = toml::Value::try_from(&c).expect("serializes");
+        fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, x) in t {
+                        let p = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        leaves(&p, x, out);
+                    }
+                }
+                _ => out.push(prefix.to_owned()),
+            }
+        }
+        let mut paths = Vec::new();
+        leaves("", &v, &mut paths);
+        let documented = |p: &str| {
+            KEYS.iter()
+                .any(|k| p == k.name || p.starts_with(&format!("{}.", k.name)))
+        };
+        for p in &paths {
+            assert!(documented(p), "{p} is accepted but not in KEYS");
+        }
+        for k in KEYS {
+            assert!(
+                paths
+                    .iter()
+                    .any(|p| p == k.name || p.starts_with(&format!("{}.", k.name))),
+                "{} is in KEYS but the parser has no such key",
+                k.name
+            );
+        }
+        let man = man_page();
+        assert!(man.contains("fabric.opensm.log_file") || man.contains("fabric.opensm.log_file"));
+        assert!(man.starts_with(".TH DEVFENCE.TOML 5"), "{man}");
     }
 
     /// issue 18 item 6: the configuration is read only if it is a regular file,

@@ -44,7 +44,7 @@
 //! No function here takes a token or credential, and none may be put into a
 //! `detail`. A caller that must prove which token was used records a keyed hash
 //! (e.g. HMAC-SHA-256 with a host key that never leaves memory) of it, never the
-//! token itself (DESIGN.md §2 principle 4).
+//! token itself (docs/design.md §2 principle 4).
 
 use std::fmt;
 

@@ -12,7 +12,7 @@
 //! whose one-line [`Display`](fmt::Display) libvirt shows to the user.
 //!
 //! Both functions are pure: no I/O, the ledger is reached through a closure, and
-//! no input makes them panic (DESIGN.md §2: fail closed; every refusal explains
+//! no input makes them panic (docs/design.md §2: fail closed; every refusal explains
 //! itself).
 
 use std::collections::HashMap;

@@ -1,7 +1,7 @@
 //! The engine of devfence: the ledger and journal ([`Store`], [`SqliteStore`]),
 //! the hash-chained audit log ([`audit`]), and the lifecycle ([`engine`]):
 //! assign, handover, release, VM start and stop, recovery — steps and gates
-//! typed once for plan and execution (DESIGN.md §4, §5). It touches the host
+//! typed once for plan and execution (docs/design.md §4, §5). It touches the host
 //! only through `devfence-host` (an `Actuator` to change it, `readback` to
 //! verify); [`domain`] reads libvirt domain XML for the hook.
 

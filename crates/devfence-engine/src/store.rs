@@ -1,9 +1,9 @@
 //! The ledger and the journal behind one [`Store`] trait.
 //!
 //! The ledger says who the tenants are, which devices devfence manages and in which
-//! lifecycle state each one is (DESIGN.md §4), which GUIDs were ever issued, and what
+//! lifecycle state each one is (docs/design.md §4), which GUIDs were ever issued, and what
 //! every operation did, step by step. The journal is written **before** acting
-//! (DESIGN.md §2 principle 5): a step is recorded `Planned`, then the host or fabric
+//! (docs/design.md §2 principle 5): a step is recorded `Planned`, then the host or fabric
 //! is changed, then the step is recorded `Done` or `Failed`. After a crash, the
 //! operations that are still open name the devices recovery must drive forward or
 //! back to quarantine.
@@ -34,7 +34,7 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The lifecycle state of one device, exactly as DESIGN.md §4 draws it.
+/// The lifecycle state of one device, exactly as docs/design.md §4 draws it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
 pub enum DeviceState {
@@ -118,7 +118,7 @@ impl DeviceState {
         }
     }
 
-    /// Whether the ledger accepts the move `self → next` (DESIGN.md §4).
+    /// Whether the ledger accepts the move `self → next` (docs/design.md §4).
     ///
     /// Any state may fall to `Quarantined` (fail closed). Otherwise:
     /// `Free → Preparing`; `Preparing(T) → Ready(T)`; `Ready(T) → Active(T, vm)`;

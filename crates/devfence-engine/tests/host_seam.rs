@@ -1,4 +1,4 @@
-//! The engine touches the host only through `devfence-host` (DESIGN.md §5,
+//! The engine touches the host only through `devfence-host` (docs/design.md §5,
 //! issue 11 item 1): outside its store (the ledger file, its audit head), no
 //! source file of the engine names a kernel path or opens a file itself. A
 //! change to the host goes through an `Actuator`, a read-back through

@@ -4,7 +4,7 @@
 //! decides which partitions (P_Keys) it may use. When a VF moves from tenant A to
 //! tenant B, B's VM may start only once the SM is *seen* to have taken the old GUID
 //! out of A's partitions, put the fresh GUID into exactly B's, and finished the
-//! sweep that did it (DESIGN.md §1 L1). Until the SM has swept, a port can still
+//! sweep that did it (docs/design.md §1 L1). Until the SM has swept, a port can still
 //! carry A's membership — a race that is rare, so tests "pass"; devfence closes it
 //! by reading back, never by waiting.
 //!

@@ -1,4 +1,4 @@
-//! [`SimSm`]: the embedded simulated subnet manager (DESIGN.md §6).
+//! [`SimSm`]: the embedded simulated subnet manager (docs/design.md §6).
 //!
 //! It behaves like OpenSM as seen through the [`SubnetManager`] seam:
 //!

@@ -1,6 +1,6 @@
 //! The handover gate at the SM, decided purely from read-back.
 //!
-//! Every IB handover asks three questions of the SM (DESIGN.md §1 L1, §4):
+//! Every IB handover asks three questions of the SM (docs/design.md §1 L1, §4):
 //!
 //! 1. **Old revoked** — the old GUID is in none of the old tenant's partitions
 //!    (absent from the fabric counts as "in none"; a configured membership, where

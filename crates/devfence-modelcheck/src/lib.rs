@@ -1,5 +1,5 @@
 //! A [stateright] model of the IB handover of one device from tenant A to tenant B
-//! (DESIGN.md §1 L1, §4), checked over every interleaving of the engine, the
+//! (docs/design.md §1 L1, §4), checked over every interleaving of the engine, the
 //! subnet manager (SM), the VF's link and B's VM launcher.
 //!
 //! This file is the specification of the engine's IB handover; `docs/model-check.md`

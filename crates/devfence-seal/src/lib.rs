@@ -1,5 +1,5 @@
 //! Device-state envelopes: how migration state crosses from one host to another
-//! without ever being trusted on the tenant's word (DESIGN.md L3).
+//! without ever being trusted on the tenant's word (docs/design.md L3).
 //!
 //! Live migration restores opaque, vendor-defined device state into a kernel
 //! driver and the device's firmware. That state can carry emulation state and the

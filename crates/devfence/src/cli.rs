@@ -50,8 +50,9 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE", env = "DEVFENCE_LEDGER")]
     pub ledger: Option<PathBuf>,
 
-    /// The configuration file (which fabric backend; see CONFIGURATION below).
-    /// Default: `<root>/etc/devfence/devfence.toml` when it exists.
+    /// The configuration file (which subnet manager devfence drives; its keys are
+    /// in devfence.toml(5), `devfence man --out DIR` writes it). Default:
+    /// `<root>/etc/devfence/devfence.toml` when it exists.
     #[arg(long, global = true, value_name = "FILE", env = "DEVFENCE_CONFIG")]
     pub config: Option<PathBuf>,
 
@@ -174,9 +175,17 @@ pub enum Command {
     /// Hooks called by other programs (libvirt).
     #[command(subcommand)]
     Hook(HookCommand),
-    /// Print the man page (roff) to standard output.
-    #[command(hide = true)]
-    Man,
+    /// Print the man page devfence(1) (roff), or write every page to a directory.
+    ///
+    /// With --out DIR: devfence.1, one page per subcommand (devfence-check.1,
+    /// devfence-tenant-add.1, …) and devfence.toml.5, the configuration file's
+    /// keys. Install with `devfence man --out /usr/local/share/man/man1` (and
+    /// move devfence.toml.5 to man5), or read one with `man -l FILE`.
+    Man {
+        /// Write every page into DIR instead of printing devfence(1).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Print shell completions to standard output.
     Completions {
         /// The shell (bash, zsh, fish, elvish, powershell).
@@ -237,7 +246,11 @@ pub enum SimCommand {
     /// find; `scale` plants none.
     Generate(GenerateArgs),
     /// List the profiles.
-    Profiles,
+    Profiles {
+        /// Print JSON: `{schema, profiles: [{name, description}]}`.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `devfence sim generate`.

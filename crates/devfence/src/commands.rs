@@ -76,7 +76,7 @@ fn dispatch(cli: &Cli, root: &HostRoot, out: &mut dyn Write) -> Result<Exit> {
         Command::Check(a) => check(&root, cli.ledger.as_deref(), a, out),
         Command::Rules(a) => rules(a, out),
         Command::Sim(SimCommand::Generate(a)) => generate(a, out),
-        Command::Sim(SimCommand::Profiles) => profiles(out),
+        Command::Sim(SimCommand::Profiles { json }) => profiles(*json, out),
         Command::Demo(a) => demo(a, out),
         Command::Init => crate::ledger::init(&root, cli.ledger.as_deref(), out),
         Command::Tenant(c) => crate::ledger::tenant(&root, cli.ledger.as_deref(), c, out),
@@ -97,15 +97,76 @@ fn dispatch(cli: &Cli, root: &HostRoot, out: &mut dyn Write) -> Result<Exit> {
             c,
             &mut std::io::stdin().lock(),
         ),
-        Command::Man => {
-            clap_mangen::Man::new(Cli::command()).render(out)?;
-            Ok(Exit::Ok)
-        }
+        Command::Man { out: dir } => man(dir.as_deref(), out),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "devfence", out);
             Ok(Exit::Ok)
         }
     }
+}
+
+/// The sections devfence(1) adds to what clap generates.
+const MAN_EXTRA: &str = ".SH EXIT STATUS\n\
+.TP\n0\nSuccess.\n\
+.TP\n1\nThe answer is no: \\fBcheck\\fR found an error\\-severity finding, \\fBverify\\fR a drift, \\fBaudit verify\\fR a broken chain; or a rule refused the request (an operation refused or quarantined at a gate, an acting command on a device the ledger holds, a tenant still holding devices, the libvirt hook, a device\\-state envelope).\n\
+.TP\n2\nUsage, configuration or I/O error.\n\
+.SH CONFIGURATION\n<root>/etc/devfence/devfence.toml, or \\fB\\-\\-config\\fR \\fIFILE\\fR: which subnet manager devfence drives and how the libvirt hook decides. Every key is in devfence.toml(5).\n\
+.SH FILES\n.TP\n<root>/var/lib/devfence/ledger.db\nThe ledger (0600), with its chain head <ledger>.audit\\-head beside it.\n\
+.TP\n<root>/etc/devfence/tenancy.toml\nWho holds what, for \\fBcheck\\fR before any ledger exists.\n\
+.TP\n<root>/etc/devfence/keys/\nThe host key and the keyring of trusted source hosts (0700).\n\
+.SH SEE ALSO\ndevfence.toml(5), and devfence\\-COMMAND(1) for each command (\\fBdevfence man \\-\\-out DIR\\fR writes them all).\n";
+
+/// The command line as the man pages show it: without clap's `help`
+/// subcommands (every page documents `--help`), so no page names a
+/// devfence-…-help(1) that is not written.
+fn man_command(cmd: clap::Command) -> clap::Command {
+    cmd.disable_help_subcommand(true)
+        .mut_subcommands(man_command)
+}
+
+/// `devfence man`: devfence(1) to `out`, or with `dir` every page into it.
+fn man(dir: Option<&Path>, out: &mut dyn Write) -> Result<Exit> {
+    let Some(dir) = dir else {
+        clap_mangen::Man::new(man_command(Cli::command())).render(out)?;
+        out.write_all(MAN_EXTRA.as_bytes())?;
+        return Ok(Exit::Ok);
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
+    let mut pages = 0usize;
+    let mut write = |name: &str, bytes: &[u8]| -> Result<()> {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).with_context(|| format!("Cannot write {}", p.display()))?;
+        pages += 1;
+        Ok(())
+    };
+    let mut top = Vec::new();
+    clap_mangen::Man::new(man_command(Cli::command())).render(&mut top)?;
+    top.extend_from_slice(MAN_EXTRA.as_bytes());
+    write("devfence.1", &top)?;
+    fn walk(
+        cmd: &clap::Command,
+        prefix: &str,
+        write: &mut dyn FnMut(&str, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        for sub in cmd.get_subcommands() {
+            let name = format!("{prefix}-{}", sub.get_name());
+            let mut page = Vec::new();
+            clap_mangen::Man::new(sub.clone().name(name.clone())).render(&mut page)?;
+            page.extend_from_slice(b".SH SEE ALSO\ndevfence(1), devfence.toml(5)\n");
+            write(&format!("{name}.1"), &page)?;
+            walk(sub, &name, write)?;
+        }
+        Ok(())
+    }
+    let mut cmd = man_command(Cli::command());
+    cmd.build();
+    walk(&cmd, "devfence", &mut write)?;
+    write(
+        "devfence.toml.5",
+        devfence_app::config::man_page().as_bytes(),
+    )?;
+    writeln!(out, "{pages} man pages written to {}", dir.display())?;
+    Ok(Exit::Ok)
 }
 
 /// Where temporary simulated hosts go: `$TMPDIR` if set, else `/dev/shm` (sysfs
@@ -527,7 +588,16 @@ fn generate(a: &GenerateArgs, out: &mut dyn Write) -> Result<Exit> {
     Ok(Exit::Ok)
 }
 
-fn profiles(out: &mut dyn Write) -> Result<Exit> {
+fn profiles(json: bool, out: &mut dyn Write) -> Result<Exit> {
+    if json {
+        let v: Vec<_> = sim::Profile::ALL
+            .iter()
+            .map(|p| serde_json::json!({"name": p.to_string(), "description": p.description()}))
+            .collect();
+        serde_json::to_writer_pretty(&mut *out, &serde_json::json!({"schema": 1, "profiles": v}))?;
+        writeln!(out)?;
+        return Ok(Exit::Ok);
+    }
     let mut t = Table::new(&["PROFILE", "WHAT IT MODELS"]);
     for p in sim::Profile::ALL {
         t.row(vec![p.to_string(), p.description().to_string()]);

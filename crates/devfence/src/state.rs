@@ -1,4 +1,4 @@
-//! `devfence state`: device-state envelopes for migration (DESIGN.md L3,
+//! `devfence state`: device-state envelopes for migration (docs/design.md L3,
 //! docs/state-envelopes.md). Parses, calls `devfence_app::state` and renders.
 //!
 //! `seal` (on the source host) reads a device's state from a file the host made,

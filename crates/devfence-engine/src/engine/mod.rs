@@ -1,5 +1,5 @@
 //! The lifecycle driver: assign, hand over, release, VM start and stop, recovery
-//! (DESIGN.md §4).
+//! (docs/design.md §4).
 //!
 //! Every operation holds its device through an open operation in the ledger (a
 //! second one on the same device is refused, not interleaved), writes each step to
@@ -506,7 +506,7 @@ impl<'a> Engine<'a> {
             }
         };
         self.refuse_if_busy(device, Some(to.clone()))?;
-        // An IOMMU group is one tenant's (DESIGN.md L4): refuse before anything of
+        // An IOMMU group is one tenant's (docs/design.md L4): refuse before anything of
         // the group changes (its /dev/vfio node is shared) when another tenant
         // holds one of its members.
         if let Some(g) = facts.group() {

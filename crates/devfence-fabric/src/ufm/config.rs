@@ -1,7 +1,7 @@
 //! [`UfmConfig`]: how devfence reaches UFM (`[fabric.ufm]` in
 //! `/etc/devfence/devfence.toml`), the [`Credentials`] it logs in with, and the
 //! [`Secret`] that keeps the password out of every `Debug`, `Display`, log line
-//! and error message (DESIGN.md §2.4).
+//! and error message (docs/design.md §2.4).
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! [`FabricError::Malformed`] out. No I/O, no panics, so they can be fuzzed
 //! (`fuzz/fuzz_targets/ufm_response.rs`).
 //!
-//! What is refused, and why (DESIGN.md §2: fail closed):
+//! What is refused, and why (docs/design.md §2: fail closed):
 //!
 //! - an answer larger than [`MAX_RESPONSE_BYTES`];
 //! - an empty answer, or HTML (a login page or an error page of a proxy that sits

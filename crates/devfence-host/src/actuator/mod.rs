@@ -170,7 +170,7 @@ pub enum GuidKind {
 /// A VF token: 16 random bytes (a UUID) that the PF custodian sets on a
 /// user-space-owned PF and that every opener of its VFs must present.
 ///
-/// Write-only by design (DESIGN.md principle 4): no `Display`, a redacting `Debug`,
+/// Write-only by design (docs/design.md principle 4): no `Display`, a redacting `Debug`,
 /// zeroed on drop. The only way to see it is [`VfToken::reveal_for_launcher`], which
 /// exists to hand it to the VM launcher.
 #[derive(Clone, PartialEq, Eq)]

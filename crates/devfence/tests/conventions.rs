@@ -1,0 +1,161 @@
+//! The CLI's conventions, held for every command (issue 15 items 2 and 4): the
+//! man pages the CLI names exist, no help text points at a section or document
+//! that is not there, every command whose output is data has `--json`, and the
+//! exit status follows the one table (0 success, 1 the answer is no, 2 usage,
+//! configuration or I/O error).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use devfence_testsupport::{dv, ok, run, scratch, stderr, stdout, text};
+
+/// Commands whose output is a confirmation or a document of another format,
+/// not data: no `--json` (why, beside each).
+const NO_JSON: [&str; 9] = [
+    "completions",   // a shell script
+    "man",           // roff
+    "demo",          // a story for people
+    "hook-qemu",     // libvirt reads the exit status and stderr
+    "init",          // one line: the ledger's path
+    "tenant-add",    // one line; `tenant list --json` has the data
+    "tenant-remove", // one line
+    "sim-generate",  // one line; `inventory --json` has the data
+    "help",
+];
+
+/// Every command, as `a-b-c` (from the pages `man --out` writes: one per
+/// command), and the pages themselves.
+fn commands(dir: &Path) -> (BTreeSet<String>, BTreeSet<String>) {
+    ok(&run(&["man", "--out", dir.to_str().unwrap()]));
+    let pages: BTreeSet<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let cmds = pages
+        .iter()
+        .filter_map(|p| p.strip_prefix("devfence-")?.strip_suffix(".1"))
+        .map(str::to_owned)
+        .collect();
+    (cmds, pages)
+}
+
+/// The leaves: commands with no subcommand of their own.
+fn leaves(cmds: &BTreeSet<String>) -> Vec<String> {
+    cmds.iter()
+        .filter(|c| !cmds.iter().any(|o| o.starts_with(&format!("{c}-"))))
+        .cloned()
+        .collect()
+}
+
+/// `a-b` as arguments; `guid-pool` is one command.
+fn args(cmd: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    let mut rest = cmd;
+    while !rest.is_empty() {
+        let word = if rest.starts_with("guid-pool") {
+            "guid-pool"
+        } else {
+            rest.split('-').next().unwrap()
+        };
+        v.push(word.to_owned());
+        rest = rest[word.len()..].trim_start_matches('-');
+    }
+    v
+}
+
+/// issue 15 item 2: every page a man page names (`devfence-x(1)`,
+/// `devfence.toml(5)`) is one `devfence man --out` writes; `man` is listed in
+/// `--help`.
+#[test]
+fn every_man_page_named_exists() {
+    let tmp = scratch("devfence-conv-");
+    let (_, pages) = commands(tmp.path());
+    assert!(pages.contains("devfence.1") && pages.contains("devfence.toml.5"));
+    for p in &pages {
+        let roff = std::fs::read_to_string(tmp.path().join(p)).unwrap();
+        let plain = roff.replace("\\-", "-");
+        for (i, _) in plain.match_indices("devfence-") {
+            let rest = &plain[i..];
+            let Some(end) = rest.find("(1)") else {
+                continue;
+            };
+            let name = &rest[..end];
+            if name.chars().all(|c| c.is_ascii_lowercase() || c == '-') {
+                assert!(
+                    pages.contains(&format!("{name}.1")),
+                    "{p} names {name}(1), which is not written"
+                );
+            }
+        }
+    }
+    let help = ok(&run(&["--help"]));
+    assert!(help.contains("\n  man "), "man is listed: {help}");
+}
+
+/// issue 15 items 2 and 6: no help text points at a section or a document that
+/// is not there, and every command whose output is data has `--json`.
+#[test]
+fn help_has_no_dangling_references_and_data_has_json() {
+    let tmp = scratch("devfence-conv-");
+    let (cmds, _) = commands(tmp.path());
+    let mut missing = Vec::new();
+    for c in &cmds {
+        let mut a = args(c);
+        a.push("--help".into());
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let h = ok(&run(&a));
+        for bad in ["CONFIGURATION below", "DESIGN.md", "see below"] {
+            assert!(!h.contains(bad), "{c} --help says {bad:?}:\n{h}");
+        }
+        let leaf = !cmds.iter().any(|o| o.starts_with(&format!("{c}-")));
+        if leaf && !NO_JSON.contains(&c.as_str()) && !h.contains("--json") {
+            missing.push(c.clone());
+        }
+    }
+    assert!(missing.is_empty(), "data without --json: {missing:?}");
+    assert!(leaves(&cmds).len() > 30, "{cmds:?}");
+}
+
+/// issue 15 item 4: one exit status table for every command — a malformed
+/// argument is 2 everywhere, a refusal by a rule is 1, success is 0.
+#[test]
+fn exit_status_follows_the_one_table() {
+    let tmp = scratch("devfence-conv-");
+    let (cmds, _) = commands(tmp.path());
+    // Usage: an unknown flag, for every command.
+    for c in leaves(&cmds) {
+        let mut a = args(&c);
+        a.push("--no-such-flag".into());
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let o = run(&a);
+        assert_eq!(o.status.code(), Some(2), "{c}: {}", text(&o));
+    }
+    let root = tmp.path().join("lab");
+    devfence_testsupport::generate("lab", &root, &[]);
+    devfence_testsupport::add_tenants(&root, 2);
+    // Success.
+    ok(&dv(&root, &["assign", "0000:5e:10.0", "--tenant", "acme"]));
+    // Refusals by a rule: 1.
+    for a in [
+        vec!["assign", "0000:5e:10.0", "--tenant", "globex"],
+        vec!["reset", "0000:5e:10.0"],
+        vec!["vfs", "0000:5e:00.0", "--count", "0"],
+        vec!["tenant", "remove", "acme"],
+    ] {
+        let o = dv(&root, &a);
+        assert_eq!(o.status.code(), Some(1), "{a:?} is a refusal: {}", text(&o));
+        assert!(stderr(&o).contains("Hint:"), "{a:?}: {}", text(&o));
+    }
+    // Usage, unknown names, malformed values: 2.
+    for a in [
+        vec!["assign", "bogus", "--tenant", "acme"],
+        vec!["verify", "--device", "0000:5e:10.7"],
+        vec!["status", "--ledger", "/nonexistent/ledger.db"],
+    ] {
+        let o = dv(&root, &a);
+        assert_eq!(o.status.code(), Some(2), "{a:?}: {}", text(&o));
+    }
+    assert!(stdout(&dv(&root, &["status"])).contains("0000:5e:10.0"));
+}
