@@ -19,9 +19,7 @@ use crate::cli::{
 };
 
 fn bdf(s: &str) -> Result<Bdf> {
-    s.parse::<Bdf>().map_err(|e| {
-        anyhow::anyhow!("{e}. Hint: `devfence inventory` lists the host's PCI functions")
-    })
+    crate::args::bdf(s)
 }
 
 fn uuid(s: &str) -> Result<MdevUuid> {

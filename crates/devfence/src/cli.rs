@@ -445,6 +445,10 @@ pub struct OpFlags {
     /// Print the result as JSON (no progress lines).
     #[arg(long)]
     pub json: bool,
+    /// Print the steps and gates the operation would run (as `devfence plan`
+    /// does), and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// How long a gate may wait for the SM or the host to verify, in seconds,
     /// before the operation fails closed.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
@@ -491,8 +495,8 @@ pub struct TenantAddArgs {
 pub struct AssignArgs {
     /// The device: a PCI address or an mdev UUID.
     pub device: String,
-    /// The tenant.
-    #[arg(long)]
+    /// The tenant (also `--to`, as in handover and plan).
+    #[arg(long, visible_alias = "to", value_name = "TENANT")]
     pub tenant: String,
     /// The one VM (libvirt domain) that may use it.
     #[arg(long)]
@@ -506,8 +510,8 @@ pub struct AssignArgs {
 pub struct HandoverArgs {
     /// The device: a PCI address or an mdev UUID.
     pub device: String,
-    /// The new tenant.
-    #[arg(long)]
+    /// The new tenant (also `--tenant`, as in assign).
+    #[arg(long, visible_alias = "tenant", value_name = "TENANT")]
     pub to: String,
     /// The one VM (libvirt domain) of the new tenant that may use it.
     #[arg(long)]
@@ -549,8 +553,8 @@ pub struct VerifyArgs {
 pub struct PlanArgs {
     /// The device.
     pub device: String,
-    /// The tenant it would go to (omit for a release).
-    #[arg(long)]
+    /// The tenant it would go to (omit for a release; also `--tenant`).
+    #[arg(long, visible_alias = "tenant", value_name = "TENANT")]
     pub to: Option<String>,
     /// Print JSON.
     #[arg(long)]

@@ -55,12 +55,34 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Exit> {
             | Command::Handover(_)
             | Command::Release(_)
     );
-    let r = dispatch(cli, &root, out);
+    let r = dispatch(cli, &root, out).map_err(|e| match &cli.sim {
+        Some(p) if missing_ledger(&e) => anyhow::anyhow!(
+            "A --sim host is generated afresh for every command, so this one has no ledger: nothing is held on it. \
+             Hint: to run commands one after another, generate a host once (`devfence sim generate --profile {p} --out DIR`) \
+             and give `--root DIR`; `devfence demo` shows a whole lifecycle"
+        ),
+        _ => e,
+    });
     if acting {
         r.map_err(crate::refusal_if_rule)
     } else {
         r
     }
+}
+
+/// Whether `e` says there is no ledger.
+fn missing_ledger(e: &anyhow::Error) -> bool {
+    use devfence_app::AppError;
+    use devfence_engine::StoreError;
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<StoreError>(),
+            Some(StoreError::Missing { .. })
+        ) || matches!(
+            c.downcast_ref::<AppError>(),
+            Some(AppError::Store(StoreError::Missing { .. }))
+        )
+    })
 }
 
 fn dispatch(cli: &Cli, root: &HostRoot, out: &mut dyn Write) -> Result<Exit> {

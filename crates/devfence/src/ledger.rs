@@ -72,7 +72,7 @@ fn config(op: &OpFlags) -> Result<EngineConfig> {
 }
 
 fn parse_device(s: &str) -> Result<DeviceId> {
-    s.parse::<DeviceId>().map_err(|e| anyhow!("{e}"))
+    crate::args::device(s)
 }
 
 fn parse_tenant(s: &str) -> Result<TenantId> {
@@ -260,8 +260,20 @@ fn run_op(
     out: &mut dyn Write,
     req: &devfence_app::lifecycle::Request,
 ) -> Result<Exit> {
-    let f = |e: &mut Engine<'_>| devfence_app::lifecycle::run(e, req);
     let cfg = config(op)?;
+    if op.dry_run {
+        let (dev, to) = match req {
+            devfence_app::lifecycle::Request::Assign { device, tenant, .. } => {
+                (*device, Some(tenant.clone()))
+            }
+            devfence_app::lifecycle::Request::Handover { device, to, .. } => {
+                (*device, Some(to.clone()))
+            }
+            devfence_app::lifecycle::Request::Release { device } => (*device, None),
+        };
+        return show_plan(root, ledger, dev, to, Some(what), op.json, out);
+    }
+    let f = |e: &mut Engine<'_>| devfence_app::lifecycle::run(e, req);
     let mut env = open_env(root, ledger)?;
     let tty = std::io::stdout().is_terminal();
     let res = if op.json {
@@ -544,24 +556,46 @@ pub fn plan(
 ) -> Result<Exit> {
     let dev = parse_device(&a.device)?;
     let to = a.to.as_deref().map(parse_tenant).transpose()?;
+    show_plan(root, ledger, dev, to, None, a.json, out)
+}
+
+/// Shows the steps and gates of the operation on `dev` (to `to`; a release
+/// without), as `plan` and every operation's `--dry-run` do; nothing is done.
+fn show_plan(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    dev: DeviceId,
+    to: Option<TenantId>,
+    what: Option<&str>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<Exit> {
     let mut env = open_env(root, ledger)?;
-    let req = devfence_app::lifecycle::PlanRequest {
-        device: dev,
-        to: to.clone(),
-    };
+    let req = devfence_app::lifecycle::PlanRequest { device: dev, to };
     let steps = devfence_app::lifecycle::plan(&mut env.engine(EngineConfig::default()), &req)?;
-    if a.json {
-        serde_json::to_writer_pretty(&mut *out, &steps)?;
+    let to = req.to;
+    let what = what.unwrap_or(if to.is_some() {
+        "assign/handover"
+    } else {
+        "release"
+    });
+    if json {
+        serde_json::to_writer_pretty(
+            &mut *out,
+            &serde_json::json!({
+                "schema": 1,
+                "operation": what,
+                "device": dev,
+                "tenant": to,
+                "dry_run": true,
+                "steps": steps,
+            }),
+        )?;
         writeln!(out)?;
     } else {
         writeln!(
             out,
-            "{} of {dev}{} (nothing is done):",
-            if to.is_some() {
-                "assign/handover"
-            } else {
-                "release"
-            },
+            "{what} of {dev}{} (nothing is done):",
             to.as_ref().map_or(String::new(), |t| format!(" to {t}"))
         )?;
         for (i, s) in steps.iter().enumerate() {

@@ -8,6 +8,7 @@
 #![allow(clippy::result_large_err)]
 
 mod act;
+mod args;
 mod cli;
 mod commands;
 mod config;

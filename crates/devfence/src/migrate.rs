@@ -8,7 +8,6 @@ use anyhow::{Result, anyhow};
 use clap::Args;
 use devfence_app::state::{AdmitRequest, SealRequest};
 use devfence_host::HostRoot;
-use devfence_model::DeviceId;
 use devfence_seal::VmUuid;
 
 use crate::Exit;
@@ -40,7 +39,7 @@ pub fn save_cmd(
     out: &mut dyn Write,
 ) -> Result<Exit> {
     let r = SealRequest {
-        dev: a.device.parse().map_err(|e| anyhow!("{e}"))?,
+        dev: crate::args::device(&a.device)?,
         vm: a.vm.parse::<VmUuid>().map_err(|e| anyhow!("--vm {e}"))?,
         ttl: a.ttl,
         action: "state-save",
@@ -58,7 +57,7 @@ pub fn load_cmd(
 ) -> Result<Exit> {
     let req = AdmitRequest {
         envelope: a.envelope.clone(),
-        device: a.device.parse::<DeviceId>().map_err(|e| anyhow!("{e}"))?,
+        device: crate::args::device(&a.device)?,
         vm: a.vm.parse::<VmUuid>().map_err(|e| anyhow!("--vm {e}"))?,
     };
     let admitted = devfence_app::migrate::load(root, ledger, &req)?;

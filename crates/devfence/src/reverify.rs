@@ -7,7 +7,6 @@ use std::path::Path;
 use anyhow::{Result, anyhow};
 use devfence_engine::engine::{Check, Reverification};
 use devfence_host::HostRoot;
-use devfence_model::DeviceId;
 
 use crate::Exit;
 use crate::cli::VerifyArgs;
@@ -25,7 +24,7 @@ pub fn verify(
     out: &mut dyn Write,
 ) -> Result<Exit> {
     let device = match a.device.as_deref() {
-        Some(s) => Some(s.parse::<DeviceId>().map_err(|e| {
+        Some(s) => Some(crate::args::device(s).map_err(|e| {
             anyhow!("--device {s:?}: {e}. Hint: give a BDF (0000:3b:00.1) or an mdev UUID as `devfence status` lists it")
         })?),
         None => None,

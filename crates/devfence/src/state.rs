@@ -131,7 +131,7 @@ pub struct InspectArgs {
 }
 
 fn parse_device(s: &str) -> Result<DeviceId> {
-    s.parse::<DeviceId>().map_err(|e| anyhow!("{e}"))
+    crate::args::device(s)
 }
 
 fn parse_vm(s: &str) -> Result<VmUuid> {

@@ -159,3 +159,59 @@ fn exit_status_follows_the_one_table() {
     }
     assert!(stdout(&dv(&root, &["status"])).contains("0000:5e:10.0"));
 }
+
+/// issue 15 item 4: one verb per concern — `--tenant` and `--to` name the
+/// tenant in assign, handover and plan alike; every operation has `--dry-run`
+/// (the plan, nothing done); a PCI address without its domain means domain
+/// 0000; a throw-away `--sim` host's missing ledger is explained as such.
+#[test]
+fn verbs_dry_runs_and_short_addresses_are_consistent() {
+    let tmp = scratch("devfence-conv-");
+    let root = tmp.path().join("lab");
+    devfence_testsupport::generate("lab", &root, &[]);
+    devfence_testsupport::add_tenants(&root, 2);
+    // A dry run changes nothing and says what would run.
+    for a in [
+        vec!["assign", "5e:10.0", "--to", "acme", "--dry-run", "--json"],
+        vec![
+            "assign",
+            "0000:5e:10.0",
+            "--tenant",
+            "acme",
+            "--dry-run",
+            "--json",
+        ],
+    ] {
+        let v = devfence_testsupport::json(&dv(&root, &a));
+        assert_eq!(v["dry_run"], true, "{a:?}: {v}");
+        assert_eq!(v["device"], "0000:5e:10.0", "{a:?}: {v}");
+        assert_eq!(v["tenant"], "acme", "{a:?}: {v}");
+        assert!(v["steps"].as_array().is_some_and(|s| !s.is_empty()), "{v}");
+    }
+    let st = ok(&dv(&root, &["status", "--json"]));
+    assert!(
+        !st.contains("0000:5e:10.0"),
+        "a dry run assigned nothing: {st}"
+    );
+    // The short form acts on the same device.
+    ok(&dv(&root, &["assign", "5e:10.0", "--to", "acme"]));
+    let st = ok(&dv(&root, &["status", "--json"]));
+    assert!(st.contains("0000:5e:10.0"), "{st}");
+    let plan = ok(&dv(
+        &root,
+        &["handover", "5e:10.0", "--tenant", "globex", "--dry-run"],
+    ));
+    assert!(plan.contains("nothing is done"), "{plan}");
+    ok(&dv(&root, &["handover", "5e:10.0", "--tenant", "globex"]));
+    let o = dv(&root, &["release", "5e:10.0", "--dry-run", "--json"]);
+    assert_eq!(
+        devfence_testsupport::json(&o)["tenant"],
+        serde_json::Value::Null
+    );
+    // A --sim host has no ledger: said as such, not "restore it from a backup".
+    let o = run(&["--sim", "lab", "status"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let e = stderr(&o);
+    assert!(e.contains("--sim host") && e.contains("--root DIR"), "{e}");
+    assert!(!e.contains("backup"), "{e}");
+}
