@@ -75,6 +75,11 @@ pub struct CheckReport {
     pub findings: Vec<Finding>,
     /// Where the tenancy came from (`None`: nowhere; tenancy rules skipped).
     pub tenancy: Option<PathBuf>,
+    /// Whether that is the ledger (else the tenancy file).
+    pub tenancy_from_ledger: bool,
+    /// The host's tenancy file, when it exists but the ledger was read instead
+    /// (its tenants count only once imported: `devfence tenant import`).
+    pub tenancy_file_unread: Option<PathBuf>,
     /// The findings by severity.
     pub summary: Summary,
     /// What opening the environment noticed (for the front end to show).
@@ -95,6 +100,10 @@ pub fn check(
 ) -> Result<CheckReport> {
     let inv = read(root)?;
     let (t, tenancy) = tenancy_for(root, ledger, req.tenancy.as_deref())?;
+    let ledger_file = crate::env::ledger_path(root, ledger)?;
+    let tenancy_from_ledger = tenancy.as_deref() == Some(ledger_file.as_path());
+    let default = root.path(&root.resolve_in_root(DEFAULT_TENANCY, true)?);
+    let tenancy_file_unread = (tenancy_from_ledger && default.is_file()).then_some(default);
     let mut findings = devfence_policy::check(&inv, &t);
     let mut notices = Vec::new();
     if req.fabric {
@@ -106,6 +115,8 @@ pub fn check(
         summary: Summary::of(&findings),
         findings,
         tenancy,
+        tenancy_from_ledger,
+        tenancy_file_unread,
         notices,
     })
 }

@@ -38,6 +38,60 @@ pub fn remove(store: &mut dyn Store, id: &TenantId) -> Result<(), StoreError> {
     })
 }
 
+/// What [`import`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Imported {
+    /// Tenants added to the ledger.
+    pub added: Vec<TenantId>,
+    /// Tenants the ledger had already, exactly as in the file.
+    pub unchanged: Vec<TenantId>,
+    /// Device assignments of the file, not imported: a device enters the ledger
+    /// only through `devfence assign`, which verifies it.
+    pub assignments_not_imported: usize,
+}
+
+/// `tenant import FILE`: seeds the ledger with the tenants of a tenancy file,
+/// all or none, in one transaction (each added tenant audited). A tenant the
+/// ledger has with other values is refused: nothing is changed.
+///
+/// # Errors
+/// The file is refused; a tenant of it differs from the ledger's; the ledger
+/// refuses one (a P_Key or launcher uid another tenant holds).
+pub fn import(store: &mut dyn Store, path: &std::path::Path) -> crate::Result<Imported> {
+    let tenancy = devfence_policy::load_tenancy(path)?;
+    let out = store.atomically(|tx| {
+        let mut out = Imported {
+            assignments_not_imported: tenancy.assignments.len(),
+            ..Imported::default()
+        };
+        let have = tx.tenants()?;
+        for t in &tenancy.tenants {
+            match have.iter().find(|h| h.id == t.id) {
+                Some(h) if h == t => out.unchanged.push(t.id.clone()),
+                Some(_) => {
+                    return Err(StoreError::InvalidTenant {
+                        tenant: t.id.clone(),
+                        reason: "the ledger has this tenant with other values (launcher, label or partitions)".into(),
+                        hint: "compare `devfence tenant list` with the file; remove the tenant from the ledger first (it must hold no device) or fix the file",
+                    });
+                }
+                None => {
+                    tx.add_tenant(t)?;
+                    tx.audit(&AuditEvent {
+                        kind: AuditKind::Ledger,
+                        device: None,
+                        tenant: Some(t.id.clone()),
+                        detail: serde_json::json!({ "action": "tenant-import", "tenant": t, "file": path.display().to_string() }),
+                    })?;
+                    out.added.push(t.id.clone());
+                }
+            }
+        }
+        Ok(out)
+    })?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

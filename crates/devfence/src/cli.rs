@@ -471,6 +471,22 @@ pub enum TenantCommand {
         /// The tenant id.
         id: String,
     },
+    /// Seed the ledger with the tenants of a tenancy file (all or none).
+    ///
+    /// Once a ledger exists, `check` reads the tenants from it, not from
+    /// `<root>/etc/devfence/tenancy.toml`: import the file once to carry its
+    /// tenants over. A tenant the ledger has already with the same values is
+    /// left as it is; one with other values refuses the whole import. The
+    /// file's device assignments are not imported: a device enters the ledger
+    /// only through `devfence assign`, which verifies it.
+    Import {
+        /// The tenancy file (default: `<root>/etc/devfence/tenancy.toml`).
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `devfence tenant add`.

@@ -518,13 +518,14 @@ fn check(
     for n in &report.notices {
         eprintln!("devfence: {n}");
     }
-    let (findings, source, summary) = (report.findings, report.tenancy, report.summary);
+    let (findings, source, summary) = (report.findings, report.tenancy.clone(), report.summary);
     if a.json {
         #[derive(serde::Serialize)]
         struct Report<'a> {
             schema: u32,
             root: String,
             tenancy: Option<String>,
+            tenancy_from_ledger: bool,
             summary: &'a Summary,
             findings: &'a [Finding],
         }
@@ -532,6 +533,7 @@ fn check(
             schema: 1,
             root: root.root().display().to_string(),
             tenancy: source.map(|p| p.display().to_string()),
+            tenancy_from_ledger: report.tenancy_from_ledger,
             summary: &summary,
             findings: &findings,
         };
@@ -539,6 +541,20 @@ fn check(
         writeln!(out)?;
     } else {
         match &source {
+            Some(p) if report.tenancy_from_ledger => {
+                writeln!(
+                    out,
+                    "tenancy: the ledger {} (devfence manages devices here)",
+                    p.display()
+                )?;
+                if let Some(f) = &report.tenancy_file_unread {
+                    writeln!(
+                        out,
+                        "  {} is not read while there is a ledger: `devfence tenant import` carries its tenants over",
+                        f.display()
+                    )?;
+                }
+            }
             Some(p) => writeln!(out, "tenancy: {}", p.display())?,
             None => writeln!(
                 out,

@@ -400,6 +400,49 @@ pub fn tenant(
             }
             Ok(Exit::Ok)
         }
+        TenantCommand::Import { file, json } => {
+            let path = match file {
+                Some(f) => f.clone(),
+                None => root.path_in_root(crate::commands::DEFAULT_TENANCY)?,
+            };
+            let mut store = open_store(root, ledger, true)?;
+            let r = devfence_app::tenant::import(&mut store, &path)?;
+            if *json {
+                serde_json::to_writer_pretty(&mut *out, &r)?;
+                writeln!(out)?;
+            } else {
+                let ids = |v: &[devfence_model::TenantId]| {
+                    v.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                writeln!(
+                    out,
+                    "imported {} tenant(s) from {}{}{}",
+                    r.added.len(),
+                    path.display(),
+                    if r.added.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", ids(&r.added))
+                    },
+                    if r.unchanged.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; already in the ledger: {}", ids(&r.unchanged))
+                    }
+                )?;
+                if r.assignments_not_imported > 0 {
+                    writeln!(
+                        out,
+                        "{} device assignment(s) of the file not imported: `devfence assign DEVICE --tenant T` adds a device (and verifies it)",
+                        r.assignments_not_imported
+                    )?;
+                }
+            }
+            Ok(Exit::Ok)
+        }
         TenantCommand::Remove { id } => {
             let id = parse_tenant(id)?;
             let mut store = open_store(root, ledger, false)?;

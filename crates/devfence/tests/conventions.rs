@@ -215,3 +215,58 @@ fn verbs_dry_runs_and_short_addresses_are_consistent() {
     assert!(e.contains("--sim host") && e.contains("--root DIR"), "{e}");
     assert!(!e.contains("backup"), "{e}");
 }
+
+/// issue 15 item 3: where the tenancy comes from is said, and a tenancy file
+/// seeds the ledger with `tenant import` (all or none; assignments are not
+/// imported: a device enters only through a verified assign).
+#[test]
+fn tenancy_file_is_imported_and_the_source_is_said() {
+    let tmp = scratch("devfence-conv-");
+    let root = tmp.path().join("lab");
+    devfence_testsupport::generate("lab", &root, &[]);
+    let file = root.join("etc/devfence/tenancy.toml");
+    assert!(file.is_file(), "the lab profile ships a tenancy file");
+    let before = ok(&dv(&root, &["check"]));
+    assert!(
+        before.contains("tenancy: ") && before.contains("tenancy.toml"),
+        "{before}"
+    );
+    let v = devfence_testsupport::json(&dv(&root, &["tenant", "import", "--json"]));
+    let added: Vec<&str> = v["added"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
+    assert!(added.contains(&"acme") && added.contains(&"globex"), "{v}");
+    let list = ok(&dv(&root, &["tenant", "list", "--json"]));
+    assert!(list.contains("acme") && list.contains("globex"), "{list}");
+    // Again: nothing new, nothing changed.
+    let v = devfence_testsupport::json(&dv(&root, &["tenant", "import", "--json"]));
+    assert_eq!(v["added"].as_array().unwrap().len(), 0, "{v}");
+    // Now check reads the ledger, and says so, and that the file is not read.
+    let after = ok(&dv(&root, &["check"]));
+    assert!(after.contains("tenancy: the ledger"), "{after}");
+    assert!(after.contains("tenant import"), "{after}");
+    let j = devfence_testsupport::json(&dv(&root, &["check", "--json"]));
+    assert_eq!(j["tenancy_from_ledger"], true, "{j}");
+    // A file whose acme differs from the ledger's refuses the whole import.
+    let other = tmp.path().join("other.toml");
+    std::fs::write(
+        &other,
+        "[[tenant]]\nid = \"acme\"\nlauncher_uid = 200\nlauncher_gid = 200\n\n[[tenant]]\nid = \"newco\"\nlauncher_uid = 201\nlauncher_gid = 201\n",
+    )
+    .unwrap();
+    let o = dv(&root, &["tenant", "import", other.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        stderr(&o).contains("acme") && stderr(&o).contains("Hint:"),
+        "{}",
+        text(&o)
+    );
+    let list = ok(&dv(&root, &["tenant", "list", "--json"]));
+    assert!(
+        !list.contains("newco"),
+        "nothing of a refused import is applied: {list}"
+    );
+}
