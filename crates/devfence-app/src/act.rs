@@ -396,9 +396,11 @@ pub fn act(
             )?;
             let r = run(&kernel, opts, &|x| {
                 x.set_num_vfs(pf, *count)?;
-                Ok(format!(
-                    "sriov_numvfs reads {count} and the VF links are there"
-                ))
+                Ok(if *count == 0 {
+                    "sriov_numvfs reads 0 and no VF is left".to_owned()
+                } else {
+                    format!("sriov_numvfs reads {count} and the {count} VF links are there")
+                })
             })?;
             (format!("set {pf} to {count} VFs"), r)
         }

@@ -359,7 +359,7 @@ pub enum SweepOutcome {
 impl fmt::Display for SweepOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SweepOutcome::NoneYet => f.write_str("no sweep completed"),
+            SweepOutcome::NoneYet => f.write_str("none completed yet"),
             SweepOutcome::Clean => f.write_str("clean"),
             SweepOutcome::Errors(e) => write!(f, "errors: {e}"),
         }

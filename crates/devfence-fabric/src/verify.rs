@@ -559,7 +559,7 @@ impl fmt::Display for Unverified {
 /// [`wait_verified`] gave up: at the deadline, or at once on an error that asking
 /// again cannot fix. Carries the last evidence.
 #[derive(Debug, thiserror::Error)]
-#[error("The SM did not verify the change after {polls} reads in {waited:?}: {last}")]
+#[error("The SM did not verify the change after {polls} reads in {:.1} ms: {last}", .waited.as_secs_f64() * 1000.0)]
 pub struct NotVerified {
     /// The last failures seen, or the last read error.
     pub last: Unverified,

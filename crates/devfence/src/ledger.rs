@@ -178,12 +178,14 @@ impl<'w> Printer<'w> {
     }
 }
 
+/// `s` cut to about `n` characters at a word boundary, with `…` when cut.
 fn engine_truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
-        s.to_owned()
-    } else {
-        format!("{}…", s.chars().take(n).collect::<String>())
+        return s.to_owned();
     }
+    let head: String = s.chars().take(n).collect();
+    let cut = head.rfind(' ').filter(|&i| i > n / 2).unwrap_or(head.len());
+    format!("{}…", head[..cut].trim_end_matches([',', ';', ':', '.']))
 }
 
 /// A short rendering of a step's detail: the few fields an operator wants.
@@ -214,6 +216,7 @@ fn brief(v: &serde_json::Value) -> String {
 }
 
 fn report(
+    root: &HostRoot,
     res: Result<engine::Done, EngineError>,
     json: bool,
     what: &str,
@@ -233,7 +236,8 @@ fn report(
                 if let Some(t) = &done.token_file {
                     writeln!(
                         out,
-                        "VF token for the launcher: {t} (0600, launcher-owned; pass it as vfio-pci,vf-token=… and remove it)"
+                        "VF token for the launcher: {} (0600, launcher-owned; pass it as vfio-pci,vf-token=… and remove it)",
+                        root.path(t).display()
                     )?;
                 }
             }
@@ -289,7 +293,7 @@ fn run_op(
         out.write_all(&sink)?;
         res
     };
-    report(res, op.json, what, out)
+    report(root, res, op.json, what, out)
 }
 
 /// `devfence assign`.
@@ -391,7 +395,12 @@ pub fn tenant(
                         ),
                         x.partitions
                             .iter()
-                            .map(|p| format!("{:#06x} {:?}", p.pkey.base(), p.membership))
+                            .map(|p| {
+                                // As entered: the membership bit set for full.
+                                let full = p.membership == Membership::Full;
+                                let key = p.pkey.base() | if full { 0x8000 } else { 0 };
+                                format!("{key:#06x} ({})", if full { "full" } else { "limited" })
+                            })
                             .collect::<Vec<_>>()
                             .join(", "),
                     ]);

@@ -270,3 +270,43 @@ fn tenancy_file_is_imported_and_the_source_is_said() {
         "nothing of a refused import is applied: {list}"
     );
 }
+
+/// issue 15 item 5: text that says what is true — partitions as entered, a
+/// zero VF count, the VF token's path under the root.
+#[test]
+fn text_says_what_is_true() {
+    let tmp = scratch("devfence-conv-");
+    let root = tmp.path().join("lab");
+    devfence_testsupport::generate("lab", &root, &[]);
+    ok(&dv(
+        &root,
+        &[
+            "tenant",
+            "add",
+            "acme",
+            "--launcher",
+            "107:107",
+            "--partition",
+            "0x8001",
+            "--partition",
+            "0x0002:limited",
+        ],
+    ));
+    let list = ok(&dv(&root, &["tenant", "list"]));
+    assert!(
+        list.contains("0x8001 (full)") && list.contains("0x0002 (limited)"),
+        "{list}"
+    );
+    let vfs = ok(&dv(&root, &["vfs", "0000:5e:00.0", "--count", "0"]));
+    assert!(
+        vfs.contains("no VF is left") && !vfs.contains("links are there"),
+        "{vfs}"
+    );
+    let a = ok(&dv(&root, &["assign", "0000:3b:00.1", "--tenant", "acme"]));
+    if let Some(line) = a.lines().find(|l| l.contains("VF token")) {
+        assert!(
+            line.contains(root.to_str().unwrap()),
+            "the path under --root: {line}"
+        );
+    }
+}

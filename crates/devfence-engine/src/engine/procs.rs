@@ -592,7 +592,7 @@ fn sm_gate(
                     )
                 };
                 Err(GateFailure::new(
-                    format!("the SM did not verify: {nv}"),
+                    nv.to_string(),
                     json!({ "backend": sm.backend(), "polls": nv.polls, "waited_ms": nv.waited.as_millis() as u64, "failed": nv.failed(), "last": nv.last.to_string(), "statements": stray }),
                     hint,
                 ))
