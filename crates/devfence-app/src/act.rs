@@ -109,6 +109,9 @@ pub struct Acted {
     /// What reads back after the action (in a dry run, what the recorder
     /// refused, if anything, as the error).
     pub result: std::result::Result<String, Box<ActError>>,
+    /// What the action is about, for scripts: the devices, the new mdev's
+    /// UUID, a PF's VFs as they read back afterwards.
+    pub data: serde_json::Value,
 }
 
 /// One action's work: operations on the actuator, then a line saying what
@@ -307,6 +310,7 @@ pub fn act(
     }
     let kernel = Kernel::for_root(root)?;
     let mut notes = Vec::new();
+    let mut created: Option<MdevUuid> = None;
     let (what, (steps, result)) = match action {
         Action::Bind {
             device: dev,
@@ -425,6 +429,7 @@ pub fn act(
                 Some(u) => *u,
                 None => fresh_uuid()?,
             };
+            created = Some(id);
             let r = run(&kernel, opts, &|x| {
                 x.mdev_create(parent, type_id, id)?;
                 Ok(format!(
@@ -471,13 +476,62 @@ pub fn act(
             ("edit the AP masks".to_owned(), r)
         }
     };
+    let data = data_of(root, action, created, steps.is_none() && result.is_ok());
     Ok(Acted {
         what,
         kernel: kernel.name(),
         notes,
         steps,
         result,
+        data,
     })
+}
+
+/// The structured part of an action's result (see [`Acted::data`]); `done`:
+/// the action was taken (not a dry run, no refusal), so what it made reads back.
+fn data_of(
+    root: &HostRoot,
+    action: &Action,
+    created: Option<MdevUuid>,
+    done: bool,
+) -> serde_json::Value {
+    use serde_json::json;
+    match action {
+        Action::Bind { device, driver, .. } => json!({ "device": device, "driver": driver }),
+        Action::Unbind { device, .. } | Action::Reset { device } => json!({ "device": device }),
+        Action::SetVfs { pf, count } => {
+            let vfs: Vec<String> = if done {
+                read_inventory(root)
+                    .map(|inv| {
+                        inv.pci
+                            .iter()
+                            .filter(|f| f.physfn == Some(*pf))
+                            .map(|f| f.bdf.to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            json!({ "pf": pf, "count": count, "vfs": vfs })
+        }
+        Action::MdevCreate {
+            parent, type_id, ..
+        } => json!({ "uuid": created, "parent": parent, "type": type_id }),
+        Action::MdevRemove { uuid } => json!({ "uuid": uuid }),
+        Action::ApMatrix {
+            mdev,
+            resources,
+            assign,
+        } => json!({
+            "mdev": mdev,
+            "assign": assign,
+            "resources": resources.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>(),
+        }),
+        Action::ApMask { edits } => json!({
+            "edits": edits.iter().map(|(k, e)| format!("{k:?} {e:?}")).collect::<Vec<_>>(),
+        }),
+    }
 }
 
 type Ran = (

@@ -752,7 +752,10 @@ fn a_lagging_sm_fails_the_handover_closed_at_sm_verified() {
     let msg = e.to_string();
     let (step, reason, st) = failed_at(&e);
     assert_eq!(step, "gate:sm-verified", "{msg}");
-    assert!(reason.contains("The SM did not verify the change"), "{reason}");
+    assert!(
+        reason.contains("The SM did not verify the change"),
+        "{reason}"
+    );
     assert!(says_quarantined(st), "{st}");
     assert!(msg.contains("Hint:"));
     assert!(waits > 0, "the gate polled");

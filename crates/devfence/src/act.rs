@@ -56,9 +56,9 @@ fn render(a: Acted, json: bool, out: &mut dyn Write) -> Result<Exit> {
                 "dry_run": true,
                 "steps": steps,
                 "refused": a.result.as_ref().err().map(ToString::to_string),
+                "data": a.data,
             });
-            serde_json::to_writer_pretty(&mut *out, &v)?;
-            writeln!(out)?;
+            crate::jsonout::emit(out, &v)?;
         } else {
             writeln!(
                 out,
@@ -80,9 +80,9 @@ fn render(a: Acted, json: bool, out: &mut dyn Write) -> Result<Exit> {
             "kernel": a.kernel,
             "dry_run": false,
             "result": done,
+            "data": a.data,
         });
-        serde_json::to_writer_pretty(&mut *out, &v)?;
-        writeln!(out)?;
+        crate::jsonout::emit(out, &v)?;
     } else {
         writeln!(out, "{what} ({}): {done}", a.kernel)?;
     }

@@ -204,8 +204,7 @@ fn scratch_base() -> PathBuf {
 fn inventory(root: &HostRoot, a: &InventoryArgs, out: &mut dyn Write) -> Result<Exit> {
     let inv = devfence_app::check::inventory(root, a.probe_migration)?;
     if a.json {
-        serde_json::to_writer_pretty(&mut *out, &inv)?;
-        writeln!(out)?;
+        crate::jsonout::emit(out, &inv)?;
     } else {
         print_inventory(&inv, out)?;
         for m in &inv.migration {
@@ -537,8 +536,7 @@ fn check(
             summary: &summary,
             findings: &findings,
         };
-        serde_json::to_writer_pretty(&mut *out, &report)?;
-        writeln!(out)?;
+        crate::jsonout::emit(out, &report)?;
     } else {
         match &source {
             Some(p) if report.tenancy_from_ledger => {
@@ -593,8 +591,7 @@ fn rules(a: &RulesArgs, out: &mut dyn Write) -> Result<Exit> {
             .iter()
             .map(|(id, severity, summary)| serde_json::json!({"id": id, "severity": severity, "summary": summary}))
             .collect();
-        serde_json::to_writer_pretty(&mut *out, &v)?;
-        writeln!(out)?;
+        crate::jsonout::emit(out, &v)?;
     } else {
         let mut t = Table::new(&["RULE", "SEVERITY", "WHAT IT FINDS"]);
         for (id, severity, summary) in &all {
@@ -632,8 +629,7 @@ fn profiles(json: bool, out: &mut dyn Write) -> Result<Exit> {
             .iter()
             .map(|p| serde_json::json!({"name": p.to_string(), "description": p.description()}))
             .collect();
-        serde_json::to_writer_pretty(&mut *out, &serde_json::json!({"schema": 1, "profiles": v}))?;
-        writeln!(out)?;
+        crate::jsonout::emit(out, &serde_json::json!({"schema": 1, "profiles": v}))?;
         return Ok(Exit::Ok);
     }
     let mut t = Table::new(&["PROFILE", "WHAT IT MODELS"]);

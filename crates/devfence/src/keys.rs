@@ -152,8 +152,7 @@ fn init(
     let made = devfence_app::keys::init(root, ledger, a.host_id.as_deref())?;
     let key = &made.key;
     if a.json {
-        serde_json::to_writer_pretty(&mut *out, &key_json(key))?;
-        writeln!(out)?;
+        crate::jsonout::emit(out, &key_json(key))?;
     } else {
         writeln!(
             out,
@@ -172,8 +171,7 @@ fn init(
 fn show(root: &HostRoot, json: bool, out: &mut dyn Write) -> Result<Exit> {
     let key = load_host_key(root)?;
     if json {
-        serde_json::to_writer_pretty(&mut *out, &key_json(&key))?;
-        writeln!(out)?;
+        crate::jsonout::emit(out, &key_json(&key))?;
     } else {
         writeln!(out, "{}", key.public_line())?;
         writeln!(
@@ -191,8 +189,7 @@ fn rotate(root: &HostRoot, ledger: Option<&Path>, json: bool, out: &mut dyn Writ
     if json {
         let mut v = key_json(&new);
         v["retired"] = serde_json::json!(old.public().fingerprint());
-        serde_json::to_writer_pretty(&mut *out, &v)?;
-        writeln!(out)?;
+        crate::jsonout::emit(out, &v)?;
     } else {
         writeln!(
             out,
@@ -262,11 +259,10 @@ fn trust_add(
         );
     }
     if a.json {
-        serde_json::to_writer_pretty(
-            &mut *out,
+        crate::jsonout::emit(
+            out,
             &serde_json::json!({ "host": line.host, "added": change.added, "retired": change.retired }),
         )?;
-        writeln!(out)?;
     } else {
         writeln!(out, "trusted key {} for host {}", change.added, line.host)?;
         if let Some(r) = change.retired {
@@ -290,8 +286,7 @@ fn trust_remove(
     let fp: Fingerprint = fingerprint.parse().map_err(|e: String| anyhow!("{e}"))?;
     let removed = devfence_app::keys::trust_remove(root, ledger, &fp)?;
     if json {
-        serde_json::to_writer_pretty(&mut *out, &removed)?;
-        writeln!(out)?;
+        crate::jsonout::emit(out, &removed)?;
     } else {
         writeln!(
             out,
@@ -315,8 +310,7 @@ fn trust_list(root: &HostRoot, json: bool, out: &mut dyn Write) -> Result<Exit> 
                 v
             })
             .collect();
-        serde_json::to_writer_pretty(&mut *out, &v)?;
-        writeln!(out)?;
+        crate::jsonout::emit(out, &v)?;
         return Ok(Exit::Ok);
     }
     if ring.keys.is_empty() {

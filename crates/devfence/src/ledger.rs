@@ -225,8 +225,14 @@ fn report(
     match res {
         Ok(done) => {
             if json {
-                serde_json::to_writer_pretty(&mut *out, &done)?;
-                writeln!(out)?;
+                // Timings as objects, a script reads `.timings[].step`.
+                let mut v = serde_json::to_value(&done)?;
+                v["timings"] = done
+                    .timings
+                    .iter()
+                    .map(|(step, ms)| serde_json::json!({ "step": step, "ms": ms }))
+                    .collect();
+                crate::jsonout::emit(out, &v)?;
             } else {
                 writeln!(
                     out,
@@ -245,11 +251,7 @@ fn report(
         }
         Err(e) => {
             if json {
-                serde_json::to_writer_pretty(
-                    &mut *out,
-                    &serde_json::json!({ "error": e.to_string() }),
-                )?;
-                writeln!(out)?;
+                crate::jsonout::emit(out, &serde_json::json!({ "error": e.to_string() }))?;
             }
             Err(anyhow!(e))
         }
@@ -381,8 +383,7 @@ pub fn tenant(
             let mut store = open_store(root, ledger, false)?;
             let tenants = devfence_app::tenant::list(&mut store)?;
             if *json {
-                serde_json::to_writer_pretty(&mut *out, &tenants)?;
-                writeln!(out)?;
+                crate::jsonout::emit(out, &tenants)?;
             } else {
                 let mut t = Table::new(&["TENANT", "LAUNCHER", "PARTITIONS"]);
                 for x in &tenants {
@@ -417,8 +418,7 @@ pub fn tenant(
             let mut store = open_store(root, ledger, true)?;
             let r = devfence_app::tenant::import(&mut store, &path)?;
             if *json {
-                serde_json::to_writer_pretty(&mut *out, &r)?;
-                writeln!(out)?;
+                crate::jsonout::emit(out, &r)?;
             } else {
                 let ids = |v: &[devfence_model::TenantId]| {
                     v.iter()
@@ -522,8 +522,8 @@ pub fn status(
         health,
     } = devfence_app::lifecycle::status(&mut env.store, &*env.sm)?;
     if a.json {
-        serde_json::to_writer_pretty(
-            &mut *out,
+        crate::jsonout::emit(
+            out,
             &serde_json::json!({
                 "ledger": env.ledger_path.display().to_string(),
                 "devices": devices,
@@ -535,7 +535,6 @@ pub fn status(
                 },
             }),
         )?;
-        writeln!(out)?;
         return Ok(Exit::Ok);
     }
     writeln!(out, "ledger: {}", env.ledger_path.display())?;
@@ -632,8 +631,8 @@ fn show_plan(
         "release"
     });
     if json {
-        serde_json::to_writer_pretty(
-            &mut *out,
+        crate::jsonout::emit(
+            out,
             &serde_json::json!({
                 "schema": 1,
                 "operation": what,
@@ -643,7 +642,6 @@ fn show_plan(
                 "steps": steps,
             }),
         )?;
-        writeln!(out)?;
     } else {
         writeln!(
             out,
@@ -692,8 +690,7 @@ pub fn recover(
     out.write_all(&sink)?;
     let rec = res?;
     if a.json {
-        serde_json::to_writer_pretty(&mut *out, &rec)?;
-        writeln!(out)?;
+        crate::jsonout::emit(out, &rec)?;
         return Ok(Exit::Ok);
     }
     if rec.is_empty() {
@@ -728,11 +725,7 @@ pub fn audit(
         AuditCommand::Head { json } => {
             let devfence_app::audit::Head { head, stored } = devfence_app::audit::head(&store)?;
             if *json {
-                serde_json::to_writer_pretty(
-                    &mut *out,
-                    &serde_json::json!({ "head": head, "stored": stored }),
-                )?;
-                writeln!(out)?;
+                crate::jsonout::emit(out, &serde_json::json!({ "head": head, "stored": stored }))?;
             } else {
                 match head {
                     Some(h) => writeln!(out, "{}:{}", h.seq, h.hash)?,
@@ -764,11 +757,10 @@ pub fn audit(
                     stored,
                 } => {
                     if *json {
-                        serde_json::to_writer_pretty(
-                            &mut *out,
+                        crate::jsonout::emit(
+                            out,
                             &serde_json::json!({ "intact": true, "report": rep, "stored_head": stored }),
                         )?;
-                        writeln!(out)?;
                     } else {
                         writeln!(
                             out,
@@ -797,11 +789,10 @@ pub fn audit(
                 }
                 devfence_app::audit::Verified::Broken(e) => {
                     if *json {
-                        serde_json::to_writer_pretty(
-                            &mut *out,
+                        crate::jsonout::emit(
+                            out,
                             &serde_json::json!({ "intact": false, "error": e.to_string() }),
                         )?;
-                        writeln!(out)?;
                     } else {
                         writeln!(out, "audit chain NOT intact: {e}")?;
                     }
@@ -822,8 +813,7 @@ pub fn audit(
             };
             let rep = devfence_app::audit::prune(root, &mut store, cut)?;
             if *json {
-                serde_json::to_writer_pretty(&mut *out, &rep)?;
-                writeln!(out)?;
+                crate::jsonout::emit(out, &rep)?;
             } else {
                 match rep.anchor {
                     Some(a) if rep.pruned > 0 => writeln!(
@@ -847,8 +837,7 @@ pub fn audit(
             };
             let recs = devfence_app::audit::show(&mut store, &filter)?;
             if *json {
-                serde_json::to_writer_pretty(&mut *out, &recs)?;
-                writeln!(out)?;
+                crate::jsonout::emit(out, &recs)?;
             } else {
                 for r in &recs {
                     writeln!(
@@ -909,8 +898,7 @@ pub fn guid_pool(
     }
     let pool = env.store.atomically(|tx| tx.guid_pool())?;
     if a.json {
-        serde_json::to_writer_pretty(&mut *out, &pool)?;
-        writeln!(out)?;
+        crate::jsonout::emit(out, &pool)?;
     } else {
         if !marked.is_empty() {
             writeln!(

@@ -36,8 +36,8 @@ pub fn verify(
     }
     let (rv, ids, backend) = (v.reverification, v.restores_recorded, v.backend);
     if a.json {
-        serde_json::to_writer_pretty(
-            &mut *out,
+        crate::jsonout::emit(
+            out,
             &serde_json::json!({
                 "all_verified": rv.all_verified(),
                 "devices": rv.devices,
@@ -46,7 +46,6 @@ pub fn verify(
                 "sm": backend,
             }),
         )?;
-        writeln!(out)?;
     } else {
         render(&rv, out)?;
         for id in &ids {

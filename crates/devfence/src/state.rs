@@ -183,11 +183,10 @@ pub(crate) fn render_sealed(
     match sealed {
         Sealed::Refused { reason, hint } => {
             if json {
-                serde_json::to_writer_pretty(
-                    &mut *out,
+                crate::jsonout::emit(
+                    out,
                     &serde_json::json!({ "sealed": false, "reason": reason, "hint": hint }),
                 )?;
-                writeln!(out)?;
             } else {
                 let verb = r.action.replace('-', " ");
                 eprintln!("devfence: {verb} refused: {reason}. Hint: {hint}");
@@ -203,8 +202,8 @@ pub(crate) fn render_sealed(
             source,
         } => {
             if json {
-                serde_json::to_writer_pretty(
-                    &mut *out,
+                crate::jsonout::emit(
+                    out,
                     &serde_json::json!({
                         "sealed": true,
                         "source": source,
@@ -214,7 +213,6 @@ pub(crate) fn render_sealed(
                         "signer": signer,
                     }),
                 )?;
-                writeln!(out)?;
             } else {
                 writeln!(out, "{id}")?;
                 writeln!(
@@ -291,8 +289,8 @@ pub(crate) fn render_admitted(
             header,
         } => {
             if json {
-                serde_json::to_writer_pretty(
-                    &mut *out,
+                crate::jsonout::emit(
+                    out,
                     &serde_json::json!({
                         "admitted": true,
                         "envelope": report.id,
@@ -305,7 +303,6 @@ pub(crate) fn render_admitted(
                         "checks": report.checks_json(),
                     }),
                 )?;
-                writeln!(out)?;
             } else {
                 writeln!(
                     out,
@@ -328,8 +325,8 @@ pub(crate) fn render_admitted(
             bytes,
         } => {
             if json {
-                serde_json::to_writer_pretty(
-                    &mut *out,
+                crate::jsonout::emit(
+                    out,
                     &serde_json::json!({
                         "admitted": true,
                         "loaded": true,
@@ -343,7 +340,6 @@ pub(crate) fn render_admitted(
                         "checks": report.checks_json(),
                     }),
                 )?;
-                writeln!(out)?;
             } else {
                 writeln!(
                     out,
@@ -359,8 +355,8 @@ pub(crate) fn render_admitted(
         }
         Admission::Unloadable { reason, hint } => {
             if json {
-                serde_json::to_writer_pretty(
-                    &mut *out,
+                crate::jsonout::emit(
+                    out,
                     &serde_json::json!({
                         "admitted": false,
                         "envelope": report.id,
@@ -371,7 +367,6 @@ pub(crate) fn render_admitted(
                         "checks": report.checks_json(),
                     }),
                 )?;
-                writeln!(out)?;
             } else {
                 eprintln!(
                     "devfence: state load {}: refused at check migration: {reason}. Hint: {hint}",
@@ -382,8 +377,8 @@ pub(crate) fn render_admitted(
         }
         Admission::Refused(r) => {
             if json {
-                serde_json::to_writer_pretty(
-                    &mut *out,
+                crate::jsonout::emit(
+                    out,
                     &serde_json::json!({
                         "admitted": false,
                         "envelope": (report.size > 0).then(|| report.id.to_string()),
@@ -394,7 +389,6 @@ pub(crate) fn render_admitted(
                         "checks": report.checks_json(),
                     }),
                 )?;
-                writeln!(out)?;
             } else {
                 let verb = action.replace('-', " ");
                 eprintln!("devfence: {verb} {}: {r}", path.display());
@@ -422,8 +416,8 @@ fn render_inspection(i: &Inspection, json: bool, out: &mut dyn Write) -> Result<
     let (path, report) = (&i.path, &i.report);
     let verdict = i.verdict();
     if json {
-        serde_json::to_writer_pretty(
-            &mut *out,
+        crate::jsonout::emit(
+            out,
             &serde_json::json!({
                 "envelope": (report.size > 0 && i.read).then(|| report.id.to_string()),
                 "path": path.display().to_string(),
@@ -436,7 +430,6 @@ fn render_inspection(i: &Inspection, json: bool, out: &mut dyn Write) -> Result<
                 "verdict": verdict,
             }),
         )?;
-        writeln!(out)?;
     } else {
         writeln!(out, "envelope {} ({} bytes)", path.display(), report.size)?;
         if i.read {

@@ -377,7 +377,7 @@ mod commands {
         let o = run(&["rules", "--json"]);
         assert!(o.status.success());
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        let ids: Vec<&str> = v
+        let ids: Vec<&str> = v["items"]
             .as_array()
             .unwrap()
             .iter()

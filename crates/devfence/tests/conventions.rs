@@ -310,3 +310,48 @@ fn text_says_what_is_true() {
         );
     }
 }
+
+/// issue 15 item 6: every `--json` document carries `"schema": 1` (a list is
+/// `{schema, items}`), acting commands say what they made in `data` (the new
+/// mdev's UUID, the PF's VFs), and an operation's timings are objects.
+#[test]
+fn every_json_document_has_a_schema_and_data() {
+    let tmp = scratch("devfence-conv-");
+    let root = tmp.path().join("lab");
+    devfence_testsupport::generate("lab", &root, &[]);
+    devfence_testsupport::add_tenants(&root, 2);
+    let j = |a: &[&str]| devfence_testsupport::json(&dv(&root, a));
+    let a = j(&["assign", "0000:5e:10.0", "--tenant", "acme", "--json"]);
+    assert_eq!(a["schema"], 1, "{a}");
+    assert!(
+        a["timings"][0]["step"].is_string() && a["timings"][0]["ms"].is_u64(),
+        "{a}"
+    );
+    for args in [
+        vec!["inventory", "--json"],
+        vec!["check", "--json"],
+        vec!["rules", "--json"],
+        vec!["status", "--json"],
+        vec!["verify", "--json"],
+        vec!["plan", "0000:5e:10.2", "--to", "acme", "--json"],
+        vec!["recover", "--json"],
+        vec!["audit", "head", "--json"],
+        vec!["audit", "verify", "--json"],
+        vec!["audit", "show", "--json"],
+        vec!["tenant", "list", "--json"],
+        vec!["guid-pool", "--json"],
+        vec!["keys", "trust", "list", "--json"],
+        vec!["sim", "profiles", "--json"],
+    ] {
+        let v = j(&args);
+        assert_eq!(v["schema"], 1, "{args:?}: {v}");
+    }
+    ok(&dv(&root, &["release", "0000:5e:10.0"]));
+    let v = j(&["vfs", "0000:5e:00.0", "--count", "2", "--json"]);
+    assert_eq!(v["schema"], 1, "{v}");
+    let vfs = v["data"]["vfs"].as_array().unwrap();
+    assert_eq!(vfs.len(), 2, "the VFs as they read back: {v}");
+    let v = j(&["mdev", "create", "0000:65:00.0", "nvidia-63", "--json"]);
+    let uuid = v["data"]["uuid"].as_str().unwrap_or_default();
+    assert_eq!(uuid.len(), 36, "the new mdev's UUID: {v}");
+}

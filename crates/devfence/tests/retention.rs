@@ -27,7 +27,7 @@ fn audit_prune_keeps_a_signed_chain_verifiable() {
     ok(&dv(&root, &["audit", "verify"]));
     let all: serde_json::Value =
         serde_json::from_str(&ok(&dv(&root, &["audit", "show", "--json"]))).unwrap();
-    let first = &all[0];
+    let first = &all["items"][0];
     let old_head = format!("{}:{}", first["seq"], first["hash"].as_str().unwrap());
     let out = ok(&dv(&root, &["audit", "prune", "--keep", "2", "--json"]));
     let rep: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -102,7 +102,8 @@ fn refused_at(res: &(i32, serde_json::Value), check: &str, words: &str) {
 
 fn audit(root: &Path) -> Vec<serde_json::Value> {
     let o = dv(root, &["audit", "show", "--json"]);
-    serde_json::from_str::<Vec<serde_json::Value>>(&ok(&o)).unwrap()
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    v["items"].as_array().cloned().unwrap()
 }
 
 fn audit_intact(root: &Path) {
@@ -509,7 +510,8 @@ fn rotation_keeps_envelopes_sealed_before_it_and_removal_refuses_them() {
     let list: serde_json::Value =
         serde_json::from_str(&ok(&dv(&p.h1, &["keys", "trust", "list", "--json"]))).unwrap();
     let status = |fp: &str| {
-        list.as_array()
+        list["items"]
+            .as_array()
             .unwrap()
             .iter()
             .find(|k| k["fingerprint"] == fp)

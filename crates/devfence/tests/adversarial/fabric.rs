@@ -201,7 +201,7 @@ fn a_failed_sweep_is_an_error_without_any_tenant_port() {
 fn rules_lists_the_fabric_rules() {
     let o = run(&["rules", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&ok(&o).into_bytes()).unwrap();
-    let ids: BTreeSet<&str> = v
+    let ids: BTreeSet<&str> = v["items"]
         .as_array()
         .unwrap()
         .iter()

@@ -105,7 +105,11 @@ fn tenant_add_refuses_a_pkey_of_another_tenant() {
     assert!(e.contains("default partition"), "{e}");
     let list = ok(&on(&root, &["tenant", "list", "--json"]));
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
-    assert_eq!(v.as_array().unwrap().len(), 1, "nothing half-added: {list}");
+    assert_eq!(
+        v["items"].as_array().unwrap().len(),
+        1,
+        "nothing half-added: {list}"
+    );
     ok(&tenant_add(&root, "globex", "108:108", "0x8002"));
 }
 
@@ -584,7 +588,7 @@ fn a_removed_key_is_not_trusted_again_silently() {
     ok(&on(&root, &["keys", "trust", "add", "--from", fs]));
     let v: serde_json::Value =
         serde_json::from_str(&ok(&on(&root, &["keys", "trust", "list", "--json"]))).unwrap();
-    let fp = v[0]["fingerprint"].as_str().unwrap().to_owned();
+    let fp = v["items"][0]["fingerprint"].as_str().unwrap().to_owned();
     ok(&on(&root, &["keys", "trust", "remove", &fp]));
     let e = refused(&on(&root, &["keys", "trust", "add", "--from", fs]));
     assert!(e.contains("removed") && e.contains("--force"), "{e}");

@@ -15,7 +15,7 @@ fn records(f: &Fabric, root: &Path, config: &Path, key: &str, value: &str) -> us
         String::from_utf8_lossy(&out.stderr)
     );
     let v = json(&out);
-    let list = v
+    let list = v["items"]
         .as_array()
         .or_else(|| v["records"].as_array())
         .cloned()
