@@ -685,12 +685,12 @@ fn demo(a: &DemoArgs, out: &mut dyn Write) -> Result<Exit> {
             vfs: None,
         })?;
         writeln!(out, "== {profile}: {}", profile.description())?;
-        writeln!(out, "   generated: {summary}")?;
+        writeln!(out, "  generated: {summary}")?;
         let root = HostRoot::new(dir.clone());
         let inv = devfence_app::check::inventory(&root, false)?;
         writeln!(
             out,
-            "   inventory: {} PCI functions, {} IOMMU groups, {} mdevs, {} AP queues, {} IB devices, {} problems",
+            "  inventory: {} PCI functions, {} IOMMU groups, {} mdevs, {} AP queues, {} IB devices, {} problems",
             inv.pci.len(),
             inv.iommu_groups.len(),
             inv.mdevs.len(),
@@ -703,7 +703,7 @@ fn demo(a: &DemoArgs, out: &mut dyn Write) -> Result<Exit> {
         for f in &findings {
             writeln!(
                 out,
-                "   {} [{}] {}: {}",
+                "  {} [{}] {}: {}",
                 f.severity, f.rule, f.subject, f.message
             )?;
         }
@@ -758,7 +758,7 @@ fn demo_fix_group(base: &Path, out: &mut dyn Write) -> Result<()> {
         let (f, _) = check_with_ledger(root)?;
         Ok(f.iter().filter(|f| f.rule == "GRP-VIABLE").count())
     };
-    writeln!(out, "   before: {} GRP-VIABLE finding(s)", viable(&root)?)?;
+    writeln!(out, "  before: {} GRP-VIABLE finding(s)", viable(&root)?)?;
     let args = |dry_run| crate::cli::BindArgs {
         device: "0000:05:00.0".into(),
         driver: "vfio-pci".into(),
@@ -771,20 +771,31 @@ fn demo_fix_group(base: &Path, out: &mut dyn Write) -> Result<()> {
     };
     writeln!(
         out,
-        "   $ devfence bind 0000:05:00.0 --driver vfio-pci --with-group --dry-run"
+        "  $ devfence bind 0000:05:00.0 --driver vfio-pci --with-group --dry-run"
     )?;
-    crate::act::bind(&root, None, &args(true), out)?;
+    indented(out, |o| crate::act::bind(&root, None, &args(true), o))?;
     writeln!(
         out,
-        "   $ devfence bind 0000:05:00.0 --driver vfio-pci --with-group"
+        "  $ devfence bind 0000:05:00.0 --driver vfio-pci --with-group"
     )?;
-    crate::act::bind(&root, None, &args(false), out)?;
+    indented(out, |o| crate::act::bind(&root, None, &args(false), o))?;
     writeln!(
         out,
-        "   after: {} GRP-VIABLE finding(s): every member of the group is on vfio-pci, read back from sysfs\n",
+        "  after: {} GRP-VIABLE finding(s): every member of the group is on vfio-pci, read back from sysfs",
         viable(&root)?
     )?;
     Ok(())
+}
+
+/// Runs `f` and writes what it printed to `out`, each line indented by four
+/// spaces (a command's output inside the demo's story).
+pub fn indented<T>(out: &mut dyn Write, f: impl FnOnce(&mut dyn Write) -> Result<T>) -> Result<T> {
+    let mut buf = Vec::new();
+    let r = f(&mut buf);
+    for line in String::from_utf8_lossy(&buf).lines() {
+        writeln!(out, "    {line}")?;
+    }
+    r
 }
 
 #[cfg(test)]

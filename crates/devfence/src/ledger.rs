@@ -134,7 +134,7 @@ impl<'w> Printer<'w> {
             } => {
                 let line = format!(
                     "  [{elapsed_ms:>5} ms] gate {gate:<18} waiting (read {polls}): {}",
-                    engine_truncate(last, 110)
+                    waiting_for(last)
                 );
                 if self.tty {
                     // devfence's own control sequence goes to the terminal as is
@@ -175,6 +175,24 @@ impl<'w> Printer<'w> {
             }
         }
         self.out.flush()
+    }
+}
+
+/// What a waiting gate still waits for: the SM's questions not answered yet
+/// (`Q1 old GUID revoked`, …) when the evidence names them, else the evidence
+/// cut short.
+fn waiting_for(last: &str) -> String {
+    let open: Vec<&str> = last
+        .split("; ")
+        .filter(|part| {
+            part.starts_with('Q') && part.as_bytes().get(1).is_some_and(u8::is_ascii_digit)
+        })
+        .filter_map(|part| part.split_once(':').map(|(q, _)| q))
+        .collect();
+    if open.is_empty() {
+        engine_truncate(last, 110)
+    } else {
+        format!("not yet {}", open.join(", "))
     }
 }
 

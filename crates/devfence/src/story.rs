@@ -8,14 +8,16 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use devfence_engine::engine::{Crash, CrashMode, EngineConfig, Failpoints};
+use devfence_engine::store::OperationId;
 use devfence_engine::store::{Partition, Tenant};
 use devfence_engine::{DeviceState, StoreExt};
 use devfence_fabric::PersistentSimSm;
 use devfence_host::{HostRoot, sim};
 use devfence_model::{DeviceId, Membership, PKey, TenantId};
 
-use crate::cli::HookCommand;
-use crate::ledger::{Env, Printer, SIM_SM_PATH, hook};
+use devfence_app::hook::{Call, Decision};
+
+use crate::ledger::{Env, Printer, SIM_SM_PATH};
 
 fn tid(s: &str) -> Result<TenantId> {
     s.parse().map_err(|e| anyhow::anyhow!("{e}"))
@@ -50,17 +52,17 @@ fn domain_xml(name: &str, tenant: &str, bdf: (u8, u8, u8)) -> String {
     )
 }
 
-/// Calls the qemu hook as libvirt would, for globex's domain `name` using VF
-/// 0000:3b:00.1 (the caller closes its ledger first: the hook is another process).
-fn call_hook(root: &HostRoot, name: &str, op: &str, subop: &str) -> Result<crate::Exit> {
+/// Calls the qemu hook's use case as libvirt's call would, for globex's domain
+/// `name` using VF 0000:3b:00.1 (the caller closes its ledger first: the hook
+/// is another process); what it decided, in words.
+fn call_hook(root: &HostRoot, name: &str, call: Call) -> Result<String> {
     let xml = domain_xml(name, "globex", (0x3b, 0, 1));
-    let c = HookCommand::Qemu {
-        domain: name.into(),
-        operation: op.into(),
-        subop: subop.into(),
-        extra: None,
-    };
-    hook(root, None, &c, &mut xml.as_bytes())
+    let (d, _) = devfence_app::hook::run(root, None, None, name, call, xml.into_bytes())?;
+    Ok(match d {
+        Decision::Allowed => "allowed".to_owned(),
+        Decision::Refused(r) => format!("refused: {r}"),
+        Decision::TeardownFailed(f) => format!("teardown failed: {}", f.join("; ")),
+    })
 }
 
 fn cfg(timeout: Duration) -> EngineConfig {
@@ -95,7 +97,11 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
         out,
         "== the handover story: a simulated host (lab), its simulated kernel and a simulated SM\n\
          Every gate below reads state back — from the kernel (sysfs) and from the SM — and only\n\
-         then lets a VM start. Nothing waits a fixed time.\n"
+         then lets a VM start. Nothing waits a fixed time. An IB gate asks the SM three questions:\n\
+         \x20 Q1  is the old GUID gone from every partition of the old tenant?\n\
+         \x20 Q2  is the new GUID in exactly the new tenant's partitions?\n\
+         \x20 Q3  has the SM finished a clean sweep since the change?\n\
+         A gate that waits says which question is not answered yet.\n"
     )?;
     let mut env = crate::ledger::open_env_or_create(&root, None)?;
     let acme = tid("acme")?;
@@ -131,11 +137,11 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
         out.write_all(&sink)?;
         match res {
             Ok(d) => {
-                writeln!(out, "   => {} is {}", d.device, d.state)?;
+                writeln!(out, "  => {} is {}", d.device, d.state)?;
                 Ok(true)
             }
             Err(e) => {
-                writeln!(out, "   => refused/failed, as it must: {e}")?;
+                writeln!(out, "  => refused/failed, as it must: {e}")?;
                 Ok(false)
             }
         }
@@ -162,12 +168,11 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
     )?;
     for name in ["intruder", "db1"] {
         drop(env);
-        let r = call_hook(&root, name, "prepare", "begin")?;
+        let r = call_hook(&root, name, Call::PrepareBegin)?;
         env = crate::ledger::open_env(&root, None)?;
         writeln!(
             out,
-            "   hook qemu {name} prepare begin -> {:?}; 0000:3b:00.1 is {}",
-            r,
+            "  hook qemu {name} prepare begin: {r}\n    0000:3b:00.1 is {}",
             state(&mut env, &vf1)?
         )?;
     }
@@ -180,11 +185,20 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
     )?;
     {
         drop(env);
-        let r = call_hook(&root, "db1", "release", "end")?;
+        let r = call_hook(&root, "db1", Call::ReleaseEnd)?;
         env = crate::ledger::open_env(&root, None)?;
+        // The hook's own operation, numbered like the others.
+        let mut last = 0;
+        while env
+            .store
+            .atomically(|tx| tx.operation(OperationId(last + 1)))?
+            .is_some()
+        {
+            last += 1;
+        }
         writeln!(
             out,
-            "\n-- 6. db1 stops: hook qemu db1 release end -> {r:?}; 0000:3b:00.1 is {} (drained, scrubbed, verified)",
+            "\n-- 6. db1 stops: hook qemu db1 release end: {r}\n  op-{last} (run by the hook): release 0000:3b:00.1 — drained, scrubbed, verified\n  => 0000:3b:00.1 is {}",
             state(&mut env, &vf1)?
         )?;
     }
@@ -254,7 +268,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
     let open = env.store.atomically(|tx| tx.open_operations())?;
     writeln!(
         out,
-        "   after the crash: 0000:3b:00.3 is {}; {} unfinished operation(s)",
+        "  after the crash: 0000:3b:00.3 is {}; {} unfinished operation(s)",
         state(&mut env, &vf3)?,
         open.len()
     )?;
@@ -271,7 +285,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
     for r in &rec {
         writeln!(
             out,
-            "   recovered {} ({}) on {}: now {}",
+            "  => recovered {} ({}) on {}: now {}",
             r.op, r.kind, r.device, r.state
         )?;
     }
@@ -286,18 +300,18 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
     )?;
     let devices = env.store.atomically(|tx| tx.devices())?;
     for d in &devices {
-        writeln!(out, "   {} {}", d.device, d.state)?;
+        writeln!(out, "  {} {}", d.device, d.state)?;
     }
     let (findings, _) = crate::commands::check_with_ledger(&root)?;
     writeln!(
         out,
-        "   check (tenancy from the ledger): {} finding(s)",
+        "  check (tenancy from the ledger): {} finding(s)",
         findings.len()
     )?;
     let rep = devfence_engine::StoreExt::verify(&mut env.store)?;
     writeln!(
         out,
-        "   audit verify: chain intact, {} records (every step, gate with its evidence, refusal and recovery)",
+        "  audit verify: chain intact, {} records (every step, gate with its evidence, refusal and recovery)",
         rep.records
     )?;
     Ok(())
