@@ -309,85 +309,22 @@ pub fn act(
         _ => {}
     }
     let kernel = Kernel::for_root(root)?;
+    let cx = Cx {
+        root,
+        ledger,
+        kernel: &kernel,
+        opts,
+    };
     let mut notes = Vec::new();
     let mut created: Option<MdevUuid> = None;
     let (what, (steps, result)) = match action {
         Action::Bind {
-            device: dev,
+            device,
             driver,
             with_group,
-        } => {
-            let dev = *dev;
-            let companions = group_companions(root, dev)?;
-            let stray: Vec<&PciFunction> = companions
-                .iter()
-                .filter(|p| !dma_managed(p.driver.as_deref(), driver))
-                .collect();
-            let mut targets: Vec<Bdf> = Vec::new();
-            if *with_group {
-                targets.extend(stray.iter().map(|p| p.bdf));
-            } else if !stray.is_empty() {
-                let names: Vec<String> = stray
-                    .iter()
-                    .map(|p| format!("{} ({})", p.bdf, p.driver.as_deref().unwrap_or("no driver")))
-                    .collect();
-                notes.push(format!(
-                    "note: {dev} shares its IOMMU group with {}; the group cannot be handed out while they stay on \
-                     host drivers. Rerun with --with-group to bind them to {driver} too.",
-                    names.join(", "),
-                ));
-            }
-            targets.push(dev);
-            let what = if targets.len() > 1 {
-                format!("bind {dev} to {driver} (with its group)")
-            } else {
-                format!("bind {dev} to {driver}")
-            };
-            guard(root, ledger, opts, &what, &|inv, r| {
-                targets.iter().find_map(|t| touches_pci(inv, *t, &r.device))
-            })?;
-            let r = run(&kernel, opts, &|x| {
-                for t in &targets {
-                    x.bind(*t, driver)?;
-                }
-                let list: Vec<String> = targets.iter().map(ToString::to_string).collect();
-                Ok(format!("driver link of {} reads {driver}", list.join(", ")))
-            })?;
-            (what, r)
-        }
-        Action::Unbind {
-            device: dev,
-            with_group,
-        } => {
-            let dev = *dev;
-            let mut targets: Vec<Bdf> = Vec::new();
-            let companions = group_companions(root, dev)?;
-            if *with_group {
-                targets.extend(
-                    companions
-                        .iter()
-                        .filter(|p| p.driver.is_some())
-                        .map(|p| p.bdf),
-                );
-            } else if !companions.is_empty() {
-                let names: Vec<String> = companions.iter().map(|p| p.bdf.to_string()).collect();
-                notes.push(format!(
-                    "note: {dev} is in an IOMMU group with {}; --with-group unbinds them too.",
-                    names.join(", ")
-                ));
-            }
-            targets.push(dev);
-            let what = format!("unbind {dev}");
-            guard(root, ledger, opts, &what, &|inv, r| {
-                targets.iter().find_map(|t| touches_pci(inv, *t, &r.device))
-            })?;
-            let r = run(&kernel, opts, &|x| {
-                for t in &targets {
-                    x.unbind(*t)?;
-                }
-                Ok("no driver bound".to_string())
-            })?;
-            (what, r)
+        } => bind_action(&cx, *device, driver, *with_group, &mut notes)?,
+        Action::Unbind { device, with_group } => {
+            unbind_action(&cx, *device, *with_group, &mut notes)?
         }
         Action::SetVfs { pf, count } => {
             let pf = *pf;
@@ -485,6 +422,99 @@ pub fn act(
         result,
         data,
     })
+}
+
+/// What one action works with.
+struct Cx<'a> {
+    root: &'a HostRoot,
+    ledger: Option<&'a Path>,
+    kernel: &'a Kernel,
+    opts: ActOptions,
+}
+
+/// `bind`: the function, and with `with_group` its group's endpoints on host
+/// drivers; a note when they are left behind.
+fn bind_action(
+    cx: &Cx<'_>,
+    dev: Bdf,
+    driver: &str,
+    with_group: bool,
+    notes: &mut Vec<String>,
+) -> Result<(String, Ran)> {
+    let companions = group_companions(cx.root, dev)?;
+    let stray: Vec<&PciFunction> = companions
+        .iter()
+        .filter(|p| !dma_managed(p.driver.as_deref(), driver))
+        .collect();
+    let mut targets: Vec<Bdf> = Vec::new();
+    if with_group {
+        targets.extend(stray.iter().map(|p| p.bdf));
+    } else if !stray.is_empty() {
+        let names: Vec<String> = stray
+            .iter()
+            .map(|p| format!("{} ({})", p.bdf, p.driver.as_deref().unwrap_or("no driver")))
+            .collect();
+        notes.push(format!(
+            "note: {dev} shares its IOMMU group with {}; the group cannot be handed out while they stay on \
+             host drivers. Rerun with --with-group to bind them to {driver} too.",
+            names.join(", "),
+        ));
+    }
+    targets.push(dev);
+    let what = if targets.len() > 1 {
+        format!("bind {dev} to {driver} (with its group)")
+    } else {
+        format!("bind {dev} to {driver}")
+    };
+    guard(cx.root, cx.ledger, cx.opts, &what, &|inv, r| {
+        targets.iter().find_map(|t| touches_pci(inv, *t, &r.device))
+    })?;
+    let r = run(cx.kernel, cx.opts, &|x| {
+        for t in &targets {
+            x.bind(*t, driver)?;
+        }
+        let list: Vec<String> = targets.iter().map(ToString::to_string).collect();
+        Ok(format!("driver link of {} reads {driver}", list.join(", ")))
+    })?;
+    Ok((what, r))
+}
+
+/// `unbind`: the function, and with `with_group` its group's bound endpoints;
+/// a note when the group has others.
+fn unbind_action(
+    cx: &Cx<'_>,
+    dev: Bdf,
+    with_group: bool,
+    notes: &mut Vec<String>,
+) -> Result<(String, Ran)> {
+    let mut targets: Vec<Bdf> = Vec::new();
+    let companions = group_companions(cx.root, dev)?;
+    if with_group {
+        targets.extend(
+            companions
+                .iter()
+                .filter(|p| p.driver.is_some())
+                .map(|p| p.bdf),
+        );
+    } else if !companions.is_empty() {
+        let names: Vec<String> = companions.iter().map(|p| p.bdf.to_string()).collect();
+        notes.push(format!(
+            "note: {dev} is in an IOMMU group with {}; --with-group unbinds them too.",
+            names.join(", ")
+        ));
+    }
+    targets.push(dev);
+    let what = format!("unbind {dev}");
+    guard(cx.root, cx.ledger, cx.opts, &what, &|inv, r| {
+        targets.iter().find_map(|t| touches_pci(inv, *t, &r.device))
+    })?;
+    let r = run(cx.kernel, cx.opts, &|x| {
+        for t in &targets {
+            x.unbind(*t)?;
+        }
+        Ok("no driver bound".to_string())
+    })?;
+    Ok((what, r))
 }
 
 /// The structured part of an action's result (see [`Acted::data`]); `done`:

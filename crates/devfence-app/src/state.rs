@@ -627,18 +627,7 @@ pub fn admit(
                                 kind: AuditKind::Admit,
                                 device: Some(dev),
                                 tenant: Some(h.tenant.clone()),
-                                detail: serde_json::json!({
-                                    "action": action,
-                                    "envelope": r.id,
-                                    "nonce": h.nonce,
-                                    "vm": h.vm.to_string(),
-                                    "signer": r.signer,
-                                    "source_host": h.source_host,
-                                    "device_kind": h.device.kind,
-                                    "payload_len": h.payload_len,
-                                    "payload_sha256": h.payload_sha256,
-                                    "migration": prepared,
-                                }),
+                                detail: admit_detail(action, &r, &h, "migration", &prepared),
                             })?;
                             report = Some(r);
                             return Ok(Decision::Loading {
@@ -671,19 +660,14 @@ pub fn admit(
                         kind: AuditKind::Admit,
                         device: Some(dev),
                         tenant: Some(h.tenant.clone()),
-                        detail: serde_json::json!({
-                            "action": "state-admit",
-                            "envelope": r.id,
-                            "nonce": h.nonce,
-                            "vm": h.vm.to_string(),
-                            "signer": r.signer,
-                            "source_host": h.source_host,
-                            "device_kind": h.device.kind,
-                            "payload_len": h.payload_len,
-                            "payload_sha256": h.payload_sha256,
-                            // The token names the payload; only its hash is kept.
-                            "token_sha256": Sha256Digest::of(token.as_bytes()),
-                        }),
+                        // The token names the payload; only its hash is kept.
+                        detail: admit_detail(
+                            "state-admit",
+                            &r,
+                            &h,
+                            "token_sha256",
+                            &serde_json::json!(Sha256Digest::of(token.as_bytes())),
+                        ),
                     })?;
                     report = Some(r);
                     return Ok(Decision::Admitted {
@@ -745,25 +729,7 @@ pub fn admit(
             // before this leaves the envelope spent and nothing to restore (fail
             // closed: seal again).
             if let Some(tmp) = &placed {
-                // Whose it is, beside it: scrubbing the device voids it
-                // (devfence-engine's `state-void` step).
-                write_new(&final_path.with_extension("owner"), format!("{dev}\n").as_bytes())
-                    .step(|| {
-                        format!(
-                            "The envelope was admitted (its nonce is spent) but its owner record could not be \
-                             written beside {}. Hint: seal the state again on the source host",
-                            final_path.display()
-                        )
-                    })?;
-                std::fs::rename(tmp, &final_path)
-                    .and_then(|()| sync_dir(&final_path))
-                    .step(|| {
-                        format!(
-                            "The envelope was admitted (its nonce is spent) but its payload could not be \
-                             moved to {}. Hint: seal the state again on the source host",
-                            final_path.display()
-                        )
-                    })?;
+                put_in_place(dev, tmp, &final_path)?;
             }
             Admission::Admitted {
                 token,
@@ -781,30 +747,7 @@ pub fn admit(
             let Some(l) = loader else {
                 bail!("Internal error: a load without a loader. Hint: this is a bug");
             };
-            let loaded = l.load(&payload);
-            let detail = match &loaded {
-                Ok(v) => serde_json::json!({"action": "state-load", "step": "migration-load",
-                    "envelope": report.id, "result": "ok", "migration": v}),
-                Err(e) => serde_json::json!({"action": "state-load", "step": "migration-load",
-                    "envelope": report.id, "result": "failed", "error": crate::error::chain(e)}),
-            };
-            store.atomically(|tx| {
-                tx.audit(&AuditEvent {
-                    kind: AuditKind::Step,
-                    device: Some(dev),
-                    tenant: Some(header.tenant.clone()),
-                    detail,
-                })
-            })?;
-            let done = loaded.map_err(|e| {
-                AppError::step(
-                    format!(
-                        "{dev}: envelope {} was admitted (its nonce is spent) but the load failed",
-                        report.id
-                    ),
-                    e,
-                )
-            })?;
+            let done = load_after_commit(&mut store, l, dev, &report, &header, &payload)?;
             Admission::Loaded {
                 header,
                 prepared,
@@ -824,6 +767,92 @@ pub fn admit(
         action,
         report,
         decision,
+    })
+}
+
+/// The audit detail of an admission: the envelope, its header and signer,
+/// and one more field (`key`: the load's migration, or the token's hash).
+fn admit_detail(
+    action: &str,
+    r: &Report,
+    h: &Header,
+    key: &str,
+    value: &serde_json::Value,
+) -> serde_json::Value {
+    let mut d = serde_json::json!({
+        "action": action,
+        "envelope": r.id,
+        "nonce": h.nonce,
+        "vm": h.vm.to_string(),
+        "signer": r.signer,
+        "source_host": h.source_host,
+        "device_kind": h.device.kind,
+        "payload_len": h.payload_len,
+        "payload_sha256": h.payload_sha256,
+    });
+    d[key] = value.clone();
+    d
+}
+
+/// After the commit of an admission: the owner record beside the payload
+/// (scrubbing the device voids it: the engine's `state-void` step), then the
+/// payload renamed from `tmp` into place, the directory synced.
+fn put_in_place(dev: DeviceId, tmp: &Path, final_path: &Path) -> Result<()> {
+    write_new(
+        &final_path.with_extension("owner"),
+        format!("{dev}\n").as_bytes(),
+    )
+    .step(|| {
+        format!(
+            "The envelope was admitted (its nonce is spent) but its owner record could not be \
+             written beside {}. Hint: seal the state again on the source host",
+            final_path.display()
+        )
+    })?;
+    std::fs::rename(tmp, final_path)
+        .and_then(|()| sync_dir(final_path))
+        .step(|| {
+            format!(
+                "The envelope was admitted (its nonce is spent) but its payload could not be \
+                 moved to {}. Hint: seal the state again on the source host",
+                final_path.display()
+            )
+        })
+}
+
+/// After the commit of a load's admission: the device takes the state; the
+/// outcome is audited either way.
+fn load_after_commit(
+    store: &mut devfence_engine::SqliteStore,
+    l: &mut dyn DeviceLoader,
+    dev: DeviceId,
+    report: &Report,
+    header: &Header,
+    payload: &[u8],
+) -> Result<serde_json::Value> {
+    let loaded = l.load(payload);
+    let detail = match &loaded {
+        Ok(v) => serde_json::json!({"action": "state-load", "step": "migration-load",
+            "envelope": report.id, "result": "ok", "migration": v}),
+        Err(e) => serde_json::json!({"action": "state-load", "step": "migration-load",
+            "envelope": report.id, "result": "failed", "error": crate::error::chain(e)}),
+    };
+    store.atomically(|tx| {
+        tx.audit(&AuditEvent {
+            kind: AuditKind::Step,
+            device: Some(dev),
+            tenant: Some(header.tenant.clone()),
+            detail,
+        })
+    })?;
+    loaded.map_err(|e| {
+        AppError::step(
+            format!(
+                "{dev}: envelope {} was admitted (its nonce is spent) but the load failed",
+                report.id
+            ),
+            e,
+        )
     })
 }
 
