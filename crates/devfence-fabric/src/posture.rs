@@ -141,7 +141,7 @@ fn finding(
     Finding {
         rule: rule.into(),
         severity,
-        subject,
+        subject: subject.into(),
         message,
         evidence,
         hint: hint.into(),
@@ -665,9 +665,11 @@ mod tests {
             (Guid(11), Programmed::Absent),
         ]);
         let f = posture("opensm", Ok(Some(&cfg)), Ok(&o), &ledger());
+        let subjects: Vec<String> = f.iter().map(|x| x.subject.to_string()).collect();
         let rules: Vec<(&str, &str)> = f
             .iter()
-            .map(|x| (x.rule.as_str(), x.subject.as_str()))
+            .zip(&subjects)
+            .map(|(x, s)| (x.rule.as_str(), s.as_str()))
             .collect();
         assert!(rules.contains(&("FAB-DEFAULT-FULL", "ALL")), "{rules:?}");
         assert!(
@@ -695,7 +697,7 @@ mod tests {
 
     fn rules_of(f: &[Finding]) -> Vec<(String, String)> {
         f.iter()
-            .map(|x| (x.rule.clone(), x.subject.clone()))
+            .map(|x| (x.rule.clone(), x.subject.to_string()))
             .collect()
     }
 

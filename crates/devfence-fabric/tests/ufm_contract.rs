@@ -1712,9 +1712,11 @@ fn posture_finds_foreign_and_shared_partitions_at_ufm() {
         observed.as_ref(),
         &ledger,
     );
+    let subjects: Vec<String> = found.iter().map(|x| x.subject.to_string()).collect();
     let rules: Vec<(&str, &str)> = found
         .iter()
-        .map(|x| (x.rule.as_str(), x.subject.as_str()))
+        .zip(&subjects)
+        .map(|(x, s)| (x.rule.as_str(), s.as_str()))
         .collect();
     assert!(
         rules.contains(&("FAB-SHARED-PARTITION", "0x0500")),

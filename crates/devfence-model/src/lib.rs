@@ -15,7 +15,7 @@ pub mod ids;
 pub mod inventory;
 pub mod tenancy;
 
-pub use finding::{Evidence, Finding, Severity};
+pub use finding::{Evidence, Finding, Severity, Subject};
 pub use ids::{
     ApMask, Apqn, Bdf, DeviceId, Guid, IommuGroupId, MdevUuid, Membership, PKey, ParseError,
     TenantId, make_uuid_v4,

@@ -159,7 +159,9 @@ pub fn check(inv: &Inventory, tenancy: &Tenancy) -> Vec<Finding> {
 
 /// The order of [`check`]'s output. Subject keys are computed once per finding.
 fn sort_findings(findings: Vec<Finding>) -> Vec<Finding> {
-    let keys: Vec<SubjectKey<'_>> = findings.iter().map(|f| subject_key(&f.subject)).collect();
+    // The order is that of the subjects' text (as they print), as always.
+    let texts: Vec<String> = findings.iter().map(|f| f.subject.to_string()).collect();
+    let keys: Vec<SubjectKey<'_>> = texts.iter().map(|t| subject_key(t)).collect();
     let mut order: Vec<usize> = (0..findings.len()).collect();
     order.sort_by(|&i, &j| {
         let (a, b) = (&findings[i], &findings[j]);
@@ -313,9 +315,11 @@ mod tests {
             .assign("0000:3b:00.2", "acme")
             .build();
         let f = check(&inv, &ten);
+        let subjects: Vec<String> = f.iter().map(|x| x.subject.to_string()).collect();
         let got: Vec<(&str, Severity, &str)> = f
             .iter()
-            .map(|x| (x.rule.as_str(), x.severity, x.subject.as_str()))
+            .zip(&subjects)
+            .map(|(x, s)| (x.rule.as_str(), x.severity, s.as_str()))
             .collect();
         assert_eq!(
             got,

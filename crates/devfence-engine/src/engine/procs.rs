@@ -18,7 +18,8 @@ use devfence_host::actuator::files::FileStepError;
 use devfence_host::actuator::{ActError, Actuator, ApResource, VfToken};
 use devfence_host::readback::{self, ApMatrixConfig, ReadBack, ReadBackError};
 use devfence_model::{
-    Bdf, DeviceId, Guid, Inventory, IommuGroupId, MdevUuid, Membership, PKey, Severity, TenantId,
+    Bdf, DeviceId, Guid, Inventory, IommuGroupId, MdevUuid, Membership, PKey, Severity, Subject,
+    TenantId,
 };
 use serde_json::{Value, json};
 
@@ -981,12 +982,15 @@ fn group_rules(
             .filter(|g| g.id == group)
             .flat_map(|g| g.members.iter().cloned())
             .collect();
-        let subject = format!("iommu_group {group}");
+        // A finding about the group, the device or another member of its group
+        // blocks (matched on the typed subject, never on its text).
         let blocking: Vec<_> = devfence_policy::check(&inv, &tenancy)
             .into_iter()
             .filter(|f| f.severity == Severity::Error)
             .filter(|f| {
-                f.subject == subject || f.subject == dev.to_string() || members.contains(&f.subject)
+                f.subject.is_group(group)
+                    || f.subject.is_device(&dev)
+                    || matches!(&f.subject, Subject::Device(d) if members.contains(&d.to_string()))
             })
             .collect();
         if blocking.is_empty() {

@@ -68,7 +68,7 @@ pub(crate) fn run_all(ctx: &Ctx<'_>, out: &mut Vec<Finding>) {
 pub(crate) fn finding(
     rule: &str,
     severity: Severity,
-    subject: impl Into<String>,
+    subject: impl Into<devfence_model::Subject>,
     message: impl Into<String>,
     evidence: Vec<Evidence>,
     hint: impl Into<String>,
