@@ -706,11 +706,13 @@ fn crash_at_every_journal_step_then_recover_keeps_the_invariants() {
         problems.join("\n")
     );
     assert_eq!(total, jobs.len());
-    // The lab host's operations pass 202 failpoints (ib-vf 75, pci 40, token-vf
+    // The lab host's operations pass 202 failpoints (ib-vf 74, pci 40, token-vf
     // 56, mdev 31); fewer means steps lost their failpoints or their journal.
+    // (ib-vf's assign and handover sweep once since issue 14 item 2: fabric-move
+    // replaces fabric-revoke, its gate and state:free.)
     assert!(total >= 202, "only {total} crash points exercised");
     for (kind, min) in [
-        (Kind::IbVf, 75),
+        (Kind::IbVf, 74),
         (Kind::Pci, 40),
         (Kind::TokenVf, 56),
         (Kind::Mdev, 31),
