@@ -746,8 +746,9 @@ impl KernelIo for SimKernel {
                     if !crate::actuator::is_one_component(n) {
                         return Err(Errno::EINVAL);
                     }
-                    let p = k.t.resolve(&format!("{d}/{n}"), true)?;
-                    k.read_resolved(&p)
+                    // The directory is resolved; a name is one component, read
+                    // in place (a link there is followed, as `read` does).
+                    k.read_resolved(&format!("{d}/{n}"))
                 })
                 .collect())
         });
@@ -861,13 +862,15 @@ impl K<'_> {
     /// `read` of a resolved path: a file (not a directory), readable when under
     /// `/sys`, through the tree's bounded read.
     fn read_resolved(&self, p: &str) -> Result<Vec<u8>, Errno> {
-        match self.t.kind(p) {
+        match self.t.kind_mode(p) {
             None => Err(Errno::ENOENT),
-            Some(Kind::Dir) => Err(tree::EISDIR),
-            _ if p.starts_with("/sys/") && self.t.mode(p).is_some_and(|m| m & 0o444 == 0) => {
-                Err(Errno::EACCES)
-            }
-            _ => self.t.read(p),
+            Some((Kind::Dir, _)) => Err(tree::EISDIR),
+            Some((_, m)) if p.starts_with("/sys/") && m & 0o444 == 0 => Err(Errno::EACCES),
+            // A link left at the end (only in `read_each`, which does not resolve
+            // the names): followed as `read` would.
+            Some((Kind::Link, _)) => self.t.read(p),
+            // Resolved already: no second walk of the path's links.
+            Some((Kind::File, _)) => self.t.read_at(p),
         }
     }
 
