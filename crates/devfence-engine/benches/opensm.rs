@@ -16,6 +16,8 @@
 //!   partitions in the partitions file), before devfence's SM is created.
 //!
 //! `cargo bench -p devfence-engine --bench opensm` (needs opensm and ibsim-utils).
+//! `DEVFENCE_BENCH_PACE_US=N` sets (a)'s gate polling (first N µs, doubling up
+//! to 4N; default 1–5 ms).
 //! `DEVFENCE_BENCH_BATCH=N` (default 100) sets the batch and the batch fabric's
 //! VF nodes (N + 4); above 128 nodes the fabric is a two-level switch tree.
 //! The process re-runs itself under the umad2sim preload, like the tests.
@@ -213,13 +215,26 @@ fn one_handover(f: &Fabric) -> f64 {
     let mut h = host(f);
     let io = OnFabric { k: &h.kernel, f };
     let vf = DeviceId::Pci("0000:3b:00.1".parse().unwrap());
-    // Polls every 1-5 ms: an SA read costs ~0.3 ms, a sweep 5-25 ms.
-    let cfg = EngineConfig {
-        gate_deadline: Duration::from_secs(10),
-        pace: Pace {
+    // Polls every 1-5 ms: an SA read costs ~0.3 ms, a sweep 5-25 ms. A poll reads
+    // the SM's status alone until the sweep is seen; DEVFENCE_BENCH_PACE_US=N
+    // polls every N µs (doubling up to 4N) instead.
+    let pace = match std::env::var("DEVFENCE_BENCH_PACE_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(us) => Pace {
+            first: Duration::from_micros(us),
+            max: Duration::from_micros(4 * us),
+        },
+        None => Pace {
             first: Duration::from_millis(1),
             max: Duration::from_millis(5),
         },
+    };
+    println!("(a) gate pace: first {:?}, max {:?}", pace.first, pace.max);
+    let cfg = EngineConfig {
+        gate_deadline: Duration::from_secs(10),
+        pace,
         ..EngineConfig::default()
     };
     Engine::new(&mut h.store, &io, &h.sm, cfg.clone())
