@@ -332,7 +332,19 @@ pub(crate) fn transfer(
         guids: deferred,
         applied: false,
     };
-    let res = prepare_after_scrub(e, run, kind, from, &preparing, old, to, &mut pending);
+    let res = (|| -> Result<Option<String>, StepFailure> {
+        if !matches!(from, DeviceState::Free) {
+            if pending.guids.is_empty() {
+                e.move_state(run, &device, &DeviceState::Scrubbing, &DeviceState::Free)?;
+                e.move_state(run, &device, &DeviceState::Free, &preparing)?;
+            } else {
+                // Not Free: the old GUIDs are still in their partitions until the
+                // grant's apply, which the prepare's gate verifies before Ready.
+                e.move_state(run, &device, &DeviceState::Scrubbing, &preparing)?;
+            }
+        }
+        prepare_pci(e, run, kind, old, to, &mut pending)
+    })();
     let token_file = match res {
         Ok(t) => t,
         Err(f) => {
@@ -364,32 +376,6 @@ pub(crate) fn transfer(
 struct Pending {
     guids: Vec<Guid>,
     applied: bool,
-}
-
-/// The device's state moves after the scrub, then the PCI prepare.
-#[allow(clippy::too_many_arguments)]
-fn prepare_after_scrub(
-    e: &mut Engine<'_>,
-    run: &mut Run,
-    kind: &DeviceKind,
-    from: &DeviceState,
-    preparing: &DeviceState,
-    old: Option<&Tenant>,
-    to: &Tenant,
-    pending: &mut Pending,
-) -> Result<Option<String>, StepFailure> {
-    let device = run.device;
-    if !matches!(from, DeviceState::Free) {
-        if pending.guids.is_empty() {
-            e.move_state(run, &device, &DeviceState::Scrubbing, &DeviceState::Free)?;
-            e.move_state(run, &device, &DeviceState::Free, preparing)?;
-        } else {
-            // Not Free: the old GUIDs are still in their partitions until the
-            // grant's apply, which the prepare's gate verifies before Ready.
-            e.move_state(run, &device, &DeviceState::Scrubbing, preparing)?;
-        }
-    }
-    prepare_pci(e, run, kind, old, to, pending)
 }
 
 pub(crate) fn release(
