@@ -6,11 +6,18 @@
 //!   fresh GUIDs into tenant B, one partitions apply, one sweep, all 200 questions
 //!   verified at the SA;
 //! - (c) OpenSM's own SIGHUP → `SUBNET UP` time (no change, a heavy sweep);
+//! - (d1) on the lab fabric, OpenSM's own SIGHUP → `SUBNET UP` for (a)'s change
+//!   written by hand: one GUID (a lab VF's, not the one (a) hands over) moved
+//!   between the two tenants' partitions in the partitions file, before
+//!   devfence's SM is created — the reference (a) is measured against
+//!   (issue 14 item 2: (a)/(d1) ≤ 2);
 //! - (d) on the batch fabric, OpenSM's own SIGHUP → `SUBNET UP` for the same
 //!   change as (b) written by hand (the batch's GUIDs moved between the two
 //!   partitions in the partitions file), before devfence's SM is created.
 //!
 //! `cargo bench -p devfence-engine --bench opensm` (needs opensm and ibsim-utils).
+//! `DEVFENCE_BENCH_PACE_US=N` sets (a)'s gate polling (first N µs, doubling up
+//! to 4N; default 1–5 ms).
 //! `DEVFENCE_BENCH_BATCH=N` (default 100) sets the batch and the batch fabric's
 //! VF nodes (N + 4); above 128 nodes the fabric is a two-level switch tree.
 //! The process re-runs itself under the umad2sim preload, like the tests.
@@ -73,6 +80,7 @@ fn main() {
         let c = sighup_to_subnet_up(&f);
         println!("RESULT c_{phase} {c}");
         if phase == "lab" {
+            println!("RESULT d1 {}", one_guid_moved_by_hand(&f));
             println!("RESULT a {}", one_handover(&f));
         } else {
             println!("RESULT d {}", same_change_by_hand(&f));
@@ -114,13 +122,15 @@ fn main() {
     }
     let (a, b) = (results["a"], results["b"]);
     let (cl, cb, d) = (results["c_lab"], results["c_batch"], results["d"]);
+    let d1 = results["d1"];
     let nodes = batch_size() + 5;
     println!();
     println!(
-        "summary (medians): (a) {a:.1} ms, (b) {b:.1} ms, (c) {cl:.1} ms on the lab fabric, {cb:.1} ms on the {nodes}-node fabric, (d) {d:.1} ms"
+        "summary (medians): (a) {a:.1} ms, (b) {b:.1} ms, (c) {cl:.1} ms on the lab fabric, {cb:.1} ms on the {nodes}-node fabric, (d1) {d1:.1} ms, (d) {d:.1} ms"
     );
     println!(
-        "ratios: (a)/(c) = {:.1}, (b)/(c) = {:.1}, (b)/(d) = {:.1} (each against its own fabric's sweep)",
+        "ratios: (a)/(d1) = {:.2}, (a)/(c) = {:.1}, (b)/(c) = {:.1}, (b)/(d) = {:.1} (each against its own fabric's sweep)",
+        a / d1,
         a / cl,
         b / cb,
         b / d
@@ -153,18 +163,78 @@ fn sighup_to_subnet_up(f: &Fabric) -> f64 {
     med
 }
 
+/// Writes `text` as the partitions file, HUPs OpenSM and returns the time to the
+/// next `SUBNET UP` line (polled every 100 µs).
+fn hup_with(f: &Fabric, path: &Path, text: &str) -> f64 {
+    std::fs::write(path, text).unwrap();
+    let n = f.subnet_up_count();
+    let t0 = Instant::now();
+    f.hup().unwrap();
+    while f.subnet_up_count() <= n {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no SUBNET UP");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    ms(t0.elapsed())
+}
+
+/// (d1): the SM's own reconfiguration for (a)'s change: one present port's GUID
+/// (lab VF 1; (a) hands over VF 0) moved between acme's and globex's partitions
+/// in the partitions file by hand, SIGHUP → `SUBNET UP`; 20 runs. The file is put
+/// back as it was (and swept) afterwards.
+fn one_guid_moved_by_hand(f: &Fabric) -> f64 {
+    let a = PartitionKey::new(0x8001).unwrap();
+    let b = PartitionKey::new(0x8002).unwrap();
+    let path = f.opensm_config().partitions_file;
+    let original = std::fs::read_to_string(&path).unwrap();
+    let guid = Guid(support::FACTORY[1]);
+    let file = |k: PartitionKey| {
+        let mut m = devfence_fabric::MembershipMap::new();
+        m.insert(guid, k, Membership::Full).unwrap();
+        devfence_fabric::opensm::partitions::render_block(&m)
+    };
+    let (in_a, in_b) = (file(a), file(b));
+    hup_with(f, &path, &in_a);
+    let mut v = Vec::new();
+    for round in 1..=20 {
+        v.push(hup_with(
+            f,
+            &path,
+            if round % 2 == 1 { &in_b } else { &in_a },
+        ));
+    }
+    hup_with(f, &path, &original);
+    let (med, p90, min) = stats(&mut v);
+    println!(
+        "(d1) OpenSM's own reconfiguration for (a)'s change (one GUID moved A <-> B in the partitions file by hand), SIGHUP -> SUBNET UP, 20 runs: median {med:.1} ms, p90 {p90:.1} ms, min {min:.1} ms"
+    );
+    med
+}
+
 /// (a): the engine's IB VF handover, acme <-> globex, 20 rounds.
 fn one_handover(f: &Fabric) -> f64 {
     let mut h = host(f);
     let io = OnFabric { k: &h.kernel, f };
     let vf = DeviceId::Pci("0000:3b:00.1".parse().unwrap());
-    // Polls every 1-5 ms: an SA read costs ~0.3 ms, a sweep 5-25 ms.
-    let cfg = EngineConfig {
-        gate_deadline: Duration::from_secs(10),
-        pace: Pace {
+    // Polls every 1-5 ms: an SA read costs ~0.3 ms, a sweep 5-25 ms. A poll reads
+    // the SM's status alone until the sweep is seen; DEVFENCE_BENCH_PACE_US=N
+    // polls every N µs (doubling up to 4N) instead.
+    let pace = match std::env::var("DEVFENCE_BENCH_PACE_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(us) => Pace {
+            first: Duration::from_micros(us),
+            max: Duration::from_micros(4 * us),
+        },
+        None => Pace {
             first: Duration::from_millis(1),
             max: Duration::from_millis(5),
         },
+    };
+    println!("(a) gate pace: first {:?}, max {:?}", pace.first, pace.max);
+    let cfg = EngineConfig {
+        gate_deadline: Duration::from_secs(10),
+        pace,
         ..EngineConfig::default()
     };
     Engine::new(&mut h.store, &io, &h.sm, cfg.clone())

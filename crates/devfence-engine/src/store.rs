@@ -132,6 +132,10 @@ impl DeviceState {
         match (self, next) {
             (_, S::Quarantined { .. }) => true,
             (S::Free, S::Preparing { .. }) => true,
+            // A one-sweep IB handover: the old GUIDs leave the fabric in the
+            // grant's apply, verified before Ready (never through Free, which
+            // says verified clean).
+            (S::Scrubbing, S::Preparing { .. }) => true,
             (S::Preparing { tenant: a, vm: v }, S::Ready { tenant: b, vm: w }) => a == b && v == w,
             (S::Ready { tenant: a, vm: v }, S::Active { tenant: b, vm: w }) => {
                 a == b && v.as_ref().is_none_or(|v| v == w)
@@ -926,6 +930,11 @@ mod tests {
         assert!(active_a.may_become(&q));
         assert!(!active_a.may_become(&DeviceState::Free));
         assert!(DeviceState::Scrubbing.may_become(&free));
+        // A one-sweep IB handover prepares straight from Scrubbing; Ready still
+        // only after Preparing's gates.
+        assert!(DeviceState::Scrubbing.may_become(&prep_a));
+        assert!(!DeviceState::Scrubbing.may_become(&ready_a));
+        assert!(!DeviceState::Scrubbing.may_become(&active_a));
     }
 
     #[test]

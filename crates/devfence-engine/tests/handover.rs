@@ -454,3 +454,148 @@ fn the_pool_skips_guids_the_sm_knows() {
         assert_eq!(rec.state, GuidState::Foreign, "{g}");
     }
 }
+
+// ----------------------------------------------------------------------
+// issue 14 item 2: one verified IB handover in one sweep
+
+/// The SM applies of `fx`'s history from `from` on.
+fn applies_since(fx: &Fx, from: usize) -> Vec<Vec<devfence_fabric::Change>> {
+    fx.sm.history()[from..]
+        .iter()
+        .filter_map(|h| match &h.event {
+            devfence_fabric::sim::SimEvent::Applied { changes, .. } => Some(changes.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// With a GUID pool, a handover of an IB VF takes the old GUID out of acme's
+/// partition and puts the fresh GUID into globex's in ONE apply, then verifies
+/// every question at the SM and the port's table before Ready; the device goes
+/// from Scrubbing to Preparing without claiming Free on the way.
+#[test]
+fn ib_vf_handover_with_a_pool_revokes_and_grants_in_one_apply() {
+    let mut fx = fixture();
+    let d = dev(IB_VF);
+    fx.engine().assign(&d, &t("acme"), None).unwrap();
+    let acme = issued(&mut fx, &d)[0];
+    let before = fx.sm.history().len();
+    let b = fx.engine().handover(&d, &t("globex"), None).unwrap();
+    assert_eq!(b.state, ready_for("globex", None));
+    let g = issued(&mut fx, &d)[0];
+    let applies = applies_since(&fx, before);
+    assert_eq!(applies.len(), 1, "one apply: {applies:?}");
+    let changes = &applies[0];
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, devfence_fabric::Change::RemoveAll { guid } if *guid == acme)),
+        "{changes:?}"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, devfence_fabric::Change::Add { guid, .. } if *guid == g)),
+        "the fresh GUID is granted in the same apply: {changes:?}"
+    );
+    let steps = journal_steps(&mut fx, &b);
+    assert!(steps.contains(&"fabric-move".to_string()), "{steps:?}");
+    for gone in [
+        "fabric-revoke",
+        "gate:fabric-revoked",
+        "fabric-grant",
+        "state:free",
+    ] {
+        assert!(!steps.contains(&gone.to_string()), "{gone} in {steps:?}");
+    }
+    // The one gate asked about the old GUID too (question 1), and the port's
+    // table was read after it.
+    let i_sm = steps.iter().position(|s| s == "gate:sm-verified").unwrap();
+    let i_port = steps.iter().position(|s| s == "gate:port-pkeys").unwrap();
+    let i_ready = steps.iter().position(|s| s == "state:ready").unwrap();
+    assert!(i_sm < i_port && i_port < i_ready, "{steps:?}");
+    let j = fx.store.atomically(|tx| tx.journal(b.op)).unwrap();
+    let gate = j
+        .iter()
+        .find(|s| s.step == "gate:sm-verified" && s.state == StepState::Done)
+        .unwrap();
+    let proof = gate.detail["evidence"]["proof"].to_string();
+    assert!(proof.contains(&acme.to_string()), "{proof}");
+    assert!(fx.configured_bases(acme).is_empty());
+    assert!(fx.programmed_bases(acme).iter().all(|b| *b == 0x7fff));
+    assert_eq!(fx.configured_bases(g), [GLOBEX_BASE].into());
+    let moved = j.iter().find(|s| s.step == "state:preparing").unwrap();
+    assert_eq!(moved.detail["from"], "Scrubbing", "{}", moved.detail);
+}
+
+/// Without a GUID pool no fresh GUID can be had: the handover keeps the
+/// two-sweep path, so acme's GUID is revoked and verified on its own before the
+/// allocation fails (the device is quarantined with nothing of acme's left at
+/// the SM), and the plan says so.
+#[test]
+fn ib_vf_handover_without_a_pool_keeps_the_revoke_sweep() {
+    let mut fx = fixture();
+    let d = dev(IB_VF);
+    fx.engine().assign(&d, &t("acme"), None).unwrap();
+    let acme = issued(&mut fx, &d)[0];
+    drop_guid_pool(&fx);
+    let p = names(&fx.engine().plan(&d, Some(&t("globex"))).unwrap());
+    for s in [
+        "fabric-revoke",
+        "gate:fabric-revoked",
+        "state:free",
+        "fabric-grant",
+    ] {
+        assert!(p.contains(&s.to_string()), "{s} not in {p:?}");
+    }
+    assert!(!p.contains(&"fabric-move".to_string()), "{p:?}");
+    let e = fx.engine().handover(&d, &t("globex"), None).unwrap_err();
+    let devfence_engine::engine::EngineError::Failed { step, .. } = &e else {
+        panic!("{e}");
+    };
+    assert_eq!(step, "guid-allocate", "{e}");
+    assert!(fx.configured_bases(acme).is_empty());
+    assert!(fx.programmed_bases(acme).iter().all(|b| *b == 0x7fff));
+}
+
+/// An exhausted pool is still a pool: the handover takes the one-sweep path,
+/// fails at the allocation, and applies the deferred revocation on its own
+/// before it reports the failure, so acme's GUID is in no partition.
+#[test]
+fn ib_vf_handover_that_fails_before_its_one_apply_still_revokes_the_old_guid() {
+    let mut fx = fixture();
+    let d = dev(IB_VF);
+    fx.engine().assign(&d, &t("acme"), None).unwrap();
+    let acme = issued(&mut fx, &d)[0];
+    let last = fx
+        .store
+        .atomically(|tx| {
+            tx.set_guid_pool(devfence_engine::GuidRange {
+                first: acme,
+                last: acme,
+            })
+            .map(|()| acme)
+        })
+        .unwrap();
+    assert_eq!(last, acme);
+    let e = fx.engine().handover(&d, &t("globex"), None).unwrap_err();
+    let devfence_engine::engine::EngineError::Failed { step, .. } = &e else {
+        panic!("{e}");
+    };
+    assert_eq!(step, "guid-allocate", "{e}");
+    assert!(
+        fx.configured_bases(acme).is_empty(),
+        "acme's GUID still configured"
+    );
+    assert!(fx.programmed_bases(acme).iter().all(|b| *b == 0x7fff));
+    assert!(matches!(
+        state_of(&mut fx, &d),
+        DeviceState::Quarantined { .. }
+    ));
+}
+
+/// Removes the ledger's GUID pool (a ledger set up before pools existed).
+fn drop_guid_pool(fx: &Fx) {
+    let c = rusqlite::Connection::open(&fx.db).unwrap();
+    c.execute("DELETE FROM guid_pool", []).unwrap();
+}

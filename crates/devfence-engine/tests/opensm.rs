@@ -121,14 +121,15 @@ fn a_frozen_opensm_keeps_the_vf_quarantined() {
         Engine::new(&mut h.store, &io, &h.sm, cfg(Duration::from_secs(10)))
             .assign(&vf, &t("acme"), None)
             .unwrap();
-        // OpenSM freezes right after devfence asked it to grant globex's GUID:
-        // the sm-verified gate must hold and fail closed.
+        // OpenSM freezes right after devfence asked it to move the VF (acme's
+        // GUID out, globex's fresh GUID in, one apply): the sm-verified gate must
+        // hold and fail closed.
         let mut froze = false;
         let mut waits = 0u32;
         let r = Engine::new(&mut h.store, &io, &h.sm, cfg(Duration::from_millis(500)))
             .with_progress(|p| match p {
                 Progress::Step { name, state, .. }
-                    if name == "fabric-grant" && *state == StepState::Done =>
+                    if name == "fabric-move" && *state == StepState::Done =>
                 {
                     f.freeze().unwrap();
                     froze = true;

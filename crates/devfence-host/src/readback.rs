@@ -374,10 +374,15 @@ impl<'a> ReadBack<'a> {
                 dir: pdir.clone(),
                 errno,
             })?;
+        let slots = inventory::pkey_slot_names(names);
+        let names: Vec<String> = slots.iter().map(|(_, n)| n.clone()).collect();
+        // One pass over the directory (each slot still a bounded read of a
+        // regular file): a consistent table, and no per-slot path walk.
+        let raws = self.io.read_each(&pdir, &names);
         let mut table = Vec::new();
-        for (index, n) in inventory::pkey_slot_names(names) {
+        for ((index, n), raw) in slots.into_iter().zip(raws) {
             let p = format!("{pdir}/{n}");
-            let raw = self.io.read(&p).map_err(|errno| ReadBackError::Read {
+            let raw = raw.map_err(|errno| ReadBackError::Read {
                 path: p.clone(),
                 errno,
             })?;

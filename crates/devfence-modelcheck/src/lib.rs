@@ -46,11 +46,25 @@
 //! new GUID does not clear it. That is leak L1: until a sweep reprograms the port,
 //! B's VM could use A's partitions.
 //!
+//! # One sweep ([`Protocol`])
+//!
+//! With [`Protocol::OneSweep`] the engine does not apply the revoke on its own:
+//! it retires the old GUID in the ledger, allocates the fresh GUID, sets it on the
+//! VF, and then [`Action::Move`] stages "old GUID out of A's partitions" and "new
+//! GUID into B's partitions" and applies them once (one sweep requested, one
+//! ticket). The gate is the same three questions. Two broken variants must be
+//! caught: [`Protocol::OneSweepOldGuid`] moves the *old* GUID from A to B (no fresh
+//! identity), and [`Protocol::OneSweepEarlyStart`] lets the launcher start B's VM
+//! once the move is applied, before the gate verified it. [`Protocol::OneSweepNoRevoke`]
+//! drops the revoke from the apply: the gate's Q1 then never opens.
+//!
 //! # Property
 //!
 //! [`VM_NEVER_ON_A`] (`always`): never is B's VM running while the VF's port carries
 //! any of A's P_Keys, or the VF presents the old GUID, or the SM still reports the
-//! old GUID programmed in any of A's partitions. [`VM_RUNS`] (`sometimes`): B's VM
+//! old GUID programmed in any of A's partitions, or the SM's configuration still
+//! puts the old GUID into any of them (the revoke must be applied before B runs,
+//! whatever the protocol). [`VM_RUNS`] (`sometimes`): B's VM
 //! does run, so the model is not vacuous.
 //!
 //! # Gates
@@ -245,12 +259,14 @@ impl HandoverState {
 
     /// The safety property's violation: B's VM runs while the port carries any of
     /// A's P_Keys, the VF presents the old GUID, or the SM reports the old GUID
-    /// programmed in any of A's partitions.
+    /// programmed in (or its configuration still puts it into) any of A's
+    /// partitions.
     #[must_use]
     pub fn b_on_a_membership(&self) -> bool {
         self.vm_b
             && (self.port_pkeys.meets(Keys::A)
                 || self.vf_guid == GuidId::Old
+                || self.configured_old.meets(Keys::A)
                 || self
                     .reported_for(GuidId::Old)
                     .is_some_and(|k| k.meets(Keys::A)))
@@ -312,6 +328,9 @@ pub enum Action {
     SetGuid,
     /// Engine: stage + apply "new GUID into B's partitions".
     Grant,
+    /// Engine (one-sweep protocols): stage "old GUID out of A's partitions" and
+    /// "new GUID into B's partitions", apply once.
+    Move,
     /// Engine: one tick of a fixed wait.
     Tick,
     /// Engine: re-request a sweep (it sees none coming and the gate is shut).
@@ -362,9 +381,41 @@ pub enum SmReport {
     AheadOfPort,
 }
 
+/// The engine's order of steps at the SM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// Two applies, two sweeps: revoke the old GUID (and wait for that sweep in the
+    /// real engine), then set the fresh GUID and grant it.
+    TwoSweep,
+    /// One apply, one sweep: retire the old GUID in the ledger, allocate and set
+    /// the fresh GUID, then [`Action::Move`] takes the old GUID out of A's
+    /// partitions and puts the new one into B's in the same apply; the gate asks
+    /// the same three questions.
+    OneSweep,
+    /// Broken: one sweep that moves the *old* GUID from A to B (no fresh GUID is
+    /// set on the VF): B's VM runs under A's identity.
+    OneSweepOldGuid,
+    /// Broken: one sweep, but the launcher starts B's VM as soon as the move is
+    /// applied, before the gate has verified the revoke and the grant.
+    OneSweepEarlyStart,
+    /// Broken: one sweep whose apply grants B but leaves the old GUID in A's
+    /// partitions (the revoke is dropped).
+    OneSweepNoRevoke,
+}
+
+impl Protocol {
+    /// Whether the revoke and the grant go to the SM in one apply.
+    #[must_use]
+    pub fn one_sweep(self) -> bool {
+        self != Protocol::TwoSweep
+    }
+}
+
 /// The handover model, with the gate under test.
 #[derive(Clone, Debug)]
 pub struct Handover {
+    /// The engine's protocol.
+    pub protocol: Protocol,
     /// The gate.
     pub gate: GateKind,
     /// What the SM's read-back reports.
@@ -379,6 +430,7 @@ impl Handover {
     #[must_use]
     pub fn new(gate: GateKind) -> Self {
         Handover {
+            protocol: Protocol::TwoSweep,
             gate,
             report: SmReport::Acknowledged,
             max_generation: 5,
@@ -392,15 +444,37 @@ impl Handover {
         self
     }
 
+    /// The same model with another protocol.
+    #[must_use]
+    pub fn with_protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// The GUID the engine grants B's partitions to (the fresh one, except in the
+    /// broken [`Protocol::OneSweepOldGuid`]).
+    #[must_use]
+    pub fn granted(&self) -> GuidId {
+        match self.protocol {
+            Protocol::OneSweepOldGuid => GuidId::Old,
+            _ => GuidId::New,
+        }
+    }
+
     /// Whether the gate lets the engine mark the device `Ready(B)` in `s`.
     #[must_use]
     pub fn gate_open(&self, s: &HandoverState) -> bool {
+        let granted = self.granted();
+        let configured_granted = match granted {
+            GuidId::Old => s.configured_old,
+            GuidId::New => s.configured_new,
+        };
         let old_configured_clear = !s.configured_old.meets(Keys::A);
-        let new_configured_exact = s.configured_new == Keys::B;
+        let new_configured_exact = configured_granted == Keys::B;
         let old_programmed_clear = !s
             .reported_for(GuidId::Old)
             .is_some_and(|k| k.meets(Keys::A));
-        let new_programmed_exact = s.reported_for(GuidId::New) == Some(Keys::B);
+        let new_programmed_exact = s.reported_for(granted) == Some(Keys::B);
         let q1 = old_configured_clear && old_programmed_clear;
         let q2 = new_configured_exact && new_programmed_exact;
         let q3 = s.last_done >= s.ticket && s.last_outcome == Outcome::Clean;
@@ -452,11 +526,18 @@ impl Model for Handover {
 
     fn actions(&self, s: &Self::State, actions: &mut Vec<Self::Action>) {
         // Engine: the journal, in order.
+        let one = self.protocol.one_sweep();
         match s.engine {
+            EngineStep::Start if one => actions.push(Action::RetireOld),
             EngineStep::Start => actions.push(Action::Revoke),
             EngineStep::Revoked => actions.push(Action::RetireOld),
             EngineStep::Retired => actions.push(Action::AllocateNew),
+            // The broken variant keeps the old GUID on the VF.
+            EngineStep::Allocated if self.protocol == Protocol::OneSweepOldGuid => {
+                actions.push(Action::Move);
+            }
             EngineStep::Allocated => actions.push(Action::SetGuid),
+            EngineStep::GuidSet if one => actions.push(Action::Move),
             EngineStep::GuidSet => actions.push(Action::Grant),
             EngineStep::Granted => {
                 if self.gate_open(s) {
@@ -469,8 +550,10 @@ impl Model for Handover {
             }
             EngineStep::Ready => {}
         }
-        // Launcher.
-        if s.engine == EngineStep::Ready && !s.vm_b {
+        // Launcher (the broken early start does not wait for the gate).
+        let may_start = s.engine == EngineStep::Ready
+            || (self.protocol == Protocol::OneSweepEarlyStart && s.engine == EngineStep::Granted);
+        if may_start && !s.vm_b {
             actions.push(Action::StartVm);
         }
         // SM.
@@ -513,6 +596,19 @@ impl Model for Handover {
             }
             Action::Grant => {
                 s.configured_new = Keys::B;
+                Self::request_after_change(&mut s);
+                s.engine = EngineStep::Granted;
+            }
+            Action::Move => {
+                // One apply: the old GUID out of A's partitions and the granted
+                // GUID into B's, one sweep requested, one ticket.
+                if self.protocol != Protocol::OneSweepNoRevoke {
+                    s.configured_old = s.configured_old.without(Keys::A);
+                }
+                match self.granted() {
+                    GuidId::Old => s.configured_old = Keys::B,
+                    GuidId::New => s.configured_new = Keys::B,
+                }
                 Self::request_after_change(&mut s);
                 s.engine = EngineStep::Granted;
             }

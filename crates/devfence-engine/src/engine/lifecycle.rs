@@ -32,6 +32,9 @@ pub enum Step {
     GuidSet,
     /// Add the new GUID to the tenant's partitions at the SM.
     FabricGrant,
+    /// Remove the old GUIDs from every partition and add the new GUID to the
+    /// tenant's partitions at the SM, in one apply (one sweep).
+    FabricMove,
     /// Take custody of the PF and set a fresh VF token.
     TokenSet,
     /// Hand the token to the tenant's launcher.
@@ -48,7 +51,7 @@ pub enum Step {
 
 impl Step {
     /// Every step.
-    pub const ALL: [Step; 18] = [
+    pub const ALL: [Step; 19] = [
         Step::StateVoid,
         Step::MdevRemove,
         Step::NodeRevoke,
@@ -61,6 +64,7 @@ impl Step {
         Step::BindHostDriver,
         Step::GuidSet,
         Step::FabricGrant,
+        Step::FabricMove,
         Step::TokenSet,
         Step::TokenDeliver,
         Step::BindVfio,
@@ -85,6 +89,7 @@ impl Step {
             Step::BindHostDriver => "bind-host-driver",
             Step::GuidSet => "guid-set",
             Step::FabricGrant => "fabric-grant",
+            Step::FabricMove => "fabric-move",
             Step::TokenSet => "token-set",
             Step::TokenDeliver => "token-deliver",
             Step::BindVfio => "bind-vfio",
@@ -116,6 +121,9 @@ impl Step {
             }
             Step::GuidSet => "set the VF's node and port GUID, rebind, read the port GUID back",
             Step::FabricGrant => "add the new GUID to the tenant's partitions at the SM and apply",
+            Step::FabricMove => {
+                "remove the old GUIDs from every partition and add the new GUID to the tenant's partitions at the SM, one apply (one sweep)"
+            }
             Step::TokenSet => "take custody of the PF and set a fresh random VF token",
             Step::TokenDeliver => {
                 "hand the token to the tenant's launcher only (0600 file in the runtime directory)"

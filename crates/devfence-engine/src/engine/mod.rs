@@ -785,11 +785,11 @@ impl<'a> Engine<'a> {
         let inv = self.inventory()?;
         let facts = classify(&inv, device)
             .map_err(|e| EngineError::refused(Some(*device), e.reason, e.hint))?;
-        let (state, guids) = self.store.atomically(|tx| {
+        let (state, guids, pool) = self.store.atomically(|tx| {
             let state = tx.device(device)?.map_or(DeviceState::Free, |r| r.state);
-            Ok((state, tx.guids_of(device)?))
+            Ok((state, tx.guids_of(device)?, tx.guid_pool()?.is_some()))
         })?;
-        Ok(procs::plan(&facts, &state, to.is_some(), &guids))
+        Ok(procs::plan(&facts, &state, to.is_some(), &guids, pool))
     }
 
     /// Finds every operation a crash left unfinished and drives its device to a

@@ -115,8 +115,9 @@ fn partitions(t: &Tenant) -> Vec<(PartitionKey, Membership)> {
 // Plans
 
 /// The steps of scrubbing a device of `kind`; `fabric`: it has GUIDs to revoke
-/// at the SM (see `revoke_guids`).
-fn plan_scrub(kind: &DeviceKind, fabric: bool) -> Vec<PlannedStep> {
+/// at the SM (see `retire_guids`); `defer`: their revocation goes to the SM in
+/// the prepare's one apply (see [`one_sweep`]).
+fn plan_scrub(kind: &DeviceKind, fabric: bool, defer: bool) -> Vec<PlannedStep> {
     let mut v = vec![st(Step::StateVoid)];
     match kind {
         DeviceKind::Mdev { .. } => {
@@ -132,7 +133,7 @@ fn plan_scrub(kind: &DeviceKind, fabric: bool) -> Vec<PlannedStep> {
             if matches!(kind, DeviceKind::IbVf { .. }) {
                 v.push(st(Step::GuidRetire));
             }
-            if matches!(kind, DeviceKind::IbVf { .. }) && fabric {
+            if matches!(kind, DeviceKind::IbVf { .. }) && fabric && !defer {
                 v.push(st(Step::FabricRevoke));
                 v.push(gt(Gate::FabricRevoked));
             }
@@ -141,8 +142,9 @@ fn plan_scrub(kind: &DeviceKind, fabric: bool) -> Vec<PlannedStep> {
     v
 }
 
-/// The steps of preparing a device of `kind` for a tenant.
-fn plan_prepare(kind: &DeviceKind) -> Vec<PlannedStep> {
+/// The steps of preparing a device of `kind` for a tenant; `moved`: the old GUIDs'
+/// revocation is deferred to this prepare's apply.
+fn plan_prepare(kind: &DeviceKind, moved: bool) -> Vec<PlannedStep> {
     let mut v = Vec::new();
     match kind {
         DeviceKind::Mdev { .. } => {
@@ -157,7 +159,11 @@ fn plan_prepare(kind: &DeviceKind) -> Vec<PlannedStep> {
             v.push(st(Step::GuidAllocate));
             v.push(st(Step::BindHostDriver));
             v.push(st(Step::GuidSet));
-            v.push(st(Step::FabricGrant));
+            v.push(st(if moved {
+                Step::FabricMove
+            } else {
+                Step::FabricGrant
+            }));
             v.push(gt(Gate::SmVerified));
             v.push(gt(Gate::PortPkeys));
         }
@@ -178,13 +184,27 @@ fn plan_prepare(kind: &DeviceKind) -> Vec<PlannedStep> {
     v
 }
 
+/// Whether giving a device of `kind` to a tenant revokes its old GUIDs and grants
+/// the fresh one in one apply at the SM (one sweep, issue 14 item 2): an IB VF,
+/// when the ledger has a GUID pool to take the fresh GUID from. Without a pool
+/// the revoke is applied and verified on its own first (two sweeps), so a
+/// handover that then cannot get a GUID leaves the old one revoked.
+///
+/// The protocol is `Protocol::OneSweep` of `devfence-modelcheck`: the old GUID
+/// leaves A and the new one enters B in the same apply, and the device is never
+/// `Ready` before the SM verified both and the port's table.
+fn one_sweep(kind: &DeviceKind, pool: bool) -> bool {
+    pool && matches!(kind, DeviceKind::IbVf { .. })
+}
+
 /// The steps an operation on a device of `kind` in `state`, with `guids` in the
-/// pool, runs.
+/// pool, runs; `pool`: the ledger has a GUID pool.
 pub(crate) fn plan(
     kind: &DeviceKind,
     state: &DeviceState,
     to_tenant: bool,
     guids: &[GuidRecord],
+    pool: bool,
 ) -> Vec<PlannedStep> {
     let mut v = vec![ps(
         "begin",
@@ -202,7 +222,7 @@ pub(crate) fn plan(
         _ => false,
     };
     if !to_tenant {
-        v.extend(plan_scrub(kind, fabric));
+        v.extend(plan_scrub(kind, fabric, false));
         if matches!(kind, DeviceKind::Mdev { .. }) {
             v.push(ps("state:quarantined", "retire the removed mdev's UUID"));
         } else {
@@ -214,12 +234,21 @@ pub(crate) fn plan(
     if is_ap_matrix(kind) {
         v.push(st(Step::ApMatrixRead));
     }
-    v.extend(plan_scrub(kind, fabric));
+    // As `transfer` decides: the revoke waits for the prepare's apply.
+    let moved = fabric && one_sweep(kind, pool);
+    v.extend(plan_scrub(kind, fabric, moved));
     if !free && !matches!(kind, DeviceKind::Mdev { .. }) {
-        v.push(ps("state:free", "verified clean: Free"));
-        v.push(ps("state:preparing", "Preparing for the new tenant"));
+        if moved {
+            v.push(ps(
+                "state:preparing",
+                "Preparing for the new tenant (not Free: the old GUIDs leave the fabric in the grant's apply, verified before Ready)",
+            ));
+        } else {
+            v.push(ps("state:free", "verified clean: Free"));
+            v.push(ps("state:preparing", "Preparing for the new tenant"));
+        }
     }
-    v.extend(plan_prepare(kind));
+    v.extend(plan_prepare(kind, moved));
     if matches!(kind, DeviceKind::Mdev { .. }) {
         v.push(ps("state:quarantined", "retire the old mdev's UUID"));
     }
@@ -269,7 +298,8 @@ pub(crate) fn transfer(
     } else {
         None
     };
-    scrub(e, run, kind, old)?;
+    let pool = one_sweep(kind, e.store.atomically(|tx| tx.guid_pool())?.is_some());
+    let deferred = scrub(e, run, kind, old, pool)?;
     let preparing = DeviceState::Preparing {
         tenant: to.id.clone(),
         vm: vm.map(str::to_owned),
@@ -299,11 +329,37 @@ pub(crate) fn transfer(
             token_file: None,
         });
     }
-    if !matches!(from, DeviceState::Free) {
-        e.move_state(run, &device, &DeviceState::Scrubbing, &DeviceState::Free)?;
-        e.move_state(run, &device, &DeviceState::Free, &preparing)?;
-    }
-    let token_file = prepare_pci(e, run, kind, old, to)?;
+    let mut pending = Pending {
+        guids: deferred,
+        applied: false,
+    };
+    let res = (|| -> Result<Option<String>, StepFailure> {
+        if !matches!(from, DeviceState::Free) {
+            if pending.guids.is_empty() {
+                e.move_state(run, &device, &DeviceState::Scrubbing, &DeviceState::Free)?;
+                e.move_state(run, &device, &DeviceState::Free, &preparing)?;
+            } else {
+                // Not Free: the old GUIDs are still in their partitions until the
+                // grant's apply, which the prepare's gate verifies before Ready.
+                e.move_state(run, &device, &DeviceState::Scrubbing, &preparing)?;
+            }
+        }
+        prepare_pci(e, run, kind, old, to, &mut pending)
+    })();
+    let token_file = match res {
+        Ok(t) => t,
+        Err(f) => {
+            // The one-sweep path failed before its apply: the old GUIDs are still
+            // in their partitions at the SM. Revoke them now (journalled and
+            // verified, as a two-sweep handover would have) so the quarantined
+            // device leaves nothing of the old tenant on the fabric; the
+            // failure reported stays the first one.
+            if !pending.applied && !pending.guids.is_empty() {
+                let _ = revoke_at_sm(e, run, &pending.guids, old);
+            }
+            return Err(f);
+        }
+    };
     let ready = DeviceState::Ready {
         tenant: to.id.clone(),
         vm: vm.map(str::to_owned),
@@ -316,6 +372,13 @@ pub(crate) fn transfer(
     })
 }
 
+/// The old GUIDs whose revocation a one-sweep transfer deferred to the grant's
+/// apply, and whether that apply went through.
+struct Pending {
+    guids: Vec<Guid>,
+    applied: bool,
+}
+
 pub(crate) fn release(
     e: &mut Engine<'_>,
     run: &mut Run,
@@ -324,7 +387,9 @@ pub(crate) fn release(
 ) -> Result<Finish, StepFailure> {
     let device = run.device;
     match kind {
-        Some(k) => scrub(e, run, k, old)?,
+        Some(k) => {
+            scrub(e, run, k, old, false)?;
+        }
         None => {
             // Gone from the host: its admitted state is void all the same.
             void_admitted_state(e, run)?;
@@ -368,12 +433,16 @@ fn current(e: &mut Engine<'_>, device: &DeviceId) -> Result<DeviceState, StepFai
 // ----------------------------------------------------------------------
 // Scrub
 
+/// Scrubs the device. With `defer` (a one-sweep transfer) the old GUIDs are
+/// retired but not revoked at the SM: they are returned, for the prepare's one
+/// apply. Otherwise the returned list is empty.
 fn scrub(
     e: &mut Engine<'_>,
     run: &mut Run,
     kind: &DeviceKind,
     old: Option<&Tenant>,
-) -> Result<(), StepFailure> {
+    defer: bool,
+) -> Result<Vec<Guid>, StepFailure> {
     let (act, host) = (e.act.clone(), e.host);
     void_admitted_state(e, run)?;
     match kind {
@@ -393,7 +462,7 @@ fn scrub(
                 }
                 Ok(((), json!({ "uuid": u, "removed": true })))
             })?;
-            Ok(())
+            Ok(Vec::new())
         }
         DeviceKind::Pci { bdf, group }
         | DeviceKind::TokenVf { bdf, group, .. }
@@ -413,9 +482,13 @@ fn scrub(
                 Ok(((), json!({ "bdf": bdf, "answers": true })))
             })?;
             if let DeviceKind::IbVf { port_guid, .. } = kind {
-                revoke_guids(e, run, *port_guid, old)?;
+                let guids = retire_guids(e, run, *port_guid)?;
+                if defer {
+                    return Ok(guids);
+                }
+                revoke_at_sm(e, run, &guids, old)?;
             }
-            Ok(())
+            Ok(Vec::new())
         }
     }
 }
@@ -474,14 +547,13 @@ fn revoke_node(
     })
 }
 
-/// Retires every GUID this device was issued (and its factory GUID), removes them
-/// from every partition at the SM, and verifies that.
-fn revoke_guids(
+/// Retires every GUID this device was issued (and its factory GUID) in the pool;
+/// returns them (what the SM must then see in no partition).
+fn retire_guids(
     e: &mut Engine<'_>,
     run: &mut Run,
     port_guid: Option<Guid>,
-    old: Option<&Tenant>,
-) -> Result<(), StepFailure> {
+) -> Result<Vec<Guid>, StepFailure> {
     let device = run.device;
     let op = run.op;
     let guids: Vec<Guid> = e.step(
@@ -515,13 +587,36 @@ fn revoke_guids(
             Ok((list.clone(), json!({ "retired": list })))
         },
     )?;
+    Ok(guids)
+}
+
+/// The partitions a retired GUID must be in none of: every tenant's, and the
+/// old tenant's.
+fn revoked_from(
+    e: &mut Engine<'_>,
+    old: Option<&Tenant>,
+) -> Result<BTreeSet<PartitionKey>, StepFailure> {
+    let mut parts = every_partition(e)?;
+    if let Some(t) = old {
+        parts.extend(partitions(t).into_iter().map(|(k, _)| k));
+    }
+    Ok(parts)
+}
+
+/// Removes `guids` from every partition at the SM (one apply), and verifies that.
+fn revoke_at_sm(
+    e: &mut Engine<'_>,
+    run: &mut Run,
+    guids: &[Guid],
+    old: Option<&Tenant>,
+) -> Result<(), StepFailure> {
     if guids.is_empty() {
         return Ok(());
     }
     let sm = e.sm;
-    let all = every_partition(e)?;
+    let parts = revoked_from(e, old)?;
     let ticket = e.step(run, Step::FabricRevoke, json!({ "guids": guids }), |_| {
-        for g in &guids {
+        for g in guids {
             sm.stage_remove_all(*g).map_err(|x| fail(format!("staging the removal of {g} failed: {x}"), "check the SM"))?;
         }
         let t = sm.apply().map_err(|x| {
@@ -531,12 +626,8 @@ fn revoke_guids(
         Ok((t, json!({ "backend": sm.backend(), "ticket": { "change": t.change.0, "generation": t.generation.0 } })))
     })?;
     let mut exp = Expectation::after(ticket);
-    for g in &guids {
-        let mut parts: BTreeSet<PartitionKey> = all.clone();
-        if let Some(t) = old {
-            parts.extend(partitions(t).into_iter().map(|(k, _)| k));
-        }
-        exp = exp.revoke(*g, parts);
+    for g in guids {
+        exp = exp.revoke(*g, parts.iter().copied());
     }
     sm_gate(e, run, Gate::FabricRevoked, &exp)
 }
@@ -611,6 +702,7 @@ fn prepare_pci(
     kind: &DeviceKind,
     old: Option<&Tenant>,
     to: &Tenant,
+    pending: &mut Pending,
 ) -> Result<Option<String>, StepFailure> {
     let (act, host) = (e.act.clone(), e.host);
     let (Some(bdf), Some(group)) = (kind.bdf(), kind.group()) else {
@@ -631,7 +723,7 @@ fn prepare_pci(
                 index: *index,
                 old_port: *port_guid,
             };
-            prepare_ib(e, run, act.as_ref(), &vf, old, to)?;
+            prepare_ib(e, run, act.as_ref(), &vf, old, to, pending)?;
         }
         DeviceKind::TokenVf { pf, .. } => {
             let pf = *pf;
@@ -737,6 +829,7 @@ fn prepare_ib(
     vf: &IbVf,
     old: Option<&Tenant>,
     to: &Tenant,
+    pending: &mut Pending,
 ) -> Result<(), StepFailure> {
     let IbVf {
         bdf,
@@ -843,14 +936,42 @@ fn prepare_ib(
         ));
     }
     let g2 = grant.clone();
-    let ticket = e.step(run, Step::FabricGrant, json!({ "guid": new, "partitions": g2.iter().map(|(k, m)| format!("{:#06x}:{m:?}", k.base())).collect::<Vec<_>>() }), |_| {
+    let shown: Vec<String> = g2
+        .iter()
+        .map(|(k, m)| format!("{:#06x}:{m:?}", k.base()))
+        .collect();
+    // One sweep: the deferred revocation of the old GUIDs goes in this apply.
+    let moved = pending.guids.clone();
+    let (step, detail) = if moved.is_empty() {
+        (
+            Step::FabricGrant,
+            json!({ "guid": new, "partitions": shown }),
+        )
+    } else {
+        (
+            Step::FabricMove,
+            json!({ "revoke": moved, "guid": new, "partitions": shown }),
+        )
+    };
+    let applied = &mut pending.applied;
+    let ticket = e.step(run, step, detail, |_| {
+        for g in &moved {
+            sm.stage_remove_all(*g).map_err(|x| {
+                sm.discard_staged();
+                fail(format!("staging the removal of {g} failed: {x}"), "check the SM")
+            })?;
+        }
         for (k, m) in &g2 {
-            sm.stage_add(new, *k, *m).map_err(|x| fail(format!("staging {new} into {:#06x} failed: {x}", k.base()), "check the SM"))?;
+            sm.stage_add(new, *k, *m).map_err(|x| {
+                sm.discard_staged();
+                fail(format!("staging {new} into {:#06x} failed: {x}", k.base()), "check the SM")
+            })?;
         }
         let t = sm.apply().map_err(|x| {
             sm.discard_staged();
             fail(format!("the SM did not take the change: {x}"), "check the SM's health")
         })?;
+        *applied = true;
         Ok((t, json!({ "backend": sm.backend(), "ticket": { "change": t.change.0, "generation": t.generation.0 } })))
     })?;
     // The three questions in one read: old out, new exactly in, sweep done.
@@ -874,8 +995,15 @@ fn prepare_ib(
             .into_iter()
             .collect()
     };
-    for g in retired {
+    for g in retired.into_iter().filter(|g| !moved.contains(g)) {
         exp = exp.revoke(g, old_parts.iter().copied());
+    }
+    if !moved.is_empty() {
+        // As the two-sweep revoke's gate asks: in no partition of any tenant.
+        let parts = revoked_from(e, old)?;
+        for g in &moved {
+            exp = exp.revoke(*g, parts.iter().copied());
+        }
     }
     exp = exp.grant(new, grant.iter().copied());
     sm_gate(e, run, Gate::SmVerified, &exp)?;
@@ -1367,7 +1495,7 @@ fn recover_scrub(
         )?;
     }
     match super::classify(inv, &device) {
-        Ok(kind) => scrub(e, run, &kind, None),
+        Ok(kind) => scrub(e, run, &kind, None, false).map(drop),
         Err(k) => match device {
             DeviceId::Mdev(_) => Ok(()),
             _ => Err(fail(k.reason, k.hint)),

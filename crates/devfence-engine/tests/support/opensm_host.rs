@@ -75,6 +75,9 @@ impl KernelIo for OnFabric<'_> {
     fn read(&self, path: &str) -> Result<Vec<u8>, Errno> {
         self.k.read(path)
     }
+    fn read_each(&self, dir: &str, names: &[String]) -> Vec<Result<Vec<u8>, Errno>> {
+        self.k.read_each(dir, names)
+    }
     fn read_link(&self, path: &str) -> Result<String, Errno> {
         self.k.read_link(path)
     }

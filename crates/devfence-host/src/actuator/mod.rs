@@ -248,6 +248,12 @@ pub struct NodeMeta {
     pub mode: u32,
 }
 
+/// Whether `name` is one path component: not empty, no `/`, not `.` or `..`.
+#[must_use]
+pub fn is_one_component(name: &str) -> bool {
+    !name.is_empty() && !name.contains('/') && name != "." && name != ".."
+}
+
 /// The primitive kernel operations. Paths are kernel paths (`/sys/...`), mapped
 /// under [`KernelIo::root`].
 pub trait KernelIo {
@@ -313,6 +319,24 @@ pub trait KernelIo {
     ) -> Result<Box<dyn crate::migration::MigrationDevice>, Errno> {
         let _ = target;
         Err(Errno::ENODEV)
+    }
+
+    /// Reads the files `names` of the directory `dir` in one pass: for each name,
+    /// what [`KernelIo::read`] gives for `dir/name` (bounded, a regular file
+    /// only), in order. A name that is not one path component (`/`, `.`, `..`,
+    /// empty) is `EINVAL`. The default reads them one by one; a kernel that can
+    /// resolve the directory once (the simulated one) overrides it.
+    fn read_each(&self, dir: &str, names: &[String]) -> Vec<Result<Vec<u8>, Errno>> {
+        names
+            .iter()
+            .map(|n| {
+                if is_one_component(n) {
+                    self.read(&format!("{dir}/{n}"))
+                } else {
+                    Err(Errno::EINVAL)
+                }
+            })
+            .collect()
     }
 
     /// The names in a directory, sorted (`.` and `..` and non-UTF-8 names left

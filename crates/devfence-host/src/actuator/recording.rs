@@ -519,6 +519,22 @@ impl KernelIo for RecordingIo<'_> {
         }
     }
 
+    fn read_each(&self, dir: &str, names: &[String]) -> Vec<Result<Vec<u8>, Errno>> {
+        match self.inner_io {
+            Some(i) => i.read_each(dir, names),
+            None => names
+                .iter()
+                .map(|n| {
+                    if crate::actuator::is_one_component(n) {
+                        self.read(&format!("{dir}/{n}"))
+                    } else {
+                        Err(Errno::EINVAL)
+                    }
+                })
+                .collect(),
+        }
+    }
+
     fn read_link(&self, path: &str) -> Result<String, Errno> {
         match self.inner_io {
             Some(i) => i.read_link(path),

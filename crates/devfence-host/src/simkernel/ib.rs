@@ -296,7 +296,8 @@ impl K<'_> {
                 continue;
             }
             let v = format!("0x{:04x}\n", keys.get(i).copied().unwrap_or(0));
-            if self.t.read(&f).ok().as_deref() != Some(v.as_bytes()) {
+            // `port` is resolved and `f` a file: read in place.
+            if self.t.read_at(&f).ok().as_deref() != Some(v.as_bytes()) {
                 self.t.set(&f, v)?;
             }
         }

@@ -665,6 +665,24 @@ impl SimKernel {
 
     /// The fabric's table for the port of the P_Key slot `path`, written into
     /// the tree (see [`SimKernel::set_port_table_source`]).
+    /// [`Self::refresh_port_table`] for a whole `pkeys` directory: the source is
+    /// asked once and the whole table programmed.
+    fn refresh_port_table_dir(&self, dir: &str, names: &[String]) -> Result<(), Errno> {
+        let Some(source) = self.shared.port_table_source() else {
+            return Ok(());
+        };
+        let Some(first) = names.iter().find(|n| crate::actuator::is_one_component(n)) else {
+            return Ok(());
+        };
+        let Some((port, guid)) = self.with(|k| k.pkey_slot_port(&format!("{dir}/{first}"))) else {
+            return Ok(());
+        };
+        let Some(keys) = source(guid) else {
+            return Ok(());
+        };
+        self.with(|k| k.program_pkey_table(&port, guid, &keys, None))
+    }
+
     fn refresh_port_table(&self, path: &str) -> Result<(), Errno> {
         let Some(source) = self.shared.port_table_source() else {
             return Ok(());
@@ -709,15 +727,32 @@ impl KernelIo for SimKernel {
         self.refresh_port_table(path)?;
         self.with(|k| {
             let p = k.t.resolve(path, true)?;
-            match k.t.kind(&p) {
-                None => Err(Errno::ENOENT),
-                Some(Kind::Dir) => Err(tree::EISDIR),
-                _ if p.starts_with("/sys/") && k.t.mode(&p).is_some_and(|m| m & 0o444 == 0) => {
-                    Err(Errno::EACCES)
-                }
-                _ => k.t.read(&p),
-            }
+            k.read_resolved(&p)
         })
+    }
+
+    /// One pass: a P_Key table's port is programmed from the fabric once for
+    /// the whole directory (not once per slot), the directory is resolved once,
+    /// and every file is read under one lock (a consistent table).
+    fn read_each(&self, dir: &str, names: &[String]) -> Vec<Result<Vec<u8>, Errno>> {
+        if let Err(e) = self.refresh_port_table_dir(dir, names) {
+            return names.iter().map(|_| Err(e)).collect();
+        }
+        let all = self.with(|k| {
+            let d = k.t.resolve(dir, true)?;
+            Ok(names
+                .iter()
+                .map(|n| {
+                    if !crate::actuator::is_one_component(n) {
+                        return Err(Errno::EINVAL);
+                    }
+                    // The directory is resolved; a name is one component, read
+                    // in place (a link there is followed, as `read` does).
+                    k.read_resolved(&format!("{d}/{n}"))
+                })
+                .collect())
+        });
+        all.unwrap_or_else(|e| names.iter().map(|_| Err(e)).collect())
     }
 
     /// Under the lock like every operation: another process's change is seen
@@ -824,6 +859,21 @@ const READ_ONLY: &[&str] = &[
 ];
 
 impl K<'_> {
+    /// `read` of a resolved path: a file (not a directory), readable when under
+    /// `/sys`, through the tree's bounded read.
+    fn read_resolved(&self, p: &str) -> Result<Vec<u8>, Errno> {
+        match self.t.kind_mode(p) {
+            None => Err(Errno::ENOENT),
+            Some((Kind::Dir, _)) => Err(tree::EISDIR),
+            Some((_, m)) if p.starts_with("/sys/") && m & 0o444 == 0 => Err(Errno::EACCES),
+            // A link left at the end (only in `read_each`, which does not resolve
+            // the names): followed as `read` would.
+            Some((Kind::Link, _)) => self.t.read(p),
+            // Resolved already: no second walk of the path's links.
+            Some((Kind::File, _)) => self.t.read_at(p),
+        }
+    }
+
     /// `write(2)` of `value` to `path`.
     fn write(&mut self, path: &str, value: &[u8]) -> Result<(), Errno> {
         let p = self.t.resolve(path, true)?;

@@ -1602,3 +1602,55 @@ fn two_kernels_over_one_tree_are_one_kernel() {
         .unwrap();
     assert!(h.inv().ib.iter().any(|d| d.name == "mlx5_2"));
 }
+
+/// issue 14 item 2: a port's P_Key table read in one pass (`read_each`): the
+/// fabric is asked once for the whole table, not once per slot; every slot reads
+/// what `read` reads; names that are not one component, directories and missing
+/// slots fail the way `read` fails.
+#[test]
+fn read_each_reads_a_pkey_table_in_one_pass() {
+    let port = Guid(0x0c42_a103_00ab_0001);
+    let h = lab_with_host_vf(Some(port));
+    let fabric = Fabric::default();
+    fabric.program(port, &[0x7fff, 0x8002]);
+    h.k.set_port_table_source(fabric.source());
+    let names: Vec<String> = (0..128).map(|i| i.to_string()).collect();
+    let all = h.k.read_each(VF_PKEYS, &names);
+    assert_eq!(all.len(), 128);
+    assert_eq!(fabric.asked(), [port], "one question for the whole table");
+    assert_eq!(all[0].as_deref(), Ok(&b"0x7fff\n"[..]));
+    assert_eq!(all[1].as_deref(), Ok(&b"0x8002\n"[..]));
+    assert!(
+        all[2..]
+            .iter()
+            .all(|r| r.as_deref() == Ok(&b"0x0000\n"[..]))
+    );
+    // Through the PCI path (links resolved once) the same table.
+    fabric.program(port, &[0x7fff, 0x0000, 0x8001]);
+    let again = h.k.read_each(VF_PKEYS_PCI, &names);
+    assert_eq!(again[1].as_deref(), Ok(&b"0x0000\n"[..]));
+    assert_eq!(again[2].as_deref(), Ok(&b"0x8001\n"[..]));
+    for (i, r) in again.iter().enumerate() {
+        assert_eq!(r.clone(), h.k.read(&format!("{VF_PKEYS}/{i}")), "slot {i}");
+    }
+    // Bounded as `read`: one component only, no directory, no missing file.
+    let odd: Vec<String> = ["../gids/0", "..", ".", "", "128", "0/x"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    let r = h.k.read_each(VF_PKEYS, &odd);
+    assert_eq!(r[0], Err(Errno::EINVAL));
+    assert_eq!(r[1], Err(Errno::EINVAL));
+    assert_eq!(r[2], Err(Errno::EINVAL));
+    assert_eq!(r[3], Err(Errno::EINVAL));
+    assert_eq!(r[4], Err(Errno::ENOENT));
+    assert_eq!(r[5], Err(Errno::EINVAL));
+    let r = h.k.read_each(
+        "/sys/class/infiniband/mlx5_1/ports/1",
+        &["pkeys".to_owned()],
+    );
+    assert_eq!(r[0], Err(tree::EISDIR));
+    // A directory that is not there: every name fails.
+    let r = h.k.read_each("/sys/class/infiniband/nope", &names[..2]);
+    assert!(r.iter().all(|x| *x == Err(Errno::ENOENT)), "{r:?}");
+}

@@ -167,6 +167,29 @@ impl Tree {
             .map_err(|e| io_errno(&e.into_io()))
     }
 
+    /// The bytes of the file at `p`, a path [`Tree::resolve`]d already (no link
+    /// on the way): the same bounded, non-blocking read of a regular file as
+    /// [`Tree::read`], without walking the path's links again. A link as the
+    /// last component is refused (`ELOOP`), never followed.
+    pub(super) fn read_at(&self, p: &str) -> Result<Vec<u8>, Errno> {
+        self.root
+            .read_attr(p, crate::root::MAX_ATTR_BYTES)
+            .map_err(|e| io_errno(&e.into_io()))
+    }
+
+    /// What is at the resolved path `k` and its permission bits, in one `lstat`.
+    pub(super) fn kind_mode(&self, k: &str) -> Option<(Kind, u32)> {
+        let m = fs::symlink_metadata(self.host(k)).ok()?;
+        let kind = if m.file_type().is_symlink() {
+            Kind::Link
+        } else if m.is_dir() {
+            Kind::Dir
+        } else {
+            Kind::File
+        };
+        Some((kind, m.mode() & 0o7777))
+    }
+
     /// A file as text with one trailing newline removed.
     pub(super) fn text(&self, k: &str) -> Option<String> {
         let b = self.read(k).ok()?;
