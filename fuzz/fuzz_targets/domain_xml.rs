@@ -3,7 +3,7 @@
 //! Free, and Ready for one tenant under both policies for unidentified domains.
 #![no_main]
 use devfence_engine::DeviceState;
-use devfence_engine::domain::{Unidentified, decide_prepare, decide_prepare_with, parse_domain};
+use devfence_engine::libvirt::{Unidentified, decide_prepare, decide_prepare_with, parse_domain};
 use devfence_model::TenantId;
 use libfuzzer_sys::fuzz_target;
 

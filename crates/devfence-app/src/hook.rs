@@ -2,7 +2,7 @@
 //! admit a domain's devices at `prepare begin`, withdraw the VF tokens at
 //! `started begin`, return the devices at `release end`.
 
-use devfence_engine::domain::{DomainSpec, Refusal, Unidentified, reserved_for};
+use devfence_engine::libvirt::{DomainSpec, Refusal, Unidentified, reserved_for};
 use devfence_engine::engine::Engine;
 use devfence_engine::store::{DeviceState, StoreError, StoreExt};
 use devfence_host::actuator::files::FileStepError;
@@ -128,7 +128,7 @@ pub fn run(
     use crate::error::AppError;
     let xml = String::from_utf8(xml)
         .map_err(|_| AppError::invalid("the domain XML on standard input is not UTF-8 text"))?;
-    let spec = devfence_engine::domain::parse_domain(&xml)
+    let spec = devfence_engine::libvirt::parse_domain(&xml)
         .map_err(|e| AppError::invalid(format!("domain {domain}: {e}")))?;
     if spec.name != domain {
         return Err(AppError::invalid(format!(

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devfence_engine::domain::{DomainSpec, Unidentified};
+use devfence_engine::libvirt::{DomainSpec, Unidentified};
 use devfence_engine::engine::{Engine, EngineConfig};
 use devfence_engine::store::{Partition, Tenant};
 use devfence_engine::{GuidRange, SqliteStore, StoreExt};

@@ -3,10 +3,10 @@
 //! assign, handover, release, VM start and stop, recovery — steps and gates
 //! typed once for plan and execution (docs/design.md §4, §5). It touches the host
 //! only through `devfence-host` (an `Actuator` to change it, `readback` to
-//! verify); [`domain`] reads libvirt domain XML for the hook.
+//! verify); [`libvirt`] reads libvirt domain XML for the hook.
 
 pub mod audit;
-pub mod domain;
+pub mod libvirt;
 pub mod engine;
 pub mod sqlite;
 pub mod store;

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use devfence_engine::DeviceState;
-use devfence_engine::domain::{DomainSpec, Unidentified};
+use devfence_engine::libvirt::{DomainSpec, Unidentified};
 use devfence_engine::engine::Started;
 use devfence_engine::{GuidState, StoreExt};
 use devfence_fabric::{FabricError, SubnetManager};
@@ -33,7 +33,7 @@ fn state(fx: &mut Fx, d: &DeviceId) -> DeviceState {
         .state
 }
 
-fn start(fx: &mut Fx, s: &DomainSpec) -> Result<Started, devfence_engine::domain::Refusal> {
+fn start(fx: &mut Fx, s: &DomainSpec) -> Result<Started, devfence_engine::libvirt::Refusal> {
     fx.engine().start_domain(s, Unidentified::Refuse)
 }
 

@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 
 use super::Engine;
 use crate::audit::{AuditEvent, AuditKind};
-use crate::domain::{Admission, DomainSpec, Refusal, Unidentified, decide_prepare_with};
+use crate::libvirt::{Admission, DomainSpec, Refusal, Unidentified, decide_prepare_with};
 use crate::store::{DeviceState, GuidState, StoreError, StoreExt, Tenant, Tx};
 
 /// A domain admitted by [`Engine::start_domain`].
