@@ -130,7 +130,7 @@ fn script(name: &str, blocks: &[Block]) -> String {
                     }
                 }
             }
-            let want = expected_exit(&first);
+            let want = expected_exit(&cmd);
             let shown = first.trim().replace('\'', "'\\''");
             let _ = writeln!(
                 s,
@@ -190,7 +190,7 @@ fn run_examples(file: &str) {
     // A private /tmp; the script comes on stdin (the tmpfs hides the real
     // /tmp, where the temp dir is).
     let wrapper = format!(
-        "set -e\nmount -t tmpfs tmpfs /tmp\ncat > /tmp/.examples.sh\ncd '{}'\nexec bash --noprofile --norc /tmp/.examples.sh </dev/null\n",
+        "set -e\nmount -t tmpfs tmpfs /tmp\ncat > /tmp/.examples.sh\ncd '{}'\nexec bash --noprofile --norc /tmp/.examples.sh </dev/null 2>&1\n",
         ws.display()
     );
     let out = Command::new("unshare")
