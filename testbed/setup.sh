@@ -27,6 +27,11 @@ set -euo pipefail
 shopt -s inherit_errexit # a failure inside $(...) is a failure too
 
 PROG=testbed/setup.sh
+# One line per action taken, on stderr, saying why ("devfence testbed: installing
+# …"). With TESTBED_QUIET=1 (the test harness) the details go to stdout (fd 8),
+# which the harness shows only when setup fails; else they go to stderr.
+if [ "${TESTBED_QUIET:-0}" = 1 ]; then exec 8>&1; else exec 8>&2; fi
+say() { printf 'devfence testbed: %s\n' "$*" >&2; }
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=testbed/common.sh
 . "$HERE/common.sh"
@@ -44,9 +49,9 @@ shift $((OPTIND - 1))
 [ $# -eq 0 ] || usage
 [ ${#SERIES[@]} -gt 0 ] || SERIES=("${TESTBED_SERIES[@]}")
 
-sub() { printf '  [%6ss] %s\n' "$(tb_elapsed)" "$*" >&2; }
+sub() { printf '  [%6ss] %s\n' "$(tb_elapsed)" "$*" >&8; }
 STEP=start
-step() { STEP=$*; printf '\n== [%6ss] %s\n' "$(tb_elapsed)" "$*" >&2; }
+step() { STEP=$*; printf '\n== [%6ss] %s\n' "$(tb_elapsed)" "$*" >&8; }
 # Expected failures end in tb_die (a message and a hint). For anything else,
 # remember the last failing command (set -E: also inside functions) and
 # report it on the way out.
@@ -141,7 +146,7 @@ done
 shopt -u nullglob
 if [ ${#other_sources[@]} -gt 0 ] &&
 	grep -Eqs "^[^#]*[[:space:]]$TESTBED_BACKPORTS([[:space:]/]|\$)" "${other_sources[@]}"; then
-	echo "  $TESTBED_BACKPORTS is already configured on this machine" >&2
+	echo "  $TESTBED_BACKPORTS is already configured on this machine" >&8
 else
 	mirror=$(find_mirror "$TESTBED_CODENAME" | sed -n 1p)
 	uri=${mirror%%$'\t'*}
@@ -156,9 +161,10 @@ else
 		"$uri" "$TESTBED_BACKPORTS" "${signed_by:+Signed-By: $signed_by
 }")
 	if [ "$(cat "$OUR_SOURCES" 2>/dev/null)" = "$want" ]; then
-		echo "  $OUR_SOURCES is up to date (mirror $uri)" >&2
+		echo "  $OUR_SOURCES is up to date (mirror $uri)" >&8
 	else
-		echo "  writing $OUR_SOURCES (mirror $uri)" >&2
+		echo "  writing $OUR_SOURCES (mirror $uri)" >&8
+		say "adding the apt source $TESTBED_BACKPORTS ($OUR_SOURCES): QEMU with the SR-IOV igb NIC and the 6.12 guest kernel come from it …"
 		printf '%s\n' "$want" | "${SUDO[@]}" tee "$OUR_SOURCES.tmp" >/dev/null
 		"${SUDO[@]}" mv "$OUR_SOURCES.tmp" "$OUR_SOURCES"
 	fi
@@ -166,10 +172,11 @@ fi
 
 if [ "${TESTBED_NO_APT_UPDATE:-0}" != 1 ]; then
 	step "apt-get update"
+	say "refreshing apt's package lists (the guest kernels are looked up there; TESTBED_NO_APT_UPDATE=1 skips it) …"
 	"${APT[@]}" update >"$LOGS/apt-update.log" 2>&1 ||
 		{ tail -n 20 "$LOGS/apt-update.log" >&2; tb_die "apt-get update failed (log: $LOGS/apt-update.log)" \
 			"check the machine's network access to its Debian mirror"; }
-	grep -E '^(W|E):' "$LOGS/apt-update.log" >&2 || true
+	grep -E '^(W|E):' "$LOGS/apt-update.log" >&8 || true
 fi
 # --- 2. host packages ------------------------------------------------------------
 installed() { [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]; }
@@ -177,9 +184,10 @@ qemu_has_igb() { command -v qemu-system-x86_64 >/dev/null && [[ $(qemu-system-x8
 
 step "host packages"
 if qemu_has_igb; then
-	echo "  QEMU with igb is installed" >&2
+	echo "  QEMU with igb is installed" >&8
 else
-	echo "  installing qemu-system-x86 from $TESTBED_BACKPORTS" >&2
+	echo "  installing qemu-system-x86 from $TESTBED_BACKPORTS" >&8
+	say "installing qemu-system-x86 from $TESTBED_BACKPORTS (needed by the real-kernel tests: QEMU >= 8 has the SR-IOV igb NIC) …"
 	"${APT[@]}" install --no-install-recommends -t "$TESTBED_BACKPORTS" qemu-system-x86 >"$LOGS/apt-install-qemu.log" 2>&1 ||
 		{ tail -n 20 "$LOGS/apt-install-qemu.log" >&2; tb_die "installing qemu-system-x86 from $TESTBED_BACKPORTS failed (log: $LOGS/apt-install-qemu.log)" \
 			"try by hand: apt-get install -t $TESTBED_BACKPORTS qemu-system-x86"; }
@@ -192,14 +200,15 @@ host_pkgs=(busybox-static make gcc-12 xz-utils zstd gzip binutils libelf1 libssl
 missing=()
 for p in "${host_pkgs[@]}"; do installed "$p" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
-	echo "  installing ${missing[*]}" >&2
+	echo "  installing ${missing[*]}" >&8
+	say "installing ${missing[*]} (the guest's busybox userland and the compiler for the mtty mdev driver) …"
 	"${APT[@]}" install --no-install-recommends "${missing[@]}" >"$LOGS/apt-install.log" 2>&1 ||
 		{ tail -n 20 "$LOGS/apt-install.log" >&2; tb_die "installing ${missing[*]} failed (log: $LOGS/apt-install.log)"; }
 else
-	echo "  ${host_pkgs[*]}: installed" >&2
+	echo "  ${host_pkgs[*]}: installed" >&8
 fi
 BUSYBOX=$(command -v busybox) || tb_die "busybox not found after installing busybox-static"
-echo "  $(qemu-system-x86_64 --version | sed -n 1p)" >&2
+echo "  $(qemu-system-x86_64 --version | sed -n 1p)" >&8
 
 # --- 3. guest kernels and mtty -------------------------------------------------------
 
@@ -361,6 +370,7 @@ setup_series() {
 		ln -sfn "kernels/$kver" "$TESTBED_CACHE/kernel-$series"
 		return
 	fi
+	say "downloading the Debian kernel $kver with its headers and building mtty.ko for it (the $series guest of the real-kernel tests; about 200 MB) …"
 	hdr=linux-headers-$kver
 	show=$(apt-cache show "$hdr=$ver" 2>/dev/null) || tb_die "apt has no $hdr=$ver (needed to build mtty.ko)"
 	common=$(depends_matching '^linux-headers-.*-common$' <<<"$show" | sed -n 1p)
@@ -432,13 +442,13 @@ for d in "$TESTBED_CACHE"/kernels/*/; do
 	for s in "${TESTBED_SERIES[@]}"; do
 		if [ "$(readlink -f "$TESTBED_CACHE/kernel-$s" 2>/dev/null)" = "$(readlink -f "$d")" ]; then keep=1; fi
 	done
-	if [ $keep = 0 ]; then echo "  removing outdated $d" >&2; rm -rf "$d"; fi
+	if [ $keep = 0 ]; then echo "  removing outdated $d" >&8; rm -rf "$d"; fi
 done
 
 step "done"
 for s in "${TESTBED_SERIES[@]}"; do
 	if [ -e "$TESTBED_CACHE/kernel-$s" ]; then
-		printf '  kernel %-5s %s\n' "$s" "$(sed -n 1p "$TESTBED_CACHE/kernel-$s/testbed-versions.txt")" >&2
+		printf '  kernel %-5s %s\n' "$s" "$(sed -n 1p "$TESTBED_CACHE/kernel-$s/testbed-versions.txt")" >&8
 	fi
 done
-echo "  cache size: $(du -sh "$TESTBED_CACHE" | cut -f1); run a guest script with: testbed/run.sh -k 6.1 SCRIPT" >&2
+echo "  cache size: $(du -sh "$TESTBED_CACHE" | cut -f1); run a guest script with: testbed/run.sh -k 6.1 SCRIPT" >&8

@@ -10,13 +10,16 @@ command -v saquery >/dev/null || need+=(infiniband-diags)
 [ -e /usr/include/infiniband/umad.h ] || need+=(libibumad-dev)
 [ -e /usr/lib/x86_64-linux-gnu/umad2sim/libumad2sim.so ] || need+=(ibsim-utils)
 if [ ${#need[@]} -eq 0 ]; then
-  echo "fabric: ibsim, opensm, infiniband-diags and libibumad are installed"
   exit 0
 fi
-echo "fabric: installing ${need[*]}"
+say() { echo "devfence fabric: $*" >&2; }
+say "installing ${need[*]} (needed by the OpenSM tests: each starts a real OpenSM on an ibsim fabric) …"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -o DPkg::Lock::Timeout=600 >/dev/null
 apt-get install -y -o DPkg::Lock::Timeout=600 "${need[@]}" >/dev/null
 # The package's opensm.service must not run: each test starts its own OpenSM.
-systemctl disable --now opensm.service >/dev/null 2>&1 || true
-echo "fabric: installed"
+if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+  say "disabling opensm.service (each test starts its own OpenSM; a system one would answer instead) …"
+  systemctl disable --now opensm.service >/dev/null 2>&1 || true
+fi
+say "installed"

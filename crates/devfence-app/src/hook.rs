@@ -2,8 +2,8 @@
 //! admit a domain's devices at `prepare begin`, withdraw the VF tokens at
 //! `started begin`, return the devices at `release end`.
 
-use devfence_engine::libvirt::{DomainSpec, Refusal, Unidentified, reserved_for};
 use devfence_engine::engine::Engine;
+use devfence_engine::libvirt::{DomainSpec, Refusal, Unidentified, reserved_for};
 use devfence_engine::store::{DeviceState, StoreError, StoreExt};
 use devfence_host::actuator::files::FileStepError;
 use devfence_model::DeviceId;

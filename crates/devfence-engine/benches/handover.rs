@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devfence_engine::libvirt::{DomainSpec, Unidentified};
 use devfence_engine::engine::{Engine, EngineConfig};
+use devfence_engine::libvirt::{DomainSpec, Unidentified};
 use devfence_engine::store::{Partition, Tenant};
 use devfence_engine::{GuidRange, SqliteStore, StoreExt};
 use devfence_fabric::{SimConfig, SimSm};

@@ -6,8 +6,8 @@
 //! verify); [`libvirt`] reads libvirt domain XML for the hook.
 
 pub mod audit;
-pub mod libvirt;
 pub mod engine;
+pub mod libvirt;
 pub mod sqlite;
 pub mod store;
 

@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use devfence_engine::DeviceState;
-use devfence_engine::libvirt::{DomainSpec, Unidentified};
 use devfence_engine::engine::Started;
+use devfence_engine::libvirt::{DomainSpec, Unidentified};
 use devfence_engine::{GuidState, StoreExt};
 use devfence_fabric::{FabricError, SubnetManager};
 use devfence_host::actuator::Actuator;

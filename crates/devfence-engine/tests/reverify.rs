@@ -8,8 +8,8 @@
 mod common;
 
 use common::*;
-use devfence_engine::libvirt::{DomainSpec, Unidentified};
 use devfence_engine::engine::{Check, Engine, Reverification};
+use devfence_engine::libvirt::{DomainSpec, Unidentified};
 use devfence_engine::{AuditFilter, DeviceState, GuidState, Store, StoreExt};
 use devfence_fabric::opensm::RestoreNote;
 use devfence_fabric::{Change, FabricError, Health, Observation, SubnetManager, Ticket};

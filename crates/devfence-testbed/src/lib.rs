@@ -388,6 +388,59 @@ pub fn run_scenario(io: &dyn KernelIo) -> Vec<Observation> {
     let o = r.vfs(IGB_PF);
     r.note("VFs after 0", o);
 
+    // --- vfio-pci and a PF with SR-IOV enabled ------------------------------------
+    // nvme's remove leaves SR-IOV enabled (igb's disables it), so its PF can be
+    // unbound with a VF; vfio-pci's probe then refuses the PF (EBUSY, "Cannot
+    // bind to PF with SR-IOV enabled"): `bind` passes the errno on,
+    // `drivers_probe` does not.
+    let nvme = dev(NVME_PF);
+    r.raw(
+        "nvme sriov_numvfs <- 1",
+        &format!("{nvme}/sriov_numvfs"),
+        "1",
+    );
+    r.raw(
+        "nvme PF driver_override <- vfio-pci",
+        &format!("{nvme}/driver_override"),
+        "vfio-pci",
+    );
+    r.raw(
+        "nvme/unbind <- PF with a VF",
+        "/sys/bus/pci/drivers/nvme/unbind",
+        NVME_PF,
+    );
+    let o = r.vfs(NVME_PF);
+    r.note("nvme PF VFs after unbind", o);
+    r.raw(
+        "vfio-pci/bind <- PF with SR-IOV enabled",
+        "/sys/bus/pci/drivers/vfio-pci/bind",
+        NVME_PF,
+    );
+    let o = r.facts_of(NVME_PF, false);
+    r.note("nvme PF after the refused bind", o);
+    r.raw(
+        "drivers_probe <- PF with SR-IOV enabled, override vfio-pci",
+        "/sys/bus/pci/drivers_probe",
+        NVME_PF,
+    );
+    let o = r.facts_of(NVME_PF, false);
+    r.note("nvme PF after drivers_probe", o);
+    r.raw(
+        "nvme PF driver_override <- \\n (clear)",
+        &format!("{nvme}/driver_override"),
+        "\n",
+    );
+    r.raw("nvme/bind <- PF", "/sys/bus/pci/drivers/nvme/bind", NVME_PF);
+    let o = r.facts(NVME_PF);
+    r.note("nvme PF after nvme/bind", o);
+    r.raw(
+        "nvme sriov_numvfs <- 0",
+        &format!("{nvme}/sriov_numvfs"),
+        "0",
+    );
+    let o = r.vfs(NVME_PF);
+    r.note("nvme PF VFs after 0", o);
+
     // --- mdev ------------------------------------------------------------------------
     let create =
         format!("/sys/class/mdev_bus/{MTTY_PARENT}/mdev_supported_types/{MTTY_TYPE}/create");

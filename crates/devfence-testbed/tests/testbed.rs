@@ -60,9 +60,15 @@ fn run(what: &str, cmd: &mut Command) -> Result<(), String> {
 fn prepared() -> &'static Result<PathBuf, String> {
     static ONCE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     ONCE.get_or_init(|| {
+        // Quiet: one line per action it takes ("devfence testbed: installing
+        // …") straight to the terminal on stderr, the details to stdout,
+        // shown when it fails.
         run(
             "testbed/setup.sh",
-            Command::new("bash").arg("testbed/setup.sh"),
+            Command::new("bash")
+                .arg("testbed/setup.sh")
+                .env("TESTBED_QUIET", "1")
+                .stderr(std::process::Stdio::inherit()),
         )?;
         let ws = workspace();
         let share = ws.join("target/testbed-share");

@@ -396,6 +396,11 @@ impl K<'_> {
         {
             return Err(AttachError::Probe(Errno::EINVAL));
         }
+        // vfio-pci refuses a PF whose SR-IOV is enabled ("Cannot bind to PF
+        // with SR-IOV enabled"): it cannot take over VFs that already exist.
+        if is_vfio(drv) && self.is_pf(dir) && self.dec_attr(dir, "sriov_numvfs").unwrap_or(0) > 0 {
+            return Err(AttachError::Probe(Errno::EBUSY));
+        }
         // QEMU's nvme VFs have no controller resources until nvme-cli's virt-mgmt
         // assigns them: nvme's probe returns, its reset work fails, and the
         // driver lets go of the function again (docs/testbed.md).

@@ -1654,3 +1654,30 @@ fn read_each_reads_a_pkey_table_in_one_pass() {
     let r = h.k.read_each("/sys/class/infiniband/nope", &names[..2]);
     assert!(r.iter().all(|x| *x == Err(Errno::ENOENT)), "{r:?}");
 }
+
+/// vfio-pci's probe refuses a PF whose SR-IOV is enabled ("Cannot bind to PF
+/// with SR-IOV enabled", EBUSY): `bind` passes the errno on, `drivers_probe`
+/// does not (a failing probe is not its error), and the PF stays unbound.
+/// nvme's `remove` leaves SR-IOV enabled, so its PF can be unbound with a VF.
+#[test]
+fn vfio_pci_refuses_a_pf_with_sriov_enabled() {
+    let h = host(Profile::Testbed);
+    let pf = "0000:03:00.0";
+    let d = format!("/sys/bus/pci/devices/{pf}");
+    h.w(&format!("{d}/sriov_numvfs"), "1").unwrap();
+    h.w(&format!("{d}/driver_override"), "vfio-pci").unwrap();
+    h.w("/sys/bus/pci/drivers/nvme/unbind", pf).unwrap();
+    assert_eq!(h.r(&format!("{d}/sriov_numvfs")), "1\n");
+    assert_eq!(h.driver(pf), None);
+    h.refuses("/sys/bus/pci/drivers/vfio-pci/bind", pf, Errno::EBUSY);
+    let before = h.snap();
+    h.w("/sys/bus/pci/drivers_probe", pf).unwrap();
+    assert_snap_eq(&before, &h.snap());
+    assert_eq!(h.driver(pf), None);
+    // Back on nvme, SR-IOV off: vfio-pci takes it.
+    h.w(&format!("{d}/driver_override"), "\n").unwrap();
+    h.w("/sys/bus/pci/drivers/nvme/bind", pf).unwrap();
+    h.w(&format!("{d}/sriov_numvfs"), "0").unwrap();
+    h.rebind(pf, "vfio-pci");
+    assert_eq!(h.driver(pf).as_deref(), Some("vfio-pci"));
+}
