@@ -75,6 +75,23 @@ pub enum IoOp {
         /// The PF.
         pf: Bdf,
     },
+    /// A private file created (a VF token handed to a launcher). Its contents
+    /// are never recorded: only their length.
+    CreateFile {
+        /// The path under the root.
+        path: String,
+        /// How many bytes.
+        len: usize,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
+    /// A file removed (a token withdrawn, admitted state voided).
+    RemoveFile {
+        /// The path under the root.
+        path: String,
+    },
 }
 
 impl IoOp {
@@ -130,6 +147,13 @@ impl fmt::Display for IoOp {
                     "vfio: set VF token of {pf} to <token> (VFIO_DEVICE_FEATURE SET PCI_VF_TOKEN)"
                 )
             }
+            IoOp::CreateFile {
+                path,
+                len,
+                uid,
+                gid,
+            } => write!(f, "create {path} (0600, {uid}:{gid}, {len} bytes)"),
+            IoOp::RemoveFile { path } => write!(f, "remove {path}"),
         }
     }
 }
@@ -494,6 +518,39 @@ impl KernelIo for RecordingIo<'_> {
         &self.root
     }
 
+    /// Recorded (never the contents); made only when scripted (a dry run
+    /// creates nothing).
+    fn create_private_file(
+        &self,
+        path: &str,
+        contents: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), super::files::FileStepError> {
+        self.record(IoOp::CreateFile {
+            path: path.to_owned(),
+            len: contents.len(),
+            uid,
+            gid,
+        });
+        if self.inner_io.is_some() {
+            return Ok(());
+        }
+        super::files::create_private_file(&self.root, path, contents, uid, gid)
+    }
+
+    /// Recorded; removed only when scripted (a dry run removes nothing; it
+    /// says whether the file is there).
+    fn remove_file(&self, path: &str) -> std::io::Result<bool> {
+        self.record(IoOp::RemoveFile {
+            path: path.to_owned(),
+        });
+        match self.inner_io {
+            Some(i) => Ok(i.exists(path)),
+            None => self.root.remove_file(path),
+        }
+    }
+
     fn write(&self, path: &str, value: &[u8]) -> Result<(), Errno> {
         self.record(IoOp::write(path, value));
         if self.inner_io.is_some() {
@@ -720,6 +777,31 @@ mod tests {
         let all = format!("{lines:?}{:?}{io:?}", io.ops());
         assert!(!all.contains(&t.reveal_for_launcher()));
         assert!(!all.contains("5a5a"));
+    }
+
+    #[test]
+    /// issue 11 item 1: a dry run records the files a step would create or
+    /// remove (never a token's contents) and creates or removes none.
+    fn dry_run_records_files_and_touches_none() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("run/devfence")).unwrap();
+        std::fs::write(dir.path().join("run/devfence/old"), b"x").unwrap();
+        let real = super::super::real::RealKernel::new(HostRoot::new(dir.path()));
+        let io = RecordingIo::dry_run(&real);
+        io.create_private_file("/run/devfence/token", b"secret-token", 107, 107)
+            .unwrap();
+        assert!(io.remove_file("/run/devfence/old").unwrap());
+        assert!(!dir.path().join("run/devfence/token").exists());
+        assert!(dir.path().join("run/devfence/old").exists());
+        let lines = io.op_lines();
+        assert_eq!(
+            lines,
+            [
+                "create /run/devfence/token (0600, 107:107, 12 bytes)",
+                "remove /run/devfence/old"
+            ]
+        );
+        assert!(!lines.concat().contains("secret"));
     }
 
     #[test]
