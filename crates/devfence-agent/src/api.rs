@@ -265,7 +265,18 @@ pub async fn serve(
             let svc = hyper::service::service_fn(move |req| {
                 let st = Arc::clone(&st);
                 let peer = Arc::clone(&peer);
-                async move { Ok::<_, Infallible>(handle(st, Some(peer), req).await) }
+                // A request received is carried out in a task of its own: a
+                // client that goes away drops only the wait for the answer.
+                let task = tokio::spawn(handle(st, Some(peer), req));
+                async move {
+                    Ok::<_, Infallible>(task.await.unwrap_or_else(|_| {
+                        error_response(&ApiError::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "internal",
+                            "The request's handler did not finish. Hint: this is a bug in devfence; the agent goes on serving",
+                        ))
+                    }))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -476,3 +476,118 @@ fn client_as_another_user() {
     let (s, v) = request(Path::new(sock), m, path, body);
     println!("\nAGENT-ANSWER {s} {v}");
 }
+
+/// The device's state in `GET /v1/status`, if the ledger has it.
+fn state_of(a: &Agent, device: &str) -> Option<String> {
+    let (s, v) = a.get("/v1/status");
+    assert_eq!(s, 200, "{v}");
+    v["devices"].as_array().unwrap().iter().find_map(|d| {
+        (d["device"] == device).then(|| d["state"]["state"].as_str().unwrap_or("").to_owned())
+    })
+}
+
+/// A client that sends its request and goes away at once cancels nothing:
+/// the operation runs to its end and is journalled.
+#[test]
+fn a_client_that_disconnects_does_not_cancel_its_operation() {
+    let (tmp, root) = host();
+    let a = Agent::start(&root, &tmp.path().join("agent.sock"), &[]);
+    let body = json!({ "kind": "assign", "device": IGB_VF, "tenant": "globex" }).to_string();
+    let mut s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
+    write!(
+        s,
+        "POST /v1/operations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(s);
+    let until = Instant::now() + DEADLINE;
+    while state_of(&a, IGB_VF).as_deref() != Some("ready") {
+        assert!(
+            Instant::now() < until,
+            "the operation did not finish: {:?}",
+            state_of(&a, IGB_VF)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, ops) = a.get("/v1/operations/op-1");
+    assert_eq!(ops["state"], "succeeded", "{ops}");
+}
+
+/// Connections beyond the cap are closed as they arrive (and counted); the
+/// agent serves again once the idle ones are gone.
+#[test]
+fn connections_beyond_the_cap_are_closed() {
+    let (tmp, root) = host();
+    let a = Agent::start(
+        &root,
+        &tmp.path().join("agent.sock"),
+        &["--max-connections", "3"],
+    );
+    let idle: Vec<_> = (0..3)
+        .map(|_| std::os::unix::net::UnixStream::connect(&a.socket).unwrap())
+        .collect();
+    // Each idle connection holds a permit once the agent has accepted it; a
+    // fourth is closed (EOF) — bounded polling until one is.
+    let until = Instant::now() + DEADLINE;
+    loop {
+        let mut extra = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        if matches!(extra.read(&mut b), Ok(0)) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "a connection beyond the cap was kept"
+        );
+    }
+    drop(idle);
+    let until = Instant::now() + DEADLINE;
+    let m = loop {
+        // The permits come back as the agent sees the idle ones close.
+        if let Ok(mut probe) = std::os::unix::net::UnixStream::connect(&a.socket) {
+            probe
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            let _ = probe.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.1 200") {
+                break out;
+            }
+        }
+        assert!(Instant::now() < until, "the agent did not serve again");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(m.contains("devfence_connections_refused_total "), "{m}");
+    assert!(!m.contains("devfence_connections_refused_total 0"), "{m}");
+}
+
+/// SIGTERM ends the agent cleanly: exit 0, the socket removed, its lock
+/// released for the next agent.
+#[test]
+fn sigterm_stops_the_agent_and_removes_its_socket() {
+    let (tmp, root) = host();
+    let sock = tmp.path().join("agent.sock");
+    let mut a = Agent::start(&root, &sock, &[]);
+    let k = Command::new("kill")
+        .args(["-TERM", &a.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(k.success());
+    let until = Instant::now() + DEADLINE;
+    let st = loop {
+        if let Some(st) = a.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < until, "the agent did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(st.success(), "{st}");
+    assert!(!sock.exists(), "the socket is removed");
+    let b = Agent::start(&root, &sock, &[]);
+    assert_eq!(b.get("/v1/status").0, 200);
+}
