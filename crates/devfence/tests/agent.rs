@@ -388,6 +388,12 @@ fn a_slowloris_client_does_not_block_others() {
     let mut buf = Vec::new();
     let r = slow.read_to_end(&mut buf);
     assert!(r.is_ok(), "the slow connection was not closed: {r:?}");
+    // So is a connection that never sent a byte (a thousand idle
+    // connections cannot hold the agent's connection slots).
+    let mut quiet = idle.pop().unwrap();
+    quiet.set_read_timeout(Some(DEADLINE)).unwrap();
+    let r = quiet.read_to_end(&mut buf);
+    assert!(r.is_ok(), "the idle connection was not closed: {r:?}");
     idle.clear();
     assert_eq!(a.get("/v1/status").0, 200);
 }
