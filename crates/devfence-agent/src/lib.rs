@@ -232,10 +232,14 @@ impl Agent {
 
 /// `devfence serve`: binds, then serves until SIGTERM or SIGINT.
 ///
+/// The signal handlers are in place before the socket is bound: a SIGTERM
+/// that arrives as soon as the socket answers stops the agent cleanly too.
+///
 /// # Errors
-/// As [`Agent::bind`] and [`Agent::run`]; the runtime cannot start.
+/// As [`Agent::bind`] and [`Agent::run`]; the runtime or the signal handlers
+/// cannot start.
 pub fn serve(opts: Options) -> Result<(), AgentError> {
-    let agent = Agent::bind(opts)?;
+    use tokio::signal::unix::{SignalKind, signal};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(64)
@@ -246,21 +250,26 @@ pub fn serve(opts: Options) -> Result<(), AgentError> {
             what: "Cannot start the agent's runtime".into(),
             source: e,
         })?;
+    let (mut term, mut int) = {
+        let _in_runtime = rt.enter();
+        let handler = |kind| {
+            signal(kind).map_err(|e| AgentError::Io {
+                what: "Cannot install the agent's signal handlers".into(),
+                source: e,
+            })
+        };
+        (
+            handler(SignalKind::terminate())?,
+            handler(SignalKind::interrupt())?,
+        )
+    };
+    let agent = Agent::bind(opts)?;
     eprintln!("devfence serve: listening on {}", agent.socket().display());
     rt.block_on(async move {
-        let shutdown = async {
-            use tokio::signal::unix::{SignalKind, signal};
-            match (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
-                (Ok(mut t), Ok(mut i)) => {
-                    tokio::select! {
-                        _ = t.recv() => {},
-                        _ = i.recv() => {},
-                    }
-                }
-                _ => std::future::pending::<()>().await,
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
             }
         };
         agent.run(shutdown).await

@@ -240,6 +240,29 @@ fn refusals_and_bad_input_have_typed_bodies() {
     assert!(e["hint"].is_string(), "{v}");
     assert!(e["chain"].is_array(), "{v}");
 
+    // Refused by the engine: the device is held already (409, nothing changed).
+    let assign = |tenant: &str| {
+        let body = json!({ "kind": "assign", "device": IGB_VF, "tenant": tenant });
+        let (s, started) = a.post("/v1/operations", body.to_string().as_bytes());
+        assert_eq!(s, 202, "{started}");
+        a.wait_op(started["id"].as_str().unwrap())
+    };
+    assert_eq!(assign("acme")["state"], "succeeded");
+    let v = assign("globex");
+    assert_eq!(v["state"], "failed", "{v}");
+    assert_eq!(
+        (v["error"]["status"].as_u64(), v["error"]["code"].as_str()),
+        (Some(409), Some("refused")),
+        "{v}"
+    );
+    assert!(v["error"]["hint"].is_string(), "{v}");
+    let (_, m) = a.get("/metrics");
+    let m = m.as_str().unwrap();
+    assert!(
+        m.contains("devfence_operations_total{kind=\"assign\",outcome=\"refused\"} 2"),
+        "{m}"
+    );
+
     for (body, status, code, names) in [
         (
             b"{\"kind\": \"assign\",".to_vec(),
@@ -596,4 +619,41 @@ fn sigterm_stops_the_agent_and_removes_its_socket() {
     assert!(!sock.exists(), "the socket is removed");
     let b = Agent::start(&root, &sock, &[]);
     assert_eq!(b.get("/v1/status").0, 200);
+}
+
+/// `[agent] metrics_tcp`: GET /metrics on a loopback address, and nothing else there.
+#[test]
+fn metrics_on_the_loopback_address() {
+    let (tmp, root) = host();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::create_dir_all(root.join("etc/devfence")).unwrap();
+    std::fs::write(
+        root.join("etc/devfence/devfence.toml"),
+        format!("[agent]\nmetrics_tcp = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let _a = Agent::start(&root, &tmp.path().join("agent.sock"), &[]);
+    let get = |path: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let m = get("/metrics");
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    assert!(m.contains("devfence_devices{state=\"free\"}"), "{m}");
+    let s = get("/v1/status");
+    assert!(
+        s.starts_with("HTTP/1.1 404") && s.contains("no_such_route"),
+        "{s}"
+    );
 }
