@@ -599,11 +599,14 @@ fn tenant_field(f: &Fields<'_>, name: &str) -> Result<Option<TenantId>, ApiError
         .transpose()
 }
 
-fn start_operation(
-    st: &Arc<State>,
+/// The lifecycle request a `POST /v1/operations` body asks for: every field
+/// known and of its type, the tenant where the kind needs one.
+///
+/// # Errors
+/// 400 naming the field and what it should be.
+pub fn parse_operation(
     body: &serde_json::Map<String, Value>,
-    actor: devfence_app::Actor,
-) -> Result<Value, ApiError> {
+) -> Result<devfence_app::lifecycle::Request, ApiError> {
     use devfence_app::lifecycle::Request as Op;
     let f = Fields::new(body, &["kind", "device", "tenant", "vm"])?;
     let kind = f.required("kind", "give \"assign\", \"handover\" or \"release\"")?;
@@ -615,16 +618,16 @@ fn start_operation(
             "Field \"tenant\" is missing: {kind} gives the device to a tenant. Hint: name the tenant (GET /v1/tenants lists them)"
         ))
     };
-    let req = match kind {
+    Ok(match kind {
         "assign" => Op::Assign {
             device,
-            tenant: tenant.clone().ok_or_else(need_tenant)?,
-            vm: vm.clone(),
+            tenant: tenant.ok_or_else(need_tenant)?,
+            vm,
         },
         "handover" => Op::Handover {
             device,
-            to: tenant.clone().ok_or_else(need_tenant)?,
-            vm: vm.clone(),
+            to: tenant.ok_or_else(need_tenant)?,
+            vm,
         },
         "release" => {
             if tenant.is_some() || vm.is_some() {
@@ -639,7 +642,23 @@ fn start_operation(
                 "Field \"kind\" is {other:?}. Hint: give \"assign\", \"handover\" or \"release\""
             )));
         }
+    })
+}
+
+fn start_operation(
+    st: &Arc<State>,
+    body: &serde_json::Map<String, Value>,
+    actor: devfence_app::Actor,
+) -> Result<Value, ApiError> {
+    use devfence_app::lifecycle::Request as Op;
+    let req = parse_operation(body)?;
+    let (kind, device, tenant, vm) = match &req {
+        Op::Assign { device, tenant, vm } => ("assign", device, Some(tenant), vm.clone()),
+        Op::Handover { device, to, vm } => ("handover", device, Some(to), vm.clone()),
+        Op::Release { device } => ("release", device, None, None),
     };
+    let device = *device;
+    let tenant = tenant.cloned();
     let kind = kind.to_owned();
     let view = st.ops.start(|id| OpView {
         id,
@@ -964,4 +983,139 @@ async fn metrics(st: Arc<State>) -> Resp {
         ),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn state(policy: Policy) -> Arc<State> {
+        Arc::new(State::new(
+            Options {
+                root: devfence_host::HostRoot::new("/nonexistent/devfence-agent-test"),
+                ledger: None,
+                config: None,
+                socket: None,
+                limits: Limits::default(),
+            },
+            policy,
+        ))
+    }
+
+    fn req(method: &str, path: &str, body: &str) -> Request<Full<Bytes>> {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .expect("request")
+    }
+
+    async fn call(st: &Arc<State>, peer: Peer, r: Request<Full<Bytes>>) -> (u16, Value) {
+        let resp = handle(Arc::clone(st), Some(Arc::new(peer)), r).await;
+        let status = resp.status().as_u16();
+        let b = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, serde_json::from_slice(&b).unwrap_or(Value::Null))
+    }
+
+    fn peer(uid: u32, gid: u32) -> Peer {
+        Peer {
+            uid,
+            gid,
+            pid: None,
+            groups: Vec::new(),
+        }
+    }
+
+    /// The whole handler with synthetic credentials: an admin-group member
+    /// gets past authorization to the use case, a reader and an outsider
+    /// are refused with the typed body, counted by route and status.
+    #[tokio::test]
+    async fn the_handler_authorizes_before_anything_runs() {
+        let st = state(Policy {
+            admin_gid: Some(900),
+            reader_gid: Some(901),
+        });
+        let plan = r#"{"device": "0000:5e:10.0"}"#;
+        let (s, v) = call(&st, peer(1000, 900), req("POST", "/v1/plan", plan)).await;
+        assert_ne!(s, 403, "an admin acts: {v}");
+        let (s, v) = call(&st, peer(1000, 901), req("POST", "/v1/plan", plan)).await;
+        assert_eq!((s, v["code"].as_str()), (403, Some("forbidden")), "{v}");
+        let (s, v) = call(&st, peer(1000, 5), req("GET", "/v1/operations/op-1", "")).await;
+        assert_eq!((s, v["code"].as_str()), (403, Some("forbidden")), "{v}");
+        let (s, v) = call(&st, peer(1000, 901), req("GET", "/v1/operations/op-1", "")).await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (404, Some("unknown_operation")),
+            "{v}"
+        );
+        let m = st.metrics.encode();
+        assert!(
+            m.contains("devfence_requests_total{route=\"/v1/plan\",status=\"403\"} 1"),
+            "{m}"
+        );
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            prop_oneof![
+                Just("assign".to_owned()),
+                Just("handover".to_owned()),
+                Just("release".to_owned()),
+                Just("0000:5e:10.0".to_owned()),
+                Just("acme".to_owned()),
+                ".{0,40}",
+            ]
+            .prop_map(Value::String),
+        ];
+        leaf.prop_recursive(2, 8, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(".{0,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn body() -> impl Strategy<Value = serde_json::Map<String, Value>> {
+        let key = prop_oneof![
+            Just("kind".to_owned()),
+            Just("device".to_owned()),
+            Just("tenant".to_owned()),
+            Just("vm".to_owned()),
+            "[a-z]{1,6}",
+        ];
+        proptest::collection::btree_map(key, json_value(), 0..5)
+            .prop_map(|m| m.into_iter().collect())
+    }
+
+    proptest! {
+        /// Any body: a request, or a 400 with a hint; never a panic.
+        #[test]
+        fn any_operation_body_is_a_request_or_a_400_with_a_hint(b in body()) {
+            match parse_operation(&b) {
+                Ok(r) => {
+                    let kind = b.get("kind").and_then(Value::as_str);
+                    prop_assert!(matches!(kind, Some("assign" | "handover" | "release")), "{r:?}");
+                }
+                Err(e) => {
+                    prop_assert_eq!(e.status, 400);
+                    prop_assert_eq!(e.code, "invalid_input");
+                    prop_assert!(e.hint.is_some(), "{:?}", e);
+                }
+            }
+        }
+
+        /// Any query string: a filter, or a 400 with a hint; never a panic.
+        #[test]
+        fn any_audit_query_is_a_filter_or_a_400(q in "[a-z=&%0-9A-F:.+]{0,40}") {
+            if let Err(e) = audit_filter(&q) {
+                prop_assert_eq!(e.status, 400);
+                prop_assert!(e.hint.is_some(), "{:?}", e);
+            }
+        }
+    }
 }
