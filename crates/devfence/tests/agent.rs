@@ -657,3 +657,39 @@ fn metrics_on_the_loopback_address() {
         "{s}"
     );
 }
+
+/// Operations on two devices run side by side, each to success, while reads
+/// are served; two on one device: one wins, the other is refused (409).
+#[test]
+fn concurrent_operations() {
+    const IGB_VF2: &str = "0000:5e:10.2";
+    let (tmp, root) = host();
+    let a = Agent::start(&root, &tmp.path().join("agent.sock"), &[]);
+    let start = |device: &str, tenant: &str| {
+        let body = json!({ "kind": "assign", "device": device, "tenant": tenant });
+        let (s, v) = a.post("/v1/operations", body.to_string().as_bytes());
+        assert_eq!(s, 202, "{v}");
+        v["id"].as_str().unwrap().to_owned()
+    };
+    let (x, y) = (start(IGB_VF, "acme"), start(IGB_VF2, "globex"));
+    assert_eq!(a.get("/v1/status").0, 200, "reads are served meanwhile");
+    for id in [&x, &y] {
+        let v = a.wait_op(id);
+        assert_eq!(v["state"], "succeeded", "{v}");
+    }
+    // Both released at once: two operations, one device each.
+    let rel = |device: &str| {
+        let body = json!({ "kind": "release", "device": device });
+        let (s, v) = a.post("/v1/operations", body.to_string().as_bytes());
+        assert_eq!(s, 202, "{v}");
+        v["id"].as_str().unwrap().to_owned()
+    };
+    let (p, q) = (rel(IGB_VF), rel(IGB_VF));
+    let (vp, vq) = (a.wait_op(&p), a.wait_op(&q));
+    let mut states = [vp["state"].as_str().unwrap(), vq["state"].as_str().unwrap()];
+    states.sort_unstable();
+    assert_eq!(states, ["failed", "succeeded"], "{vp}\n{vq}");
+    let failed = if vp["state"] == "failed" { &vp } else { &vq };
+    assert_eq!(failed["error"]["status"], 409, "{failed}");
+    assert_eq!(state_of(&a, IGB_VF).as_deref(), Some("free"));
+}
