@@ -602,8 +602,9 @@ fn sigterm_stops_the_agent_and_removes_its_socket() {
     let (tmp, root) = host();
     let sock = tmp.path().join("agent.sock");
     let mut a = Agent::start(&root, &sock, &[]);
-    let k = Command::new("kill")
-        .args(["-TERM", &a.child.id().to_string()])
+    // The shell's own kill: no procps needed.
+    let k = Command::new("sh")
+        .args(["-c", "kill -TERM \"$0\"", &a.child.id().to_string()])
         .status()
         .unwrap();
     assert!(k.success());
