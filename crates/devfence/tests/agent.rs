@@ -379,6 +379,14 @@ fn a_second_agent_and_a_file_at_the_socket_path_are_refused() {
         "never removed"
     );
 
+    // A socket something else answers on (no agent's lock): refused, kept.
+    let other = tmp.path().join("other.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&other).unwrap();
+    let o = dv(&root, &["serve", "--socket", other.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("Something answers on"), "{}", text(&o));
+    assert!(other.exists(), "never removed");
+
     let stale = tmp.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     let b = Agent::start(&root, &stale, &[]);
