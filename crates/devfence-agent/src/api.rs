@@ -955,6 +955,11 @@ async fn metrics(st: Arc<State>) -> Resp {
             false,
         ) {
             Ok(mut store) => {
+                if let Ok(Some(h)) = store.last_record() {
+                    st2.metrics
+                        .audit_records
+                        .set(i64::try_from(h.seq).unwrap_or(i64::MAX));
+                }
                 let s = app(devfence_app::lifecycle::status(
                     &mut store,
                     &devfence_app::fabric::NoSm,

@@ -66,6 +66,9 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Connections closed on arrival because the cap was reached.
     pub connections_refused: Counter,
+    /// Records in the audit chain (the newest record's sequence number;
+    /// pruned records included), read from the ledger at each scrape.
+    pub audit_records: Gauge,
 }
 
 fn gate_histogram() -> Histogram {
@@ -82,6 +85,7 @@ impl Default for Metrics {
             Family::<GateLabel, Histogram, fn() -> Histogram>::new_with_constructor(gate_histogram);
         let requests = Family::<RequestLabels, Counter>::default();
         let connections_refused = Counter::default();
+        let audit_records = Gauge::default();
         registry.register(
             "devices",
             "Devices in the ledger by lifecycle state",
@@ -108,8 +112,14 @@ impl Default for Metrics {
             "Connections closed on arrival: the agent's connection cap was reached",
             connections_refused.clone(),
         );
+        registry.register(
+            "audit_records",
+            "Records appended to the audit chain (the newest record's sequence number)",
+            audit_records.clone(),
+        );
         Metrics {
             registry,
+            audit_records,
             devices,
             operations,
             gate_seconds,

@@ -206,10 +206,18 @@ fn an_assign_through_the_agent_is_audited_with_its_actor_and_counted() {
         "devfence_devices{state=\"ready\"} 1",
         "devfence_requests_total{route=\"/v1/operations\",status=\"202\"} 1",
         "devfence_gate_duration_seconds_count{gate=",
+        "devfence_audit_records ",
     ] {
         assert!(m.contains(line), "{line} missing from:\n{m}");
     }
     assert!(!m.contains(IGB_VF), "no BDF as a label value:\n{m}");
+    let records: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("devfence_audit_records "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(records >= recs.len() as u64, "{records} < {}", recs.len());
 }
 
 fn nix_uid() -> u32 {
