@@ -1061,6 +1061,54 @@ mod tests {
         );
     }
 
+    /// The status of each kind of use-case error, and the hint split off.
+    #[test]
+    fn app_errors_map_to_their_status_and_code() {
+        let dev: DeviceId = "0000:5e:10.0".parse().expect("device");
+        let failed = |step: &str| {
+            AppError::Engine(EngineError::Failed {
+                kind: "assign".into(),
+                device: dev,
+                step: step.into(),
+                reason: "the SM still shows the old GUID".into(),
+                state: "quarantined".into(),
+                hint: "run devfence verify".into(),
+                source: None,
+            })
+        };
+        let tenant: TenantId = "ghost".parse().expect("tenant");
+        for (e, status, code) in [
+            (failed("gate:sm-converged"), 422, "gate_failed"),
+            (failed("bind-vfio"), 500, "step_failed"),
+            (
+                AppError::Engine(EngineError::Store(StoreError::UnknownTenant(tenant))),
+                404,
+                "unknown_tenant",
+            ),
+            (
+                AppError::Store(StoreError::UnknownDevice(dev)),
+                404,
+                "unknown_device",
+            ),
+            (
+                AppError::Engine(EngineError::Refused {
+                    device: Some(dev),
+                    reason: "the device is not free".into(),
+                    hint: "release it first".into(),
+                }),
+                409,
+                "refused",
+            ),
+            (AppError::refused("No. Hint: do this"), 409, "refused"),
+        ] {
+            let a = ApiError::from_app(&e);
+            assert_eq!((a.status, a.code), (status, code), "{e}");
+            assert!(a.hint.is_some() && !a.message.contains("Hint:"), "{a:?}");
+        }
+        let a = ApiError::from_app(&failed("gate:driver"));
+        assert_eq!(a.hint.as_deref(), Some("run devfence verify"));
+    }
+
     fn json_value() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
