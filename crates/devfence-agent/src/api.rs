@@ -865,7 +865,11 @@ fn percent_decode(s: &str) -> Result<String, ApiError> {
         .map_err(|_| ApiError::bad_input("The query is not UTF-8. Hint: send UTF-8, %-escaped"))
 }
 
-fn audit_filter(query: &str) -> Result<devfence_engine::AuditFilter, ApiError> {
+/// The filter of `GET /v1/audit`'s query string (`device=`, `tenant=`, %-escaped).
+///
+/// # Errors
+/// 400 naming the parameter.
+pub fn audit_filter(query: &str) -> Result<devfence_engine::AuditFilter, ApiError> {
     let mut f = devfence_engine::AuditFilter::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
