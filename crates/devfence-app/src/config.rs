@@ -22,6 +22,12 @@
 //! ca_file = "/etc/devfence/ufm-ca.pem"
 //! credentials = { source = "file", path = "/etc/devfence/ufm.credentials" }
 //! managed_pkeys = ["0x0001", "0x0002"]
+//!
+//! [agent]                      # `devfence serve` (docs/agent.md)
+//! socket = "/run/devfence/devfence.sock"
+//! admin_group = "devfence-admin" # a group name or a numeric gid: may act
+//! reader_group = "devfence"      # may read; the socket's group
+//! metrics_tcp = "127.0.0.1:9464" # optional: GET /metrics on loopback TCP
 //! ```
 //!
 //! Unknown keys are refused (a misspelt key silently ignored would mean a
@@ -86,6 +92,37 @@ pub struct HookConfig {
     /// most one tenant. Default false: such a domain is refused.
     #[serde(default)]
     pub allow_unidentified_single_tenant: bool,
+}
+
+/// A group named in `[agent]`: by name (looked up in the group database when
+/// the agent starts) or by number.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum GroupRef {
+    /// A numeric gid.
+    Gid(u32),
+    /// A group name.
+    Name(String),
+}
+
+/// `[agent]`: the host agent (`devfence serve`, docs/agent.md).
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The Unix socket (a path on the host; default
+    /// `/run/devfence/devfence.sock` under the host root).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// Members may act (POST); root always may.
+    #[serde(default)]
+    pub admin_group: Option<GroupRef>,
+    /// Members may read (GET); the socket's group.
+    #[serde(default)]
+    pub reader_group: Option<GroupRef>,
+    /// A loopback address (`127.0.0.1:9464`, `[::1]:9464`) serving only
+    /// `GET /metrics`, for a Prometheus scraper.
+    #[serde(default)]
+    pub metrics_tcp: Option<std::net::SocketAddr>,
 }
 
 /// One key of `devfence.toml`.
@@ -212,6 +249,26 @@ pub const KEYS: &[Key] = &[
         "ip_over_ib in the partitions devfence adds GUIDs to.",
     ),
     key(
+        "agent.socket",
+        "\"/run/devfence/devfence.sock\"",
+        "The host agent's Unix socket (devfence serve; a path on the host, under the host root by default). Mode 0660, group agent.reader_group.",
+    ),
+    key(
+        "agent.admin_group",
+        "-",
+        "A group (name or gid) whose members may act through the agent (POST); root always may.",
+    ),
+    key(
+        "agent.reader_group",
+        "-",
+        "A group (name or gid) whose members may read through the agent (GET); the socket's group.",
+    ),
+    key(
+        "agent.metrics_tcp",
+        "-",
+        "A loopback address (127.0.0.1:9464) serving only GET /metrics for a Prometheus scraper; other addresses are refused.",
+    ),
+    key(
         "hook.allow_unidentified_single_tenant",
         "false",
         "Admit a domain that names no tenant and holds no device reserved for it, for the tenant its devices are Ready for, only while the ledger knows at most one tenant.",
@@ -276,6 +333,9 @@ pub struct Config {
     /// `[hook]`: the libvirt hook (docs/libvirt-hook.md).
     #[serde(default)]
     pub hook: HookConfig,
+    /// `[agent]`: the host agent (docs/agent.md).
+    #[serde(default)]
+    pub agent: AgentConfig,
     /// Where it was read from (`None`: the defaults).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -318,6 +378,28 @@ impl Config {
                     ConfigError::Invalid(format!("{}: {section} {e}", path.display()))
                 })?;
             }
+        }
+        if let Some(a) = c.agent.metrics_tcp
+            && !a.ip().is_loopback()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{}: [agent] metrics_tcp = \"{a}\" is not a loopback address. Hint: the metrics \
+                 carry no secrets but are served without authorization: give 127.0.0.1:PORT or \
+                 [::1]:PORT and let a local scraper or proxy reach it",
+                path.display()
+            )));
+        }
+        if let Some(GroupRef::Name(n)) = c
+            .agent
+            .admin_group
+            .as_ref()
+            .or(c.agent.reader_group.as_ref())
+            && n.trim().is_empty()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{}: [agent] a group is named by an empty string. Hint: give a group name or a numeric gid",
+                path.display()
+            )));
         }
         match c.fabric.backend {
             Backend::Ufm if c.fabric.ufm.is_none() => {
@@ -477,6 +559,35 @@ mod tests {
         assert!(e.to_string().contains("sm_key"), "{e}");
     }
 
+    /// issue 12: `[agent]` is parsed (groups by name or number), its unknown
+    /// keys are refused, and a non-loopback metrics address is refused.
+    #[test]
+    fn the_agent_section() {
+        let p = Path::new("devfence.toml");
+        let c = Config::parse(
+            "[agent]\nsocket = \"/run/x.sock\"\nadmin_group = \"wheel\"\nreader_group = 4242\nmetrics_tcp = \"127.0.0.1:9464\"\n",
+            p,
+        )
+        .expect("parses");
+        assert_eq!(c.agent.socket, Some(PathBuf::from("/run/x.sock")));
+        assert_eq!(c.agent.admin_group, Some(GroupRef::Name("wheel".into())));
+        assert_eq!(c.agent.reader_group, Some(GroupRef::Gid(4242)));
+        assert_eq!(
+            Config::parse("", p).expect("empty").agent,
+            AgentConfig::default()
+        );
+        let e = Config::parse("[agent]\nsokcet = \"/x\"\n", p).expect_err("unknown key");
+        assert!(e.to_string().contains("sokcet"), "{e}");
+        let e = Config::parse("[agent]\nmetrics_tcp = \"0.0.0.0:9464\"\n", p)
+            .expect_err("not loopback");
+        assert!(
+            e.to_string().contains("not a loopback address") && e.to_string().contains("Hint:"),
+            "{e}"
+        );
+        let e = Config::parse("[agent]\nadmin_group = \"\"\n", p).expect_err("empty name");
+        assert!(e.to_string().contains("empty"), "{e}");
+    }
+
     /// issue 18 item 10: a password in the UFM URL is refused when the
     /// configuration loads, and no error shows it — not the URL check's, not the
     /// TOML parser's (which would quote the line).
@@ -550,7 +661,7 @@ mod tests {
     /// documented is one the parser accepts.
     #[test]
     fn every_key_is_documented_once_in_keys() {
-        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n";
+        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\n";
         let c = Config::parse(text, Path::new("t.toml")).expect("parses");
         let v = toml::Value::try_from(&c).expect("serializes");
         fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {

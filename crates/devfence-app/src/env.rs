@@ -327,6 +327,21 @@ pub fn open_sm(
     })
 }
 
+/// Who asks for a use case when it is not the operator's own command: the
+/// host agent's peer, from its socket credentials (`SO_PEERCRED`). Every audit
+/// record written on its behalf names it (issue 12 item 1).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Actor {
+    /// The peer's user id.
+    pub uid: u32,
+    /// The peer's group id.
+    pub gid: u32,
+    /// The peer's process id, if the kernel gave one.
+    pub pid: Option<i32>,
+    /// The front end it came through (`"agent"`).
+    pub via: &'static str,
+}
+
 impl Env {
     /// Opens the existing ledger, the kernel and the SM.
     ///
@@ -388,6 +403,12 @@ impl Env {
         Ok(env)
     }
 
+    /// Acts on behalf of `actor` from now on: every audit record this
+    /// environment's ledger appends (steps, gates, refusals) names it.
+    pub fn act_as(&mut self, actor: &Actor) {
+        self.store.set_actor(serde_json::to_value(actor).ok());
+    }
+
     /// An engine over this environment.
     #[must_use]
     pub fn engine<'a>(&'a mut self, cfg: EngineConfig) -> Engine<'a> {
@@ -444,4 +465,74 @@ fn restored_line(backend: &str, new: &[RecordedRestore], rv: &Reverification) ->
 pub fn ledger_present(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok()
         || std::fs::symlink_metadata(devfence_engine::sqlite::sidecar(path, "-wal")).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devfence_engine::AuditFilter;
+    use devfence_engine::store::Tenant;
+
+    /// issue 12 item 1: what a use case does on an actor's behalf is audited
+    /// with the actor (a tenant added, a refused assign), and nothing else is.
+    #[test]
+    fn records_written_for_an_actor_name_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("host");
+        sim::generate(&sim::GenerateOptions {
+            profile: sim::Profile::Lab,
+            out: out.clone(),
+            vfs: None,
+        })
+        .expect("simulated host");
+        let root = HostRoot::new(&out);
+        let mut env = Env::open_or_create(&root, None, None).expect("env");
+        let tenant = |id: &str, uid: u32| Tenant {
+            id: id.parse().expect("id"),
+            launcher_uid: Some(uid),
+            launcher_gid: Some(uid),
+            security_label: None,
+            partitions: Vec::new(),
+        };
+        // Before any actor: the operator's own command.
+        crate::tenant::add(
+            &mut env.engine(EngineConfig::default()),
+            &tenant("first", 107),
+        )
+        .expect("add");
+        let actor = Actor {
+            uid: 1000,
+            gid: 1001,
+            pid: Some(42),
+            via: "agent",
+        };
+        env.act_as(&actor);
+        crate::tenant::add(
+            &mut env.engine(EngineConfig::default()),
+            &tenant("acme", 108),
+        )
+        .expect("add");
+        let dev: devfence_model::DeviceId = "0000:00:01.0".parse().expect("device");
+        let ghost: devfence_model::TenantId = "nobody".parse().expect("id");
+        let req = crate::lifecycle::Request::Assign {
+            device: dev,
+            tenant: ghost,
+            vm: None,
+        };
+        crate::lifecycle::run(&mut env.engine(EngineConfig::default()), &req)
+            .expect_err("an unknown tenant is refused");
+        let recs = crate::audit::show(&mut env.store, &AuditFilter::default()).expect("show");
+        let want = serde_json::json!({ "uid": 1000, "gid": 1001, "pid": 42, "via": "agent" });
+        let named: Vec<_> = recs
+            .iter()
+            .filter(|r| r.detail.get("actor") == Some(&want))
+            .map(|r| r.kind.name())
+            .collect();
+        assert_eq!(named, ["ledger", "refusal"], "{recs:#?}");
+        let first = recs
+            .iter()
+            .find(|r| r.tenant.as_ref().is_some_and(|t| t.to_string() == "first"))
+            .expect("the first tenant's record");
+        assert!(first.detail.get("actor").is_none(), "{first:?}");
+    }
 }

@@ -17,7 +17,7 @@
 // EngineError carries its evidence and hint (as in the engine); it is not hot.
 #![allow(clippy::result_large_err)]
 
-pub use env::{Env, Kernel};
+pub use env::{Actor, Env, Kernel};
 pub use error::{AppError, Result};
 
 pub mod act;

@@ -362,6 +362,9 @@ pub struct SqliteStore {
     dirty: bool,
     /// The pruning mark the next head carries (set by `audit_prune` only).
     pending_prune: Option<audit::PruneMark>,
+    /// Who acts through this store (the host agent's caller): added to the
+    /// detail of every audit record it appends.
+    actor: Option<serde_json::Value>,
 }
 
 impl Drop for SqliteStore {
@@ -511,6 +514,7 @@ impl SqliteStore {
             signer: None,
             dirty: false,
             pending_prune: None,
+            actor: None,
         };
         store.migrate()?;
         Ok(store)
@@ -560,6 +564,7 @@ impl SqliteStore {
                 signer: None,
                 dirty: false,
                 pending_prune: None,
+                actor: None,
             };
             store.migrate()?;
             store
@@ -596,6 +601,14 @@ impl SqliteStore {
     pub fn with_head_signer(mut self, signer: audit::HeadSigner) -> Self {
         self.signer = Some(signer);
         self
+    }
+
+    /// Names who acts through this store from now on (`None`: nobody named,
+    /// as for a command run by the operator): every audit record it appends
+    /// carries `actor` in its detail. The host agent sets the peer's
+    /// credentials of the request here (issue 12 item 1).
+    pub fn set_actor(&mut self, actor: Option<serde_json::Value>) {
+        self.actor = actor;
     }
 
     /// Where this ledger's chain head is kept.
@@ -970,6 +983,7 @@ impl Store for SqliteStore {
         let mut stx = SqliteTx {
             tx: &tx,
             appended: false,
+            actor: self.actor.as_ref(),
         };
         f(&mut stx)?;
         let appended = stx.appended;
@@ -1006,6 +1020,28 @@ struct SqliteTx<'a> {
     tx: &'a rusqlite::Transaction<'a>,
     /// Whether an audit record was appended (the head is refreshed after commit).
     appended: bool,
+    /// Who acts: added to every audit record's detail (see [`SqliteStore::set_actor`]).
+    actor: Option<&'a serde_json::Value>,
+}
+
+/// `event` with `actor` in its detail: an object's key `actor` (one already
+/// there is kept: the record says what its writer said), anything else
+/// wrapped as `{"detail": …, "actor": …}`.
+fn with_actor(event: &AuditEvent, actor: &serde_json::Value) -> AuditEvent {
+    let detail = match &event.detail {
+        serde_json::Value::Object(m) => {
+            let mut m = m.clone();
+            m.entry("actor").or_insert_with(|| actor.clone());
+            serde_json::Value::Object(m)
+        }
+        other => serde_json::json!({ "detail": other, "actor": actor }),
+    };
+    AuditEvent {
+        kind: event.kind,
+        device: event.device,
+        tenant: event.tenant.clone(),
+        detail,
+    }
 }
 
 impl SqliteTx<'_> {
@@ -1236,6 +1272,7 @@ impl SqliteTx<'_> {
             &mut SqliteTx {
                 tx: self.tx,
                 appended: false,
+                actor: self.actor,
             },
             op,
         )?
@@ -1909,7 +1946,10 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn audit(&mut self, event: &AuditEvent) -> Result<AuditRecord, StoreError> {
-        let r = audit::append(self.tx, event)?;
+        let r = match self.actor {
+            Some(actor) => audit::append(self.tx, &with_actor(event, actor))?,
+            None => audit::append(self.tx, event)?,
+        };
         self.appended = true;
         Ok(r)
     }
@@ -2069,6 +2109,45 @@ mod tests {
 
     use super::*;
     use crate::store::StoreExt;
+
+    /// issue 12: every record a store appends while an actor is set names it
+    /// (an object detail gains `actor`, another is wrapped), the chain still
+    /// verifies, and records after `set_actor(None)` name nobody.
+    #[test]
+    fn records_name_the_actor_set_on_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = SqliteStore::open(dir.path().join("l.db")).expect("open");
+        let actor = json!({ "uid": 1000, "gid": 1000, "via": "agent" });
+        store.set_actor(Some(actor.clone()));
+        let ev = |detail| AuditEvent {
+            kind: crate::audit::AuditKind::Ledger,
+            device: None,
+            tenant: None,
+            detail,
+        };
+        store
+            .atomically(|tx| {
+                tx.audit(&ev(json!({ "action": "x" })))?;
+                tx.audit(&ev(json!("plain")))?;
+                tx.audit(&ev(json!({ "actor": "kept" })))
+            })
+            .expect("audit");
+        store.set_actor(None);
+        store
+            .atomically(|tx| tx.audit(&ev(json!({ "action": "y" }))))
+            .expect("audit");
+        let recs = store.audit_show(&AuditFilter::default()).expect("show");
+        let n = recs.len();
+        assert!(n >= 4, "{recs:?}");
+        assert_eq!(recs[n - 4].detail, json!({ "action": "x", "actor": actor }));
+        assert_eq!(
+            recs[n - 3].detail,
+            json!({ "detail": "plain", "actor": actor })
+        );
+        assert_eq!(recs[n - 2].detail, json!({ "actor": "kept" }));
+        assert_eq!(recs[n - 1].detail, json!({ "action": "y" }));
+        store.verify().expect("the chain verifies");
+    }
 
     fn tenant(id: &str) -> Tenant {
         Tenant {

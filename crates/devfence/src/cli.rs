@@ -175,6 +175,14 @@ pub enum Command {
     /// Hooks called by other programs (libvirt).
     #[command(subcommand)]
     Hook(HookCommand),
+    /// Run the host agent: the API (HTTP/1.1 + JSON) on a Unix socket, one per host.
+    ///
+    /// Serves until SIGTERM or SIGINT on `/run/devfence/devfence.sock` under the
+    /// root (or `[agent] socket` in devfence.toml, or --socket), mode 0660, group
+    /// `[agent] reader_group`. Root and members of `[agent] admin_group` may act,
+    /// members of the reader group may read. Routes, errors and metrics:
+    /// docs/agent.md.
+    Serve(ServeArgs),
     /// Print the man page devfence(1) (roff), or write every page to a directory.
     ///
     /// With --out DIR: devfence.1, one page per subcommand (devfence-check.1,
@@ -673,4 +681,18 @@ pub enum HookCommand {
         /// Extra argument libvirt passes (ignored).
         extra: Option<String>,
     },
+}
+
+/// `devfence serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The socket to serve (overrides `[agent] socket` and the default).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Connections served at once; more are closed as they arrive.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_connections: usize,
+    /// Seconds a client may take to send a request's headers.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub header_timeout: f64,
 }

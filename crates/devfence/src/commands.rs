@@ -119,6 +119,7 @@ fn dispatch(cli: &Cli, root: &HostRoot, out: &mut dyn Write) -> Result<Exit> {
             c,
             &mut std::io::stdin().lock(),
         ),
+        Command::Serve(a) => serve(&root, cli, a),
         Command::Man { out: dir } => man(dir.as_deref(), out),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "devfence", out);
@@ -188,6 +189,31 @@ fn man(dir: Option<&Path>, out: &mut dyn Write) -> Result<Exit> {
         devfence_app::config::man_page().as_bytes(),
     )?;
     writeln!(out, "{pages} man pages written to {}", dir.display())?;
+    Ok(Exit::Ok)
+}
+
+/// `devfence serve`: the host agent (crates/devfence-agent).
+fn serve(root: &HostRoot, cli: &Cli, a: &crate::cli::ServeArgs) -> Result<Exit> {
+    if !(a.header_timeout.is_finite() && a.header_timeout > 0.0 && a.header_timeout <= 3600.0) {
+        bail!(
+            "--header-timeout {} is out of range. Hint: give seconds more than 0 and at most 3600",
+            a.header_timeout
+        );
+    }
+    if a.max_connections == 0 {
+        bail!("--max-connections 0 would serve nobody. Hint: give at least 1 (the default is 256)");
+    }
+    devfence_agent::serve(devfence_agent::Options {
+        root: root.clone(),
+        ledger: cli.ledger.clone(),
+        config: cli.config.clone(),
+        socket: a.socket.clone(),
+        limits: devfence_agent::Limits {
+            header_timeout: std::time::Duration::from_secs_f64(a.header_timeout),
+            max_connections: a.max_connections,
+            ..devfence_agent::Limits::default()
+        },
+    })?;
     Ok(Exit::Ok)
 }
 

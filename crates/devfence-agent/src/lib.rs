@@ -1,0 +1,277 @@
+//! devfence's host agent (`devfence serve`, issue 12): the application
+//! layer's use cases served as HTTP/1.1 + JSON on a Unix socket, one agent
+//! per host.
+//!
+//! An orchestrator (libvirt, Nova, KubeVirt) or a monitoring stack talks to
+//! the agent instead of spawning a `devfence` process per question. The agent
+//! holds no command logic of its own: each route calls the same
+//! `devfence-app` function the CLI calls, on a blocking thread
+//! (`tokio::task::spawn_blocking`), and renders its typed result as JSON.
+//!
+//! - [`socket`]: the socket (0660, the reader group's) and its lock (one agent).
+//! - [`auth`]: who may do what, from the peer's `SO_PEERCRED` credentials.
+//! - [`api`]: the routes, their JSON, the typed error body.
+//! - [`ops`]: long operations (assign, handover, release) as resources to poll;
+//!   a client that goes away does not cancel one.
+//! - [`metrics`]: Prometheus text (`GET /metrics`).
+//!
+//! Bad input and faults: bodies are capped ([`Limits::max_body`], 413
+//! beyond), a request's headers must arrive within
+//! [`Limits::header_timeout`] (a slow client is dropped, never waited for by
+//! others), connections are capped ([`Limits::max_connections`]), malformed
+//! JSON and wrong types are 400 naming the field. A panic in a use case is
+//! caught by its blocking task and answered 500.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use devfence_host::HostRoot;
+
+pub mod api;
+pub mod auth;
+pub mod metrics;
+pub mod ops;
+pub mod socket;
+
+/// Where the socket is under the host root unless configured.
+pub const DEFAULT_SOCKET: &str = "/run/devfence/devfence.sock";
+
+/// Bounds on what one client may cost the agent.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The largest request body (bytes); more is 413.
+    pub max_body: usize,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: Duration,
+    /// Connections served at once; more are closed as they arrive.
+    pub max_connections: usize,
+    /// Finished operations kept for polling (the oldest go first).
+    pub kept_operations: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body: 64 << 10,
+            header_timeout: Duration::from_secs(10),
+            max_connections: 256,
+            kept_operations: 1024,
+        }
+    }
+}
+
+/// What `devfence serve` was given.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The host root.
+    pub root: HostRoot,
+    /// `--ledger`.
+    pub ledger: Option<PathBuf>,
+    /// `--config`.
+    pub config: Option<PathBuf>,
+    /// `--socket`: overrides `[agent] socket` and the default.
+    pub socket: Option<PathBuf>,
+    /// The bounds.
+    pub limits: Limits,
+}
+
+/// Why the agent cannot start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration is refused.
+    #[error(transparent)]
+    App(Box<devfence_app::AppError>),
+    /// Another agent holds the socket's lock.
+    #[error(
+        "Another devfence agent serves {} (pid {pid}). Hint: one agent runs per host; stop it first (systemctl stop devfence), or give another --socket",
+        socket.display()
+    )]
+    AlreadyRunning {
+        /// The socket.
+        socket: PathBuf,
+        /// The pid its lock file names.
+        pid: String,
+    },
+    /// Something answers on the socket though no agent holds the lock.
+    #[error(
+        "Something answers on {} though no devfence agent holds its lock. Hint: find the process serving it (ss -xlp) and stop it, or give another --socket",
+        socket.display()
+    )]
+    SocketInUse {
+        /// The socket.
+        socket: PathBuf,
+    },
+    /// The socket path is taken by a file that is not a socket.
+    #[error(
+        "{} is {kind}, not a socket; devfence does not remove it. Hint: move it away, or give another --socket",
+        socket.display()
+    )]
+    NotASocket {
+        /// The path.
+        socket: PathBuf,
+        /// What is there.
+        kind: &'static str,
+    },
+    /// A group `[agent]` names cannot be resolved.
+    #[error("{0}")]
+    Group(String),
+    /// An I/O step failed.
+    #[error("{what}")]
+    Io {
+        /// What the agent was doing, naming the path.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<devfence_app::AppError> for AgentError {
+    fn from(e: devfence_app::AppError) -> Self {
+        AgentError::App(Box::new(e))
+    }
+}
+
+/// A bound agent: the socket taken, not yet serving.
+pub struct Agent {
+    state: Arc<api::State>,
+    listener: std::os::unix::net::UnixListener,
+    metrics_tcp: Option<std::net::TcpListener>,
+    guard: socket::SocketGuard,
+    socket: PathBuf,
+}
+
+impl Agent {
+    /// Reads the configuration, resolves its groups and binds the socket.
+    ///
+    /// # Errors
+    /// The configuration; a group; the socket (see [`socket::bind`]).
+    pub fn bind(opts: Options) -> Result<Agent, AgentError> {
+        let cfg = devfence_app::config::Config::load(&opts.root, opts.config.as_deref())
+            .map_err(devfence_app::AppError::from)?;
+        let resolve = |g: &Option<devfence_app::config::GroupRef>| {
+            g.as_ref()
+                .map(auth::resolve_group)
+                .transpose()
+                .map_err(AgentError::Group)
+        };
+        let policy = auth::Policy {
+            admin_gid: resolve(&cfg.agent.admin_group)?,
+            reader_gid: resolve(&cfg.agent.reader_group)?,
+        };
+        let socket = match (&opts.socket, &cfg.agent.socket) {
+            (Some(s), _) => s.clone(),
+            (None, Some(s)) => opts.root.path(&s.to_string_lossy()),
+            (None, None) => opts.root.path(DEFAULT_SOCKET),
+        };
+        let (listener, guard) = socket::bind(&socket, policy.reader_gid.or(policy.admin_gid))?;
+        let metrics_tcp = match cfg.agent.metrics_tcp {
+            Some(a) => {
+                let l = std::net::TcpListener::bind(a).map_err(|e| AgentError::Io {
+                    what: format!("Cannot listen for metrics on {a} ([agent] metrics_tcp)"),
+                    source: e,
+                })?;
+                l.set_nonblocking(true).map_err(|e| AgentError::Io {
+                    what: format!("Cannot listen for metrics on {a}"),
+                    source: e,
+                })?;
+                Some(l)
+            }
+            None => None,
+        };
+        Ok(Agent {
+            state: Arc::new(api::State::new(opts, policy)),
+            listener,
+            metrics_tcp,
+            guard,
+            socket,
+        })
+    }
+
+    /// The socket it serves.
+    #[must_use]
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
+    /// Serves until `shutdown` completes, then waits for the operations in
+    /// flight to finish and removes the socket.
+    ///
+    /// # Errors
+    /// The listener cannot be handed to the runtime.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        let Agent {
+            state,
+            listener,
+            metrics_tcp,
+            guard,
+            socket,
+        } = self;
+        let listener =
+            tokio::net::UnixListener::from_std(listener).map_err(|e| AgentError::Io {
+                what: format!("Cannot serve {}", socket.display()),
+                source: e,
+            })?;
+        if let Some(l) = metrics_tcp {
+            let l = tokio::net::TcpListener::from_std(l).map_err(|e| AgentError::Io {
+                what: "Cannot serve the metrics address".into(),
+                source: e,
+            })?;
+            tokio::spawn(api::serve_metrics_tcp(Arc::clone(&state), l));
+        }
+        api::serve(Arc::clone(&state), listener, shutdown).await;
+        state.ops.wait_idle().await;
+        drop(guard);
+        Ok(())
+    }
+}
+
+/// `devfence serve`: binds, then serves until SIGTERM or SIGINT.
+///
+/// The signal handlers are in place before the socket is bound: a SIGTERM
+/// that arrives as soon as the socket answers stops the agent cleanly too.
+///
+/// # Errors
+/// As [`Agent::bind`] and [`Agent::run`]; the runtime or the signal handlers
+/// cannot start.
+pub fn serve(opts: Options) -> Result<(), AgentError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| AgentError::Io {
+            what: "Cannot start the agent's runtime".into(),
+            source: e,
+        })?;
+    let (mut term, mut int) = {
+        let _in_runtime = rt.enter();
+        let handler = |kind| {
+            signal(kind).map_err(|e| AgentError::Io {
+                what: "Cannot install the agent's signal handlers".into(),
+                source: e,
+            })
+        };
+        (
+            handler(SignalKind::terminate())?,
+            handler(SignalKind::interrupt())?,
+        )
+    };
+    let agent = Agent::bind(opts)?;
+    eprintln!("devfence serve: listening on {}", agent.socket().display());
+    rt.block_on(async move {
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        };
+        agent.run(shutdown).await
+    })
+}
