@@ -195,8 +195,9 @@ else
 		"QEMU >= 8.0 is needed; check 'apt-cache policy qemu-system-x86'"
 fi
 # busybox-static: guest userland and host-side depmod/cpio; the rest builds mtty.ko
-# (the kbuild tools link libelf, libssl and zlib) and unpacks kernel modules.
-host_pkgs=(busybox-static make gcc-12 xz-utils zstd gzip binutils libelf1 libssl3 zlib1g)
+# (the kbuild tools link libelf, libssl and zlib) and unpacks kernel modules;
+# pciutils: lspci, the reference the inventory is checked and benchmarked against.
+host_pkgs=(busybox-static make gcc-12 xz-utils zstd gzip binutils libelf1 libssl3 zlib1g pciutils)
 missing=()
 for p in "${host_pkgs[@]}"; do installed "$p" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -17,8 +17,14 @@
 //! (`vfio-dev/vfio<X>/dev`, OFED `sriov/<N>/*`, a card's `type`, a queue's
 //! `status`, `guest_matrix`) are opened directly instead, because one failed
 //! open costs less than listing their directory. AP queue drivers come from
-//! listing `/sys/bus/ap/drivers/*` rather than one `readlink` per queue; the read
-//! buffer and the path buffer are reused. Large sets (PCI functions, IOMMU groups, VFIO nodes, mdevs, AP queue
+//! listing `/sys/bus/ap/drivers/*` rather than one `readlink` per queue, and the
+//! AP drivers' and devices' directories (65,536 entries each on the `scale`
+//! profile) are streamed, without a string per entry, on two threads. A device's
+//! directory is opened once (in the root) and its files and links are opened
+//! relative to that descriptor ([`RootDir`]: one path component instead of the
+//! whole kernel path, under the same rules); bus links are read relative to the
+//! bus directory, and an IOMMU group's `devices` is listed without listing the
+//! group's directory. The read buffer is reused. Large sets (PCI functions, IOMMU groups, VFIO nodes, mdevs, AP queue
 //! states, IB devices) are read on up to [`std::thread::available_parallelism`]
 //! threads; results, counters and problems are merged deterministically.
 
@@ -35,7 +41,7 @@ use devfence_model::{
 
 use crate::parse::{self, ParseResult};
 pub use crate::root::HostError;
-use crate::root::{Access, EntryKind, HostRoot, resolve_target};
+use crate::root::{Access, EntryKind, HostRoot, RootDir, resolve_target};
 
 /// How much reading an inventory took, in syscall-level operations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -276,16 +282,30 @@ impl<'r> Reader<'r> {
     }
 
     /// Reads the file at `kpath` into the buffer and returns its length.
-    ///
-    /// A read shorter than asked for is taken as the end of the file: sysfs and
-    /// procfs produce an attribute's whole value in one read, and a regular file
-    /// only reads short at its end. This saves the extra `read` that returns 0.
     fn read(&mut self, kpath: &str) -> io::Result<usize> {
         self.stats.files_read += 1;
         // In the root, not following a link in the last component, non-blocking
         // and only a regular file (HostRoot::open): a FIFO or a link planted in
         // place of an attribute is a problem, never a hang or a read elsewhere.
-        let mut f = self.root.open(kpath, Access::ReadNoFollow)?;
+        let f = self.root.open(kpath, Access::ReadNoFollow)?;
+        self.fill(f)
+    }
+
+    /// Reads the file `name` of the directory `dir` into the buffer, as
+    /// [`Reader::read`] does, opening it relative to the directory (one path
+    /// component instead of the whole kernel path; same checks, [`RootDir`]).
+    fn read_at(&mut self, dir: &RootDir<'_>, name: &str) -> io::Result<usize> {
+        self.stats.files_read += 1;
+        let f = dir.open(name, Access::ReadNoFollow)?;
+        self.fill(f)
+    }
+
+    /// Reads an opened file into the buffer and returns its length.
+    ///
+    /// A read shorter than asked for is taken as the end of the file: sysfs and
+    /// procfs produce an attribute's whole value in one read, and a regular file
+    /// only reads short at its end. This saves the extra `read` that returns 0.
+    fn fill(&mut self, mut f: std::fs::File) -> io::Result<usize> {
         let mut len = 0;
         loop {
             if len == self.buf.len() {
@@ -323,7 +343,57 @@ impl<'r> Reader<'r> {
         missing_ok: bool,
         parse: impl FnOnce(&[u8]) -> ParseResult<T>,
     ) -> Option<T> {
-        match self.read(kpath) {
+        let read = self.read(kpath);
+        self.parsed(subject, read, || kpath.to_owned(), missing_ok, parse)
+    }
+
+    /// [`Reader::value`] of the file `name` in `dir`; its kernel path is only
+    /// spelled out for a problem.
+    fn value_at<T>(
+        &mut self,
+        subject: Option<&str>,
+        dir: &RootDir<'_>,
+        name: &str,
+        missing_ok: bool,
+        parse: impl FnOnce(&[u8]) -> ParseResult<T>,
+    ) -> Option<T> {
+        let read = self.read_at(dir, name);
+        self.parsed(subject, read, || dir.child_path(name), missing_ok, parse)
+    }
+
+    /// An attribute `name` of `dir` that may be absent.
+    fn opt_attr_at<T>(
+        &mut self,
+        subject: Option<&str>,
+        dir: &RootDir<'_>,
+        name: &str,
+        parse: impl FnOnce(&[u8]) -> ParseResult<T>,
+    ) -> Option<T> {
+        self.value_at(subject, dir, name, true, parse)
+    }
+
+    /// A required attribute `name` of `dir`: absence is a problem.
+    fn req_attr_at<T>(
+        &mut self,
+        subject: Option<&str>,
+        dir: &RootDir<'_>,
+        name: &str,
+        parse: impl FnOnce(&[u8]) -> ParseResult<T>,
+    ) -> Option<T> {
+        self.value_at(subject, dir, name, false, parse)
+    }
+
+    /// The value read into the buffer, parsed; a problem at `path()` when the
+    /// read or the parse failed.
+    fn parsed<T>(
+        &mut self,
+        subject: Option<&str>,
+        read: io::Result<usize>,
+        path: impl FnOnce() -> String,
+        missing_ok: bool,
+        parse: impl FnOnce(&[u8]) -> ParseResult<T>,
+    ) -> Option<T> {
+        match read {
             Ok(len) => {
                 let bytes = self.buf.get(..len).unwrap_or_default();
                 match parse(bytes) {
@@ -333,14 +403,14 @@ impl<'r> Reader<'r> {
                     }
                     Err(reason) => {
                         let value = show(bytes);
-                        self.problem(subject, kpath, Some(value), reason);
+                        self.problem(subject, &path(), Some(value), reason);
                         None
                     }
                 }
             }
             Err(e) if missing_ok && e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => {
-                self.problem(subject, kpath, None, io_reason(&e));
+                self.problem(subject, &path(), None, io_reason(&e));
                 None
             }
         }
@@ -372,17 +442,16 @@ impl<'r> Reader<'r> {
         &mut self,
         l: &Listing,
         subject: Option<&str>,
-        dir: &str,
+        dir: &RootDir<'_>,
         name: &str,
         required: bool,
         parse: impl FnOnce(&[u8]) -> ParseResult<T>,
     ) -> Option<T> {
-        let kpath = format!("{dir}/{name}");
         if l.has(name) {
-            self.value(subject, &kpath, !required, parse)
+            self.value_at(subject, dir, name, !required, parse)
         } else {
             if required {
-                self.problem(subject, &kpath, None, "missing");
+                self.problem(subject, &dir.child_path(name), None, "missing");
             }
             None
         }
@@ -391,67 +460,181 @@ impl<'r> Reader<'r> {
     /// Lists a directory. Entries whose names are not UTF-8 are reported and
     /// skipped.
     fn list(&mut self, subject: Option<&str>, kpath: &str) -> io::Result<Vec<Entry>> {
+        self.list_in(subject, kpath).map(|(_, l)| l)
+    }
+
+    /// [`Reader::list`], also returning the opened directory, for opens relative
+    /// to it.
+    fn list_in(
+        &mut self,
+        subject: Option<&str>,
+        kpath: &str,
+    ) -> io::Result<(RootDir<'r>, Vec<Entry>)> {
         self.stats.dirs_listed += 1;
+        let mut dir = self.root.open_dir(kpath)?;
+        let entries = self.entries(subject, &mut dir)?;
+        Ok((dir, entries))
+    }
+
+    /// The subdirectory `name` of `parent`, opened relative to it and listed.
+    fn list_at<'p>(
+        &mut self,
+        subject: Option<&str>,
+        parent: &RootDir<'p>,
+        name: &str,
+    ) -> io::Result<(RootDir<'p>, Vec<Entry>)> {
+        self.stats.dirs_listed += 1;
+        let mut dir = parent.open_dir(name)?;
+        let entries = self.entries(subject, &mut dir)?;
+        Ok((dir, entries))
+    }
+
+    /// The entries of an opened directory, in directory order.
+    fn entries(&mut self, subject: Option<&str>, dir: &mut RootDir<'_>) -> io::Result<Vec<Entry>> {
         let mut out = Vec::new();
-        for e in self.root.list_dir(kpath)? {
-            let kind = match e.kind {
-                Some(EntryKind::Link) => Kind::Link,
-                Some(EntryKind::Dir) => Kind::Dir,
-                Some(EntryKind::File) => Kind::File,
-                Some(EntryKind::Other) => Kind::Other,
-                // The file system does not say: ask (without following).
-                None => match self
-                    .root
-                    .metadata(&format!("{kpath}/{}", e.name.display()), false)
-                {
-                    Ok(m) if m.file_type().is_symlink() => Kind::Link,
-                    Ok(m) if m.is_dir() => Kind::Dir,
-                    Ok(m) if m.is_file() => Kind::File,
-                    _ => Kind::Other,
-                },
+        self.each_entry(subject, dir, |_, name, kind| {
+            out.push(Entry {
+                name: name.to_owned(),
+                kind,
+            });
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` for every entry of an opened directory whose name is UTF-8,
+    /// without collecting them (for directories of tens of thousands of
+    /// entries); a name that is not UTF-8 is a problem. An entry whose type the
+    /// file system does not say is asked (without following) and comes last.
+    fn each_entry(
+        &mut self,
+        subject: Option<&str>,
+        dir: &mut RootDir<'_>,
+        mut f: impl FnMut(&mut Self, &str, Kind),
+    ) -> io::Result<()> {
+        let mut unknown: Vec<String> = Vec::new();
+        let mut bad: Vec<String> = Vec::new();
+        dir.for_each_entry(|name, kind| match std::str::from_utf8(name) {
+            Ok(n) => match kind {
+                Some(EntryKind::Link) => f(self, n, Kind::Link),
+                Some(EntryKind::Dir) => f(self, n, Kind::Dir),
+                Some(EntryKind::File) => f(self, n, Kind::File),
+                Some(EntryKind::Other) => f(self, n, Kind::Other),
+                None => unknown.push(n.to_owned()),
+            },
+            Err(_) => bad.push(show(name)),
+        })?;
+        for n in unknown {
+            // The file system does not say: ask (without following).
+            let kind = match dir
+                .open(&n, Access::PathNoFollow)
+                .and_then(|h| h.metadata())
+            {
+                Ok(m) if m.file_type().is_symlink() => Kind::Link,
+                Ok(m) if m.is_dir() => Kind::Dir,
+                Ok(m) if m.is_file() => Kind::File,
+                _ => Kind::Other,
             };
-            match e.name.into_string() {
-                Ok(name) => out.push(Entry { name, kind }),
-                Err(name) => {
-                    let shown = show(name.as_encoded_bytes());
-                    self.problem(
-                        subject,
-                        &format!("{kpath}/{shown}"),
-                        Some(shown.clone()),
-                        "directory entry name is not valid UTF-8",
-                    );
+            f(self, &n, kind);
+        }
+        for shown in bad {
+            self.problem(
+                subject,
+                &format!("{}/{shown}", dir.kernel_path()),
+                Some(shown.clone()),
+                "directory entry name is not valid UTF-8",
+            );
+        }
+        Ok(())
+    }
+
+    /// A listing's result as an option: an absent directory is `None`, a problem
+    /// when `required`; an unreadable one is a problem.
+    fn listing<X>(
+        &mut self,
+        subject: Option<&str>,
+        path: impl FnOnce() -> String,
+        listed: io::Result<X>,
+        required: bool,
+    ) -> Option<X> {
+        match listed {
+            Ok(l) => Some(l),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if required {
+                    self.problem(subject, &path(), None, "missing");
                 }
+                None
+            }
+            Err(e) => {
+                self.problem(subject, &path(), None, format!("cannot list: {e}"));
+                None
             }
         }
-        Ok(out)
     }
 
     /// Lists a directory that may be absent: `None` when absent (no problem) or
     /// unreadable (a problem).
     fn list_opt(&mut self, subject: Option<&str>, kpath: &str) -> Option<Vec<Entry>> {
-        match self.list(subject, kpath) {
-            Ok(l) => Some(l),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => {
-                self.problem(subject, kpath, None, format!("cannot list: {e}"));
-                None
-            }
-        }
+        let listed = self.list(subject, kpath);
+        self.listing(subject, || kpath.to_owned(), listed, false)
     }
 
     /// Lists a directory that must exist: absence is a problem.
     fn list_req(&mut self, subject: Option<&str>, kpath: &str) -> Option<Vec<Entry>> {
-        match self.list(subject, kpath) {
-            Ok(l) => Some(l),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.problem(subject, kpath, None, "missing");
-                None
-            }
-            Err(e) => {
-                self.problem(subject, kpath, None, format!("cannot list: {e}"));
-                None
-            }
-        }
+        let listed = self.list(subject, kpath);
+        self.listing(subject, || kpath.to_owned(), listed, true)
+    }
+
+    /// [`Reader::list_opt`], keeping the opened directory.
+    fn list_opt_in(
+        &mut self,
+        subject: Option<&str>,
+        kpath: &str,
+    ) -> Option<(RootDir<'r>, Vec<Entry>)> {
+        let listed = self.list_in(subject, kpath);
+        self.listing(subject, || kpath.to_owned(), listed, false)
+    }
+
+    /// [`Reader::list_opt`] of the subdirectory `name` of `parent`.
+    fn list_opt_at<'p>(
+        &mut self,
+        subject: Option<&str>,
+        parent: &RootDir<'p>,
+        name: &str,
+    ) -> Option<(RootDir<'p>, Vec<Entry>)> {
+        let listed = self.list_at(subject, parent, name);
+        self.listing(subject, || parent.child_path(name), listed, false)
+    }
+
+    /// [`Reader::list_req`] of the subdirectory `name` of `parent`.
+    fn list_req_at<'p>(
+        &mut self,
+        subject: Option<&str>,
+        parent: &RootDir<'p>,
+        name: &str,
+    ) -> Option<(RootDir<'p>, Vec<Entry>)> {
+        let listed = self.list_at(subject, parent, name);
+        self.listing(subject, || parent.child_path(name), listed, true)
+    }
+
+    /// Lists the subdirectory `name` of `parent` entry by entry into `f`
+    /// ([`Reader::each_entry`]): for directories of tens of thousands of entries.
+    /// Returns whether the whole directory was listed; when not, a problem as
+    /// [`Reader::list_opt_at`] / [`Reader::list_req_at`] (`required`) report it.
+    fn stream_at(
+        &mut self,
+        subject: Option<&str>,
+        parent: &RootDir<'_>,
+        name: &str,
+        required: bool,
+        f: impl FnMut(&mut Self, &str, Kind),
+    ) -> bool {
+        self.stats.dirs_listed += 1;
+        let listed = match parent.open_dir(name) {
+            Ok(mut d) => self.each_entry(subject, &mut d, f),
+            Err(e) => Err(e),
+        };
+        self.listing(subject, || parent.child_path(name), listed, required)
+            .is_some()
     }
 
     /// The text of the symlink at `kpath`; a target that is not UTF-8 is an
@@ -479,7 +662,20 @@ impl<'r> Reader<'r> {
         missing_ok: bool,
         parse: impl FnOnce(&str) -> Result<T, String>,
     ) -> Option<T> {
-        match self.link_target(kpath) {
+        let target = self.link_target(kpath);
+        self.link_parsed(subject, kpath, target, missing_ok, parse)
+    }
+
+    /// The link at `kpath`, read as `target`, parsed by its basename.
+    fn link_parsed<T>(
+        &mut self,
+        subject: Option<&str>,
+        kpath: &str,
+        target: io::Result<String>,
+        missing_ok: bool,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        match target {
             // The basename of the resolved target: a link to an ancestor reads
             // like `../../../0000:3b:00.0` but may also be written `../..`.
             Ok(t) => match parse(basename(&resolve_target(kpath, &t))) {
@@ -516,18 +712,78 @@ impl<'r> Reader<'r> {
     ) -> Option<(String, Option<String>)> {
         match kind {
             Kind::Dir => Some((kpath.to_owned(), None)),
-            _ => match self.link_target(kpath) {
-                Ok(t) => Some((resolve_target(kpath, &t), Some(t))),
-                Err(e) => {
-                    let reason = if e.kind() == io::ErrorKind::InvalidInput {
-                        "expected a symlink into /sys/devices".to_string()
-                    } else {
-                        io_reason(&e)
-                    };
-                    self.problem(subject, kpath, None, reason);
-                    None
-                }
-            },
+            _ => {
+                let target = self.link_target(kpath);
+                self.device_link(subject, kpath, target)
+            }
+        }
+    }
+
+    /// The device directory a bus or class link at `kpath` (read as `target`)
+    /// points at, and the link's text.
+    fn device_link(
+        &mut self,
+        subject: Option<&str>,
+        kpath: &str,
+        target: io::Result<String>,
+    ) -> Option<(String, Option<String>)> {
+        match target {
+            Ok(t) => Some((resolve_target(kpath, &t), Some(t))),
+            Err(e) => {
+                let reason = if e.kind() == io::ErrorKind::InvalidInput {
+                    "expected a symlink into /sys/devices".to_string()
+                } else {
+                    io_reason(&e)
+                };
+                self.problem(subject, kpath, None, reason);
+                None
+            }
+        }
+    }
+
+    /// The text of the symlink `name` in `dir` (`readlinkat` relative to it);
+    /// a target that is not UTF-8 is an `InvalidData` error.
+    fn link_target_at(&mut self, dir: &RootDir<'_>, name: &str) -> io::Result<String> {
+        self.stats.links_read += 1;
+        let mut t = Vec::new();
+        dir.read_link_into(name, &mut t)?;
+        String::from_utf8(t).map_err(|t| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("link target {:?} is not valid UTF-8", show(t.as_bytes())),
+            )
+        })
+    }
+
+    /// [`Reader::link_value`] of the link `name` in `dir`.
+    fn link_value_at<T>(
+        &mut self,
+        subject: Option<&str>,
+        dir: &RootDir<'_>,
+        name: &str,
+        missing_ok: bool,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let target = self.link_target_at(dir, name);
+        self.link_parsed(subject, &dir.child_path(name), target, missing_ok, parse)
+    }
+
+    /// [`Reader::device_dir`] of the entry `name` of the bus or class directory
+    /// `bus` (its link read relative to it).
+    fn device_dir_at(
+        &mut self,
+        subject: Option<&str>,
+        bus: &RootDir<'_>,
+        name: &str,
+        kind: Kind,
+    ) -> Option<(String, Option<String>)> {
+        let kpath = bus.child_path(name);
+        match kind {
+            Kind::Dir => Some((kpath, None)),
+            _ => {
+                let target = self.link_target_at(bus, name);
+                self.device_link(subject, &kpath, target)
+            }
         }
     }
 
@@ -606,10 +862,11 @@ impl<'r> Reader<'r> {
 
 fn read_vfio_pci(r: &mut Reader<'_>) -> Option<VfioPciParams> {
     const DIR: &str = "/sys/module/vfio_pci/parameters";
-    let l = Listing::new(r.list_opt(None, DIR)?);
+    let (d, l) = r.list_opt_in(None, DIR)?;
+    let l = Listing::new(l);
     Some(VfioPciParams {
-        enable_sriov: r.listed_attr(&l, None, DIR, "enable_sriov", false, parse::module_bool),
-        disable_idle_d3: r.listed_attr(&l, None, DIR, "disable_idle_d3", false, parse::module_bool),
+        enable_sriov: r.listed_attr(&l, None, &d, "enable_sriov", false, parse::module_bool),
+        disable_idle_d3: r.listed_attr(&l, None, &d, "disable_idle_d3", false, parse::module_bool),
     })
 }
 
@@ -620,14 +877,12 @@ const PCI_BUS: &str = "/sys/bus/pci/devices";
 
 /// The entries of a bus directory whose names parse as `T` (a BDF, an mdev UUID),
 /// sorted by it; a name that does not parse is a problem naming it. An absent bus
-/// gives nothing.
-fn bus_entries<T>(r: &mut Reader<'_>, bus: &str) -> Vec<(T, Entry)>
+/// gives nothing. Also returns the bus directory, opened.
+fn bus_entries<'r, T>(r: &mut Reader<'r>, bus: &str) -> Option<(RootDir<'r>, Vec<(T, Entry)>)>
 where
     T: std::str::FromStr<Err = devfence_model::ParseError> + Ord + Copy,
 {
-    let Some(entries) = r.list_opt(None, bus) else {
-        return Vec::new();
-    };
+    let (dir, entries) = r.list_opt_in(None, bus)?;
     let mut items = Vec::with_capacity(entries.len());
     for e in entries {
         match e.name.parse::<T>() {
@@ -639,28 +894,37 @@ where
         }
     }
     items.sort_unstable_by_key(|(id, _)| *id);
-    items
+    Some((dir, items))
 }
 
 fn read_pci(r: &mut Reader<'_>) -> Vec<PciFunction> {
-    let items = bus_entries::<Bdf>(r, PCI_BUS);
-    r.par_map(&items, |r, (bdf, e)| read_function(r, *bdf, e))
+    let Some((bus, items)) = bus_entries::<Bdf>(r, PCI_BUS) else {
+        return Vec::new();
+    };
+    r.par_map(&items, |r, (bdf, e)| read_function(r, &bus, *bdf, e))
         .into_iter()
         .flatten()
         .collect()
 }
 
-fn read_function(r: &mut Reader<'_>, bdf: Bdf, e: &Entry) -> Option<PciFunction> {
+/// One PCI function: its bus link is read relative to the bus directory, its
+/// device directory is opened once (in the root) and listed, and every
+/// attribute and link in it is read relative to that directory.
+fn read_function(
+    r: &mut Reader<'_>,
+    bus: &RootDir<'_>,
+    bdf: Bdf,
+    e: &Entry,
+) -> Option<PciFunction> {
     let subject = bdf.to_string();
     let subj = Some(subject.as_str());
-    let bus_path = format!("{PCI_BUS}/{}", e.name);
-    let (dir, link) = r.device_dir(subj, &bus_path, e.kind)?;
-    let l = match r.list(subj, &dir) {
-        Ok(l) => Listing::new(l),
+    let (dir, link) = r.device_dir_at(subj, bus, &e.name, e.kind)?;
+    let (d, l) = match r.list_in(subj, &dir) {
+        Ok((d, l)) => (d, Listing::new(l)),
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             r.problem(
                 subj,
-                &bus_path,
+                &bus.child_path(&e.name),
                 link,
                 format!("dangling link: {dir} does not exist"),
             );
@@ -671,48 +935,48 @@ fn read_function(r: &mut Reader<'_>, bdf: Bdf, e: &Entry) -> Option<PciFunction>
             return None;
         }
     };
-    let vendor = r.listed_attr(&l, subj, &dir, "vendor", true, parse::hex_u16);
-    let device = r.listed_attr(&l, subj, &dir, "device", true, parse::hex_u16);
-    let subsystem_vendor = r.listed_attr(&l, subj, &dir, "subsystem_vendor", false, parse::hex_u16);
-    let subsystem_device = r.listed_attr(&l, subj, &dir, "subsystem_device", false, parse::hex_u16);
-    let class = r.listed_attr(&l, subj, &dir, "class", true, parse::hex_class);
+    let vendor = r.listed_attr(&l, subj, &d, "vendor", true, parse::hex_u16);
+    let device = r.listed_attr(&l, subj, &d, "device", true, parse::hex_u16);
+    let subsystem_vendor = r.listed_attr(&l, subj, &d, "subsystem_vendor", false, parse::hex_u16);
+    let subsystem_device = r.listed_attr(&l, subj, &d, "subsystem_device", false, parse::hex_u16);
+    let class = r.listed_attr(&l, subj, &d, "class", true, parse::hex_class);
     let driver_override = r
         .listed_attr(
             &l,
             subj,
-            &dir,
+            &d,
             "driver_override",
             false,
             parse::driver_override,
         )
         .flatten();
-    let numa_node = r.listed_attr(&l, subj, &dir, "numa_node", false, parse::decimal_i32);
+    let numa_node = r.listed_attr(&l, subj, &d, "numa_node", false, parse::decimal_i32);
     let reset_methods = r
-        .listed_attr(&l, subj, &dir, "reset_method", false, parse::reset_methods)
+        .listed_attr(&l, subj, &d, "reset_method", false, parse::reset_methods)
         .unwrap_or_default();
     let has_reset = l.has("reset");
     let driver = if l.has("driver") {
-        r.link_value(subj, &format!("{dir}/driver"), true, name)
+        r.link_value_at(subj, &d, "driver", true, name)
     } else {
         None
     };
     let iommu_group = if l.has("iommu_group") {
-        group_link(r, subj, &format!("{dir}/iommu_group"), false)
+        group_link(r, subj, &d, "iommu_group", false)
     } else {
         None
     };
     let physfn = if l.has("physfn") {
-        r.link_value(subj, &format!("{dir}/physfn"), true, bdf_name)
+        r.link_value_at(subj, &d, "physfn", true, bdf_name)
     } else {
         None
     };
     let sriov = if l.has("sriov_totalvfs") {
-        Some(read_sriov(r, &l, subj, &dir))
+        Some(read_sriov(r, &l, subj, &d))
     } else {
         None
     };
     let vfio_dev = if l.kind("vfio-dev") == Some(Kind::Dir) {
-        read_vfio_dev(r, subj, &dir)
+        read_vfio_dev(r, subj, &d)
     } else {
         Vec::new()
     };
@@ -753,10 +1017,23 @@ fn name(s: &str) -> Result<String, String> {
 fn group_link(
     r: &mut Reader<'_>,
     subject: Option<&str>,
-    link: &str,
+    dir: &RootDir<'_>,
+    name: &str,
     required: bool,
 ) -> Option<IommuGroupId> {
-    let t = match r.link_target(link) {
+    let target = r.link_target_at(dir, name);
+    group_link_parsed(r, subject, &dir.child_path(name), target, required)
+}
+
+/// [`group_link`] of the link at the kernel path `link`, read as `target`.
+fn group_link_parsed(
+    r: &mut Reader<'_>,
+    subject: Option<&str>,
+    link: &str,
+    target: io::Result<String>,
+    required: bool,
+) -> Option<IommuGroupId> {
+    let t = match target {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if required {
@@ -818,7 +1095,7 @@ fn numbered(name: &str, prefix: &str) -> Option<u32> {
     n.parse().ok()
 }
 
-fn read_sriov(r: &mut Reader<'_>, l: &Listing, subj: Option<&str>, dir: &str) -> SriovPf {
+fn read_sriov(r: &mut Reader<'_>, l: &Listing, subj: Option<&str>, dir: &RootDir<'_>) -> SriovPf {
     let total_vfs = r.listed_attr(l, subj, dir, "sriov_totalvfs", true, parse::decimal_u32);
     let num_vfs = r.listed_attr(l, subj, dir, "sriov_numvfs", true, parse::decimal_u32);
     let mut vfs = Vec::new();
@@ -826,13 +1103,13 @@ fn read_sriov(r: &mut Reader<'_>, l: &Listing, subj: Option<&str>, dir: &str) ->
         let Some(index) = numbered(&e.name, "virtfn") else {
             continue;
         };
-        if let Some(bdf) = r.link_value(subj, &format!("{dir}/{}", e.name), false, bdf_name) {
+        if let Some(bdf) = r.link_value_at(subj, dir, &e.name, false, bdf_name) {
             vfs.push(VirtFn { index, bdf });
         }
     }
     vfs.sort_unstable_by_key(|v| v.index);
     let vf_guids = if l.kind("sriov") == Some(Kind::Dir) {
-        read_vf_guids(r, subj, &format!("{dir}/sriov"))
+        read_vf_guids(r, subj, dir)
     } else {
         Vec::new()
     };
@@ -848,8 +1125,8 @@ fn read_sriov(r: &mut Reader<'_>, l: &Listing, subj: Option<&str>, dir: &str) ->
 /// learn whether this is an IB port (`node`, `port`, `policy`) or an Ethernet
 /// one (none of them); the same files are then read for every VF, and a VF that
 /// lacks one simply has no value for it.
-fn read_vf_guids(r: &mut Reader<'_>, subj: Option<&str>, dir: &str) -> Vec<VfGuids> {
-    let Some(entries) = r.list_opt(subj, dir) else {
+fn read_vf_guids(r: &mut Reader<'_>, subj: Option<&str>, pf: &RootDir<'_>) -> Vec<VfGuids> {
+    let Some((dir, entries)) = r.list_opt_at(subj, pf, "sriov") else {
         return Vec::new();
     };
     let mut indexes: Vec<u32> = entries
@@ -861,7 +1138,7 @@ fn read_vf_guids(r: &mut Reader<'_>, subj: Option<&str>, dir: &str) -> Vec<VfGui
     let Some(first) = indexes.first() else {
         return Vec::new();
     };
-    let Some(first_listing) = r.list_opt(subj, &format!("{dir}/{first}")) else {
+    let Some((_, first_listing)) = r.list_opt_at(subj, &dir, &first.to_string()) else {
         return Vec::new();
     };
     let first_listing = Listing::new(first_listing);
@@ -875,26 +1152,23 @@ fn read_vf_guids(r: &mut Reader<'_>, subj: Option<&str>, dir: &str) -> Vec<VfGui
     }
     indexes
         .into_iter()
-        .map(|index| {
-            let vf = format!("{dir}/{index}");
-            VfGuids {
-                index,
-                node_guid: if node {
-                    r.opt_attr(subj, &format!("{vf}/node"), parse::ofed_guid)
-                } else {
-                    None
-                },
-                port_guid: if port {
-                    r.opt_attr(subj, &format!("{vf}/port"), parse::ofed_guid)
-                } else {
-                    None
-                },
-                policy: if policy {
-                    r.opt_attr(subj, &format!("{vf}/policy"), parse::ofed_policy)
-                } else {
-                    None
-                },
-            }
+        .map(|index| VfGuids {
+            index,
+            node_guid: if node {
+                r.opt_attr_at(subj, &dir, &format!("{index}/node"), parse::ofed_guid)
+            } else {
+                None
+            },
+            port_guid: if port {
+                r.opt_attr_at(subj, &dir, &format!("{index}/port"), parse::ofed_guid)
+            } else {
+                None
+            },
+            policy: if policy {
+                r.opt_attr_at(subj, &dir, &format!("{index}/policy"), parse::ofed_policy)
+            } else {
+                None
+            },
         })
         .collect()
 }
@@ -902,9 +1176,8 @@ fn read_vf_guids(r: &mut Reader<'_>, subj: Option<&str>, dir: &str) -> Vec<VfGui
 /// `vfio-dev/vfio<X>/` entries; `dev` exists only with cdev support, so it is
 /// opened directly and its absence is not a problem (cheaper than listing every
 /// `vfio<X>` directory).
-fn read_vfio_dev(r: &mut Reader<'_>, subj: Option<&str>, dir: &str) -> Vec<VfioDevRef> {
-    let base = format!("{dir}/vfio-dev");
-    let Some(mut entries) = r.list_opt(subj, &base) else {
+fn read_vfio_dev(r: &mut Reader<'_>, subj: Option<&str>, dir: &RootDir<'_>) -> Vec<VfioDevRef> {
+    let Some((base, mut entries)) = r.list_opt_at(subj, dir, "vfio-dev") else {
         return Vec::new();
     };
     entries.retain(|e| e.name.starts_with("vfio"));
@@ -912,9 +1185,10 @@ fn read_vfio_dev(r: &mut Reader<'_>, subj: Option<&str>, dir: &str) -> Vec<VfioD
     entries
         .into_iter()
         .map(|e| {
-            let dev = r.opt_attr(
+            let dev = r.opt_attr_at(
                 subj,
-                &format!("{base}/{}/dev", e.name),
+                &base,
+                &format!("{}/dev", e.name),
                 parse::vfio_dev_number,
             );
             VfioDevRef { name: e.name, dev }
@@ -940,7 +1214,7 @@ fn natural(name: &str) -> (&str, u64, &str) {
 const GROUPS: &str = "/sys/kernel/iommu_groups";
 
 fn read_groups(r: &mut Reader<'_>) -> Vec<IommuGroup> {
-    let Some(entries) = r.list_opt(None, GROUPS) else {
+    let Some((groups, entries)) = r.list_opt_in(None, GROUPS) else {
         return Vec::new();
     };
     let mut items = Vec::with_capacity(entries.len());
@@ -954,29 +1228,59 @@ fn read_groups(r: &mut Reader<'_>) -> Vec<IommuGroup> {
         }
     }
     items.sort_unstable();
-    r.par_map(&items, |r, (id, name)| read_group(r, *id, name))
+    r.par_map(&items, |r, (id, name)| read_group(r, &groups, *id, name))
 }
 
-fn read_group(r: &mut Reader<'_>, id: IommuGroupId, name: &str) -> IommuGroup {
-    let dir = format!("{GROUPS}/{name}");
+/// One group. Its directory is not listed: `devices` is listed directly and the
+/// optional `type` and `name` are opened directly (a failed open costs less
+/// than a listing); when `devices` cannot be listed, the group is read by
+/// listing its directory ([`read_group_listed`]), which tells a missing group
+/// from a missing `devices`.
+fn read_group(
+    r: &mut Reader<'_>,
+    groups: &RootDir<'_>,
+    id: IommuGroupId,
+    name: &str,
+) -> IommuGroup {
+    let devices = format!("{name}/devices");
+    let Ok((_, members)) = r.list_at(None, groups, &devices) else {
+        return read_group_listed(r, groups, id, name);
+    };
+    let mut members: Vec<String> = members.into_iter().map(|e| e.name).collect();
+    members.sort_unstable();
+    r.stats.attributes += members.len() as u64;
+    IommuGroup {
+        id,
+        members,
+        group_type: r.opt_attr_at(None, groups, &format!("{name}/type"), parse::one_line),
+        name: r.opt_attr_at(None, groups, &format!("{name}/name"), parse::one_line),
+    }
+}
+
+fn read_group_listed(
+    r: &mut Reader<'_>,
+    groups: &RootDir<'_>,
+    id: IommuGroupId,
+    name: &str,
+) -> IommuGroup {
     let mut g = IommuGroup {
         id,
         members: Vec::new(),
         group_type: None,
         name: None,
     };
-    let Some(l) = r.list_req(None, &dir) else {
+    let Some((dir, l)) = r.list_req_at(None, groups, name) else {
         return g;
     };
     let l = Listing::new(l);
     if l.has("devices") {
-        if let Some(members) = r.list_req(None, &format!("{dir}/devices")) {
+        if let Some((_, members)) = r.list_req_at(None, &dir, "devices") {
             g.members = members.into_iter().map(|e| e.name).collect();
             g.members.sort_unstable();
             r.stats.attributes += g.members.len() as u64;
         }
     } else {
-        r.problem(None, &format!("{dir}/devices"), None, "missing");
+        r.problem(None, &dir.child_path("devices"), None, "missing");
     }
     g.group_type = r.listed_attr(&l, None, &dir, "type", false, parse::one_line);
     g.name = r.listed_attr(&l, None, &dir, "name", false, parse::one_line);
@@ -1019,7 +1323,7 @@ fn check_group_link(
 const DEV_VFIO: &str = "/dev/vfio";
 
 fn read_vfio_nodes(r: &mut Reader<'_>) -> Vec<VfioNode> {
-    let Some(entries) = r.list_opt(None, DEV_VFIO) else {
+    let Some((dev_vfio, entries)) = r.list_opt_in(None, DEV_VFIO) else {
         return Vec::new();
     };
     let mut items: Vec<(String, VfioNodeKind)> = Vec::new();
@@ -1042,10 +1346,12 @@ fn read_vfio_nodes(r: &mut Reader<'_>) -> Vec<VfioNode> {
         }
     }
     items.sort_by(|a, b| node_key(&a.1).cmp(&node_key(&b.1)));
-    r.par_map(&items, |r, (path, kind)| read_node(r, path, kind))
-        .into_iter()
-        .flatten()
-        .collect()
+    r.par_map(&items, |r, (path, kind)| {
+        read_node(r, &dev_vfio, path, kind)
+    })
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 fn node_key(k: &VfioNodeKind) -> (u8, u32, (&str, u64, &str)) {
@@ -1057,11 +1363,25 @@ fn node_key(k: &VfioNodeKind) -> (u8, u32, (&str, u64, &str)) {
     }
 }
 
-fn read_node(r: &mut Reader<'_>, path: &str, kind: &VfioNodeKind) -> Option<VfioNode> {
+/// One node under `/dev/vfio` (`dev_vfio`), `path` its kernel path.
+fn read_node(
+    r: &mut Reader<'_>,
+    dev_vfio: &RootDir<'_>,
+    path: &str,
+    kind: &VfioNodeKind,
+) -> Option<VfioNode> {
     r.stats.files_read += 1;
-    // A handle on the node itself, found in the root (a link is followed in the
-    // root only): its metadata and label are read through the handle.
-    let node = match r.root.open(path, Access::Path) {
+    // A handle on the node itself, found relative to /dev/vfio (a link is
+    // followed in the root only, RootDir::open): its metadata and label are read
+    // through the handle.
+    let opened = match path
+        .strip_prefix(DEV_VFIO)
+        .and_then(|p| p.strip_prefix('/'))
+    {
+        Some(rel) => dev_vfio.open(rel, Access::Path),
+        None => r.root.open(path, Access::Path),
+    };
+    let node = match opened {
         Ok(f) => f,
         Err(e) => {
             r.problem(None, path, None, io_reason(&e));
@@ -1162,8 +1482,10 @@ fn read_mdev_parents(r: &mut Reader<'_>) -> Vec<MdevParent> {
 }
 
 fn read_mdevs(r: &mut Reader<'_>) -> Vec<Mdev> {
-    let items = bus_entries::<MdevUuid>(r, MDEV_BUS);
-    r.par_map(&items, |r, (uuid, e)| read_mdev(r, *uuid, e))
+    let Some((bus, items)) = bus_entries::<MdevUuid>(r, MDEV_BUS) else {
+        return Vec::new();
+    };
+    r.par_map(&items, |r, (uuid, e)| read_mdev(r, &bus, *uuid, e))
         .into_iter()
         .flatten()
         .collect()
@@ -1171,11 +1493,74 @@ fn read_mdevs(r: &mut Reader<'_>) -> Vec<Mdev> {
 
 /// One mdev. Its three links are read directly (no listing): `mdev_type` and
 /// `iommu_group` always exist, `driver` only while bound.
-fn read_mdev(r: &mut Reader<'_>, uuid: MdevUuid, e: &Entry) -> Option<Mdev> {
+/// The device directory is opened once and the links are read relative to it;
+/// a directory that cannot be opened is read by kernel paths
+/// ([`read_mdev_by_path`]), which tells a dangling bus link from the rest.
+fn read_mdev(r: &mut Reader<'_>, bus: &RootDir<'_>, uuid: MdevUuid, e: &Entry) -> Option<Mdev> {
     let subject = uuid.to_string();
     let subj = Some(subject.as_str());
-    let bus_path = format!("{MDEV_BUS}/{}", e.name);
-    let (dir, link) = r.device_dir(subj, &bus_path, e.kind)?;
+    let (dir, link) = r.device_dir_at(subj, bus, &e.name, e.kind)?;
+    let Ok(d) = r.root.open_dir(&dir) else {
+        return read_mdev_by_path(r, uuid, subj, &bus.child_path(&e.name), dir, link);
+    };
+    let type_path = d.child_path("mdev_type");
+    let type_id = match r.link_target_at(&d, "mdev_type") {
+        Ok(t) => match name(basename(&resolve_target(&type_path, &t))) {
+            Ok(v) => {
+                r.stats.attributes += 1;
+                Some(v)
+            }
+            Err(reason) => {
+                r.problem(subj, &type_path, Some(show_str(&t)), reason);
+                None
+            }
+        },
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            r.problem(subj, &type_path, None, "missing");
+            None
+        }
+        Err(err) => {
+            r.problem(subj, &type_path, None, io_reason(&err));
+            None
+        }
+    };
+    let iommu_group = group_link(r, subj, &d, "iommu_group", true);
+    let driver = r.link_value_at(subj, &d, "driver", true, name);
+    Some(mdev(uuid, dir, type_id, iommu_group, driver))
+}
+
+fn mdev(
+    uuid: MdevUuid,
+    dir: String,
+    type_id: Option<String>,
+    iommu_group: Option<IommuGroupId>,
+    driver: Option<String>,
+) -> Mdev {
+    let parent = {
+        let mut parts = dir.rsplit('/');
+        parts.next();
+        parts.next().unwrap_or("").to_owned()
+    };
+    Mdev {
+        uuid,
+        parent,
+        sysfs_path: dir,
+        type_id,
+        iommu_group,
+        driver,
+    }
+}
+
+/// [`read_mdev`] by kernel paths, for a device directory that could not be
+/// opened: a dangling bus link, or something else where the directory belongs.
+fn read_mdev_by_path(
+    r: &mut Reader<'_>,
+    uuid: MdevUuid,
+    subj: Option<&str>,
+    bus_path: &str,
+    dir: String,
+    link: Option<String>,
+) -> Option<Mdev> {
     let type_path = format!("{dir}/mdev_type");
     let type_id = match r.link_target(&type_path) {
         Ok(t) => match name(basename(&resolve_target(&type_path, &t))) {
@@ -1192,7 +1577,7 @@ fn read_mdev(r: &mut Reader<'_>, uuid: MdevUuid, e: &Entry) -> Option<Mdev> {
             if !r.exists(&dir) {
                 r.problem(
                     subj,
-                    &bus_path,
+                    bus_path,
                     link,
                     format!("dangling link: {dir} does not exist"),
                 );
@@ -1206,28 +1591,17 @@ fn read_mdev(r: &mut Reader<'_>, uuid: MdevUuid, e: &Entry) -> Option<Mdev> {
             None
         }
     };
-    let iommu_group = group_link(r, subj, &format!("{dir}/iommu_group"), true);
+    let group_path = format!("{dir}/iommu_group");
+    let target = r.link_target(&group_path);
+    let iommu_group = group_link_parsed(r, subj, &group_path, target, true);
     let driver = r.link_value(subj, &format!("{dir}/driver"), true, name);
-    let parent = {
-        let mut parts = dir.rsplit('/');
-        parts.next();
-        parts.next().unwrap_or("").to_owned()
-    };
-    Some(Mdev {
-        uuid,
-        parent,
-        sysfs_path: dir,
-        type_id,
-        iommu_group,
-        driver,
-    })
+    Some(mdev(uuid, dir, type_id, iommu_group, driver))
 }
 
 // ---------------------------------------------------------------------------
 // s390 AP
 
 const AP: &str = "/sys/bus/ap";
-const AP_DEVICES: &str = "/sys/bus/ap/devices";
 const AP_DRIVERS: &str = "/sys/bus/ap/drivers";
 const MATRIX: &str = "/sys/devices/vfio_ap/matrix";
 
@@ -1254,75 +1628,54 @@ fn apqn_index(q: Apqn) -> usize {
 }
 
 fn read_ap(r: &mut Reader<'_>) -> Option<ApBus> {
-    let l = Listing::new(r.list_opt(None, AP)?);
-    let apmask = r.listed_attr(&l, None, AP, "apmask", true, parse::ap_mask);
-    let aqmask = r.listed_attr(&l, None, AP, "aqmask", true, parse::ap_mask);
+    let (ap, l) = r.list_opt_in(None, AP)?;
+    let l = Listing::new(l);
+    let apmask = r.listed_attr(&l, None, &ap, "apmask", true, parse::ap_mask);
+    let aqmask = r.listed_attr(&l, None, &ap, "aqmask", true, parse::ap_mask);
 
-    // Drivers of cards and queues, from the drivers' directories: one listing per
-    // driver instead of one readlink per device.
-    let mut driver_names: Vec<String> = Vec::new();
-    let mut queue_driver: Vec<u16> = vec![u16::MAX; 1 << 16];
-    let mut card_driver: Vec<u16> = vec![u16::MAX; 256];
-    if let Some(mut drivers) = r.list_opt(None, AP_DRIVERS) {
-        drivers.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        for d in drivers {
-            if d.kind != Kind::Dir {
-                continue;
-            }
-            let Some(bound) = r.list_opt(None, &format!("{AP_DRIVERS}/{}", d.name)) else {
-                continue;
-            };
-            let idx = u16::try_from(driver_names.len()).unwrap_or(u16::MAX - 1);
-            for b in bound {
-                let slot = if let Some(q) = queue_id(&b.name) {
-                    queue_driver.get_mut(apqn_index(q))
-                } else if let Some(c) = card_id(&b.name) {
-                    card_driver.get_mut(usize::from(c))
-                } else {
-                    None
-                };
-                if let Some(slot) = slot {
-                    if *slot != u16::MAX {
-                        let other = driver_names
-                            .get(usize::from(*slot))
-                            .cloned()
-                            .unwrap_or_default();
-                        r.problem(
-                            Some(&b.name),
-                            &format!("{AP_DRIVERS}/{}/{}", d.name, b.name),
-                            None,
-                            format!("bound to two drivers: {other} and {}", d.name),
-                        );
-                    }
-                    *slot = idx;
+    // The drivers' directories and the devices directory (each up to 65,536
+    // entries) are listed side by side.
+    let root = r.root;
+    let threads = r.threads;
+    let drivers_job = |r: &mut Reader<'_>| ap_drivers(r, &ap);
+    let ((driver_names, queue_driver, card_driver), devices_dir, cards_and_queues) =
+        std::thread::scope(|s| {
+            let handle = (threads > 1)
+                .then(|| {
+                    std::thread::Builder::new()
+                        .spawn_scoped(s, || {
+                            let mut dr = Reader::new(root, 1);
+                            let d = drivers_job(&mut dr);
+                            (d, dr.stats, dr.problems)
+                        })
+                        .ok()
+                })
+                .flatten();
+            let (devices_dir, card_entries, queues) = ap_devices(r, &ap);
+            let drivers = match handle.map(std::thread::ScopedJoinHandle::join) {
+                Some(Ok((d, stats, problems))) => {
+                    r.stats.add(&stats);
+                    r.problems.extend(problems);
+                    d
                 }
-            }
-            driver_names.push(d.name);
-        }
-    }
+                Some(Err(panic)) => std::panic::resume_unwind(panic),
+                None => drivers_job(r),
+            };
+            (drivers, devices_dir, (card_entries, queues))
+        });
+    let (card_entries, mut queues) = cards_and_queues;
     let driver_of = |slot: Option<&u16>| -> Option<String> {
         slot.and_then(|&i| driver_names.get(usize::from(i)))
             .cloned()
     };
 
     let mut cards = Vec::new();
-    let mut queues: Vec<Apqn> = Vec::new();
-    if let Some(devices) = r.list_req(None, AP_DEVICES) {
-        let mut card_entries = Vec::new();
-        for e in devices {
-            if let Some(c) = card_id(&e.name) {
-                card_entries.push((c, e));
-            } else if let Some(q) = queue_id(&e.name) {
-                queues.push(q);
-            }
-        }
-        card_entries.sort_unstable_by_key(|(c, _)| *c);
+    if let Some(devices_dir) = devices_dir {
         queues.sort_unstable();
         for (adapter, e) in card_entries {
             let subject = e.name.clone();
             let subj = Some(subject.as_str());
-            let bus_path = format!("{AP_DEVICES}/{}", e.name);
-            let Some((dir, _)) = r.device_dir(subj, &bus_path, e.kind) else {
+            let Some((dir, _)) = r.device_dir_at(subj, &devices_dir, &e.name, e.kind) else {
                 continue;
             };
             let hwtype = r.req_attr(subj, &format!("{dir}/hwtype"), parse::decimal_u32);
@@ -1357,6 +1710,100 @@ fn read_ap(r: &mut Reader<'_>) -> Option<ApBus> {
         queues,
         matrix_mdevs,
     })
+}
+
+/// The driver of every AP queue and card, from the drivers' directories: the
+/// drivers' names, and for each APQN index and each card the index of its
+/// driver's name (`u16::MAX`: none).
+fn ap_drivers(r: &mut Reader<'_>, ap: &RootDir<'_>) -> (Vec<String>, Vec<u16>, Vec<u16>) {
+    // Drivers of cards and queues, from the drivers' directories: one listing per
+    // driver instead of one readlink per device.
+    let mut driver_names: Vec<String> = Vec::new();
+    let mut queue_driver: Vec<u16> = vec![u16::MAX; 1 << 16];
+    let mut card_driver: Vec<u16> = vec![u16::MAX; 256];
+    if let Some((drivers_dir, mut drivers)) = r.list_opt_at(None, ap, "drivers") {
+        drivers.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        for d in drivers {
+            if d.kind != Kind::Dir {
+                continue;
+            }
+            let idx = u16::try_from(driver_names.len()).unwrap_or(u16::MAX - 1);
+            // Streamed: a driver may have every one of the 65,536 queues bound.
+            let listed = r.stream_at(None, &drivers_dir, &d.name, false, |r, b, _| {
+                let slot = if let Some(q) = queue_id(b) {
+                    queue_driver.get_mut(apqn_index(q))
+                } else if let Some(c) = card_id(b) {
+                    card_driver.get_mut(usize::from(c))
+                } else {
+                    None
+                };
+                if let Some(slot) = slot {
+                    if *slot != u16::MAX {
+                        let other = driver_names
+                            .get(usize::from(*slot))
+                            .cloned()
+                            .unwrap_or_default();
+                        r.problem(
+                            Some(b),
+                            &format!("{AP_DRIVERS}/{}/{b}", d.name),
+                            None,
+                            format!("bound to two drivers: {other} and {}", d.name),
+                        );
+                    }
+                    *slot = idx;
+                }
+            });
+            if !listed {
+                // A listing that failed part way binds nothing to this driver.
+                for slot in queue_driver.iter_mut().chain(card_driver.iter_mut()) {
+                    if *slot == idx {
+                        *slot = u16::MAX;
+                    }
+                }
+                continue;
+            }
+            driver_names.push(d.name);
+        }
+    }
+    (driver_names, queue_driver, card_driver)
+}
+
+/// `/sys/bus/ap/devices`, listed: the directory (when listed), its cards in
+/// order, and its queues.
+fn ap_devices<'p>(
+    r: &mut Reader<'_>,
+    ap: &RootDir<'p>,
+) -> (Option<RootDir<'p>>, Vec<(u8, Entry)>, Vec<Apqn>) {
+    let mut queues: Vec<Apqn> = Vec::new();
+    let mut card_entries = Vec::new();
+    r.stats.dirs_listed += 1;
+    let listed = match ap.open_dir("devices") {
+        // Streamed: 65,536 queues and 256 cards.
+        Ok(mut d) => r
+            .each_entry(None, &mut d, |_, name, kind| {
+                if let Some(c) = card_id(name) {
+                    card_entries.push((
+                        c,
+                        Entry {
+                            name: name.to_owned(),
+                            kind,
+                        },
+                    ));
+                } else if let Some(q) = queue_id(name) {
+                    queues.push(q);
+                }
+            })
+            .map(|()| d),
+        Err(e) => Err(e),
+    };
+    let devices_dir = r.listing(None, || ap.child_path("devices"), listed, true);
+    if devices_dir.is_none() {
+        // A listing that failed part way lists nothing.
+        card_entries.clear();
+        queues.clear();
+    }
+    card_entries.sort_unstable_by_key(|(c, _)| *c);
+    (devices_dir, card_entries, queues)
 }
 
 fn read_matrix_mdevs(r: &mut Reader<'_>) -> Vec<ApMatrixMdev> {
@@ -1457,13 +1904,13 @@ pub(crate) fn pkey_slot_names(names: impl IntoIterator<Item = String>) -> Vec<(u
 }
 
 fn read_pkeys(r: &mut Reader<'_>, subj: Option<&str>, dir: &str) -> Vec<PKeySlot> {
-    let Some(entries) = r.list_opt(subj, dir) else {
+    let Some((d, entries)) = r.list_opt_in(subj, dir) else {
         return Vec::new();
     };
     pkey_slot_names(entries.into_iter().map(|e| e.name))
         .into_iter()
         .filter_map(|(index, n)| {
-            r.req_attr(subj, &format!("{dir}/{n}"), parse::pkey)
+            r.req_attr_at(subj, &d, &n, parse::pkey)
                 .filter(|p| !p.is_empty_slot())
                 .map(|pkey| PKeySlot { index, pkey })
         })

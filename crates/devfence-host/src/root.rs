@@ -713,6 +713,205 @@ impl HostRoot {
     }
 }
 
+/// A directory under a [`HostRoot`], opened once (in the root, as
+/// [`HostRoot::open`] with [`Access::Dir`]), whose files are then opened
+/// relative to it: `openat2(dir, name, …, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`
+/// walks only `name` (usually one component) instead of the whole kernel path
+/// from the root. The properties of [`HostRoot::open`] hold for every open: no
+/// link is followed out of the directory (a link that would leave it, `EXDEV`,
+/// is resolved in the root by [`HostRoot::open`] on the whole kernel path, the
+/// same fallback as for a kernel without `openat2`), magic links are refused,
+/// files are opened non-blocking and must be regular files where read, and a
+/// link in the last component is refused for [`Access::ReadNoFollow`].
+pub struct RootDir<'r> {
+    root: &'r HostRoot,
+    fd: OwnedFd,
+    kernel_path: String,
+    /// Whether the descriptor's offset has moved (a listing): the next listing
+    /// seeks back to the start first.
+    listed: bool,
+}
+
+impl std::fmt::Debug for RootDir<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RootDir")
+            .field("kernel_path", &self.kernel_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostRoot {
+    /// Opens the directory at `kernel_path` (links followed, in the root) for
+    /// listing and for opens relative to it.
+    ///
+    /// # Errors
+    /// The open's error (`NotFound`, `NotADirectory`, …).
+    pub fn open_dir(&self, kernel_path: &str) -> io::Result<RootDir<'_>> {
+        let f = self.open_unchecked(kernel_path, Access::Dir)?;
+        Ok(RootDir {
+            root: self,
+            fd: OwnedFd::from(f),
+            kernel_path: normalize(kernel_path),
+            listed: false,
+        })
+    }
+}
+
+/// How the kernel answered a relative open that [`RootDir`] hands to the root.
+fn wants_root_fallback(e: rustix::io::Errno) -> bool {
+    // EXDEV: a link (or `..`) that leaves the directory; EAGAIN: a rename raced
+    // the resolution; ENOSYS/EPERM: no openat2 here (kernel, seccomp).
+    e == rustix::io::Errno::XDEV
+        || e == rustix::io::Errno::AGAIN
+        || e == rustix::io::Errno::NOSYS
+        || e == rustix::io::Errno::PERM
+}
+
+impl<'r> RootDir<'r> {
+    /// The directory's kernel path (normalised).
+    #[must_use]
+    pub fn kernel_path(&self) -> &str {
+        &self.kernel_path
+    }
+
+    /// The kernel path of `name` in this directory (for errors and problems).
+    #[must_use]
+    pub fn child_path(&self, name: &str) -> String {
+        let mut p = String::with_capacity(self.kernel_path.len() + 1 + name.len());
+        p.push_str(&self.kernel_path);
+        if !self.kernel_path.ends_with('/') {
+            p.push('/');
+        }
+        p.push_str(name);
+        normalize(&p)
+    }
+
+    fn check_name(name: &str) -> io::Result<()> {
+        if name.is_empty() || name.starts_with('/') || name.contains('\0') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name:?} is not a relative path"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Opens `name` (relative to this directory) as [`HostRoot::open`] would
+    /// open the whole kernel path, with the same checks.
+    ///
+    /// # Errors
+    /// As [`HostRoot::open`].
+    pub fn open(&self, name: &str, access: Access) -> io::Result<fs::File> {
+        Self::check_name(name)?;
+        let f = match rustix::fs::openat2(
+            &self.fd,
+            name,
+            access.flags(),
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Ok(fd) => fs::File::from(fd),
+            Err(e) if wants_root_fallback(e) => {
+                return self.root.open(&self.child_path(name), access);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if access.wants_regular() {
+            let t = f.metadata()?.file_type();
+            if !t.is_file() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("a {}, not a regular file", bounded::kind_name(t)),
+                ));
+            }
+        }
+        Ok(f)
+    }
+
+    /// Opens the subdirectory `name` (links followed as [`RootDir::open`] does).
+    ///
+    /// # Errors
+    /// As [`HostRoot::open_dir`].
+    pub fn open_dir(&self, name: &str) -> io::Result<RootDir<'r>> {
+        let f = self.open(name, Access::Dir)?;
+        Ok(RootDir {
+            root: self.root,
+            fd: OwnedFd::from(f),
+            kernel_path: self.child_path(name),
+            listed: false,
+        })
+    }
+
+    /// The text of the symlink `name` in this directory, into `out` (cleared
+    /// first). A single component is read with `readlinkat(dir, name)`, which
+    /// follows nothing; a longer relative path goes through a handle opened as
+    /// [`RootDir::open`] does with [`Access::PathNoFollow`].
+    ///
+    /// # Errors
+    /// As [`HostRoot::read_link_raw`]: `InvalidInput` when it is not a symlink.
+    pub fn read_link_into(&self, name: &str, out: &mut Vec<u8>) -> io::Result<()> {
+        Self::check_name(name)?;
+        let single = !name.contains('/') && name != "." && name != "..";
+        let handle;
+        let (dirfd, at): (std::os::fd::BorrowedFd<'_>, &str) = if single {
+            (self.fd.as_fd(), name)
+        } else {
+            handle = self.open(name, Access::PathNoFollow)?;
+            (handle.as_fd(), "")
+        };
+        let taken = std::mem::take(out);
+        match rustix::fs::readlinkat(dirfd, at, taken) {
+            Ok(t) => {
+                *out = t.into_bytes();
+                Ok(())
+            }
+            // readlinkat of something that is not a link says EINVAL (by name) or
+            // ENOENT (by an O_PATH handle); say what it is.
+            Err(e) if e == rustix::io::Errno::NOENT && !single => {
+                Err(io::Error::from_raw_os_error(22))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Calls `f` with the name and type (`d_type`; `None` when unknown) of
+    /// every entry of this directory, `.` and `..` left out, in directory order,
+    /// without allocating per entry. Lists from the start each time.
+    ///
+    /// # Errors
+    /// The read error.
+    pub fn for_each_entry(
+        &mut self,
+        mut f: impl FnMut(&[u8], Option<EntryKind>),
+    ) -> io::Result<()> {
+        if self.listed {
+            rustix::fs::seek(&self.fd, rustix::fs::SeekFrom::Start(0))?;
+        }
+        self.listed = true;
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 32 * 1024];
+        let mut dir = rustix::fs::RawDir::new(&self.fd, &mut buf);
+        while let Some(e) = dir.next() {
+            let e = e?;
+            let name = e.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            f(name, entry_kind(e.file_type()));
+        }
+        Ok(())
+    }
+}
+
+fn entry_kind(t: rustix::fs::FileType) -> Option<EntryKind> {
+    match t {
+        rustix::fs::FileType::RegularFile => Some(EntryKind::File),
+        rustix::fs::FileType::Directory => Some(EntryKind::Dir),
+        rustix::fs::FileType::Symlink => Some(EntryKind::Link),
+        rustix::fs::FileType::Unknown => None,
+        _ => Some(EntryKind::Other),
+    }
+}
+
 /// What a directory entry is, as its directory reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EntryKind {
@@ -1059,6 +1258,93 @@ mod tests {
     /// issue 18 item 6: a file devfence hands out under a root is never written
     /// through a link: a linked directory on the way is refused, a link in the
     /// file's place is replaced, not followed.
+    #[test]
+    fn relative_opens_keep_the_rules_of_the_root() {
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), "outside").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let r = HostRoot::new(dir.path());
+        let copy = dir.path().join(outside.path().strip_prefix("/").unwrap());
+        fs::create_dir_all(&copy).unwrap();
+        fs::write(copy.join("secret"), "inside").unwrap();
+        fs::create_dir_all(dir.path().join("sys/a/sub")).unwrap();
+        fs::write(dir.path().join("sys/a/vendor"), "0x15b3\n").unwrap();
+        fs::write(dir.path().join("sys/a/sub/dev"), "241:0\n").unwrap();
+        let abs = outside.path().join("secret");
+        symlink(&abs, dir.path().join("sys/a/abs")).unwrap();
+        symlink(
+            format!("{}{}", "../".repeat(30), abs.display()),
+            dir.path().join("sys/a/up"),
+        )
+        .unwrap();
+        symlink("vendor", dir.path().join("sys/a/near")).unwrap();
+        symlink(outside.path(), dir.path().join("sys/a/d")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.path().join("sys/a/fifo"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let read = |f: io::Result<fs::File>| {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut f.unwrap(), &mut s).unwrap();
+            s
+        };
+        let mut a = r.open_dir("/sys/a").unwrap();
+        assert_eq!(a.kernel_path(), "/sys/a");
+        assert_eq!(read(a.open("vendor", Access::ReadNoFollow)), "0x15b3\n");
+        assert_eq!(read(a.open("sub/dev", Access::ReadNoFollow)), "241:0\n");
+        // A link that leaves the directory is followed in the root, never out
+        // of it: the fixture's own copy.
+        assert_eq!(read(a.open("abs", Access::Read)), "inside");
+        assert_eq!(read(a.open("up", Access::Read)), "inside");
+        assert_eq!(read(a.open("near", Access::Read)), "0x15b3\n");
+        assert_eq!(read(a.open("d/secret", Access::Read)), "inside");
+        let d = a.open_dir("d").unwrap();
+        assert_eq!(read(d.open("secret", Access::ReadNoFollow)), "inside");
+        // An attribute that is a link is refused, wherever it points.
+        for name in ["abs", "up", "near"] {
+            let e = a.open(name, Access::ReadNoFollow).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(40), "{name}: {e}");
+        }
+        // A FIFO is not read, and never blocks.
+        let e = a.open("fifo", Access::ReadNoFollow).unwrap_err();
+        assert!(e.to_string().contains("FIFO"), "{e}");
+        // Nothing but relative paths.
+        let e = a.open("/etc/passwd", Access::Read).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        // `..` stays in the root.
+        assert_eq!(
+            read(a.open("../a/vendor", Access::ReadNoFollow)),
+            "0x15b3\n"
+        );
+        let top = r.open_dir("/").unwrap();
+        assert!(top.open("../../../etc/passwd", Access::Read).is_err());
+        // Links are read as they are, and only links.
+        let mut t = Vec::new();
+        a.read_link_into("near", &mut t).unwrap();
+        assert_eq!(t, b"vendor");
+        a.read_link_into("abs", &mut t).unwrap();
+        assert_eq!(t, abs.as_os_str().as_encoded_bytes());
+        let e = a.read_link_into("vendor", &mut t).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        let e = a.read_link_into("absent", &mut t).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        // Listing, twice (the second from the start again).
+        for _ in 0..2 {
+            let mut names = Vec::new();
+            a.for_each_entry(|n, k| names.push((n.to_vec(), k)))
+                .unwrap();
+            assert_eq!(names.len(), 7, "{names:?}");
+            assert!(names.contains(&(b"sub".to_vec(), Some(EntryKind::Dir))));
+            assert!(names.contains(&(b"abs".to_vec(), Some(EntryKind::Link))));
+            assert!(names.contains(&(b"fifo".to_vec(), Some(EntryKind::Other))));
+        }
+        assert_eq!(a.child_path("sub/dev"), "/sys/a/sub/dev");
+    }
+
     #[test]
     fn fresh_files_are_never_written_through_links() {
         let outside = tempfile::tempdir().unwrap();

@@ -4,6 +4,11 @@
 //! The parent generates the host tree once, then runs the measurement in a child
 //! process (this same binary with `--measure DIR`) so that the peak memory reported
 //! (VmHWM) is that of reading and checking alone. Figures go to docs/benchmarks.md.
+//!
+//! The reference: `lspci -A linux-sysfs -O sysfs.path=<tree>/sys/bus/pci -nnk`
+//! (pciutils, installed here when missing) lists the same tree's PCI functions
+//! in the same run, one lspci round after each devfence round, so that both
+//! see the same load; the bench reports both medians and their ratio.
 
 use std::path::Path;
 use std::process::Command;
@@ -56,6 +61,10 @@ fn main() {
         }
     };
     println!("generated scale profile in {:.2?}: {summary}", t.elapsed());
+    if let Err(e) = ensure_lspci() {
+        eprintln!("{e}");
+        std::process::exit(2);
+    }
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -67,6 +76,56 @@ fn main() {
     if !matches!(status, Ok(s) if s.success()) {
         eprintln!("measurement failed: {status:?}");
         std::process::exit(1);
+    }
+}
+
+/// Installs pciutils (as root, with apt-get) when `lspci` is missing.
+fn ensure_lspci() -> Result<(), String> {
+    let found = || {
+        Command::new("lspci")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if found() {
+        return Ok(());
+    }
+    println!("lspci is missing: installing pciutils");
+    let _ = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends", "pciutils"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status();
+    if found() {
+        Ok(())
+    } else {
+        Err(
+            "lspci is not installed and could not be installed. Hint: apt-get install pciutils"
+                .into(),
+        )
+    }
+}
+
+/// One run of the reference, `lspci -nnk` on the tree's PCI bus; returns how
+/// many functions it listed.
+fn lspci_round(dir: &Path) -> usize {
+    let out = Command::new("lspci")
+        .arg("-A")
+        .arg("linux-sysfs")
+        .arg("-O")
+        .arg(format!("sysfs.path={}", dir.join("sys/bus/pci").display()))
+        .arg("-nnk")
+        .stderr(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => o
+            .stdout
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty() && !l.starts_with(b"\t"))
+            .count(),
+        other => {
+            eprintln!("lspci failed: {other:?}");
+            std::process::exit(2);
+        }
     }
 }
 
@@ -93,6 +152,10 @@ fn measure(dir: &Path) {
     let mut inv_times = Vec::new();
     let mut check_times = Vec::new();
     let mut total_times = Vec::new();
+    let mut lspci_times = Vec::new();
+    let mut lspci_listed = 0;
+    // DEVFENCE_BENCH_REFERENCE=0 leaves lspci out (for profiling devfence alone).
+    let reference = std::env::var_os("DEVFENCE_BENCH_REFERENCE").is_none_or(|v| v != "0");
     let mut last = None;
     // One warm-up round so that every round reads from the page cache.
     for i in 0..=ITERATIONS {
@@ -107,10 +170,16 @@ fn measure(dir: &Path) {
         let t1 = Instant::now();
         let findings = devfence_policy::check(&inv, &tenancy);
         let t2 = Instant::now();
+        let t3 = Instant::now();
+        if reference {
+            lspci_listed = lspci_round(dir);
+        }
+        let t4 = Instant::now();
         if i > 0 {
             inv_times.push(t1 - t0);
             check_times.push(t2 - t1);
             total_times.push(t2 - t0);
+            lspci_times.push(t4 - t3);
         }
         last = Some((inv, stats, findings));
     }
@@ -150,5 +219,30 @@ fn measure(dir: &Path) {
     );
     if let Some(kib) = vm_hwm_kib() {
         println!("peak memory (VmHWM): {:.1} MiB", kib as f64 / 1024.0);
+    }
+    if !reference {
+        return;
+    }
+    let ours = median(&mut total_times.clone());
+    let theirs = median(&mut lspci_times.clone());
+    println!(
+        "reference: lspci -A linux-sysfs -O sysfs.path=<tree>/sys/bus/pci -nnk listed {lspci_listed} functions: median {:.1?} (min {:.1?}) over {ITERATIONS} rounds",
+        theirs,
+        min(&lspci_times),
+    );
+    println!(
+        "ratio: devfence inventory + check / lspci = {:.2} (medians), {:.2} (minima)",
+        ours.as_secs_f64() / theirs.as_secs_f64().max(1e-9),
+        min(&total_times).as_secs_f64() / min(&lspci_times).as_secs_f64().max(1e-9),
+    );
+    if lspci_listed != inv.pci.len() {
+        eprintln!(
+            "lspci listed {lspci_listed} functions, devfence {}: they must agree",
+            inv.pci.len()
+        );
+        std::process::exit(1);
+    }
+    if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
+        println!("load average at the end: {}", l.trim());
     }
 }
