@@ -262,7 +262,10 @@ fn group_companions(root: &HostRoot, dev: Bdf) -> Result<Vec<PciFunction>> {
     };
     Ok(g.members
         .iter()
-        .filter_map(|m| m.parse::<Bdf>().ok())
+        .filter_map(|m| match m {
+            devfence_model::GroupMember::Pci(b) => Some(*b),
+            _ => None,
+        })
         .filter(|b| *b != dev)
         .filter_map(|b| inv.pci_function(b).cloned())
         .filter(|p| !p.is_bridge())

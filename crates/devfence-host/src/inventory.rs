@@ -34,9 +34,10 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use devfence_model::{
-    ApBus, ApCard, ApMatrixMdev, ApQueue, Apqn, Bdf, INVENTORY_SCHEMA, IbDevice, IbPort, Inventory,
-    IommuGroup, IommuGroupId, Mdev, MdevParent, MdevType, MdevUuid, PKeySlot, PciFunction,
-    ReadProblem, SriovPf, VfGuids, VfioDevRef, VfioNode, VfioNodeKind, VfioPciParams, VirtFn,
+    ApBus, ApCard, ApMatrixMdev, ApQueue, Apqn, Bdf, GroupMember, INVENTORY_SCHEMA, IbDevice,
+    IbPort, Inventory, IommuGroup, IommuGroupId, Mdev, MdevParent, MdevType, MdevUuid, PKeySlot,
+    PciFunction, ReadProblem, SriovPf, VfGuids, VfioDevRef, VfioNode, VfioNodeKind, VfioPciParams,
+    VirtFn,
 };
 
 use crate::parse::{self, ParseResult};
@@ -1251,7 +1252,7 @@ fn read_group(
     r.stats.attributes += members.len() as u64;
     IommuGroup {
         id,
-        members,
+        members: members.into_iter().map(GroupMember::from).collect(),
         group_type: r.opt_attr_at(None, groups, &format!("{name}/type"), parse::one_line),
         name: r.opt_attr_at(None, groups, &format!("{name}/name"), parse::one_line),
     }
@@ -1275,8 +1276,9 @@ fn read_group_listed(
     let l = Listing::new(l);
     if l.has("devices") {
         if let Some((_, members)) = r.list_req_at(None, &dir, "devices") {
-            g.members = members.into_iter().map(|e| e.name).collect();
-            g.members.sort_unstable();
+            let mut names: Vec<String> = members.into_iter().map(|e| e.name).collect();
+            names.sort_unstable();
+            g.members = names.into_iter().map(GroupMember::from).collect();
             r.stats.attributes += g.members.len() as u64;
         }
     } else {

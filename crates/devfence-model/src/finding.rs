@@ -142,27 +142,31 @@ impl fmt::Display for Subject {
 }
 
 impl Subject {
-    /// Whether the subject prints as `text` (compared as it is written, no
-    /// allocation).
+    /// Whether the subject prints as `text`.
     #[must_use]
     pub fn reads(&self, text: &str) -> bool {
-        struct Cmp<'a> {
-            rest: &'a str,
-        }
-        impl fmt::Write for Cmp<'_> {
-            fn write_str(&mut self, s: &str) -> fmt::Result {
-                match self.rest.strip_prefix(s) {
-                    Some(r) => {
-                        self.rest = r;
-                        Ok(())
-                    }
-                    None => Err(fmt::Error),
+        displays_as(self, text)
+    }
+}
+
+/// Whether `v` prints as `text` (compared as it is written, no allocation).
+pub(crate) fn displays_as(v: &dyn fmt::Display, text: &str) -> bool {
+    struct Cmp<'a> {
+        rest: &'a str,
+    }
+    impl fmt::Write for Cmp<'_> {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            match self.rest.strip_prefix(s) {
+                Some(r) => {
+                    self.rest = r;
+                    Ok(())
                 }
+                None => Err(fmt::Error),
             }
         }
-        let mut c = Cmp { rest: text };
-        fmt::write(&mut c, format_args!("{self}")).is_ok() && c.rest.is_empty()
     }
+    let mut c = Cmp { rest: text };
+    fmt::write(&mut c, format_args!("{v}")).is_ok() && c.rest.is_empty()
 }
 
 impl PartialEq<str> for Subject {

@@ -175,13 +175,108 @@ pub struct VfioDevRef {
     pub dev: Option<String>,
 }
 
+/// A member of an IOMMU group (`devices/<name>`): a PCI function, an mdev, or
+/// a device of another bus, kept by its name (never dropped: a member devfence
+/// cannot identify is one whose isolation it cannot vouch for). It reads and
+/// serializes as the name, as it always did.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GroupMember {
+    /// A PCI function.
+    Pci(crate::Bdf),
+    /// A mediated device.
+    Mdev(crate::MdevUuid),
+    /// A device of another bus (a platform device), by name.
+    Other(String),
+}
+
+impl GroupMember {
+    /// Whether this member is `device`.
+    #[must_use]
+    pub fn is(&self, device: &crate::DeviceId) -> bool {
+        match (self, device) {
+            (GroupMember::Pci(b), crate::DeviceId::Pci(d)) => b == d,
+            (GroupMember::Mdev(u), crate::DeviceId::Mdev(d)) => u == d,
+            _ => false,
+        }
+    }
+
+    /// The member as a device, when it is one devfence manages.
+    #[must_use]
+    pub fn device(&self) -> Option<crate::DeviceId> {
+        match self {
+            GroupMember::Pci(b) => Some(crate::DeviceId::Pci(*b)),
+            GroupMember::Mdev(u) => Some(crate::DeviceId::Mdev(*u)),
+            GroupMember::Other(_) => None,
+        }
+    }
+}
+
+impl From<&str> for GroupMember {
+    /// The member `devices/<name>` names: exactly a BDF or an mdev UUID as the
+    /// kernel prints them, else another bus's device.
+    fn from(name: &str) -> Self {
+        if let Ok(b) = name.parse::<crate::Bdf>()
+            && b.to_string() == name
+        {
+            return GroupMember::Pci(b);
+        }
+        if let Ok(u) = name.parse::<crate::MdevUuid>()
+            && u.to_string() == name
+        {
+            return GroupMember::Mdev(u);
+        }
+        GroupMember::Other(name.to_owned())
+    }
+}
+
+impl From<String> for GroupMember {
+    fn from(name: String) -> Self {
+        GroupMember::from(name.as_str())
+    }
+}
+
+impl std::fmt::Display for GroupMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupMember::Pci(b) => b.fmt(f),
+            GroupMember::Mdev(u) => u.fmt(f),
+            GroupMember::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+impl PartialEq<&str> for GroupMember {
+    fn eq(&self, other: &&str) -> bool {
+        crate::finding::displays_as(self, other)
+    }
+}
+
+impl PartialEq<String> for GroupMember {
+    fn eq(&self, other: &String) -> bool {
+        crate::finding::displays_as(self, other)
+    }
+}
+
+impl serde::Serialize for GroupMember {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for GroupMember {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(GroupMember::from(String::deserialize(d)?))
+    }
+}
+
 /// An IOMMU group, `/sys/kernel/iommu_groups/<N>`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IommuGroup {
     /// The group number.
     pub id: IommuGroupId,
-    /// Names of the members (`devices/*`): BDFs, or mdev UUIDs.
-    pub members: Vec<String>,
+    /// The members (`devices/*`): PCI functions, mdevs, or other devices by
+    /// name; serialized as their names.
+    pub members: Vec<GroupMember>,
     /// `type` (`DMA`, `identity`, …), where present.
     pub group_type: Option<String>,
     /// `name` (`vfio-noiommu` for groups VFIO made for emulated devices).
@@ -405,5 +500,34 @@ impl Inventory {
     #[must_use]
     pub fn mdev(&self, uuid: MdevUuid) -> Option<&Mdev> {
         self.mdevs.iter().find(|m| m.uuid == uuid)
+    }
+}
+
+#[cfg(test)]
+mod group_member_tests {
+    use super::GroupMember;
+
+    /// issue 11 item 3: an IOMMU group's members are typed (a PCI function, an
+    /// mdev, or another bus's device kept by name) and serialize as the names
+    /// they always were.
+    #[test]
+    fn members_are_typed_and_serialize_as_names() {
+        let pci = GroupMember::from("0000:3b:00.1");
+        assert!(matches!(pci, GroupMember::Pci(_)));
+        let mdev = GroupMember::from("83b8f4f2-509f-382f-3c1e-e6bfe0fa1001");
+        assert!(matches!(mdev, GroupMember::Mdev(_)));
+        for other in ["ACPI0007:00", "3b:00.1", "0000:3B:00.1"] {
+            assert_eq!(GroupMember::from(other), GroupMember::Other(other.into()));
+        }
+        let j = serde_json::to_string(&vec![pci.clone(), mdev]).unwrap_or_default();
+        assert_eq!(
+            j,
+            r#"["0000:3b:00.1","83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"]"#
+        );
+        assert!(pci == "0000:3b:00.1");
+        let dev: crate::DeviceId = "0000:3b:00.1"
+            .parse()
+            .unwrap_or(crate::DeviceId::IbGuid(crate::Guid(0)));
+        assert!(pci.is(&dev));
     }
 }

@@ -304,10 +304,10 @@ impl Host {
         for (g, name) in members {
             let id = IommuGroupId(g);
             match inv.iommu_groups.iter_mut().find(|x| x.id == id) {
-                Some(x) => x.members.push(name),
+                Some(x) => x.members.push(name.into()),
                 None => inv.iommu_groups.push(IommuGroup {
                     id,
-                    members: vec![name],
+                    members: vec![name.into()],
                     group_type: Some("DMA".into()),
                     name: None,
                 }),

@@ -257,7 +257,7 @@ impl Run<'_> {
             self.note(format!("{when}: pci {}", f.bdf), s);
         }
         for g in &inv.iommu_groups {
-            let mut m = g.members.clone();
+            let mut m: Vec<String> = g.members.iter().map(ToString::to_string).collect();
             m.sort();
             self.note(format!("{when}: group {}", g.id), m.join(" "));
         }

@@ -313,7 +313,11 @@ fn print_inventory(inv: &Inventory, out: &mut dyn Write) -> Result<()> {
             t.row(vec![
                 g.id.to_string(),
                 opt(g.group_type.as_ref()),
-                g.members.join(" "),
+                g.members
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
             ]);
         }
         t.write(out)?;

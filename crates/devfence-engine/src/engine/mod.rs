@@ -512,10 +512,9 @@ impl<'a> Engine<'a> {
         if let Some(g) = facts.group() {
             let held = self.store.atomically(|tx| tx.assignments())?;
             let in_group = |d: &DeviceId| {
-                let d = d.to_string();
                 inv.iommu_groups
                     .iter()
-                    .any(|x| x.id == g && x.members.contains(&d))
+                    .any(|x| x.id == g && x.members.iter().any(|m| m.is(d)))
             };
             if let Some(a) = held
                 .iter()

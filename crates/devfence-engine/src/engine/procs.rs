@@ -18,8 +18,8 @@ use devfence_host::actuator::files::FileStepError;
 use devfence_host::actuator::{ActError, Actuator, ApResource, VfToken};
 use devfence_host::readback::{self, ApMatrixConfig, ReadBack, ReadBackError};
 use devfence_model::{
-    Bdf, DeviceId, Guid, Inventory, IommuGroupId, MdevUuid, Membership, PKey, Severity, Subject,
-    TenantId,
+    Bdf, DeviceId, GroupMember, Guid, Inventory, IommuGroupId, MdevUuid, Membership, PKey,
+    Severity, Subject, TenantId,
 };
 use serde_json::{Value, json};
 
@@ -1104,7 +1104,7 @@ fn group_rules(
             .map_err(|x| {
                 GateFailure::new(x.to_string(), json!({}), "check the ledger".to_string())
             })?;
-        let members: BTreeSet<String> = inv
+        let members: BTreeSet<GroupMember> = inv
             .iommu_groups
             .iter()
             .filter(|g| g.id == group)
@@ -1118,7 +1118,7 @@ fn group_rules(
             .filter(|f| {
                 f.subject.is_group(group)
                     || f.subject.is_device(&dev)
-                    || matches!(&f.subject, Subject::Device(d) if members.contains(&d.to_string()))
+                    || matches!(&f.subject, Subject::Device(d) if members.iter().any(|m| m.is(d)))
             })
             .collect();
         if blocking.is_empty() {

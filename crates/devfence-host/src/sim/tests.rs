@@ -912,10 +912,14 @@ fn inventory_of_each_profile() {
                 assert_eq!(inv.kernel_release.as_deref(), Some("6.1.0-testbed"));
                 assert_eq!(inv.vfio_pci.as_ref().unwrap().enable_sriov, Some(true));
                 // The groups docs/testbed.md records for the real guest.
-                let groups: Vec<(u32, Vec<&str>)> = inv
+                let names: Vec<(u32, Vec<String>)> = inv
                     .iommu_groups
                     .iter()
-                    .map(|g| (g.id.0, g.members.iter().map(String::as_str).collect()))
+                    .map(|g| (g.id.0, g.members.iter().map(ToString::to_string).collect()))
+                    .collect();
+                let groups: Vec<(u32, Vec<&str>)> = names
+                    .iter()
+                    .map(|(i, m)| (*i, m.iter().map(String::as_str).collect()))
                     .collect();
                 assert_eq!(
                     groups,

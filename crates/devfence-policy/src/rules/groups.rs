@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use devfence_model::{
-    Bdf, Evidence, Finding, IommuGroupId, MdevUuid, PciFunction, Severity, Tenant, TenantId,
-    VfioNode, VfioNodeKind,
+    Bdf, Evidence, Finding, GroupMember, IommuGroupId, MdevUuid, PciFunction, Severity, Tenant,
+    TenantId, VfioNode, VfioNodeKind,
 };
 
 use super::{GRP_NODE_OWNER, GRP_ONE_TENANT, GRP_VIABLE, finding, osrelease_evidence};
@@ -127,7 +127,8 @@ pub(crate) fn viable(ctx: &Ctx<'_>, out: &mut Vec<Finding>) {
             }
             Some(group) => {
                 for member in &group.members {
-                    if let Ok(b) = member.parse::<Bdf>() {
+                    let name = member.to_string();
+                    if let GroupMember::Pci(b) = *member {
                         match ctx.pci(b) {
                             Some(f) if member_allowed(f, ctx.kernel) => {}
                             Some(f) => {
@@ -145,15 +146,15 @@ pub(crate) fn viable(ctx: &Ctx<'_>, out: &mut Vec<Finding>) {
                             None => {
                                 offenders.push(format!("{b} (not inventoried)"));
                                 ev.push(Evidence::new(
-                                    paths::group_member(g, member),
+                                    paths::group_member(g, &name),
                                     "(not in the inventory; driver unknown)",
                                 ));
                             }
                         }
-                    } else if member.parse::<MdevUuid>().is_err() {
+                    } else if let GroupMember::Other(_) = member {
                         offenders.push(format!("{member} (not a PCI function)"));
                         ev.push(Evidence::new(
-                            paths::group_member(g, member),
+                            paths::group_member(g, &name),
                             "(not a PCI function; driver unknown)",
                         ));
                     }
@@ -336,7 +337,10 @@ pub(crate) fn node_owner(ctx: &Ctx<'_>, out: &mut Vec<Finding>) {
             Some(group) => group
                 .members
                 .iter()
-                .filter_map(|m| m.parse::<Bdf>().ok())
+                .filter_map(|m| match m {
+                    GroupMember::Pci(b) => Some(*b),
+                    _ => None,
+                })
                 .collect(),
             None => Vec::new(),
         };

@@ -179,7 +179,7 @@ fn relevant_names(ctx: &Ctx<'_>) -> HashSet<String> {
         for &unit in &h.units {
             names.insert(unit.to_string());
             if let Some(group) = ctx.unit_group(unit).and_then(|g| ctx.group(g)) {
-                names.extend(group.members.iter().cloned());
+                names.extend(group.members.iter().map(ToString::to_string));
             }
             match unit {
                 Unit::Pci(b) => {
