@@ -1072,7 +1072,7 @@ mod tests {
         let dev: DeviceId = "0000:5e:10.0".parse().expect("device");
         let failed = |step: &str| {
             AppError::Engine(EngineError::Failed {
-                kind: "assign".into(),
+                kind: devfence_engine::engine::OpKind::Assign,
                 device: dev,
                 step: step.into(),
                 reason: "the SM still shows the old GUID".into(),

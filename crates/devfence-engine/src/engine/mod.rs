@@ -152,7 +152,7 @@ pub enum EngineError {
     )]
     Failed {
         /// The operation kind.
-        kind: String,
+        kind: OpKind,
         /// The device.
         device: DeviceId,
         /// The step or gate that failed.
@@ -1065,7 +1065,7 @@ impl<'a> Engine<'a> {
                 let reason = format!("{} failed: {}", f.step, f.reason);
                 let state = self.quarantine(&run, &run.device, &reason)?;
                 Err(EngineError::Failed {
-                    kind: run.kind.name().to_owned(),
+                    kind: run.kind,
                     device: run.device,
                     step: f.step,
                     reason: f.reason,
