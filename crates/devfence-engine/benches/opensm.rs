@@ -20,6 +20,8 @@
 //! to 4N; default 1–5 ms).
 //! `DEVFENCE_BENCH_BATCH=N` (default 100) sets the batch and the batch fabric's
 //! VF nodes (N + 4); above 128 nodes the fabric is a two-level switch tree.
+//! `DEVFENCE_BENCH_BATCH_PACE_MS=N` caps (b)'s polling pause at N ms.
+//! `DEVFENCE_BENCH_LEDGER_DIR=DIR` puts the ledger in DIR (default: tmpfs).
 //! The process re-runs itself under the umad2sim preload, like the tests.
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -33,7 +35,9 @@ use std::time::{Duration, Instant};
 use devfence_engine::engine::{Engine, EngineConfig};
 use devfence_fabric::opensm::OpenSmSm;
 use devfence_fabric::opensm::harness::{FABRIC_DIR_ENV, Fabric, FabricSpec};
-use devfence_fabric::{Expectation, Pace, PartitionKey, SubnetManager, wait_verified};
+use devfence_fabric::{
+    Expectation, Pace, PartitionKey, SubnetManager, wait_verified, wait_verified_with,
+};
 use devfence_model::{DeviceId, Guid, Membership, TenantId};
 use support::{OnFabric, host};
 
@@ -311,6 +315,18 @@ fn same_change_by_hand(f: &Fabric) -> f64 {
     med
 }
 
+/// (b)'s polling: `DEVFENCE_BENCH_BATCH_PACE_MS=N` caps the pause between polls
+/// at N ms (first 1 ms, doubling); the default is the engine's (`Pace::default`).
+fn batch_pace() -> Pace {
+    match std::env::var("DEVFENCE_BENCH_BATCH_PACE_MS") {
+        Ok(v) => Pace {
+            first: Duration::from_millis(1),
+            max: Duration::from_millis(v.parse().unwrap()),
+        },
+        Err(_) => Pace::default(),
+    }
+}
+
 /// (b): the batch's VFs from A to B in one apply and one sweep, verified at the SA.
 fn batch(f: &Fabric) -> f64 {
     let n = batch_size();
@@ -353,7 +369,8 @@ fn batch(f: &Fabric) -> f64 {
                 .revoke(batch_guid(i, round - 1), [from])
                 .grant(batch_guid(i, round), [(to, Membership::Full)]);
         }
-        wait_verified(&sm, &exp, Instant::now() + Duration::from_secs(30)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        wait_verified_with(&sm, &exp, deadline, batch_pace(), &mut |_| {}).unwrap();
         v.push(ms(t0.elapsed()));
         // Not in (b): one more SA pass over the same ports, the sweep done — what
         // the pass after the sweep costs alone.
