@@ -22,6 +22,8 @@
 //! VF nodes (N + 4); above 128 nodes the fabric is a two-level switch tree.
 //! `DEVFENCE_BENCH_BATCH_PACE_MS=N` caps (b)'s polling pause at N ms.
 //! `DEVFENCE_BENCH_LEDGER_DIR=DIR` puts the ledger in DIR (default: tmpfs).
+//! `DEVFENCE_BENCH_BATCH_SETTLE=1` lets OpenSM sweep once after the VF resets
+//! and before each (b) (not timed).
 //! The process re-runs itself under the umad2sim preload, like the tests.
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -354,6 +356,16 @@ fn batch(f: &Fabric) -> f64 {
             f.rotate(&format!("b{i}"), batch_guid(i, round)).unwrap();
         }
         resets.push(ms(t0.elapsed()));
+        if std::env::var_os("DEVFENCE_BENCH_BATCH_SETTLE").is_some() {
+            // A variant, not the default: one heavy sweep (SIGHUP, no change) after
+            // the resets and before (b), so that (b) starts on a settled SM.
+            let n = f.subnet_up_count();
+            f.hup().unwrap();
+            while f.subnet_up_count() <= n {
+                assert!(t0.elapsed() < Duration::from_secs(30), "no SUBNET UP");
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
         // devfence's part: one apply for all, then all questions at the SA.
         let t0 = Instant::now();
         for i in 0..n {
