@@ -20,6 +20,10 @@
 //! to 4N; default 1–5 ms).
 //! `DEVFENCE_BENCH_BATCH=N` (default 100) sets the batch and the batch fabric's
 //! VF nodes (N + 4); above 128 nodes the fabric is a two-level switch tree.
+//! `DEVFENCE_BENCH_BATCH_PACE_MS=N` caps (b)'s polling pause at N ms.
+//! `DEVFENCE_BENCH_LEDGER_DIR=DIR` puts the ledger in DIR (default: tmpfs).
+//! `DEVFENCE_BENCH_BATCH_SETTLE=1` lets OpenSM sweep once after the VF resets
+//! and before each (b) (not timed).
 //! The process re-runs itself under the umad2sim preload, like the tests.
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -33,7 +37,9 @@ use std::time::{Duration, Instant};
 use devfence_engine::engine::{Engine, EngineConfig};
 use devfence_fabric::opensm::OpenSmSm;
 use devfence_fabric::opensm::harness::{FABRIC_DIR_ENV, Fabric, FabricSpec};
-use devfence_fabric::{Expectation, Pace, PartitionKey, SubnetManager, wait_verified};
+use devfence_fabric::{
+    Expectation, Pace, PartitionKey, SubnetManager, wait_verified, wait_verified_with,
+};
 use devfence_model::{DeviceId, Guid, Membership, TenantId};
 use support::{OnFabric, host};
 
@@ -311,6 +317,18 @@ fn same_change_by_hand(f: &Fabric) -> f64 {
     med
 }
 
+/// (b)'s polling: `DEVFENCE_BENCH_BATCH_PACE_MS=N` caps the pause between polls
+/// at N ms (first 1 ms, doubling); the default is the engine's (`Pace::default`).
+fn batch_pace() -> Pace {
+    match std::env::var("DEVFENCE_BENCH_BATCH_PACE_MS") {
+        Ok(v) => Pace {
+            first: Duration::from_millis(1),
+            max: Duration::from_millis(v.parse().unwrap()),
+        },
+        Err(_) => Pace::default(),
+    }
+}
+
 /// (b): the batch's VFs from A to B in one apply and one sweep, verified at the SA.
 fn batch(f: &Fabric) -> f64 {
     let n = batch_size();
@@ -329,6 +347,7 @@ fn batch(f: &Fabric) -> f64 {
     wait_verified(&sm, &exp, Instant::now() + Duration::from_secs(30)).unwrap();
     let mut v = Vec::new();
     let mut resets = Vec::new();
+    let (mut applies, mut passes) = (Vec::new(), Vec::new());
     for round in 1..=5u64 {
         let (from, to) = if round % 2 == 1 { (a, b) } else { (b, a) };
         // The VF resets (each VF comes back with a fresh GUID) happen on the hosts.
@@ -337,6 +356,16 @@ fn batch(f: &Fabric) -> f64 {
             f.rotate(&format!("b{i}"), batch_guid(i, round)).unwrap();
         }
         resets.push(ms(t0.elapsed()));
+        if std::env::var_os("DEVFENCE_BENCH_BATCH_SETTLE").is_some() {
+            // A variant, not the default: one heavy sweep (SIGHUP, no change) after
+            // the resets and before (b), so that (b) starts on a settled SM.
+            let n = f.subnet_up_count();
+            f.hup().unwrap();
+            while f.subnet_up_count() <= n {
+                assert!(t0.elapsed() < Duration::from_secs(30), "no SUBNET UP");
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
         // devfence's part: one apply for all, then all questions at the SA.
         let t0 = Instant::now();
         for i in 0..n {
@@ -345,23 +374,39 @@ fn batch(f: &Fabric) -> f64 {
                 .unwrap();
         }
         let t = sm.apply().unwrap();
+        applies.push(ms(t0.elapsed()));
         let mut exp = Expectation::after(t);
         for i in 0..n {
             exp = exp
                 .revoke(batch_guid(i, round - 1), [from])
                 .grant(batch_guid(i, round), [(to, Membership::Full)]);
         }
-        wait_verified(&sm, &exp, Instant::now() + Duration::from_secs(30)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        wait_verified_with(&sm, &exp, deadline, batch_pace(), &mut |_| {}).unwrap();
         v.push(ms(t0.elapsed()));
+        // Not in (b): one more SA pass over the same ports, the sweep done — what
+        // the pass after the sweep costs alone.
+        let guids: Vec<Guid> = (0..n)
+            .flat_map(|i| [batch_guid(i, round - 1), batch_guid(i, round)])
+            .collect();
+        let t0 = Instant::now();
+        sm.observe(&guids).unwrap();
+        passes.push(ms(t0.elapsed()));
     }
     let (med, p90, min) = stats(&mut v);
     let (rmed, _, _) = stats(&mut resets);
+    let (amed, _, _) = stats(&mut applies);
+    let (pmed, _, _) = stats(&mut passes);
     println!(
         "(b) {n} VFs handed over in one batch (one apply, one sweep, {} questions at the SA), 5 runs: median {med:.1} ms, p90 {p90:.1} ms, min {min:.1} ms",
         2 * n
     );
     println!(
         "      (not in (b): the {n} VF resets on ibsim before it, 3 console commands each: median {rmed:.0} ms)"
+    );
+    println!(
+        "      of (b): stage + apply (file written, SIGHUP) median {amed:.1} ms; one SA pass over the {} ports alone (after (b), sweep done) median {pmed:.1} ms",
+        2 * n
     );
     med
 }

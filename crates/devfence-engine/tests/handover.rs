@@ -412,6 +412,37 @@ fn plan_of_an_ib_vf_without_a_guid_matches_its_journal() {
     assert_eq!(names(&p), journal_steps(&mut fx, &a));
 }
 
+/// A gate reads and changes nothing, so it is journalled once, with its result
+/// (one transaction per gate); a step that acts is journalled `Planned` before
+/// it acts and `Done` after (journal first). An IB VF handover has both.
+#[test]
+fn a_gate_is_one_journal_row_and_a_step_two() {
+    let mut fx = fixture();
+    let d = dev(IB_VF);
+    fx.engine().assign(&d, &t("acme"), None).unwrap();
+    let done = fx.engine().handover(&d, &t("globex"), None).unwrap();
+    let j = fx.store.atomically(|tx| tx.journal(done.op)).unwrap();
+    let rows = |name: &str| -> Vec<StepState> {
+        j.iter()
+            .filter(|r| r.step == name)
+            .map(|r| r.state)
+            .collect()
+    };
+    let gates: std::collections::BTreeSet<&str> = j
+        .iter()
+        .map(|r| r.step.as_str())
+        .filter(|s| s.starts_with("gate:"))
+        .collect();
+    assert!(gates.contains("gate:sm-verified"), "{gates:?}");
+    assert!(gates.contains("gate:group-rules"), "{gates:?}");
+    for g in gates {
+        assert_eq!(rows(g), vec![StepState::Done], "{g}");
+    }
+    for s in ["guid-set", "fabric-move", "bind-vfio"] {
+        assert_eq!(rows(s), vec![StepState::Planned, StepState::Done], "{s}");
+    }
+}
+
 // ----------------------------------------------------------------------
 // issue 18 item 4: the pool never issues a GUID the SM knows
 

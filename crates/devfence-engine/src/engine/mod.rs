@@ -891,7 +891,10 @@ impl<'a> Engine<'a> {
     }
 
     /// Runs a gate: a read-back predicate. The result and its evidence are
-    /// journalled and audited as a gate record.
+    /// journalled and audited as a gate record, in one transaction: a gate
+    /// reads and changes nothing, so there is nothing to record before it
+    /// (journal first is for steps that act). A crash during the check leaves
+    /// the step before it last in the journal; recovery scrubs from any point.
     pub(crate) fn gate(
         &mut self,
         run: &mut Run,
@@ -900,14 +903,6 @@ impl<'a> Engine<'a> {
     ) -> Result<(), StepFailure> {
         let name = gate.name();
         let gname = gate.journal_name();
-        self.journal(
-            run,
-            &gname,
-            StepState::Planned,
-            &json!({}),
-            AuditKind::Gate,
-            false,
-        )?;
         self.fp.hit(&format!("{}:{gname}:planned", run.kind));
         let t0 = Instant::now();
         let res = check(self, run);

@@ -112,6 +112,8 @@ impl KernelIo for OnFabric<'_> {
 
 pub struct Host {
     pub dir: tempfile::TempDir,
+    /// The ledger's directory when not in `dir` (`DEVFENCE_BENCH_LEDGER_DIR`).
+    pub ledger_dir: Option<tempfile::TempDir>,
     pub kernel: SimKernel,
     pub store: SqliteStore,
     pub sm: OpenSmSm,
@@ -148,7 +150,19 @@ pub fn host(f: &Fabric) -> Host {
         Arc::clone(&sa) as Arc<dyn PortReader>,
         Some(f.opensm_config().log_file),
     )));
-    let mut store = SqliteStore::open(dir.path().join("ledger.db")).unwrap();
+    // `DEVFENCE_BENCH_LEDGER_DIR` puts the ledger on another filesystem (a disk,
+    // where each transaction's fsync costs what a host's ledger pays).
+    let ledger_dir = std::env::var_os("DEVFENCE_BENCH_LEDGER_DIR").map(|d| {
+        tempfile::Builder::new()
+            .prefix("devfence-ledger-")
+            .tempdir_in(d)
+            .unwrap()
+    });
+    let ledger = ledger_dir
+        .as_ref()
+        .map_or(dir.path(), tempfile::TempDir::path)
+        .join("ledger.db");
+    let mut store = SqliteStore::open(&ledger).unwrap();
     store
         .atomically(|tx| {
             tx.add_tenant(&tenant("acme", 107, 0x8001))?;
@@ -161,6 +175,7 @@ pub fn host(f: &Fabric) -> Host {
         .unwrap();
     Host {
         dir,
+        ledger_dir,
         kernel,
         store,
         sm: OpenSmSm::with_port_reader(f.opensm_config(), Box::new(Arc::clone(&sa))),
