@@ -18,5 +18,5 @@ pub use audit::{
 pub use sqlite::{SCHEMA_VERSION, SqliteStore};
 pub use store::{
     Assignment, Busy, DeviceRecord, DeviceState, GuidRange, GuidRecord, GuidState, JournalEntry,
-    Operation, OperationId, Outcome, StateNonce, StepState, Store, StoreError, StoreExt, Tx,
+    OpOutcome, Operation, OperationId, StateNonce, StepState, Store, StoreError, StoreExt, Tx,
 };

@@ -41,7 +41,7 @@ use crate::audit::{
 };
 use crate::store::{
     Assignment, Busy, DeviceRecord, DeviceState, GuidRange, GuidRecord, GuidState, JournalEntry,
-    Operation, OperationId, Outcome, Partition, StateNonce, StepState, Store, StoreError, Tenant,
+    OpOutcome, Operation, OperationId, Partition, StateNonce, StepState, Store, StoreError, Tenant,
     Tx, check_hex, check_name, now_ms,
 };
 
@@ -1175,11 +1175,15 @@ fn decode_guid_state(row: &str, s: &str) -> Result<GuidState, StoreError> {
     .ok_or_else(|| bad("guids", row, "state", s, "not a GUID state"))
 }
 
-fn decode_outcome(row: &str, s: &str) -> Result<Outcome, StoreError> {
-    [Outcome::Succeeded, Outcome::Failed, Outcome::Recovered]
-        .into_iter()
-        .find(|o| o.name() == s)
-        .ok_or_else(|| bad("operations", row, "outcome", s, "not an outcome"))
+fn decode_outcome(row: &str, s: &str) -> Result<OpOutcome, StoreError> {
+    [
+        OpOutcome::Succeeded,
+        OpOutcome::Failed,
+        OpOutcome::Recovered,
+    ]
+    .into_iter()
+    .find(|o| o.name() == s)
+    .ok_or_else(|| bad("operations", row, "outcome", s, "not an outcome"))
 }
 
 fn decode_step_state(row: &str, s: &str) -> Result<StepState, StoreError> {
@@ -1872,7 +1876,7 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
-    fn finish_operation(&mut self, op: OperationId, outcome: Outcome) -> Result<(), StoreError> {
+    fn finish_operation(&mut self, op: OperationId, outcome: OpOutcome) -> Result<(), StoreError> {
         self.open_operation(op)?;
         self.tx
             .execute(
@@ -2650,7 +2654,7 @@ mod tests {
             .expect_err("busy there too");
         assert_eq!(err.as_busy().map(|b| b.holder), Some(op));
 
-        one.atomically(|tx| tx.finish_operation(op, Outcome::Succeeded))
+        one.atomically(|tx| tx.finish_operation(op, OpOutcome::Succeeded))
             .expect("finish");
         let op2 = two.begin_operation(&d, "release").expect("free again");
         assert_ne!(op2, op);

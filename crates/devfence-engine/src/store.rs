@@ -267,7 +267,7 @@ impl fmt::Display for OperationId {
 /// How an operation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Outcome {
+pub enum OpOutcome {
     /// Every step done and every gate passed.
     Succeeded,
     /// A step or gate failed; the device was left quarantined or where it was.
@@ -276,14 +276,14 @@ pub enum Outcome {
     Recovered,
 }
 
-impl Outcome {
+impl OpOutcome {
     /// The name stored in the ledger.
     #[must_use]
     pub fn name(self) -> &'static str {
         match self {
-            Outcome::Succeeded => "succeeded",
-            Outcome::Failed => "failed",
-            Outcome::Recovered => "recovered",
+            OpOutcome::Succeeded => "succeeded",
+            OpOutcome::Failed => "failed",
+            OpOutcome::Recovered => "recovered",
         }
     }
 }
@@ -300,7 +300,7 @@ pub struct Operation {
     /// When it began.
     pub started_at_ms: i64,
     /// When and how it ended; `None` while open.
-    pub finished: Option<(i64, Outcome)>,
+    pub finished: Option<(i64, OpOutcome)>,
 }
 
 /// The state of a journalled step.
@@ -760,7 +760,7 @@ pub trait Tx {
         detail: &serde_json::Value,
     ) -> Result<(), StoreError>;
     /// Closes an operation and frees its device for the next one.
-    fn finish_operation(&mut self, op: OperationId, outcome: Outcome) -> Result<(), StoreError>;
+    fn finish_operation(&mut self, op: OperationId, outcome: OpOutcome) -> Result<(), StoreError>;
     /// The operation.
     fn operation(&mut self, op: OperationId) -> Result<Option<Operation>, StoreError>;
     /// Unfinished operations (what recovery must look at), oldest first.

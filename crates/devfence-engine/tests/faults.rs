@@ -422,7 +422,7 @@ fn a_second_operation_on_a_busy_device_is_refused_not_interleaved() {
     assert!(!refusals(&mut fx, &d).is_empty());
     // The other process finishes; now the handover runs.
     other
-        .atomically(|tx| tx.finish_operation(holder, devfence_engine::Outcome::Failed))
+        .atomically(|tx| tx.finish_operation(holder, devfence_engine::OpOutcome::Failed))
         .unwrap();
     let done = fx.engine().handover(&d, &t("globex"), None).unwrap();
     assert!(matches!(done.state, DeviceState::Ready { tenant, .. } if tenant == t("globex")));

@@ -183,7 +183,7 @@ pub enum EngineStep {
 
 /// How the last completed sweep ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Outcome {
+pub enum SweepEnd {
     /// Without errors.
     Clean,
     /// With errors: its result must not be trusted.
@@ -247,7 +247,7 @@ pub struct HandoverState {
     /// SM: generation of the last completed sweep.
     pub last_done: u8,
     /// SM: how the last completed sweep ended.
-    pub last_outcome: Outcome,
+    pub last_outcome: SweepEnd,
 }
 
 impl HandoverState {
@@ -477,7 +477,7 @@ impl Handover {
         let new_programmed_exact = s.reported_for(granted) == Some(Keys::B);
         let q1 = old_configured_clear && old_programmed_clear;
         let q2 = new_configured_exact && new_programmed_exact;
-        let q3 = s.last_done >= s.ticket && s.last_outcome == Outcome::Clean;
+        let q3 = s.last_done >= s.ticket && s.last_outcome == SweepEnd::Clean;
         match self.gate {
             GateKind::ReadBack => q1 && q2 && q3,
             GateKind::FixedWait(n) => s.ticks >= n,
@@ -520,7 +520,7 @@ impl Model for Handover {
             sweep: Sweep::Idle,
             generation: 1,
             last_done: 1,
-            last_outcome: Outcome::Clean,
+            last_outcome: SweepEnd::Clean,
         }]
     }
 
@@ -643,21 +643,21 @@ impl Model for Handover {
                 match target {
                     // The port was off the fabric: the SM sees no port.
                     None => {
-                        s.last_outcome = Outcome::Clean;
+                        s.last_outcome = SweepEnd::Clean;
                         if self.report == SmReport::Acknowledged {
                             s.reported = None;
                         }
                     }
                     Some(t) if s.port_up && s.vf_guid == t.guid => {
                         s.port_pkeys = t.pkeys;
-                        s.last_outcome = Outcome::Clean;
+                        s.last_outcome = SweepEnd::Clean;
                         if self.report == SmReport::Acknowledged {
                             s.reported = Some(t);
                         }
                     }
                     // The port vanished or changed its GUID during the sweep.
                     Some(_) => {
-                        s.last_outcome = Outcome::Errors;
+                        s.last_outcome = SweepEnd::Errors;
                         if self.report == SmReport::Acknowledged {
                             s.reported = None;
                         }
@@ -670,7 +670,7 @@ impl Model for Handover {
                 };
                 s.sweep = Sweep::Idle;
                 s.last_done = generation;
-                s.last_outcome = Outcome::Errors;
+                s.last_outcome = SweepEnd::Errors;
             }
             Action::LoseRequest => s.sweep_requested = false,
             Action::LinkUp => {

@@ -41,7 +41,7 @@ pub use reverify::{Check, DeviceCheck, RecordedRestore, Reverification};
 
 use crate::audit::{AuditEvent, AuditKind};
 use crate::store::{
-    Busy, DeviceState, OperationId, Outcome, StepState, Store, StoreError, StoreExt, Tenant, Tx,
+    Busy, DeviceState, OpOutcome, OperationId, StepState, Store, StoreError, StoreExt, Tenant, Tx,
 };
 
 /// How the engine behaves.
@@ -122,7 +122,7 @@ pub enum Progress {
         /// The operation.
         op: OperationId,
         /// How.
-        outcome: Outcome,
+        outcome: OpOutcome,
         /// The device's state now.
         state: String,
         /// Time since the operation began.
@@ -1031,7 +1031,7 @@ impl<'a> Engine<'a> {
                 self.fp.hit(&format!("{}:finish:planned", run.kind));
                 self.store.atomically(|tx| {
                     tx.journal_step(op, "finish", StepState::Done, &d)?;
-                    tx.finish_operation(op, Outcome::Succeeded)?;
+                    tx.finish_operation(op, OpOutcome::Succeeded)?;
                     tx.audit(&AuditEvent {
                         kind: AuditKind::Step,
                         device: Some(dev),
@@ -1043,7 +1043,7 @@ impl<'a> Engine<'a> {
                 let elapsed_ms = run.elapsed_ms();
                 self.emit(&Progress::Finished {
                     op,
-                    outcome: Outcome::Succeeded,
+                    outcome: OpOutcome::Succeeded,
                     state: fin.state.to_string(),
                     elapsed_ms,
                 });
@@ -1094,7 +1094,7 @@ impl<'a> Engine<'a> {
             }
             let d = json!({ "outcome": "failed", "from": cur.to_string(), "reason": reason });
             tx.journal_step(op, "quarantine", StepState::Done, &d)?;
-            tx.finish_operation(op, Outcome::Failed)?;
+            tx.finish_operation(op, OpOutcome::Failed)?;
             tx.audit(&AuditEvent {
                 kind: AuditKind::Refusal,
                 device: Some(dev),
@@ -1107,7 +1107,7 @@ impl<'a> Engine<'a> {
         })?;
         self.emit(&Progress::Finished {
             op,
-            outcome: Outcome::Failed,
+            outcome: OpOutcome::Failed,
             state: st.to_string(),
             elapsed_ms: run.elapsed_ms(),
         });

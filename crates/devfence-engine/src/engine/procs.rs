@@ -28,7 +28,8 @@ use super::{
 };
 use crate::audit::{AuditEvent, AuditKind};
 use crate::store::{
-    DeviceState, GuidRecord, GuidState, Operation, Outcome, StepState, StoreError, StoreExt, Tenant,
+    DeviceState, GuidRecord, GuidState, OpOutcome, Operation, StepState, StoreError, StoreExt,
+    Tenant,
 };
 
 /// How a successful procedure ended.
@@ -1436,7 +1437,7 @@ pub(crate) fn recover_one(
     let detail = json!({ "operation": op.id, "state": state.to_string(), "problem": problem, "created-mdevs": created });
     e.store.atomically(|tx| {
         tx.journal_step(opid, "recover:finish", StepState::Done, &detail)?;
-        tx.finish_operation(opid, Outcome::Recovered)?;
+        tx.finish_operation(opid, OpOutcome::Recovered)?;
         tx.audit(&AuditEvent {
             kind: AuditKind::Recovery,
             device: Some(device),
@@ -1447,7 +1448,7 @@ pub(crate) fn recover_one(
     })?;
     e.emit(&Progress::Finished {
         op: op.id,
-        outcome: Outcome::Recovered,
+        outcome: OpOutcome::Recovered,
         state: state.to_string(),
         elapsed_ms: run.elapsed_ms(),
     });
