@@ -36,10 +36,10 @@ use std::time::{Duration, Instant};
 
 use devfence_engine::engine::{Engine, EngineConfig};
 use devfence_fabric::opensm::OpenSmSm;
-use devfence_fabric::opensm::harness::{FABRIC_DIR_ENV, Fabric, FabricSpec};
 use devfence_fabric::{
     Expectation, Pace, PartitionKey, SubnetManager, wait_verified, wait_verified_with,
 };
+use devfence_fabric_harness::{FABRIC_DIR_ENV, Fabric, FabricSpec};
 use devfence_model::{DeviceId, Guid, Membership, TenantId};
 use support::{OnFabric, host};
 

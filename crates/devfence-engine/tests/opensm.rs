@@ -14,8 +14,8 @@ use std::time::Duration;
 use devfence_engine::engine::{Engine, EngineConfig, EngineError, Progress};
 use devfence_engine::store::{DeviceState, GuidState, StepState};
 use devfence_engine::{SqliteStore, StoreExt};
-use devfence_fabric::opensm::harness::in_fabric;
 use devfence_fabric::{PortReader, Programmed};
+use devfence_fabric_harness::in_fabric;
 use devfence_model::{DeviceId, Guid, PKey, TenantId};
 use support::{FACTORY, Host, OnFabric, host, spec};
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use devfence_engine::StoreExt;
 use devfence_engine::engine::{Engine, EngineConfig, EngineError};
 use devfence_engine::store::DeviceState;
-use devfence_fabric::opensm::harness::in_fabric;
+use devfence_fabric_harness::in_fabric;
 use devfence_model::DeviceId;
 use support::{OnFabric, host, spec};
 

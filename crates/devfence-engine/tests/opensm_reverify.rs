@@ -17,7 +17,7 @@ use devfence_engine::store::DeviceState;
 use devfence_engine::{AuditFilter, Store, StoreExt};
 use devfence_fabric::PortReader;
 use devfence_fabric::opensm::OpenSmSm;
-use devfence_fabric::opensm::harness::in_fabric;
+use devfence_fabric_harness::in_fabric;
 use devfence_model::DeviceId;
 use support::{OnFabric, host, spec};
 

@@ -18,10 +18,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use devfence_fabric::opensm::harness::{Fabric, FabricSpec, in_fabric};
 use devfence_fabric::opensm::partitions::{self, PartitionsFile};
 use devfence_fabric::opensm::{SaClient, SaConfig};
 use devfence_fabric::{MembershipMap, PartitionKey, PortReader, Programmed};
+use devfence_fabric_harness::{Fabric, FabricSpec, in_fabric};
 use devfence_model::{Guid, Membership, PKey};
 
 const BASE: Guid = Guid(0x0002_c903_00f0_0001);

@@ -1,16 +1,16 @@
 //! The OpenSM backend against a real OpenSM on an ibsim fabric (one per test,
-//! started by `opensm::harness`; each test re-runs itself under the umad2sim
+//! started by `devfence-fabric-harness`; each test re-runs itself under the umad2sim
 //! preload so its SA queries reach the simulated fabric).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use devfence_fabric::opensm::harness::{Fabric, FabricSpec, in_fabric};
 use devfence_fabric::opensm::{OpenSmSm, SaClient, SaConfig};
 use devfence_fabric::{
     Expectation, FabricError, PartitionKey, PortReader, Programmed, Question, SmState,
     SubnetManager, Verdict, verify, wait_verified,
 };
+use devfence_fabric_harness::{Fabric, FabricSpec, in_fabric};
 use devfence_model::{Guid, Membership, PKey};
 
 const BASE: Guid = Guid(0x0002_c903_00f0_0001);

@@ -1,17 +1,17 @@
 //! issue 17: the OpenSM backend in an operator's world — logrotate, restarts,
 //! concurrent edits, typos, a wrong key, a symlinked file, a duplicated GUID —
-//! each against a real OpenSM 3.3.23 on ibsim (one per test, `opensm::harness`).
+//! each against a real OpenSM 3.3.23 on ibsim (one per test, `devfence-fabric-harness`).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use devfence_fabric::opensm::harness::{Fabric, FabricSpec, in_fabric};
 use devfence_fabric::opensm::{OpenSmSm, SaClient, SaConfig};
 use devfence_fabric::{
     Expectation, FabricError, Generation, PartitionKey, PortReader, Programmed, SmState,
     SubnetManager, SweepOutcome, Ticket, wait_verified,
 };
+use devfence_fabric_harness::{Fabric, FabricSpec, in_fabric};
 use devfence_model::{Guid, Membership, PKey};
 
 const BASE: Guid = Guid(0x0002_c903_00f0_0001);

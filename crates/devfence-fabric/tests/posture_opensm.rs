@@ -11,10 +11,10 @@
 use std::time::Duration;
 
 use devfence_fabric::opensm::OpenSmSm;
-use devfence_fabric::opensm::harness::{Fabric, FabricSpec, in_fabric};
 use devfence_fabric::opensm::partitions::render_block;
 use devfence_fabric::posture::{LedgerGuid, LedgerView, posture};
 use devfence_fabric::{MembershipMap, PartitionKey, Programmed, SubnetManager};
+use devfence_fabric_harness::{Fabric, FabricSpec, in_fabric};
 use devfence_model::{Finding, Guid, Membership, PKey, Severity};
 
 const BASE: Guid = Guid(0x0002_c903_00f1_0001);

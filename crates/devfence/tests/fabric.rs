@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use devfence_fabric::opensm::OpenSmConfig;
-use devfence_fabric::opensm::harness::{Fabric, FabricSpec};
+use devfence_fabric_harness::{Fabric, FabricSpec};
 use devfence_model::Guid;
 
 const VF0: u64 = 0x0c42_a103_4000_0000;

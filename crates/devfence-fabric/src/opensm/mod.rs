@@ -32,7 +32,6 @@
 //! process), signals OpenSM and, at the next clean sweep, re-verifies at the SA
 //! that every port devfence manages holds its partitions.
 
-pub mod harness;
 pub mod log;
 pub mod mad;
 pub mod partitions;

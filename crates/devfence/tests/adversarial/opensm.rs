@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use devfence_fabric::opensm::harness::{FabricSpec, in_fabric};
 use devfence_fabric::opensm::partitions;
 use devfence_fabric::ufm::decode::decode_pkeys;
 use devfence_fabric::{Expectation, OpenSmSm, PartitionKey, SubnetManager, wait_verified};
+use devfence_fabric_harness::{FabricSpec, in_fabric};
 use devfence_model::{Guid, Membership};
 
 const BASE: Guid = Guid(0x0002_c903_00f0_0001);

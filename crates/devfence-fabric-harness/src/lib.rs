@@ -1,4 +1,5 @@
-//! A real fabric for tests and benchmarks: ibsim (the InfiniBand simulator) plus a
+//! A real fabric for devfence's tests and benchmarks (a crate of its own, so
+//! that it is not in the production library): ibsim (the InfiniBand simulator) plus a
 //! real OpenSM under the `libumad2sim` preload, one per test, torn down on drop.
 //! The shell twin of this harness is `testbed/fabric/run-fabric.sh`.
 //!
@@ -28,7 +29,8 @@ use std::time::{Duration, Instant};
 
 use devfence_model::Guid;
 
-use super::{OpenSmConfig, SaConfig};
+use devfence_fabric::OpenSmConfig;
+use devfence_fabric::opensm::SaConfig;
 
 /// Where Debian puts the preload library.
 pub const UMAD2SIM: &str = "/usr/lib/x86_64-linux-gnu/umad2sim/libumad2sim.so";
@@ -60,7 +62,9 @@ impl FabricSpec {
                 .map(|i| (format!("vf{i}"), Guid(base.0 + 2 * i as u64)))
                 .collect(),
             spares: Vec::new(),
-            partitions: super::partitions::render_block(&crate::MembershipMap::new()),
+            partitions: devfence_fabric::opensm::partitions::render_block(
+                &devfence_fabric::MembershipMap::new(),
+            ),
             sweep_interval: 10,
         }
     }
