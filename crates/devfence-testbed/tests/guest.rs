@@ -100,7 +100,7 @@ fn t02_inventory_matches_the_kernel() {
         .iommu_groups
         .iter()
         .map(|g| {
-            let mut m = g.members.clone();
+            let mut m: Vec<String> = g.members.iter().map(ToString::to_string).collect();
             m.sort();
             (g.id.to_string().parse().unwrap(), m)
         })
