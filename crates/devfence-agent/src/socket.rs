@@ -72,9 +72,25 @@ pub fn bind(
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
+        // Non-blocking and a regular file only: a FIFO put at the lock's path
+        // must be an error, not a read that hangs the agent's start.
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
         .open(&lp)
         .map_err(|e| io("Cannot open the agent's lock file", &lp, e))?;
+    match file.metadata() {
+        Ok(m) if m.file_type().is_file() => {}
+        Ok(m) => {
+            return Err(io(
+                &format!(
+                    "The agent's lock file is {}, not a regular file; devfence does not remove it. Hint: move it away:",
+                    kind_of(&m.file_type())
+                ),
+                &lp,
+                std::io::Error::other("not a regular file"),
+            ));
+        }
+        Err(e) => return Err(io("Cannot inspect the agent's lock file", &lp, e)),
+    }
     let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(l) => l,
         Err((mut f, _)) => {
@@ -139,5 +155,33 @@ fn kind_of(t: &std::fs::FileType) -> &'static str {
         "a FIFO"
     } else {
         "a device or other special file"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A FIFO at the lock's path is refused at once (never read, never
+    /// removed): the agent's start does not hang on it.
+    #[test]
+    fn a_fifo_at_the_lock_path_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sock = dir.path().join("devfence.sock");
+        nix::unistd::mkfifo(
+            &lock_path(&sock),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .expect("mkfifo");
+        let e = bind(&sock, None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("a FIFO, not a regular file") && e.contains("Hint:"),
+            "{e}"
+        );
+        assert!(lock_path(&sock).exists(), "left where it was");
+        assert!(!sock.exists(), "no socket bound");
     }
 }
