@@ -16,10 +16,14 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::auth::{self, Access, Peer, Policy};
 use crate::metrics::Metrics;
+use crate::openapi::{
+    AgentAnswer, AuditVerifyAnswer, CheckAnswer, OperationAccepted, OperationRequest, PlanAnswer,
+    PlanRequest, SmAnswer, StatusAnswer,
+};
 use crate::ops::{self, OpState, OpView, Ops};
 use crate::{Limits, Options};
 
@@ -66,12 +70,13 @@ impl State {
 }
 
 /// The typed error body of every refusal and failure.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct ApiError {
     /// The HTTP status it is answered with.
     pub status: u16,
     /// A stable machine-readable code (`invalid_input`, `forbidden`,
     /// `unknown_device`, `refused`, `busy`, `gate_failed`, …).
+    #[schemars(schema_with = "crate::openapi::error_code_schema")]
     pub code: &'static str,
     /// What happened.
     pub message: String,
@@ -609,7 +614,7 @@ pub fn parse_operation(
     body: &serde_json::Map<String, Value>,
 ) -> Result<devfence_app::lifecycle::Request, ApiError> {
     use devfence_app::lifecycle::Request as Op;
-    let f = Fields::new(body, &["kind", "device", "tenant", "vm"])?;
+    let f = Fields::new(body, OperationRequest::FIELDS)?;
     let kind = f.required("kind", "give \"assign\", \"handover\" or \"release\"")?;
     let device = device_field(&f)?;
     let tenant = tenant_field(&f, "tenant")?;
@@ -716,7 +721,11 @@ fn start_operation(
         st2.metrics.operation(&kind, outcome);
         st2.ops.finished();
     });
-    Ok(json!({ "id": id, "state": "running", "href": format!("/v1/operations/{id}") }))
+    to_json(&OperationAccepted {
+        href: format!("/v1/operations/{id}"),
+        id,
+        state: OpState::Running,
+    })
 }
 
 fn run_operation(
@@ -792,12 +801,12 @@ async fn check(st: Arc<State>) -> Result<Value, ApiError> {
             st.opts.config.as_deref(),
             &devfence_app::check::CheckRequest::default(),
         ))?;
-        Ok(json!({
-            "findings": to_json(&r.findings)?,
-            "summary": to_json(&r.summary)?,
-            "tenancy": r.tenancy.map(|p| p.display().to_string()),
-            "notices": r.notices,
-        }))
+        to_json(&CheckAnswer {
+            findings: r.findings,
+            summary: r.summary,
+            tenancy: r.tenancy.map(|p| p.display().to_string()),
+            notices: r.notices,
+        })
     })
     .await
 }
@@ -806,18 +815,27 @@ async fn status(st: Arc<State>) -> Result<Value, ApiError> {
     blocking(move || {
         let mut env = open_env(&st)?;
         let s = app(devfence_app::lifecycle::status(&mut env.store, &*env.sm))?;
-        Ok(json!({
-            "ledger": env.ledger_path.display().to_string(),
-            "devices": to_json(&s.devices)?,
-            "open_operations": to_json(&s.open_operations)?,
-            "guid_pool": to_json(&s.guid_pool)?,
-            "sm": match &s.health {
-                Ok(h) => json!({ "backend": s.sm_backend, "healthy": h.is_healthy(), "health": to_json(h)? }),
-                Err(e) => json!({ "backend": s.sm_backend, "error": e.to_string() }),
+        to_json(&StatusAnswer {
+            ledger: env.ledger_path.display().to_string(),
+            devices: s.devices,
+            open_operations: s.open_operations,
+            guid_pool: s.guid_pool,
+            sm: match s.health {
+                Ok(h) => SmAnswer::Read {
+                    backend: s.sm_backend,
+                    healthy: h.is_healthy(),
+                    health: h,
+                },
+                Err(e) => SmAnswer::Unread {
+                    backend: s.sm_backend,
+                    error: e.to_string(),
+                },
             },
-            "agent": { "operations_running": st.ops.running() },
-            "notices": env.notices,
-        }))
+            agent: AgentAnswer {
+                operations_running: st.ops.running(),
+            },
+            notices: std::mem::take(&mut env.notices),
+        })
     })
     .await
 }
@@ -922,29 +940,65 @@ async fn audit_verify(st: Arc<State>) -> Result<Value, ApiError> {
             false,
         ))?;
         match app(devfence_app::audit::verify(&st.opts.root, &mut store, None))? {
-            devfence_app::audit::Verified::Intact { report, stored } => Ok(
-                json!({ "intact": true, "report": to_json(&report)?, "stored_head": to_json(&stored)? }),
-            ),
-            devfence_app::audit::Verified::Broken(e) => {
-                Ok(json!({ "intact": false, "error": e.to_string() }))
+            devfence_app::audit::Verified::Intact { report, stored } => {
+                to_json(&AuditVerifyAnswer::Intact {
+                    intact: true,
+                    report,
+                    stored_head: stored,
+                })
             }
+            devfence_app::audit::Verified::Broken(e) => to_json(&AuditVerifyAnswer::Broken {
+                intact: false,
+                error: e.to_string(),
+            }),
         }
     })
     .await
 }
 
-async fn plan(st: &Arc<State>, body: &serde_json::Map<String, Value>) -> Result<Value, ApiError> {
-    let st = Arc::clone(st);
-    let f = Fields::new(body, &["device", "tenant"])?;
-    let req = devfence_app::lifecycle::PlanRequest {
+/// The plan a `POST /v1/plan` body asks for.
+///
+/// # Errors
+/// 400 naming the field and what it should be.
+pub fn parse_plan(
+    body: &serde_json::Map<String, Value>,
+) -> Result<devfence_app::lifecycle::PlanRequest, ApiError> {
+    let f = Fields::new(body, PlanRequest::FIELDS)?;
+    Ok(devfence_app::lifecycle::PlanRequest {
         device: device_field(&f)?,
         to: tenant_field(&f, "tenant")?,
-    };
+    })
+}
+
+/// Parses the JSON body of `POST route` as its handler does, keeping only
+/// whether it is accepted (the OpenAPI tests check the parsers against the
+/// document with it).
+///
+/// # Errors
+/// The handler's 400; a 404 for a route that takes no body.
+pub fn parse_body(route: &str, body: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    match route {
+        "/v1/operations" => parse_operation(body).map(drop),
+        "/v1/plan" => parse_plan(body).map(drop),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_such_route",
+            format!("POST {route} takes no body"),
+        )),
+    }
+}
+
+async fn plan(st: &Arc<State>, body: &serde_json::Map<String, Value>) -> Result<Value, ApiError> {
+    let st = Arc::clone(st);
+    let req = parse_plan(body)?;
     blocking(move || {
         let mut env = open_env(&st)?;
         let mut e = env.engine(EngineConfig::default());
         let steps = app(devfence_app::lifecycle::plan(&mut e, &req))?;
-        Ok(json!({ "device": req.device.to_string(), "steps": to_json(&steps)? }))
+        to_json(&PlanAnswer {
+            device: req.device.to_string(),
+            steps,
+        })
     })
     .await
 }
@@ -999,6 +1053,7 @@ async fn metrics(st: Arc<State>) -> Resp {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use serde_json::json;
 
     fn state(policy: Policy) -> Arc<State> {
         Arc::new(State::new(

@@ -14,6 +14,7 @@
 //! - [`ops`]: long operations (assign, handover, release) as resources to poll;
 //!   a client that goes away does not cancel one.
 //! - [`metrics`]: Prometheus text (`GET /metrics`).
+//! - [`openapi`]: the OpenAPI document, generated from the handlers' types.
 //!
 //! Bad input and faults: bodies are capped ([`Limits::max_body`], 413
 //! beyond), a request's headers must arrive within
@@ -31,6 +32,7 @@ use devfence_host::HostRoot;
 pub mod api;
 pub mod auth;
 pub mod metrics;
+pub mod openapi;
 pub mod ops;
 pub mod socket;
 

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::api::ApiError;
 
 /// Where an operation is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OpState {
     /// Running.
@@ -30,7 +30,7 @@ pub enum OpState {
 pub const MAX_EVENTS: usize = 1024;
 
 /// One operation as `GET /v1/operations/{id}` shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
 pub struct OpView {
     /// The agent's id for it (`op-N`).
     pub id: String,

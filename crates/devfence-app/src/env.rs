@@ -330,7 +330,7 @@ pub fn open_sm(
 /// Who asks for a use case when it is not the operator's own command: the
 /// host agent's peer, from its socket credentials (`SO_PEERCRED`). Every audit
 /// record written on its behalf names it (issue 12 item 1).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct Actor {
     /// The peer's user id.
     pub uid: u32,

@@ -97,6 +97,15 @@ impl fmt::Debug for Hash {
     }
 }
 
+impl schemars::JsonSchema for Hash {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Hash".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "description": "A BLAKE3 digest, 64 hex digits." })
+    }
+}
+
 impl serde::Serialize for Hash {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -104,7 +113,7 @@ impl serde::Serialize for Hash {
 }
 
 /// What a record is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AuditKind {
     /// A journalled step (planned, done or failed).
@@ -174,7 +183,7 @@ pub struct AuditEvent {
 }
 
 /// One stored record.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, schemars::JsonSchema)]
 pub struct AuditRecord {
     /// Position in the chain, from 1.
     pub seq: u64,
@@ -205,7 +214,7 @@ pub struct AuditFilter {
 }
 
 /// The newest record of a chain: what to keep elsewhere as an anchor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct ChainHead {
     /// Its seq.
     pub seq: u64,
@@ -214,7 +223,7 @@ pub struct ChainHead {
 }
 
 /// An intact chain.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct VerifyReport {
     /// How many records were checked.
     pub records: u64,
@@ -225,7 +234,7 @@ pub struct VerifyReport {
 }
 
 /// What is wrong at the first bad record.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[serde(tag = "problem", rename_all = "snake_case")]
 pub enum ChainProblem {
     /// The stored hash is not the hash of the record's contents (edited or swapped).
@@ -292,7 +301,7 @@ pub enum ChainProblem {
 }
 
 /// The first bad record of a chain.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct ChainBreak {
     /// 1-based position of the record in storage order.
     pub position: u64,
@@ -617,7 +626,7 @@ pub type HeadSigner = Box<dyn Fn(&[u8]) -> (String, String) + Send>;
 
 /// The chain head as kept beside the ledger (`<ledger>.audit-head`, 0600, replaced
 /// atomically after every append), signed with the host key when there is one.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoredHead {
     /// [`HEAD_FORMAT`].
@@ -639,7 +648,7 @@ pub struct StoredHead {
 }
 
 /// The last record removed by a prune, as kept in the head file.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PruneMark {
     /// Its seq.
@@ -984,7 +993,7 @@ pub(crate) fn verify(
 }
 
 /// What a prune did.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct PruneReport {
     /// How many records were removed now.
     pub pruned: u64,

@@ -41,7 +41,7 @@ const QEMU_XMLNS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 const MAX_NAME: usize = 256;
 
 /// A domain as devfence sees it: who it is and which host devices it would get.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct DomainSpec {
     /// The domain name (`<name>`), which the ledger records as the VM.
     pub name: String,
@@ -165,7 +165,7 @@ pub enum DomainError {
 }
 
 /// The domain may start: every device devfence manages is `Ready` for `tenant`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct Admission {
     /// The tenant every device is `Ready` for; `None` when the domain has no
     /// device devfence manages.
@@ -178,7 +178,7 @@ pub struct Admission {
 /// The domain may not start. [`Display`](fmt::Display) is one line, as libvirt
 /// shows it: `devfence refuses domain web1: 0000:3b:00.1 is Quarantined(…), not
 /// Ready for acme. Hint: …`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct Refusal {
     /// The domain refused.
     pub domain: String,
@@ -694,7 +694,7 @@ fn note_qemu_passthrough(root: Node<'_, '_>, unsupported: &mut Vec<String>) {
 
 /// What the hook does with a domain that does not say whose it is: no
 /// `<devfence:tenant>` metadata, and no device reserved for it (by name or UUID).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Unidentified {
     /// Refuse it (the default): any tenant's Ready device would otherwise pass

@@ -35,7 +35,7 @@ pub fn now_ms() -> i64 {
 }
 
 /// The lifecycle state of one device, exactly as docs/design.md §4 draws it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
 pub enum DeviceState {
     /// Nobody holds it; it was verified clean.
@@ -172,7 +172,7 @@ impl fmt::Display for DeviceState {
 }
 
 /// One device in the ledger.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct DeviceRecord {
     /// The device.
     pub device: DeviceId,
@@ -183,7 +183,7 @@ pub struct DeviceRecord {
 }
 
 /// A device held by a tenant: the devices whose state names a tenant.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct Assignment {
     /// The device.
     pub device: DeviceId,
@@ -196,7 +196,7 @@ pub struct Assignment {
 }
 
 /// An inclusive range of GUIDs the pool may hand out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct GuidRange {
     /// The first GUID of the range.
     pub first: Guid,
@@ -205,7 +205,7 @@ pub struct GuidRange {
 }
 
 /// What became of a GUID the pool knows. No state ever returns to the pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum GuidState {
     /// Issued to a device for a tenant and in use.
@@ -233,7 +233,7 @@ impl GuidState {
 }
 
 /// One GUID the pool remembers (forever).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct GuidRecord {
     /// The GUID.
     pub guid: Guid,
@@ -253,7 +253,7 @@ pub struct GuidRecord {
 
 /// The id of one operation (a handover, an assignment, a release, a recovery…).
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
 )]
 #[serde(transparent)]
 pub struct OperationId(pub i64);
@@ -265,7 +265,7 @@ impl fmt::Display for OperationId {
 }
 
 /// How an operation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OpOutcome {
     /// Every step done and every gate passed.
@@ -289,7 +289,7 @@ impl OpOutcome {
 }
 
 /// One operation on one device.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct Operation {
     /// Its id.
     pub id: OperationId,
@@ -304,7 +304,7 @@ pub struct Operation {
 }
 
 /// The state of a journalled step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StepState {
     /// Recorded before acting.
@@ -329,7 +329,7 @@ impl StepState {
 
 /// One journal row. The journal is append-only: a step that is planned and then
 /// done has two rows.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct JournalEntry {
     /// Row id (increasing).
     pub id: i64,
@@ -348,7 +348,7 @@ pub struct JournalEntry {
 /// One admitted device-state envelope, remembered forever by its nonce so that it
 /// is never admitted again (`docs/state-envelopes.md`). Holds no secret: the
 /// side-load token is recorded only as a hash, in the audit record.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct StateNonce {
     /// The envelope's nonce (32 lowercase hex digits).
     pub nonce: String,

@@ -22,7 +22,7 @@ use devfence_model::{Evidence, Finding, Guid, PKey, Severity};
 use crate::{FabricError, Observation, Programmed, SmState, SweepOutcome};
 
 /// One rule of `check --fabric`, for `devfence rules`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct FabricRule {
     /// The rule id findings carry.
     pub id: &'static str,
@@ -90,7 +90,7 @@ pub const RULES: &[FabricRule] = &[
 ];
 
 /// Who a configured entry names.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Member {
     /// One port GUID.
@@ -100,7 +100,7 @@ pub enum Member {
 }
 
 /// One membership as the SM's configuration states it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct Configured {
     /// The P_Key with its membership bit (full: `0x8000` set).
     pub pkey: PKey,

@@ -4,7 +4,7 @@ use std::fmt;
 
 /// How bad a finding is. `Error` findings make `devfence check` exit 1.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
@@ -27,7 +27,7 @@ impl fmt::Display for Severity {
 }
 
 /// One item of evidence: a path that was read and the value found there.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct Evidence {
     /// The path (under the host root, shown as the kernel names it) or a
     /// tenancy-file location such as `tenancy:assignment[2]`.
@@ -187,6 +187,15 @@ impl PartialEq<String> for Subject {
     }
 }
 
+impl schemars::JsonSchema for Subject {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Subject".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "description": "What a finding is about, by name: a device (BDF, mdev UUID, APQN, GUID), an IOMMU group (group N), a pair of them, or another named thing." })
+    }
+}
+
 impl serde::Serialize for Subject {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -201,7 +210,7 @@ impl<'de> serde::Deserialize<'de> for Subject {
 }
 
 /// A finding of an isolation rule.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct Finding {
     /// The rule id, e.g. `GRP-VIABLE`.
     pub rule: String,

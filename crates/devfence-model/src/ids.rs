@@ -32,9 +32,18 @@ impl ParseError {
     }
 }
 
-/// Implements serde through `Display`/`FromStr`.
+/// Implements serde through `Display`/`FromStr`, and its JSON schema: a
+/// string described by `$what`.
 macro_rules! serde_via_str {
-    ($t:ty) => {
+    ($t:ident, $what:literal) => {
+        impl schemars::JsonSchema for $t {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($t).into()
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({ "type": "string", "description": $what })
+            }
+        }
         impl serde::Serialize for $t {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 s.collect_str(self)
@@ -150,7 +159,7 @@ impl fmt::Debug for Bdf {
         write!(f, "Bdf({self})")
     }
 }
-serde_via_str!(Bdf);
+serde_via_str!(Bdf, "A PCI function address, DDDD:BB:DD.F (domain, bus, device, function), lower-case hex.");
 
 /// A 64-bit InfiniBand GUID (node or port GUID).
 ///
@@ -215,11 +224,11 @@ impl fmt::Debug for Guid {
         write!(f, "Guid({self})")
     }
 }
-serde_via_str!(Guid);
+serde_via_str!(Guid, "An InfiniBand port or node GUID; written 0x and 16 hex digits (also read as xxxx:xxxx:xxxx:xxxx, xx:..:xx or bare hex).");
 
 /// Membership in an IB partition: bit 15 of a P_Key.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Membership {
@@ -294,7 +303,7 @@ impl fmt::Debug for PKey {
         write!(f, "PKey({self})")
     }
 }
-serde_via_str!(PKey);
+serde_via_str!(PKey, "An InfiniBand partition key; written 0x and 4 hex digits (read as 0x and 1 to 4).");
 
 /// An AP queue number: adapter (card, APID) and domain (APQI), written `AA.DDDD`.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -334,7 +343,7 @@ impl fmt::Debug for Apqn {
         write!(f, "Apqn({self})")
     }
 }
-serde_via_str!(Apqn);
+serde_via_str!(Apqn, "An s390 AP queue number, AA.DDDD (adapter and domain in hex).");
 
 /// A 256-bit AP bus mask (`apmask`, `aqmask`). Bit 0 is the leftmost (most
 /// significant) bit of the text form and stands for id 0; a set bit means the id
@@ -412,11 +421,11 @@ impl fmt::Debug for ApMask {
         write!(f, "ApMask({self})")
     }
 }
-serde_via_str!(ApMask);
+serde_via_str!(ApMask, "An AP bus mask, 0x followed by 64 hex digits (256 bits).");
 
 /// A kernel IOMMU group number. Not stable across reboots: always map by device.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
 )]
 #[serde(transparent)]
 pub struct IommuGroupId(pub u32);
@@ -489,7 +498,7 @@ impl fmt::Debug for MdevUuid {
         write!(f, "MdevUuid({self})")
     }
 }
-serde_via_str!(MdevUuid);
+serde_via_str!(MdevUuid, "A mediated device UUID.");
 
 /// An opaque tenant id: 1 to 64 characters of `[A-Za-z0-9._-]`, starting with an
 /// alphanumeric character.
@@ -531,7 +540,7 @@ impl fmt::Debug for TenantId {
         write!(f, "TenantId({})", self.0)
     }
 }
-serde_via_str!(TenantId);
+serde_via_str!(TenantId, "A tenant name: 1 to 64 characters of [A-Za-z0-9._-], starting with a letter or digit.");
 
 /// Anything devfence can hand to a tenant, named the way an operator names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -580,7 +589,7 @@ impl fmt::Display for DeviceId {
         }
     }
 }
-serde_via_str!(DeviceId);
+serde_via_str!(DeviceId, "A device devfence hands out: a PCI BDF (0000:3b:00.2), an mdev UUID, an APQN (05.0012) or an IB VF's port GUID (0x0002c90300a1b2c3).");
 
 /// Makes 16 random bytes a version-4 (random) UUID in place: the version
 /// nibble 4 and the RFC 4122 variant bits. The one place devfence sets them

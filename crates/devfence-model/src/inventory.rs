@@ -12,7 +12,7 @@ use crate::ids::{ApMask, Apqn, Bdf, Guid, IommuGroupId, MdevUuid, PKey};
 pub const INVENTORY_SCHEMA: u32 = 1;
 
 /// Everything devfence knows about a host's passthrough devices.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct Inventory {
     /// [`INVENTORY_SCHEMA`].
     pub schema: u32,
@@ -45,7 +45,7 @@ pub struct Inventory {
 
 /// One device's VFIO migration capability, read from the kernel
 /// (`VFIO_DEVICE_FEATURE` GET `MIGRATION` on the device opened through its group).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct DeviceMigration {
     /// The device: a BDF or an mdev UUID.
     pub device: String,
@@ -65,7 +65,7 @@ pub struct DeviceMigration {
 }
 
 /// An attribute that could not be read or did not parse.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct ReadProblem {
     /// The device the attribute belongs to (BDF, UUID, APQN, ib device), if any.
     pub subject: Option<String>,
@@ -78,7 +78,7 @@ pub struct ReadProblem {
 }
 
 /// `/sys/module/vfio_pci/parameters/*`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct VfioPciParams {
     /// `enable_sriov` (`Y`/`N`): a PF on vfio-pci may create VFs.
     pub enable_sriov: Option<bool>,
@@ -87,7 +87,7 @@ pub struct VfioPciParams {
 }
 
 /// One PCI function, `/sys/bus/pci/devices/<BDF>`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct PciFunction {
     /// Its address.
     pub bdf: Bdf,
@@ -132,7 +132,7 @@ impl PciFunction {
 }
 
 /// The SR-IOV side of a PF.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct SriovPf {
     /// `sriov_totalvfs`.
     pub total_vfs: Option<u32>,
@@ -145,7 +145,7 @@ pub struct SriovPf {
 }
 
 /// One `virtfn<N>` link of a PF.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct VirtFn {
     /// The N in `virtfn<N>`.
     pub index: u32,
@@ -154,7 +154,7 @@ pub struct VirtFn {
 }
 
 /// `sriov/<N>/` of an mlx5 PF under MLNX_OFED/DOCA-OFED.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct VfGuids {
     /// The VF index N.
     pub index: u32,
@@ -167,7 +167,7 @@ pub struct VfGuids {
 }
 
 /// `vfio-dev/vfio<X>/` of a function bound to vfio.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct VfioDevRef {
     /// `vfio<X>`.
     pub name: String,
@@ -257,6 +257,15 @@ impl PartialEq<String> for GroupMember {
     }
 }
 
+impl schemars::JsonSchema for GroupMember {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "GroupMember".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "description": "A member of an IOMMU group by name: a PCI BDF, an mdev UUID, or another bus's device name." })
+    }
+}
+
 impl serde::Serialize for GroupMember {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -270,7 +279,7 @@ impl<'de> serde::Deserialize<'de> for GroupMember {
 }
 
 /// An IOMMU group, `/sys/kernel/iommu_groups/<N>`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct IommuGroup {
     /// The group number.
     pub id: IommuGroupId,
@@ -284,7 +293,7 @@ pub struct IommuGroup {
 }
 
 /// What kind of VFIO node a path is.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "id")]
 pub enum VfioNodeKind {
     /// `/dev/vfio/vfio`, the container.
@@ -298,7 +307,7 @@ pub enum VfioNodeKind {
 }
 
 /// A node under `/dev/vfio`, with its ownership.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct VfioNode {
     /// The path, e.g. `/dev/vfio/41`.
     pub path: String,
@@ -315,7 +324,7 @@ pub struct VfioNode {
 }
 
 /// An mdev parent, `/sys/class/mdev_bus/<parent>`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct MdevParent {
     /// The parent device name (a BDF, or `matrix` for vfio_ap).
     pub name: String,
@@ -326,7 +335,7 @@ pub struct MdevParent {
 }
 
 /// `mdev_supported_types/<type-id>`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct MdevType {
     /// The directory name, e.g. `nvidia-63`.
     pub id: String,
@@ -339,7 +348,7 @@ pub struct MdevType {
 }
 
 /// An mdev instance, `/sys/bus/mdev/devices/<uuid>`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct Mdev {
     /// Its UUID.
     pub uuid: MdevUuid,
@@ -356,7 +365,7 @@ pub struct Mdev {
 }
 
 /// The s390 AP bus, `/sys/bus/ap`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct ApBus {
     /// `apmask`: adapters reserved for the host.
     pub apmask: Option<ApMask>,
@@ -371,7 +380,7 @@ pub struct ApBus {
 }
 
 /// An AP card.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct ApCard {
     /// The adapter id (from `cardXX`).
     pub adapter: u8,
@@ -384,7 +393,7 @@ pub struct ApCard {
 }
 
 /// An AP queue.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct ApQueue {
     /// Its APQN.
     pub apqn: Apqn,
@@ -396,7 +405,7 @@ pub struct ApQueue {
 }
 
 /// A vfio_ap matrix mdev.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct ApMatrixMdev {
     /// Its UUID.
     pub uuid: MdevUuid,
@@ -410,7 +419,7 @@ pub struct ApMatrixMdev {
 
 /// The contents of a `matrix`/`guest_matrix` file: the assigned adapters and
 /// domains; the APQNs are their cross product.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct ApMatrix {
     /// Assigned adapters, ascending.
     pub adapters: Vec<u8>,
@@ -437,7 +446,7 @@ impl ApMatrix {
 }
 
 /// An InfiniBand device, `/sys/class/infiniband/<name>`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct IbDevice {
     /// e.g. `mlx5_0`.
     pub name: String,
@@ -452,7 +461,7 @@ pub struct IbDevice {
 }
 
 /// `ports/<p>/` of an IB device.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct IbPort {
     /// The port number.
     pub port: u32,
@@ -471,7 +480,7 @@ pub struct IbPort {
 }
 
 /// One non-empty P_Key table slot.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct PKeySlot {
     /// The slot index.
     pub index: u32,

@@ -132,8 +132,24 @@ fn request(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
         let v = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        conforms(method, path, status, &v);
         (status, v)
     })
+}
+
+/// Every answer the agent gives in these tests is what its OpenAPI document
+/// (generated from the handlers' types) says it is.
+fn conforms(method: &str, path: &str, status: u16, v: &Value) {
+    use devfence_agent::openapi;
+    static DOC: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    let doc = DOC.get_or_init(openapi::document);
+    let path = path.split('?').next().unwrap_or(path);
+    let route = devfence_agent::api::route_of(method, path);
+    let schema = openapi::answer_schema(doc, method, route, status)
+        .unwrap_or_else(|e| panic!("{e}: {v}"));
+    if let Err(e) = openapi::validate(doc, &schema, v) {
+        panic!("{method} {path} answered {status} off its documented schema: {e}\n{v}");
+    }
 }
 
 /// A read, an assign through POST /v1/operations polled to success, its

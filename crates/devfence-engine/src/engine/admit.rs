@@ -34,7 +34,7 @@ use crate::libvirt::{Admission, DomainSpec, Refusal, Unidentified, decide_prepar
 use crate::store::{DeviceState, GuidState, StoreError, StoreExt, Tenant, Tx};
 
 /// A domain admitted by [`Engine::start_domain`].
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, schemars::JsonSchema)]
 pub struct Started {
     /// The tenant; `None` when the domain has no device devfence manages.
     pub tenant: Option<TenantId>,

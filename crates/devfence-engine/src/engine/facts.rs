@@ -4,7 +4,7 @@
 use devfence_model::{Bdf, DeviceId, Guid, Inventory, IommuGroupId, MdevUuid};
 
 /// The kind of handover a device needs.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum DeviceKind {
     /// A PCI function (PF or VF) handed to a VM through vfio-pci.

@@ -32,7 +32,7 @@ use crate::audit::{AuditEvent, AuditKind};
 use crate::store::{DeviceState, StoreError, StoreExt};
 
 /// The outcome of re-verifying one device.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, schemars::JsonSchema)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Check {
     /// As its gates left it; `evidence` is what was read.
@@ -59,7 +59,7 @@ pub enum Check {
 }
 
 /// One device's re-verification.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, schemars::JsonSchema)]
 pub struct DeviceCheck {
     /// The device.
     pub device: DeviceId,
@@ -73,7 +73,7 @@ pub struct DeviceCheck {
 }
 
 /// The result of [`Engine::reverify`].
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, schemars::JsonSchema)]
 pub struct Reverification {
     /// Every `Ready` and `Active` device in scope, in ledger order.
     pub devices: Vec<DeviceCheck>,
@@ -100,7 +100,7 @@ impl Reverification {
 
 /// A restore of the SM's configuration recorded in the ledger by
 /// [`Engine::record_fabric_restores`].
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, schemars::JsonSchema)]
 pub struct RecordedRestore {
     /// The backend that restored.
     pub backend: String,
