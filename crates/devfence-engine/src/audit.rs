@@ -626,7 +626,9 @@ pub type HeadSigner = Box<dyn Fn(&[u8]) -> (String, String) + Send>;
 
 /// The chain head as kept beside the ledger (`<ledger>.audit-head`, 0600, replaced
 /// atomically after every append), signed with the host key when there is one.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(deny_unknown_fields)]
 pub struct StoredHead {
     /// [`HEAD_FORMAT`].
@@ -648,7 +650,9 @@ pub struct StoredHead {
 }
 
 /// The last record removed by a prune, as kept in the head file.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(deny_unknown_fields)]
 pub struct PruneMark {
     /// Its seq.

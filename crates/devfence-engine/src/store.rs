@@ -35,7 +35,9 @@ pub fn now_ms() -> i64 {
 }
 
 /// The lifecycle state of one device, exactly as docs/design.md §4 draws it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(tag = "state", rename_all = "lowercase")]
 pub enum DeviceState {
     /// Nobody holds it; it was verified clean.
@@ -253,7 +255,17 @@ pub struct GuidRecord {
 
 /// The id of one operation (a handover, an assignment, a release, a recovery…).
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    schemars::JsonSchema,
+    serde::Deserialize,
 )]
 #[serde(transparent)]
 pub struct OperationId(pub i64);

@@ -4,7 +4,17 @@ use std::fmt;
 
 /// How bad a finding is. `Error` findings make `devfence check` exit 1.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    schemars::JsonSchema,
+    serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
@@ -27,7 +37,9 @@ impl fmt::Display for Severity {
 }
 
 /// One item of evidence: a path that was read and the value found there.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct Evidence {
     /// The path (under the host root, shown as the kernel names it) or a
     /// tenancy-file location such as `tenancy:assignment[2]`.
@@ -210,7 +222,9 @@ impl<'de> serde::Deserialize<'de> for Subject {
 }
 
 /// A finding of an isolation rule.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct Finding {
     /// The rule id, e.g. `GRP-VIABLE`.
     pub rule: String,

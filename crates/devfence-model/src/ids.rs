@@ -159,7 +159,10 @@ impl fmt::Debug for Bdf {
         write!(f, "Bdf({self})")
     }
 }
-serde_via_str!(Bdf, "A PCI function address, DDDD:BB:DD.F (domain, bus, device, function), lower-case hex.");
+serde_via_str!(
+    Bdf,
+    "A PCI function address, DDDD:BB:DD.F (domain, bus, device, function), lower-case hex."
+);
 
 /// A 64-bit InfiniBand GUID (node or port GUID).
 ///
@@ -224,11 +227,24 @@ impl fmt::Debug for Guid {
         write!(f, "Guid({self})")
     }
 }
-serde_via_str!(Guid, "An InfiniBand port or node GUID; written 0x and 16 hex digits (also read as xxxx:xxxx:xxxx:xxxx, xx:..:xx or bare hex).");
+serde_via_str!(
+    Guid,
+    "An InfiniBand port or node GUID; written 0x and 16 hex digits (also read as xxxx:xxxx:xxxx:xxxx, xx:..:xx or bare hex)."
+);
 
 /// Membership in an IB partition: bit 15 of a P_Key.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    schemars::JsonSchema,
+    serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Membership {
@@ -303,7 +319,10 @@ impl fmt::Debug for PKey {
         write!(f, "PKey({self})")
     }
 }
-serde_via_str!(PKey, "An InfiniBand partition key; written 0x and 4 hex digits (read as 0x and 1 to 4).");
+serde_via_str!(
+    PKey,
+    "An InfiniBand partition key; written 0x and 4 hex digits (read as 0x and 1 to 4)."
+);
 
 /// An AP queue number: adapter (card, APID) and domain (APQI), written `AA.DDDD`.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -343,7 +362,10 @@ impl fmt::Debug for Apqn {
         write!(f, "Apqn({self})")
     }
 }
-serde_via_str!(Apqn, "An s390 AP queue number, AA.DDDD (adapter and domain in hex).");
+serde_via_str!(
+    Apqn,
+    "An s390 AP queue number, AA.DDDD (adapter and domain in hex)."
+);
 
 /// A 256-bit AP bus mask (`apmask`, `aqmask`). Bit 0 is the leftmost (most
 /// significant) bit of the text form and stands for id 0; a set bit means the id
@@ -421,11 +443,24 @@ impl fmt::Debug for ApMask {
         write!(f, "ApMask({self})")
     }
 }
-serde_via_str!(ApMask, "An AP bus mask, 0x followed by 64 hex digits (256 bits).");
+serde_via_str!(
+    ApMask,
+    "An AP bus mask, 0x followed by 64 hex digits (256 bits)."
+);
 
 /// A kernel IOMMU group number. Not stable across reboots: always map by device.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    schemars::JsonSchema,
+    serde::Deserialize,
 )]
 #[serde(transparent)]
 pub struct IommuGroupId(pub u32);
@@ -540,7 +575,10 @@ impl fmt::Debug for TenantId {
         write!(f, "TenantId({})", self.0)
     }
 }
-serde_via_str!(TenantId, "A tenant name: 1 to 64 characters of [A-Za-z0-9._-], starting with a letter or digit.");
+serde_via_str!(
+    TenantId,
+    "A tenant name: 1 to 64 characters of [A-Za-z0-9._-], starting with a letter or digit."
+);
 
 /// Anything devfence can hand to a tenant, named the way an operator names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -589,7 +627,10 @@ impl fmt::Display for DeviceId {
         }
     }
 }
-serde_via_str!(DeviceId, "A device devfence hands out: a PCI BDF (0000:3b:00.2), an mdev UUID, an APQN (05.0012) or an IB VF's port GUID (0x0002c90300a1b2c3).");
+serde_via_str!(
+    DeviceId,
+    "A device devfence hands out: a PCI BDF (0000:3b:00.2), an mdev UUID, an APQN (05.0012) or an IB VF's port GUID (0x0002c90300a1b2c3)."
+);
 
 /// Makes 16 random bytes a version-4 (random) UUID in place: the version
 /// nibble 4 and the RFC 4122 variant bits. The one place devfence sets them

@@ -12,7 +12,9 @@ use crate::ids::{ApMask, Apqn, Bdf, Guid, IommuGroupId, MdevUuid, PKey};
 pub const INVENTORY_SCHEMA: u32 = 1;
 
 /// Everything devfence knows about a host's passthrough devices.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct Inventory {
     /// [`INVENTORY_SCHEMA`].
     pub schema: u32,
@@ -45,7 +47,9 @@ pub struct Inventory {
 
 /// One device's VFIO migration capability, read from the kernel
 /// (`VFIO_DEVICE_FEATURE` GET `MIGRATION` on the device opened through its group).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct DeviceMigration {
     /// The device: a BDF or an mdev UUID.
     pub device: String,
@@ -65,7 +69,9 @@ pub struct DeviceMigration {
 }
 
 /// An attribute that could not be read or did not parse.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct ReadProblem {
     /// The device the attribute belongs to (BDF, UUID, APQN, ib device), if any.
     pub subject: Option<String>,
@@ -78,7 +84,9 @@ pub struct ReadProblem {
 }
 
 /// `/sys/module/vfio_pci/parameters/*`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct VfioPciParams {
     /// `enable_sriov` (`Y`/`N`): a PF on vfio-pci may create VFs.
     pub enable_sriov: Option<bool>,
@@ -87,7 +95,9 @@ pub struct VfioPciParams {
 }
 
 /// One PCI function, `/sys/bus/pci/devices/<BDF>`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct PciFunction {
     /// Its address.
     pub bdf: Bdf,
@@ -132,7 +142,9 @@ impl PciFunction {
 }
 
 /// The SR-IOV side of a PF.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct SriovPf {
     /// `sriov_totalvfs`.
     pub total_vfs: Option<u32>,
@@ -145,7 +157,9 @@ pub struct SriovPf {
 }
 
 /// One `virtfn<N>` link of a PF.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct VirtFn {
     /// The N in `virtfn<N>`.
     pub index: u32,
@@ -154,7 +168,9 @@ pub struct VirtFn {
 }
 
 /// `sriov/<N>/` of an mlx5 PF under MLNX_OFED/DOCA-OFED.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct VfGuids {
     /// The VF index N.
     pub index: u32,
@@ -167,7 +183,9 @@ pub struct VfGuids {
 }
 
 /// `vfio-dev/vfio<X>/` of a function bound to vfio.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct VfioDevRef {
     /// `vfio<X>`.
     pub name: String,
@@ -279,7 +297,9 @@ impl<'de> serde::Deserialize<'de> for GroupMember {
 }
 
 /// An IOMMU group, `/sys/kernel/iommu_groups/<N>`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct IommuGroup {
     /// The group number.
     pub id: IommuGroupId,
@@ -293,7 +313,9 @@ pub struct IommuGroup {
 }
 
 /// What kind of VFIO node a path is.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "id")]
 pub enum VfioNodeKind {
     /// `/dev/vfio/vfio`, the container.
@@ -307,7 +329,9 @@ pub enum VfioNodeKind {
 }
 
 /// A node under `/dev/vfio`, with its ownership.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct VfioNode {
     /// The path, e.g. `/dev/vfio/41`.
     pub path: String,
@@ -324,7 +348,9 @@ pub struct VfioNode {
 }
 
 /// An mdev parent, `/sys/class/mdev_bus/<parent>`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct MdevParent {
     /// The parent device name (a BDF, or `matrix` for vfio_ap).
     pub name: String,
@@ -335,7 +361,9 @@ pub struct MdevParent {
 }
 
 /// `mdev_supported_types/<type-id>`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct MdevType {
     /// The directory name, e.g. `nvidia-63`.
     pub id: String,
@@ -348,7 +376,9 @@ pub struct MdevType {
 }
 
 /// An mdev instance, `/sys/bus/mdev/devices/<uuid>`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct Mdev {
     /// Its UUID.
     pub uuid: MdevUuid,
@@ -365,7 +395,9 @@ pub struct Mdev {
 }
 
 /// The s390 AP bus, `/sys/bus/ap`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct ApBus {
     /// `apmask`: adapters reserved for the host.
     pub apmask: Option<ApMask>,
@@ -380,7 +412,9 @@ pub struct ApBus {
 }
 
 /// An AP card.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct ApCard {
     /// The adapter id (from `cardXX`).
     pub adapter: u8,
@@ -393,7 +427,9 @@ pub struct ApCard {
 }
 
 /// An AP queue.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct ApQueue {
     /// Its APQN.
     pub apqn: Apqn,
@@ -405,7 +441,9 @@ pub struct ApQueue {
 }
 
 /// A vfio_ap matrix mdev.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct ApMatrixMdev {
     /// Its UUID.
     pub uuid: MdevUuid,
@@ -419,7 +457,9 @@ pub struct ApMatrixMdev {
 
 /// The contents of a `matrix`/`guest_matrix` file: the assigned adapters and
 /// domains; the APQNs are their cross product.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct ApMatrix {
     /// Assigned adapters, ascending.
     pub adapters: Vec<u8>,
@@ -446,7 +486,9 @@ impl ApMatrix {
 }
 
 /// An InfiniBand device, `/sys/class/infiniband/<name>`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct IbDevice {
     /// e.g. `mlx5_0`.
     pub name: String,
@@ -461,7 +503,9 @@ pub struct IbDevice {
 }
 
 /// `ports/<p>/` of an IB device.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct IbPort {
     /// The port number.
     pub port: u32,
@@ -480,7 +524,9 @@ pub struct IbPort {
 }
 
 /// One non-empty P_Key table slot.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct PKeySlot {
     /// The slot index.
     pub index: u32,

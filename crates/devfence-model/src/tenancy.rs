@@ -4,7 +4,9 @@
 use crate::ids::{DeviceId, Membership, PKey, TenantId};
 
 /// The whole declaration.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(deny_unknown_fields)]
 pub struct Tenancy {
     /// The tenants.
@@ -27,7 +29,9 @@ pub struct Tenancy {
 }
 
 /// A tenant.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(deny_unknown_fields)]
 pub struct Tenant {
     /// Its id.
@@ -44,7 +48,9 @@ pub struct Tenant {
 }
 
 /// One IB partition of a tenant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(deny_unknown_fields)]
 pub struct Partition {
     /// The P_Key (membership bit ignored; `membership` says it).
@@ -54,7 +60,9 @@ pub struct Partition {
 }
 
 /// A device held by a tenant.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(deny_unknown_fields)]
 pub struct Assignment {
     /// A BDF, an mdev UUID, an APQN or an IB GUID.
@@ -64,7 +72,9 @@ pub struct Assignment {
 }
 
 /// An mdev parent that does not isolate its instances.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(deny_unknown_fields)]
 pub struct NonIsolatingParent {
     /// The parent device name (a BDF).

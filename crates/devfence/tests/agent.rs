@@ -145,8 +145,8 @@ fn conforms(method: &str, path: &str, status: u16, v: &Value) {
     let doc = DOC.get_or_init(openapi::document);
     let path = path.split('?').next().unwrap_or(path);
     let route = devfence_agent::api::route_of(method, path);
-    let schema = openapi::answer_schema(doc, method, route, status)
-        .unwrap_or_else(|e| panic!("{e}: {v}"));
+    let schema =
+        openapi::answer_schema(doc, method, route, status).unwrap_or_else(|e| panic!("{e}: {v}"));
     if let Err(e) = openapi::validate(doc, &schema, v) {
         panic!("{method} {path} answered {status} off its documented schema: {e}\n{v}");
     }
