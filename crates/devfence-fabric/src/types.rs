@@ -111,7 +111,8 @@ impl<'de> serde::Deserialize<'de> for PartitionKey {
     PartialOrd,
     Ord,
     Hash,
-    serde::Serialize, schemars::JsonSchema,
+    serde::Serialize,
+    schemars::JsonSchema,
     serde::Deserialize,
 )]
 #[serde(transparent)]
@@ -125,7 +126,17 @@ impl fmt::Display for Generation {
 
 /// Names one [`apply`](crate::SubnetManager::apply): a per-SM serial number.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    schemars::JsonSchema,
+    serde::Deserialize,
 )]
 #[serde(transparent)]
 pub struct ChangeId(pub u64);
@@ -136,7 +147,9 @@ pub struct ChangeId(pub u64);
 /// The generation is the first sweep that *starts after* the change reached the
 /// SM: a sweep already running when the change arrived does not count (OpenSM's
 /// "a heavy sweep already past P_Key setup" race).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct Ticket {
     /// The apply this ticket names.
     pub change: ChangeId,
@@ -145,7 +158,9 @@ pub struct Ticket {
 }
 
 /// One membership change to stage.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case", tag = "op")]
 pub enum Change {
     /// Make `guid` a member of `partition` (replaces an existing membership of
@@ -199,7 +214,9 @@ pub(crate) fn check_guid(guid: Guid) -> Result<(), FabricError> {
 
 /// The partition membership devfence manages: per port GUID, its partitions and
 /// membership. Never holds a reserved GUID.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(try_from = "BTreeMap<Guid, BTreeMap<PartitionKey, Membership>>")]
 #[serde(into = "BTreeMap<Guid, BTreeMap<PartitionKey, Membership>>")]
 pub struct MembershipMap(BTreeMap<Guid, BTreeMap<PartitionKey, Membership>>);
@@ -325,7 +342,9 @@ impl From<MembershipMap> for BTreeMap<Guid, BTreeMap<PartitionKey, Membership>> 
 }
 
 /// The SM's role as it reports it (IB SMInfo states; UFM maps its own health here).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum SmState {
     /// The master SM: in charge of the subnet. The only state in which a sweep
@@ -354,7 +373,9 @@ impl fmt::Display for SmState {
 }
 
 /// How the last completed sweep ended.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case", tag = "outcome", content = "detail")]
 pub enum SweepOutcome {
     /// No sweep has completed (since the backend started watching).
@@ -376,7 +397,9 @@ impl fmt::Display for SweepOutcome {
 }
 
 /// The SM's progress as read back: role, last completed generation and its outcome.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct SmStatus {
     /// The SM's role.
     pub state: SmState,
@@ -387,7 +410,9 @@ pub struct SmStatus {
 }
 
 /// What the SM reports as programmed on one port.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case", tag = "port")]
 pub enum Programmed {
     /// The SM knows no port with this GUID (OpenSM: the GUID resolves to no LID).
@@ -403,7 +428,9 @@ pub enum Programmed {
 }
 
 /// The SM's view of one port GUID.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct PortView {
     /// The port GUID.
     pub guid: Guid,
@@ -420,7 +447,9 @@ pub struct PortView {
 ///
 /// Contract for backends: `status` is read **before** the port views, so the port
 /// views are at least as new as the generation reported with them.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct Observation {
     /// The SM's status when the read began.
     pub status: SmStatus,
@@ -429,7 +458,9 @@ pub struct Observation {
 }
 
 /// The SM's health, for `devfence status` and the gates' preflight.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct Health {
     /// Which backend answered ("sim", "opensm", "ufm").
     pub backend: String,

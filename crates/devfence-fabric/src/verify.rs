@@ -28,7 +28,9 @@ use crate::{
 };
 
 /// Question 1 for one GUID: it must be in none of these partitions.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct Revocation {
     /// The old port GUID.
     pub guid: Guid,
@@ -37,7 +39,9 @@ pub struct Revocation {
 }
 
 /// Question 2 for one GUID: it must be in exactly these partitions.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct Grant {
     /// The new port GUID.
     pub guid: Guid,
@@ -58,7 +62,9 @@ impl Grant {
 }
 
 /// What must be read back before a gate opens.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct Expectation {
     /// Question 1, per old GUID.
     pub revoke: Vec<Revocation>,
@@ -153,7 +159,17 @@ impl Expectation {
 
 /// The three questions of a handover.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    schemars::JsonSchema,
+    serde::Deserialize,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Question {
@@ -176,7 +192,9 @@ impl fmt::Display for Question {
 }
 
 /// Which of the SM's views a piece of evidence comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum View {
     /// What the SM programmed on the port.
@@ -195,7 +213,9 @@ impl fmt::Display for View {
 }
 
 /// What was seen that fails a question.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Evidence {
     /// The observation has no view of this GUID (fail closed).
@@ -250,7 +270,9 @@ pub enum Evidence {
 }
 
 /// One failed question with its evidence.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct Failure {
     /// Which question.
     pub question: Question,
@@ -346,7 +368,9 @@ impl fmt::Display for Failure {
 }
 
 /// What read-back proved: kept as the gate's evidence for the audit record.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct Proof {
     /// The generation the SM was seen at.
     pub seen: Generation,
@@ -357,7 +381,9 @@ pub struct Proof {
 }
 
 /// The answer of [`verify`].
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// All three questions answered yes.
