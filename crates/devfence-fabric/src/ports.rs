@@ -16,6 +16,15 @@ pub trait PortReader: Send + Sync {
     /// Unreachable SA, malformed replies, timeouts.
     fn read_port(&self, guid: Guid) -> Result<Programmed, FabricError>;
 
+    /// [`read_port`](Self::read_port) for each GUID, in order; a reader that
+    /// can (the SA client) reads them together.
+    ///
+    /// # Errors
+    /// As [`read_port`](Self::read_port), for any of them.
+    fn read_ports(&self, guids: &[Guid]) -> Result<Vec<Programmed>, FabricError> {
+        guids.iter().map(|g| self.read_port(*g)).collect()
+    }
+
     /// The role of the SM on this host, as the SM itself reports it (OpenSM:
     /// the SMInfoRecord of the local port's GUID); `Ok(None)` when this reader
     /// cannot tell.
@@ -30,6 +39,9 @@ pub trait PortReader: Send + Sync {
 impl<T: PortReader + ?Sized> PortReader for std::sync::Arc<T> {
     fn read_port(&self, guid: Guid) -> Result<Programmed, FabricError> {
         (**self).read_port(guid)
+    }
+    fn read_ports(&self, guids: &[Guid]) -> Result<Vec<Programmed>, FabricError> {
+        (**self).read_ports(guids)
     }
     fn local_sm_state(&self) -> Result<Option<SmState>, FabricError> {
         (**self).local_sm_state()

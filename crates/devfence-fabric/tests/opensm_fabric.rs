@@ -336,3 +336,63 @@ fn a_node_description_saying_parse_error_is_not_a_parse_error() {
         },
     );
 }
+
+/// Many ports read at once (the queries pipelined on one umad agent) give
+/// exactly what reading them one by one gives: present ports with their own
+/// tables, an unknown GUID absent, a GUID asked twice answered twice, in the
+/// order asked.
+#[test]
+fn ports_read_together_are_read_as_one_by_one() {
+    in_fabric("ports_read_together_are_read_as_one_by_one", &spec(), |f| {
+        let sm = sm(f);
+        sm.stage_add(vf(0), key(A), Membership::Full)
+            .expect("stage");
+        sm.stage_add(vf(1), key(B), Membership::Limited)
+            .expect("stage");
+        sm.stage_add(vf(2), key(A), Membership::Full)
+            .expect("stage");
+        sm.stage_add(vf(2), key(B), Membership::Full)
+            .expect("stage");
+        let t = sm.apply().expect("apply");
+        let exp = Expectation::after(t)
+            .grant(vf(0), [(key(A), Membership::Full)])
+            .grant(vf(1), [(key(B), Membership::Limited)])
+            .grant(
+                vf(2),
+                [(key(A), Membership::Full), (key(B), Membership::Full)],
+            );
+        wait_verified(&sm, &exp, Instant::now() + DEADLINE).expect("granted");
+
+        let sa = SaClient::new(SaConfig::default());
+        let asked = [vf(2), Guid(0x1234_5678), vf(0), vf(1), vf(3), vf(0)];
+        let together = sa.read_ports(&asked).expect("read together");
+        let one_by_one: Vec<Programmed> = asked
+            .iter()
+            .map(|g| sa.read_port(*g).expect("read one"))
+            .collect();
+        assert_eq!(together, one_by_one);
+        assert_eq!(together[1], Programmed::Absent);
+        match &together[0] {
+            Programmed::Present { pkeys, .. } => {
+                assert_eq!(*pkeys, BTreeSet::from([PKey(0x7fff), PKey(A), PKey(B)]))
+            }
+            Programmed::Absent => panic!("vf2 absent"),
+        }
+        match &together[3] {
+            Programmed::Present { pkeys, .. } => {
+                assert_eq!(*pkeys, BTreeSet::from([PKey(0x7fff), PKey(B & 0x7fff)]))
+            }
+            Programmed::Absent => panic!("vf1 absent"),
+        }
+        // More ports than the pipeline holds at once.
+        let many: Vec<Guid> = (0..40).map(|i| vf(i % 4)).collect();
+        let got = sa.read_ports(&many).expect("read many");
+        assert_eq!(got.len(), many.len());
+        for (g, p) in many.iter().zip(&got) {
+            assert_eq!(
+                *p,
+                one_by_one[asked.iter().position(|a| a == g).expect("asked")]
+            );
+        }
+    });
+}

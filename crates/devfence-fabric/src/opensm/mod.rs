@@ -1097,8 +1097,8 @@ impl SubnetManager for OpenSmSm {
             ));
         }
         let file = partitions::parse(&text).map_err(|e| self.refused_file("cannot parse", &e))?;
-        for g in guids {
-            let programmed = self.reader.read_port(*g)?;
+        let read = self.reader.read_ports(guids)?;
+        for (g, programmed) in guids.iter().zip(read) {
             ports.insert(
                 *g,
                 PortView {
