@@ -41,7 +41,8 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// What every request shares.
 pub struct State {
     opts: Options,
-    policy: Policy,
+    /// Who may do what; swapped whole by a reload (`SIGHUP`).
+    policy: std::sync::RwLock<Policy>,
     /// The operations.
     pub ops: Ops,
     /// The metrics.
@@ -55,9 +56,32 @@ impl State {
         State {
             ops: Ops::new(opts.limits.kept_operations),
             opts,
-            policy,
+            policy: std::sync::RwLock::new(policy),
             metrics: Metrics::default(),
         }
+    }
+
+    /// The authorization policy now.
+    #[must_use]
+    pub fn policy(&self) -> Policy {
+        *self
+            .policy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Replaces the policy (a reload), at once for every later request.
+    pub fn set_policy(&self, p: Policy) {
+        *self
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = p;
+    }
+
+    /// What `devfence serve` was given.
+    #[must_use]
+    pub fn options(&self) -> &Options {
+        &self.opts
     }
 
     fn limits(&self) -> Limits {
@@ -358,6 +382,8 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
+    let t0 = std::time::Instant::now();
+    let uid = peer.as_deref().map(|p| p.uid);
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     let route = route_of(&method, &path);
@@ -389,7 +415,7 @@ where
             };
             match peer
                 .as_deref()
-                .map(|p| auth::authorize(p, state.policy, access))
+                .map(|p| auth::authorize(p, state.policy(), access))
             {
                 Some(Err(d)) => error_response(&ApiError::new(
                     StatusCode::FORBIDDEN,
@@ -403,6 +429,13 @@ where
     state
         .metrics
         .request(route.unwrap_or("other"), resp.status().as_u16());
+    crate::service::log_request(
+        &method,
+        route.unwrap_or("other"),
+        resp.status().as_u16(),
+        uid,
+        t0.elapsed(),
+    );
     resp
 }
 
@@ -1008,6 +1041,7 @@ mod tests {
                 config: None,
                 socket: None,
                 limits: Limits::default(),
+                log_level: None,
             },
             policy,
         ))

@@ -309,6 +309,58 @@ pub fn last_exported_seq(path: &std::path::Path) -> Result<Option<u64>> {
     }))
 }
 
+/// Opens the export file `p` to append: created 0640 (with its directory,
+/// 0750) when absent, a regular file only, and a last line a crash cut is
+/// ended first so the next record starts a line of its own.
+///
+/// # Errors
+/// The file or its directory cannot be made or opened, or is not a regular file.
+pub fn open_export(p: &std::path::Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let fail = |what: &str, e: std::io::Error| {
+        AppError::invalid(format!(
+            "Cannot {what} the audit export {}: {e}. Hint: give a file devfence may create or append to",
+            p.display()
+        ))
+    };
+    if let Some(dir) = p.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
+            .map_err(|e| fail("create the directory of", e))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .custom_flags(O_NONBLOCK)
+        .open(p)
+        .map_err(|e| fail("open", e))?;
+    let m = f.metadata().map_err(|e| fail("inspect", e))?;
+    if !m.file_type().is_file() {
+        return Err(AppError::invalid(format!(
+            "The audit export {} is not a regular file. Hint: give a regular file",
+            p.display()
+        )));
+    }
+    if m.len() > 0 {
+        let mut last = [0u8; 1];
+        f.seek(SeekFrom::End(-1))
+            .and_then(|_| f.read_exact(&mut last))
+            .map_err(|e| fail("read", e))?;
+        if last[0] != b'\n' {
+            f.write_all(b"\n").map_err(|e| fail("append to", e))?;
+        }
+    }
+    Ok(f)
+}
+
 /// `O_NONBLOCK` on Linux: a FIFO at an export's path must not hang the open.
 const O_NONBLOCK: i32 = 0o4000;
 

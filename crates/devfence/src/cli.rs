@@ -716,4 +716,9 @@ pub struct ServeArgs {
     /// Seconds a client may take to send a request's headers.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub header_timeout: f64,
+    /// The log's level: error, warn, info, debug or trace (default: the
+    /// DEVFENCE_LOG environment variable, else info). The log goes to
+    /// standard error, one line per event, for journald under systemd.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
 }

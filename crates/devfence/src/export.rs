@@ -28,7 +28,7 @@ pub fn run(
         None => (None, since.unwrap_or(0)),
         Some(p) => {
             let last = devfence_app::audit::last_exported_seq(p)?;
-            let f = open_append(p)?;
+            let f = devfence_app::audit::open_export(p)?;
             (Some(f), since.or(last).unwrap_or(0))
         }
     };
@@ -60,48 +60,4 @@ pub fn run(
         }
         std::thread::sleep(FOLLOW_POLL);
     }
-}
-
-/// Opens `p` to append (created 0640, a regular file only), ending a line a
-/// crash cut first so the next record starts a line of its own.
-fn open_append(p: &Path) -> Result<std::fs::File> {
-    use std::io::{Read, Seek, SeekFrom};
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .custom_flags(libc_nonblock())
-        .open(p)
-        .with_context(|| {
-            format!(
-                "Cannot open {} to append the audit export. Hint: give a file devfence may create or append to",
-                p.display()
-            )
-        })?;
-    let m = f
-        .metadata()
-        .with_context(|| format!("Cannot inspect {}", p.display()))?;
-    anyhow::ensure!(
-        m.file_type().is_file(),
-        "{} is not a regular file. Hint: give a regular file, or leave --output out for standard output",
-        p.display()
-    );
-    if m.len() > 0 {
-        let mut last = [0u8; 1];
-        f.seek(SeekFrom::End(-1))
-            .and_then(|_| f.read_exact(&mut last))
-            .with_context(|| format!("Cannot read {}", p.display()))?;
-        if last[0] != b'\n' {
-            f.write_all(b"\n")
-                .with_context(|| format!("Cannot append to {}", p.display()))?;
-        }
-    }
-    Ok(f)
-}
-
-/// `O_NONBLOCK` on Linux: a FIFO at the path must not hang the open.
-const fn libc_nonblock() -> i32 {
-    0o4000
 }
