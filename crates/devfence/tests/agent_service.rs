@@ -520,26 +520,34 @@ fn the_export_survives_logrotate_and_restarts() {
             assert!(v.get(k).is_some(), "{k}: {v}");
         }
     }
+    let before = seqs_in(&file);
     std::fs::rename(&file, &rotated).unwrap();
     let v = a.op(&json!({ "kind": "release", "device": IGB_VF }));
     assert_eq!(v["state"], "succeeded", "{v}");
     let all = wait_exported(&root, &[&rotated, &file]);
     assert_eq!(all, (1..=head_seq(&root)).collect::<Vec<_>>());
+    assert_eq!(
+        seqs_in(&rotated),
+        before,
+        "nothing more into the rotated file"
+    );
+    assert_eq!(
+        seqs_in(&file).first(),
+        Some(&(before.last().unwrap() + 1)),
+        "a new file at the path, from the next record on"
+    );
     assert!(a.stop().success(), "{}", a.log());
-    // Records written while no agent runs.
+    // Rotated again while no agent runs (the new file starts empty), and
+    // records written meanwhile: the next agent goes on from the seq it kept.
+    let rotated2 = root.join("var/log/devfence/audit.jsonl.2");
+    std::fs::rename(&file, &rotated2).unwrap();
+    let c = cfg.to_str().unwrap();
     ok(&dv(
         &root,
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "assign",
-            IGB_VF,
-            "--tenant",
-            "globex",
-        ],
+        &["--config", c, "assign", IGB_VF, "--tenant", "globex"],
     ));
     let _b = Agent::start(&root, &sock, &args, &[]);
-    let all = wait_exported(&root, &[&rotated, &file]);
+    let all = wait_exported(&root, &[&rotated, &rotated2, &file]);
     assert_eq!(
         all,
         (1..=head_seq(&root)).collect::<Vec<_>>(),
