@@ -75,6 +75,21 @@ pub fn recover(opts: &Options) -> Result<Vec<Recovered>, AgentError> {
     if !devfence_app::env::ledger_present(&path) {
         return Ok(Vec::new());
     }
+    // Only an unfinished operation needs the kernel and the SM opened.
+    let open = {
+        use devfence_engine::StoreExt;
+        let mut store = devfence_app::env::open_store(&opts.root, opts.ledger.as_deref(), false)?;
+        store
+            .atomically(|tx| tx.open_operations())
+            .map_err(devfence_app::AppError::from)?
+    };
+    if open.is_empty() {
+        return Ok(Vec::new());
+    }
+    tracing::warn!(
+        "{} operation(s) a crash interrupted: recovering before serving",
+        open.len()
+    );
     let mut env =
         devfence_app::Env::open(&opts.root, opts.ledger.as_deref(), opts.config.as_deref())?;
     for n in &env.notices {
