@@ -216,6 +216,19 @@ pub fn serve(opts: Options) -> Result<(), AgentError> {
             handler(SignalKind::hangup())?,
         )
     };
+    if let Some(every) = crate::notify::watchdog_interval() {
+        // Sent from a task on the runtime that serves (its workers run it
+        // from now on, through recovery too): if the runtime stalls, the
+        // pings stop and systemd restarts the agent.
+        let n = Arc::clone(&notifier);
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                n.watchdog();
+            }
+        });
+    }
     let fail = |e: AgentError| {
         tracing::error!("{e}");
         notifier.status(&format!("cannot start: {e}"));
@@ -253,18 +266,6 @@ pub fn serve(opts: Options) -> Result<(), AgentError> {
     }
     let state = Arc::clone(&agent.state);
     let res = rt.block_on(async {
-        if let Some(every) = crate::notify::watchdog_interval() {
-            // Sent from a task on the runtime that serves: if the runtime
-            // stalls, the pings stop and systemd restarts the agent.
-            let n = Arc::clone(&notifier);
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tick.tick().await;
-                    n.watchdog();
-                }
-            });
-        }
         {
             let (n, st, ex) = (Arc::clone(&notifier), Arc::clone(&state), Arc::clone(&exporter));
             let sock = socket.clone();
