@@ -43,6 +43,9 @@ pub struct State {
     opts: Options,
     /// Who may do what; swapped whole by a reload (`SIGHUP`).
     policy: std::sync::RwLock<Policy>,
+    /// The configuration requests open their environment with (the one read
+    /// at start or at the last good reload); `None`: the file, read anew.
+    config: std::sync::RwLock<Option<Arc<devfence_app::config::Config>>>,
     /// The operations.
     pub ops: Ops,
     /// The metrics.
@@ -57,8 +60,24 @@ impl State {
             ops: Ops::new(opts.limits.kept_operations),
             opts,
             policy: std::sync::RwLock::new(policy),
+            config: std::sync::RwLock::new(None),
             metrics: Metrics::default(),
         }
+    }
+
+    /// Replaces the configuration requests use (start, a reload).
+    pub fn set_config(&self, c: devfence_app::config::Config) {
+        *self
+            .config
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(c));
+    }
+
+    fn config(&self) -> Option<Arc<devfence_app::config::Config>> {
+        self.config
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The authorization policy now.
@@ -792,6 +811,9 @@ fn now_ms() -> u64 {
 }
 
 fn open_env(st: &State) -> Result<Env, ApiError> {
+    if let Some(c) = st.config() {
+        return app(Env::open_with(&st.opts.root, st.opts.ledger.as_deref(), &c));
+    }
     app(Env::open(
         &st.opts.root,
         st.opts.ledger.as_deref(),

@@ -198,8 +198,10 @@ impl Agent {
             group: policy.reader_gid.or(policy.admin_gid),
             export: export::Target::from_config(&opts.root, &cfg.agent),
         };
+        let state = Arc::new(api::State::new(opts, policy));
+        state.set_config(cfg);
         Ok(Agent {
-            state: Arc::new(api::State::new(opts, policy)),
+            state,
             listener,
             metrics_tcp,
             guard,

@@ -90,8 +90,9 @@ pub fn recover(opts: &Options) -> Result<Vec<Recovered>, AgentError> {
         "{} operation(s) a crash interrupted: recovering before serving",
         open.len()
     );
-    let mut env =
-        devfence_app::Env::open(&opts.root, opts.ledger.as_deref(), opts.config.as_deref())?;
+    let cfg =
+        Config::load(&opts.root, opts.config.as_deref()).map_err(devfence_app::AppError::from)?;
+    let mut env = devfence_app::Env::open_with(&opts.root, opts.ledger.as_deref(), &cfg)?;
     for n in &env.notices {
         tracing::warn!("{n}");
     }
@@ -113,8 +114,8 @@ pub struct Reloaded {
 /// export target — after checking all of it: a file that does not parse, or
 /// a group that does not resolve, is refused and nothing changes. The
 /// socket path and the metrics address need a restart (reported, not
-/// applied). The other sections (`[fabric]`, `[hook]`) are read by each
-/// request anew and need no reload.
+/// applied). The other sections (`[fabric]`, `[hook]`) apply to the
+/// requests that open their environment after the reload.
 ///
 /// # Errors
 /// The configuration or a group is refused; nothing was changed.
@@ -149,7 +150,9 @@ pub fn reload(
         out.restart_needed
             .push("[agent] metrics_tcp (the old address is served until a restart)".into());
     }
-    // Everything checked: apply.
+    // Everything checked: apply. The whole file first: requests open their
+    // environment ([fabric], [hook]) with it from now on.
+    state.set_config(cfg.clone());
     if policy != state.policy() {
         state.set_policy(policy);
         out.applied.push(format!(

@@ -481,6 +481,9 @@ fn sighup_reloads_live_keys_and_refuses_a_bad_file() {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(std::fs::metadata(&sock).unwrap().gid(), 4343, "{bad}");
+        // Requests go on with the running configuration, not the file.
+        let (s, v) = a.get("/v1/status");
+        assert_eq!(s, 200, "{bad}: {v}");
     }
     assert!(a.log().contains("no-such-group-devfence"), "{}", a.log());
     assert!(a.log().contains("bogus"), "{}", a.log());
