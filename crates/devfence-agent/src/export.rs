@@ -402,6 +402,14 @@ fn pass(
         if lines.is_empty() {
             return Ok(());
         }
+        if after > 0 && lines[0].seq > after + 1 {
+            // `audit prune` removed records before they were exported.
+            tracing::warn!(
+                "audit export: records {} to {} were pruned from the ledger before they were exported",
+                after + 1,
+                lines[0].seq - 1
+            );
+        }
         if sink.is_none() {
             *sink = Some((target.clone(), Sink::open(&target)?));
             // A file written before (by an earlier agent, or the target of

@@ -324,6 +324,36 @@ fn readiness_watchdog_and_stopping_are_notified() {
     assert!(!log.contains('\u{1b}'), "no colours: {log}");
 }
 
+/// `NOTIFY_SOCKET` may name an abstract socket (`@name`), as systemd's
+/// does in some setups.
+#[test]
+fn an_abstract_notify_socket() {
+    use std::os::linux::net::SocketAddrExt;
+    let (tmp, root) = host("lab");
+    let name = format!("devfence-svc-test-{}", std::process::id());
+    let sock = UnixDatagram::bind_addr(
+        &std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut n = NotifySocket {
+        sock,
+        path: PathBuf::new(),
+        seen: Vec::new(),
+    };
+    let mut a = Agent::spawn(
+        &root,
+        &tmp.path().join("agent.sock"),
+        &[],
+        &[("NOTIFY_SOCKET", &format!("@{name}"))],
+    );
+    n.wait_for("READY=1");
+    a.signal("TERM");
+    n.wait_for("STOPPING=1");
+    assert!(a.stop().success(), "{}", a.log());
+}
+
 /// A restart recovers what a crash interrupted before it serves: an IB VF
 /// handover killed after the new GUID was set (the CLI aborts at the
 /// failpoint), then the agent: its first status has no open operation, the
