@@ -643,10 +643,16 @@ fn the_export_to_syslog() {
 #[test]
 fn requests_are_logged_and_the_vf_token_never_is() {
     let (tmp, root) = host("userspace-pf");
+    let cfg = tmp.path().join("devfence.toml");
+    std::fs::write(
+        &cfg,
+        "[agent]\naudit_export = \"/var/log/devfence/audit.jsonl\"\n",
+    )
+    .unwrap();
     let a = Agent::start(
         &root,
         &tmp.path().join("agent.sock"),
-        &[],
+        &["--config", cfg.to_str().unwrap()],
         &[("DEVFENCE_LOG", "trace")],
     );
     let v = a.op(&json!({ "kind": "assign", "device": "0000:af:10.2", "tenant": "acme" }));
@@ -664,6 +670,17 @@ fn requests_are_logged_and_the_vf_token_never_is() {
     );
     assert!(log.contains("ms\n"), "{log}");
     assert!(!log.contains(token), "the VF token is in the log:\n{log}");
+    let export = root.join("var/log/devfence/audit.jsonl");
+    wait_exported(&root, &[&export]);
+    let lines = std::fs::read_to_string(&export).unwrap();
+    assert!(
+        lines.contains("token-set"),
+        "the token's steps are exported"
+    );
+    assert!(
+        !lines.contains(token),
+        "the VF token is in the audit export"
+    );
     assert!(
         !log.contains("0000:af:10.2"),
         "paths with ids are not logged as such: {log}"
