@@ -11,6 +11,10 @@ command -v libvirtd >/dev/null || need+=(libvirt-daemon)
 [ -e /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so ] ||
   need+=(libvirt-daemon-driver-qemu)
 command -v virsh >/dev/null || need+=(libvirt-clients)
+# The agent's unit test runs `systemd-analyze verify` on dist/systemd/devfence.service
+# (crates/devfence/tests/agent_unit.rs), which checks its ExecReload's /bin/kill.
+command -v systemd-analyze >/dev/null || need+=(systemd)
+[ -x /bin/kill ] || need+=(procps)
 if [ ${#need[@]} -gt 0 ]; then
   say "installing ${need[*]} (needed by the libvirt hook test: a real libvirtd calls devfence's hook) …"
   export DEBIAN_FRONTEND=noninteractive

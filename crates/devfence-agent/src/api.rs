@@ -45,7 +45,11 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// What every request shares.
 pub struct State {
     opts: Options,
-    policy: Policy,
+    /// Who may do what; swapped whole by a reload (`SIGHUP`).
+    policy: std::sync::RwLock<Policy>,
+    /// The configuration requests open their environment with (the one read
+    /// at start or at the last good reload); `None`: the file, read anew.
+    config: std::sync::RwLock<Option<Arc<devfence_app::config::Config>>>,
     /// The operations.
     pub ops: Ops,
     /// The metrics.
@@ -59,9 +63,48 @@ impl State {
         State {
             ops: Ops::new(opts.limits.kept_operations),
             opts,
-            policy,
+            policy: std::sync::RwLock::new(policy),
+            config: std::sync::RwLock::new(None),
             metrics: Metrics::default(),
         }
+    }
+
+    /// Replaces the configuration requests use (start, a reload).
+    pub fn set_config(&self, c: devfence_app::config::Config) {
+        *self
+            .config
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(c));
+    }
+
+    fn config(&self) -> Option<Arc<devfence_app::config::Config>> {
+        self.config
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The authorization policy now.
+    #[must_use]
+    pub fn policy(&self) -> Policy {
+        *self
+            .policy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Replaces the policy (a reload), at once for every later request.
+    pub fn set_policy(&self, p: Policy) {
+        *self
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = p;
+    }
+
+    /// What `devfence serve` was given.
+    #[must_use]
+    pub fn options(&self) -> &Options {
+        &self.opts
     }
 
     fn limits(&self) -> Limits {
@@ -363,6 +406,8 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
+    let t0 = std::time::Instant::now();
+    let uid = peer.as_deref().map(|p| p.uid);
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     let route = route_of(&method, &path);
@@ -394,7 +439,7 @@ where
             };
             match peer
                 .as_deref()
-                .map(|p| auth::authorize(p, state.policy, access))
+                .map(|p| auth::authorize(p, state.policy(), access))
             {
                 Some(Err(d)) => error_response(&ApiError::new(
                     StatusCode::FORBIDDEN,
@@ -408,6 +453,13 @@ where
     state
         .metrics
         .request(route.unwrap_or("other"), resp.status().as_u16());
+    crate::service::log_request(
+        &method,
+        route.unwrap_or("other"),
+        resp.status().as_u16(),
+        uid,
+        t0.elapsed(),
+    );
     resp
 }
 
@@ -768,6 +820,9 @@ fn now_ms() -> u64 {
 }
 
 fn open_env(st: &State) -> Result<Env, ApiError> {
+    if let Some(c) = st.config() {
+        return app(Env::open_with(&st.opts.root, st.opts.ledger.as_deref(), &c));
+    }
     app(Env::open(
         &st.opts.root,
         st.opts.ledger.as_deref(),
@@ -1063,6 +1118,7 @@ mod tests {
                 config: None,
                 socket: None,
                 limits: Limits::default(),
+                log_level: None,
             },
             policy,
         ))

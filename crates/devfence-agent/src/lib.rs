@@ -15,6 +15,10 @@
 //!   a client that goes away does not cancel one.
 //! - [`metrics`]: Prometheus text (`GET /metrics`).
 //! - [`openapi`]: the OpenAPI document, generated from the handlers' types.
+//! - [`notify`]: systemd readiness, reload, stop and watchdog (`sd_notify`).
+//! - [`log`]: the `tracing` log, journald-friendly.
+//! - [`export`]: the audit records streamed to a file or syslog.
+//! - [`service`]: recovery before serving, `SIGHUP` reload.
 //!
 //! Bad input and faults: bodies are capped ([`Limits::max_body`], 413
 //! beyond), a request's headers must arrive within
@@ -31,9 +35,13 @@ use devfence_host::HostRoot;
 
 pub mod api;
 pub mod auth;
+pub mod export;
+pub mod log;
 pub mod metrics;
 pub mod openapi;
+pub mod notify;
 pub mod ops;
+pub mod service;
 pub mod socket;
 
 /// Where the socket is under the host root unless configured.
@@ -76,6 +84,8 @@ pub struct Options {
     pub socket: Option<PathBuf>,
     /// The bounds.
     pub limits: Limits,
+    /// `--log-level` (else `DEVFENCE_LOG`, else info).
+    pub log_level: Option<String>,
 }
 
 /// Why the agent cannot start or stopped.
@@ -118,6 +128,10 @@ pub enum AgentError {
     /// A group `[agent]` names cannot be resolved.
     #[error("{0}")]
     Group(String),
+    /// An option or environment value is refused (the message names it and
+    /// has a hint).
+    #[error("{0}")]
+    Invalid(String),
     /// An I/O step failed.
     #[error("{what}")]
     Io {
@@ -142,6 +156,8 @@ pub struct Agent {
     metrics_tcp: Option<std::net::TcpListener>,
     guard: socket::SocketGuard,
     socket: PathBuf,
+    /// What the configuration said at start (what a reload compares with).
+    applied: service::Applied,
 }
 
 impl Agent {
@@ -162,11 +178,7 @@ impl Agent {
             admin_gid: resolve(&cfg.agent.admin_group)?,
             reader_gid: resolve(&cfg.agent.reader_group)?,
         };
-        let socket = match (&opts.socket, &cfg.agent.socket) {
-            (Some(s), _) => s.clone(),
-            (None, Some(s)) => opts.root.path(&s.to_string_lossy()),
-            (None, None) => opts.root.path(DEFAULT_SOCKET),
-        };
+        let socket = service::socket_path(&opts, &cfg);
         let (listener, guard) = socket::bind(&socket, policy.reader_gid.or(policy.admin_gid))?;
         let metrics_tcp = match cfg.agent.metrics_tcp {
             Some(a) => {
@@ -182,12 +194,21 @@ impl Agent {
             }
             None => None,
         };
+        let applied = service::Applied {
+            socket: socket.clone(),
+            metrics_tcp: cfg.agent.metrics_tcp,
+            group: policy.reader_gid.or(policy.admin_gid),
+            export: export::Target::from_config(&opts.root, &cfg.agent),
+        };
+        let state = Arc::new(api::State::new(opts, policy));
+        state.set_config(cfg);
         Ok(Agent {
-            state: Arc::new(api::State::new(opts, policy)),
+            state,
             listener,
             metrics_tcp,
             guard,
             socket,
+            applied,
         })
     }
 
@@ -212,6 +233,7 @@ impl Agent {
             metrics_tcp,
             guard,
             socket,
+            applied: _,
         } = self;
         let listener =
             tokio::net::UnixListener::from_std(listener).map_err(|e| AgentError::Io {
@@ -232,48 +254,16 @@ impl Agent {
     }
 }
 
-/// `devfence serve`: binds, then serves until SIGTERM or SIGINT.
+/// `devfence serve`: binds, recovers, then serves until SIGTERM or SIGINT,
+/// reloading on SIGHUP (see [`service`]).
 ///
 /// The signal handlers are in place before the socket is bound: a SIGTERM
 /// that arrives as soon as the socket answers stops the agent cleanly too.
 ///
 /// # Errors
-/// As [`Agent::bind`] and [`Agent::run`]; the runtime or the signal handlers
-/// cannot start.
+/// As [`Agent::bind`] and [`Agent::run`]; the log level; recovery; the
+/// runtime or the signal handlers cannot start.
 pub fn serve(opts: Options) -> Result<(), AgentError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(64)
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(|e| AgentError::Io {
-            what: "Cannot start the agent's runtime".into(),
-            source: e,
-        })?;
-    let (mut term, mut int) = {
-        let _in_runtime = rt.enter();
-        let handler = |kind| {
-            signal(kind).map_err(|e| AgentError::Io {
-                what: "Cannot install the agent's signal handlers".into(),
-                source: e,
-            })
-        };
-        (
-            handler(SignalKind::terminate())?,
-            handler(SignalKind::interrupt())?,
-        )
-    };
-    let agent = Agent::bind(opts)?;
-    eprintln!("devfence serve: listening on {}", agent.socket().display());
-    rt.block_on(async move {
-        let shutdown = async move {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
-        };
-        agent.run(shutdown).await
-    })
+    log::init(opts.log_level.as_deref()).map_err(AgentError::Invalid)?;
+    service::serve(opts)
 }

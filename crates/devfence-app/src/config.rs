@@ -28,6 +28,7 @@
 //! admin_group = "devfence-admin" # a group name or a numeric gid: may act
 //! reader_group = "devfence"      # may read; the socket's group
 //! metrics_tcp = "127.0.0.1:9464" # optional: GET /metrics on loopback TCP
+//! audit_export = "/var/log/devfence/audit.jsonl" # or "syslog"
 //! ```
 //!
 //! Unknown keys are refused (a misspelt key silently ignored would mean a
@@ -123,7 +124,33 @@ pub struct AgentConfig {
     /// `GET /metrics`, for a Prometheus scraper.
     #[serde(default)]
     pub metrics_tcp: Option<std::net::SocketAddr>,
+    /// Where the agent streams every audit record as a JSON line: a file (a
+    /// host path, appended to) or `"syslog"` (RFC 5424 to `syslog_socket`).
+    #[serde(default)]
+    pub audit_export: Option<String>,
+    /// The local syslog datagram socket for `audit_export = "syslog"`.
+    #[serde(default)]
+    pub syslog_socket: Option<PathBuf>,
+    /// The syslog facility of exported records (default `authpriv`).
+    #[serde(default)]
+    pub syslog_facility: Option<String>,
 }
+
+/// The syslog facilities `[agent] syslog_facility` may name, with their codes.
+pub const SYSLOG_FACILITIES: &[(&str, u8)] = &[
+    ("auth", 4),
+    ("authpriv", 10),
+    ("daemon", 3),
+    ("user", 1),
+    ("local0", 16),
+    ("local1", 17),
+    ("local2", 18),
+    ("local3", 19),
+    ("local4", 20),
+    ("local5", 21),
+    ("local6", 22),
+    ("local7", 23),
+];
 
 /// One key of `devfence.toml`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -269,6 +296,21 @@ pub const KEYS: &[Key] = &[
         "A loopback address (127.0.0.1:9464) serving only GET /metrics for a Prometheus scraper; other addresses are refused.",
     ),
     key(
+        "agent.audit_export",
+        "-",
+        "Where the agent streams every audit record as a JSON line (docs/json.md, Audit export): a file (a host path under the root, appended to, reopened when logrotate moves it or on SIGHUP) or \"syslog\" (RFC 5424 to agent.syslog_socket). The last exported seq is kept beside the ledger: a restart exports what it missed, once.",
+    ),
+    key(
+        "agent.syslog_socket",
+        "\"/dev/log\"",
+        "The local syslog datagram socket for audit_export = \"syslog\" (a host path under the root).",
+    ),
+    key(
+        "agent.syslog_facility",
+        "\"authpriv\"",
+        "The syslog facility of exported audit records: auth, authpriv, daemon, user or local0 to local7.",
+    ),
+    key(
         "hook.allow_unidentified_single_tenant",
         "false",
         "Admit a domain that names no tenant and holds no device reserved for it, for the tenant its devices are Ready for, only while the ledger knows at most one tenant.",
@@ -398,6 +440,28 @@ impl Config {
         {
             return Err(ConfigError::Invalid(format!(
                 "{}: [agent] a group is named by an empty string. Hint: give a group name or a numeric gid",
+                path.display()
+            )));
+        }
+        if let Some(f) = &c.agent.syslog_facility
+            && !SYSLOG_FACILITIES.iter().any(|(n, _)| n == f)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{}: [agent] syslog_facility is not a facility devfence knows. Hint: give one of {}",
+                path.display(),
+                SYSLOG_FACILITIES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if let Some(t) = &c.agent.audit_export
+            && t != "syslog"
+            && !t.starts_with('/')
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{}: [agent] audit_export must be an absolute path or \"syslog\". Hint: e.g. \"/var/log/devfence/audit.jsonl\"",
                 path.display()
             )));
         }
@@ -586,6 +650,22 @@ mod tests {
         );
         let e = Config::parse("[agent]\nadmin_group = \"\"\n", p).expect_err("empty name");
         assert!(e.to_string().contains("empty"), "{e}");
+        let c = Config::parse(
+            "[agent]\naudit_export = \"/var/log/devfence/audit.jsonl\"\nsyslog_facility = \"local3\"\n",
+            p,
+        )
+        .expect("export");
+        assert_eq!(
+            c.agent.audit_export.as_deref(),
+            Some("/var/log/devfence/audit.jsonl")
+        );
+        for bad in [
+            "[agent]\naudit_export = \"audit.jsonl\"\n",
+            "[agent]\nsyslog_facility = \"kern\"\n",
+        ] {
+            let e = Config::parse(bad, p).expect_err(bad);
+            assert!(e.to_string().contains("Hint:"), "{e}");
+        }
     }
 
     /// issue 18 item 10: a password in the UFM URL is refused when the
@@ -661,7 +741,7 @@ mod tests {
     /// documented is one the parser accepts.
     #[test]
     fn every_key_is_documented_once_in_keys() {
-        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\n";
+        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\naudit_export = \"syslog\"\nsyslog_socket = \"/dev/log\"\nsyslog_facility = \"local3\"\n";
         let c = Config::parse(text, Path::new("t.toml")).expect("parses");
         let v = toml::Value::try_from(&c).expect("serializes");
         fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {

@@ -364,17 +364,31 @@ impl Env {
         Self::open_mode(root, ledger, config, true)
     }
 
+    /// Opens the existing ledger, the kernel and the SM with a configuration
+    /// already read (the host agent's: the one it read at start or at its
+    /// last good reload, not the file as it is now).
+    ///
+    /// # Errors
+    /// As [`Env::open`].
+    pub fn open_with(root: &HostRoot, ledger: Option<&Path>, cfg: &Config) -> Result<Env> {
+        Self::open_cfg(root, ledger, cfg, false)
+    }
+
     fn open_mode(
         root: &HostRoot,
         ledger: Option<&Path>,
         config: Option<&Path>,
         create: bool,
     ) -> Result<Env> {
+        let cfg = Config::load(root, config)?;
+        Self::open_cfg(root, ledger, &cfg, create)
+    }
+
+    fn open_cfg(root: &HostRoot, ledger: Option<&Path>, cfg: &Config, create: bool) -> Result<Env> {
         let kernel = Kernel::for_root(root)?;
         let path = ledger_path(root, ledger)?;
         let mut store = open_store(root, ledger, create)?;
-        let cfg = Config::load(root, config)?;
-        let sm = open_sm(root, &kernel, &cfg, || {
+        let sm = open_sm(root, &kernel, cfg, || {
             Ok(store.atomically(|tx| tx.tenants())?)
         })?;
         // A simulated host gets a GUID pool of its own on first use.

@@ -642,6 +642,20 @@ impl SqliteStore {
         .transpose()
     }
 
+    /// The audit records after seq `after`, oldest first, at most `limit`
+    /// (one read transaction): what an exporter streams.
+    ///
+    /// # Errors
+    /// When SQLite fails or a row is malformed.
+    pub fn audit_after(
+        &mut self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, AuditError> {
+        let tx = self.conn.transaction().map_err(sql("audit export"))?;
+        audit::after(&tx, after, limit)
+    }
+
     /// Writes the chain head beside the ledger when the chain has grown past it
     /// (done when the store is closed; a long-lived user calls it after each
     /// operation). Never moves the head backwards, and never over a head the chain

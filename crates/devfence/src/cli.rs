@@ -636,6 +636,27 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Export the records as JSON lines: one line per record with its time
+    /// (RFC 3339 UTC), actor, action, target, outcome, seq and hash (format:
+    /// docs/json.md, "Audit export"), to standard output or appended to a file.
+    ///
+    /// Resumable by seq: --since SEQ exports the records after SEQ; with
+    /// --output FILE and no --since, it goes on after the last complete line
+    /// already in FILE (nothing lost, nothing repeated). --follow keeps
+    /// reading the ledger for new records until interrupted.
+    Export {
+        /// Export the records after this seq (default: from the first, or
+        /// after the last line already in --output).
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
+        /// Keep going: poll the ledger for new records (every 0.5 s) until
+        /// SIGTERM or SIGINT.
+        #[arg(long)]
+        follow: bool,
+        /// Append to FILE (created 0640) instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+    },
     /// Print audit records.
     Show {
         /// Only records about this device.
@@ -695,4 +716,9 @@ pub struct ServeArgs {
     /// Seconds a client may take to send a request's headers.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub header_timeout: f64,
+    /// The log's level: error, warn, info, debug or trace (default: the
+    /// DEVFENCE_LOG environment variable, else info). The log goes to
+    /// standard error, one line per event, for journald under systemd.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
 }

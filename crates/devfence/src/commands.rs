@@ -213,6 +213,7 @@ fn serve(root: &HostRoot, cli: &Cli, a: &crate::cli::ServeArgs) -> Result<Exit> 
             max_connections: a.max_connections,
             ..devfence_agent::Limits::default()
         },
+        log_level: a.log_level.clone(),
     })?;
     Ok(Exit::Ok)
 }

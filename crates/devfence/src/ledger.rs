@@ -844,6 +844,11 @@ pub fn audit(
             }
             Ok(Exit::Ok)
         }
+        AuditCommand::Export {
+            since,
+            follow,
+            output,
+        } => crate::export::run(&mut store, *since, *follow, output.as_deref(), out),
         AuditCommand::Show {
             device,
             tenant,

@@ -12,6 +12,7 @@ mod args;
 mod cli;
 mod commands;
 mod config;
+mod export;
 mod jsonout;
 mod keys;
 mod ledger;

@@ -13,7 +13,7 @@ use devfence_testsupport::{dv, ok, run, scratch, stderr, stdout, text};
 
 /// Commands whose output is a confirmation or a document of another format,
 /// not data: no `--json` (why, beside each).
-const NO_JSON: [&str; 10] = [
+const NO_JSON: [&str; 11] = [
     "completions",   // a shell script
     "man",           // roff
     "demo",          // a story for people
@@ -23,6 +23,7 @@ const NO_JSON: [&str; 10] = [
     "tenant-remove", // one line
     "sim-generate",  // one line; `inventory --json` has the data
     "serve",         // a server; its API speaks JSON
+    "audit-export",  // JSON lines always (docs/json.md)
     "help",
 ];
 
