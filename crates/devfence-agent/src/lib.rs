@@ -14,6 +14,9 @@
 //! - [`ops`]: long operations (assign, handover, release) as resources to poll;
 //!   a client that goes away does not cancel one.
 //! - [`metrics`]: Prometheus text (`GET /metrics`).
+//! - [`watch`]: continuous verification of every Ready and Active device (on
+//!   kernel uevents and an interval), its findings (`GET /v1/findings`), and
+//!   the live inventory `check` reads.
 //!
 //! Bad input and faults: bodies are capped ([`Limits::max_body`], 413
 //! beyond), a request's headers must arrive within
@@ -33,6 +36,7 @@ pub mod auth;
 pub mod metrics;
 pub mod ops;
 pub mod socket;
+pub mod watch;
 
 /// Where the socket is under the host root unless configured.
 pub const DEFAULT_SOCKET: &str = "/run/devfence/devfence.sock";
@@ -180,8 +184,10 @@ impl Agent {
             }
             None => None,
         };
+        let state = api::State::new(opts, policy);
+        state.watch.set_interval(cfg.agent.verify_interval());
         Ok(Agent {
-            state: Arc::new(api::State::new(opts, policy)),
+            state: Arc::new(state),
             listener,
             metrics_tcp,
             guard,
@@ -223,7 +229,10 @@ impl Agent {
             })?;
             tokio::spawn(api::serve_metrics_tcp(Arc::clone(&state), l));
         }
+        let source = watch::Source::for_root(&state.opts().root);
+        let watcher = watch::start(&state, source);
         api::serve(Arc::clone(&state), listener, shutdown).await;
+        watcher.stop().await;
         state.ops.wait_idle().await;
         drop(guard);
         Ok(())
