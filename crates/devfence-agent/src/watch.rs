@@ -864,3 +864,164 @@ pub async fn check_route(st: Arc<State>) -> Result<Value, ApiError> {
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Policy;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+
+    fn metric(state: &State, name: &str) -> f64 {
+        let t = state.metrics.encode();
+        t.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    async fn check(state: &Arc<State>) -> Value {
+        let req = hyper::Request::builder()
+            .method("GET")
+            .uri("/v1/check")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = api::handle(Arc::clone(state), None, req).await;
+        assert_eq!(resp.status(), 200);
+        let b = resp.into_body().collect().await.expect("body").to_bytes();
+        serde_json::from_slice(&b).expect("json")
+    }
+
+    async fn until(what: &str, mut pred: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !pred() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not within the deadline"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The wake-up path with the real kernel: the watcher is given the
+    /// kernel's uevents on a simulated root (only this test does that: the
+    /// agent itself listens on `/` only), the interval is an hour, and a
+    /// burst of real `change` events on one of this machine's PCI functions
+    /// (`echo change > uevent`, as root) must cause a re-verification — one
+    /// for the burst, not one per event — and a walk of the inventory, which
+    /// `check` then serves without walking again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_real_uevents_is_one_reverification_and_one_walk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("lab");
+        devfence_host::sim::generate(&devfence_host::sim::GenerateOptions {
+            profile: devfence_host::sim::Profile::Lab,
+            out: out.clone(),
+            vfs: None,
+        })
+        .expect("simulated host");
+        let state = Arc::new(State::new(
+            Options {
+                root: devfence_host::HostRoot::new(&out),
+                ledger: None,
+                config: None,
+                socket: None,
+                limits: crate::Limits::default(),
+            },
+            Policy {
+                admin_gid: None,
+                reader_gid: None,
+            },
+        ));
+        state.watch.set_interval(Duration::from_secs(3600));
+        let w = start(&state, Source::Kernel);
+        assert_eq!(*lock(&state.watch.uevents), Uevents::Kernel);
+        // The first pass (no ledger yet: skipped) and the first walk.
+        until("the first pass", || state.watch.runs() >= 1).await;
+        until("the first walk", || {
+            metric(&state, "devfence_inventory_walks_total") >= 1.0
+        })
+        .await;
+        let walks = metric(&state, "devfence_inventory_walks_total");
+        for _ in 0..3 {
+            let v = check(&state).await;
+            assert_eq!(v["inventory"]["source"], "live", "{v}");
+        }
+        assert_eq!(
+            metric(&state, "devfence_inventory_walks_total"),
+            walks,
+            "check served the live inventory without walking"
+        );
+
+        let dev = std::fs::read_dir("/sys/bus/pci/devices")
+            .expect("/sys/bus/pci/devices")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .min()
+            .expect("a PCI function on this machine");
+        let runs = state.watch.runs();
+        let burst: u32 = 20;
+        for _ in 0..burst {
+            std::fs::write(format!("/sys/bus/pci/devices/{dev}/uevent"), "change")
+                .expect("write the uevent file (the test runs as root)");
+        }
+        until("the burst's events received", || {
+            metric(&state, "devfence_uevents_total{kind=\"relevant\"}") >= f64::from(burst)
+        })
+        .await;
+        until("a re-verification after the burst", || {
+            lock(&state.watch.last)
+                .as_ref()
+                .is_some_and(|l| l.trigger == "uevent" && l.generation > runs)
+        })
+        .await;
+        until("the inventory walked again", || {
+            metric(&state, "devfence_inventory_walks_total") > walks
+        })
+        .await;
+        let after = state.watch.runs() - runs;
+        assert!(
+            after < u64::from(burst),
+            "{after} re-verifications for a burst of {burst} events"
+        );
+        let v = check(&state).await;
+        assert_eq!(v["inventory"]["source"], "live", "{v}");
+        w.stop().await;
+    }
+
+    /// Without uevents (a simulated root) nothing is served from memory: a
+    /// change to the tree is seen by the next request.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_uevents_check_walks_every_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("lab");
+        devfence_host::sim::generate(&devfence_host::sim::GenerateOptions {
+            profile: devfence_host::sim::Profile::Lab,
+            out: out.clone(),
+            vfs: None,
+        })
+        .expect("simulated host");
+        let root = devfence_host::HostRoot::new(&out);
+        let state = Arc::new(State::new(
+            Options {
+                root: root.clone(),
+                ledger: None,
+                config: None,
+                socket: None,
+                limits: crate::Limits::default(),
+            },
+            Policy {
+                admin_gid: None,
+                reader_gid: None,
+            },
+        ));
+        let w = start(&state, Source::for_root(&root));
+        assert!(matches!(*lock(&state.watch.uevents), Uevents::None { .. }));
+        for n in 1..=2 {
+            let v = check(&state).await;
+            assert_eq!(v["inventory"]["source"], "walk", "{v}");
+            assert!(metric(&state, "devfence_inventory_walks_total") >= f64::from(n));
+        }
+        w.stop().await;
+    }
+}
