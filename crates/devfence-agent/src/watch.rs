@@ -431,16 +431,16 @@ impl Watch {
     fn record(&self, p: &devfence_app::verify::Pass, generation: u64, now: u64) -> (u64, u64) {
         let mut f = lock(&self.findings);
         let (mut new, mut quarantines) = (0, 0);
-        let state_of = |d: &str| {
-            p.states
-                .iter()
-                .find(|(x, _)| x.to_string() == d)
-                .map(|(_, s)| s.clone())
-        };
-        let mut seen = Vec::new();
+        let states: BTreeMap<String, &str> = p
+            .states
+            .iter()
+            .map(|(d, s)| (d.to_string(), s.as_str()))
+            .collect();
+        let state_of = |d: &str| states.get(d).map(|s| (*s).to_owned());
+        let mut seen = std::collections::BTreeSet::new();
         for d in &p.verified.reverification.devices {
             let key = d.device.to_string();
-            seen.push(key.clone());
+            seen.insert(key.clone());
             match &d.check {
                 Check::Verified { .. } => {
                     f.remove(&key);

@@ -116,13 +116,15 @@ pub struct Uevent {
 }
 
 /// The subsystems whose events can change what devfence verifies: PCI
-/// functions and their drivers, mdevs, AP queues and matrix devices, IB
-/// devices and ports, VFIO group and device nodes.
+/// functions and their drivers, mdevs and their parents, AP queues and cards
+/// and the vfio_ap matrix device (bus `matrix`), IB devices and ports, VFIO
+/// group and device nodes.
 pub const RELEVANT_SUBSYSTEMS: &[&str] = &[
     "pci",
     "mdev",
     "mdev_bus",
     "ap",
+    "matrix",
     "vfio_ap",
     "infiniband",
     "infiniband_verbs",

@@ -70,7 +70,10 @@ async fn rounds(state: &Arc<State>, want: &str) -> Vec<Duration> {
         let t = t0.elapsed();
         if i > 0 {
             if v["inventory"]["source"] != want {
-                fail(&format!("round {i}: inventory {} not {want}", v["inventory"]));
+                fail(&format!(
+                    "round {i}: inventory {} not {want}",
+                    v["inventory"]
+                ));
             }
             times.push(t);
         }
