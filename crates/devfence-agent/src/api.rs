@@ -21,8 +21,8 @@ use serde_json::Value;
 use crate::auth::{self, Access, Peer, Policy};
 use crate::metrics::Metrics;
 use crate::openapi::{
-    AgentAnswer, AuditVerifyAnswer, CheckAnswer, OperationAccepted, OperationRequest, PlanAnswer,
-    PlanRequest, SmAnswer, StatusAnswer,
+    AgentAnswer, AuditVerifyAnswer, OperationAccepted, OperationRequest, PlanAnswer, PlanRequest,
+    SmAnswer, StatusAnswer,
 };
 use crate::ops::{self, OpState, OpView, Ops};
 use crate::{Limits, Options};
@@ -39,6 +39,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/operations"),
     ("GET", "/v1/operations/{id}"),
     ("POST", "/v1/plan"),
+    ("GET", "/v1/findings"),
     ("GET", "/metrics"),
 ];
 
@@ -54,6 +55,8 @@ pub struct State {
     pub ops: Ops,
     /// The metrics.
     pub metrics: Metrics,
+    /// Continuous verification and the live inventory.
+    pub watch: crate::watch::Watch,
 }
 
 impl State {
@@ -62,6 +65,7 @@ impl State {
     pub fn new(opts: Options, policy: Policy) -> Self {
         State {
             ops: Ops::new(opts.limits.kept_operations),
+            watch: crate::watch::Watch::new(opts.clone()),
             opts,
             policy: std::sync::RwLock::new(policy),
             config: std::sync::RwLock::new(None),
@@ -256,7 +260,7 @@ fn error_response(e: &ApiError) -> Resp {
 }
 
 /// Runs `f` on a blocking thread; a panic is a 500, never the agent's end.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(f).await {
@@ -271,7 +275,7 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-fn app<T>(r: Result<T, impl Into<AppError>>) -> Result<T, ApiError> {
+pub(crate) fn app<T>(r: Result<T, impl Into<AppError>>) -> Result<T, ApiError> {
     r.map_err(|e| ApiError::from_app(&e.into()))
 }
 
@@ -478,8 +482,9 @@ where
     let path = req.uri().path().to_owned();
     let res: Result<(StatusCode, Value), ApiError> = match route {
         "/metrics" => return metrics(st).await,
-        "/v1/inventory" => ok(inventory(st).await),
-        "/v1/check" => ok(check(st).await),
+        "/v1/inventory" => ok(crate::watch::inventory_route(st).await),
+        "/v1/check" => ok(crate::watch::check_route(st).await),
+        "/v1/findings" => ok(to_json(&st.watch.view())),
         "/v1/status" => ok(status(st).await),
         "/v1/tenants" => ok(tenants(st).await),
         "/v1/audit" => match audit_filter(&query) {
@@ -771,6 +776,8 @@ fn start_operation(
             }
         };
         st2.metrics.operation(&kind, outcome);
+        // The operation changed the host: the live inventory is read again.
+        st2.watch.inventory.invalidate();
         st2.ops.finished();
     });
     to_json(&OperationAccepted {
@@ -834,7 +841,7 @@ fn ledger(st: &State) -> Option<PathBuf> {
     st.opts.ledger.clone()
 }
 
-fn to_json(v: &impl Serialize) -> Result<Value, ApiError> {
+pub(crate) fn to_json(v: &impl Serialize) -> Result<Value, ApiError> {
     serde_json::to_value(v).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -842,28 +849,6 @@ fn to_json(v: &impl Serialize) -> Result<Value, ApiError> {
             format!("Cannot render the answer: {e}"),
         )
     })
-}
-
-async fn inventory(st: Arc<State>) -> Result<Value, ApiError> {
-    blocking(move || to_json(&app(devfence_app::check::inventory(&st.opts.root, false))?)).await
-}
-
-async fn check(st: Arc<State>) -> Result<Value, ApiError> {
-    blocking(move || {
-        let r = app(devfence_app::check::check(
-            &st.opts.root,
-            ledger(&st).as_deref(),
-            st.opts.config.as_deref(),
-            &devfence_app::check::CheckRequest::default(),
-        ))?;
-        to_json(&CheckAnswer {
-            findings: r.findings,
-            summary: r.summary,
-            tenancy: r.tenancy.map(|p| p.display().to_string()),
-            notices: r.notices,
-        })
-    })
-    .await
 }
 
 async fn status(st: Arc<State>) -> Result<Value, ApiError> {

@@ -19,6 +19,9 @@
 //! - [`log`]: the `tracing` log, journald-friendly.
 //! - [`export`]: the audit records streamed to a file or syslog.
 //! - [`service`]: recovery before serving, `SIGHUP` reload.
+//! - [`watch`]: continuous verification of every Ready and Active device (on
+//!   kernel uevents and an interval), its findings (`GET /v1/findings`), and
+//!   the live inventory `check` reads.
 //!
 //! Bad input and faults: bodies are capped ([`Limits::max_body`], 413
 //! beyond), a request's headers must arrive within
@@ -38,11 +41,12 @@ pub mod auth;
 pub mod export;
 pub mod log;
 pub mod metrics;
-pub mod openapi;
 pub mod notify;
+pub mod openapi;
 pub mod ops;
 pub mod service;
 pub mod socket;
+pub mod watch;
 
 /// Where the socket is under the host root unless configured.
 pub const DEFAULT_SOCKET: &str = "/run/devfence/devfence.sock";
@@ -200,7 +204,9 @@ impl Agent {
             group: policy.reader_gid.or(policy.admin_gid),
             export: export::Target::from_config(&opts.root, &cfg.agent),
         };
-        let state = Arc::new(api::State::new(opts, policy));
+        let state = api::State::new(opts, policy);
+        state.watch.set_interval(cfg.agent.verify_interval());
+        let state = Arc::new(state);
         state.set_config(cfg);
         Ok(Agent {
             state,
@@ -247,7 +253,10 @@ impl Agent {
             })?;
             tokio::spawn(api::serve_metrics_tcp(Arc::clone(&state), l));
         }
+        let source = watch::Source::for_root(&state.options().root);
+        let watcher = watch::start(&state, source);
         api::serve(Arc::clone(&state), listener, shutdown).await;
+        watcher.stop().await;
         state.ops.wait_idle().await;
         drop(guard);
         Ok(())

@@ -69,6 +69,8 @@ pub struct Metrics {
     /// Records in the audit chain (the newest record's sequence number;
     /// pruned records included), read from the ledger at each scrape.
     pub audit_records: Gauge,
+    /// Continuous verification's metrics (drift, quarantines, re-verifications).
+    pub verify: crate::watch::VerifyMetrics,
 }
 
 fn gate_histogram() -> Histogram {
@@ -117,7 +119,10 @@ impl Default for Metrics {
             "Records appended to the audit chain (the newest record's sequence number)",
             audit_records.clone(),
         );
+        let verify = crate::watch::VerifyMetrics::default();
+        verify.register(&mut registry);
         Metrics {
+            verify,
             registry,
             audit_records,
             devices,

@@ -299,6 +299,9 @@ pub struct CheckAnswer {
     pub tenancy: Option<String>,
     /// What opening the environment noticed.
     pub notices: Vec<String>,
+    /// Where the inventory came from: the agent's live inventory, or a walk
+    /// for this request.
+    pub inventory: crate::watch::InventorySource,
 }
 
 /// `GET /v1/status`.
@@ -525,6 +528,21 @@ pub const ROUTE_DOCS: &[RouteDoc] = &[
         request: Some(schema_of::<PlanRequest>),
         ok: (200, "The plan", Body::Json(schema_of::<PlanAnswer>)),
         errors: &[400, 404, 409, 413],
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/v1/findings",
+        id: "findings",
+        summary: "Continuous verification: the drift findings now (a drifted Ready device quarantined, an Active one reported) and the last re-verification",
+        role: Role::Read,
+        params: &[],
+        request: None,
+        ok: (
+            200,
+            "The findings",
+            Body::Json(schema_of::<crate::watch::FindingsAnswer>),
+        ),
+        errors: &[],
     },
     RouteDoc {
         method: "GET",
@@ -785,6 +803,11 @@ mod tests {
             summary: devfence_app::check::Summary::default(),
             tenancy: None,
             notices: vec!["n".into()],
+            inventory: crate::watch::InventorySource {
+                source: "walk",
+                generation: 1,
+                age_ms: 0,
+            },
         })
         .unwrap()
     }

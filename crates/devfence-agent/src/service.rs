@@ -176,6 +176,14 @@ pub fn reload(
             ),
         }
     }
+    let interval = cfg.agent.verify_interval();
+    if interval != state.watch.interval() {
+        state.watch.set_interval(interval);
+        out.applied.push(format!(
+            "the re-verification interval ({} s)",
+            interval.as_secs()
+        ));
+    }
     let target = Target::from_config(&opts.root, &cfg.agent);
     if target != applied.export {
         exporter.set_target(target.clone());

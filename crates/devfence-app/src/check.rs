@@ -99,12 +99,27 @@ pub fn check(
     req: &CheckRequest,
 ) -> Result<CheckReport> {
     let inv = read(root)?;
+    check_inventory(root, &inv, ledger, config, req)
+}
+
+/// [`check`] on an inventory already read (the host agent's live inventory,
+/// kept current from kernel uevents, instead of a walk of sysfs per request).
+///
+/// # Errors
+/// As [`check`], except that the host is not read.
+pub fn check_inventory(
+    root: &HostRoot,
+    inv: &Inventory,
+    ledger: Option<&Path>,
+    config: Option<&Path>,
+    req: &CheckRequest,
+) -> Result<CheckReport> {
     let (t, tenancy) = tenancy_for(root, ledger, req.tenancy.as_deref())?;
     let ledger_file = crate::env::ledger_path(root, ledger)?;
     let tenancy_from_ledger = tenancy.as_deref() == Some(ledger_file.as_path());
     let default = root.path(&root.resolve_in_root(DEFAULT_TENANCY, true)?);
     let tenancy_file_unread = (tenancy_from_ledger && default.is_file()).then_some(default);
-    let mut findings = devfence_policy::check(&inv, &t);
+    let mut findings = devfence_policy::check(inv, &t);
     let mut notices = Vec::new();
     if req.fabric {
         let (f, n) = crate::fabric::check_fabric(root, ledger, config)?;

@@ -29,6 +29,7 @@
 //! reader_group = "devfence"      # may read; the socket's group
 //! metrics_tcp = "127.0.0.1:9464" # optional: GET /metrics on loopback TCP
 //! audit_export = "/var/log/devfence/audit.jsonl" # or "syslog"
+//! verify_interval = 60           # seconds between re-verifications (1..=86400)
 //! ```
 //!
 //! Unknown keys are refused (a misspelt key silently ignored would mean a
@@ -134,6 +135,26 @@ pub struct AgentConfig {
     /// The syslog facility of exported records (default `authpriv`).
     #[serde(default)]
     pub syslog_facility: Option<String>,
+    /// Seconds between two re-verifications of every Ready and Active device
+    /// (continuous verification; kernel uevents trigger one sooner). Default
+    /// [`DEFAULT_VERIFY_INTERVAL`], at least [`MIN_VERIFY_INTERVAL`].
+    #[serde(default)]
+    pub verify_interval: Option<u64>,
+}
+
+/// `[agent] verify_interval` unless configured (seconds).
+pub const DEFAULT_VERIFY_INTERVAL: u64 = 60;
+/// The shortest `[agent] verify_interval` accepted (seconds).
+pub const MIN_VERIFY_INTERVAL: u64 = 1;
+/// The longest `[agent] verify_interval` accepted (seconds: one day).
+pub const MAX_VERIFY_INTERVAL: u64 = 86_400;
+
+impl AgentConfig {
+    /// The re-verification interval: configured, else the default.
+    #[must_use]
+    pub fn verify_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.verify_interval.unwrap_or(DEFAULT_VERIFY_INTERVAL))
+    }
 }
 
 /// The syslog facilities `[agent] syslog_facility` may name, with their codes.
@@ -311,6 +332,11 @@ pub const KEYS: &[Key] = &[
         "The syslog facility of exported audit records: auth, authpriv, daemon, user or local0 to local7.",
     ),
     key(
+        "agent.verify_interval",
+        "60",
+        "Seconds between two re-verifications of every Ready and Active device by the agent (1 to 86400); relevant kernel uevents trigger one sooner on the real host. A drifted Ready device is quarantined, an Active one reported (GET /v1/findings).",
+    ),
+    key(
         "hook.allow_unidentified_single_tenant",
         "false",
         "Admit a domain that names no tenant and holds no device reserved for it, for the tenant its devices are Ready for, only while the ledger knows at most one tenant.",
@@ -428,6 +454,15 @@ impl Config {
                 "{}: [agent] metrics_tcp = \"{a}\" is not a loopback address. Hint: the metrics \
                  carry no secrets but are served without authorization: give 127.0.0.1:PORT or \
                  [::1]:PORT and let a local scraper or proxy reach it",
+                path.display()
+            )));
+        }
+        if let Some(i) = c.agent.verify_interval
+            && !(MIN_VERIFY_INTERVAL..=MAX_VERIFY_INTERVAL).contains(&i)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{}: [agent] verify_interval = {i} is out of range. Hint: give seconds from \
+                 {MIN_VERIFY_INTERVAL} to {MAX_VERIFY_INTERVAL} (default {DEFAULT_VERIFY_INTERVAL})",
                 path.display()
             )));
         }
@@ -648,6 +683,17 @@ mod tests {
             e.to_string().contains("not a loopback address") && e.to_string().contains("Hint:"),
             "{e}"
         );
+        let c = Config::parse("[agent]\nverify_interval = 5\n", p).expect("interval");
+        assert_eq!(c.agent.verify_interval(), std::time::Duration::from_secs(5));
+        assert_eq!(
+            AgentConfig::default().verify_interval(),
+            std::time::Duration::from_secs(60)
+        );
+        for bad in ["0", "86401", "-1", "\"60\""] {
+            let e = Config::parse(&format!("[agent]\nverify_interval = {bad}\n"), p)
+                .expect_err("out of range");
+            assert!(e.to_string().contains("Hint:"), "{bad}: {e}");
+        }
         let e = Config::parse("[agent]\nadmin_group = \"\"\n", p).expect_err("empty name");
         assert!(e.to_string().contains("empty"), "{e}");
         let c = Config::parse(
@@ -741,7 +787,7 @@ mod tests {
     /// documented is one the parser accepts.
     #[test]
     fn every_key_is_documented_once_in_keys() {
-        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\naudit_export = \"syslog\"\nsyslog_socket = \"/dev/log\"\nsyslog_facility = \"local3\"\n";
+        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\naudit_export = \"syslog\"\nsyslog_socket = \"/dev/log\"\nsyslog_facility = \"local3\"\nverify_interval = 30\n";
         let c = Config::parse(text, Path::new("t.toml")).expect("parses");
         let v = toml::Value::try_from(&c).expect("serializes");
         fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {

@@ -58,3 +58,57 @@ pub fn verify(env: &mut Env, device: Option<DeviceId>) -> Result<Verified> {
         warnings,
     })
 }
+
+/// One pass of the host agent's continuous verification (issue 12 item 4):
+/// what [`verify`] found, and what the agent reports beside it.
+#[derive(Debug)]
+pub struct Pass {
+    /// The re-verification of every Ready and Active device.
+    pub verified: Verified,
+    /// Every device of the ledger with its state after the pass (a drifted
+    /// Ready device is Quarantined here).
+    pub states: Vec<(DeviceId, String)>,
+    /// The generation of the SM's last completed sweep, when the backend
+    /// reports one (the simulated SM, OpenSM; none without an SM).
+    pub sm_generation: Option<u64>,
+    /// What opening the environment noticed.
+    pub notices: Vec<String>,
+}
+
+/// Opens the environment of `root` and re-verifies every Ready and Active
+/// device on behalf of `actor` ([`verify`]: a drifted Ready device is
+/// quarantined, a drifted Active one reported, both audited by the engine),
+/// then reads the devices' states and the SM's sweep generation.
+///
+/// # Errors
+/// The environment cannot be opened (no ledger yet, the configuration, the
+/// kernel, the SM); the ledger cannot be read.
+pub fn pass(
+    root: &devfence_host::HostRoot,
+    ledger: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+    actor: &crate::Actor,
+) -> Result<Pass> {
+    use devfence_engine::StoreExt;
+    let mut env = Env::open(root, ledger, config)?;
+    env.act_as(actor);
+    let verified = verify(&mut env, None)?;
+    let states = env
+        .store
+        .atomically(|tx| tx.devices())?
+        .into_iter()
+        .map(|r| (r.device, r.state.name().to_owned()))
+        .collect();
+    let sm_generation = env
+        .sm()
+        .health()
+        .ok()
+        .filter(|h| h.status.sweep != devfence_fabric::SweepOutcome::NoneYet)
+        .map(|h| h.status.generation.0);
+    Ok(Pass {
+        verified,
+        states,
+        sm_generation,
+        notices: std::mem::take(&mut env.notices),
+    })
+}

@@ -9,6 +9,9 @@
 //! [`devfence_model::ReadProblem`] naming the path and the value, and the rest of
 //! the inventory is still read.
 //!
+//! [`uevent`] listens for the kernel's device events (the host agent's wake-up
+//! call) and parses them as untrusted input.
+//!
 //! [`sim`] writes realistic host trees (real symlink layout) for the profiles that
 //! tests, benchmarks and the demo run on.
 
@@ -22,6 +25,7 @@ pub mod readback;
 pub mod root;
 pub mod sim;
 pub mod simkernel;
+pub mod uevent;
 
 pub use inventory::{ReadStats, read_inventory, read_inventory_with_stats};
 pub use root::{HostError, HostRoot};
