@@ -133,14 +133,21 @@ fn three_allocators_never_issue_a_guid_twice_nor_a_retired_one() {
 #[test]
 fn a_pkey_claimed_by_two_tenants_has_exactly_one_owner() {
     let c = cluster();
+    // Two clients, connected and warm before the race starts.
+    let clients = [fleet(&c, "ib0"), fleet(&c, "ib0")];
+    for f in &clients {
+        f.pkey_owner(PKey(0x7000)).expect("warm");
+    }
     for base in 1..=20u16 {
+        let go = std::sync::Barrier::new(2);
         let results: Vec<(TenantId, Result<(), FleetError>)> = std::thread::scope(|s| {
             let hs: Vec<_> = ["red", "blue"]
                 .into_iter()
-                .map(|t| {
-                    let c = &c;
+                .zip(&clients)
+                .map(|(t, f)| {
+                    let go = &go;
                     s.spawn(move || {
-                        let f = fleet(c, "ib0");
+                        go.wait();
                         (tenant(t), f.claim_pkey(&tenant(t), PKey(base)))
                     })
                 })
