@@ -19,6 +19,7 @@ fn cluster() -> EtcdCluster {
 fn settings(c: &EtcdCluster, fabric: &str) -> FleetSettings {
     let mut s = FleetSettings::plaintext(c.endpoints(), "dft", fabric).expect("settings");
     s.timeout = Duration::from_secs(3);
+    s.lease_ttl = Duration::from_secs(3);
     s
 }
 
@@ -466,6 +467,28 @@ fn desired_under_the_host_lease_and_observed_with_the_generation() {
     assert_eq!(f.observed(None).expect("lists").len(), 1);
     let s0 = f.register_host(&h0).expect("registers again");
     assert!(!s0.is_lost());
+    f.set_desired(&s0, g0, &want).expect("writes");
+    assert_eq!(f.desired(Some(&h0)).expect("lists").len(), 1);
+
+    // The lease revoked behind the session's back (as its expiry would):
+    // the desired membership is gone, a write under the dead lease is
+    // refused, and the keep-alive notices.
+    c.etcdctl(
+        &c.endpoints(),
+        &["lease", "revoke", &format!("{:x}", s0.lease())],
+    )
+    .expect("etcdctl lease revoke");
+    assert!(f.desired(Some(&h0)).expect("lists").is_empty());
+    let e = f.set_desired(&s0, g0, &want).expect_err("dead lease");
+    assert!(matches!(e, FleetError::LeaseLost { .. }), "{e}");
+    let end = Instant::now() + Duration::from_secs(30);
+    while !s0.is_lost() {
+        assert!(
+            Instant::now() < end,
+            "the keep-alive did not notice the lost lease"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A value in etcd that devfence did not write is a clear error naming the
