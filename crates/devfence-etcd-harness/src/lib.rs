@@ -449,6 +449,35 @@ impl EtcdCluster {
         }
     }
 
+    /// The member that is the raft leader now, as each running member reports
+    /// it (`etcdctl endpoint status`): `None` while they disagree or none leads.
+    #[must_use]
+    pub fn leader(&self) -> Option<usize> {
+        let mut leader = None;
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() || self.members[i].stopped {
+                continue;
+            }
+            let out = self
+                .etcdctl(&[self.endpoint(i)], &["endpoint", "status", "-w", "fields"])
+                .ok()?;
+            let field = |name: &str| {
+                out.lines()
+                    .find(|l| l.trim_start().starts_with(&format!("\"{name}\"")))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|v| v.trim().to_string())
+            };
+            let (id, lead) = (field("MemberID")?, field("Leader")?);
+            if id == lead {
+                if leader.is_some() {
+                    return None;
+                }
+                leader = Some(i);
+            }
+        }
+        leader
+    }
+
     /// Runs `etcdctl` against `endpoints` with the client's TLS files.
     ///
     /// # Errors

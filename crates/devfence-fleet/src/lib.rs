@@ -78,7 +78,7 @@ pub enum FleetError {
     Config(String),
     /// No quorum answered in time: nothing that needs a shared fact proceeds.
     #[error(
-        "The fleet store (etcd at {endpoints}) did not answer {op} within {waited:?}; nothing was changed by this call unless it is repeated and finds its own record. Hint: check `etcdctl endpoint health --cluster`; a majority of members must be up and reachable, and [fleet] endpoints/ca/cert/key must match them"
+        "The fleet store (etcd at {endpoints}) did not answer {op} within {waited:?}: nothing that needs it proceeds (a change in flight is applied whole or not at all). Hint: check `etcdctl endpoint health --cluster`; a majority of members must be up and reachable, and [fleet] endpoints/ca/cert/key must match them"
     )]
     Unavailable {
         /// The operation.

@@ -12,6 +12,16 @@ use devfence_model::{Guid, PKey, TenantId};
 
 const FIRST: u64 = 0x0002_c903_0000_0000;
 
+/// One cluster at a time: three etcd members per test on a 2-core machine
+/// are enough; ten clusters at once would starve their elections.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn cluster() -> EtcdCluster {
     EtcdCluster::start(&Options::default()).expect("etcd cluster starts")
 }
@@ -58,6 +68,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// issued twice; released GUIDs are retired and never issued again.
 #[test]
 fn three_allocators_never_issue_a_guid_twice_nor_a_retired_one() {
+    let _one = serial();
     let c = cluster();
     fleet(&c, "ib0")
         .configure_guid_range(range(100_000))
@@ -133,6 +144,7 @@ fn three_allocators_never_issue_a_guid_twice_nor_a_retired_one() {
 /// with exactly one owner; the loser's error names it.
 #[test]
 fn a_pkey_claimed_by_two_tenants_has_exactly_one_owner() {
+    let _one = serial();
     let c = cluster();
     // Two clients, connected and warm before the race starts.
     let clients = [fleet(&c, "ib0"), fleet(&c, "ib0")];
@@ -199,6 +211,7 @@ fn a_pkey_claimed_by_two_tenants_has_exactly_one_owner() {
 /// on through the other two.
 #[test]
 fn one_paused_member_does_not_stop_allocation() {
+    let _one = serial();
     let mut c = cluster();
     let f = fleet(&c, "ib0");
     f.configure_guid_range(range(10_000)).expect("range");
@@ -217,12 +230,46 @@ fn one_paused_member_does_not_stop_allocation() {
     assert_eq!(all.len(), 111);
 }
 
+/// The raft leader paused (SIGSTOP): the other two elect a new leader within
+/// the default deadline and allocations go on; the old leader, resumed,
+/// follows, and no GUID was issued twice.
+#[test]
+fn the_paused_leader_is_replaced_and_allocation_goes_on() {
+    let _one = serial();
+    let mut c = cluster();
+    let mut s = settings(&c, "ib0");
+    s.timeout = Duration::from_millis(devfence_fleet::config::DEFAULT_TIMEOUT_MS);
+    let f = Fleet::connect(s).expect("connects");
+    f.configure_guid_range(range(10_000)).expect("range");
+    let h = name("h0");
+    let before = f.allocate_guids(&h, 10).expect("allocates");
+    let leader = c.leader().expect("a leader");
+    c.pause(leader).expect("SIGSTOP the leader");
+    let during = f
+        .allocate_guids(&h, 100)
+        .expect("allocates with the leader paused");
+    let new_leader = c.leader().expect("a new leader");
+    assert_ne!(new_leader, leader);
+    c.resume(leader).expect("SIGCONT the old leader");
+    c.wait_healthy(&[0, 1, 2], devfence_etcd_harness::START_DEADLINE)
+        .expect("healthy");
+    let after = f.allocate_guids(&h, 10).expect("allocates");
+    let all: BTreeSet<Guid> = before
+        .iter()
+        .chain(&during)
+        .chain(&after)
+        .copied()
+        .collect();
+    assert_eq!(all.len(), 120);
+}
+
 /// Two of three members paused: no quorum. Every operation that needs a
 /// shared fact fails closed with Unavailable and its hint, within the
 /// configured deadline (bounded, not hanging); resumed, they work again, and
 /// no GUID is issued twice across the outage.
 #[test]
 fn a_paused_majority_fails_closed_and_recovers() {
+    let _one = serial();
     let mut c = cluster();
     let f = fleet(&c, "ib0");
     f.configure_guid_range(range(10_000)).expect("range");
@@ -279,6 +326,7 @@ fn a_paused_majority_fails_closed_and_recovers() {
 /// cluster and catches up with what was written while it was down.
 #[test]
 fn a_killed_member_restarts_from_its_data_dir_and_rejoins() {
+    let _one = serial();
     let mut c = cluster();
     let f = fleet(&c, "ib0");
     f.configure_guid_range(range(10_000)).expect("range");
@@ -311,6 +359,7 @@ fn a_killed_member_restarts_from_its_data_dir_and_rejoins() {
 /// is a client certificate from another CA.
 #[test]
 fn tls_is_verified_and_a_wrong_ca_is_refused() {
+    let _one = serial();
     let c = EtcdCluster::start(&Options {
         tls: true,
         ..Options::default()
@@ -375,6 +424,7 @@ fn tls_is_verified_and_a_wrong_ca_is_refused() {
 /// claimed on another are refused; a range is configured once.
 #[test]
 fn a_guid_on_two_fabrics_is_an_error() {
+    let _one = serial();
     let c = cluster();
     let a = fleet(&c, "ib0");
     let b = fleet(&c, "ib1");
@@ -417,6 +467,7 @@ fn a_guid_on_two_fabrics_is_an_error() {
 /// guard fails is refused.
 #[test]
 fn desired_under_the_host_lease_and_observed_with_the_generation() {
+    let _one = serial();
     let c = cluster();
     let f = fleet(&c, "ib0");
     f.configure_guid_range(range(1000)).expect("range");
@@ -495,6 +546,7 @@ fn desired_under_the_host_lease_and_observed_with_the_generation() {
 /// key, never a panic or a silently skipped entry.
 #[test]
 fn a_foreign_value_in_etcd_is_a_clear_error() {
+    let _one = serial();
     let c = cluster();
     let f = fleet(&c, "ib0");
     f.configure_guid_range(range(1000)).expect("range");
