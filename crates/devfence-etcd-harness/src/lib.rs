@@ -103,17 +103,32 @@ fn free_ports(n: usize) -> Result<Vec<u16>, String> {
         .collect()
 }
 
+/// etcd and etcdctl on PATH, installed by `testbed/etcd/setup.sh` on the
+/// first run when missing (like the fabric harness).
 fn ensure_installed() -> Result<(), String> {
-    for tool in ["etcd", "etcdctl"] {
-        let found = std::env::var_os("PATH")
-            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
-        if !found {
+    static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let have = |c: &str| {
+            std::env::var_os("PATH")
+                .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(c).is_file()))
+        };
+        if have("etcd") && have("etcdctl") {
+            return Ok(());
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testbed/etcd/setup.sh");
+        let st = Command::new("bash")
+            .arg(&script)
+            .status()
+            .map_err(|e| format!("run {}: {e}", script.display()))?;
+        if !st.success() || !have("etcd") {
             return Err(format!(
-                "{tool} is not installed. Hint: run testbed/etcd/setup.sh (Debian's etcd-server and etcd-client)"
+                "{} failed. Hint: apt-get install etcd-server etcd-client protobuf-compiler",
+                script.display()
             ));
         }
-    }
-    Ok(())
+        Ok(())
+    })
+    .clone()
 }
 
 fn ca(name: &str) -> Result<(rcgen::CertificateParams, rcgen::KeyPair, String), String> {
