@@ -52,6 +52,10 @@ use value::{
 /// The most GUIDs one allocation transaction claims: each needs two compares
 /// and two puts, and etcd's default `--max-txn-ops` is 128.
 pub const MAX_BATCH: usize = 63;
+/// Allocation transactions one client keeps in flight.
+pub const PIPELINE: usize = 8;
+/// The largest block of the range one client reserves at a time.
+pub const BLOCK: u64 = 4096;
 /// The most keys one listing returns.
 pub const MAX_LIST: usize = 1 << 20;
 /// Keys per page of a listing.
@@ -468,6 +472,9 @@ struct Inner {
     range: OnceLock<GuidRange>,
     /// This allocator's view of the cursor: (next, its mod revision).
     cursor: Mutex<Option<(Guid, i64)>>,
+    /// The block of the range this client reserved and has not yet offered:
+    /// `[next, end)`.
+    block: Mutex<Option<(u64, u64)>>,
 }
 
 /// The fleet store (async): one per process and fabric; cheap to clone.
@@ -535,6 +542,7 @@ impl FleetStore {
                 settings,
                 range: OnceLock::new(),
                 cursor: Mutex::new(None),
+                block: Mutex::new(None),
             }),
         })
     }
@@ -827,50 +835,110 @@ impl FleetStore {
         })
     }
 
-    /// Allocates `n` fresh GUIDs of the fabric's pool to `host`, [`MAX_BATCH`]
-    /// per transaction. Each GUID's key is created only if it never existed
-    /// (`create_revision == 0`) on this fabric and in the global index, so no
-    /// GUID is issued twice, nor one that was ever released.
+    /// Allocates `n` fresh GUIDs of the fabric's pool to `host`.
+    ///
+    /// Candidates come from a block of the range this client reserved by
+    /// moving the shared cursor (one compare-and-swap per block, so allocators
+    /// do not contend per GUID); each GUID is then claimed by a transaction
+    /// that creates its key only if it never existed (`create_revision == 0`)
+    /// on this fabric and in the global index — so no GUID is issued twice,
+    /// nor one that was ever released. Up to [`MAX_BATCH`] GUIDs per
+    /// transaction and [`PIPELINE`] transactions in flight.
     ///
     /// # Errors
-    /// No range, the pool used up, etcd unreachable; after a first batch,
-    /// [`FleetError::AllocationCut`] with the GUIDs already held.
+    /// No range, the pool used up, etcd unreachable; when some GUIDs were
+    /// already claimed, [`FleetError::AllocationCut`] with them.
     pub async fn allocate_guids(&self, host: &Name, n: usize) -> Result<Vec<Guid>> {
         let range = self.range_required().await?;
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            let k = MAX_BATCH.min(n - out.len());
-            match self.allocate_batch(host, &range, k).await {
-                Ok(b) => out.extend(b),
-                Err(e) if out.is_empty() => return Err(e),
-                Err(e) => {
-                    return Err(FleetError::AllocationCut {
-                        done: out,
-                        source: Box::new(e),
-                    });
+        let mut out: Vec<Guid> = Vec::with_capacity(n);
+        let mut failed: Option<FleetError> = None;
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut queued = 0usize; // GUIDs asked of chunks in flight
+        loop {
+            // Keep PIPELINE chunks in flight while GUIDs are still wanted.
+            while failed.is_none() && tasks.len() < PIPELINE && out.len() + queued < n {
+                let want = MAX_BATCH.min(n - out.len() - queued);
+                match self.take_reserved(&range, want).await {
+                    Ok(chunk) => {
+                        queued += chunk.len();
+                        let (store, host) = (self.clone(), host.clone());
+                        tasks.spawn(async move {
+                            let asked = chunk.len();
+                            (asked, store.claim_chunk(&host, chunk).await)
+                        });
+                    }
+                    Err(e) => failed = Some(e),
+                }
+            }
+            let Some(joined) = tasks.join_next().await else {
+                break;
+            };
+            match joined {
+                Ok((asked, Ok(got))) => {
+                    queued -= asked;
+                    out.extend(got);
+                }
+                Ok((asked, Err(e))) => {
+                    queued -= asked;
+                    failed.get_or_insert(e);
+                }
+                Err(j) => {
+                    failed.get_or_insert(FleetError::Invalid(format!(
+                        "an allocation task failed: {j}"
+                    )));
                 }
             }
         }
-        Ok(out)
+        out.sort_unstable();
+        match failed {
+            None => Ok(out),
+            Some(e) if out.is_empty() => Err(e),
+            Some(e) => Err(FleetError::AllocationCut {
+                done: out,
+                source: Box::new(e),
+            }),
+        }
     }
 
-    async fn allocate_batch(&self, host: &Name, range: &GuidRange, k: usize) -> Result<Vec<Guid>> {
-        const OP: &str = "allocate GUIDs";
-        let keys = &self.inner.keys;
-        let cursor_key = keys.cursor();
-        let fabric = encode(&GuidIndexRecord {
-            fabric: self.fabric().clone(),
-        });
-        let held = Self::allocated(host);
-        let start = Instant::now();
-        let mut taken: BTreeSet<Guid> = BTreeSet::new();
+    /// Up to `want` GUIDs from this client's reserved block, reserving a new
+    /// block when it runs out.
+    async fn take_reserved(&self, range: &GuidRange, want: usize) -> Result<Vec<Guid>> {
         loop {
-            if start.elapsed() > self.inner.settings.timeout {
-                return Err(FleetError::Contended {
-                    op: OP,
-                    waited: start.elapsed(),
-                });
+            {
+                let mut b = self
+                    .inner
+                    .block
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some((next, end)) = *b {
+                    let k = (end - next).min(want as u64);
+                    *b = (next + k < end).then_some((next + k, end));
+                    if k > 0 {
+                        return Ok((next..next + k).map(Guid).collect());
+                    }
+                }
             }
+            let (first, end) = self.reserve_block(range, want).await?;
+            let mut b = self
+                .inner
+                .block
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if b.is_none() {
+                *b = Some((first, end));
+            }
+            // else another task of this client refilled it first; this block's
+            // GUIDs stay unissued (never offered again: the cursor moved past).
+        }
+    }
+
+    /// Moves the shared cursor past a block for this client: at least `need`
+    /// GUIDs, up to [`BLOCK`] (a 64th of what is left, so a small pool is
+    /// not taken by one client). Returns `[first, end)`.
+    async fn reserve_block(&self, range: &GuidRange, need: usize) -> Result<(u64, u64)> {
+        let cursor_key = self.inner.keys.cursor();
+        let start = Instant::now();
+        loop {
             let cached = *self
                 .inner
                 .cursor
@@ -880,82 +948,104 @@ impl FleetStore {
                 Some(c) => c,
                 None => self.read_cursor(range).await?,
             };
-            let mut cands = Vec::with_capacity(k);
-            let mut g = next.0;
-            while cands.len() < k && g <= range.last.0 {
-                if !taken.contains(&Guid(g)) {
-                    cands.push(Guid(g));
-                }
-                g += 1;
-            }
-            let Some(&last) = cands.last() else {
+            let left = range.last.0.saturating_add(1).saturating_sub(next.0);
+            if left == 0 {
                 return Err(FleetError::PoolExhausted {
                     fabric: self.fabric().clone(),
                     range: *range,
                 });
+            }
+            let size = (need as u64).max(BLOCK.min(left / 64)).clamp(1, left);
+            let end = next.0 + size;
+            let txn = Txn::new()
+                .when(vec![Compare::mod_revision(
+                    cursor_key.as_str(),
+                    CompareOp::Equal,
+                    rev,
+                )])
+                .and_then(vec![TxnOp::put(
+                    cursor_key.as_str(),
+                    encode(&CursorRecord { next: Guid(end) }),
+                    None,
+                )]);
+            let (ok, at) = self.txn("reserve a block of GUIDs", txn).await?;
+            let fresh = if ok {
+                Some((Guid(end), at))
+            } else {
+                Some(self.read_cursor(range).await?)
             };
-            let new_next = Guid(last.0 + 1);
-            let mut when = Vec::with_capacity(2 * cands.len() + 1);
-            let mut then = Vec::with_capacity(2 * cands.len() + 1);
-            when.push(Compare::mod_revision(
-                cursor_key.as_str(),
-                CompareOp::Equal,
-                rev,
-            ));
-            then.push(TxnOp::put(
-                cursor_key.as_str(),
-                encode(&CursorRecord { next: new_next }),
-                None,
-            ));
-            for &c in &cands {
+            *self
+                .inner
+                .cursor
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+            if ok {
+                return Ok((next.0, end));
+            }
+            if start.elapsed() > self.inner.settings.timeout {
+                return Err(FleetError::Contended {
+                    op: "reserve a block of GUIDs",
+                    waited: start.elapsed(),
+                });
+            }
+        }
+    }
+
+    /// Claims `chunk` for `host` in one transaction; a GUID that already
+    /// exists (claimed by hand, or on another fabric) is dropped and the rest
+    /// claimed again. Returns the GUIDs claimed.
+    async fn claim_chunk(&self, host: &Name, mut chunk: Vec<Guid>) -> Result<Vec<Guid>> {
+        const OP: &str = "allocate GUIDs";
+        let keys = &self.inner.keys;
+        let fabric = encode(&GuidIndexRecord {
+            fabric: self.fabric().clone(),
+        });
+        let held = Self::allocated(host);
+        let start = Instant::now();
+        while let (Some(&first), Some(&last)) = (chunk.first(), chunk.last()) {
+            let mut when = Vec::with_capacity(2 * chunk.len());
+            let mut then = Vec::with_capacity(2 * chunk.len());
+            for &c in &chunk {
                 let (gk, ik) = (keys.guid(c), keys.global_guid(c));
                 when.push(Compare::create_revision(gk.as_str(), CompareOp::Equal, 0));
                 when.push(Compare::create_revision(ik.as_str(), CompareOp::Equal, 0));
                 then.push(TxnOp::put(gk, held.clone(), None));
                 then.push(TxnOp::put(ik, fabric.clone(), None));
             }
-            let (ok, at) = self.txn(OP, Txn::new().when(when).and_then(then)).await?;
-            if ok {
-                *self
-                    .inner
-                    .cursor
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((new_next, at));
-                return Ok(cands);
+            if self.txn(OP, Txn::new().when(when).and_then(then)).await?.0 {
+                return Ok(chunk);
             }
-            // Another allocator moved the cursor, or a candidate was claimed
-            // by hand (or is on another fabric): learn which, and try again.
-            let fresh = self.read_cursor(range).await?;
-            *self
-                .inner
-                .cursor
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(fresh);
-            if fresh.1 == rev {
-                let first = cands[0];
-                for (from, to) in [
-                    (keys.guid(first), keys.guid(last)),
-                    (keys.global_guid(first), keys.global_guid(last)),
-                ] {
-                    let mut end = to.into_bytes();
-                    end.push(0);
-                    let r = self
-                        .call("read claimed GUIDs", |mut c| {
-                            let (f, e) = (from.clone(), end.clone());
-                            async move {
-                                c.get(f, Some(GetOptions::new().with_range(e).with_keys_only()))
-                                    .await
-                            }
-                        })
-                        .await?;
-                    for kv in r.kvs() {
-                        taken.insert(
-                            value::guid_from_key(kv.key()).map_err(|e| Self::bad(kv.key(), e))?,
-                        );
-                    }
+            let mut taken = BTreeSet::new();
+            for (from, to) in [
+                (keys.guid(first), keys.guid(last)),
+                (keys.global_guid(first), keys.global_guid(last)),
+            ] {
+                let mut end = to.into_bytes();
+                end.push(0);
+                let r = self
+                    .call("read claimed GUIDs", |mut c| {
+                        let (f, e) = (from.clone(), end.clone());
+                        async move {
+                            c.get(f, Some(GetOptions::new().with_range(e).with_keys_only()))
+                                .await
+                        }
+                    })
+                    .await?;
+                for kv in r.kvs() {
+                    taken.insert(
+                        value::guid_from_key(kv.key()).map_err(|e| Self::bad(kv.key(), e))?,
+                    );
                 }
             }
+            chunk.retain(|g| !taken.contains(g));
+            if taken.is_empty() && start.elapsed() > self.inner.settings.timeout {
+                return Err(FleetError::Contended {
+                    op: OP,
+                    waited: start.elapsed(),
+                });
+            }
         }
+        Ok(chunk)
     }
 
     /// Claims one given GUID for `host` (a GUID a port already has, outside
