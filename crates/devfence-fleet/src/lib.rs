@@ -6,8 +6,8 @@
 //! * the **GUID pool**: a range configured once per fabric; GUIDs are claimed
 //!   by transaction (`create_revision == 0` on the GUID's key), in batches of up
 //!   to [`MAX_BATCH`] per transaction, from a block of the range each client
-//!   reserves; a released GUID is **retired**, never issued again; a GUID belongs to one fabric (a global index refuses it on a
-//!   second);
+//!   reserves; a released GUID is **retired**, never issued again; a GUID
+//!   belongs to one fabric (a global index refuses it on a second);
 //! * **P_Key ownership**: a partition belongs to one tenant per fabric;
 //! * **tenants** and their partitions;
 //! * each host's **desired** memberships, written under the host's lease, and
