@@ -30,6 +30,14 @@
 //! metrics_tcp = "127.0.0.1:9464" # optional: GET /metrics on loopback TCP
 //! audit_export = "/var/log/devfence/audit.jsonl" # or "syslog"
 //! verify_interval = 60           # seconds between re-verifications (1..=86400)
+//!
+//! [fleet]                      # shared facts in etcd (docs/fleet.md)
+//! backend = "etcd"
+//! endpoints = ["https://etcd1:2379", "https://etcd2:2379", "https://etcd3:2379"]
+//! ca = "/etc/devfence/etcd-ca.pem"
+//! cert = "/etc/devfence/etcd-client.pem"
+//! key = "/etc/devfence/etcd-client-key.pem"
+//! fabric = "ib0"
 //! ```
 //!
 //! Unknown keys are refused (a misspelt key silently ignored would mean a
@@ -337,6 +345,56 @@ pub const KEYS: &[Key] = &[
         "Seconds between two re-verifications of every Ready and Active device by the agent (1 to 86400); relevant kernel uevents trigger one sooner on the real host. A drifted Ready device is quarantined, an Active one reported (GET /v1/findings).",
     ),
     key(
+        "fleet.backend",
+        "-",
+        "\"etcd\": the fleet's shared facts (GUID pool, P_Key ownership, desired and observed memberships) live in etcd (docs/fleet.md). Required in a [fleet] section.",
+    ),
+    key(
+        "fleet.endpoints",
+        "-",
+        "The etcd members' client URLs, https://HOST:PORT (at most 16). http:// only with fleet.insecure_plaintext on a loopback host.",
+    ),
+    key(
+        "fleet.ca",
+        "-",
+        "The CA (PEM) that signed the etcd members' certificates; required for https endpoints (TLS is always verified).",
+    ),
+    key(
+        "fleet.cert",
+        "-",
+        "The client certificate (PEM) presented to etcd; with fleet.key.",
+    ),
+    key(
+        "fleet.key",
+        "-",
+        "The client certificate's key (PEM); with fleet.cert. Read when connecting, never shown.",
+    ),
+    key(
+        "fleet.insecure_plaintext",
+        "false",
+        "Accept http:// endpoints, and only on a loopback host (a test cluster); refused for any other host.",
+    ),
+    key(
+        "fleet.prefix",
+        "\"devfence\"",
+        "The etcd key prefix: keys are /PREFIX/FABRIC/...",
+    ),
+    key(
+        "fleet.fabric",
+        "-",
+        "The fabric this host's ports are on; GUIDs and P_Keys are scoped per fabric. Required.",
+    ),
+    key(
+        "fleet.timeout_ms",
+        "5000",
+        "The deadline of one fleet operation (100-60000); past it the operation fails closed.",
+    ),
+    key(
+        "fleet.lease_ttl_s",
+        "15",
+        "The TTL of this host's etcd lease (2-300 s); its desired memberships go when it expires.",
+    ),
+    key(
         "hook.allow_unidentified_single_tenant",
         "false",
         "Admit a domain that names no tenant and holds no device reserved for it, for the tenant its devices are Ready for, only while the ledger knows at most one tenant.",
@@ -404,6 +462,9 @@ pub struct Config {
     /// `[agent]`: the host agent (docs/agent.md).
     #[serde(default)]
     pub agent: AgentConfig,
+    /// `[fleet]`: the fleet's shared facts in etcd (docs/fleet.md).
+    #[serde(default)]
+    pub fleet: Option<devfence_fleet::FleetConfig>,
     /// Where it was read from (`None`: the defaults).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -499,6 +560,10 @@ impl Config {
                 "{}: [agent] audit_export must be an absolute path or \"syslog\". Hint: e.g. \"/var/log/devfence/audit.jsonl\"",
                 path.display()
             )));
+        }
+        if let Some(f) = &c.fleet {
+            f.check()
+                .map_err(|e| ConfigError::Invalid(format!("{}: [fleet] {e}", path.display())))?;
         }
         match c.fabric.backend {
             Backend::Ufm if c.fabric.ufm.is_none() => {
@@ -787,7 +852,7 @@ mod tests {
     /// documented is one the parser accepts.
     #[test]
     fn every_key_is_documented_once_in_keys() {
-        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\naudit_export = \"syslog\"\nsyslog_socket = \"/dev/log\"\nsyslog_facility = \"local3\"\nverify_interval = 30\n";
+        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\naudit_export = \"syslog\"\nsyslog_socket = \"/dev/log\"\nsyslog_facility = \"local3\"\nverify_interval = 30\n[fleet]\nbackend = \"etcd\"\nendpoints = [\"https://e1:2379\"]\nca = \"/ca.pem\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nprefix = \"df\"\nfabric = \"ib0\"\ntimeout_ms = 5000\nlease_ttl_s = 15\n";
         let c = Config::parse(text, Path::new("t.toml")).expect("parses");
         let v = toml::Value::try_from(&c).expect("serializes");
         fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
@@ -826,6 +891,48 @@ mod tests {
         let man = man_page();
         assert!(man.contains("fabric.opensm.log_file") || man.contains("fabric.opensm.log_file"));
         assert!(man.starts_with(".TH DEVFENCE.TOML 5"), "{man}");
+    }
+
+    /// issue 13: `[fleet]` is checked when the file is read: TLS verified by
+    /// default, plaintext only on loopback with insecure_plaintext, bad
+    /// values named with the file and a hint.
+    #[test]
+    fn the_fleet_section() {
+        let p = Path::new("/etc/devfence/devfence.toml");
+        let ok = "[fleet]\nbackend = \"etcd\"\nendpoints = [\"https://etcd1:2379\"]\nca = \"/ca.pem\"\nfabric = \"ib0\"\n";
+        let c = Config::parse(ok, p).expect("parses");
+        assert_eq!(c.fleet.expect("fleet").fabric.as_deref(), Some("ib0"));
+        for (text, want) in [
+            (
+                "[fleet]\nbackend = \"etcd\"\nendpoints = [\"http://10.1.1.1:2379\"]\nfabric = \"ib0\"\n",
+                "insecure_plaintext = true",
+            ),
+            (
+                "[fleet]\nbackend = \"etcd\"\nendpoints = [\"http://10.1.1.1:2379\"]\ninsecure_plaintext = true\nfabric = \"ib0\"\n",
+                "not loopback",
+            ),
+            (
+                "[fleet]\nbackend = \"etcd\"\nendpoints = [\"https://e:2379\"]\nfabric = \"ib0\"\n",
+                "need ca",
+            ),
+            (
+                "[fleet]\nendpoints = [\"https://e:2379\"]\n",
+                "backend is missing",
+            ),
+            ("[fleet]\nbackend = \"zookeeper\"\n", "line 2"),
+            ("[fleet]\nbackend = \"etcd\"\nendpionts = []\n", "line 3"),
+        ] {
+            let e = Config::parse(text, p).expect_err(want);
+            let m = chain(&e);
+            assert!(m.contains(want) && m.contains("devfence.toml"), "{m}");
+            assert!(m.contains("Hint"), "{m}");
+        }
+        let c = Config::parse(
+            "[fleet]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\ninsecure_plaintext = true\nfabric = \"ib0\"\n",
+            p,
+        )
+        .expect("loopback plaintext");
+        assert!(c.fleet.is_some());
     }
 
     /// issue 18 item 6: the configuration is read only if it is a regular file,
