@@ -968,17 +968,11 @@ mod tests {
             "check served the live inventory without walking"
         );
 
-        let dev = std::fs::read_dir("/sys/bus/pci/devices")
-            .expect("/sys/bus/pci/devices")
-            .filter_map(Result::ok)
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .min()
-            .expect("a PCI function on this machine");
         let runs = state.watch.runs();
         let burst: u32 = 20;
         for _ in 0..burst {
-            std::fs::write(format!("/sys/bus/pci/devices/{dev}/uevent"), "change")
-                .expect("write the uevent file (the test runs as root)");
+            devfence_host::uevent::synthesize_pci_change()
+                .expect("a PCI function's uevent file written (the test runs as root)");
         }
         until("the burst's events received", || {
             metric(&state, "devfence_uevents_total{kind=\"relevant\"}") >= f64::from(burst)

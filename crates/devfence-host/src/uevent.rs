@@ -442,6 +442,24 @@ impl UeventListener {
     }
 }
 
+/// For tests of what consumes uevents (the agent's watcher): asks the running
+/// kernel to send a synthetic `change` uevent for this machine's first PCI
+/// function (`echo change > /sys/bus/pci/devices/<function>/uevent`, as
+/// `udevadm trigger --action=change` does; root only). Returns the function.
+///
+/// # Errors
+/// No PCI function; the write is refused.
+#[doc(hidden)]
+pub fn synthesize_pci_change() -> std::io::Result<String> {
+    let dev = std::fs::read_dir("/sys/bus/pci/devices")?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .min()
+        .ok_or_else(|| std::io::Error::other("no PCI function on this machine"))?;
+    std::fs::write(format!("/sys/bus/pci/devices/{dev}/uevent"), "change")?;
+    Ok(dev)
+}
+
 /// For the `uevent` fuzz target: [`parse`] on arbitrary bytes, and what it
 /// returns checked against its bounds.
 #[doc(hidden)]
