@@ -46,6 +46,8 @@ pub struct State {
     pub ops: Ops,
     /// The metrics.
     pub metrics: Metrics,
+    /// Collects IB VF operations into batches (`[agent] batch_window`).
+    pub batch: crate::batch::Batcher,
 }
 
 impl State {
@@ -57,7 +59,13 @@ impl State {
             opts,
             policy,
             metrics: Metrics::default(),
+            batch: crate::batch::Batcher::new(std::time::Duration::ZERO),
         }
+    }
+
+    /// The host root the agent serves.
+    pub(crate) fn root(&self) -> &devfence_host::HostRoot {
+        &self.opts.root
     }
 
     fn limits(&self) -> Limits {
@@ -223,7 +231,7 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-fn app<T>(r: Result<T, impl Into<AppError>>) -> Result<T, ApiError> {
+pub(crate) fn app<T>(r: Result<T, impl Into<AppError>>) -> Result<T, ApiError> {
     r.map_err(|e| ApiError::from_app(&e.into()))
 }
 
@@ -676,12 +684,18 @@ fn start_operation(
         result: None,
         error: None,
         notices: Vec::new(),
+        batch: None,
     });
     let id = ops::lock(&view).id.clone();
     let st2 = Arc::clone(st);
     let v2 = Arc::clone(&view);
     // Detached: the operation is the agent's, whatever its client does.
     tokio::task::spawn_blocking(move || {
+        // An IB VF operation joins the next batch (one sweep for all of it).
+        if st2.batch.collects(st2.root(), &req) {
+            crate::batch::submit(&st2, v2, actor, req, kind);
+            return;
+        }
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             run_operation(&st2, &v2, &actor, &req)
         }))
@@ -692,8 +706,21 @@ fn start_operation(
                 "The operation's thread panicked. Hint: this is a bug in devfence; run `devfence recover` to finish what it journalled",
             ))
         });
+        complete(&st2, &v2, &kind, res);
+    });
+    Ok(json!({ "id": id, "state": "running", "href": format!("/v1/operations/{id}") }))
+}
+
+/// Ends an operation's view with its result, counts it, and marks it finished.
+pub(crate) fn complete(
+    st2: &State,
+    v2: &std::sync::Mutex<OpView>,
+    kind: &str,
+    res: Result<devfence_engine::engine::Done, ApiError>,
+) {
+    {
         let outcome = {
-            let mut v = ops::lock(&v2);
+            let mut v = ops::lock(v2);
             v.finished_at_ms = Some(now_ms());
             match res {
                 Ok(done) => {
@@ -713,10 +740,9 @@ fn start_operation(
                 }
             }
         };
-        st2.metrics.operation(&kind, outcome);
+        st2.metrics.operation(kind, outcome);
         st2.ops.finished();
-    });
-    Ok(json!({ "id": id, "state": "running", "href": format!("/v1/operations/{id}") }))
+    }
 }
 
 fn run_operation(
@@ -749,7 +775,9 @@ fn run_operation(
             }
             ops::lock(view).push(p);
         });
-    app(devfence_app::lifecycle::run(&mut e, req))
+    let r = devfence_app::lifecycle::run(&mut e, req);
+    st.metrics.sm_sweeps_requested.inc_by(e.sm_applies());
+    app(r)
 }
 
 fn now_ms() -> u64 {
@@ -758,7 +786,7 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn open_env(st: &State) -> Result<Env, ApiError> {
+pub(crate) fn open_env(st: &State) -> Result<Env, ApiError> {
     app(Env::open(
         &st.opts.root,
         st.opts.ledger.as_deref(),

@@ -13,6 +13,8 @@
 //! - [`api`]: the routes, their JSON, the typed error body.
 //! - [`ops`]: long operations (assign, handover, release) as resources to poll;
 //!   a client that goes away does not cancel one.
+//! - [`batch`]: IB VF operations arriving within `[agent] batch_window` run
+//!   as one batch (one apply, one sweep at the SM; each its own gates).
 //! - [`metrics`]: Prometheus text (`GET /metrics`).
 //!
 //! Bad input and faults: bodies are capped ([`Limits::max_body`], 413
@@ -30,6 +32,7 @@ use devfence_host::HostRoot;
 
 pub mod api;
 pub mod auth;
+pub mod batch;
 pub mod metrics;
 pub mod ops;
 pub mod socket;
@@ -180,8 +183,10 @@ impl Agent {
             }
             None => None,
         };
+        let mut state = api::State::new(opts, policy);
+        state.batch = batch::Batcher::new(cfg.agent.batch_window());
         Ok(Agent {
-            state: Arc::new(api::State::new(opts, policy)),
+            state: Arc::new(state),
             listener,
             metrics_tcp,
             guard,

@@ -28,6 +28,7 @@
 //! admin_group = "devfence-admin" # a group name or a numeric gid: may act
 //! reader_group = "devfence"      # may read; the socket's group
 //! metrics_tcp = "127.0.0.1:9464" # optional: GET /metrics on loopback TCP
+//! batch_window = 20              # ms to collect IB VF operations into one sweep
 //! ```
 //!
 //! Unknown keys are refused (a misspelt key silently ignored would mean a
@@ -123,6 +124,30 @@ pub struct AgentConfig {
     /// `GET /metrics`, for a Prometheus scraper.
     #[serde(default)]
     pub metrics_tcp: Option<std::net::SocketAddr>,
+    /// Milliseconds during which assign/handover/release requests for IB VFs
+    /// are collected into one batch (one apply, one sweep at the SM); `0`
+    /// runs each alone. Default [`DEFAULT_BATCH_WINDOW_MS`].
+    #[serde(default)]
+    pub batch_window: Option<u64>,
+}
+
+/// `[agent] batch_window` unless configured, in milliseconds.
+pub const DEFAULT_BATCH_WINDOW_MS: u64 = 20;
+
+/// The longest `[agent] batch_window` accepted, in milliseconds.
+pub const MAX_BATCH_WINDOW_MS: u64 = 10_000;
+
+impl AgentConfig {
+    /// The batch window (zero: batching off).
+    #[must_use]
+    pub fn batch_window(&self) -> std::time::Duration {
+        // Bounded by the parser; bounded again for a value built in code.
+        std::time::Duration::from_millis(
+            self.batch_window
+                .unwrap_or(DEFAULT_BATCH_WINDOW_MS)
+                .min(MAX_BATCH_WINDOW_MS),
+        )
+    }
 }
 
 /// One key of `devfence.toml`.
@@ -269,6 +294,11 @@ pub const KEYS: &[Key] = &[
         "A loopback address (127.0.0.1:9464) serving only GET /metrics for a Prometheus scraper; other addresses are refused.",
     ),
     key(
+        "agent.batch_window",
+        "20",
+        "Milliseconds (0 to 10000) during which the agent collects assign/handover/release requests for IB VFs into one batch: one apply and one sweep at the SM, each device still verified by its own gates. 0 runs each request alone.",
+    ),
+    key(
         "hook.allow_unidentified_single_tenant",
         "false",
         "Admit a domain that names no tenant and holds no device reserved for it, for the tenant its devices are Ready for, only while the ledger knows at most one tenant.",
@@ -386,6 +416,14 @@ impl Config {
                 "{}: [agent] metrics_tcp = \"{a}\" is not a loopback address. Hint: the metrics \
                  carry no secrets but are served without authorization: give 127.0.0.1:PORT or \
                  [::1]:PORT and let a local scraper or proxy reach it",
+                path.display()
+            )));
+        }
+        if let Some(w) = c.agent.batch_window
+            && w > MAX_BATCH_WINDOW_MS
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{}: [agent] batch_window = {w} is longer than {MAX_BATCH_WINDOW_MS} ms. Hint:                  the window delays every IB VF operation by up to its length; a few tens of                  milliseconds collect concurrent requests (0 turns batching off)",
                 path.display()
             )));
         }
@@ -584,6 +622,20 @@ mod tests {
             e.to_string().contains("not a loopback address") && e.to_string().contains("Hint:"),
             "{e}"
         );
+        // issue 12 item 5: the batch window, 20 ms unless set, 0 off, bounded.
+        assert_eq!(
+            AgentConfig::default().batch_window(),
+            std::time::Duration::from_millis(20)
+        );
+        let c = Config::parse("[agent]\nbatch_window = 0\n", p).expect("parses");
+        assert!(c.agent.batch_window().is_zero());
+        let e = Config::parse("[agent]\nbatch_window = 60000\n", p).expect_err("too long");
+        assert!(
+            e.to_string().contains("batch_window") && e.to_string().contains("Hint:"),
+            "{e}"
+        );
+        let e = Config::parse("[agent]\nbatch_window = -1\n", p).expect_err("negative");
+        assert!(e.to_string().contains("line 2"), "{e}");
         let e = Config::parse("[agent]\nadmin_group = \"\"\n", p).expect_err("empty name");
         assert!(e.to_string().contains("empty"), "{e}");
     }
@@ -661,7 +713,7 @@ mod tests {
     /// documented is one the parser accepts.
     #[test]
     fn every_key_is_documented_once_in_keys() {
-        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\n";
+        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\nbatch_window = 20\n";
         let c = Config::parse(text, Path::new("t.toml")).expect("parses");
         let v = toml::Value::try_from(&c).expect("serializes");
         fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {

@@ -53,6 +53,9 @@ pub struct BatchItem {
     pub tenant: Option<TenantId>,
     /// The VM it is reserved for.
     pub vm: Option<String>,
+    /// Who asked (the audit records of its operation name it); `None`: the
+    /// engine's store keeps the actor it has.
+    pub actor: Option<Value>,
 }
 
 impl BatchItem {
@@ -64,6 +67,7 @@ impl BatchItem {
             device,
             tenant: Some(tenant),
             vm,
+            actor: None,
         }
     }
 
@@ -75,6 +79,7 @@ impl BatchItem {
             device,
             tenant: Some(to),
             vm,
+            actor: None,
         }
     }
 
@@ -86,7 +91,15 @@ impl BatchItem {
             device,
             tenant: None,
             vm: None,
+            actor: None,
         }
+    }
+
+    /// Asked by `actor`.
+    #[must_use]
+    pub fn by(mut self, actor: Option<Value>) -> Self {
+        self.actor = actor;
+        self
     }
 }
 
@@ -109,6 +122,7 @@ pub struct BatchReport {
 /// A member waiting for the shared apply.
 struct Member {
     slot: usize,
+    actor: Option<Value>,
     run: Run,
     work: Work,
 }
@@ -156,6 +170,15 @@ fn batch_id() -> String {
 }
 
 impl Engine<'_> {
+    /// Acts for item `slot` from here on: its progress events carry the slot,
+    /// its audit records its actor.
+    fn enter(&mut self, slot: usize, actor: Option<&Value>) {
+        self.slot = slot;
+        if let Some(a) = actor {
+            self.store.set_actor(Some(a.clone()));
+        }
+    }
+
     /// Runs `items` as one batch: IB VF operations share one apply (one sweep)
     /// at the SM, and each passes its own gates (see the module's docs); other
     /// items run as single operations after it. Progress events name the item
@@ -175,9 +198,14 @@ impl Engine<'_> {
 
         // ---- each member up to its fabric step ----
         for (slot, it) in items.iter().enumerate() {
-            self.slot = slot;
+            self.enter(slot, it.actor.as_ref());
             match self.park(it) {
-                Ok(Some((run, work))) => members.push(Member { slot, run, work }),
+                Ok(Some((run, work))) => members.push(Member {
+                    slot,
+                    actor: it.actor.clone(),
+                    run,
+                    work,
+                }),
                 Ok(None) => singles.push(slot),
                 Err(r) => results[slot] = Some(r),
             }
@@ -192,7 +220,7 @@ impl Engine<'_> {
 
         // ---- each member's own gates ----
         for (m, ticket) in members.into_iter().zip(tickets) {
-            self.slot = m.slot;
+            self.enter(m.slot, m.actor.as_ref());
             shared[m.slot] = true;
             let Member { mut run, work, .. } = m;
             let res = match work {
@@ -216,8 +244,8 @@ impl Engine<'_> {
 
         // ---- the rest, one by one ----
         for slot in singles {
-            self.slot = slot;
             let it = &items[slot];
+            self.enter(slot, it.actor.as_ref());
             let r = match (it.kind, &it.tenant) {
                 (OpKind::Release, _) => self.release(&it.device),
                 (k @ (OpKind::Assign | OpKind::Handover), Some(t)) => {
@@ -319,7 +347,7 @@ impl Engine<'_> {
         // Journal first, for every member.
         let mut planned: Vec<Result<(), StepFailure>> = Vec::with_capacity(size);
         for m in members.iter_mut() {
-            self.slot = m.slot;
+            self.enter(m.slot, m.actor.as_ref());
             let (step, mut detail) = m.step();
             if let Some(o) = detail.as_object_mut() {
                 o.insert("batch".into(), batch.clone());
@@ -360,7 +388,7 @@ impl Engine<'_> {
         let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
         let mut out = Vec::with_capacity(size);
         for (m, p) in members.iter_mut().zip(planned) {
-            self.slot = m.slot;
+            self.enter(m.slot, m.actor.as_ref());
             let (step, _) = m.step();
             let name = step.name();
             let r = match (p, &applied) {
