@@ -16,17 +16,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::io::Read;
+#[path = "support/agent_fabric.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
 use devfence_fabric_harness::{Fabric, FabricSpec};
 use devfence_model::Guid;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use serde_json::{Value, json};
+use support::{Agent, applies_recorded, cli, follow_guids, ok, request};
 
 /// The lab's IB VFs (PF 0000:3b:00.0, VF indexes 0–3) and their factory GUIDs.
 const VFS: [&str; 4] = [
@@ -42,7 +42,6 @@ const FACTORY: [u64; 4] = [
     0x0c42_a103_4000_0003,
 ];
 const PF: &str = "0000:3b:00.0";
-const DEADLINE: Duration = Duration::from_secs(120);
 /// Long enough that requests posted together land in one batch on a loaded
 /// machine; the assertion is "fewer applies than handovers", not "one".
 const WINDOW_MS: u64 = 1500;
@@ -55,30 +54,6 @@ fn spec() -> FabricSpec {
         .map(|(i, g)| (format!("vf{i}"), Guid(*g)))
         .collect();
     s
-}
-
-fn cli(f: &Fabric, root: &Path, config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_devfence"))
-        .env_remove("DEVFENCE_ROOT")
-        .env_remove("DEVFENCE_LEDGER")
-        .envs(f.env())
-        .current_dir(f.dir())
-        .arg("--root")
-        .arg(root)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 /// The simulated lab host, its devfence.toml (OpenSM backend of `f`, the batch
@@ -125,164 +100,6 @@ fn lab_host(f: &Fabric, tmp: &Path) -> (PathBuf, PathBuf) {
         ],
     ));
     (root, config)
-}
-
-/// The VF's administrative port GUID as the PF shows it (OFED `sriov/<N>/port`).
-fn sriov_port(root: &Path, index: usize) -> Option<Guid> {
-    let p = root.join(format!("sys/bus/pci/devices/{PF}/sriov/{index}/port"));
-    let s = std::fs::read_to_string(p).ok()?;
-    let hex: String = s.trim().split(':').collect();
-    u64::from_str_radix(&hex, 16).ok().map(Guid)
-}
-
-/// Plays the HCA: when a VF's GUID changes on the host, its port comes back on
-/// the fabric with that GUID. Runs until `stop`.
-fn follow_guids(f: &Fabric, root: &Path, stop: &AtomicBool) {
-    let mut on_fabric: Vec<Guid> = FACTORY.iter().map(|g| Guid(*g)).collect();
-    while !stop.load(Ordering::Relaxed) {
-        for (i, cur) in on_fabric.iter_mut().enumerate() {
-            if let Some(g) = sriov_port(root, i)
-                && g != *cur
-                && g.0 != 0
-            {
-                f.rotate(&format!("vf{i}"), g).unwrap();
-                *cur = g;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// The OpenSM backend's own record of its applies: the serial of its last one
-/// (in the memo it keeps next to the partitions file).
-fn applies_recorded(f: &Fabric) -> u64 {
-    let p = f.opensm_config().partitions_file;
-    let memo = p.with_file_name(format!(
-        "{}.devfence.json",
-        p.file_name().unwrap().to_string_lossy()
-    ));
-    match std::fs::read_to_string(&memo) {
-        Ok(t) => serde_json::from_str::<Value>(&t).unwrap()["serial"]
-            .as_u64()
-            .unwrap(),
-        Err(_) => 0,
-    }
-}
-
-/// A running `devfence serve`, killed when dropped.
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Agent {
-    fn start(f: &Fabric, root: &Path, config: &Path, socket: &Path) -> Agent {
-        let child = Command::new(env!("CARGO_BIN_EXE_devfence"))
-            .env_remove("DEVFENCE_ROOT")
-            .env_remove("DEVFENCE_LEDGER")
-            .envs(f.env())
-            .current_dir(f.dir())
-            .arg("--root")
-            .arg(root)
-            .arg("--config")
-            .arg(config)
-            .args(["serve", "--socket"])
-            .arg(socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut a = Agent {
-            child,
-            socket: socket.to_path_buf(),
-        };
-        let until = Instant::now() + DEADLINE;
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            if let Some(st) = a.child.try_wait().unwrap() {
-                let mut e = String::new();
-                a.child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut e)
-                    .unwrap();
-                panic!("the agent exited ({st}): {e}");
-            }
-            assert!(Instant::now() < until, "the agent did not serve");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        a
-    }
-
-    /// Posts every body at once (one thread each); the operation ids.
-    fn post_all(&self, bodies: &[Value]) -> Vec<String> {
-        std::thread::scope(|s| {
-            let hs: Vec<_> = bodies
-                .iter()
-                .map(|b| {
-                    s.spawn(move || {
-                        let (st, v) = request(
-                            &self.socket,
-                            "POST",
-                            "/v1/operations",
-                            Some(&serde_json::to_vec(b).unwrap()),
-                        );
-                        assert_eq!(st, 202, "{v}");
-                        v["id"].as_str().unwrap().to_owned()
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        })
-    }
-
-    fn wait_op(&self, id: &str) -> Value {
-        let until = Instant::now() + DEADLINE;
-        loop {
-            let (s, v) = request(&self.socket, "GET", &format!("/v1/operations/{id}"), None);
-            assert_eq!(s, 200, "{v}");
-            if v["state"] != "running" {
-                return v;
-            }
-            assert!(Instant::now() < until, "{id} still running: {v}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn request(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "devfence")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default().to_vec())))
-            .unwrap();
-        let resp = send.send_request(req).await.unwrap();
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let v = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        (status, v)
-    })
 }
 
 /// Every gate of the operation's events, with whether it passed.
@@ -354,7 +171,8 @@ fn concurrent_ib_handovers_through_the_agent_share_applies_at_a_real_opensm() {
     let (root, config) = lab_host(&f, tmp.path());
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
-        s.spawn(|| follow_guids(&f, &root, &stop));
+        let factory = FACTORY.iter().map(|g| Guid(*g)).collect();
+        s.spawn(|| follow_guids(&f, &root, PF, factory, &stop));
         let run = || {
             let a = Agent::start(&f, &root, &config, &tmp.path().join("agent.sock"));
             // The four VFs to acme, then all four to globex at once.
