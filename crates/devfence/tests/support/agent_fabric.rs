@@ -65,8 +65,12 @@ pub fn follow_guids(
                 && g != *cur
                 && g.0 != 0
             {
-                f.rotate(&format!("vf{i}"), g).unwrap();
-                *cur = g;
+                // A console that did not answer in time is asked again at
+                // the next look (the gate waiting for the port has a deadline).
+                match f.rotate(&format!("vf{i}"), g) {
+                    Ok(()) => *cur = g,
+                    Err(e) => eprintln!("rotating vf{i} to {g}: {e}; retrying"),
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(5));
