@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use devfence_app::Actor;
 use devfence_app::lifecycle::Request;
-use devfence_engine::engine::{EngineConfig, Progress};
+use devfence_engine::engine::{EngineConfig, ItemResult, Progress};
 use devfence_host::HostRoot;
 use hyper::StatusCode;
 
@@ -180,21 +180,23 @@ fn run_one(st: &State, jobs: &[Job]) {
             }
             ops::lock(&j.view).push(p);
         });
-    let report = devfence_app::lifecycle::run_batch(&mut e, &reqs);
+    // Each operation is answered as soon as its own gates passed or failed.
+    let collected = jobs.len();
+    let summary =
+        devfence_app::lifecycle::run_batch_with(&mut e, &reqs, &mut |r: ItemResult<'_>| {
+            let Some(j) = jobs.get(r.slot) else { return };
+            ops::lock(&j.view).batch = Some(BatchInfo {
+                id: r.id.to_owned(),
+                size: r.size,
+                collected,
+                shared: r.shared,
+            });
+            complete(st, &j.view, &j.kind, app(r.result));
+        });
     metrics.sm_sweeps_requested.inc_by(e.sm_applies());
     drop(e);
-    if report.size > 0 {
+    if summary.size > 0 {
         #[allow(clippy::cast_precision_loss)]
-        metrics.batch_size.observe(report.size as f64);
-    }
-    let collected = jobs.len();
-    for ((j, r), shared) in jobs.iter().zip(report.results).zip(report.shared) {
-        ops::lock(&j.view).batch = Some(BatchInfo {
-            id: report.id.clone(),
-            size: report.size,
-            collected,
-            shared,
-        });
-        complete(st, &j.view, &j.kind, app(r));
+        metrics.batch_size.observe(summary.size as f64);
     }
 }

@@ -3,7 +3,8 @@
 //! opens the environment (ledger, kernel, SM) and renders the result.
 
 use devfence_engine::engine::{
-    BatchItem, BatchReport, Done, Engine, EngineError, PlannedStep, Recovered,
+    BatchItem, BatchReport, BatchSummary, Done, Engine, EngineError, ItemResult, PlannedStep,
+    Recovered,
 };
 use devfence_host::HostRoot;
 use devfence_host::readback::ReadBack;
@@ -81,14 +82,26 @@ impl Request {
 /// go to the SM as one apply (one sweep), each passing its own gates; the others
 /// run one by one after it. Each request's audit records name its actor.
 pub fn run_batch(engine: &mut Engine<'_>, reqs: &[(Request, Option<Actor>)]) -> BatchReport {
-    let items: Vec<BatchItem> = reqs
-        .iter()
+    engine.run_batch(&batch_items(reqs))
+}
+
+/// As [`run_batch`], handing each request's result to `on_result` as soon as it
+/// is done.
+pub fn run_batch_with(
+    engine: &mut Engine<'_>,
+    reqs: &[(Request, Option<Actor>)],
+    on_result: &mut dyn FnMut(ItemResult<'_>),
+) -> BatchSummary {
+    engine.run_batch_with(&batch_items(reqs), on_result)
+}
+
+fn batch_items(reqs: &[(Request, Option<Actor>)]) -> Vec<BatchItem> {
+    reqs.iter()
         .map(|(r, a)| {
             r.batch_item()
                 .by(a.as_ref().and_then(|a| serde_json::to_value(a).ok()))
         })
-        .collect();
-    engine.run_batch(&items)
+        .collect()
 }
 
 /// Whether `req` is about an InfiniBand VF (a VF whose PF shows OFED's

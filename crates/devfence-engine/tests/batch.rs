@@ -141,6 +141,37 @@ fn a_batch_of_handovers_is_one_apply_and_every_device_passes_its_own_gates() {
     assert!(fx.store.verify().is_ok());
 }
 
+/// `run_batch_with` hands each member's result over as soon as its own gates
+/// are done: the first member's end comes before the second member's gates.
+#[test]
+fn each_member_is_answered_when_its_own_gates_are_done() {
+    let mut fx = fixture();
+    let ds = held_by_acme(&mut fx, 2);
+    let log = std::cell::RefCell::new(Vec::<String>::new());
+    let summary = fx
+        .engine()
+        .with_batch_progress(|slot, p| {
+            if let Progress::Gate { name, .. } = p {
+                log.borrow_mut().push(format!("{slot}:{name}"));
+            }
+        })
+        .run_batch_with(&handovers(&ds, "globex"), &mut |r| {
+            assert!(r.result.is_ok(), "{:?}", r.result);
+            assert!(r.shared);
+            assert_eq!(r.size, 2);
+            log.borrow_mut().push(format!("{}:done", r.slot));
+        });
+    assert_eq!(summary.applies, 1);
+    let log = log.into_inner();
+    let at = |s: &str| {
+        log.iter()
+            .position(|x| x == s)
+            .unwrap_or_else(|| panic!("{s}: {log:?}"))
+    };
+    assert!(at("0:done") < at("1:sm-verified"), "{log:?}");
+    assert!(at("1:done") > at("1:node-owner"), "{log:?}");
+}
+
 #[test]
 fn one_at_a_time_the_same_handovers_take_one_apply_each() {
     // The reference the batch is measured against: four applies.

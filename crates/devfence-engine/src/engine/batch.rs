@@ -119,6 +119,32 @@ pub struct BatchReport {
     pub results: Vec<Result<Done, EngineError>>,
 }
 
+/// One item's end, as [`Engine::run_batch_with`] hands it over.
+#[derive(Debug)]
+pub struct ItemResult<'b> {
+    /// The item's index.
+    pub slot: usize,
+    /// The batch's id.
+    pub id: &'b str,
+    /// How many members went to the SM in the shared apply.
+    pub size: usize,
+    /// Whether this item was one of them.
+    pub shared: bool,
+    /// Its result.
+    pub result: Result<Done, EngineError>,
+}
+
+/// What a batch did, besides its items' results.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchSummary {
+    /// The batch's id.
+    pub id: String,
+    /// How many members went to the SM in the shared apply.
+    pub size: usize,
+    /// Every apply the batch asked of the SM (see [`BatchReport::applies`]).
+    pub applies: u64,
+}
+
 /// A member waiting for the shared apply.
 struct Member {
     slot: usize,
@@ -188,11 +214,48 @@ impl Engine<'_> {
     /// (the first holds it).
     #[must_use]
     pub fn run_batch(&mut self, items: &[BatchItem]) -> BatchReport {
-        let id = batch_id();
-        let applies0 = self.applies.get();
         let mut results: Vec<Option<Result<Done, EngineError>>> =
             items.iter().map(|_| None).collect();
         let mut shared = vec![false; items.len()];
+        let s = self.run_batch_with(items, &mut |r| {
+            if let Some(x) = shared.get_mut(r.slot) {
+                *x = r.shared;
+            }
+            if let Some(x) = results.get_mut(r.slot) {
+                *x = Some(r.result);
+            }
+        });
+        BatchReport {
+            id: s.id,
+            size: s.size,
+            applies: s.applies,
+            shared,
+            results: results
+                .into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|| {
+                        Err(EngineError::refused(
+                            None,
+                            "the batch left this item unrun",
+                            "this is a bug in devfence; run the operation again",
+                        ))
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// As [`run_batch`](Self::run_batch), handing each item's result to
+    /// `on_result` as soon as the item is done (a member as soon as its own
+    /// gates passed or failed), not when the whole batch is.
+    pub fn run_batch_with(
+        &mut self,
+        items: &[BatchItem],
+        on_result: &mut dyn FnMut(ItemResult<'_>),
+    ) -> BatchSummary {
+        let id = batch_id();
+        let applies0 = self.applies.get();
+        let mut early: Vec<(usize, Result<Done, EngineError>)> = Vec::new();
         let mut members: Vec<Member> = Vec::new();
         let mut singles: Vec<usize> = Vec::new();
 
@@ -207,12 +270,21 @@ impl Engine<'_> {
                     work,
                 }),
                 Ok(None) => singles.push(slot),
-                Err(r) => results[slot] = Some(r),
+                Err(r) => early.push((slot, r)),
             }
+        }
+        let size = members.len();
+        for (slot, result) in early {
+            on_result(ItemResult {
+                slot,
+                id: &id,
+                size,
+                shared: false,
+                result,
+            });
         }
 
         // ---- one apply for every member ----
-        let size = members.len();
         let mut tickets: Vec<Result<Ticket, StepFailure>> = Vec::new();
         if !members.is_empty() {
             tickets = self.shared_apply(&id, &mut members);
@@ -221,8 +293,12 @@ impl Engine<'_> {
         // ---- each member's own gates ----
         for (m, ticket) in members.into_iter().zip(tickets) {
             self.enter(m.slot, m.actor.as_ref());
-            shared[m.slot] = true;
-            let Member { mut run, work, .. } = m;
+            let Member {
+                mut run,
+                work,
+                slot,
+                ..
+            } = m;
             let res = match work {
                 Work::Transfer { opened, mut parked } => procs::ib_transfer_after_fabric(
                     self,
@@ -239,14 +315,21 @@ impl Engine<'_> {
                     Some(ticket),
                 ),
             };
-            results[m.slot] = Some(self.conclude(run, res));
+            let result = self.conclude(run, res);
+            on_result(ItemResult {
+                slot,
+                id: &id,
+                size,
+                shared: true,
+                result,
+            });
         }
 
         // ---- the rest, one by one ----
         for slot in singles {
             let it = &items[slot];
             self.enter(slot, it.actor.as_ref());
-            let r = match (it.kind, &it.tenant) {
+            let result = match (it.kind, &it.tenant) {
                 (OpKind::Release, _) => self.release(&it.device),
                 (k @ (OpKind::Assign | OpKind::Handover), Some(t)) => {
                     self.transfer(k, &it.device, t, it.vm.as_deref())
@@ -257,26 +340,19 @@ impl Engine<'_> {
                     "give the tenant the device goes to",
                 )),
             };
-            results[slot] = Some(r);
+            on_result(ItemResult {
+                slot,
+                id: &id,
+                size,
+                shared: false,
+                result,
+            });
         }
         self.slot = 0;
-        BatchReport {
+        BatchSummary {
             id,
             size,
             applies: self.applies.get() - applies0,
-            shared,
-            results: results
-                .into_iter()
-                .map(|r| {
-                    r.unwrap_or_else(|| {
-                        Err(EngineError::refused(
-                            None,
-                            "the batch left this item unrun",
-                            "this is a bug in devfence; run the operation again",
-                        ))
-                    })
-                })
-                .collect(),
         }
     }
 

@@ -34,7 +34,7 @@ use devfence_model::{DeviceId, Inventory, TenantId};
 use serde_json::{Value, json};
 
 pub use admit::{Drift, Started};
-pub use batch::{BatchItem, BatchReport};
+pub use batch::{BatchItem, BatchReport, BatchSummary, ItemResult};
 pub use facts::{DeviceKind, KindError, classify};
 pub use failpoint::{Crash, CrashMode, Failpoints};
 pub use lifecycle::{Gate, GateFailure, OpKind, Step};
