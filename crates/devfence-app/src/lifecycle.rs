@@ -193,6 +193,35 @@ mod tests {
     use devfence_engine::store::DeviceState;
     use devfence_model::Bdf;
 
+    /// issue 12 item 5: the agent's cheap look picks the IB VFs of a host and
+    /// nothing else.
+    #[test]
+    fn only_ib_vfs_may_share_an_apply() {
+        use devfence_host::sim;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("host");
+        sim::generate(&sim::GenerateOptions {
+            profile: sim::Profile::Lab,
+            out: out.clone(),
+            vfs: None,
+        })
+        .expect("simulated host");
+        let root = HostRoot::new(&out);
+        let req = |d: &str| Request::Release {
+            device: DeviceId::Pci(d.parse::<Bdf>().expect("bdf")),
+        };
+        for ib in ["0000:3b:00.1", "0000:3b:00.4"] {
+            assert!(may_share_an_apply(&root, &req(ib)), "{ib}");
+        }
+        // An igb VF, the IB PF itself, a function that is not there.
+        for other in ["0000:5e:10.0", "0000:3b:00.0", "0000:99:00.1"] {
+            assert!(!may_share_an_apply(&root, &req(other)), "{other}");
+        }
+        // Not a host at all.
+        let none = HostRoot::new(dir.path().join("nothing"));
+        assert!(!may_share_an_apply(&none, &req("0000:3b:00.1")));
+    }
+
     #[test]
     fn status_reads_the_ledger_and_says_why_the_sm_cannot_answer() {
         let dir = tempfile::tempdir().expect("tempdir");
