@@ -131,6 +131,9 @@ fn main() {
         })
         .collect();
     let mut spec = FabricSpec::vfs(0, Guid(1));
+    // The watcher plays the HCA a little after the host set the GUID: a port
+    // whose trap OpenSM missed is found by the next light sweep (1 s, not 10).
+    spec.sweep_interval = 1;
     spec.ports = factory
         .iter()
         .enumerate()
