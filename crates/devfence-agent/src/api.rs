@@ -57,6 +57,8 @@ pub struct State {
     pub metrics: Metrics,
     /// Continuous verification and the live inventory.
     pub watch: crate::watch::Watch,
+    /// Collects IB VF operations into batches (`[agent] batch_window`).
+    pub batch: crate::batch::Batcher,
 }
 
 impl State {
@@ -70,6 +72,7 @@ impl State {
             policy: std::sync::RwLock::new(policy),
             config: std::sync::RwLock::new(None),
             metrics: Metrics::default(),
+            batch: crate::batch::Batcher::new(std::time::Duration::ZERO),
         }
     }
 
@@ -109,6 +112,11 @@ impl State {
     #[must_use]
     pub fn options(&self) -> &Options {
         &self.opts
+    }
+
+    /// The host root the agent serves.
+    pub(crate) fn root(&self) -> &devfence_host::HostRoot {
+        &self.opts.root
     }
 
     fn limits(&self) -> Limits {
@@ -738,12 +746,18 @@ fn start_operation(
         result: None,
         error: None,
         notices: Vec::new(),
+        batch: None,
     });
     let id = ops::lock(&view).id.clone();
     let st2 = Arc::clone(st);
     let v2 = Arc::clone(&view);
     // Detached: the operation is the agent's, whatever its client does.
     tokio::task::spawn_blocking(move || {
+        // An IB VF operation joins the next batch (one sweep for all of it).
+        if st2.batch.collects(st2.root(), &req) {
+            crate::batch::submit(&st2, v2, actor, req, kind);
+            return;
+        }
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             run_operation(&st2, &v2, &actor, &req)
         }))
@@ -754,8 +768,25 @@ fn start_operation(
                 "The operation's thread panicked. Hint: this is a bug in devfence; run `devfence recover` to finish what it journalled",
             ))
         });
+        complete(&st2, &v2, &kind, res);
+    });
+    to_json(&OperationAccepted {
+        href: format!("/v1/operations/{id}"),
+        id,
+        state: OpState::Running,
+    })
+}
+
+/// Ends an operation's view with its result, counts it, and marks it finished.
+pub(crate) fn complete(
+    st2: &State,
+    v2: &std::sync::Mutex<OpView>,
+    kind: &str,
+    res: Result<devfence_engine::engine::Done, ApiError>,
+) {
+    {
         let outcome = {
-            let mut v = ops::lock(&v2);
+            let mut v = ops::lock(v2);
             v.finished_at_ms = Some(now_ms());
             match res {
                 Ok(done) => {
@@ -775,16 +806,11 @@ fn start_operation(
                 }
             }
         };
-        st2.metrics.operation(&kind, outcome);
+        st2.metrics.operation(kind, outcome);
         // The operation changed the host: the live inventory is read again.
         st2.watch.inventory.invalidate();
         st2.ops.finished();
-    });
-    to_json(&OperationAccepted {
-        href: format!("/v1/operations/{id}"),
-        id,
-        state: OpState::Running,
-    })
+    }
 }
 
 fn run_operation(
@@ -817,7 +843,9 @@ fn run_operation(
             }
             ops::lock(view).push(p);
         });
-    app(devfence_app::lifecycle::run(&mut e, req))
+    let r = devfence_app::lifecycle::run(&mut e, req);
+    st.metrics.sm_sweeps_requested.inc_by(e.sm_applies());
+    app(r)
 }
 
 fn now_ms() -> u64 {
@@ -826,7 +854,7 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn open_env(st: &State) -> Result<Env, ApiError> {
+pub(crate) fn open_env(st: &State) -> Result<Env, ApiError> {
     if let Some(c) = st.config() {
         return app(Env::open_with(&st.opts.root, st.opts.ledger.as_deref(), &c));
     }

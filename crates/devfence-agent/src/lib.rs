@@ -13,6 +13,8 @@
 //! - [`api`]: the routes, their JSON, the typed error body.
 //! - [`ops`]: long operations (assign, handover, release) as resources to poll;
 //!   a client that goes away does not cancel one.
+//! - [`batch`]: IB VF operations arriving within `[agent] batch_window` run
+//!   as one batch (one apply, one sweep at the SM; each its own gates).
 //! - [`metrics`]: Prometheus text (`GET /metrics`).
 //! - [`openapi`]: the OpenAPI document, generated from the handlers' types.
 //! - [`notify`]: systemd readiness, reload, stop and watchdog (`sd_notify`).
@@ -38,6 +40,7 @@ use devfence_host::HostRoot;
 
 pub mod api;
 pub mod auth;
+pub mod batch;
 pub mod export;
 pub mod log;
 pub mod metrics;
@@ -204,8 +207,9 @@ impl Agent {
             group: policy.reader_gid.or(policy.admin_gid),
             export: export::Target::from_config(&opts.root, &cfg.agent),
         };
-        let state = api::State::new(opts, policy);
+        let mut state = api::State::new(opts, policy);
         state.watch.set_interval(cfg.agent.verify_interval());
+        state.batch = batch::Batcher::new(cfg.agent.batch_window());
         let state = Arc::new(state);
         state.set_config(cfg);
         Ok(Agent {

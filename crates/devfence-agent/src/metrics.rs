@@ -71,6 +71,10 @@ pub struct Metrics {
     pub audit_records: Gauge,
     /// Continuous verification's metrics (drift, quarantines, re-verifications).
     pub verify: crate::watch::VerifyMetrics,
+    /// Applies (each a sweep) the agent's operations asked of the SM.
+    pub sm_sweeps_requested: Counter,
+    /// Operations per batch that went to the SM in one apply.
+    pub batch_size: Histogram,
 }
 
 fn gate_histogram() -> Histogram {
@@ -88,6 +92,20 @@ impl Default for Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         let connections_refused = Counter::default();
         let audit_records = Gauge::default();
+        let sm_sweeps_requested = Counter::default();
+        // 1 to 128 operations.
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
+        registry.register(
+            "sm_sweeps_requested",
+            "Applies of partition changes (each a sweep) the agent's operations asked of the subnet manager",
+            sm_sweeps_requested.clone(),
+        );
+        registry.register_with_unit(
+            "batch_size",
+            "IB VF operations per batch that went to the subnet manager in one apply",
+            Unit::Other("operations".into()),
+            batch_size.clone(),
+        );
         registry.register(
             "devices",
             "Devices in the ledger by lifecycle state",
@@ -125,6 +143,8 @@ impl Default for Metrics {
             verify,
             registry,
             audit_records,
+            sm_sweeps_requested,
+            batch_size,
             devices,
             operations,
             gate_seconds,
@@ -192,7 +212,15 @@ mod tests {
             })
             .observe(0.004);
         m.request("/v1/status", 200);
+        m.sm_sweeps_requested.inc_by(1);
+        m.batch_size.observe(4.0);
         let t = m.encode();
+        assert!(t.contains("devfence_sm_sweeps_requested_total 1"), "{t}");
+        assert!(t.contains("devfence_batch_size_operations_count 1"), "{t}");
+        assert!(
+            t.contains("devfence_batch_size_operations_bucket{le=\"4.0\"} 1"),
+            "{t}"
+        );
         assert!(t.contains("devfence_devices{state=\"ready\"} 2"), "{t}");
         assert!(t.contains("devfence_devices{state=\"free\"} 0"), "{t}");
         assert!(

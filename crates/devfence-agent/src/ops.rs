@@ -60,6 +60,23 @@ pub struct OpView {
     pub error: Option<ApiError>,
     /// What opening the environment noticed.
     pub notices: Vec<String>,
+    /// The batch it ran in (IB VF operations collected within `[agent]
+    /// batch_window`), once it ran; `None` for an operation run alone.
+    pub batch: Option<BatchInfo>,
+}
+
+/// An operation's batch (issue 12 item 5).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+pub struct BatchInfo {
+    /// The batch's id (every member's journal names it).
+    pub id: String,
+    /// Operations of the batch that went to the SM in its one apply.
+    pub size: usize,
+    /// Operations collected into the batch.
+    pub collected: usize,
+    /// Whether this one's SM change was in that apply (an operation that
+    /// cannot share it — refused, failed before it, not an IB VF — ran alone).
+    pub shared: bool,
 }
 
 impl OpView {

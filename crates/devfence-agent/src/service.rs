@@ -146,6 +146,12 @@ pub fn reload(
             applied.socket.display()
         ));
     }
+    if cfg.agent.batch_window() != state.batch.window() {
+        out.restart_needed.push(format!(
+            "[agent] batch_window ({} ms until a restart)",
+            state.batch.window().as_millis()
+        ));
+    }
     if cfg.agent.metrics_tcp != applied.metrics_tcp {
         out.restart_needed
             .push("[agent] metrics_tcp (the old address is served until a restart)".into());

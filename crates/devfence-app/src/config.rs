@@ -30,6 +30,7 @@
 //! metrics_tcp = "127.0.0.1:9464" # optional: GET /metrics on loopback TCP
 //! audit_export = "/var/log/devfence/audit.jsonl" # or "syslog"
 //! verify_interval = 60           # seconds between re-verifications (1..=86400)
+//! batch_window = 20              # ms to collect IB VF operations into one sweep
 //!
 //! [fleet]                      # shared facts in etcd (docs/fleet.md)
 //! backend = "etcd"
@@ -148,6 +149,30 @@ pub struct AgentConfig {
     /// [`DEFAULT_VERIFY_INTERVAL`], at least [`MIN_VERIFY_INTERVAL`].
     #[serde(default)]
     pub verify_interval: Option<u64>,
+    /// Milliseconds during which assign/handover/release requests for IB VFs
+    /// are collected into one batch (one apply, one sweep at the SM); `0`
+    /// runs each alone. Default [`DEFAULT_BATCH_WINDOW_MS`].
+    #[serde(default)]
+    pub batch_window: Option<u64>,
+}
+
+/// `[agent] batch_window` unless configured, in milliseconds.
+pub const DEFAULT_BATCH_WINDOW_MS: u64 = 20;
+
+/// The longest `[agent] batch_window` accepted, in milliseconds.
+pub const MAX_BATCH_WINDOW_MS: u64 = 10_000;
+
+impl AgentConfig {
+    /// The batch window (zero: batching off).
+    #[must_use]
+    pub fn batch_window(&self) -> std::time::Duration {
+        // Bounded by the parser; bounded again for a value built in code.
+        std::time::Duration::from_millis(
+            self.batch_window
+                .unwrap_or(DEFAULT_BATCH_WINDOW_MS)
+                .min(MAX_BATCH_WINDOW_MS),
+        )
+    }
 }
 
 /// `[agent] verify_interval` unless configured (seconds).
@@ -395,6 +420,11 @@ pub const KEYS: &[Key] = &[
         "The TTL of this host's etcd lease (2-300 s); its desired memberships go when it expires.",
     ),
     key(
+        "agent.batch_window",
+        "20",
+        "Milliseconds (0 to 10000) during which the agent collects assign/handover/release requests for IB VFs into one batch: one apply and one sweep at the SM, each device still verified by its own gates. 0 runs each request alone.",
+    ),
+    key(
         "hook.allow_unidentified_single_tenant",
         "false",
         "Admit a domain that names no tenant and holds no device reserved for it, for the tenant its devices are Ready for, only while the ledger knows at most one tenant.",
@@ -524,6 +554,14 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "{}: [agent] verify_interval = {i} is out of range. Hint: give seconds from \
                  {MIN_VERIFY_INTERVAL} to {MAX_VERIFY_INTERVAL} (default {DEFAULT_VERIFY_INTERVAL})",
+                path.display()
+            )));
+        }
+        if let Some(w) = c.agent.batch_window
+            && w > MAX_BATCH_WINDOW_MS
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{}: [agent] batch_window = {w} is longer than {MAX_BATCH_WINDOW_MS} ms. Hint:                  the window delays every IB VF operation by up to its length; a few tens of                  milliseconds collect concurrent requests (0 turns batching off)",
                 path.display()
             )));
         }
@@ -759,6 +797,20 @@ mod tests {
                 .expect_err("out of range");
             assert!(e.to_string().contains("Hint:"), "{bad}: {e}");
         }
+        // issue 12 item 5: the batch window, 20 ms unless set, 0 off, bounded.
+        assert_eq!(
+            AgentConfig::default().batch_window(),
+            std::time::Duration::from_millis(20)
+        );
+        let c = Config::parse("[agent]\nbatch_window = 0\n", p).expect("parses");
+        assert!(c.agent.batch_window().is_zero());
+        let e = Config::parse("[agent]\nbatch_window = 60000\n", p).expect_err("too long");
+        assert!(
+            e.to_string().contains("batch_window") && e.to_string().contains("Hint:"),
+            "{e}"
+        );
+        let e = Config::parse("[agent]\nbatch_window = -1\n", p).expect_err("negative");
+        assert!(e.to_string().contains("line 2"), "{e}");
         let e = Config::parse("[agent]\nadmin_group = \"\"\n", p).expect_err("empty name");
         assert!(e.to_string().contains("empty"), "{e}");
         let c = Config::parse(
@@ -852,7 +904,7 @@ mod tests {
     /// documented is one the parser accepts.
     #[test]
     fn every_key_is_documented_once_in_keys() {
-        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\naudit_export = \"syslog\"\nsyslog_socket = \"/dev/log\"\nsyslog_facility = \"local3\"\nverify_interval = 30\n[fleet]\nbackend = \"etcd\"\nendpoints = [\"https://e1:2379\"]\nca = \"/ca.pem\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nprefix = \"df\"\nfabric = \"ib0\"\ntimeout_ms = 5000\nlease_ttl_s = 15\n";
+        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\naudit_export = \"syslog\"\nsyslog_socket = \"/dev/log\"\nsyslog_facility = \"local3\"\nverify_interval = 30\nbatch_window = 20\n[fleet]\nbackend = \"etcd\"\nendpoints = [\"https://e1:2379\"]\nca = \"/ca.pem\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nprefix = \"df\"\nfabric = \"ib0\"\ntimeout_ms = 5000\nlease_ttl_s = 15\n";
         let c = Config::parse(text, Path::new("t.toml")).expect("parses");
         let v = toml::Value::try_from(&c).expect("serializes");
         fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {

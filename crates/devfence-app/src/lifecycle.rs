@@ -2,7 +2,14 @@
 //! host's status, each a typed request in and a typed result out. The caller
 //! opens the environment (ledger, kernel, SM) and renders the result.
 
-use devfence_engine::engine::{Done, Engine, EngineError, PlannedStep, Recovered};
+use devfence_engine::engine::{
+    BatchItem, BatchReport, BatchSummary, Done, Engine, EngineError, ItemResult, PlannedStep,
+    Recovered,
+};
+use devfence_host::HostRoot;
+use devfence_host::readback::ReadBack;
+
+use crate::{Actor, Kernel};
 use devfence_engine::store::{DeviceRecord, GuidRange, Operation, Store, StoreError, StoreExt};
 use devfence_fabric::{FabricError, Health, SubnetManager};
 use devfence_model::{DeviceId, TenantId};
@@ -44,6 +51,81 @@ pub fn run(engine: &mut Engine<'_>, req: &Request) -> Result<Done, EngineError> 
         Request::Assign { device, tenant, vm } => engine.assign(device, tenant, vm.as_deref()),
         Request::Handover { device, to, vm } => engine.handover(device, to, vm.as_deref()),
         Request::Release { device } => engine.release(device),
+    }
+}
+
+impl Request {
+    /// The device it acts on.
+    #[must_use]
+    pub fn device(&self) -> &DeviceId {
+        match self {
+            Request::Assign { device, .. }
+            | Request::Handover { device, .. }
+            | Request::Release { device } => device,
+        }
+    }
+
+    fn batch_item(&self) -> BatchItem {
+        match self {
+            Request::Assign { device, tenant, vm } => {
+                BatchItem::assign(*device, tenant.clone(), vm.clone())
+            }
+            Request::Handover { device, to, vm } => {
+                BatchItem::handover(*device, to.clone(), vm.clone())
+            }
+            Request::Release { device } => BatchItem::release(*device),
+        }
+    }
+}
+
+/// Runs `reqs` as one batch (issue 12 item 5): the IB VF operations among them
+/// go to the SM as one apply (one sweep), each passing its own gates; the others
+/// run one by one after it. Each request's audit records name its actor.
+pub fn run_batch(engine: &mut Engine<'_>, reqs: &[(Request, Option<Actor>)]) -> BatchReport {
+    engine.run_batch(&batch_items(reqs))
+}
+
+/// As [`run_batch`], handing each request's result to `on_result` as soon as it
+/// is done.
+pub fn run_batch_with(
+    engine: &mut Engine<'_>,
+    reqs: &[(Request, Option<Actor>)],
+    on_result: &mut dyn FnMut(ItemResult<'_>),
+) -> BatchSummary {
+    engine.run_batch_with(&batch_items(reqs), on_result)
+}
+
+fn batch_items(reqs: &[(Request, Option<Actor>)]) -> Vec<BatchItem> {
+    reqs.iter()
+        .map(|(r, a)| {
+            r.batch_item()
+                .by(a.as_ref().and_then(|a| serde_json::to_value(a).ok()))
+        })
+        .collect()
+}
+
+/// Whether `req` is about an InfiniBand VF (a VF whose PF shows OFED's
+/// `sriov/<N>/port` or has an IB device): a cheap look for a front end that
+/// collects such requests into batches. Only a hint: [`run_batch`] classifies
+/// every device from the host's inventory again and runs anything that cannot
+/// share an apply on its own.
+#[must_use]
+pub fn may_share_an_apply(root: &HostRoot, req: &Request) -> bool {
+    let DeviceId::Pci(bdf) = req.device() else {
+        return false;
+    };
+    let Ok(k) = Kernel::for_root(root) else {
+        return false;
+    };
+    let io = k.io();
+    match ReadBack::new(io).vf_guid_at_pf(*bdf) {
+        Ok((_, port)) => {
+            io.exists(&port)
+                || port
+                    .split_once("/sriov/")
+                    .is_some_and(|(pf, _)| io.exists(&format!("{pf}/infiniband")))
+        }
+        Err(_) => false,
     }
 }
 
@@ -110,6 +192,35 @@ mod tests {
     use devfence_engine::SqliteStore;
     use devfence_engine::store::DeviceState;
     use devfence_model::Bdf;
+
+    /// issue 12 item 5: the agent's cheap look picks the IB VFs of a host and
+    /// nothing else.
+    #[test]
+    fn only_ib_vfs_may_share_an_apply() {
+        use devfence_host::sim;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("host");
+        sim::generate(&sim::GenerateOptions {
+            profile: sim::Profile::Lab,
+            out: out.clone(),
+            vfs: None,
+        })
+        .expect("simulated host");
+        let root = HostRoot::new(&out);
+        let req = |d: &str| Request::Release {
+            device: DeviceId::Pci(d.parse::<Bdf>().expect("bdf")),
+        };
+        for ib in ["0000:3b:00.1", "0000:3b:00.4"] {
+            assert!(may_share_an_apply(&root, &req(ib)), "{ib}");
+        }
+        // An igb VF, the IB PF itself, a function that is not there.
+        for other in ["0000:5e:10.0", "0000:3b:00.0", "0000:99:00.1"] {
+            assert!(!may_share_an_apply(&root, &req(other)), "{other}");
+        }
+        // Not a host at all.
+        let none = HostRoot::new(dir.path().join("nothing"));
+        assert!(!may_share_an_apply(&none, &req("0000:3b:00.1")));
+    }
 
     #[test]
     fn status_reads_the_ledger_and_says_why_the_sm_cannot_answer() {

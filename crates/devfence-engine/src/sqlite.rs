@@ -986,6 +986,10 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
+    fn set_actor(&mut self, actor: Option<serde_json::Value>) {
+        self.actor = actor;
+    }
+
     fn transaction(
         &mut self,
         f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), StoreError>,

@@ -815,6 +815,10 @@ pub trait Store {
 
     /// The audit records matching `filter`, in order.
     fn audit_show(&mut self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, AuditError>;
+
+    /// Names who acts from now on (every audit record appended carries it);
+    /// a batch switches it per member. A store that records no actor ignores it.
+    fn set_actor(&mut self, _actor: Option<serde_json::Value>) {}
 }
 
 /// Conveniences over any [`Store`].

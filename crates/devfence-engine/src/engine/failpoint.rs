@@ -31,6 +31,8 @@ pub struct Crash(pub String);
 #[derive(Clone, Debug, Default)]
 pub struct Failpoints {
     armed: Option<(String, CrashMode)>,
+    /// Crash at the armed name's `nth` passing (0: the first).
+    nth: usize,
     seen: Arc<Mutex<Vec<String>>>,
 }
 
@@ -44,8 +46,16 @@ impl Failpoints {
     /// Crash at `name`.
     #[must_use]
     pub fn crash_at(name: impl Into<String>, mode: CrashMode) -> Self {
+        Self::crash_at_nth(name, 0, mode)
+    }
+
+    /// Crash at the `nth` passing of `name` (0: the first): in a batch, every
+    /// member passes the same step names.
+    #[must_use]
+    pub fn crash_at_nth(name: impl Into<String>, nth: usize, mode: CrashMode) -> Self {
         Self {
             armed: Some((name.into(), mode)),
+            nth,
             seen: Arc::default(),
         }
     }
@@ -61,11 +71,16 @@ impl Failpoints {
 
     /// Passes the failpoint `name`: records it and crashes if it is armed.
     pub fn hit(&self, name: &str) {
+        let mut before = 0;
         if let Ok(mut s) = self.seen.lock() {
+            if self.nth > 0 {
+                before = s.iter().filter(|n| *n == name).count();
+            }
             s.push(name.to_owned());
         }
         if let Some((armed, mode)) = &self.armed
             && armed == name
+            && before == self.nth
         {
             match mode {
                 CrashMode::Panic => std::panic::panic_any(Crash(name.to_owned())),

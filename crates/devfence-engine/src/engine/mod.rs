@@ -15,6 +15,7 @@
 #![allow(clippy::result_large_err)]
 
 mod admit;
+mod batch;
 mod facts;
 pub mod failpoint;
 mod lifecycle;
@@ -33,6 +34,7 @@ use devfence_model::{DeviceId, Inventory, TenantId};
 use serde_json::{Value, json};
 
 pub use admit::{Drift, Started};
+pub use batch::{BatchItem, BatchReport, BatchSummary, ItemResult};
 pub use facts::{DeviceKind, KindError, classify};
 pub use failpoint::{Crash, CrashMode, Failpoints};
 pub use lifecycle::{Gate, GateFailure, OpKind, Step};
@@ -240,8 +242,16 @@ pub struct Engine<'a> {
     sm: &'a dyn SubnetManager,
     cfg: EngineConfig,
     fp: Failpoints,
-    progress: Box<dyn FnMut(&Progress) + 'a>,
+    progress: ProgressFn<'a>,
+    /// Which item of a batch the engine acts for (0 outside a batch): passed to
+    /// the progress callback with every event.
+    slot: usize,
+    /// Applies asked of the SM so far.
+    applies: std::cell::Cell<u64>,
 }
+
+/// The progress callback: the batch slot an event is about, and the event.
+type ProgressFn<'a> = Box<dyn FnMut(usize, &Progress) + 'a>;
 
 /// One running operation's bookkeeping.
 pub(crate) struct Run {
@@ -251,6 +261,27 @@ pub(crate) struct Run {
     pub(crate) tenant: Option<TenantId>,
     pub(crate) started: Instant,
     pub(crate) timings: Vec<(String, u64)>,
+}
+
+/// An assign or handover whose operation is open: what its procedure needs.
+pub(crate) struct OpenedTransfer {
+    pub(crate) facts: DeviceKind,
+    pub(crate) from: DeviceState,
+    pub(crate) old: Option<Tenant>,
+    pub(crate) to: Tenant,
+    pub(crate) vm: Option<String>,
+}
+
+impl OpenedTransfer {
+    pub(crate) fn transfer(&self) -> procs::Transfer<'_> {
+        procs::Transfer {
+            kind: &self.facts,
+            from: &self.from,
+            old: self.old.as_ref(),
+            to: &self.to,
+            vm: self.vm.as_deref(),
+        }
+    }
 }
 
 impl Run {
@@ -300,7 +331,9 @@ impl<'a> Engine<'a> {
             sm,
             cfg,
             fp: Failpoints::none(),
-            progress: Box::new(|_| {}),
+            progress: Box::new(|_, _| {}),
+            slot: 0,
+            applies: std::cell::Cell::new(0),
         }
     }
 
@@ -321,7 +354,15 @@ impl<'a> Engine<'a> {
 
     /// With a progress callback.
     #[must_use]
-    pub fn with_progress(mut self, f: impl FnMut(&Progress) + 'a) -> Self {
+    pub fn with_progress(mut self, mut f: impl FnMut(&Progress) + 'a) -> Self {
+        self.progress = Box::new(move |_, p| f(p));
+        self
+    }
+
+    /// With a progress callback that is also told which item of a batch
+    /// ([`run_batch`](Self::run_batch)) each event is about (0 outside a batch).
+    #[must_use]
+    pub fn with_batch_progress(mut self, f: impl FnMut(usize, &Progress) + 'a) -> Self {
         self.progress = Box::new(f);
         self
     }
@@ -357,8 +398,20 @@ impl<'a> Engine<'a> {
         &self.fp
     }
 
+    /// Asks the SM to apply what is staged (and sweep), counted.
+    fn sm_apply(&self) -> Result<devfence_fabric::Ticket, devfence_fabric::FabricError> {
+        self.applies.set(self.applies.get() + 1);
+        self.sm.apply()
+    }
+
+    /// How many applies (each a sweep) this engine asked of the SM so far.
+    #[must_use]
+    pub fn sm_applies(&self) -> u64 {
+        self.applies.get()
+    }
+
     fn emit(&mut self, p: &Progress) {
-        (self.progress)(p);
+        (self.progress)(self.slot, p);
     }
 
     fn inventory(&self) -> Result<Inventory, EngineError> {
@@ -480,6 +533,20 @@ impl<'a> Engine<'a> {
         to: &TenantId,
         vm: Option<&str>,
     ) -> Result<Done, EngineError> {
+        let (mut run, o) = self.open_transfer(kind, device, to, vm)?;
+        let res = procs::transfer(self, &mut run, &o.transfer());
+        self.conclude(run, res)
+    }
+
+    /// Checks an assign or handover and opens its operation (the `begin` step):
+    /// everything [`transfer`](Self::transfer) does before the procedure runs.
+    fn open_transfer(
+        &mut self,
+        kind: OpKind,
+        device: &DeviceId,
+        to: &TenantId,
+        vm: Option<&str>,
+    ) -> Result<(Run, OpenedTransfer), EngineError> {
         let to_tenant = match self.store.atomically(|tx| tx.tenant(to)) {
             Ok(Some(t)) => t,
             Ok(None) => {
@@ -617,7 +684,7 @@ impl<'a> Engine<'a> {
             },
             _ => DeviceState::Scrubbing,
         };
-        let mut run = self.begin(
+        let run = self.begin(
             kind,
             device,
             Some(to.clone()),
@@ -627,15 +694,16 @@ impl<'a> Engine<'a> {
                 "from": from.to_string(), "to": to, "vm": vm, "device-kind": facts,
             }),
         )?;
-        let t = procs::Transfer {
-            kind: &facts,
-            from: &from,
-            old: old.as_ref(),
-            to: &to_tenant,
-            vm,
-        };
-        let res = procs::transfer(self, &mut run, &t);
-        self.conclude(run, res)
+        Ok((
+            run,
+            OpenedTransfer {
+                facts,
+                from,
+                old,
+                to: to_tenant,
+                vm: vm.map(str::to_owned),
+            },
+        ))
     }
 
     /// Releases a device: revokes everything of its tenant, verifies, and leaves
@@ -645,6 +713,17 @@ impl<'a> Engine<'a> {
     /// # Errors
     /// Refusals (active device, busy) and failures.
     pub fn release(&mut self, device: &DeviceId) -> Result<Done, EngineError> {
+        let (mut run, facts, old) = self.open_release(device)?;
+        let res = procs::release(self, &mut run, facts.as_ref(), old.as_ref());
+        self.conclude(run, res)
+    }
+
+    /// Checks a release and opens its operation (the `begin` step): the device's
+    /// kind, if the host still shows it, and the tenant it is taken from.
+    fn open_release(
+        &mut self,
+        device: &DeviceId,
+    ) -> Result<(Run, Option<DeviceKind>, Option<Tenant>), EngineError> {
         let Some(record) = self.store.atomically(|tx| tx.device(device))? else {
             let e = EngineError::Store(StoreError::UnknownDevice(*device));
             return Err(self.refuse(Some(*device), None, e));
@@ -685,7 +764,7 @@ impl<'a> Engine<'a> {
             None => None,
         };
         let tenant = from.tenant().cloned();
-        let mut run = self.begin(
+        let run = self.begin(
             OpKind::Release,
             device,
             tenant,
@@ -695,8 +774,7 @@ impl<'a> Engine<'a> {
                 "from": from.to_string(), "device-kind": facts,
             }),
         )?;
-        let res = procs::release(self, &mut run, facts.as_ref(), old.as_ref());
-        self.conclude(run, res)
+        Ok((run, facts, old))
     }
 
     /// The VM `vm` starts with `device`: `Ready(T)` → `Active(T, vm)`, refused

@@ -75,7 +75,7 @@ fn act_fail(e: &ActError) -> StepFailure {
     }
 }
 
-fn fail(reason: impl Into<String>, hint: impl Into<String>) -> StepFailure {
+pub(crate) fn fail(reason: impl Into<String>, hint: impl Into<String>) -> StepFailure {
     StepFailure {
         step: String::new(),
         reason: reason.into(),
@@ -375,9 +375,197 @@ pub(crate) fn transfer(
 
 /// The old GUIDs whose revocation a one-sweep transfer deferred to the grant's
 /// apply, and whether that apply went through.
-struct Pending {
-    guids: Vec<Guid>,
-    applied: bool,
+pub(crate) struct Pending {
+    pub(crate) guids: Vec<Guid>,
+    pub(crate) applied: bool,
+}
+
+/// Whether an operation on a device of `kind` can join a batch (one apply at
+/// the SM for all its members): an IB VF whose transfer is one-sweep (the
+/// ledger has a GUID pool); a release of one too.
+pub(crate) fn batchable(kind: &DeviceKind, pool: bool) -> bool {
+    one_sweep(kind, pool)
+}
+
+/// A one-sweep IB VF transfer stopped at its fabric step, waiting for the
+/// batch's shared apply.
+pub(crate) struct Parked {
+    pub(crate) pending: Pending,
+    pub(crate) grant: IbGrant,
+    vf: IbVf,
+    group: IommuGroupId,
+    launcher: (u32, u32),
+}
+
+/// An IB VF transfer (one-sweep) up to its fabric step: scrubbed (the old
+/// GUIDs retired, their revocation deferred), Preparing, a fresh GUID set and
+/// read back. On failure the deferred revocation is applied on its own (as the
+/// single transfer does) and the failure returned.
+pub(crate) fn ib_transfer_until_fabric(
+    e: &mut Engine<'_>,
+    run: &mut Run,
+    t: &Transfer<'_>,
+) -> Result<Parked, StepFailure> {
+    let Transfer {
+        kind,
+        from,
+        old,
+        to,
+        vm,
+    } = *t;
+    let DeviceKind::IbVf {
+        bdf,
+        group,
+        pf,
+        index,
+        port_guid,
+    } = kind
+    else {
+        return Err(fail("not an IB VF", "this is a bug in devfence"));
+    };
+    let device = run.device;
+    let act = e.act.clone();
+    let guids = scrub(e, run, kind, old, true)?;
+    let pending = Pending {
+        guids,
+        applied: false,
+    };
+    let preparing = DeviceState::Preparing {
+        tenant: to.id.clone(),
+        vm: vm.map(str::to_owned),
+    };
+    let vf = IbVf {
+        bdf: *bdf,
+        pf: *pf,
+        index: *index,
+        old_port: *port_guid,
+    };
+    let res = (|| -> Result<(IbGrant, (u32, u32)), StepFailure> {
+        if !matches!(from, DeviceState::Free) {
+            if pending.guids.is_empty() {
+                e.move_state(run, &device, &DeviceState::Scrubbing, &DeviceState::Free)?;
+                e.move_state(run, &device, &DeviceState::Free, &preparing)?;
+            } else {
+                e.move_state(run, &device, &DeviceState::Scrubbing, &preparing)?;
+            }
+        }
+        let l = launcher(to)?;
+        let g = ib_pre(e, run, act.as_ref(), &vf, to)?;
+        Ok((g, l))
+    })();
+    match res {
+        Ok((grant, launcher)) => Ok(Parked {
+            pending,
+            grant,
+            vf,
+            group: *group,
+            launcher,
+        }),
+        Err(f) => {
+            if !pending.guids.is_empty() {
+                let _ = revoke_at_sm(e, run, &pending.guids, old);
+            }
+            Err(f)
+        }
+    }
+}
+
+/// An IB VF transfer after the batch's shared apply: `ticket` is the apply's
+/// (or the failure of the shared fabric step). Every gate of the single
+/// transfer runs for this device alone: the SM's three questions for its GUIDs,
+/// its port's P_Key table, its driver, its group's rules, its node.
+pub(crate) fn ib_transfer_after_fabric(
+    e: &mut Engine<'_>,
+    run: &mut Run,
+    t: &Transfer<'_>,
+    parked: &mut Parked,
+    ticket: Result<devfence_fabric::Ticket, StepFailure>,
+) -> Result<Finish, StepFailure> {
+    let ticket = match ticket {
+        Ok(tk) => {
+            parked.pending.applied = true;
+            tk
+        }
+        Err(f) => {
+            if !parked.pending.guids.is_empty() {
+                let _ = revoke_at_sm(e, run, &parked.pending.guids, t.old);
+            }
+            return Err(f);
+        }
+    };
+    let device = run.device;
+    let (act, host) = (e.act.clone(), e.host);
+    ib_post(
+        e,
+        run,
+        &parked.vf,
+        t.old,
+        &parked.grant,
+        &parked.pending.guids,
+        ticket,
+    )?;
+    pci_tail(
+        e,
+        run,
+        act.as_ref(),
+        host,
+        parked.vf.bdf,
+        parked.group,
+        parked.launcher,
+    )?;
+    let preparing = DeviceState::Preparing {
+        tenant: t.to.id.clone(),
+        vm: t.vm.map(str::to_owned),
+    };
+    let ready = DeviceState::Ready {
+        tenant: t.to.id.clone(),
+        vm: t.vm.map(str::to_owned),
+    };
+    e.move_state(run, &device, &preparing, &ready)?;
+    Ok(Finish {
+        device,
+        state: ready,
+        token_file: None,
+    })
+}
+
+/// An IB VF release up to its fabric step: scrubbed, its GUIDs retired; the
+/// GUIDs whose revocation at the SM waits for the batch's apply are returned.
+pub(crate) fn ib_release_until_fabric(
+    e: &mut Engine<'_>,
+    run: &mut Run,
+    kind: &DeviceKind,
+    old: Option<&Tenant>,
+) -> Result<Vec<Guid>, StepFailure> {
+    scrub(e, run, kind, old, true)
+}
+
+/// An IB VF release after the batch's shared apply (`None`: it had no GUID to
+/// revoke): the SM shows its GUIDs in no partition (verified for this device
+/// alone), then `Free`.
+pub(crate) fn ib_release_after_fabric(
+    e: &mut Engine<'_>,
+    run: &mut Run,
+    guids: &[Guid],
+    old: Option<&Tenant>,
+    ticket: Option<Result<devfence_fabric::Ticket, StepFailure>>,
+) -> Result<Finish, StepFailure> {
+    let device = run.device;
+    if let Some(ticket) = ticket {
+        let ticket = ticket?;
+        let parts = revoked_from(e, old)?;
+        let mut exp = Expectation::after(ticket);
+        for g in guids {
+            exp = exp.revoke(*g, parts.iter().copied());
+        }
+        sm_gate(e, run, Gate::FabricRevoked, &exp)?;
+    }
+    e.move_state(run, &device, &DeviceState::Scrubbing, &DeviceState::Free)?;
+    Ok(Finish {
+        device,
+        state: DeviceState::Free,
+        token_file: None,
+    })
 }
 
 pub(crate) fn release(
@@ -616,11 +804,9 @@ fn revoke_at_sm(
     }
     let sm = e.sm;
     let parts = revoked_from(e, old)?;
-    let ticket = e.step(run, Step::FabricRevoke, json!({ "guids": guids }), |_| {
-        for g in guids {
-            sm.stage_remove_all(*g).map_err(|x| fail(format!("staging the removal of {g} failed: {x}"), "check the SM"))?;
-        }
-        let t = sm.apply().map_err(|x| {
+    let ticket = e.step(run, Step::FabricRevoke, json!({ "guids": guids }), |e| {
+        stage_revoke(sm, guids)?;
+        let t = e.sm_apply().map_err(|x| {
             sm.discard_staged();
             fail(format!("the SM did not take the change: {x}"), "check the SM's health (`devfence status`); nothing was granted")
         })?;
@@ -655,11 +841,12 @@ fn sm_gate(
     e.gate(run, gate, |e, run| {
         let mut polls = 0u32;
         let started = run.started;
+        let slot = e.slot;
         let progress = &mut e.progress;
         let res = wait_verified_with(sm, exp, deadline, pace, &mut |u: &Unverified| {
             polls += 1;
             let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            progress(&Progress::Waiting { gate: gname.clone(), polls, elapsed_ms, last: u.to_string() });
+            progress(slot, &Progress::Waiting { gate: gname.clone(), polls, elapsed_ms, last: u.to_string() });
         });
         match res {
             Ok(proof) => Ok(json!({ "backend": sm.backend(), "proof": proof })),
@@ -773,6 +960,21 @@ fn prepare_pci(
         }
         _ => {}
     }
+    pci_tail(e, run, act.as_ref(), host, bdf, group, (uid, gid))?;
+    Ok(token_file)
+}
+
+/// The end of every PCI function's prepare: bound to vfio-pci, the group's
+/// rules pass, the group node given to the tenant's launcher — each verified.
+fn pci_tail(
+    e: &mut Engine<'_>,
+    run: &mut Run,
+    act: &dyn Actuator,
+    host: ReadBack<'_>,
+    bdf: Bdf,
+    group: IommuGroupId,
+    (uid, gid): (u32, u32),
+) -> Result<(), StepFailure> {
     e.step(
         run,
         Step::BindVfio,
@@ -801,8 +1003,7 @@ fn prepare_pci(
         }
     })?;
     group_rules(e, run, group, &DeviceId::Pci(bdf))?;
-    grant_node(e, run, act.as_ref(), host, group, uid, gid)?;
-    Ok(token_file)
+    grant_node(e, run, act, host, group, uid, gid)
 }
 
 fn launcher(t: &Tenant) -> Result<(u32, u32), StepFailure> {
@@ -832,13 +1033,90 @@ fn prepare_ib(
     to: &Tenant,
     pending: &mut Pending,
 ) -> Result<(), StepFailure> {
-    let IbVf {
-        bdf,
-        pf,
-        index,
-        old_port,
-    } = *vf;
-    let host = e.host;
+    let g = ib_pre(e, run, act, vf, to)?;
+    let ticket = ib_fabric_step(e, run, &g, pending)?;
+    ib_post(e, run, vf, old, &g, &pending.guids, ticket)
+}
+
+/// What an IB VF's prepare grants at the SM: its fresh GUID into the tenant's
+/// partitions.
+pub(crate) struct IbGrant {
+    pub(crate) new: Guid,
+    pub(crate) grant: Vec<(PartitionKey, Membership)>,
+}
+
+impl IbGrant {
+    /// The fabric step that applies this grant (with `moved`, the deferred
+    /// revocation of the old GUIDs, in the same apply) and its journal detail.
+    pub(crate) fn step(&self, moved: &[Guid]) -> (Step, Value) {
+        let shown: Vec<String> = self
+            .grant
+            .iter()
+            .map(|(k, m)| format!("{:#06x}:{m:?}", k.base()))
+            .collect();
+        if moved.is_empty() {
+            (
+                Step::FabricGrant,
+                json!({ "guid": self.new, "partitions": shown }),
+            )
+        } else {
+            (
+                Step::FabricMove,
+                json!({ "revoke": moved, "guid": self.new, "partitions": shown }),
+            )
+        }
+    }
+
+    /// Stages the grant (and the removal of `moved` from every partition) at
+    /// the SM; on error everything staged is discarded.
+    pub(crate) fn stage(
+        &self,
+        sm: &dyn devfence_fabric::SubnetManager,
+        moved: &[Guid],
+    ) -> Result<(), StepFailure> {
+        stage_revoke(sm, moved)?;
+        let new = self.new;
+        for (k, m) in &self.grant {
+            sm.stage_add(new, *k, *m).map_err(|x| {
+                sm.discard_staged();
+                fail(
+                    format!("staging {new} into {:#06x} failed: {x}", k.base()),
+                    "check the SM",
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Stages the removal of `guids` from every partition; on error everything
+/// staged is discarded.
+pub(crate) fn stage_revoke(
+    sm: &dyn devfence_fabric::SubnetManager,
+    guids: &[Guid],
+) -> Result<(), StepFailure> {
+    for g in guids {
+        sm.stage_remove_all(*g).map_err(|x| {
+            sm.discard_staged();
+            fail(
+                format!("staging the removal of {g} failed: {x}"),
+                "check the SM",
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// An IB VF's prepare up to the SM: a fresh GUID allocated, the VF on its host
+/// driver with that GUID set and read back; the tenant has partitions.
+fn ib_pre(
+    e: &mut Engine<'_>,
+    run: &mut Run,
+    act: &dyn Actuator,
+    vf: &IbVf,
+    to: &Tenant,
+) -> Result<IbGrant, StepFailure> {
+    let IbVf { bdf, pf, index, .. } = *vf;
     let sm = e.sm;
     let device = run.device;
     let tid: TenantId = to.id.clone();
@@ -936,45 +1214,47 @@ fn prepare_ib(
             "give the tenant its partitions (P_Keys) before handing it an IB VF",
         ));
     }
-    let g2 = grant.clone();
-    let shown: Vec<String> = g2
-        .iter()
-        .map(|(k, m)| format!("{:#06x}:{m:?}", k.base()))
-        .collect();
-    // One sweep: the deferred revocation of the old GUIDs goes in this apply.
+    Ok(IbGrant { new, grant })
+}
+
+/// The fabric step of one IB VF's prepare on its own: the grant (and the
+/// deferred revocation of the old GUIDs: one sweep) staged and applied.
+fn ib_fabric_step(
+    e: &mut Engine<'_>,
+    run: &mut Run,
+    g: &IbGrant,
+    pending: &mut Pending,
+) -> Result<devfence_fabric::Ticket, StepFailure> {
+    let sm = e.sm;
     let moved = pending.guids.clone();
-    let (step, detail) = if moved.is_empty() {
-        (
-            Step::FabricGrant,
-            json!({ "guid": new, "partitions": shown }),
-        )
-    } else {
-        (
-            Step::FabricMove,
-            json!({ "revoke": moved, "guid": new, "partitions": shown }),
-        )
-    };
+    let (step, detail) = g.step(&moved);
     let applied = &mut pending.applied;
-    let ticket = e.step(run, step, detail, |_| {
-        for g in &moved {
-            sm.stage_remove_all(*g).map_err(|x| {
-                sm.discard_staged();
-                fail(format!("staging the removal of {g} failed: {x}"), "check the SM")
-            })?;
-        }
-        for (k, m) in &g2 {
-            sm.stage_add(new, *k, *m).map_err(|x| {
-                sm.discard_staged();
-                fail(format!("staging {new} into {:#06x} failed: {x}", k.base()), "check the SM")
-            })?;
-        }
-        let t = sm.apply().map_err(|x| {
+    e.step(run, step, detail, |e| {
+        g.stage(sm, &moved)?;
+        let t = e.sm_apply().map_err(|x| {
             sm.discard_staged();
             fail(format!("the SM did not take the change: {x}"), "check the SM's health")
         })?;
         *applied = true;
         Ok((t, json!({ "backend": sm.backend(), "ticket": { "change": t.change.0, "generation": t.generation.0 } })))
-    })?;
+    })
+}
+
+/// An IB VF's prepare after the SM took the grant (`ticket`): the SM's three
+/// questions for this VF's GUIDs, then the VF's own P_Key table at its port.
+fn ib_post(
+    e: &mut Engine<'_>,
+    run: &mut Run,
+    vf: &IbVf,
+    old: Option<&Tenant>,
+    g: &IbGrant,
+    moved: &[Guid],
+    ticket: devfence_fabric::Ticket,
+) -> Result<(), StepFailure> {
+    let IbVf { bdf, old_port, .. } = *vf;
+    let host = e.host;
+    let device = run.device;
+    let (new, grant) = (g.new, &g.grant);
     // The three questions in one read: old out, new exactly in, sweep done.
     let mut exp = Expectation::after(ticket);
     let old_parts: BTreeSet<PartitionKey> = match old {
@@ -1002,7 +1282,7 @@ fn prepare_ib(
     if !moved.is_empty() {
         // As the two-sweep revoke's gate asks: in no partition of any tenant.
         let parts = revoked_from(e, old)?;
-        for g in &moved {
+        for g in moved {
             exp = exp.revoke(*g, parts.iter().copied());
         }
     }

@@ -1,0 +1,210 @@
+//! Shared by the agent batch test and benchmark: a simulated host whose IB VFs
+//! are nodes of a real OpenSM/ibsim fabric, a real `devfence serve` on it, and
+//! an HTTP client over its socket.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use devfence_fabric_harness::Fabric;
+use devfence_model::Guid;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use serde_json::Value;
+
+pub const DEADLINE: Duration = Duration::from_secs(300);
+
+pub fn cli(f: &Fabric, root: &Path, config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_devfence"))
+        .env_remove("DEVFENCE_ROOT")
+        .env_remove("DEVFENCE_LEDGER")
+        .envs(f.env())
+        .current_dir(f.dir())
+        .arg("--root")
+        .arg(root)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+pub fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The VF's administrative port GUID as the PF shows it (OFED `sriov/<N>/port`).
+pub fn sriov_port(root: &Path, pf: &str, index: usize) -> Option<Guid> {
+    let p = root.join(format!("sys/bus/pci/devices/{pf}/sriov/{index}/port"));
+    let s = std::fs::read_to_string(p).ok()?;
+    let hex: String = s.trim().split(':').collect();
+    u64::from_str_radix(&hex, 16).ok().map(Guid)
+}
+
+/// Plays the HCA: when a VF's GUID changes on the host, its port comes back on
+/// the fabric with that GUID. Runs until `stop`.
+/// `on_fabric[i]` is the GUID ibsim node `vf{i}` has now (VF index `i` of `pf`).
+pub fn follow_guids(
+    f: &Fabric,
+    root: &Path,
+    pf: &str,
+    mut on_fabric: Vec<Guid>,
+    stop: &AtomicBool,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        for (i, cur) in on_fabric.iter_mut().enumerate() {
+            if let Some(g) = sriov_port(root, pf, i)
+                && g != *cur
+                && g.0 != 0
+            {
+                // A console that did not answer in time is asked again at
+                // the next look (the gate waiting for the port has a deadline).
+                match f.rotate(&format!("vf{i}"), g) {
+                    Ok(()) => *cur = g,
+                    Err(e) => eprintln!("rotating vf{i} to {g}: {e}; retrying"),
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The OpenSM backend's own record of its applies: the serial of its last one
+/// (in the memo it keeps next to the partitions file).
+pub fn applies_recorded(f: &Fabric) -> u64 {
+    let p = f.opensm_config().partitions_file;
+    let memo = p.with_file_name(format!(
+        "{}.devfence.json",
+        p.file_name().unwrap().to_string_lossy()
+    ));
+    match std::fs::read_to_string(&memo) {
+        Ok(t) => serde_json::from_str::<Value>(&t).unwrap()["serial"]
+            .as_u64()
+            .unwrap(),
+        Err(_) => 0,
+    }
+}
+
+/// A running `devfence serve`, killed when dropped.
+pub struct Agent {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl Agent {
+    pub fn start(f: &Fabric, root: &Path, config: &Path, socket: &Path) -> Agent {
+        let child = Command::new(env!("CARGO_BIN_EXE_devfence"))
+            .env_remove("DEVFENCE_ROOT")
+            .env_remove("DEVFENCE_LEDGER")
+            .envs(f.env())
+            .current_dir(f.dir())
+            .arg("--root")
+            .arg(root)
+            .arg("--config")
+            .arg(config)
+            .args(["serve", "--socket"])
+            .arg(socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut a = Agent {
+            child,
+            socket: socket.to_path_buf(),
+        };
+        let until = Instant::now() + DEADLINE;
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if let Some(st) = a.child.try_wait().unwrap() {
+                let mut e = String::new();
+                a.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut e)
+                    .unwrap();
+                panic!("the agent exited ({st}): {e}");
+            }
+            assert!(Instant::now() < until, "the agent did not serve");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        a
+    }
+
+    /// Posts every body at once (one thread each); the operation ids.
+    pub fn post_all(&self, bodies: &[Value]) -> Vec<String> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = bodies
+                .iter()
+                .map(|b| {
+                    s.spawn(move || {
+                        let (st, v) = request(
+                            &self.socket,
+                            "POST",
+                            "/v1/operations",
+                            Some(&serde_json::to_vec(b).unwrap()),
+                        );
+                        assert_eq!(st, 202, "{v}");
+                        v["id"].as_str().unwrap().to_owned()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    pub fn wait_op(&self, id: &str) -> Value {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            let (s, v) = request(&self.socket, "GET", &format!("/v1/operations/{id}"), None);
+            assert_eq!(s, 200, "{v}");
+            if v["state"] != "running" {
+                return v;
+            }
+            assert!(Instant::now() < until, "{id} still running: {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn request(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "devfence")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default().to_vec())))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, v)
+    })
+}
