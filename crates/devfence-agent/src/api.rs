@@ -36,16 +36,25 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/operations/{id}"),
     ("POST", "/v1/plan"),
     ("GET", "/metrics"),
+    ("POST", "/v1/recover"),
+    ("POST", "/v1/hook/qemu"),
+    ("GET", "/v1/events"),
 ];
 
 /// What every request shares.
 pub struct State {
-    opts: Options,
+    pub(crate) opts: Options,
     policy: Policy,
     /// The operations.
     pub ops: Ops,
     /// The metrics.
     pub metrics: Metrics,
+    /// The event stream's publisher.
+    pub events: crate::events::Events,
+    /// Fired when the agent stops: event streams end.
+    pub stop: Arc<tokio::sync::Notify>,
+    /// Recovery exclusive of the agent's operations and hook calls.
+    pub recovery: Arc<crate::recover::Gate>,
 }
 
 impl State {
@@ -57,10 +66,13 @@ impl State {
             opts,
             policy,
             metrics: Metrics::default(),
+            events: crate::events::Events::default(),
+            stop: Arc::new(tokio::sync::Notify::new()),
+            recovery: Arc::default(),
         }
     }
 
-    fn limits(&self) -> Limits {
+    pub(crate) fn limits(&self) -> Limits {
         self.opts.limits
     }
 }
@@ -184,14 +196,16 @@ pub fn classify(e: &AppError) -> (StatusCode, &'static str) {
     }
 }
 
-type Resp = Response<Full<Bytes>>;
+/// A response: a whole body, or a stream (`GET /v1/events`).
+pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+pub(crate) type Resp = Response<Body>;
 
-fn json_response(status: StatusCode, v: &impl Serialize) -> Resp {
+pub(crate) fn json_response(status: StatusCode, v: &impl Serialize) -> Resp {
     let body = serde_json::to_vec(v).unwrap_or_else(|e| {
         format!(r#"{{"status":500,"code":"internal","message":"Cannot render the answer: {e}","hint":null,"chain":[]}}"#)
             .into_bytes()
     });
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -200,7 +214,7 @@ fn json_response(status: StatusCode, v: &impl Serialize) -> Resp {
     r
 }
 
-fn error_response(e: &ApiError) -> Resp {
+pub(crate) fn error_response(e: &ApiError) -> Resp {
     json_response(
         StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         e,
@@ -208,7 +222,7 @@ fn error_response(e: &ApiError) -> Resp {
 }
 
 /// Runs `f` on a blocking thread; a panic is a 500, never the agent's end.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(f).await {
@@ -223,7 +237,7 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-fn app<T>(r: Result<T, impl Into<AppError>>) -> Result<T, ApiError> {
+pub(crate) fn app<T>(r: Result<T, impl Into<AppError>>) -> Result<T, ApiError> {
     r.map_err(|e| ApiError::from_app(&e.into()))
 }
 
@@ -430,6 +444,11 @@ where
             Err(e) => Err(e),
         },
         "/v1/audit/verify" => ok(audit_verify(st).await),
+        "/v1/events" => return crate::events::route(&st, &query),
+        "/v1/recover" => ok(crate::recover::route(&st, actor_of(peer.as_deref()), req).await),
+        "/v1/hook/qemu" => {
+            ok(crate::hook::route(&st, actor_of(peer.as_deref()), &query, req).await)
+        }
         "/v1/operations/{id}" => {
             let id = path.rsplit('/').next().unwrap_or("");
             match st.ops.get(id) {
@@ -661,23 +680,31 @@ fn start_operation(
     let device = *device;
     let tenant = tenant.cloned();
     let kind = kind.to_owned();
-    let view = st.ops.start(|id| OpView {
-        id,
+    let view = st.recovery.start(|| {
+        st.ops.start(|id| OpView {
+            id,
+            kind: kind.clone(),
+            device: device.to_string(),
+            tenant: tenant.as_ref().map(ToString::to_string),
+            vm: vm.clone(),
+            actor: actor.clone(),
+            state: OpState::Running,
+            started_at_ms: now_ms(),
+            finished_at_ms: None,
+            events: Vec::new(),
+            waiting: None,
+            result: None,
+            error: None,
+            notices: Vec::new(),
+        })
+    })?;
+    let id = ops::lock(&view).id.clone();
+    st.events.publish(crate::events::Event::OperationStarted {
+        operation: id.clone(),
         kind: kind.clone(),
         device: device.to_string(),
         tenant: tenant.as_ref().map(ToString::to_string),
-        vm: vm.clone(),
-        actor: actor.clone(),
-        state: OpState::Running,
-        started_at_ms: now_ms(),
-        finished_at_ms: None,
-        events: Vec::new(),
-        waiting: None,
-        result: None,
-        error: None,
-        notices: Vec::new(),
     });
-    let id = ops::lock(&view).id.clone();
     let st2 = Arc::clone(st);
     let v2 = Arc::clone(&view);
     // Detached: the operation is the agent's, whatever its client does.
@@ -714,6 +741,7 @@ fn start_operation(
             }
         };
         st2.metrics.operation(&kind, outcome);
+        crate::events::operation_finished(&st2.events, &v2, outcome);
         st2.ops.finished();
     });
     Ok(json!({ "id": id, "state": "running", "href": format!("/v1/operations/{id}") }))
@@ -730,6 +758,7 @@ fn run_operation(
     env.act_as(actor);
     let mut last_ms = 0u64;
     let metrics = &st.metrics;
+    let op_id = ops::lock(view).id.clone();
     let mut e = env
         .engine(EngineConfig::default())
         .with_progress(|p: &Progress| {
@@ -748,17 +777,36 @@ fn run_operation(
                 _ => {}
             }
             ops::lock(view).push(p);
+            st.events.progress(Some(&op_id), p);
         });
     app(devfence_app::lifecycle::run(&mut e, req))
 }
 
-fn now_ms() -> u64 {
+/// Who asked, for the audit record (the agent itself without a peer).
+pub(crate) fn actor_of(peer: Option<&Peer>) -> devfence_app::Actor {
+    peer.map_or(
+        devfence_app::Actor {
+            uid: 0,
+            gid: 0,
+            pid: None,
+            via: "agent",
+        },
+        |p| devfence_app::Actor {
+            uid: p.uid,
+            gid: p.gid,
+            pid: p.pid,
+            via: "agent",
+        },
+    )
+}
+
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn open_env(st: &State) -> Result<Env, ApiError> {
+pub(crate) fn open_env(st: &State) -> Result<Env, ApiError> {
     app(Env::open(
         &st.opts.root,
         st.opts.ledger.as_deref(),
@@ -770,7 +818,7 @@ fn ledger(st: &State) -> Option<PathBuf> {
     st.opts.ledger.clone()
 }
 
-fn to_json(v: &impl Serialize) -> Result<Value, ApiError> {
+pub(crate) fn to_json(v: &impl Serialize) -> Result<Value, ApiError> {
     serde_json::to_value(v).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -796,6 +844,8 @@ async fn check(st: Arc<State>) -> Result<Value, ApiError> {
             "findings": to_json(&r.findings)?,
             "summary": to_json(&r.summary)?,
             "tenancy": r.tenancy.map(|p| p.display().to_string()),
+            "tenancy_from_ledger": r.tenancy_from_ledger,
+            "tenancy_file_unread": r.tenancy_file_unread.map(|p| p.display().to_string()),
             "notices": r.notices,
         }))
     })
@@ -834,7 +884,7 @@ async fn tenants(st: Arc<State>) -> Result<Value, ApiError> {
     .await
 }
 
-fn percent_decode(s: &str) -> Result<String, ApiError> {
+pub(crate) fn percent_decode(s: &str) -> Result<String, ApiError> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -985,7 +1035,7 @@ async fn metrics(st: Arc<State>) -> Resp {
         Ok(())
     })
     .await;
-    let mut r = Response::new(Full::new(Bytes::from(st.metrics.encode())));
+    let mut r = Response::new(Full::new(Bytes::from(st.metrics.encode())).boxed());
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static(

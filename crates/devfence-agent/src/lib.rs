@@ -30,8 +30,12 @@ use devfence_host::HostRoot;
 
 pub mod api;
 pub mod auth;
+pub mod client;
+pub mod events;
+pub mod hook;
 pub mod metrics;
 pub mod ops;
+pub mod recover;
 pub mod socket;
 
 /// Where the socket is under the host root unless configured.
@@ -224,6 +228,7 @@ impl Agent {
             tokio::spawn(api::serve_metrics_tcp(Arc::clone(&state), l));
         }
         api::serve(Arc::clone(&state), listener, shutdown).await;
+        state.stop.notify_waiters();
         state.ops.wait_idle().await;
         drop(guard);
         Ok(())

@@ -42,7 +42,7 @@ pub struct CheckRequest {
 }
 
 /// Counts of findings by severity.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     /// Error-severity findings.
     pub errors: usize,

@@ -265,7 +265,7 @@ impl fmt::Display for OperationId {
 }
 
 /// How an operation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OpOutcome {
     /// Every step done and every gate passed.
@@ -304,7 +304,7 @@ pub struct Operation {
 }
 
 /// The state of a journalled step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StepState {
     /// Recorded before acting.

@@ -40,7 +40,7 @@ pub(crate) struct Finish {
 }
 
 /// One step or gate of a plan.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PlannedStep {
     /// The journal name (`gate:` prefix for gates, `state:` for lifecycle moves).
     pub name: String,
