@@ -91,6 +91,9 @@ pub struct ApiError {
     pub hint: Option<String>,
     /// The causes, outermost first (the message's own text not repeated).
     pub chain: Vec<String>,
+    /// Whether a rule of the lifecycle said no (the CLI's exit status 1), as
+    /// opposed to bad input, authorization or a fault.
+    pub refusal: bool,
 }
 
 impl ApiError {
@@ -104,6 +107,7 @@ impl ApiError {
             message,
             hint,
             chain: Vec::new(),
+            refusal: false,
         }
     }
 
@@ -118,6 +122,7 @@ impl ApiError {
     pub fn from_app(e: &AppError) -> Self {
         let (status, code) = classify(e);
         let mut out = Self::new(status, code, e.to_string());
+        out.refusal = e.is_refusal();
         let mut seen = e.to_string();
         let mut src = std::error::Error::source(e);
         while let Some(c) = src {
@@ -202,7 +207,7 @@ pub(crate) type Resp = Response<Body>;
 
 pub(crate) fn json_response(status: StatusCode, v: &impl Serialize) -> Resp {
     let body = serde_json::to_vec(v).unwrap_or_else(|e| {
-        format!(r#"{{"status":500,"code":"internal","message":"Cannot render the answer: {e}","hint":null,"chain":[]}}"#)
+        format!(r#"{{"status":500,"code":"internal","message":"Cannot render the answer: {e}","hint":null,"chain":[],"refusal":false}}"#)
             .into_bytes()
     });
     let mut r = Response::new(Full::new(Bytes::from(body)).boxed());

@@ -142,7 +142,7 @@ pub enum ClientError {
 
 /// The agent's typed error body, as received.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, thiserror::Error)]
-#[error("{}{}", message, hint.as_deref().map_or(String::new(), |h| format!(". Hint: {h}")))]
+#[error("{}", self.text())]
 pub struct RemoteError {
     /// The HTTP status.
     pub status: u16,
@@ -155,16 +155,28 @@ pub struct RemoteError {
     /// The causes, outermost first.
     #[serde(default)]
     pub chain: Vec<String>,
+    /// Whether a rule said no (the agent's judgement, as the direct path's).
+    #[serde(default)]
+    pub refusal: bool,
 }
 
 impl RemoteError {
     /// Whether a rule said no (the CLI's exit status 1): a refusal, a held
-    /// device, a gate that failed (the device quarantined), an unknown
-    /// tenant or device the ledger does not hold. Authorization (403),
-    /// bad input and faults are not.
+    /// device, a step or gate that failed (the device quarantined), a busy
+    /// device. Authorization (403), bad input and faults are not.
     #[must_use]
     pub fn is_refusal(&self) -> bool {
-        matches!(self.code.as_str(), "refused" | "gate_failed")
+        self.refusal
+    }
+
+    /// The message with its hint, as the direct path's error reads.
+    #[must_use]
+    pub fn text(&self) -> String {
+        match &self.hint {
+            None => self.message.clone(),
+            Some(h) if self.message.ends_with('.') => format!("{} Hint: {h}", self.message),
+            Some(h) => format!("{}. Hint: {h}", self.message),
+        }
     }
 }
 
@@ -403,6 +415,7 @@ impl Client {
                     ),
                     hint: Some("see the agent's log (journalctl -u devfence)".into()),
                     chain: Vec::new(),
+                    refusal: false,
                 }),
             ))
         }
@@ -613,19 +626,20 @@ mod tests {
             message: "uid 5 may read but not act".into(),
             hint: Some("act as root".into()),
             chain: Vec::new(),
+            refusal: false,
         };
         assert_eq!(
             e.to_string(),
             "uid 5 may read but not act. Hint: act as root"
         );
         assert!(!e.is_refusal());
-        assert!(
-            RemoteError {
-                code: "refused".into(),
-                ..e
-            }
-            .is_refusal()
-        );
+        let e = RemoteError {
+            message: "The device is held.".into(),
+            refusal: true,
+            ..e
+        };
+        assert_eq!(e.to_string(), "The device is held. Hint: act as root");
+        assert!(e.is_refusal());
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub use devfence_app::check::DEFAULT_TENANCY;
 
 /// Runs the command `cli` names.
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Exit> {
+    crate::via::set_mode(cli.direct, cli.via_agent)?;
     // `--sim PROFILE`: a fresh simulated host in a temporary directory, removed at exit.
     let _sim_dir;
     let root = match &cli.sim {
@@ -543,7 +544,28 @@ fn check(
         tenancy: a.tenancy.clone(),
         fabric: a.fabric,
     };
-    let report = devfence_app::check::check(root, ledger, crate::config::explicit(), &req)?;
+    // The agent checks the host's own tenancy; a file of the caller's or the
+    // fabric posture is this process's to read.
+    let agent = if a.tenancy.is_some() || a.fabric {
+        crate::via::direct_only("check with --tenancy or --fabric")?;
+        None
+    } else {
+        crate::via::agent(root, ledger)?
+    };
+    let report = match agent {
+        Some(agent) => {
+            let r = agent.check().map_err(crate::via::error)?;
+            devfence_app::check::CheckReport {
+                findings: r.findings,
+                tenancy: r.tenancy,
+                tenancy_from_ledger: r.tenancy_from_ledger,
+                tenancy_file_unread: r.tenancy_file_unread,
+                summary: r.summary,
+                notices: r.notices,
+            }
+        }
+        None => devfence_app::check::check(root, ledger, crate::config::explicit(), &req)?,
+    };
     for n in &report.notices {
         eprintln!("devfence: {n}");
     }

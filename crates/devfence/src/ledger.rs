@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use devfence_app::hook::Decision;
-use devfence_engine::engine::{Engine, EngineConfig, EngineError, Progress};
+use devfence_app::hook::Verdict;
+use devfence_engine::engine::{Engine, EngineConfig, Progress};
 use devfence_engine::store::{Partition, Tenant};
 use devfence_engine::{AuditFilter, DeviceState, GuidRange, StepState, StoreExt, engine};
 use devfence_host::HostRoot;
@@ -235,7 +235,7 @@ fn brief(v: &serde_json::Value) -> String {
 
 fn report(
     root: &HostRoot,
-    res: Result<engine::Done, EngineError>,
+    res: Result<engine::Done, anyhow::Error>,
     json: bool,
     what: &str,
     out: &mut dyn Write,
@@ -271,7 +271,7 @@ fn report(
             if json {
                 crate::jsonout::emit(out, &serde_json::json!({ "error": e.to_string() }))?;
             }
-            Err(anyhow!(e))
+            Err(e)
         }
     }
 }
@@ -297,9 +297,34 @@ fn run_op(
         };
         return show_plan(root, ledger, dev, to, Some(what), op.json, out);
     }
+    let tty = std::io::stdout().is_terminal();
+    if let Some(agent) = crate::via::agent(root, ledger)? {
+        #[allow(clippy::float_cmp)] // the flag's default, compared as given
+        if op.gate_timeout != OpFlags::DEFAULT_GATE_TIMEOUT {
+            bail!(
+                "--gate-timeout is not passed to the host agent, which serves this host (its gates wait the default {} s). Hint: give --direct to run the operation in this process with your timeout, or drop --gate-timeout",
+                OpFlags::DEFAULT_GATE_TIMEOUT
+            );
+        }
+        {
+            let mut sink = Vec::new();
+            let res = {
+                let mut printer = Printer::new(&mut sink, tty);
+                let mut show = |p: &Progress| {
+                    if !op.json {
+                        printer.event(p);
+                    }
+                };
+                agent
+                    .run_operation(req, &mut show)
+                    .map_err(crate::via::error)
+            };
+            out.write_all(&sink)?;
+            return report(root, res, op.json, what, out);
+        }
+    }
     let f = |e: &mut Engine<'_>| devfence_app::lifecycle::run(e, req);
     let mut env = open_env(root, ledger)?;
-    let tty = std::io::stdout().is_terminal();
     let res = if op.json {
         let mut e = env.engine(cfg);
         f(&mut e)
@@ -313,7 +338,7 @@ fn run_op(
         out.write_all(&sink)?;
         res
     };
-    report(root, res, op.json, what, out)
+    report(root, res.map_err(anyhow::Error::from), op.json, what, out)
 }
 
 /// `devfence assign`.
@@ -639,9 +664,14 @@ fn show_plan(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<Exit> {
-    let mut env = open_env(root, ledger)?;
     let req = devfence_app::lifecycle::PlanRequest { device: dev, to };
-    let steps = devfence_app::lifecycle::plan(&mut env.engine(EngineConfig::default()), &req)?;
+    let steps = match crate::via::agent(root, ledger)? {
+        Some(agent) => agent.plan(&req).map_err(crate::via::error)?,
+        None => {
+            let mut env = open_env(root, ledger)?;
+            devfence_app::lifecycle::plan(&mut env.engine(EngineConfig::default()), &req)?
+        }
+    };
     let to = req.to;
     let what = what.unwrap_or(if to.is_some() {
         "assign/handover"
@@ -680,6 +710,27 @@ pub fn recover(
     a: &RecoverArgs,
     out: &mut dyn Write,
 ) -> Result<Exit> {
+    if let Some(agent) = crate::via::agent(root, ledger)? {
+        let a2 = agent.recover().map_err(crate::via::error)?;
+        for n in &a2.notices {
+            eprintln!("devfence: {n}");
+        }
+        if !a2.ledger_present {
+            return render_no_ledger(&a2.ledger, a.json, out);
+        }
+        if !a.json {
+            let tty = std::io::stdout().is_terminal();
+            let mut sink = Vec::new();
+            {
+                let mut printer = Printer::new(&mut sink, tty);
+                for p in &a2.events {
+                    printer.event(p);
+                }
+            }
+            out.write_all(&sink)?;
+        }
+        return render_recovered(&a2.recovered, a.json, out);
+    }
     // No ledger at all (nor a -wal of one): devfence never acted here.
     let path = ledger_path(root, ledger)?;
     if !devfence_app::env::ledger_present(&path) {
@@ -706,15 +757,31 @@ pub fn recover(
         devfence_app::lifecycle::recover(&mut e)
     };
     out.write_all(&sink)?;
-    let rec = res?;
-    if a.json {
+    render_recovered(&res?, a.json, out)
+}
+
+fn render_no_ledger(path: &Path, json: bool, out: &mut dyn Write) -> Result<Exit> {
+    if json {
+        writeln!(out, "[]")?;
+    } else {
+        writeln!(
+            out,
+            "nothing to recover: there is no ledger at {}",
+            path.display()
+        )?;
+    }
+    Ok(Exit::Ok)
+}
+
+fn render_recovered(rec: &[engine::Recovered], json: bool, out: &mut dyn Write) -> Result<Exit> {
+    if json {
         crate::jsonout::emit(out, &rec)?;
         return Ok(Exit::Ok);
     }
     if rec.is_empty() {
         writeln!(out, "nothing to recover: no unfinished operation")?;
     }
-    for r in &rec {
+    for r in rec {
         writeln!(
             out,
             "recovered {} ({}) on {}: last step {}; device is now {}{}",
@@ -959,19 +1026,30 @@ pub fn hook(
     let xml =
         devfence_model::bounded::read_stream(stdin, "the domain XML on standard input", 4 << 20)
             .context("Cannot read the domain XML on standard input")?;
-    let (decision, notices) =
-        devfence_app::hook::run(root, ledger, config::explicit(), domain, call, xml)?;
-    for n in notices {
+    let verdict = match crate::via::agent(root, ledger)? {
+        Some(agent) => agent
+            .hook(domain, operation, subop, xml)
+            .map_err(crate::via::error)?,
+        None => {
+            let (decision, notices) =
+                devfence_app::hook::run(root, ledger, config::explicit(), domain, call, xml)?;
+            Verdict::of(&decision, notices)
+        }
+    };
+    for n in &verdict.notices {
         eprintln!("devfence: {n}");
     }
-    match decision {
-        Decision::Allowed => Ok(Exit::Ok),
-        Decision::Refused(r) => {
-            eprintln!("{r}");
+    match verdict.decision.as_str() {
+        "allowed" => Ok(Exit::Ok),
+        "refused" => {
+            eprintln!("{}", verdict.reason.as_deref().unwrap_or("refused"));
             Ok(Exit::Refused)
         }
-        Decision::TeardownFailed(failures) => {
-            eprintln!("devfence: teardown of {domain}: {}", failures.join("; "));
+        _ => {
+            eprintln!(
+                "devfence: teardown of {domain}: {}",
+                verdict.failures.join("; ")
+            );
             Ok(Exit::Refused)
         }
     }

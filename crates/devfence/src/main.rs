@@ -21,6 +21,7 @@ mod safeout;
 mod state;
 mod story;
 mod table;
+mod via;
 
 use std::io::Write;
 use std::process::ExitCode;

@@ -1,0 +1,422 @@
+//! The CLI and the libvirt hook through the host agent (issue 12 item 3): the
+//! same commands on two identical simulated `lab` hosts, one served by a real
+//! `devfence serve` at its default socket (the CLI goes through it), one
+//! without (the CLI acts directly), print the same (human and `--json`) and
+//! exit the same. The agent's own audit records (`actor.via = "agent"`) prove
+//! which path each took. Waiting is bounded polling with a deadline.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use devfence_testsupport::{add_tenants, devfence, dv, generate, text};
+use serde_json::Value;
+
+const IGB_VF: &str = "0000:5e:10.0";
+const IGB_VF2: &str = "0000:5e:10.2";
+const UUID: &str = "8f2c6a1e-4b7d-4e0a-9c3f-2d1b5e6a7c80";
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A lab host with tenants acme and globex under `tmp/name`.
+fn host(tmp: &Path, name: &str) -> PathBuf {
+    let root = tmp.join(name);
+    generate("lab", &root, &[]);
+    add_tenants(&root, 2);
+    root
+}
+
+fn scratch() -> tempfile::TempDir {
+    let tmp = devfence_testsupport::scratch("devfence-client-");
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    tmp
+}
+
+/// A running `devfence serve` at the host's default socket, killed when dropped.
+struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    fn start(root: &Path) -> Agent {
+        let socket = root.join("run/devfence/devfence.sock");
+        let child = devfence()
+            .arg("--root")
+            .arg(root)
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start devfence serve");
+        let mut a = Agent { child };
+        let until = Instant::now() + DEADLINE;
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if let Some(st) = a.child.try_wait().unwrap() {
+                let mut e = String::new();
+                a.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut e)
+                    .unwrap();
+                panic!("the agent exited ({st}) before serving: {e}");
+            }
+            assert!(Instant::now() < until, "the agent did not serve in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        a
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Output with the host's root named `<ROOT>` and every duration (`12 ms`,
+/// `"elapsed_ms": 12`) as `N`: the rest must be byte for byte the same.
+fn normal(s: &str, root: &Path) -> String {
+    let s = s.replace(&root.display().to_string(), "<ROOT>");
+    let mut out = String::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i].is_ascii_digit() {
+            let j = (i..b.len())
+                .find(|&j| !b[j].is_ascii_digit())
+                .unwrap_or(b.len());
+            let after = &s[j..];
+            let before = out.trim_end_matches([' ', '"', ':']);
+            if after.starts_with(" ms") || before.ends_with("_ms") || before.ends_with("\"ms") {
+                out.push('N');
+            } else {
+                out.push_str(&s[i..j]);
+            }
+            i = j;
+        } else {
+            let c = s[i..].chars().next().unwrap();
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    // Durations are right-aligned in their brackets: `[   N ms]`.
+    while out.contains("[ ") {
+        out = out.replace("[ ", "[");
+    }
+    out
+}
+
+/// What a command printed and how it exited, normalized.
+fn seen(o: &Output, root: &Path) -> (Option<i32>, String, String) {
+    (
+        o.status.code(),
+        normal(&String::from_utf8_lossy(&o.stdout), root),
+        normal(&String::from_utf8_lossy(&o.stderr), root),
+    )
+}
+
+/// Runs `args` on both hosts and asserts they print and exit the same.
+fn same(agent_root: &Path, direct_root: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let a = seen(&dv(agent_root, args), agent_root);
+    let d = seen(&dv(direct_root, args), direct_root);
+    assert_eq!(
+        a, d,
+        "{args:?} differs through the agent (left) and direct (right)"
+    );
+    a
+}
+
+/// Calls the hook as libvirt does, the domain XML on stdin.
+fn hook(root: &Path, pre: &[&str], name: &str, op: &str, subop: &str, xml: &str) -> Output {
+    let mut child = devfence()
+        .arg("--root")
+        .arg(root)
+        .args(pre)
+        .args(["hook", "qemu", name, op, subop, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn hostdev(bdf: &str) -> String {
+    let (dom, rest) = bdf.split_at(4);
+    format!(
+        "<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x{dom}' \
+         bus='0x{}' slot='0x{}' function='0x{}'/></source></hostdev>",
+        &rest[1..3],
+        &rest[4..6],
+        &rest[7..8]
+    )
+}
+
+fn domain(name: &str, uuid: Option<&str>, tenant: Option<&str>, devices: &str) -> String {
+    let uuid = uuid.map_or(String::new(), |u| format!("<uuid>{u}</uuid>"));
+    let meta = tenant.map_or(String::new(), |t| {
+        format!(
+            "<metadata><devfence:tenant xmlns:devfence='https://devfence.dev/xmlns/libvirt/1' \
+             id='{t}'/></metadata>"
+        )
+    });
+    format!(
+        "<domain type='kvm'><name>{name}</name>{uuid}{meta}<devices>{devices}</devices></domain>"
+    )
+}
+
+/// The audit records of `dev` as JSON (read directly: the ledger is the truth).
+fn audit(root: &Path, dev: &str) -> Vec<Value> {
+    let o = dv(
+        root,
+        &["--direct", "audit", "show", "--device", dev, "--json"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    serde_json::from_slice::<Value>(&o.stdout).unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn via_agent(records: &[Value]) -> usize {
+    records
+        .iter()
+        .filter(|r| r["detail"]["actor"]["via"] == "agent")
+        .count()
+}
+
+fn device_state(root: &Path, dev: &str) -> String {
+    let o = dv(root, &["--direct", "status", "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == dev)
+        .map(|d| d["state"]["state"].as_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+/// Plan, assign, handover, release (human and `--json`), a refusal, an
+/// unknown tenant, check and recover: the same output and exit status
+/// through the agent as direct; the agent host's records say the agent did it.
+#[test]
+fn the_same_commands_print_the_same_through_the_agent_and_direct() {
+    let tmp = scratch();
+    let (ra, rd) = (host(tmp.path(), "a"), host(tmp.path(), "d"));
+    let _agent = Agent::start(&ra);
+    let steps: [&[&str]; 14] = [
+        &["plan", IGB_VF, "--to", "acme"],
+        &["plan", IGB_VF, "--to", "acme", "--json"],
+        &["assign", IGB_VF, "--tenant", "acme", "--vm", "vm1"],
+        &["handover", IGB_VF, "--to", "globex", "--dry-run"],
+        &["handover", IGB_VF, "--to", "globex", "--json"],
+        &["release", IGB_VF],
+        &["release", IGB_VF],
+        &["release", IGB_VF, "--json"],
+        &["assign", IGB_VF2, "--tenant", "nobody"],
+        &["assign", IGB_VF2, "--tenant", "acme", "--json"],
+        &["check"],
+        &["check", "--json"],
+        &["recover"],
+        &["recover", "--json"],
+    ];
+    let mut exits = Vec::new();
+    for args in steps {
+        exits.push(same(&ra, &rd, args).0);
+    }
+    assert_eq!(
+        exits,
+        [0, 0, 0, 0, 0, 0, 1, 1, 2, 0, 0, 0, 0, 0]
+            .map(Some)
+            .to_vec(),
+        "exit statuses"
+    );
+    let (a, d) = (audit(&ra, IGB_VF), audit(&rd, IGB_VF));
+    assert!(
+        via_agent(&a) > 0,
+        "the agent host's CLI went through the agent"
+    );
+    assert_eq!(via_agent(&d), 0, "the other acted directly");
+    assert_eq!(a.len(), d.len(), "the same records either way");
+}
+
+/// The hook's `prepare begin` through the agent admits and refuses exactly
+/// as direct, with the same side effect (the device Active) and the same
+/// one line for libvirt; `release end` returns the device.
+#[test]
+fn the_hooks_prepare_begin_decides_the_same_through_the_agent() {
+    let tmp = scratch();
+    let (ra, rd) = (host(tmp.path(), "a"), host(tmp.path(), "d"));
+    let _agent = Agent::start(&ra);
+    for r in [&ra, &rd] {
+        assert!(
+            dv(
+                r,
+                &[
+                    "--direct", "assign", IGB_VF, "--tenant", "acme", "--vm", UUID
+                ]
+            )
+            .status
+            .success()
+        );
+        assert!(
+            dv(r, &["--direct", "assign", IGB_VF2, "--tenant", "globex"])
+                .status
+                .success()
+        );
+    }
+    let admitted = domain("web1", Some(UUID), None, &hostdev(IGB_VF));
+    let foreign = domain("web2", None, Some("acme"), &hostdev(IGB_VF2));
+    let unrelated = domain("web3", None, None, "");
+    for (name, op, sub, xml) in [
+        ("web2", "prepare", "begin", &foreign),
+        ("web1", "prepare", "begin", &admitted),
+        ("web3", "prepare", "begin", &unrelated),
+        ("web1", "migrate", "begin", &admitted),
+        ("web1", "started", "begin", &admitted),
+    ] {
+        let a = seen(&hook(&ra, &[], name, op, sub, xml), &ra);
+        let d = seen(&hook(&rd, &[], name, op, sub, xml), &rd);
+        assert_eq!(a, d, "hook {name} {op} {sub}");
+        if name == "web2" {
+            assert_eq!(a.0, Some(1), "a foreign tenant's device is refused: {a:?}");
+            assert_eq!(a.2.trim_end().lines().count(), 1, "one line: {a:?}");
+        } else {
+            assert_eq!(a.0, Some(0), "{name} {op} {sub}: {a:?}");
+        }
+    }
+    assert_eq!(device_state(&ra, IGB_VF), "active");
+    assert_eq!(device_state(&rd, IGB_VF), "active");
+    assert!(
+        via_agent(&audit(&ra, IGB_VF)) > 0,
+        "prepare begin went through the agent"
+    );
+    let a = seen(&hook(&ra, &[], "web1", "release", "end", &admitted), &ra);
+    let d = seen(&hook(&rd, &[], "web1", "release", "end", &admitted), &rd);
+    assert_eq!(a, d, "release end");
+    assert_eq!(device_state(&ra, IGB_VF), device_state(&rd, IGB_VF));
+    assert_ne!(device_state(&ra, IGB_VF), "active");
+}
+
+/// `--direct` and `DEVFENCE_DIRECT=1` bypass a running agent; `--via-agent`
+/// on a host without one is a usage error naming the socket with a hint.
+#[test]
+fn direct_bypasses_a_running_agent_and_via_agent_requires_one() {
+    let tmp = scratch();
+    let ra = host(tmp.path(), "a");
+    let _agent = Agent::start(&ra);
+    let o = dv(&ra, &["--direct", "assign", IGB_VF, "--tenant", "acme"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(via_agent(&audit(&ra, IGB_VF)), 0, "--direct acted itself");
+    let o = devfence()
+        .arg("--root")
+        .arg(&ra)
+        .args(["release", IGB_VF])
+        .env("DEVFENCE_DIRECT", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        via_agent(&audit(&ra, IGB_VF)),
+        0,
+        "DEVFENCE_DIRECT=1 acted itself"
+    );
+    let o = dv(&ra, &["assign", IGB_VF, "--tenant", "acme"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        via_agent(&audit(&ra, IGB_VF)) > 0,
+        "without it, the agent acts"
+    );
+
+    let rd = host(tmp.path(), "d");
+    let o = dv(&rd, &["--via-agent", "check"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("No devfence agent serves this host") && e.contains("Hint:"),
+        "{e}"
+    );
+    let o = dv(&ra, &["--direct", "--via-agent", "check"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
+
+/// A dead agent's socket (the process gone, its lock free): the CLI says so
+/// and acts directly; with `--via-agent` it refuses.
+#[test]
+fn a_dead_agents_socket_falls_back_to_direct_saying_so() {
+    let tmp = scratch();
+    let ra = host(tmp.path(), "a");
+    let mut agent = Agent::start(&ra);
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    assert!(
+        ra.join("run/devfence/devfence.sock").exists(),
+        "SIGKILL leaves the socket"
+    );
+    let o = dv(&ra, &["assign", IGB_VF, "--tenant", "acme"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("does not answer") && e.contains("acting directly"),
+        "{e}"
+    );
+    let o = dv(&ra, &["--via-agent", "release", IGB_VF]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_eq!(device_state(&ra, IGB_VF), "ready", "nothing done");
+}
+
+/// A member of the reader group acting through the agent gets its 403 as a
+/// clear error (the message naming the uid, the hint) and exit 2; reading
+/// works.
+#[test]
+fn a_reader_acting_through_the_agent_gets_a_clear_403() {
+    if std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap()
+        != 0
+    {
+        eprintln!("needs root to run the CLI as another user; the agent tests cover 403 bodies");
+        return;
+    }
+    let tmp = scratch();
+    let ra = host(tmp.path(), "a");
+    std::fs::write(
+        ra.join("etc/devfence/devfence.toml"),
+        "[agent]\nreader_group = 4242\nadmin_group = 4343\n",
+    )
+    .unwrap();
+    let _agent = Agent::start(&ra);
+    let as_reader = |args: &[&str]| {
+        devfence()
+            .arg("--root")
+            .arg(&ra)
+            .args(args)
+            .uid(65534)
+            .gid(4242)
+            .output()
+            .unwrap()
+    };
+    let o = as_reader(&["assign", IGB_VF, "--tenant", "acme"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.starts_with("devfence: error: uid 65534 may read but not act") && e.contains("Hint:"),
+        "{e}"
+    );
+    assert_ne!(device_state(&ra, IGB_VF), "ready", "nothing done");
+    let o = as_reader(&["check", "--json"]);
+    assert!(o.status.success(), "a reader reads: {}", text(&o));
+}
