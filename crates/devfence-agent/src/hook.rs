@@ -141,6 +141,13 @@ where
     let st = Arc::clone(st);
     blocking(move || {
         let _guard = guard;
+        // The devices, for the event stream (the use case parses again and
+        // answers any error of the document).
+        let devices = std::str::from_utf8(&xml)
+            .ok()
+            .and_then(|x| devfence_engine::libvirt::parse_domain(x).ok())
+            .map(|d| d.hostdevs)
+            .unwrap_or_default();
         let (decision, notices) = app(devfence_app::hook::run_as(
             &st.opts.root,
             st.opts.ledger.as_deref(),
@@ -156,9 +163,45 @@ where
             call: call.to_string(),
             decision: v.decision.clone(),
         });
+        if v.allowed() && !devices.is_empty() {
+            publish_states(&st, call, &devices);
+        }
         to_json(&v)
     })
     .await
+}
+
+/// The devices' states after an allowed call: Active after `prepare
+/// begin` (every device was moved, or none); as the ledger says after
+/// `release end`; `started begin` changes no state.
+fn publish_states(st: &State, call: Call, devices: &[devfence_model::DeviceId]) {
+    match call {
+        Call::PrepareBegin => {
+            for d in devices {
+                st.events.publish(Event::DeviceState {
+                    device: d.to_string(),
+                    state: "active".into(),
+                });
+            }
+        }
+        Call::StartedBegin => {}
+        Call::ReleaseEnd => {
+            use devfence_engine::StoreExt;
+            let Ok(mut store) =
+                devfence_app::env::open_store(&st.opts.root, st.opts.ledger.as_deref(), false)
+            else {
+                return;
+            };
+            for d in devices {
+                if let Ok(Some(r)) = store.atomically(|tx| tx.device(d)) {
+                    st.events.publish(Event::DeviceState {
+                        device: d.to_string(),
+                        state: r.state.name().to_owned(),
+                    });
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

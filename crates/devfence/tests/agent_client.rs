@@ -300,6 +300,21 @@ fn the_hooks_prepare_begin_decides_the_same_through_the_agent() {
     }
     assert_eq!(device_state(&ra, IGB_VF), "active");
     assert_eq!(device_state(&rd, IGB_VF), "active");
+    let (_, ev) = events(&ra.join("run/devfence/devfence.sock"), "?since=0", |v| {
+        v.iter().any(|e| e["type"] == "device_state")
+    });
+    assert!(
+        ev.iter().any(|e| e["type"] == "hook_decision"
+            && e["domain"] == "web2"
+            && e["decision"] == "refused"),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().any(|e| e["type"] == "device_state"
+            && e["device"] == IGB_VF
+            && e["state"] == "active"),
+        "{ev:?}"
+    );
     assert!(
         via_agent(&audit(&ra, IGB_VF)) > 0,
         "prepare begin went through the agent"
@@ -419,4 +434,162 @@ fn a_reader_acting_through_the_agent_gets_a_clear_403() {
     assert_ne!(device_state(&ra, IGB_VF), "ready", "nothing done");
     let o = as_reader(&["check", "--json"]);
     assert!(o.status.success(), "a reader reads: {}", text(&o));
+}
+
+// ---------------------------------------------------------------------------
+// The routes behind them (item 2): recover, the hook, the event stream.
+
+/// Reads `GET /v1/events?QUERY` until `enough` says so (or the stream ends);
+/// the status and the events (one JSON object per line).
+fn events(socket: &Path, query: &str, enough: impl Fn(&[Value]) -> bool) -> (u16, Vec<Value>) {
+    use http_body_util::BodyExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .uri(format!("/v1/events{query}"))
+            .header("host", "devfence")
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let (mut buf, mut out) = (Vec::new(), Vec::new());
+        let read = async {
+            while let Some(f) = body.frame().await {
+                if let Ok(d) = f.unwrap().into_data() {
+                    buf.extend_from_slice(&d);
+                }
+                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    out.push(serde_json::from_slice::<Value>(&line).unwrap());
+                }
+                if status != 200 || enough(&out) {
+                    break;
+                }
+            }
+            if status != 200 {
+                out.push(serde_json::from_slice(&buf).unwrap_or(Value::Null));
+            }
+        };
+        tokio::time::timeout(DEADLINE, read)
+            .await
+            .expect("the events came within the deadline");
+        (status, out)
+    })
+}
+
+/// An assign through the agent is streamed as operation_started, its steps
+/// and gates, operation_finished and the device's new state, in id order; a
+/// client resuming with `since` gets only what followed; a live subscriber
+/// sees the next operation; a bad `since` is a 400 with a hint.
+#[test]
+fn the_event_stream_tells_an_orchestrator_what_changed_and_resumes() {
+    let tmp = scratch();
+    let ra = host(tmp.path(), "a");
+    let _agent = Agent::start(&ra);
+    let socket = ra.join("run/devfence/devfence.sock");
+    let o = dv(&ra, &["assign", IGB_VF, "--tenant", "acme"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let has = |t: &'static str| move |v: &[Value]| v.iter().any(|e| e["type"] == t);
+    let (s, all) = events(&socket, "?since=0", has("device_state"));
+    assert_eq!(s, 200);
+    let types: Vec<&str> = all.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types.first(), Some(&"operation_started"), "{types:?}");
+    assert!(types.contains(&"operation_gate"), "{types:?}");
+    let fin = all
+        .iter()
+        .find(|e| e["type"] == "operation_finished")
+        .unwrap();
+    assert_eq!(fin["outcome"], "succeeded", "{fin}");
+    let dev = all.iter().find(|e| e["type"] == "device_state").unwrap();
+    assert_eq!(
+        (dev["device"].as_str(), dev["state"].as_str()),
+        (Some(IGB_VF), Some("ready"))
+    );
+    let ids: Vec<u64> = all.iter().map(|e| e["id"].as_u64().unwrap()).collect();
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "ids in order: {ids:?}"
+    );
+
+    // Resuming after the finish: only the device's state follows.
+    let after = fin["id"].as_u64().unwrap();
+    let (_, rest) = events(&socket, &format!("?since={after}"), has("device_state"));
+    assert_eq!(rest[0]["id"].as_u64(), Some(after + 1), "{rest:?}");
+    assert_eq!(rest[0]["type"], "device_state");
+
+    // Live: a subscriber from the last id sees the release as it happens.
+    let last = *ids.last().unwrap();
+    let sock2 = socket.clone();
+    let watcher = std::thread::spawn(move || {
+        events(&sock2, &format!("?since={last}"), |v| {
+            v.iter()
+                .any(|e| e["type"] == "device_state" && e["state"] == "free")
+        })
+    });
+    let o = dv(&ra, &["release", IGB_VF]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (_, live) = watcher.join().unwrap();
+    assert!(
+        live.iter().all(|e| e["id"].as_u64().unwrap() > last),
+        "{live:?}"
+    );
+    assert!(
+        live.iter()
+            .any(|e| e["type"] == "operation_started" && e["kind"] == "release"),
+        "{live:?}"
+    );
+
+    let (s, e) = events(&socket, "?since=yesterday", |_| true);
+    assert_eq!(s, 400, "{e:?}");
+    let body = e.last().unwrap();
+    assert_eq!(body["code"], "invalid_input", "{body}");
+    assert!(body["hint"].as_str().is_some(), "{body}");
+}
+
+/// An operation a crashed process left open: `devfence recover` through the
+/// agent (`POST /v1/recover`) prints what direct recovery prints, and the
+/// device is left the same; the event stream says what recovery did.
+#[test]
+fn recover_through_the_agent_finishes_what_a_crash_left_as_direct_does() {
+    let tmp = scratch();
+    let (ra, rd) = (host(tmp.path(), "a"), host(tmp.path(), "d"));
+    for r in [&ra, &rd] {
+        let o = devfence()
+            .arg("--root")
+            .arg(r)
+            .args(["--direct", "assign", IGB_VF, "--tenant", "acme"])
+            .env("DEVFENCE_FAILPOINT", "assign:bind-vfio:acted")
+            .output()
+            .unwrap();
+        assert!(
+            !o.status.success(),
+            "the failpoint crashed it: {}",
+            text(&o)
+        );
+    }
+    let _agent = Agent::start(&ra);
+    let (code, out, _) = same(&ra, &rd, &["recover"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("recovered op-"), "{out}");
+    assert_eq!(device_state(&ra, IGB_VF), device_state(&rd, IGB_VF));
+    same(&ra, &rd, &["recover", "--json"]);
+    let socket = ra.join("run/devfence/devfence.sock");
+    let (_, ev) = events(&socket, "?since=0", |v| {
+        v.iter().any(|e| e["type"] == "device_state")
+    });
+    assert!(
+        ev.iter()
+            .any(|e| e["type"] == "operation_finished" && e["operation"].is_null()),
+        "{ev:?}"
+    );
 }
