@@ -39,6 +39,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/recover"),
     ("POST", "/v1/hook/qemu"),
     ("GET", "/v1/events"),
+    ("POST", "/v1/state/admit"),
+    ("POST", "/v1/state/inspect"),
 ];
 
 /// What every request shares.
@@ -401,7 +403,8 @@ where
             error_response(&e)
         }
         Some(r) => {
-            let access = if method == "POST" {
+            // Inspecting an envelope reads only, though its body needs a POST.
+            let access = if method == "POST" && r != "/v1/state/inspect" {
                 Access::Act
             } else {
                 Access::Read
@@ -454,6 +457,8 @@ where
         "/v1/hook/qemu" => {
             ok(crate::hook::route(&st, actor_of(peer.as_deref()), &query, req).await)
         }
+        "/v1/state/admit" => ok(crate::state::admit(&st, &query, req).await),
+        "/v1/state/inspect" => ok(crate::state::inspect(&st, &query, req).await),
         "/v1/operations/{id}" => {
             let id = path.rsplit('/').next().unwrap_or("");
             match st.ops.get(id) {

@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod ops;
 pub mod recover;
 pub mod socket;
+pub mod state;
 
 /// Where the socket is under the host root unless configured.
 pub const DEFAULT_SOCKET: &str = "/run/devfence/devfence.sock";

@@ -593,3 +593,124 @@ fn recover_through_the_agent_finishes_what_a_crash_left_as_direct_does() {
         "{ev:?}"
     );
 }
+
+/// One request with a raw body over the socket; the status and the JSON.
+fn post_bytes(socket: &Path, path: &str, body: Vec<u8>) -> (u16, Value) {
+    use http_body_util::BodyExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("host", "devfence")
+            .header("content-type", "application/octet-stream")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    })
+}
+
+/// A sealed envelope posted to the destination host's agent: inspect
+/// answers what `state inspect --json` prints for the file (but its path),
+/// admit admits it once and refuses the replay at the nonce check, each as
+/// `state admit --json` would; bad queries are 400 with a hint.
+#[test]
+fn state_envelopes_are_inspected_and_admitted_through_the_agent() {
+    let tmp = scratch();
+    let h1 = devfence_testsupport::keyed_host(tmp.path(), "host1", "lab", 2);
+    let h2 = devfence_testsupport::keyed_host(tmp.path(), "host2", "lab", 2);
+    for h in [&h1, &h2] {
+        let o = dv(h, &["assign", IGB_VF, "--tenant", "acme"]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    devfence_testsupport::trust(&h1, &h2, tmp.path());
+    let input = tmp.path().join("state.bin");
+    std::fs::write(&input, b"device state bytes").unwrap();
+    let o = dv(
+        &h1,
+        &[
+            "state",
+            "seal",
+            "--device",
+            IGB_VF,
+            "--vm",
+            UUID,
+            "--in",
+            input.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let sealed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let envelope = PathBuf::from(sealed["path"].as_str().unwrap());
+    let bytes = std::fs::read(&envelope).unwrap();
+
+    let _agent = Agent::start(&h2);
+    let socket = h2.join("run/devfence/devfence.sock");
+    let q = format!("?device={}&vm={UUID}", IGB_VF.replace(':', "%3A"));
+    let (s, mut via) = post_bytes(&socket, &format!("/v1/state/inspect{q}"), bytes.clone());
+    assert_eq!(s, 200, "{via}");
+    assert_eq!(via["would_admit"], true, "{via}");
+    let o = dv(
+        &h2,
+        &[
+            "state",
+            "inspect",
+            envelope.to_str().unwrap(),
+            "--device",
+            IGB_VF,
+            "--vm",
+            UUID,
+            "--json",
+        ],
+    );
+    let mut direct: Value = serde_json::from_slice(&o.stdout).unwrap();
+    via["path"] = Value::Null;
+    direct["path"] = Value::Null;
+    // The CLI's JSON documents carry their schema version.
+    direct.as_object_mut().unwrap().remove("schema");
+    assert_eq!(via, direct, "inspect through the agent and direct");
+
+    let (s, a) = post_bytes(&socket, &format!("/v1/state/admit{q}"), bytes.clone());
+    assert_eq!((s, &a["admitted"]), (200, &Value::Bool(true)), "{a}");
+    assert!(a["token"].as_str().is_some_and(|t| !t.is_empty()), "{a}");
+    let (s, again) = post_bytes(&socket, &format!("/v1/state/admit{q}"), bytes);
+    assert_eq!(
+        (s, &again["admitted"]),
+        (200, &Value::Bool(false)),
+        "{again}"
+    );
+    assert_eq!(
+        again["check"], "single-use",
+        "the replay is refused: {again}"
+    );
+
+    for bad in [
+        "/v1/state/admit",
+        "/v1/state/admit?device=0000%3A5e%3A10.0",
+        "/v1/state/inspect?vm=x&device=y",
+    ] {
+        let (s, e) = post_bytes(&socket, bad, b"x".to_vec());
+        assert_eq!(
+            (s, e["code"].as_str()),
+            (400, Some("invalid_input")),
+            "{bad}: {e}"
+        );
+        assert!(e["hint"].as_str().is_some(), "{e}");
+    }
+}
