@@ -549,6 +549,37 @@ impl Client {
         self.decode(status, &bytes)
     }
 
+    /// `GET /v1/tenants`.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn tenants(&self) -> Result<Vec<devfence_model::Tenant>, ClientError> {
+        self.call("GET", "/v1/tenants", None)
+    }
+
+    /// `GET /v1/audit?device=&tenant=`.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn audit_show(
+        &self,
+        f: &devfence_engine::AuditFilter,
+    ) -> Result<Vec<devfence_engine::AuditRecord>, ClientError> {
+        let mut q = Vec::new();
+        if let Some(d) = &f.device {
+            q.push(format!("device={}", escape(&d.to_string())));
+        }
+        if let Some(t) = &f.tenant {
+            q.push(format!("tenant={}", escape(&t.to_string())));
+        }
+        let path = if q.is_empty() {
+            "/v1/audit".to_owned()
+        } else {
+            format!("/v1/audit?{}", q.join("&"))
+        };
+        self.call("GET", &path, None)
+    }
+
     /// `GET /v1/check` (the host's tenancy; `--tenancy FILE` and `--fabric`
     /// are the direct path's).
     ///

@@ -103,8 +103,16 @@ impl serde::Serialize for Hash {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for Hash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(d)?;
+        Hash::from_hex(&s)
+            .ok_or_else(|| serde::de::Error::custom("a hash is 64 hex digits (SHA-256)"))
+    }
+}
+
 /// What a record is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuditKind {
     /// A journalled step (planned, done or failed).
@@ -174,7 +182,7 @@ pub struct AuditEvent {
 }
 
 /// One stored record.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AuditRecord {
     /// Position in the chain, from 1.
     pub seq: u64,

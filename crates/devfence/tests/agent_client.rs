@@ -217,7 +217,7 @@ fn the_same_commands_print_the_same_through_the_agent_and_direct() {
     let tmp = scratch();
     let (ra, rd) = (host(tmp.path(), "a"), host(tmp.path(), "d"));
     let _agent = Agent::start(&ra);
-    let steps: [&[&str]; 14] = [
+    let steps: [&[&str]; 16] = [
         &["plan", IGB_VF, "--to", "acme"],
         &["plan", IGB_VF, "--to", "acme", "--json"],
         &["assign", IGB_VF, "--tenant", "acme", "--vm", "vm1"],
@@ -232,6 +232,8 @@ fn the_same_commands_print_the_same_through_the_agent_and_direct() {
         &["check", "--json"],
         &["recover"],
         &["recover", "--json"],
+        &["tenant", "list"],
+        &["tenant", "list", "--json"],
     ];
     let mut exits = Vec::new();
     for args in steps {
@@ -239,7 +241,7 @@ fn the_same_commands_print_the_same_through_the_agent_and_direct() {
     }
     assert_eq!(
         exits,
-        [0, 0, 0, 0, 0, 0, 1, 1, 2, 0, 0, 0, 0, 0]
+        [0, 0, 0, 0, 0, 0, 1, 1, 2, 0, 0, 0, 0, 0, 0, 0]
             .map(Some)
             .to_vec(),
         "exit statuses"
@@ -251,6 +253,23 @@ fn the_same_commands_print_the_same_through_the_agent_and_direct() {
     );
     assert_eq!(via_agent(&d), 0, "the other acted directly");
     assert_eq!(a.len(), d.len(), "the same records either way");
+    // The reads, on the one host, through the agent and with --direct (the
+    // records themselves differ between the hosts: the agent's name it).
+    for args in [
+        &["audit", "show", "--device", IGB_VF2][..],
+        &["audit", "show", "--tenant", "globex", "--json"],
+        &["audit", "show", "--device", "0000:5e:1f.0"],
+        &["check", "--json"],
+        &["plan", IGB_VF2, "--json"],
+        &["tenant", "list"],
+    ] {
+        let via = seen(&dv(&ra, args), &ra);
+        let mut direct_args = vec!["--direct"];
+        direct_args.extend_from_slice(args);
+        let direct = seen(&dv(&ra, &direct_args), &ra);
+        assert_eq!(via, direct, "{args:?} through the agent and --direct");
+        assert_eq!(via.0, Some(0), "{args:?}: {via:?}");
+    }
 }
 
 /// The hook's `prepare begin` through the agent admits and refuses exactly
