@@ -21,6 +21,25 @@ pub use devfence_app::check::DEFAULT_TENANCY;
 /// Runs the command `cli` names.
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Exit> {
     crate::via::set_mode(cli.direct, cli.via_agent)?;
+    // What the agent serves; with --via-agent anything else is an error, not
+    // a silent direct run.
+    let served = matches!(
+        cli.command,
+        Command::Assign(_)
+            | Command::Handover(_)
+            | Command::Release(_)
+            | Command::Recover(_)
+            | Command::Check(_)
+            | Command::Plan(_)
+            | Command::Hook(_)
+            | Command::Tenant(crate::cli::TenantCommand::List { .. })
+            | Command::Audit(crate::cli::AuditCommand::Show { .. })
+            // The agent itself, whatever the environment says of clients.
+            | Command::Serve(_)
+    );
+    if !served {
+        crate::via::direct_only("This command")?;
+    }
     // `--sim PROFILE`: a fresh simulated host in a temporary directory, removed at exit.
     let _sim_dir;
     let root = match &cli.sim {

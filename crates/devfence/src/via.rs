@@ -58,7 +58,7 @@ pub fn agent(root: &HostRoot, ledger: Option<&Path>) -> Result<Option<Client>> {
 pub fn direct_only(what: &str) -> Result<()> {
     if mode() == Mode::Required {
         return Err(anyhow!(
-            "{what} is not served by the agent. Hint: drop --via-agent (or DEVFENCE_AGENT=required) to run it directly"
+            "{what} is not served by the host agent. Hint: drop --via-agent (or DEVFENCE_AGENT=required) to run it in this process; docs/agent.md lists what the agent serves"
         ));
     }
     Ok(())

@@ -385,6 +385,14 @@ fn direct_bypasses_a_running_agent_and_via_agent_requires_one() {
     );
     let o = dv(&ra, &["--direct", "--via-agent", "check"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    // A command the agent does not serve is not silently run directly.
+    let o = dv(&ra, &["--via-agent", "status"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not served by the host agent"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// A dead agent's socket (the process gone, its lock free): the CLI says so
