@@ -549,6 +549,14 @@ impl Client {
         self.decode(status, &bytes)
     }
 
+    /// `GET /v1/status`.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn status(&self) -> Result<StatusAnswer, ClientError> {
+        self.call("GET", "/v1/status", None)
+    }
+
     /// `GET /v1/tenants`.
     ///
     /// # Errors
@@ -603,6 +611,35 @@ pub struct RecoverAnswer {
     pub events: Vec<Progress>,
     /// What opening the environment noticed.
     pub notices: Vec<String>,
+}
+
+/// What `GET /v1/status` answers.
+#[derive(Debug, serde::Deserialize)]
+pub struct StatusAnswer {
+    /// The ledger's path.
+    pub ledger: PathBuf,
+    /// Every device of the ledger.
+    pub devices: Vec<devfence_engine::store::DeviceRecord>,
+    /// Operations begun and not finished.
+    pub open_operations: Vec<devfence_engine::store::Operation>,
+    /// The GUID pool, if set.
+    pub guid_pool: Option<devfence_engine::GuidRange>,
+    /// The SM.
+    pub sm: SmAnswer,
+    /// What opening noticed.
+    #[serde(default)]
+    pub notices: Vec<String>,
+}
+
+/// The SM part of `GET /v1/status`.
+#[derive(Debug, serde::Deserialize)]
+pub struct SmAnswer {
+    /// Its backend.
+    pub backend: String,
+    /// Its health, when it answered.
+    pub health: Option<devfence_fabric::Health>,
+    /// Why it did not.
+    pub error: Option<String>,
 }
 
 /// What `GET /v1/check` answers.

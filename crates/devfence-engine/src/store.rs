@@ -172,7 +172,7 @@ impl fmt::Display for DeviceState {
 }
 
 /// One device in the ledger.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceRecord {
     /// The device.
     pub device: DeviceId,
@@ -196,7 +196,7 @@ pub struct Assignment {
 }
 
 /// An inclusive range of GUIDs the pool may hand out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GuidRange {
     /// The first GUID of the range.
     pub first: Guid,
@@ -289,7 +289,7 @@ impl OpOutcome {
 }
 
 /// One operation on one device.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Operation {
     /// Its id.
     pub id: OperationId,

@@ -31,6 +31,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Exit> {
             | Command::Recover(_)
             | Command::Check(_)
             | Command::Plan(_)
+            | Command::Status(_)
             | Command::Hook(_)
             | Command::Tenant(crate::cli::TenantCommand::List { .. })
             | Command::Audit(crate::cli::AuditCommand::Show { .. })

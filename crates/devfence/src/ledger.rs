@@ -561,19 +561,51 @@ pub fn status(
     a: &StatusArgs,
     out: &mut dyn Write,
 ) -> Result<Exit> {
-    let mut env = open_env(root, ledger)?;
-    let devfence_app::lifecycle::Status {
-        devices,
-        open_operations: ops,
-        guid_pool: pool,
-        sm_backend,
-        health,
-    } = devfence_app::lifecycle::status(&mut env.store, &*env.sm)?;
+    // One value either way: the agent's answer or the use case's result.
+    let (ledger_path, devices, ops, pool, sm_backend, health) =
+        match crate::via::agent(root, ledger)? {
+            Some(agent) => {
+                let s = agent.status().map_err(crate::via::error)?;
+                for n in &s.notices {
+                    eprintln!("devfence: {n}");
+                }
+                let health = match (s.sm.health, s.sm.error) {
+                    (Some(h), _) => Ok(h),
+                    (None, e) => Err(e.unwrap_or_else(|| "no answer".into())),
+                };
+                (
+                    s.ledger,
+                    s.devices,
+                    s.open_operations,
+                    s.guid_pool,
+                    s.sm.backend,
+                    health,
+                )
+            }
+            None => {
+                let mut env = open_env(root, ledger)?;
+                let devfence_app::lifecycle::Status {
+                    devices,
+                    open_operations,
+                    guid_pool,
+                    sm_backend,
+                    health,
+                } = devfence_app::lifecycle::status(&mut env.store, &*env.sm)?;
+                (
+                    env.ledger_path,
+                    devices,
+                    open_operations,
+                    guid_pool,
+                    sm_backend,
+                    health.map_err(|e| e.to_string()),
+                )
+            }
+        };
     if a.json {
         crate::jsonout::emit(
             out,
             &serde_json::json!({
-                "ledger": env.ledger_path.display().to_string(),
+                "ledger": ledger_path.display().to_string(),
                 "devices": devices,
                 "open_operations": ops,
                 "guid_pool": pool,
@@ -585,7 +617,7 @@ pub fn status(
         )?;
         return Ok(Exit::Ok);
     }
-    writeln!(out, "ledger: {}", env.ledger_path.display())?;
+    writeln!(out, "ledger: {}", ledger_path.display())?;
     let mut t = Table::new(&["DEVICE", "STATE", "TENANT", "VM"]);
     for d in &devices {
         t.row(vec![

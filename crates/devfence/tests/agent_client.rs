@@ -217,7 +217,7 @@ fn the_same_commands_print_the_same_through_the_agent_and_direct() {
     let tmp = scratch();
     let (ra, rd) = (host(tmp.path(), "a"), host(tmp.path(), "d"));
     let _agent = Agent::start(&ra);
-    let steps: [&[&str]; 16] = [
+    let steps: [&[&str]; 18] = [
         &["plan", IGB_VF, "--to", "acme"],
         &["plan", IGB_VF, "--to", "acme", "--json"],
         &["assign", IGB_VF, "--tenant", "acme", "--vm", "vm1"],
@@ -234,6 +234,8 @@ fn the_same_commands_print_the_same_through_the_agent_and_direct() {
         &["recover", "--json"],
         &["tenant", "list"],
         &["tenant", "list", "--json"],
+        &["status"],
+        &["status", "--json"],
     ];
     let mut exits = Vec::new();
     for args in steps {
@@ -241,7 +243,7 @@ fn the_same_commands_print_the_same_through_the_agent_and_direct() {
     }
     assert_eq!(
         exits,
-        [0, 0, 0, 0, 0, 0, 1, 1, 2, 0, 0, 0, 0, 0, 0, 0]
+        [0, 0, 0, 0, 0, 0, 1, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0]
             .map(Some)
             .to_vec(),
         "exit statuses"
@@ -262,6 +264,7 @@ fn the_same_commands_print_the_same_through_the_agent_and_direct() {
         &["check", "--json"],
         &["plan", IGB_VF2, "--json"],
         &["tenant", "list"],
+        &["status", "--json"],
     ] {
         let via = seen(&dv(&ra, args), &ra);
         let mut direct_args = vec!["--direct"];
@@ -386,7 +389,7 @@ fn direct_bypasses_a_running_agent_and_via_agent_requires_one() {
     let o = dv(&ra, &["--direct", "--via-agent", "check"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     // A command the agent does not serve is not silently run directly.
-    let o = dv(&ra, &["--via-agent", "status"]);
+    let o = dv(&ra, &["--via-agent", "inventory"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("not served by the host agent"),
