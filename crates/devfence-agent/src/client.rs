@@ -557,6 +557,15 @@ impl Client {
         self.call("GET", "/v1/status", None)
     }
 
+    /// `GET /v1/audit/verify`: the chain intact (its report and the head
+    /// stored beside the ledger), or why not.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn audit_verify(&self) -> Result<VerifyAnswer, ClientError> {
+        self.call("GET", "/v1/audit/verify", None)
+    }
+
     /// `GET /v1/tenants`.
     ///
     /// # Errors
@@ -611,6 +620,19 @@ pub struct RecoverAnswer {
     pub events: Vec<Progress>,
     /// What opening the environment noticed.
     pub notices: Vec<String>,
+}
+
+/// What `GET /v1/audit/verify` answers.
+#[derive(Debug, serde::Deserialize)]
+pub struct VerifyAnswer {
+    /// Whether the chain is intact.
+    pub intact: bool,
+    /// Its report, when intact.
+    pub report: Option<devfence_engine::VerifyReport>,
+    /// The head kept beside the ledger, when intact and there is one.
+    pub stored_head: Option<devfence_engine::audit::StoredHead>,
+    /// Why not, when broken.
+    pub error: Option<String>,
 }
 
 /// What `GET /v1/status` answers.

@@ -213,7 +213,7 @@ pub struct AuditFilter {
 }
 
 /// The newest record of a chain: what to keep elsewhere as an anchor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChainHead {
     /// Its seq.
     pub seq: u64,
@@ -222,7 +222,7 @@ pub struct ChainHead {
 }
 
 /// An intact chain.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VerifyReport {
     /// How many records were checked.
     pub records: u64,

@@ -34,7 +34,10 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Exit> {
             | Command::Status(_)
             | Command::Hook(_)
             | Command::Tenant(crate::cli::TenantCommand::List { .. })
-            | Command::Audit(crate::cli::AuditCommand::Show { .. })
+            | Command::Audit(
+                crate::cli::AuditCommand::Show { .. }
+                    | crate::cli::AuditCommand::Verify { head: None, .. }
+            )
             // The agent itself, whatever the environment says of clients.
             | Command::Serve(_)
     );

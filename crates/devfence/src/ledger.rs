@@ -858,6 +858,17 @@ pub fn audit(
         };
         return render_audit(&recs, *json, out);
     }
+    // `audit verify` without --head: through the agent when it runs.
+    if let AuditCommand::Verify { head: None, json } = c
+        && let Some(agent) = crate::via::agent(root, ledger)?
+    {
+        let v = agent.audit_verify().map_err(crate::via::error)?;
+        let res = match (v.intact, v.report) {
+            (true, Some(r)) => Ok((r, v.stored_head)),
+            _ => Err(v.error.unwrap_or_else(|| "the agent gave no reason".into())),
+        };
+        return render_verify(res, *json, false, out);
+    }
     let mut store = open_store(root, ledger, false)?;
     match c {
         AuditCommand::Head { json } => {
@@ -889,55 +900,11 @@ pub fn audit(
         }
         AuditCommand::Verify { json, head } => {
             let external = head.as_deref().map(parse_head).transpose()?;
-            match devfence_app::audit::verify(root, &mut store, external.as_ref())? {
-                devfence_app::audit::Verified::Intact {
-                    report: rep,
-                    stored,
-                } => {
-                    if *json {
-                        crate::jsonout::emit(
-                            out,
-                            &serde_json::json!({ "intact": true, "report": rep, "stored_head": stored }),
-                        )?;
-                    } else {
-                        writeln!(
-                            out,
-                            "audit chain intact: {} records{}",
-                            rep.records,
-                            rep.head
-                                .map_or(String::new(), |h| format!(", head #{} {}", h.seq, h.hash))
-                        )?;
-                        if let Some(s) = &stored {
-                            writeln!(
-                                out,
-                                "reaches the head kept beside the ledger (#{}, {}){}",
-                                s.seq,
-                                s.signer
-                                    .as_deref()
-                                    .map_or("unsigned".into(), |f| format!("signed by {f}")),
-                                if external.is_some() {
-                                    " and the head given"
-                                } else {
-                                    ""
-                                }
-                            )?;
-                        }
-                    }
-                    Ok(Exit::Ok)
-                }
-                devfence_app::audit::Verified::Broken(e) => {
-                    if *json {
-                        crate::jsonout::emit(
-                            out,
-                            &serde_json::json!({ "intact": false, "error": e.to_string() }),
-                        )?;
-                    } else {
-                        writeln!(out, "audit chain NOT intact: {e}")?;
-                    }
-                    eprintln!("{e}");
-                    Ok(Exit::Findings)
-                }
-            }
+            let res = match devfence_app::audit::verify(root, &mut store, external.as_ref())? {
+                devfence_app::audit::Verified::Intact { report, stored } => Ok((report, stored)),
+                devfence_app::audit::Verified::Broken(e) => Err(e.to_string()),
+            };
+            render_verify(res, *json, external.is_some(), out)
         }
         AuditCommand::Prune { before, keep, json } => {
             let cut = match (before, keep) {
@@ -998,6 +965,68 @@ fn render_audit(
         writeln!(out, "{} record(s)", recs.len())?;
     }
     Ok(Exit::Ok)
+}
+
+/// `audit verify`'s answer, from the agent or the use case: the report and
+/// the stored head, or why the chain is broken.
+fn render_verify(
+    res: std::result::Result<
+        (
+            devfence_engine::VerifyReport,
+            Option<devfence_engine::audit::StoredHead>,
+        ),
+        String,
+    >,
+    json: bool,
+    external_given: bool,
+    out: &mut dyn Write,
+) -> Result<Exit> {
+    match res {
+        Ok((rep, stored)) => {
+            if json {
+                crate::jsonout::emit(
+                    out,
+                    &serde_json::json!({ "intact": true, "report": rep, "stored_head": stored }),
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "audit chain intact: {} records{}",
+                    rep.records,
+                    rep.head
+                        .map_or(String::new(), |h| format!(", head #{} {}", h.seq, h.hash))
+                )?;
+                if let Some(s) = &stored {
+                    writeln!(
+                        out,
+                        "reaches the head kept beside the ledger (#{}, {}){}",
+                        s.seq,
+                        s.signer
+                            .as_deref()
+                            .map_or("unsigned".into(), |f| format!("signed by {f}")),
+                        if external_given {
+                            " and the head given"
+                        } else {
+                            ""
+                        }
+                    )?;
+                }
+            }
+            Ok(Exit::Ok)
+        }
+        Err(e) => {
+            if json {
+                crate::jsonout::emit(
+                    out,
+                    &serde_json::json!({ "intact": false, "error": e.to_string() }),
+                )?;
+            } else {
+                writeln!(out, "audit chain NOT intact: {e}")?;
+            }
+            eprintln!("{e}");
+            Ok(Exit::Findings)
+        }
+    }
 }
 
 fn parse_head(s: &str) -> Result<devfence_engine::ChainHead> {

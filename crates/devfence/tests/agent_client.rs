@@ -265,6 +265,8 @@ fn the_same_commands_print_the_same_through_the_agent_and_direct() {
         &["plan", IGB_VF2, "--json"],
         &["tenant", "list"],
         &["status", "--json"],
+        &["audit", "verify"],
+        &["audit", "verify", "--json"],
     ] {
         let via = seen(&dv(&ra, args), &ra);
         let mut direct_args = vec!["--direct"];
