@@ -566,6 +566,14 @@ impl Client {
         self.call("GET", "/v1/audit/verify", None)
     }
 
+    /// `GET /v1/inventory`.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn inventory(&self) -> Result<devfence_model::Inventory, ClientError> {
+        self.call("GET", "/v1/inventory", None)
+    }
+
     /// `GET /v1/tenants`.
     ///
     /// # Errors

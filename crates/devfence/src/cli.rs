@@ -58,9 +58,9 @@ pub struct Cli {
 
     /// Act in this process even when the host agent (`devfence serve`) runs
     /// (also `DEVFENCE_DIRECT=1`). Without it, the commands the agent serves
-    /// (assign, handover, release, recover, check, plan, status, tenant list,
-    /// audit show, the libvirt hook) go through the agent when its socket
-    /// answers; see docs/agent.md.
+    /// (assign, handover, release, recover, check, plan, inventory, status,
+    /// tenant list, audit show and verify, the libvirt hook) go through the
+    /// agent when its socket answers; see docs/agent.md.
     #[arg(long, global = true, conflicts_with = "via_agent")]
     pub direct: bool,
 

@@ -31,6 +31,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Exit> {
             | Command::Recover(_)
             | Command::Check(_)
             | Command::Plan(_)
+            | Command::Inventory(_)
             | Command::Status(_)
             | Command::Hook(_)
             | Command::Tenant(crate::cli::TenantCommand::List { .. })
@@ -118,7 +119,7 @@ fn dispatch(cli: &Cli, root: &HostRoot, out: &mut dyn Write) -> Result<Exit> {
         Command::Reset(a) => crate::act::reset(&root, cli.ledger.as_deref(), a, out),
         Command::Mdev(c) => crate::act::mdev(&root, cli.ledger.as_deref(), c, out),
         Command::Ap(c) => crate::act::ap(&root, cli.ledger.as_deref(), c, out),
-        Command::Inventory(a) => inventory(&root, a, out),
+        Command::Inventory(a) => inventory(&root, cli.ledger.as_deref(), a, out),
         Command::Check(a) => check(&root, cli.ledger.as_deref(), a, out),
         Command::Rules(a) => rules(a, out),
         Command::Sim(SimCommand::Generate(a)) => generate(a, out),
@@ -251,8 +252,24 @@ fn scratch_base() -> PathBuf {
     }
 }
 
-fn inventory(root: &HostRoot, a: &InventoryArgs, out: &mut dyn Write) -> Result<Exit> {
-    let inv = devfence_app::check::inventory(root, a.probe_migration)?;
+fn inventory(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &InventoryArgs,
+    out: &mut dyn Write,
+) -> Result<Exit> {
+    // The agent reads the host as it is; probing migration opens devices,
+    // this process's to do.
+    let agent = if a.probe_migration {
+        crate::via::direct_only("inventory --probe-migration")?;
+        None
+    } else {
+        crate::via::agent(root, ledger)?
+    };
+    let inv = match agent {
+        Some(agent) => agent.inventory().map_err(crate::via::error)?,
+        None => devfence_app::check::inventory(root, a.probe_migration)?,
+    };
     if a.json {
         crate::jsonout::emit(out, &inv)?;
     } else {

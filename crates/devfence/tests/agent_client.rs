@@ -267,6 +267,8 @@ fn the_same_commands_print_the_same_through_the_agent_and_direct() {
         &["status", "--json"],
         &["audit", "verify"],
         &["audit", "verify", "--json"],
+        &["inventory"],
+        &["inventory", "--json"],
     ] {
         let via = seen(&dv(&ra, args), &ra);
         let mut direct_args = vec!["--direct"];
@@ -391,7 +393,7 @@ fn direct_bypasses_a_running_agent_and_via_agent_requires_one() {
     let o = dv(&ra, &["--direct", "--via-agent", "check"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     // A command the agent does not serve is not silently run directly.
-    let o = dv(&ra, &["--via-agent", "inventory"]);
+    let o = dv(&ra, &["--via-agent", "keys", "show"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("not served by the host agent"),
