@@ -457,7 +457,9 @@ where
         "/v1/hook/qemu" => {
             ok(crate::hook::route(&st, actor_of(peer.as_deref()), &query, req).await)
         }
-        "/v1/state/admit" => ok(crate::state::admit(&st, &query, req).await),
+        "/v1/state/admit" => {
+            ok(crate::state::admit(&st, actor_of(peer.as_deref()), &query, req).await)
+        }
         "/v1/state/inspect" => ok(crate::state::inspect(&st, &query, req).await),
         "/v1/operations/{id}" => {
             let id = path.rsplit('/').next().unwrap_or("");

@@ -82,6 +82,7 @@ fn label() -> PathBuf {
 /// `POST /v1/state/admit`.
 pub(crate) async fn admit<B>(
     st: &Arc<State>,
+    actor: devfence_app::Actor,
     query: &str,
     req: Request<B>,
 ) -> Result<Value, ApiError>
@@ -108,6 +109,7 @@ where
             &bytes,
             dest,
             None,
+            Some(&actor),
         ))?;
         Ok(a.to_json(dest.0))
     })

@@ -639,11 +639,20 @@ pub fn admit(
 ) -> Result<Admitted> {
     let path = envelope_path(root, &req.envelope);
     let bytes = read_envelope(&path)?;
-    admit_envelope(root, ledger, path, &bytes, (req.device, req.vm), loader)
+    admit_envelope(
+        root,
+        ledger,
+        path,
+        &bytes,
+        (req.device, req.vm),
+        loader,
+        None,
+    )
 }
 
 /// As [`admit`], on an envelope already read (`label` names where it came
-/// from in the result): the agent's `POST /v1/state/admit`.
+/// from in the result), its audit record naming `actor` when given: the
+/// agent's `POST /v1/state/admit`.
 ///
 /// # Errors
 /// As [`admit`].
@@ -654,6 +663,7 @@ pub fn admit_envelope(
     bytes: &std::result::Result<Vec<u8>, Refusal>,
     (dev, vm): (DeviceId, VmUuid),
     mut loader: Option<&mut dyn DeviceLoader>,
+    actor: Option<&crate::Actor>,
 ) -> Result<Admitted> {
     let path = label;
     let action = if loader.is_some() {
@@ -665,6 +675,9 @@ pub fn admit_envelope(
     let inv = crate::check::inventory(root, false)?;
     let described = describe(&inv, &dev);
     let mut store = open_ledger(root, ledger)?;
+    if let Some(a) = actor {
+        store.set_actor(serde_json::to_value(a).ok());
+    }
     let side = root.path_in_root(SIDE_LOAD)?;
 
     // The whole decision, the nonce and the audit record in one transaction: a

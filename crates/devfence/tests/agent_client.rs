@@ -733,6 +733,22 @@ fn state_envelopes_are_inspected_and_admitted_through_the_agent() {
         again["check"], "single-use",
         "the replay is refused: {again}"
     );
+    let recs = audit(&h2, IGB_VF);
+    let admits: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["detail"]["action"] == "state-admit")
+        .collect();
+    assert_eq!(
+        admits.len(),
+        2,
+        "the admission and the refused replay: {recs:?}"
+    );
+    assert!(
+        admits
+            .iter()
+            .all(|r| r["detail"]["actor"]["via"] == "agent"),
+        "each names the agent's peer: {admits:?}"
+    );
 
     for bad in [
         "/v1/state/admit",
