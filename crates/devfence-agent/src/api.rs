@@ -41,11 +41,16 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/plan"),
     ("GET", "/v1/findings"),
     ("GET", "/metrics"),
+    ("POST", "/v1/recover"),
+    ("POST", "/v1/hook/qemu"),
+    ("GET", "/v1/events"),
+    ("POST", "/v1/state/admit"),
+    ("POST", "/v1/state/inspect"),
 ];
 
 /// What every request shares.
 pub struct State {
-    opts: Options,
+    pub(crate) opts: Options,
     /// Who may do what; swapped whole by a reload (`SIGHUP`).
     policy: std::sync::RwLock<Policy>,
     /// The configuration requests open their environment with (the one read
@@ -59,6 +64,12 @@ pub struct State {
     pub watch: crate::watch::Watch,
     /// Collects IB VF operations into batches (`[agent] batch_window`).
     pub batch: crate::batch::Batcher,
+    /// The event stream's publisher.
+    pub events: crate::events::Events,
+    /// Fired when the agent stops: event streams end.
+    pub stop: Arc<tokio::sync::Notify>,
+    /// Recovery exclusive of the agent's operations and hook calls.
+    pub recovery: Arc<crate::recover::Gate>,
 }
 
 impl State {
@@ -73,6 +84,9 @@ impl State {
             config: std::sync::RwLock::new(None),
             metrics: Metrics::default(),
             batch: crate::batch::Batcher::new(std::time::Duration::ZERO),
+            events: crate::events::Events::default(),
+            stop: Arc::new(tokio::sync::Notify::new()),
+            recovery: Arc::default(),
         }
     }
 
@@ -119,7 +133,7 @@ impl State {
         &self.opts.root
     }
 
-    fn limits(&self) -> Limits {
+    pub(crate) fn limits(&self) -> Limits {
         self.opts.limits
     }
 }
@@ -139,6 +153,9 @@ pub struct ApiError {
     pub hint: Option<String>,
     /// The causes, outermost first (the message's own text not repeated).
     pub chain: Vec<String>,
+    /// Whether a rule of the lifecycle said no (the CLI's exit status 1), as
+    /// opposed to bad input, authorization or a fault.
+    pub refusal: bool,
 }
 
 impl ApiError {
@@ -152,6 +169,7 @@ impl ApiError {
             message,
             hint,
             chain: Vec::new(),
+            refusal: false,
         }
     }
 
@@ -166,6 +184,7 @@ impl ApiError {
     pub fn from_app(e: &AppError) -> Self {
         let (status, code) = classify(e);
         let mut out = Self::new(status, code, e.to_string());
+        out.refusal = e.is_refusal();
         let mut seen = e.to_string();
         let mut src = std::error::Error::source(e);
         while let Some(c) = src {
@@ -244,14 +263,16 @@ pub fn classify(e: &AppError) -> (StatusCode, &'static str) {
     }
 }
 
-type Resp = Response<Full<Bytes>>;
+/// A response: a whole body, or a stream (`GET /v1/events`).
+pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+pub(crate) type Resp = Response<Body>;
 
-fn json_response(status: StatusCode, v: &impl Serialize) -> Resp {
+pub(crate) fn json_response(status: StatusCode, v: &impl Serialize) -> Resp {
     let body = serde_json::to_vec(v).unwrap_or_else(|e| {
-        format!(r#"{{"status":500,"code":"internal","message":"Cannot render the answer: {e}","hint":null,"chain":[]}}"#)
+        format!(r#"{{"status":500,"code":"internal","message":"Cannot render the answer: {e}","hint":null,"chain":[],"refusal":false}}"#)
             .into_bytes()
     });
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -260,7 +281,7 @@ fn json_response(status: StatusCode, v: &impl Serialize) -> Resp {
     r
 }
 
-fn error_response(e: &ApiError) -> Resp {
+pub(crate) fn error_response(e: &ApiError) -> Resp {
     json_response(
         StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         e,
@@ -388,6 +409,17 @@ pub async fn serve_metrics_tcp(state: Arc<State>, listener: tokio::net::TcpListe
     }
 }
 
+/// What a peer needs for `method route`: POST acts, GET reads — except
+/// inspecting an envelope, which reads only though its body needs a POST.
+#[must_use]
+pub fn access_of(method: &str, route: &str) -> Access {
+    if method == "POST" && route != "/v1/state/inspect" {
+        Access::Act
+    } else {
+        Access::Read
+    }
+}
+
 /// The route template `method path` matches, if any.
 #[must_use]
 pub fn route_of(method: &str, path: &str) -> Option<&'static str> {
@@ -444,11 +476,7 @@ where
             error_response(&e)
         }
         Some(r) => {
-            let access = if method == "POST" {
-                Access::Act
-            } else {
-                Access::Read
-            };
+            let access = access_of(&method, r);
             match peer
                 .as_deref()
                 .map(|p| auth::authorize(p, state.policy(), access))
@@ -500,6 +528,15 @@ where
             Err(e) => Err(e),
         },
         "/v1/audit/verify" => ok(audit_verify(st).await),
+        "/v1/events" => return crate::events::route(&st, &query),
+        "/v1/recover" => ok(crate::recover::route(&st, actor_of(peer.as_deref()), req).await),
+        "/v1/hook/qemu" => {
+            ok(crate::hook::route(&st, actor_of(peer.as_deref()), &query, req).await)
+        }
+        "/v1/state/admit" => {
+            ok(crate::state::admit(&st, actor_of(peer.as_deref()), &query, req).await)
+        }
+        "/v1/state/inspect" => ok(crate::state::inspect(&st, &query, req).await),
         "/v1/operations/{id}" => {
             let id = path.rsplit('/').next().unwrap_or("");
             match st.ops.get(id) {
@@ -731,24 +768,32 @@ fn start_operation(
     let device = *device;
     let tenant = tenant.cloned();
     let kind = kind.to_owned();
-    let view = st.ops.start(|id| OpView {
-        id,
+    let view = st.recovery.start(|| {
+        st.ops.start(|id| OpView {
+            id,
+            kind: kind.clone(),
+            device: device.to_string(),
+            tenant: tenant.as_ref().map(ToString::to_string),
+            vm: vm.clone(),
+            actor: actor.clone(),
+            state: OpState::Running,
+            started_at_ms: now_ms(),
+            finished_at_ms: None,
+            events: Vec::new(),
+            waiting: None,
+            result: None,
+            error: None,
+            notices: Vec::new(),
+            batch: None,
+        })
+    })?;
+    let id = ops::lock(&view).id.clone();
+    st.events.publish(crate::events::Event::OperationStarted {
+        operation: id.clone(),
         kind: kind.clone(),
         device: device.to_string(),
         tenant: tenant.as_ref().map(ToString::to_string),
-        vm: vm.clone(),
-        actor: actor.clone(),
-        state: OpState::Running,
-        started_at_ms: now_ms(),
-        finished_at_ms: None,
-        events: Vec::new(),
-        waiting: None,
-        result: None,
-        error: None,
-        notices: Vec::new(),
-        batch: None,
     });
-    let id = ops::lock(&view).id.clone();
     let st2 = Arc::clone(st);
     let v2 = Arc::clone(&view);
     // Detached: the operation is the agent's, whatever its client does.
@@ -809,6 +854,7 @@ pub(crate) fn complete(
         st2.metrics.operation(kind, outcome);
         // The operation changed the host: the live inventory is read again.
         st2.watch.inventory.invalidate();
+        crate::events::operation_finished(&st2.events, v2, outcome);
         st2.ops.finished();
     }
 }
@@ -824,6 +870,7 @@ fn run_operation(
     env.act_as(actor);
     let mut last_ms = 0u64;
     let metrics = &st.metrics;
+    let op_id = ops::lock(view).id.clone();
     let mut e = env
         .engine(EngineConfig::default())
         .with_progress(|p: &Progress| {
@@ -842,13 +889,32 @@ fn run_operation(
                 _ => {}
             }
             ops::lock(view).push(p);
+            st.events.progress(Some(&op_id), p);
         });
     let r = devfence_app::lifecycle::run(&mut e, req);
     st.metrics.sm_sweeps_requested.inc_by(e.sm_applies());
     app(r)
 }
 
-fn now_ms() -> u64 {
+/// Who asked, for the audit record (the agent itself without a peer).
+pub(crate) fn actor_of(peer: Option<&Peer>) -> devfence_app::Actor {
+    peer.map_or(
+        devfence_app::Actor {
+            uid: 0,
+            gid: 0,
+            pid: None,
+            via: "agent",
+        },
+        |p| devfence_app::Actor {
+            uid: p.uid,
+            gid: p.gid,
+            pid: p.pid,
+            via: "agent",
+        },
+    )
+}
+
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -920,7 +986,7 @@ async fn tenants(st: Arc<State>) -> Result<Value, ApiError> {
     .await
 }
 
-fn percent_decode(s: &str) -> Result<String, ApiError> {
+pub(crate) fn percent_decode(s: &str) -> Result<String, ApiError> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -1107,7 +1173,7 @@ async fn metrics(st: Arc<State>) -> Resp {
         Ok(())
     })
     .await;
-    let mut r = Response::new(Full::new(Bytes::from(st.metrics.encode())));
+    let mut r = Response::new(Full::new(Bytes::from(st.metrics.encode())).boxed());
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static(

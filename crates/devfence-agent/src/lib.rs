@@ -41,14 +41,19 @@ use devfence_host::HostRoot;
 pub mod api;
 pub mod auth;
 pub mod batch;
+pub mod client;
+pub mod events;
 pub mod export;
+pub mod hook;
 pub mod log;
 pub mod metrics;
 pub mod notify;
 pub mod openapi;
 pub mod ops;
+pub mod recover;
 pub mod service;
 pub mod socket;
+pub mod state;
 pub mod watch;
 
 /// Where the socket is under the host root unless configured.
@@ -261,6 +266,7 @@ impl Agent {
         let watcher = watch::start(&state, source);
         api::serve(Arc::clone(&state), listener, shutdown).await;
         watcher.stop().await;
+        state.stop.notify_waiters();
         state.ops.wait_idle().await;
         drop(guard);
         Ok(())

@@ -59,6 +59,15 @@ pub struct Param {
     pub schema: SchemaFn,
 }
 
+/// What a request body is.
+#[derive(Clone, Copy, Debug)]
+pub enum Request {
+    /// JSON of this type (its parser refuses what the schema does not name).
+    Json(SchemaFn),
+    /// Bytes of this media type, described (domain XML, a state envelope).
+    Raw(&'static str, &'static str),
+}
+
 /// What a successful answer carries.
 #[derive(Clone, Copy, Debug)]
 pub enum Body {
@@ -66,6 +75,8 @@ pub enum Body {
     Json(SchemaFn),
     /// Text of this media type (the metrics).
     Text(&'static str),
+    /// A stream of JSON lines (`application/x-ndjson`), each of this type.
+    Lines(SchemaFn),
 }
 
 /// One route, as the document describes it.
@@ -83,8 +94,8 @@ pub struct RouteDoc {
     pub role: Role,
     /// Its parameters.
     pub params: &'static [Param],
-    /// Its JSON request body, if it takes one.
-    pub request: Option<SchemaFn>,
+    /// Its request body, if it takes one.
+    pub request: Option<Request>,
     /// The status of a success and what it carries.
     pub ok: (u16, &'static str, Body),
     /// The error statuses it can answer besides 403 and 500 (every route's).
@@ -170,20 +181,34 @@ pub fn document() -> Value {
                 .collect();
             op.insert("parameters".into(), Value::Array(ps));
         }
-        if let Some(req) = r.request {
-            op.insert(
-                "requestBody".into(),
-                json!({
-                    "required": true,
-                    "content": { "application/json": { "schema": req(&mut g) } },
-                }),
-            );
+        match r.request {
+            Some(Request::Json(req)) => {
+                op.insert(
+                    "requestBody".into(),
+                    json!({
+                        "required": true,
+                        "content": { "application/json": { "schema": req(&mut g) } },
+                    }),
+                );
+            }
+            Some(Request::Raw(media, what)) => {
+                op.insert(
+                    "requestBody".into(),
+                    json!({
+                        "required": true,
+                        "description": what,
+                        "content": { media: { "schema": { "type": "string" } } },
+                    }),
+                );
+            }
+            None => {}
         }
         let mut responses = Map::new();
         let (status, what, body) = r.ok;
         let content = match body {
             Body::Json(f) => json!({ "application/json": { "schema": f(&mut g) } }),
             Body::Text(media) => json!({ media: { "schema": { "type": "string" } } }),
+            Body::Lines(f) => json!({ "application/x-ndjson": { "schema": f(&mut g) } }),
         };
         responses.insert(
             status.to_string(),
@@ -295,8 +320,14 @@ pub struct CheckAnswer {
     pub findings: Vec<devfence_model::Finding>,
     /// The findings by severity.
     pub summary: devfence_app::check::Summary,
-    /// The tenancy file read, if any.
+    /// Where the tenancy came from (none: nowhere; the tenancy rules were
+    /// skipped).
     pub tenancy: Option<String>,
+    /// Whether that is the ledger (else the tenancy file).
+    pub tenancy_from_ledger: bool,
+    /// The host's tenancy file, when it exists but the ledger was read
+    /// instead (its tenants count only once imported).
+    pub tenancy_file_unread: Option<String>,
     /// What opening the environment noticed.
     pub notices: Vec<String>,
     /// Where the inventory came from: the agent's live inventory, or a walk
@@ -404,6 +435,15 @@ const OP_ID: Param = Param {
     schema: schema_of::<String>,
 };
 
+const fn query(name: &'static str, description: &'static str) -> Param {
+    Param {
+        name,
+        at: ParamIn::Query,
+        description,
+        schema: schema_of::<String>,
+    }
+}
+
 /// Every route: the router serves exactly these (a test holds it).
 pub const ROUTE_DOCS: &[RouteDoc] = &[
     RouteDoc {
@@ -495,7 +535,7 @@ pub const ROUTE_DOCS: &[RouteDoc] = &[
         summary: "Starts an assign, handover or release; it runs in the agent whatever the client does",
         role: Role::Act,
         params: &[],
-        request: Some(schema_of::<OperationRequest>),
+        request: Some(Request::Json(schema_of::<OperationRequest>)),
         ok: (
             202,
             "Accepted: poll the operation",
@@ -525,7 +565,7 @@ pub const ROUTE_DOCS: &[RouteDoc] = &[
         summary: "The steps and gates an operation would run; nothing is done",
         role: Role::Act,
         params: &[],
-        request: Some(schema_of::<PlanRequest>),
+        request: Some(Request::Json(schema_of::<PlanRequest>)),
         ok: (200, "The plan", Body::Json(schema_of::<PlanAnswer>)),
         errors: &[400, 404, 409, 413],
     },
@@ -543,6 +583,106 @@ pub const ROUTE_DOCS: &[RouteDoc] = &[
             Body::Json(schema_of::<crate::watch::FindingsAnswer>),
         ),
         errors: &[],
+    },
+    RouteDoc {
+        method: "POST",
+        path: "/v1/recover",
+        id: "recover",
+        summary: "What devfence recover does: finishes or undoes every operation a crash left unfinished (the body: empty or {}); 409 while the agent runs operations of its own",
+        role: Role::Act,
+        params: &[],
+        request: None,
+        ok: (
+            200,
+            "What was recovered",
+            Body::Json(schema_of::<crate::recover::RecoverAnswer>),
+        ),
+        errors: &[400, 409, 413],
+    },
+    RouteDoc {
+        method: "POST",
+        path: "/v1/hook/qemu",
+        id: "hook_qemu",
+        summary: "The libvirt qemu hook's decision, with its side effects (prepare begin marks the devices Active, all or none)",
+        role: Role::Act,
+        params: &[
+            query("domain", "The domain's name (as libvirt passes it)"),
+            query(
+                "operation",
+                "The hook's operation: prepare, started, release, ...",
+            ),
+            query("subop", "The hook's sub-operation: begin or end"),
+        ],
+        request: Some(Request::Raw(
+            "application/xml",
+            "The domain XML libvirt gives the hook on its stdin (at most 4 MiB; untrusted)",
+        )),
+        ok: (
+            200,
+            "The decision",
+            Body::Json(schema_of::<devfence_app::hook::Verdict>),
+        ),
+        errors: &[400, 409, 413],
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/v1/events",
+        id: "events",
+        summary: "Lifecycle changes as JSON lines, streamed; resume with since=ID within the backlog; a consumer that falls behind gets a lagged event and is dropped",
+        role: Role::Read,
+        params: &[query(
+            "since",
+            "The last event id seen: the stream starts after it",
+        )],
+        request: None,
+        ok: (
+            200,
+            "The stream: one event per line",
+            Body::Lines(schema_of::<crate::events::Stamped>),
+        ),
+        errors: &[400],
+    },
+    RouteDoc {
+        method: "POST",
+        path: "/v1/state/admit",
+        id: "state_admit",
+        summary: "Admits a device-state envelope for a device and VM (what devfence state admit --json prints)",
+        role: Role::Act,
+        params: &[
+            query("device", "The device the state is for"),
+            query("vm", "The VM it is for"),
+        ],
+        request: Some(Request::Raw(
+            "application/octet-stream",
+            "The envelope's bytes (at most 64 MiB; untrusted)",
+        )),
+        ok: (
+            200,
+            "The admission (the object state admit --json prints; not yet typed)",
+            Body::Json(schema_of::<serde_json::Map<String, Value>>),
+        ),
+        errors: &[400, 404, 409, 413, 422],
+    },
+    RouteDoc {
+        method: "POST",
+        path: "/v1/state/inspect",
+        id: "state_inspect",
+        summary: "Every check admit would run on an envelope, without admitting (a reader's, though it is a POST)",
+        role: Role::Read,
+        params: &[
+            query("device", "The device it would be admitted for (optional)"),
+            query("vm", "The VM (optional, with device)"),
+        ],
+        request: Some(Request::Raw(
+            "application/octet-stream",
+            "The envelope's bytes (at most 64 MiB; untrusted)",
+        )),
+        ok: (
+            200,
+            "The inspection (the object state inspect --json prints; not yet typed)",
+            Body::Json(schema_of::<serde_json::Map<String, Value>>),
+        ),
+        errors: &[400, 413],
     },
     RouteDoc {
         method: "GET",
@@ -802,6 +942,8 @@ mod tests {
             findings: Vec::new(),
             summary: devfence_app::check::Summary::default(),
             tenancy: None,
+            tenancy_from_ledger: false,
+            tenancy_file_unread: None,
             notices: vec!["n".into()],
             inventory: crate::watch::InventorySource {
                 source: "walk",

@@ -872,6 +872,8 @@ pub async fn check_route(st: Arc<State>) -> Result<Value, ApiError> {
             findings: r.findings,
             summary: r.summary,
             tenancy: r.tenancy.map(|p| p.display().to_string()),
+            tenancy_from_ledger: r.tenancy_from_ledger,
+            tenancy_file_unread: r.tenancy_file_unread.map(|p| p.display().to_string()),
             notices: r.notices,
             inventory: source,
         })

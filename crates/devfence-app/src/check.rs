@@ -42,7 +42,17 @@ pub struct CheckRequest {
 }
 
 /// Counts of findings by severity.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    schemars::JsonSchema,
+    serde::Deserialize,
+)]
 pub struct Summary {
     /// Error-severity findings.
     pub errors: usize,

@@ -85,6 +85,46 @@ pub fn decide(
     }
 }
 
+/// The hook's decision as a value both front ends render: the CLI's hook
+/// (exit status and stderr lines) and the agent's `POST /v1/hook/qemu`.
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
+pub struct Verdict {
+    /// `allowed`, `refused` or `teardown_failed`.
+    pub decision: String,
+    /// Why the domain is refused (`refused`): the line the hook prints.
+    pub reason: Option<String>,
+    /// Each device that could not be returned (`teardown_failed`).
+    pub failures: Vec<String>,
+    /// What opening the environment noticed.
+    pub notices: Vec<String>,
+}
+
+impl Verdict {
+    /// The verdict of `decision`, with what opening noticed.
+    #[must_use]
+    pub fn of(decision: &Decision, notices: Vec<String>) -> Verdict {
+        let (d, reason, failures) = match decision {
+            Decision::Allowed => ("allowed", None, Vec::new()),
+            Decision::Refused(r) => ("refused", Some(r.to_string()), Vec::new()),
+            Decision::TeardownFailed(f) => ("teardown_failed", None, f.clone()),
+        };
+        Verdict {
+            decision: d.to_owned(),
+            reason,
+            failures,
+            notices,
+        }
+    }
+
+    /// Whether the domain may go on (libvirt's exit status 0).
+    #[must_use]
+    pub fn allowed(&self) -> bool {
+        self.decision == "allowed"
+    }
+}
+
 /// The hook calls devfence acts on; libvirt's other calls need nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Call {
@@ -94,6 +134,16 @@ pub enum Call {
     StartedBegin,
     /// `release end`.
     ReleaseEnd,
+}
+
+impl std::fmt::Display for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Call::PrepareBegin => "prepare begin",
+            Call::StartedBegin => "started begin",
+            Call::ReleaseEnd => "release end",
+        })
+    }
 }
 
 impl Call {
@@ -125,6 +175,22 @@ pub fn run(
     call: Call,
     xml: Vec<u8>,
 ) -> crate::Result<(Decision, Vec<String>)> {
+    run_as(root, ledger, config, domain, call, xml, None)
+}
+
+/// As [`run`], its audit records naming `actor` (the agent's peer).
+///
+/// # Errors
+/// As [`run`].
+pub fn run_as(
+    root: &devfence_host::HostRoot,
+    ledger: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+    domain: &str,
+    call: Call,
+    xml: Vec<u8>,
+    actor: Option<&crate::Actor>,
+) -> crate::Result<(Decision, Vec<String>)> {
     use crate::error::AppError;
     let xml = String::from_utf8(xml)
         .map_err(|_| AppError::invalid("the domain XML on standard input is not UTF-8 text"))?;
@@ -153,6 +219,9 @@ pub fn run(
         Call::ReleaseEnd => Phase::Release,
     };
     let notices = std::mem::take(&mut env.notices);
+    if let Some(a) = actor {
+        env.act_as(a);
+    }
     let mut e = env.engine(devfence_engine::engine::EngineConfig::default());
     let d = decide(&mut e, &spec, phase)?;
     Ok((d, notices))

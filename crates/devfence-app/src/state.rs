@@ -343,6 +343,23 @@ pub fn read_envelope(path: &Path) -> Result<std::result::Result<Vec<u8>, Refusal
         .map(Ok)
 }
 
+/// An envelope received as bytes (the agent's request body): the frame
+/// refusal for one over the size limit, as [`read_envelope`] gives for a file.
+pub fn envelope_of_bytes(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, Refusal> {
+    match devfence_seal::check_size(bytes.len() as u64) {
+        Ok(()) => Ok(bytes),
+        Err(e) => {
+            let s = e.to_string();
+            let (reason, hint) = s.split_once(". Hint: ").unwrap_or((&s, ""));
+            Err(Refusal {
+                check: Check::Frame,
+                reason: reason.to_owned(),
+                hint: hint.trim_end_matches('.').to_owned(),
+            })
+        }
+    }
+}
+
 fn destination(
     dev: DeviceId,
     descriptor: std::result::Result<devfence_seal::DeviceDescriptor, devfence_seal::DescribeError>,
@@ -514,6 +531,67 @@ pub struct Admitted {
     pub decision: Admission,
 }
 
+impl Admitted {
+    /// The result as `state admit --json` prints it and the agent answers
+    /// it (one rendering for both).
+    #[must_use]
+    pub fn to_json(&self, dev: DeviceId) -> serde_json::Value {
+        let report = &self.report;
+        match &self.decision {
+            Admission::Admitted {
+                token,
+                payload,
+                header,
+            } => serde_json::json!({
+                "admitted": true,
+                "envelope": report.id,
+                "device": dev,
+                "tenant": header.tenant,
+                "vm": header.vm,
+                "source_host": header.source_host,
+                "token": token,
+                "payload": payload.display().to_string(),
+                "checks": report.checks_json(),
+            }),
+            Admission::Loaded {
+                header,
+                prepared,
+                loaded,
+                ..
+            } => serde_json::json!({
+                "admitted": true,
+                "loaded": true,
+                "envelope": report.id,
+                "device": dev,
+                "tenant": header.tenant,
+                "vm": header.vm,
+                "source_host": header.source_host,
+                "prepared": prepared,
+                "migration": loaded,
+                "checks": report.checks_json(),
+            }),
+            Admission::Unloadable { reason, hint } => serde_json::json!({
+                "admitted": false,
+                "envelope": report.id,
+                "device": dev,
+                "check": "migration",
+                "reason": reason,
+                "hint": hint,
+                "checks": report.checks_json(),
+            }),
+            Admission::Refused(r) => serde_json::json!({
+                "admitted": false,
+                "envelope": (report.size > 0).then(|| report.id.to_string()),
+                "device": dev,
+                "check": r.check,
+                "reason": r.reason,
+                "hint": r.hint,
+                "checks": report.checks_json(),
+            }),
+        }
+    }
+}
+
 enum Decision {
     Admitted {
         token: String,
@@ -557,20 +635,49 @@ pub fn admit(
     root: &HostRoot,
     ledger: Option<&Path>,
     req: &AdmitRequest,
-    mut loader: Option<&mut dyn DeviceLoader>,
+    loader: Option<&mut dyn DeviceLoader>,
 ) -> Result<Admitted> {
+    let path = envelope_path(root, &req.envelope);
+    let bytes = read_envelope(&path)?;
+    admit_envelope(
+        root,
+        ledger,
+        path,
+        &bytes,
+        (req.device, req.vm),
+        loader,
+        None,
+    )
+}
+
+/// As [`admit`], on an envelope already read (`label` names where it came
+/// from in the result), its audit record naming `actor` when given: the
+/// agent's `POST /v1/state/admit`.
+///
+/// # Errors
+/// As [`admit`].
+pub fn admit_envelope(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    label: PathBuf,
+    bytes: &std::result::Result<Vec<u8>, Refusal>,
+    (dev, vm): (DeviceId, VmUuid),
+    mut loader: Option<&mut dyn DeviceLoader>,
+    actor: Option<&crate::Actor>,
+) -> Result<Admitted> {
+    let path = label;
     let action = if loader.is_some() {
         "state-load"
     } else {
         "state-admit"
     };
-    let (dev, vm) = (req.device, req.vm);
-    let path = envelope_path(root, &req.envelope);
-    let bytes = read_envelope(&path)?;
     let ring = load_keyring(root)?;
     let inv = crate::check::inventory(root, false)?;
     let described = describe(&inv, &dev);
     let mut store = open_ledger(root, ledger)?;
+    if let Some(a) = actor {
+        store.set_actor(serde_json::to_value(a).ok());
+    }
     let side = root.path_in_root(SIDE_LOAD)?;
 
     // The whole decision, the nonce and the audit record in one transaction: a
@@ -870,6 +977,24 @@ pub struct Inspection {
 }
 
 impl Inspection {
+    /// The result as `state inspect --json` prints it and the agent answers
+    /// it (one rendering for both).
+    #[must_use]
+    pub fn to_json(&self) -> serde_json::Value {
+        let report = &self.report;
+        serde_json::json!({
+            "envelope": (report.size > 0 && self.read).then(|| report.id.to_string()),
+            "path": self.path.display().to_string(),
+            "size": report.size,
+            "signer": report.signer,
+            "header": report.header,
+            "checks": report.checks_json(),
+            "would_admit": report.refusal.is_none() && self.with_destination,
+            "refusal": report.refusal,
+            "verdict": self.verdict(),
+        })
+    }
+
     /// What admit would do, in words.
     #[must_use]
     pub fn verdict(&self) -> String {
@@ -897,6 +1022,24 @@ pub fn inspect(
 ) -> Result<Inspection> {
     let path = envelope_path(root, envelope);
     let bytes = read_envelope(&path)?;
+    let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+    inspect_envelope(root, ledger, path, &bytes, size, target)
+}
+
+/// As [`inspect`], on an envelope already read (`label` names where it came
+/// from, `size` its size): the agent's `POST /v1/state/inspect`.
+///
+/// # Errors
+/// As [`inspect`].
+pub fn inspect_envelope(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    label: PathBuf,
+    bytes: &std::result::Result<Vec<u8>, Refusal>,
+    size: u64,
+    target: Option<(DeviceId, VmUuid)>,
+) -> Result<Inspection> {
+    let path = label;
     let ring = load_keyring(root)?;
     let ledger_file = crate::env::ledger_path(root, ledger)?;
     // Read only: no ledger is made where there is none.
@@ -917,7 +1060,7 @@ pub fn inspect(
         }
     };
     let report = match &bytes {
-        Err(r) => Report::too_large(r.clone(), std::fs::metadata(&path).map_or(0, |m| m.len())),
+        Err(r) => Report::too_large(r.clone(), size),
         Ok(b) => {
             let mut lookup = |n: &Nonce| -> std::result::Result<Option<NonceUse>, String> {
                 match store.as_mut() {

@@ -112,8 +112,18 @@ impl serde::Serialize for Hash {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for Hash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(d)?;
+        Hash::from_hex(&s)
+            .ok_or_else(|| serde::de::Error::custom("a hash is 64 hex digits (SHA-256)"))
+    }
+}
+
 /// What a record is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AuditKind {
     /// A journalled step (planned, done or failed).
@@ -183,7 +193,7 @@ pub struct AuditEvent {
 }
 
 /// One stored record.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct AuditRecord {
     /// Position in the chain, from 1.
     pub seq: u64,
@@ -214,7 +224,9 @@ pub struct AuditFilter {
 }
 
 /// The newest record of a chain: what to keep elsewhere as an anchor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct ChainHead {
     /// Its seq.
     pub seq: u64,
@@ -223,7 +235,9 @@ pub struct ChainHead {
 }
 
 /// An intact chain.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct VerifyReport {
     /// How many records were checked.
     pub records: u64,

@@ -174,7 +174,9 @@ impl fmt::Display for DeviceState {
 }
 
 /// One device in the ledger.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct DeviceRecord {
     /// The device.
     pub device: DeviceId,
@@ -198,7 +200,9 @@ pub struct Assignment {
 }
 
 /// An inclusive range of GUIDs the pool may hand out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct GuidRange {
     /// The first GUID of the range.
     pub first: Guid,
@@ -277,7 +281,9 @@ impl fmt::Display for OperationId {
 }
 
 /// How an operation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum OpOutcome {
     /// Every step done and every gate passed.
@@ -301,7 +307,9 @@ impl OpOutcome {
 }
 
 /// One operation on one device.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct Operation {
     /// Its id.
     pub id: OperationId,
@@ -316,7 +324,9 @@ pub struct Operation {
 }
 
 /// The state of a journalled step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum StepState {
     /// Recorded before acting.

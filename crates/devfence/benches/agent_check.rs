@@ -107,6 +107,7 @@ fn main() {
             config: None,
             socket: None,
             limits: Limits::default(),
+            log_level: None,
         },
         Policy {
             admin_gid: None,

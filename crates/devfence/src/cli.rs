@@ -56,6 +56,19 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE", env = "DEVFENCE_CONFIG")]
     pub config: Option<PathBuf>,
 
+    /// Act in this process even when the host agent (`devfence serve`) runs
+    /// (also `DEVFENCE_DIRECT=1`). Without it, the commands the agent serves
+    /// (assign, handover, release, recover, check, plan, inventory, status,
+    /// tenant list, audit show and verify, the libvirt hook) go through the
+    /// agent when its socket answers; see docs/agent.md.
+    #[arg(long, global = true, conflicts_with = "via_agent")]
+    pub direct: bool,
+
+    /// Go through the host agent; no agent is an error (also
+    /// `DEVFENCE_AGENT=required`).
+    #[arg(long, global = true)]
+    pub via_agent: bool,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -459,8 +472,15 @@ pub struct OpFlags {
     pub dry_run: bool,
     /// How long a gate may wait for the SM or the host to verify, in seconds,
     /// before the operation fails closed.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    /// Through the agent (docs/agent.md) only the default is served; another
+    /// value needs `--direct`.
+    #[arg(long, value_name = "SECS", default_value_t = OpFlags::DEFAULT_GATE_TIMEOUT)]
     pub gate_timeout: f64,
+}
+
+impl OpFlags {
+    /// The default `--gate-timeout`, the engine's (and the agent's).
+    pub const DEFAULT_GATE_TIMEOUT: f64 = 10.0;
 }
 
 /// `devfence tenant`.

@@ -20,6 +20,31 @@ pub use devfence_app::check::DEFAULT_TENANCY;
 
 /// Runs the command `cli` names.
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Exit> {
+    crate::via::set_mode(cli.direct, cli.via_agent)?;
+    // What the agent serves; with --via-agent anything else is an error, not
+    // a silent direct run.
+    let served = matches!(
+        cli.command,
+        Command::Assign(_)
+            | Command::Handover(_)
+            | Command::Release(_)
+            | Command::Recover(_)
+            | Command::Check(_)
+            | Command::Plan(_)
+            | Command::Inventory(_)
+            | Command::Status(_)
+            | Command::Hook(_)
+            | Command::Tenant(crate::cli::TenantCommand::List { .. })
+            | Command::Audit(
+                crate::cli::AuditCommand::Show { .. }
+                    | crate::cli::AuditCommand::Verify { head: None, .. }
+            )
+            // The agent itself, whatever the environment says of clients.
+            | Command::Serve(_)
+    );
+    if !served {
+        crate::via::direct_only("This command")?;
+    }
     // `--sim PROFILE`: a fresh simulated host in a temporary directory, removed at exit.
     let _sim_dir;
     let root = match &cli.sim {
@@ -94,7 +119,7 @@ fn dispatch(cli: &Cli, root: &HostRoot, out: &mut dyn Write) -> Result<Exit> {
         Command::Reset(a) => crate::act::reset(&root, cli.ledger.as_deref(), a, out),
         Command::Mdev(c) => crate::act::mdev(&root, cli.ledger.as_deref(), c, out),
         Command::Ap(c) => crate::act::ap(&root, cli.ledger.as_deref(), c, out),
-        Command::Inventory(a) => inventory(&root, a, out),
+        Command::Inventory(a) => inventory(&root, cli.ledger.as_deref(), a, out),
         Command::Check(a) => check(&root, cli.ledger.as_deref(), a, out),
         Command::Rules(a) => rules(a, out),
         Command::Sim(SimCommand::Generate(a)) => generate(a, out),
@@ -228,8 +253,24 @@ fn scratch_base() -> PathBuf {
     }
 }
 
-fn inventory(root: &HostRoot, a: &InventoryArgs, out: &mut dyn Write) -> Result<Exit> {
-    let inv = devfence_app::check::inventory(root, a.probe_migration)?;
+fn inventory(
+    root: &HostRoot,
+    ledger: Option<&Path>,
+    a: &InventoryArgs,
+    out: &mut dyn Write,
+) -> Result<Exit> {
+    // The agent reads the host as it is; probing migration opens devices,
+    // this process's to do.
+    let agent = if a.probe_migration {
+        crate::via::direct_only("inventory --probe-migration")?;
+        None
+    } else {
+        crate::via::agent(root, ledger)?
+    };
+    let inv = match agent {
+        Some(agent) => agent.inventory().map_err(crate::via::error)?,
+        None => devfence_app::check::inventory(root, a.probe_migration)?,
+    };
     if a.json {
         crate::jsonout::emit(out, &inv)?;
     } else {
@@ -544,7 +585,28 @@ fn check(
         tenancy: a.tenancy.clone(),
         fabric: a.fabric,
     };
-    let report = devfence_app::check::check(root, ledger, crate::config::explicit(), &req)?;
+    // The agent checks the host's own tenancy; a file of the caller's or the
+    // fabric posture is this process's to read.
+    let agent = if a.tenancy.is_some() || a.fabric {
+        crate::via::direct_only("check with --tenancy or --fabric")?;
+        None
+    } else {
+        crate::via::agent(root, ledger)?
+    };
+    let report = match agent {
+        Some(agent) => {
+            let r = agent.check().map_err(crate::via::error)?;
+            devfence_app::check::CheckReport {
+                findings: r.findings,
+                tenancy: r.tenancy,
+                tenancy_from_ledger: r.tenancy_from_ledger,
+                tenancy_file_unread: r.tenancy_file_unread,
+                summary: r.summary,
+                notices: r.notices,
+            }
+        }
+        None => devfence_app::check::check(root, ledger, crate::config::explicit(), &req)?,
+    };
     for n in &report.notices {
         eprintln!("devfence: {n}");
     }

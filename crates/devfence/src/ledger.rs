@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use devfence_app::hook::Decision;
-use devfence_engine::engine::{Engine, EngineConfig, EngineError, Progress};
+use devfence_app::hook::Verdict;
+use devfence_engine::engine::{Engine, EngineConfig, Progress};
 use devfence_engine::store::{Partition, Tenant};
 use devfence_engine::{AuditFilter, DeviceState, GuidRange, StepState, StoreExt, engine};
 use devfence_host::HostRoot;
@@ -235,7 +235,7 @@ fn brief(v: &serde_json::Value) -> String {
 
 fn report(
     root: &HostRoot,
-    res: Result<engine::Done, EngineError>,
+    res: Result<engine::Done, anyhow::Error>,
     json: bool,
     what: &str,
     out: &mut dyn Write,
@@ -271,7 +271,7 @@ fn report(
             if json {
                 crate::jsonout::emit(out, &serde_json::json!({ "error": e.to_string() }))?;
             }
-            Err(anyhow!(e))
+            Err(e)
         }
     }
 }
@@ -297,9 +297,34 @@ fn run_op(
         };
         return show_plan(root, ledger, dev, to, Some(what), op.json, out);
     }
+    let tty = std::io::stdout().is_terminal();
+    if let Some(agent) = crate::via::agent(root, ledger)? {
+        #[allow(clippy::float_cmp)] // the flag's default, compared as given
+        if op.gate_timeout != OpFlags::DEFAULT_GATE_TIMEOUT {
+            bail!(
+                "--gate-timeout is not passed to the host agent, which serves this host (its gates wait the default {} s). Hint: give --direct to run the operation in this process with your timeout, or drop --gate-timeout",
+                OpFlags::DEFAULT_GATE_TIMEOUT
+            );
+        }
+        {
+            let mut sink = Vec::new();
+            let res = {
+                let mut printer = Printer::new(&mut sink, tty);
+                let mut show = |p: &Progress| {
+                    if !op.json {
+                        printer.event(p);
+                    }
+                };
+                agent
+                    .run_operation(req, &mut show)
+                    .map_err(crate::via::error)
+            };
+            out.write_all(&sink)?;
+            return report(root, res, op.json, what, out);
+        }
+    }
     let f = |e: &mut Engine<'_>| devfence_app::lifecycle::run(e, req);
     let mut env = open_env(root, ledger)?;
-    let tty = std::io::stdout().is_terminal();
     let res = if op.json {
         let mut e = env.engine(cfg);
         f(&mut e)
@@ -313,7 +338,7 @@ fn run_op(
         out.write_all(&sink)?;
         res
     };
-    report(root, res, op.json, what, out)
+    report(root, res.map_err(anyhow::Error::from), op.json, what, out)
 }
 
 /// `devfence assign`.
@@ -398,8 +423,13 @@ pub fn tenant(
     match c {
         TenantCommand::Add(a) => tenant_add(root, ledger, a, out),
         TenantCommand::List { json } => {
-            let mut store = open_store(root, ledger, false)?;
-            let tenants = devfence_app::tenant::list(&mut store)?;
+            let tenants = match crate::via::agent(root, ledger)? {
+                Some(agent) => agent.tenants().map_err(crate::via::error)?,
+                None => {
+                    let mut store = open_store(root, ledger, false)?;
+                    devfence_app::tenant::list(&mut store)?
+                }
+            };
             if *json {
                 crate::jsonout::emit(out, &tenants)?;
             } else {
@@ -531,19 +561,51 @@ pub fn status(
     a: &StatusArgs,
     out: &mut dyn Write,
 ) -> Result<Exit> {
-    let mut env = open_env(root, ledger)?;
-    let devfence_app::lifecycle::Status {
-        devices,
-        open_operations: ops,
-        guid_pool: pool,
-        sm_backend,
-        health,
-    } = devfence_app::lifecycle::status(&mut env.store, &*env.sm)?;
+    // One value either way: the agent's answer or the use case's result.
+    let (ledger_path, devices, ops, pool, sm_backend, health) =
+        match crate::via::agent(root, ledger)? {
+            Some(agent) => {
+                let s = agent.status().map_err(crate::via::error)?;
+                for n in &s.notices {
+                    eprintln!("devfence: {n}");
+                }
+                let health = match (s.sm.health, s.sm.error) {
+                    (Some(h), _) => Ok(h),
+                    (None, e) => Err(e.unwrap_or_else(|| "no answer".into())),
+                };
+                (
+                    s.ledger,
+                    s.devices,
+                    s.open_operations,
+                    s.guid_pool,
+                    s.sm.backend,
+                    health,
+                )
+            }
+            None => {
+                let mut env = open_env(root, ledger)?;
+                let devfence_app::lifecycle::Status {
+                    devices,
+                    open_operations,
+                    guid_pool,
+                    sm_backend,
+                    health,
+                } = devfence_app::lifecycle::status(&mut env.store, &*env.sm)?;
+                (
+                    env.ledger_path,
+                    devices,
+                    open_operations,
+                    guid_pool,
+                    sm_backend,
+                    health.map_err(|e| e.to_string()),
+                )
+            }
+        };
     if a.json {
         crate::jsonout::emit(
             out,
             &serde_json::json!({
-                "ledger": env.ledger_path.display().to_string(),
+                "ledger": ledger_path.display().to_string(),
                 "devices": devices,
                 "open_operations": ops,
                 "guid_pool": pool,
@@ -555,7 +617,7 @@ pub fn status(
         )?;
         return Ok(Exit::Ok);
     }
-    writeln!(out, "ledger: {}", env.ledger_path.display())?;
+    writeln!(out, "ledger: {}", ledger_path.display())?;
     let mut t = Table::new(&["DEVICE", "STATE", "TENANT", "VM"]);
     for d in &devices {
         t.row(vec![
@@ -639,9 +701,14 @@ fn show_plan(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<Exit> {
-    let mut env = open_env(root, ledger)?;
     let req = devfence_app::lifecycle::PlanRequest { device: dev, to };
-    let steps = devfence_app::lifecycle::plan(&mut env.engine(EngineConfig::default()), &req)?;
+    let steps = match crate::via::agent(root, ledger)? {
+        Some(agent) => agent.plan(&req).map_err(crate::via::error)?,
+        None => {
+            let mut env = open_env(root, ledger)?;
+            devfence_app::lifecycle::plan(&mut env.engine(EngineConfig::default()), &req)?
+        }
+    };
     let to = req.to;
     let what = what.unwrap_or(if to.is_some() {
         "assign/handover"
@@ -680,6 +747,27 @@ pub fn recover(
     a: &RecoverArgs,
     out: &mut dyn Write,
 ) -> Result<Exit> {
+    if let Some(agent) = crate::via::agent(root, ledger)? {
+        let a2 = agent.recover().map_err(crate::via::error)?;
+        for n in &a2.notices {
+            eprintln!("devfence: {n}");
+        }
+        if !a2.ledger_present {
+            return render_no_ledger(&a2.ledger, a.json, out);
+        }
+        if !a.json {
+            let tty = std::io::stdout().is_terminal();
+            let mut sink = Vec::new();
+            {
+                let mut printer = Printer::new(&mut sink, tty);
+                for p in &a2.events {
+                    printer.event(p);
+                }
+            }
+            out.write_all(&sink)?;
+        }
+        return render_recovered(&a2.recovered, a.json, out);
+    }
     // No ledger at all (nor a -wal of one): devfence never acted here.
     let path = ledger_path(root, ledger)?;
     if !devfence_app::env::ledger_present(&path) {
@@ -706,15 +794,31 @@ pub fn recover(
         devfence_app::lifecycle::recover(&mut e)
     };
     out.write_all(&sink)?;
-    let rec = res?;
-    if a.json {
+    render_recovered(&res?, a.json, out)
+}
+
+fn render_no_ledger(path: &Path, json: bool, out: &mut dyn Write) -> Result<Exit> {
+    if json {
+        writeln!(out, "[]")?;
+    } else {
+        writeln!(
+            out,
+            "nothing to recover: there is no ledger at {}",
+            path.display()
+        )?;
+    }
+    Ok(Exit::Ok)
+}
+
+fn render_recovered(rec: &[engine::Recovered], json: bool, out: &mut dyn Write) -> Result<Exit> {
+    if json {
         crate::jsonout::emit(out, &rec)?;
         return Ok(Exit::Ok);
     }
     if rec.is_empty() {
         writeln!(out, "nothing to recover: no unfinished operation")?;
     }
-    for r in &rec {
+    for r in rec {
         writeln!(
             out,
             "recovered {} ({}) on {}: last step {}; device is now {}{}",
@@ -738,6 +842,33 @@ pub fn audit(
     c: &AuditCommand,
     out: &mut dyn Write,
 ) -> Result<Exit> {
+    if let AuditCommand::Show {
+        device,
+        tenant,
+        json,
+    } = c
+    {
+        let filter = AuditFilter {
+            device: device.as_deref().map(parse_device).transpose()?,
+            tenant: tenant.as_deref().map(parse_tenant).transpose()?,
+        };
+        let recs = match crate::via::agent(root, ledger)? {
+            Some(agent) => agent.audit_show(&filter).map_err(crate::via::error)?,
+            None => devfence_app::audit::show(&mut open_store(root, ledger, false)?, &filter)?,
+        };
+        return render_audit(&recs, *json, out);
+    }
+    // `audit verify` without --head: through the agent when it runs.
+    if let AuditCommand::Verify { head: None, json } = c
+        && let Some(agent) = crate::via::agent(root, ledger)?
+    {
+        let v = agent.audit_verify().map_err(crate::via::error)?;
+        let res = match (v.intact, v.report) {
+            (true, Some(r)) => Ok((r, v.stored_head)),
+            _ => Err(v.error.unwrap_or_else(|| "the agent gave no reason".into())),
+        };
+        return render_verify(res, *json, false, out);
+    }
     let mut store = open_store(root, ledger, false)?;
     match c {
         AuditCommand::Head { json } => {
@@ -769,55 +900,11 @@ pub fn audit(
         }
         AuditCommand::Verify { json, head } => {
             let external = head.as_deref().map(parse_head).transpose()?;
-            match devfence_app::audit::verify(root, &mut store, external.as_ref())? {
-                devfence_app::audit::Verified::Intact {
-                    report: rep,
-                    stored,
-                } => {
-                    if *json {
-                        crate::jsonout::emit(
-                            out,
-                            &serde_json::json!({ "intact": true, "report": rep, "stored_head": stored }),
-                        )?;
-                    } else {
-                        writeln!(
-                            out,
-                            "audit chain intact: {} records{}",
-                            rep.records,
-                            rep.head
-                                .map_or(String::new(), |h| format!(", head #{} {}", h.seq, h.hash))
-                        )?;
-                        if let Some(s) = &stored {
-                            writeln!(
-                                out,
-                                "reaches the head kept beside the ledger (#{}, {}){}",
-                                s.seq,
-                                s.signer
-                                    .as_deref()
-                                    .map_or("unsigned".into(), |f| format!("signed by {f}")),
-                                if external.is_some() {
-                                    " and the head given"
-                                } else {
-                                    ""
-                                }
-                            )?;
-                        }
-                    }
-                    Ok(Exit::Ok)
-                }
-                devfence_app::audit::Verified::Broken(e) => {
-                    if *json {
-                        crate::jsonout::emit(
-                            out,
-                            &serde_json::json!({ "intact": false, "error": e.to_string() }),
-                        )?;
-                    } else {
-                        writeln!(out, "audit chain NOT intact: {e}")?;
-                    }
-                    eprintln!("{e}");
-                    Ok(Exit::Findings)
-                }
-            }
+            let res = match devfence_app::audit::verify(root, &mut store, external.as_ref())? {
+                devfence_app::audit::Verified::Intact { report, stored } => Ok((report, stored)),
+                devfence_app::audit::Verified::Broken(e) => Err(e.to_string()),
+            };
+            render_verify(res, *json, external.is_some(), out)
         }
         AuditCommand::Prune { before, keep, json } => {
             let cut = match (before, keep) {
@@ -849,33 +936,100 @@ pub fn audit(
             follow,
             output,
         } => crate::export::run(&mut store, *since, *follow, output.as_deref(), out),
-        AuditCommand::Show {
-            device,
-            tenant,
-            json,
-        } => {
-            let filter = AuditFilter {
-                device: device.as_deref().map(parse_device).transpose()?,
-                tenant: tenant.as_deref().map(parse_tenant).transpose()?,
-            };
-            let recs = devfence_app::audit::show(&mut store, &filter)?;
-            if *json {
-                crate::jsonout::emit(out, &recs)?;
+        AuditCommand::Show { .. } => unreachable_show(),
+    }
+}
+
+/// `audit show` is answered before the store is opened (it may go through
+/// the agent); this arm is never reached.
+fn unreachable_show() -> Result<Exit> {
+    Err(anyhow!(
+        "internal: audit show reached the direct store. Hint: this is a bug in devfence"
+    ))
+}
+
+fn render_audit(
+    recs: &[devfence_engine::AuditRecord],
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<Exit> {
+    if json {
+        crate::jsonout::emit(out, &recs)?;
+    } else {
+        for r in recs {
+            writeln!(
+                out,
+                "#{:<5} {:<8} {:<14} {:<8} {}",
+                r.seq,
+                r.kind.name(),
+                r.device.map_or("-".into(), |d| d.to_string()),
+                r.tenant.as_ref().map_or("-".into(), ToString::to_string),
+                engine_truncate(&r.detail.to_string(), 160)
+            )?;
+        }
+        writeln!(out, "{} record(s)", recs.len())?;
+    }
+    Ok(Exit::Ok)
+}
+
+/// `audit verify`'s answer, from the agent or the use case: the report and
+/// the stored head, or why the chain is broken.
+fn render_verify(
+    res: std::result::Result<
+        (
+            devfence_engine::VerifyReport,
+            Option<devfence_engine::audit::StoredHead>,
+        ),
+        String,
+    >,
+    json: bool,
+    external_given: bool,
+    out: &mut dyn Write,
+) -> Result<Exit> {
+    match res {
+        Ok((rep, stored)) => {
+            if json {
+                crate::jsonout::emit(
+                    out,
+                    &serde_json::json!({ "intact": true, "report": rep, "stored_head": stored }),
+                )?;
             } else {
-                for r in &recs {
+                writeln!(
+                    out,
+                    "audit chain intact: {} records{}",
+                    rep.records,
+                    rep.head
+                        .map_or(String::new(), |h| format!(", head #{} {}", h.seq, h.hash))
+                )?;
+                if let Some(s) = &stored {
                     writeln!(
                         out,
-                        "#{:<5} {:<8} {:<14} {:<8} {}",
-                        r.seq,
-                        r.kind.name(),
-                        r.device.map_or("-".into(), |d| d.to_string()),
-                        r.tenant.as_ref().map_or("-".into(), ToString::to_string),
-                        engine_truncate(&r.detail.to_string(), 160)
+                        "reaches the head kept beside the ledger (#{}, {}){}",
+                        s.seq,
+                        s.signer
+                            .as_deref()
+                            .map_or("unsigned".into(), |f| format!("signed by {f}")),
+                        if external_given {
+                            " and the head given"
+                        } else {
+                            ""
+                        }
                     )?;
                 }
-                writeln!(out, "{} record(s)", recs.len())?;
             }
             Ok(Exit::Ok)
+        }
+        Err(e) => {
+            if json {
+                crate::jsonout::emit(
+                    out,
+                    &serde_json::json!({ "intact": false, "error": e.to_string() }),
+                )?;
+            } else {
+                writeln!(out, "audit chain NOT intact: {e}")?;
+            }
+            eprintln!("{e}");
+            Ok(Exit::Findings)
         }
     }
 }
@@ -964,19 +1118,30 @@ pub fn hook(
     let xml =
         devfence_model::bounded::read_stream(stdin, "the domain XML on standard input", 4 << 20)
             .context("Cannot read the domain XML on standard input")?;
-    let (decision, notices) =
-        devfence_app::hook::run(root, ledger, config::explicit(), domain, call, xml)?;
-    for n in notices {
+    let verdict = match crate::via::agent(root, ledger)? {
+        Some(agent) => agent
+            .hook(domain, operation, subop, xml)
+            .map_err(crate::via::error)?,
+        None => {
+            let (decision, notices) =
+                devfence_app::hook::run(root, ledger, config::explicit(), domain, call, xml)?;
+            Verdict::of(&decision, notices)
+        }
+    };
+    for n in &verdict.notices {
         eprintln!("devfence: {n}");
     }
-    match decision {
-        Decision::Allowed => Ok(Exit::Ok),
-        Decision::Refused(r) => {
-            eprintln!("{r}");
+    match verdict.decision.as_str() {
+        "allowed" => Ok(Exit::Ok),
+        "refused" => {
+            eprintln!("{}", verdict.reason.as_deref().unwrap_or("refused"));
             Ok(Exit::Refused)
         }
-        Decision::TeardownFailed(failures) => {
-            eprintln!("devfence: teardown of {domain}: {}", failures.join("; "));
+        _ => {
+            eprintln!(
+                "devfence: teardown of {domain}: {}",
+                verdict.failures.join("; ")
+            );
             Ok(Exit::Refused)
         }
     }

@@ -22,6 +22,7 @@ mod safeout;
 mod state;
 mod story;
 mod table;
+mod via;
 
 use std::io::Write;
 use std::process::ExitCode;

@@ -289,20 +289,7 @@ pub(crate) fn render_admitted(
             header,
         } => {
             if json {
-                crate::jsonout::emit(
-                    out,
-                    &serde_json::json!({
-                        "admitted": true,
-                        "envelope": report.id,
-                        "device": dev,
-                        "tenant": header.tenant,
-                        "vm": header.vm,
-                        "source_host": header.source_host,
-                        "token": token,
-                        "payload": final_path.display().to_string(),
-                        "checks": report.checks_json(),
-                    }),
-                )?;
+                crate::jsonout::emit(out, &admitted.to_json(dev))?;
             } else {
                 writeln!(
                     out,
@@ -320,26 +307,12 @@ pub(crate) fn render_admitted(
         }
         Admission::Loaded {
             header,
-            prepared,
+            prepared: _,
             loaded: done,
             bytes,
         } => {
             if json {
-                crate::jsonout::emit(
-                    out,
-                    &serde_json::json!({
-                        "admitted": true,
-                        "loaded": true,
-                        "envelope": report.id,
-                        "device": dev,
-                        "tenant": header.tenant,
-                        "vm": header.vm,
-                        "source_host": header.source_host,
-                        "prepared": prepared,
-                        "migration": done,
-                        "checks": report.checks_json(),
-                    }),
-                )?;
+                crate::jsonout::emit(out, &admitted.to_json(dev))?;
             } else {
                 writeln!(
                     out,
@@ -355,18 +328,7 @@ pub(crate) fn render_admitted(
         }
         Admission::Unloadable { reason, hint } => {
             if json {
-                crate::jsonout::emit(
-                    out,
-                    &serde_json::json!({
-                        "admitted": false,
-                        "envelope": report.id,
-                        "device": dev,
-                        "check": "migration",
-                        "reason": reason,
-                        "hint": hint,
-                        "checks": report.checks_json(),
-                    }),
-                )?;
+                crate::jsonout::emit(out, &admitted.to_json(dev))?;
             } else {
                 eprintln!(
                     "devfence: state load {}: refused at check migration: {reason}. Hint: {hint}",
@@ -377,18 +339,7 @@ pub(crate) fn render_admitted(
         }
         Admission::Refused(r) => {
             if json {
-                crate::jsonout::emit(
-                    out,
-                    &serde_json::json!({
-                        "admitted": false,
-                        "envelope": (report.size > 0).then(|| report.id.to_string()),
-                        "device": dev,
-                        "check": r.check,
-                        "reason": r.reason,
-                        "hint": r.hint,
-                        "checks": report.checks_json(),
-                    }),
-                )?;
+                crate::jsonout::emit(out, &admitted.to_json(dev))?;
             } else {
                 let verb = action.replace('-', " ");
                 eprintln!("devfence: {verb} {}: {r}", path.display());
@@ -416,20 +367,7 @@ fn render_inspection(i: &Inspection, json: bool, out: &mut dyn Write) -> Result<
     let (path, report) = (&i.path, &i.report);
     let verdict = i.verdict();
     if json {
-        crate::jsonout::emit(
-            out,
-            &serde_json::json!({
-                "envelope": (report.size > 0 && i.read).then(|| report.id.to_string()),
-                "path": path.display().to_string(),
-                "size": report.size,
-                "signer": report.signer,
-                "header": report.header,
-                "checks": report.checks_json(),
-                "would_admit": report.refusal.is_none() && i.with_destination,
-                "refusal": report.refusal,
-                "verdict": verdict,
-            }),
-        )?;
+        crate::jsonout::emit(out, &i.to_json())?;
     } else {
         writeln!(out, "envelope {} ({} bytes)", path.display(), report.size)?;
         if i.read {

@@ -74,7 +74,7 @@ impl Default for EngineConfig {
 }
 
 /// What an operation is doing, for progress output.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Progress {
     /// An operation began.
@@ -197,7 +197,7 @@ impl EngineError {
 }
 
 /// The result of a successful operation.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct Done {
     /// The operation.
     pub op: OperationId,
@@ -215,7 +215,7 @@ pub struct Done {
 }
 
 /// What recovery did to one unfinished operation.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, schemars::JsonSchema, serde::Deserialize)]
 pub struct Recovered {
     /// The operation that was interrupted.
     pub op: OperationId,

@@ -40,7 +40,9 @@ pub(crate) struct Finish {
 }
 
 /// One step or gate of a plan.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, serde::Deserialize,
+)]
 pub struct PlannedStep {
     /// The journal name (`gate:` prefix for gates, `state:` for lifecycle moves).
     pub name: String,
