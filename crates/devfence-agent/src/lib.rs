@@ -56,6 +56,87 @@ pub mod socket;
 pub mod state;
 pub mod watch;
 
+/// An agent serving on a thread of its own (the demo's agent act, tests):
+/// stopped — its operations in flight finished, its socket removed — by
+/// [`Running::stop`], or when dropped.
+pub struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), AgentError>>>,
+    socket: PathBuf,
+}
+
+impl Running {
+    /// The socket it serves.
+    #[must_use]
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
+    /// Stops it and waits for it to end.
+    ///
+    /// # Errors
+    /// What the agent ended with; its thread panicked.
+    pub fn stop(mut self) -> Result<(), AgentError> {
+        self.end()
+    }
+
+    fn end(&mut self) -> Result<(), AgentError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(AgentError::Io {
+                what: "The agent's thread panicked".into(),
+                source: std::io::Error::other("panic"),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.end();
+    }
+}
+
+/// Binds an agent and serves it on a thread of its own until
+/// [`Running::stop`]. No signal handlers, no `sd_notify`, no recovery at
+/// start: that is [`service::serve`]'s, the service's entry point.
+///
+/// # Errors
+/// As [`Agent::bind`]; the thread or its runtime cannot start.
+pub fn spawn(opts: Options) -> Result<Running, AgentError> {
+    let agent = Agent::bind(opts)?;
+    let socket = agent.socket().to_path_buf();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("devfence-agent".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .map_err(|e| AgentError::Io {
+                    what: "Cannot start the agent's runtime".into(),
+                    source: e,
+                })?;
+            rt.block_on(agent.run(async {
+                let _ = rx.await;
+            }))
+        })
+        .map_err(|e| AgentError::Io {
+            what: "Cannot start the agent's thread".into(),
+            source: e,
+        })?;
+    Ok(Running {
+        stop: Some(tx),
+        thread: Some(thread),
+        socket,
+    })
+}
+
 /// Where the socket is under the host root unless configured.
 pub const DEFAULT_SOCKET: &str = "/run/devfence/devfence.sock";
 

@@ -609,7 +609,7 @@ pub fn start(state: &Arc<State>, source: Source) -> Watcher {
         Source::None(why) => Uevents::None { why },
     };
     if let Uevents::None { why } = &uevents {
-        eprintln!(
+        tracing::info!(
             "devfence serve: no kernel uevents ({why}); re-verifying every {} s",
             w.interval().as_secs()
         );
@@ -651,7 +651,7 @@ fn listen(mut l: devfence_host::uevent::UeventListener, st: &State, on: &AtomicB
                 *lock(&w.uevents) = Uevents::None {
                     why: format!("the uevent socket failed: {e}"),
                 };
-                eprintln!(
+                tracing::warn!(
                     "devfence serve: the uevent socket failed ({e}); re-verifying at the interval only"
                 );
                 return;

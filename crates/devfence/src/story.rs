@@ -314,5 +314,133 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
         "  audit verify: chain intact, {} records (every step, gate with its evidence, refusal and recovery)",
         rep.records
     )?;
+    drop(env);
+    agent_act(&root, out)
+}
+
+/// The last act: the host agent (`devfence serve`) on this host's socket,
+/// two operations over its API, a change behind devfence's back caught by the
+/// agent's own re-verification, and the metric that shows it.
+fn agent_act(root: &HostRoot, out: &mut dyn Write) -> Result<()> {
+    writeln!(
+        out,
+        "\n-- 14. the host agent: devfence serve on this host's socket (re-verifying every second)"
+    )?;
+    let cfg = root.path(devfence_app::config::CONFIG_PATH);
+    if let Some(dir) = cfg.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
+    }
+    std::fs::write(&cfg, "[agent]\nverify_interval = 1\n")
+        .with_context(|| format!("Cannot write {}", cfg.display()))?;
+    let socket = root.path(devfence_agent::DEFAULT_SOCKET);
+    let agent = devfence_agent::spawn(devfence_agent::Options {
+        root: root.clone(),
+        ledger: None,
+        config: None,
+        socket: Some(socket.clone()),
+        limits: devfence_agent::Limits::default(),
+        log_level: None,
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let res = agent_calls(root, &socket, out);
+    let stopped = agent.stop().map_err(|e| anyhow::anyhow!("{e}"));
+    res.and(stopped)
+}
+
+fn agent_calls(root: &HostRoot, socket: &Path, out: &mut dyn Write) -> Result<()> {
+    use devfence_app::lifecycle::Request;
+    use devfence_fabric::SubnetManager;
+    let client = devfence_agent::client::Client::new(socket.to_path_buf())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let vf2 = dev("0000:3b:00.2")?;
+    for (what, req) in [
+        (
+            "assign 0000:3b:00.2 to acme",
+            Request::Assign {
+                device: vf2,
+                tenant: tid("acme")?,
+                vm: None,
+            },
+        ),
+        (
+            "hand 0000:3b:00.2 over to globex",
+            Request::Handover {
+                device: vf2,
+                to: tid("globex")?,
+                vm: None,
+            },
+        ),
+    ] {
+        let done = client
+            .run_operation(&req, &mut |_| {})
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        writeln!(
+            out,
+            "  POST /v1/operations: {what} (every gate as before, run by the agent) => {}",
+            done.state
+        )?;
+    }
+    // Behind devfence's back: the VF's port leaves globex's partition at the SM.
+    let sm = PersistentSimSm::open(
+        &root.path(SIM_SM_PATH),
+        devfence_fabric::SimConfig::default(),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let guids = sm
+        .with(|s| {
+            s.configured()
+                .iter()
+                .filter(|(_, k, _)| k.base() == 0x0002)
+                .map(|(g, _, _)| g)
+                .collect::<Vec<_>>()
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    sm.with(
+        |s| -> std::result::Result<(), devfence_fabric::FabricError> {
+            for g in &guids {
+                s.stage_remove_all(*g)?;
+            }
+            s.apply()?;
+            s.settle();
+            Ok(())
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    writeln!(
+        out,
+        "  behind devfence's back, an operator's edit at the SM takes the VF's port out of globex's partition"
+    )?;
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    let finding = loop {
+        let v: serde_json::Value = client
+            .call("GET", "/v1/findings", None)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(f) = v["findings"].as_array().and_then(|a| a.first()) {
+            break f.clone();
+        }
+        if std::time::Instant::now() > until {
+            bail!("the demo agent found no drift within 20 s. Hint: this is a bug in devfence");
+        }
+        // Bounded polling of the agent's answer; its own interval is 1 s.
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    writeln!(
+        out,
+        "  GET /v1/findings: {} ({}) {}: {}",
+        finding["device"].as_str().unwrap_or("?"),
+        finding["tenant"].as_str().unwrap_or("?"),
+        finding["action"].as_str().unwrap_or("?"),
+        finding["what"].as_str().unwrap_or("?")
+    )?;
+    let (_, metrics) = client
+        .request("GET", "/metrics", "text/plain", Vec::new())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let metrics = String::from_utf8_lossy(&metrics);
+    for name in ["devfence_drift_findings ", "devfence_quarantines_total "] {
+        if let Some(l) = metrics.lines().find(|l| l.starts_with(name)) {
+            writeln!(out, "  GET /metrics: {l}")?;
+        }
+    }
     Ok(())
 }

@@ -590,13 +590,15 @@ fn the_event_stream_tells_an_orchestrator_what_changed_and_resumes() {
     assert!(body["hint"].as_str().is_some(), "{body}");
 }
 
-/// An operation a crashed process left open: `devfence recover` through the
-/// agent (`POST /v1/recover`) prints what direct recovery prints, and the
+/// An operation a crashed process left open while the agent runs (an agent
+/// that starts recovers first, before it serves): `devfence recover` through
+/// the agent (`POST /v1/recover`) prints what direct recovery prints, and the
 /// device is left the same; the event stream says what recovery did.
 #[test]
 fn recover_through_the_agent_finishes_what_a_crash_left_as_direct_does() {
     let tmp = scratch();
     let (ra, rd) = (host(tmp.path(), "a"), host(tmp.path(), "d"));
+    let _agent = Agent::start(&ra);
     for r in [&ra, &rd] {
         let o = devfence()
             .arg("--root")
@@ -611,7 +613,6 @@ fn recover_through_the_agent_finishes_what_a_crash_left_as_direct_does() {
             text(&o)
         );
     }
-    let _agent = Agent::start(&ra);
     let (code, out, _) = same(&ra, &rd, &["recover"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("recovered op-"), "{out}");
