@@ -85,6 +85,18 @@ pub enum Event {
         /// allowed, refused or teardown_failed.
         decision: String,
     },
+    /// Continuous verification found a device changed since its gates
+    /// passed (`GET /v1/findings` has the finding).
+    Drift {
+        /// The device.
+        device: String,
+        /// The tenant that holds it.
+        tenant: String,
+        /// `quarantined` (it was Ready) or `reported` (it is Active).
+        action: String,
+        /// What differed.
+        what: String,
+    },
     /// The last event of a stream whose consumer fell behind: it missed
     /// `missed` events; reconnect with `since` = the last id seen.
     Lagged {

@@ -667,7 +667,24 @@ async fn run(state: Arc<State>, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
         let st = Arc::clone(&state);
         let done = tokio::task::spawn_blocking(move || {
+            let before: std::collections::BTreeSet<String> =
+                st.watch.findings().into_iter().map(|f| f.device).collect();
             st.watch.pass(&st.metrics.verify, trigger);
+            // Each new drift is an event for orchestrators too.
+            for f in st.watch.findings() {
+                if !before.contains(&f.device) {
+                    st.events.publish(crate::events::Event::Drift {
+                        device: f.device.clone(),
+                        tenant: f.tenant.clone(),
+                        action: f.action.to_owned(),
+                        what: f.what.clone(),
+                    });
+                    st.events.publish(crate::events::Event::DeviceState {
+                        device: f.device,
+                        state: f.now,
+                    });
+                }
+            }
             // The interval also refreshes the inventory; a burst made it stale.
             st.watch
                 .inventory

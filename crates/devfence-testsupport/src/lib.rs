@@ -176,3 +176,64 @@ pub fn trust(h1: &Path, h2: &Path, tmp: &Path) {
         &["keys", "trust", "add", "--from", f.to_str().unwrap()],
     ));
 }
+
+/// Reads the agent's event stream (`GET /v1/events{query}` on `socket`, JSON
+/// lines) until `enough` says so or the stream ends, within `deadline`; the
+/// status and the events read (for a status other than 200, its error body
+/// last).
+///
+/// # Panics
+/// The exchange fails, a line is not JSON, or the deadline passes first.
+pub fn events(
+    socket: &std::path::Path,
+    query: &str,
+    deadline: std::time::Duration,
+    enough: impl Fn(&[serde_json::Value]) -> bool,
+) -> (u16, Vec<serde_json::Value>) {
+    use http_body_util::BodyExt;
+    use serde_json::Value;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .expect("connect");
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .uri(format!("/v1/events{query}"))
+            .header("host", "devfence")
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+            .expect("request");
+        let resp = send.send_request(req).await.expect("response");
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let (mut buf, mut out) = (Vec::new(), Vec::new());
+        let read = async {
+            while let Some(f) = body.frame().await {
+                if let Ok(d) = f.expect("frame").into_data() {
+                    buf.extend_from_slice(&d);
+                }
+                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    out.push(serde_json::from_slice::<Value>(&line).expect("a JSON line"));
+                }
+                if status != 200 || enough(&out) {
+                    break;
+                }
+            }
+            if status != 200 {
+                out.push(serde_json::from_slice(&buf).unwrap_or(Value::Null));
+            }
+        };
+        tokio::time::timeout(deadline, read)
+            .await
+            .expect("the events came within the deadline");
+        (status, out)
+    })
+}

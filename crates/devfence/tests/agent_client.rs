@@ -476,49 +476,7 @@ fn a_reader_acting_through_the_agent_gets_a_clear_403() {
 /// Reads `GET /v1/events?QUERY` until `enough` says so (or the stream ends);
 /// the status and the events (one JSON object per line).
 fn events(socket: &Path, query: &str, enough: impl Fn(&[Value]) -> bool) -> (u16, Vec<Value>) {
-    use http_body_util::BodyExt;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .uri(format!("/v1/events{query}"))
-            .header("host", "devfence")
-            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
-            .unwrap();
-        let resp = send.send_request(req).await.unwrap();
-        let status = resp.status().as_u16();
-        let mut body = resp.into_body();
-        let (mut buf, mut out) = (Vec::new(), Vec::new());
-        let read = async {
-            while let Some(f) = body.frame().await {
-                if let Ok(d) = f.unwrap().into_data() {
-                    buf.extend_from_slice(&d);
-                }
-                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=i).collect();
-                    out.push(serde_json::from_slice::<Value>(&line).unwrap());
-                }
-                if status != 200 || enough(&out) {
-                    break;
-                }
-            }
-            if status != 200 {
-                out.push(serde_json::from_slice(&buf).unwrap_or(Value::Null));
-            }
-        };
-        tokio::time::timeout(DEADLINE, read)
-            .await
-            .expect("the events came within the deadline");
-        (status, out)
-    })
+    devfence_testsupport::events(socket, query, DEADLINE, enough)
 }
 
 /// An assign through the agent is streamed as operation_started, its steps

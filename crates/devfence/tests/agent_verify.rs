@@ -340,6 +340,27 @@ fn the_agent_finds_drift_quarantines_ready_and_reports_active() {
     assert!(x["first_seen_ms"].as_u64().unwrap() >= t1, "{x}");
     assert!(x["last_generation"].as_u64().unwrap() >= x["first_generation"].as_u64().unwrap());
 
+    // Orchestrators hear of it on the event stream: one drift event each,
+    // and the Ready VF's new state.
+    let (status, ev) = devfence_testsupport::events(&a.socket, "?since=0", DEADLINE, |ev| {
+        ev.iter().filter(|e| e["type"] == "drift").count() >= 2
+    });
+    assert_eq!(status, 200);
+    let drift = |d: &str| {
+        ev.iter()
+            .find(|e| e["type"] == "drift" && e["device"] == d)
+            .unwrap_or_else(|| panic!("no drift event for {d}: {ev:?}"))
+            .clone()
+    };
+    assert_eq!(drift(VF_READY)["action"], "quarantined");
+    assert_eq!(drift(VF_ACTIVE)["action"], "reported");
+    assert!(
+        ev.iter().any(|e| e["type"] == "device_state"
+            && e["device"] == VF_READY
+            && e["state"] == "quarantined"),
+        "{ev:?}"
+    );
+
     // The ledger: the Ready VF quarantined, the Active VF still with its VM.
     assert_eq!(state_of(&root, VF_READY), "quarantined");
     assert_eq!(state_of(&root, VF_ACTIVE), "active");
