@@ -88,6 +88,9 @@ pub struct VerifyMetrics {
     /// The generation of the SM's last completed sweep, as the last
     /// re-verification read it (absent without an SM that reports one).
     pub sm_generation: Gauge,
+    /// How the SM's last sweep ended, as the last re-verification read it:
+    /// 1 for that outcome, 0 for the others.
+    pub sm_last_sweep: Family<OutcomeLabel, Gauge>,
     /// Kernel uevents received, by kind.
     pub uevents: Family<UeventLabel, Counter>,
     /// Full walks of the host's sysfs for the inventory.
@@ -105,6 +108,7 @@ impl Default for VerifyMetrics {
             duration: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
             last_timestamp: Gauge::default(),
             sm_generation: Gauge::default(),
+            sm_last_sweep: Family::default(),
             uevents: Family::default(),
             inventory_walks: Counter::default(),
         };
@@ -156,6 +160,11 @@ impl VerifyMetrics {
             "sm_sweep_generation",
             "The generation of the subnet manager's last completed sweep, as the last re-verification read it",
             self.sm_generation.clone(),
+        );
+        r.register(
+            "sm_last_sweep",
+            "How the subnet manager's last sweep ended (outcome none_yet, clean or errors: 1 for the one the last re-verification read)",
+            self.sm_last_sweep.clone(),
         );
         r.register(
             "uevents",
@@ -408,6 +417,16 @@ impl Watch {
                     metrics
                         .sm_generation
                         .set(i64::try_from(g).unwrap_or(i64::MAX));
+                }
+                if let Some(now) = p.sm_sweep {
+                    for o in ["none_yet", "clean", "errors"] {
+                        metrics
+                            .sm_last_sweep
+                            .get_or_create(&OutcomeLabel {
+                                outcome: o.to_owned(),
+                            })
+                            .set(i64::from(o == now));
+                    }
                 }
                 run.notices = p.notices;
                 run.notices.extend(p.verified.warnings);

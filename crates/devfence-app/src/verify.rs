@@ -71,6 +71,9 @@ pub struct Pass {
     /// The generation of the SM's last completed sweep, when the backend
     /// reports one (the simulated SM, OpenSM; none without an SM).
     pub sm_generation: Option<u64>,
+    /// How the SM's last sweep ended (`none_yet`, `clean`, `errors`), when
+    /// the backend answers.
+    pub sm_sweep: Option<&'static str>,
     /// What opening the environment noticed.
     pub notices: Vec<String>,
 }
@@ -99,16 +102,21 @@ pub fn pass(
         .into_iter()
         .map(|r| (r.device, r.state.name().to_owned()))
         .collect();
-    let sm_generation = env
-        .sm()
-        .health()
-        .ok()
+    let health = env.sm().health().ok();
+    let sm_generation = health
+        .as_ref()
         .filter(|h| h.status.sweep != devfence_fabric::SweepOutcome::NoneYet)
         .map(|h| h.status.generation.0);
+    let sm_sweep = health.map(|h| match h.status.sweep {
+        devfence_fabric::SweepOutcome::NoneYet => "none_yet",
+        devfence_fabric::SweepOutcome::Clean => "clean",
+        devfence_fabric::SweepOutcome::Errors(_) => "errors",
+    });
     Ok(Pass {
         verified,
         states,
         sm_generation,
+        sm_sweep,
         notices: std::mem::take(&mut env.notices),
     })
 }

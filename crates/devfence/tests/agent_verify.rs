@@ -396,6 +396,16 @@ fn the_agent_finds_drift_quarantines_ready_and_reports_active() {
     assert!(metric(m, "devfence_reverification_duration_seconds_count") >= 2.0);
     assert!(metric(m, "devfence_reverification_last_timestamp_seconds") > 0.0);
     assert!(metric(m, "devfence_sm_sweep_generation") >= 1.0, "{m}");
+    assert_eq!(
+        metric(m, "devfence_sm_last_sweep{outcome=\"clean\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(m, "devfence_sm_last_sweep{outcome=\"errors\"}"),
+        0.0,
+        "{m}"
+    );
     for secret in [VF_READY, VF_ACTIVE, "acme", "globex"] {
         assert!(!m.contains(secret), "{secret} in the metrics:\n{m}");
     }
