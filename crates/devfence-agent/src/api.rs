@@ -11,7 +11,7 @@ use devfence_app::{AppError, Env};
 use devfence_engine::StoreError;
 use devfence_engine::engine::{EngineConfig, EngineError, Progress};
 use devfence_model::{DeviceId, TenantId};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -601,33 +601,7 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    let too_big = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!(
-                "The request body is larger than {max} bytes. Hint: requests are small JSON objects; see docs/agent.md"
-            ),
-        )
-    };
-    if let Some(n) = req
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && n > max as u64
-    {
-        return Err(too_big());
-    }
-    let bytes = match Limited::new(req.into_body(), max).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_big()),
-        Err(e) => {
-            return Err(ApiError::bad_input(format!(
-                "Cannot read the request body: {e}. Hint: send the whole body with its Content-Length"
-            )));
-        }
-    };
+    let bytes = crate::hook::read_body(max, req).await?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(other) => Err(ApiError::bad_input(format!(

@@ -142,6 +142,24 @@ pub fn resolve_group(g: &devfence_app::config::GroupRef) -> Result<u32, String> 
     }
 }
 
+/// The policy `[agent]` names: its groups resolved (at start and at a
+/// reload, the same way).
+///
+/// # Errors
+/// A group the group database does not know.
+pub fn policy_of(agent: &devfence_app::config::AgentConfig) -> Result<Policy, crate::AgentError> {
+    let resolve = |g: &Option<devfence_app::config::GroupRef>| {
+        g.as_ref()
+            .map(resolve_group)
+            .transpose()
+            .map_err(crate::AgentError::Group)
+    };
+    Ok(Policy {
+        admin_gid: resolve(&agent.admin_group)?,
+        reader_gid: resolve(&agent.reader_group)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -261,16 +261,7 @@ impl Agent {
     pub fn bind(opts: Options) -> Result<Agent, AgentError> {
         let cfg = devfence_app::config::Config::load(&opts.root, opts.config.as_deref())
             .map_err(devfence_app::AppError::from)?;
-        let resolve = |g: &Option<devfence_app::config::GroupRef>| {
-            g.as_ref()
-                .map(auth::resolve_group)
-                .transpose()
-                .map_err(AgentError::Group)
-        };
-        let policy = auth::Policy {
-            admin_gid: resolve(&cfg.agent.admin_group)?,
-            reader_gid: resolve(&cfg.agent.reader_group)?,
-        };
+        let policy = auth::policy_of(&cfg.agent)?;
         let socket = service::socket_path(&opts, &cfg);
         let (listener, guard) = socket::bind(&socket, policy.reader_gid.or(policy.admin_gid))?;
         let metrics_tcp = match cfg.agent.metrics_tcp {

@@ -127,16 +127,7 @@ pub fn reload(
     let opts = state.options();
     let cfg =
         Config::load(&opts.root, opts.config.as_deref()).map_err(devfence_app::AppError::from)?;
-    let resolve = |g: &Option<devfence_app::config::GroupRef>| {
-        g.as_ref()
-            .map(auth::resolve_group)
-            .transpose()
-            .map_err(AgentError::Group)
-    };
-    let policy = auth::Policy {
-        admin_gid: resolve(&cfg.agent.admin_group)?,
-        reader_gid: resolve(&cfg.agent.reader_group)?,
-    };
+    let policy = auth::policy_of(&cfg.agent)?;
     let mut out = Reloaded::default();
     let socket = socket_path(opts, &cfg);
     if socket != applied.socket {
