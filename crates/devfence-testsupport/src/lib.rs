@@ -237,3 +237,76 @@ pub fn events(
         (status, out)
     })
 }
+
+/// Waits (bounded) until something serves `socket`, the agent `child` having
+/// been started to serve it.
+///
+/// # Panics
+/// The agent exits first (its stderr in the message), or `deadline` passes.
+pub fn wait_serving(
+    child: &mut std::process::Child,
+    socket: &std::path::Path,
+    deadline: std::time::Duration,
+) {
+    use std::io::Read;
+    let until = std::time::Instant::now() + deadline;
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        if let Some(st) = child.try_wait().expect("the agent's status") {
+            let mut e = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                let _ = err.read_to_string(&mut e);
+            }
+            panic!("the agent exited ({st}) before serving: {e}");
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the agent did not serve {} within {deadline:?}",
+            socket.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// One HTTP/1.1 request over the agent's Unix socket; the status and the
+/// body (JSON, else the text as a JSON string).
+///
+/// # Panics
+/// The exchange fails.
+pub fn request(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> (u16, serde_json::Value) {
+    use http_body_util::BodyExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .expect("connect");
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "devfence")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(
+                body.unwrap_or_default().to_vec(),
+            )))
+            .expect("request");
+        let resp = send.send_request(req).await.expect("response");
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        });
+        (status, v)
+    })
+}

@@ -13,8 +13,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use devfence_testsupport::{add_tenants, devfence, dv, generate, ok, text};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use serde_json::{Value, json};
 
 const IGB_VF: &str = "0000:5e:10.0";
@@ -53,24 +51,7 @@ impl Agent {
             child,
             socket: socket.to_path_buf(),
         };
-        let until = Instant::now() + DEADLINE;
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            if let Some(st) = a.child.try_wait().unwrap() {
-                let mut e = String::new();
-                a.child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut e)
-                    .unwrap();
-                panic!("the agent exited ({st}) before serving: {e}");
-            }
-            assert!(
-                Instant::now() < until,
-                "the agent did not serve within the deadline"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        devfence_testsupport::wait_serving(&mut a.child, socket, DEADLINE);
         a
     }
 
@@ -107,34 +88,9 @@ impl Drop for Agent {
 /// One HTTP/1.1 request over the Unix socket; the status and the body (JSON,
 /// else the text as a JSON string).
 fn request(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .expect("connect");
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .expect("handshake");
-        tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "devfence")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default().to_vec())))
-            .unwrap();
-        let resp = send.send_request(req).await.expect("request");
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        let v = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        conforms(method, path, status, &v);
-        (status, v)
-    })
+    let (status, v) = devfence_testsupport::request(socket, method, path, body);
+    conforms(method, path, status, &v);
+    (status, v)
 }
 
 /// Every answer the agent gives in these tests is what its OpenAPI document

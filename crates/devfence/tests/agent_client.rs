@@ -7,12 +7,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use devfence_testsupport::{add_tenants, devfence, dv, generate, text};
 use serde_json::Value;
@@ -53,21 +53,7 @@ impl Agent {
             .spawn()
             .expect("start devfence serve");
         let mut a = Agent { child };
-        let until = Instant::now() + DEADLINE;
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            if let Some(st) = a.child.try_wait().unwrap() {
-                let mut e = String::new();
-                a.child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut e)
-                    .unwrap();
-                panic!("the agent exited ({st}) before serving: {e}");
-            }
-            assert!(Instant::now() < until, "the agent did not serve in time");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        devfence_testsupport::wait_serving(&mut a.child, &socket, DEADLINE);
         a
     }
 }

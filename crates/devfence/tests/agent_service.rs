@@ -16,8 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devfence_testsupport::{add_tenants, devfence, dv, generate, ok};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use serde_json::{Value, json};
 
 const IGB_VF: &str = "0000:5e:10.0";
@@ -210,34 +208,9 @@ impl Drop for Agent {
     }
 }
 
+/// One request over the agent's socket (devfence-testsupport).
 fn request(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .expect("connect");
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .expect("handshake");
-        tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "devfence")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default().to_vec())))
-            .unwrap();
-        let resp = send.send_request(req).await.expect("request");
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        let v = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        (status, v)
-    })
+    devfence_testsupport::request(socket, method, path, body)
 }
 
 /// The seqs of the complete lines of an export file.

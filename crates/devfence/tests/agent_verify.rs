@@ -11,7 +11,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -19,8 +19,6 @@ use std::time::{Duration, Instant};
 use devfence_fabric::{PersistentSimSm, SimConfig, SubnetManager};
 use devfence_model::Guid;
 use devfence_testsupport::{add_tenants, devfence, dv, generate, text};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use serde_json::{Value, json};
 
 const VF_READY: &str = "0000:3b:00.1";
@@ -47,21 +45,7 @@ impl Agent {
             child,
             socket: socket.to_path_buf(),
         };
-        let until = Instant::now() + DEADLINE;
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            if let Some(st) = a.child.try_wait().unwrap() {
-                let mut e = String::new();
-                a.child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut e)
-                    .unwrap();
-                panic!("the agent exited ({st}) before serving: {e}");
-            }
-            assert!(Instant::now() < until, "the agent did not serve in time");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        devfence_testsupport::wait_serving(&mut a.child, socket, DEADLINE);
         a
     }
 
@@ -124,33 +108,9 @@ impl Drop for Agent {
     }
 }
 
+/// One request over the agent's socket (devfence-testsupport).
 fn request(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .expect("connect");
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .expect("handshake");
-        tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "devfence")
-            .body(Full::new(Bytes::from(body.unwrap_or_default().to_vec())))
-            .unwrap();
-        let resp = send.send_request(req).await.expect("request");
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        let v = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        (status, v)
-    })
+    devfence_testsupport::request(socket, method, path, body)
 }
 
 fn now_ms() -> u64 {

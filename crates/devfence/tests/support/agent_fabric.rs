@@ -3,7 +3,6 @@
 //! an HTTP client over its socket.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,8 +10,6 @@ use std::time::{Duration, Instant};
 
 use devfence_fabric_harness::Fabric;
 use devfence_model::Guid;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use serde_json::Value;
 
 pub const DEADLINE: Duration = Duration::from_secs(300);
@@ -120,21 +117,7 @@ impl Agent {
             child,
             socket: socket.to_path_buf(),
         };
-        let until = Instant::now() + DEADLINE;
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            if let Some(st) = a.child.try_wait().unwrap() {
-                let mut e = String::new();
-                a.child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut e)
-                    .unwrap();
-                panic!("the agent exited ({st}): {e}");
-            }
-            assert!(Instant::now() < until, "the agent did not serve");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        devfence_testsupport::wait_serving(&mut a.child, socket, DEADLINE);
         a
     }
 
@@ -181,30 +164,7 @@ impl Drop for Agent {
     }
 }
 
+/// One request over the agent's socket (devfence-testsupport).
 pub fn request(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "devfence")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default().to_vec())))
-            .unwrap();
-        let resp = send.send_request(req).await.unwrap();
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let v = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        (status, v)
-    })
+    devfence_testsupport::request(socket, method, path, body)
 }
