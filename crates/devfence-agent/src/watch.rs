@@ -970,6 +970,7 @@ mod tests {
             profile: devfence_host::sim::Profile::Lab,
             out: out.clone(),
             vfs: None,
+            host_id: 0,
         })
         .expect("simulated host");
         let state = Arc::new(State::new(
@@ -1046,6 +1047,7 @@ mod tests {
             profile: devfence_host::sim::Profile::Lab,
             out: out.clone(),
             vfs: None,
+            host_id: 0,
         })
         .expect("simulated host");
         let root = devfence_host::HostRoot::new(&out);

@@ -497,6 +497,7 @@ mod tests {
             profile: sim::Profile::Lab,
             out: out.clone(),
             vfs: None,
+            host_id: 0,
         })
         .expect("simulated host");
         let root = HostRoot::new(&out);

@@ -45,6 +45,7 @@ fn setup(dir: &std::path::Path, cfg: SimConfig) -> (SimKernel, Arc<SimSm>, Sqlit
         profile: Profile::Lab,
         out: host.clone(),
         vfs: None,
+        host_id: 0,
     })
     .unwrap();
     let kernel = SimKernel::new(HostRoot::new(host)).unwrap();

@@ -147,6 +147,7 @@ fn agree_on(profile: Profile, vfs: Option<u32>) {
         profile,
         out: out.clone(),
         vfs,
+        host_id: 0,
     })
     .expect("generate");
     let ours = devfence_functions(&out);

@@ -115,6 +115,7 @@ fn simulated(series: &str) -> Vec<Observation> {
         profile: Profile::Testbed,
         out: root.clone(),
         vfs: None,
+        host_id: 0,
     })
     .unwrap();
     let release = match series {

@@ -97,6 +97,7 @@ fn main() {
         profile: sim::Profile::Scale,
         out: host.clone(),
         vfs: None,
+        host_id: 0,
     })
     .unwrap_or_else(|e| fail(&format!("generate: {e}")));
     println!("generated scale profile in {:.2?}: {summary}", t.elapsed());

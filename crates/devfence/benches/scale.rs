@@ -53,6 +53,7 @@ fn main() {
         profile: sim::Profile::Scale,
         out: host.clone(),
         vfs: None,
+        host_id: 0,
     }) {
         Ok(s) => s,
         Err(e) => {

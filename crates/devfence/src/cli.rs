@@ -286,6 +286,11 @@ pub struct GenerateArgs {
     /// Number of VFs (per PF for cx6-ib and userspace-pf; in total for scale).
     #[arg(long, value_name = "N")]
     pub vfs: Option<u32>,
+    /// Vary the InfiniBand GUIDs (0–255) so that several simulated hosts can be
+    /// nodes of one fabric: byte 4 of every GUID becomes 0x03 XOR N. 0, the
+    /// default, keeps the GUIDs the profiles document.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub host_id: u8,
 }
 
 /// `devfence demo`.

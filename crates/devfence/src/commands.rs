@@ -59,6 +59,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Exit> {
                 profile,
                 out: host.clone(),
                 vfs: None,
+                host_id: 0,
             })?;
             _sim_dir = dir;
             HostRoot::new(host)
@@ -705,6 +706,7 @@ fn generate(a: &GenerateArgs, out: &mut dyn Write) -> Result<Exit> {
         profile,
         out: a.out.clone(),
         vfs: a.vfs,
+        host_id: a.host_id,
     };
     let summary = sim::generate(&opts)?;
     writeln!(
@@ -776,6 +778,7 @@ fn demo(a: &DemoArgs, out: &mut dyn Write) -> Result<Exit> {
             profile,
             out: dir.clone(),
             vfs: None,
+            host_id: 0,
         })?;
         writeln!(out, "== {profile}: {}", profile.description())?;
         writeln!(out, "  generated: {summary}")?;
@@ -841,6 +844,7 @@ fn demo_fix_group(base: &Path, out: &mut dyn Write) -> Result<()> {
         profile: sim::Profile::NoAcs,
         out: dir.clone(),
         vfs: None,
+        host_id: 0,
     })?;
     let root = HostRoot::new(dir);
     writeln!(

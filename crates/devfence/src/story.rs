@@ -91,6 +91,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
         profile: sim::Profile::Lab,
         out: dir.to_path_buf(),
         vfs: None,
+        host_id: 0,
     })?;
     let root = HostRoot::new(dir.to_path_buf());
     writeln!(

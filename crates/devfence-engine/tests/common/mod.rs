@@ -106,6 +106,7 @@ pub fn fixture_full(profile: Profile, cfg: SimConfig, db: Option<PathBuf>) -> Fx
         profile,
         out: host.clone(),
         vfs: None,
+        host_id: 0,
     })
     .unwrap();
     let root = HostRoot::new(host);

@@ -138,6 +138,7 @@ pub fn host(f: &Fabric) -> Host {
         profile: Profile::Lab,
         out: root.clone(),
         vfs: None,
+        host_id: 0,
     })
     .unwrap();
     let kernel = SimKernel::new(HostRoot::new(root)).unwrap();

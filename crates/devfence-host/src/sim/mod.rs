@@ -192,6 +192,9 @@ pub struct GenerateOptions {
     /// `--vfs`: VFs per PF (`cx6-ib`, `userspace-pf` for its first PF) or total VFs
     /// (`scale`); `None` for the profile's default.
     pub vfs: Option<u32>,
+    /// `--host-id`: varies the InfiniBand GUIDs so that several generated hosts
+    /// can be nodes of one fabric; 0 (the default) keeps the profile's GUIDs.
+    pub host_id: u8,
 }
 
 /// What [`generate`] (or a [`TreeBuilder`]) wrote.
@@ -377,7 +380,7 @@ pub fn generate(opts: &GenerateOptions) -> Result<Summary, SimError> {
     let vfs = opts.profile.vfs(opts.vfs)?;
     check_out(&opts.out)?;
     let mut b = TreeBuilder::new(&opts.out)?;
-    let tenancy = profiles::build(opts.profile, &mut b, vfs)?;
+    let tenancy = profiles::build(opts.profile, &mut b, vfs, opts.host_id)?;
     let text = toml::to_string(&tenancy).map_err(|source| SimError::Tenancy {
         profile: opts.profile,
         source,

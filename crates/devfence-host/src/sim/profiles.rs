@@ -36,9 +36,15 @@ const KERNEL_DEBIAN: &str = "6.1.0-26-amd64";
 const PKEY_TABLE: u32 = 128;
 
 /// Builds `profile` with `vfs` (already checked) and returns its tenancy.
-pub(super) fn build(profile: Profile, b: &mut TreeBuilder, vfs: u32) -> Result<Tenancy, SimError> {
+pub(super) fn build(
+    profile: Profile,
+    b: &mut TreeBuilder,
+    vfs: u32,
+    host_id: u8,
+) -> Result<Tenancy, SimError> {
     let mut p = Ctx {
         profile,
+        host_id,
         b,
         tenancy: Tenancy::default(),
     };
@@ -57,11 +63,28 @@ pub(super) fn build(profile: Profile, b: &mut TreeBuilder, vfs: u32) -> Result<T
 
 struct Ctx<'b> {
     profile: Profile,
+    /// `--host-id`: varies byte 4 of every InfiniBand GUID (see [`Ctx::mlx_guid`]).
+    host_id: u8,
     b: &'b mut TreeBuilder,
     tenancy: Tenancy,
 }
 
 impl Ctx<'_> {
+    /// A Mellanox-OUI GUID, unique per (kind, PF, index): kind 1 PF node, 2 PF
+    /// port, 3 VF node, 4 VF port. Byte 4 is `0x03 ^ host_id`, so hosts generated
+    /// with different `--host-id`s can be nodes of one fabric (host 0 keeps the
+    /// GUIDs every fixture and test names).
+    fn mlx_guid(&self, kind: u64, pf: u32, index: u32) -> Guid {
+        let byte = u64::from(0x03 ^ self.host_id);
+        Guid(
+            0x0c42_a100_0000_0000
+                | (byte << 32)
+                | (kind << 28)
+                | (u64::from(pf) << 16)
+                | u64::from(index),
+        )
+    }
+
     fn internal(&self, what: impl Into<String>) -> SimError {
         SimError::Internal {
             profile: self.profile,
@@ -168,12 +191,6 @@ impl Ctx<'_> {
     }
 }
 
-/// A Mellanox-OUI GUID, unique per (kind, PF, index): kind 1 PF node, 2 PF port,
-/// 3 VF node, 4 VF port.
-fn mlx_guid(kind: u64, pf: u32, index: u32) -> Guid {
-    Guid(0x0c42_a103_0000_0000 | (kind << 28) | (u64::from(pf) << 16) | u64::from(index))
-}
-
 fn uuid(v: u128) -> MdevUuid {
     MdevUuid(v.to_be_bytes())
 }
@@ -260,12 +277,12 @@ fn mlx5_pf(p: &mut Ctx<'_>, pf: &Mlx5Pf, mut group: u32) -> Result<(u32, Vec<Bdf
             .port_guid_override
             .iter()
             .find(|(j, _)| *j == i)
-            .map_or_else(|| mlx_guid(4, pf.index, i), |(_, g)| *g);
+            .map_or_else(|| p.mlx_guid(4, pf.index, i), |(_, g)| *g);
         p.b.ofed_vf_guids(
             pf_bdf,
             &OfedVf {
                 index: i,
-                node_guid: mlx_guid(3, pf.index, i),
+                node_guid: p.mlx_guid(3, pf.index, i),
                 port_guid: port,
                 policy: "Follow",
             },
@@ -274,8 +291,8 @@ fn mlx5_pf(p: &mut Ctx<'_>, pf: &Mlx5Pf, mut group: u32) -> Result<(u32, Vec<Bdf
     p.b.ib_device(&IbSpec {
         name: &format!("mlx5_{}", pf.index),
         pci: pf_bdf,
-        node_guid: mlx_guid(1, pf.index, 0),
-        port_guid: mlx_guid(2, pf.index, 0),
+        node_guid: p.mlx_guid(1, pf.index, 0),
+        port_guid: p.mlx_guid(2, pf.index, 0),
         lid: 0x1a + pf.index as u16,
         sm_lid: 1,
         pkeys: &[0xffff],
@@ -336,7 +353,7 @@ fn cx6_ib(p: &mut Ctx<'_>, vfs: u32) -> Result<(), SimError> {
                 i => alternate(i),
             })
             .collect(),
-        port_guid_override: vec![(1, mlx_guid(4, 0, 1))],
+        port_guid_override: vec![(1, p.mlx_guid(4, 0, 1))],
     };
     let (_, vfs86) = mlx5_pf(p, &second, group)?;
 
@@ -345,8 +362,8 @@ fn cx6_ib(p: &mut Ctx<'_>, vfs: u32) -> Result<(), SimError> {
     p.b.ib_device(&IbSpec {
         name: "mlx5_2",
         pci: vfs86[last as usize],
-        node_guid: mlx_guid(3, 1, last),
-        port_guid: mlx_guid(4, 1, last),
+        node_guid: p.mlx_guid(3, 1, last),
+        port_guid: p.mlx_guid(4, 1, last),
         lid: 0x1c,
         sm_lid: 1,
         pkeys: &[0xffff, 0x8001],

@@ -30,6 +30,7 @@ fn gen_into(profile: Profile, vfs: Option<u32>) -> (tempfile::TempDir, PathBuf, 
         profile,
         out: out.clone(),
         vfs,
+        host_id: 0,
     })
     .unwrap();
     (tmp, out, summary)
@@ -157,6 +158,7 @@ fn non_empty_out_dir_is_refused() {
         profile: Profile::NoAcs,
         out: tmp.path().to_path_buf(),
         vfs: None,
+        host_id: 0,
     })
     .unwrap_err();
     assert!(matches!(e, SimError::OutNotEmpty { .. }), "{e}");
@@ -170,6 +172,7 @@ fn non_empty_out_dir_is_refused() {
         profile: Profile::NoAcs,
         out: file,
         vfs: None,
+        host_id: 0,
     })
     .unwrap_err();
     assert!(matches!(e, SimError::OutNotDirectory { .. }), "{e}");
@@ -181,6 +184,7 @@ fn non_empty_out_dir_is_refused() {
         profile: Profile::NoAcs,
         out: empty,
         vfs: None,
+        host_id: 0,
     })
     .unwrap();
 }
@@ -202,6 +206,7 @@ fn vfs_bounds_are_enforced() {
             profile,
             out: out.clone(),
             vfs: Some(given),
+            host_id: 0,
         })
         .unwrap_err();
         match e {
@@ -214,6 +219,7 @@ fn vfs_bounds_are_enforced() {
         profile: Profile::S390Ap,
         out: tmp.path().join("s"),
         vfs: Some(4),
+        host_id: 0,
     })
     .unwrap_err();
     assert_eq!(
@@ -224,6 +230,7 @@ fn vfs_bounds_are_enforced() {
         profile: Profile::Cx6Ib,
         out: tmp.path().join("c"),
         vfs: Some(4),
+        host_id: 0,
     })
     .unwrap_err();
     assert_eq!(
@@ -1002,4 +1009,65 @@ fn builder_rejects_bad_paths_and_duplicates() {
     assert!(e.to_string().contains("0000:3b:00.0"), "{e}");
     let s = b.finish();
     assert_eq!((s.files, s.dirs), (1, 1));
+}
+
+/// Every InfiniBand GUID a generated tree holds: the IB devices' node and port
+/// GUIDs and the VFs' OFED `sriov/<N>/{node,port}` attributes (zero, "not
+/// set", left out).
+fn ib_guids(root: &Path) -> std::collections::BTreeSet<String> {
+    fn walk(dir: &Path, out: &mut std::collections::BTreeSet<String>) {
+        let Ok(rd) = fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            let ft = e.file_type().unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if ft.is_dir() {
+                walk(&p, out);
+            } else if ft.is_file()
+                && (name == "node_guid"
+                    || name == "sys_image_guid"
+                    || ((name == "node" || name == "port")
+                        && p.parent()
+                            .and_then(Path::parent)
+                            .is_some_and(|g| g.ends_with("sriov"))))
+            {
+                let v = fs::read_to_string(&p).unwrap().trim().replace(':', "");
+                // An unassigned VF GUID reads as zero on every host.
+                if v.bytes().any(|b| b != b'0') {
+                    out.insert(v);
+                }
+            }
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(&root.join("sys/devices"), &mut out);
+    out
+}
+
+/// `--host-id` gives a host's InfiniBand GUIDs their own byte, so several
+/// simulated hosts can be nodes of one fabric; host 0 keeps the documented ones.
+#[test]
+fn host_ids_give_disjoint_ib_guids_and_zero_keeps_the_profiles_own() {
+    let gen_host = |id: u8| {
+        let tmp = scratch();
+        let out = tmp.path().join("host");
+        generate(&GenerateOptions {
+            profile: Profile::Cx6Ib,
+            out: out.clone(),
+            vfs: Some(8),
+            host_id: id,
+        })
+        .unwrap();
+        let g = ib_guids(&out);
+        drop(tmp);
+        g
+    };
+    let (h0, h1, h2) = (gen_host(0), gen_host(1), gen_host(2));
+    assert!(h0.len() >= 16, "{h0:?}");
+    assert_eq!(h0.len(), h1.len());
+    assert!(h0.contains("0c42a10340000000"), "{h0:?}");
+    let shared: Vec<_> = h0.intersection(&h1).collect();
+    assert!(shared.is_empty(), "{shared:?}");
+    assert!(h0.is_disjoint(&h2) && h1.is_disjoint(&h2));
+    assert!(h1.contains("0c42a10240000000"), "{h1:?}");
 }

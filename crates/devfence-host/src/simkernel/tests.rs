@@ -28,6 +28,7 @@ fn host(profile: Profile) -> Host {
         profile,
         out: root.clone(),
         vfs: None,
+        host_id: 0,
     })
     .unwrap();
     let k = SimKernel::new(HostRoot::new(&root)).unwrap();
