@@ -102,6 +102,8 @@ use std::fmt::Write as _;
 
 use stateright::{Model, Path, Property};
 
+pub mod fleet;
+
 /// Name of the safety property: B's VM never runs on A's membership.
 pub const VM_NEVER_ON_A: &str =
     "B's VM never runs while the port, the VF or the old GUID carries A's membership";
