@@ -47,6 +47,13 @@
 //! (observed) is a txn guarded by the controller's lease. The other variants drop one
 //! part each and must be caught.
 //!
+//! # When the view is read ([`ViewRead`])
+//!
+//! [`ViewRead::AfterElection`] is the design: a controller reads the desired view it
+//! applies after it won the election. [`ViewRead::CachedBeforeElection`] lets a
+//! standby keep a view warm and apply it as soon as it is elected: its token is the
+//! newest, so no fence stops it, and the view may predate the host's write.
+//!
 //! # Properties
 //!
 //! [`crate::VM_NEVER_ON_A`] (`always`), the one-host property unchanged: never is B's
@@ -157,6 +164,9 @@ pub enum Swept {
 pub enum Phase {
     /// Knows it does not lead.
     Follower,
+    /// [`ViewRead::CachedBeforeElection`] only: a follower that keeps this desired
+    /// view warm, to apply it at once when elected.
+    Standby(Desired),
     /// Believes it leads; no batch in hand.
     Leader,
     /// Believes it leads and has read this desired view.
@@ -169,12 +179,13 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// The desired view the controller has in hand, if any.
+    /// The desired view the controller acts on as a leader, if any (a standby's
+    /// cache is not acted on until it is elected).
     #[must_use]
     pub fn view(self) -> Option<Desired> {
         match self {
             Phase::Viewed(v) | Phase::Checked(v) | Phase::Applied(v, _) => Some(v),
-            Phase::Follower | Phase::Leader => None,
+            Phase::Follower | Phase::Standby(_) | Phase::Leader => None,
         }
     }
 }
@@ -308,6 +319,7 @@ impl fmt::Display for FleetState {
             let me = self.ctl[c.idx()];
             let phase = match me.phase {
                 Phase::Follower => "follower".to_string(),
+                Phase::Standby(v) => format!("standby {v:?}"),
                 Phase::Leader => "leader".to_string(),
                 Phase::Viewed(v) => format!("viewed {v:?}"),
                 Phase::Checked(v) => format!("checked {v:?}"),
@@ -358,7 +370,8 @@ pub enum Action {
     LeaseExpires,
     /// A controller whose lease is gone notices (keepalive failed) and follows.
     StepDown(Ctl),
-    /// A controller that believes it leads reads the desired view.
+    /// A controller that believes it leads reads the desired view (or, with
+    /// [`ViewRead::CachedBeforeElection`], a follower warms its cache).
     ReadDesired(Ctl),
     /// Replace the SM's partitions file with the view (and the token), in one step
     /// with the token check when the fencing has one.
@@ -445,6 +458,17 @@ pub enum PublishWhen {
     BeforeSweep,
 }
 
+/// When a controller reads the desired view it applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ViewRead {
+    /// The design: after it won the election (a linearizable read, so at a
+    /// revision at or after its token, the leader key's create revision).
+    AfterElection,
+    /// Broken: a standby keeps the view warm while it follows and applies it as
+    /// soon as it is elected.
+    CachedBeforeElection,
+}
+
 /// The fleet model with its variants.
 #[derive(Clone, Debug)]
 pub struct Fleet {
@@ -454,6 +478,8 @@ pub struct Fleet {
     pub gate: HostGate,
     /// When controllers publish observed.
     pub publish: PublishWhen,
+    /// When controllers read the view they apply.
+    pub view_read: ViewRead,
     /// At most this many elections (bounds the state space).
     pub max_elections: u8,
 }
@@ -466,6 +492,7 @@ impl Fleet {
             fencing,
             gate: HostGate::ObservedAndSa,
             publish: PublishWhen::AfterReadBack,
+            view_read: ViewRead::AfterElection,
             max_elections: 3,
         }
     }
@@ -481,6 +508,13 @@ impl Fleet {
     #[must_use]
     pub fn with_publish(mut self, publish: PublishWhen) -> Self {
         self.publish = publish;
+        self
+    }
+
+    /// The same model with another rule for reading the view.
+    #[must_use]
+    pub fn with_view_read(mut self, view_read: ViewRead) -> Self {
+        self.view_read = view_read;
         self
     }
 
@@ -565,9 +599,12 @@ impl Model for Fleet {
             let me = s.ctl[c.idx()];
             let holds_lease = s.leader == Some((c, me.token));
             match me.phase {
-                Phase::Follower => {
+                Phase::Follower | Phase::Standby(_) => {
                     if s.leader.is_none() && s.elections < self.max_elections {
                         actions.push(Action::Campaign(c));
+                    }
+                    if self.view_read == ViewRead::CachedBeforeElection {
+                        actions.push(Action::ReadDesired(c));
                     }
                 }
                 Phase::Leader => actions.push(Action::ReadDesired(c)),
@@ -586,7 +623,8 @@ impl Model for Fleet {
                     actions.push(Action::Retry(c));
                 }
             }
-            if me.phase != Phase::Follower && !holds_lease {
+            let follows = matches!(me.phase, Phase::Follower | Phase::Standby(_));
+            if !follows && !holds_lease {
                 actions.push(Action::StepDown(c));
             }
         }
@@ -621,14 +659,24 @@ impl Model for Fleet {
             Action::Campaign(c) => {
                 s.elections += 1;
                 s.leader = Some((c, s.elections));
+                // A standby applies its cached view at once.
+                let phase = match s.ctl[c.idx()].phase {
+                    Phase::Standby(view) => Phase::Viewed(view),
+                    _ => Phase::Leader,
+                };
                 s.ctl[c.idx()] = CtlState {
-                    phase: Phase::Leader,
+                    phase,
                     token: s.elections,
                 };
             }
             Action::LeaseExpires => s.leader = None,
             Action::StepDown(c) => s.ctl[c.idx()].phase = Phase::Follower,
-            Action::ReadDesired(c) => s.ctl[c.idx()].phase = Phase::Viewed(s.desired),
+            Action::ReadDesired(c) => {
+                s.ctl[c.idx()].phase = match s.ctl[c.idx()].phase {
+                    Phase::Follower | Phase::Standby(_) => Phase::Standby(s.desired),
+                    _ => Phase::Viewed(s.desired),
+                };
+            }
             Action::Apply(c) => {
                 let me = s.ctl[c.idx()];
                 let Phase::Viewed(view) = me.phase else {

@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 
 use devfence_modelcheck::fleet::{
     Action, Ctl, Desired, Fencing, Fleet, FleetState, HostGate, OBSERVED_STAYS_TRUE,
-    PORT_NEVER_ON_A, Phase, PublishWhen, STALE_LEADER_BESIDE_VM, render,
+    PORT_NEVER_ON_A, Phase, PublishWhen, STALE_LEADER_BESIDE_VM, ViewRead, render,
 };
 use devfence_modelcheck::{GuidId, Keys, VM_NEVER_ON_A, VM_RUNS};
 use stateright::{Checker, Model, Path};
@@ -333,4 +333,26 @@ fn the_hosts_sa_read_keeps_the_port_table_off_a_even_unfenced() {
             checker.unique_state_count()
         );
     }
+}
+
+#[test]
+fn a_standby_that_applies_a_view_read_before_its_election_is_not_fenced() {
+    // A standby that kept the pre-handover view warm, elected after the handover
+    // was applied and B's VM started, applies it with the newest token: no fence
+    // refuses it. The view must be read after the election (at a revision at or
+    // after the token).
+    let model = Fleet::new(Fencing::Full).with_view_read(ViewRead::CachedBeforeElection);
+    let path = counterexample(
+        "Full fencing, view cached before the election",
+        &model,
+        VM_NEVER_ON_A,
+        FleetState::b_on_a_membership,
+    );
+    let last = path.last_state().clone();
+    assert!(last.cfg_old.meets(Keys::A), "{last}");
+    let stale = stale_holder(&last).expect("a controller holds the old view");
+    let me = last.ctl[stale.idx()];
+    assert!(me.token > last.ctl[other(stale).idx()].token, "{last}");
+    assert_eq!(last.file_token, me.token, "{last}");
+    assert_eq!(last.leader, Some((stale, me.token)), "it leads: {last}");
 }
