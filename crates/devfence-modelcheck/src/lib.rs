@@ -5,6 +5,9 @@
 //! This file is the specification of the engine's IB handover; `docs/model-check.md`
 //! explains it with the state counts and a counterexample.
 //!
+//! The same handover in a fleet — two fabric controllers elected through an etcd
+//! lease, one of which may resume on a stale view — is the [`fleet`] module.
+//!
 //! # What is modelled
 //!
 //! One VF whose port GUID is its IB identity. Tenant A holds two partitions
