@@ -143,7 +143,35 @@ fn stale_holder(s: &FleetState) -> Option<Ctl> {
 
 #[test]
 fn fenced_controllers_keep_b_off_a_membership_over_all_interleavings() {
-    holds("Full fencing", &Fleet::new(Fencing::Full));
+    let model = Fleet::new(Fencing::Full);
+    holds("Full fencing", &model);
+    // The fence does the work: B's VM runs while a deposed controller, about to
+    // apply the pre-handover view, holds an older token than the file's; its
+    // apply is refused and leaves the file as it was.
+    let path = shortest_run_to(&model, |s| {
+        s.vm_b
+            && Ctl::ALL.into_iter().any(|c| {
+                let me = s.ctl[c.idx()];
+                me.phase == Phase::Viewed(Desired::Before) && me.token < s.file_token
+            })
+    })
+    .expect("a deposed controller with the old view beside B's VM is reachable");
+    let at = path.last_state().clone();
+    println!(
+        "Full fencing: a stale apply about to be refused:\n{}",
+        render(&path)
+    );
+    let stale = stale_holder(&at).expect("a controller holds the old view");
+    let after = model
+        .next_state(&at, Action::Apply(stale))
+        .expect("the apply is a step");
+    assert_eq!(after.ctl[stale.idx()].phase, Phase::Follower, "{after}");
+    assert_eq!(
+        (after.cfg_old, after.cfg_new, after.file_token),
+        (at.cfg_old, at.cfg_new, at.file_token),
+        "the refused apply changed the file: {after}"
+    );
+    assert!(!after.b_on_a_membership(), "{after}");
 }
 
 #[test]
