@@ -5,6 +5,9 @@
 //! This file is the specification of the engine's IB handover; `docs/model-check.md`
 //! explains it with the state counts and a counterexample.
 //!
+//! The same handover in a fleet — two fabric controllers elected through an etcd
+//! lease, one of which may resume on a stale view — is the [`fleet`] module.
+//!
 //! # What is modelled
 //!
 //! One VF whose port GUID is its IB identity. Tenant A holds two partitions
@@ -101,6 +104,8 @@ use std::fmt;
 use std::fmt::Write as _;
 
 use stateright::{Model, Path, Property};
+
+pub mod fleet;
 
 /// Name of the safety property: B's VM never runs on A's membership.
 pub const VM_NEVER_ON_A: &str =
