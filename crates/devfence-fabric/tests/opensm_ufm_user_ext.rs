@@ -377,3 +377,69 @@ fn a_p_key_ufm_uses_is_refused_before_the_merge() {
         },
     );
 }
+
+/// The extension file gets the partitions file's safety: an operator's edit
+/// saved while devfence applies is kept (compare-and-replace: the work is
+/// redone on the new text), a symlink is refused, an operator's line OpenSM
+/// would misread is refused before anything is written or merged.
+#[test]
+fn the_extension_file_gets_the_partitions_files_safety() {
+    in_fabric(
+        "the_extension_file_gets_the_partitions_files_safety",
+        &spec(ufm_model()),
+        |f| {
+            let merge = play_ufm(f, &ufm_model());
+            let sm = backend(ufm_cfg(f, PartitionsMode::UfmUserExt, &merge));
+            // An operator saves a line while devfence applies (once).
+            let edit = format!("op_late=0x8201 : {}=full ;\n", vf(2));
+            let once = std::sync::Mutex::new(Some(edit.clone()));
+            sm.set_before_replace(move |p| {
+                if let Some(line) = once.lock().expect("lock").take() {
+                    let mut t = std::fs::read_to_string(p).unwrap_or_default();
+                    t.push_str(&line);
+                    std::fs::write(p, t).expect("operator edit");
+                }
+            });
+            grant(&sm, vf(0), A);
+            let e = std::fs::read_to_string(ext(f)).expect("ext");
+            assert!(e.starts_with(&edit), "the operator's edit is kept: {e}");
+            assert!(e.contains(&vf(0).to_string()), "{e}");
+            until("the operator's late partition at vf2", || {
+                table(vf(2)).contains(&PKey(0x8201))
+            });
+
+            // An operator's line OpenSM would misread: refused, nothing merged.
+            let typo = format!("{e}broken=0x8202 : 0x1\u{a0}=full ;\n");
+            std::fs::write(ext(f), &typo).expect("typo");
+            let merged = std::fs::read_to_string(pf(f)).expect("pf");
+            let sm = backend(ufm_cfg(f, PartitionsMode::UfmUserExt, &merge));
+            sm.stage_add(vf(1), key(A), Membership::Full)
+                .expect("stage");
+            let err = sm.apply().expect_err("typo").to_string();
+            assert!(err.contains("U+00A0") && err.contains("Hint:"), "{err}");
+            assert_eq!(std::fs::read_to_string(ext(f)).expect("ext"), typo);
+            assert_eq!(std::fs::read_to_string(pf(f)).expect("pf"), merged);
+            assert_eq!(sm.discard_staged(), 1);
+
+            // A symlinked extension file: refused, the link left alone.
+            let real = f.dir().join("ext-real");
+            std::fs::write(&real, &e).expect("real");
+            std::fs::remove_file(ext(f)).expect("rm");
+            std::os::unix::fs::symlink(&real, ext(f)).expect("symlink");
+            sm.stage_add(vf(1), key(A), Membership::Full)
+                .expect("stage");
+            let err = sm.apply().expect_err("symlink").to_string();
+            assert!(
+                err.contains("symbolic link") && err.contains("Hint:"),
+                "{err}"
+            );
+            assert!(
+                std::fs::symlink_metadata(ext(f))
+                    .expect("meta")
+                    .file_type()
+                    .is_symlink()
+            );
+            assert_eq!(std::fs::read_to_string(&real).expect("real"), e);
+        },
+    );
+}

@@ -952,6 +952,58 @@ mod tests {
         assert!(e.contains("partitions_mode") && e.contains("Hint:"), "{e}");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// For any membership and any operator extension text and UFM content
+        /// (statements over a few P_Keys and GUIDs): when devfence's extension
+        /// file and UFM's merge of it parse, the merged file reads back as
+        /// exactly devfence's membership, configures every member's P_Keys,
+        /// keeps UFM's and the operator's partitions, and the block never
+        /// defines the default partition.
+        #[test]
+        fn the_merge_of_the_extension_file_keeps_devfences_membership(
+            members in proptest::collection::vec((0u64..6, 1u16..5, proptest::prelude::any::<bool>()), 0..12),
+            operator in proptest::collection::vec((1u16..8, 0u64..6, proptest::prelude::any::<bool>()), 0..4),
+            ufm in proptest::collection::vec((1u16..8, 0u64..6), 0..4),
+        ) {
+            let g = |i: u64| Guid(0x0002_c903_00f0_0001 + 2 * i);
+            let mut map = MembershipMap::new();
+            for (i, k, full) in members {
+                let k = PartitionKey::new(0x8000 | k).expect("key");
+                let m = if full { Membership::Full } else { Membership::Limited };
+                let _ = map.insert(g(i), k, m);
+            }
+            let stmt = |who: &str, n: usize, k: u16, i: u64, full: bool| {
+                format!("{who}{n}=0x{:04x} : {}={} ;\n", 0x8000 | k, g(i), if full { "full" } else { "limited" })
+            };
+            let op: String = operator.iter().enumerate().map(|(n, (k, i, f))| stmt("op", n, *k, *i, *f)).collect();
+            let model: String = std::iter::once("management=0x7fff, ipoib : ALL=limited, SELF=full ;\n".to_owned())
+                .chain(ufm.iter().enumerate().map(|(n, (k, i))| stmt("ufm", n, 0x40 + k, *i, true)))
+                .collect();
+            let Ok(parsed) = partitions::parse(&op) else { return Ok(()); };
+            let block = render_user_ext_block(&map);
+            let ext = partitions::with_block(&op, &parsed, &block);
+            let Ok(ext_parsed) = partitions::parse(&ext) else { return Ok(()); };
+            proptest::prop_assert!(ext.starts_with(&op));
+            proptest::prop_assert_eq!(ext_parsed.managed().expect("own block"), map.clone());
+            proptest::prop_assert!(ext_parsed.statements.iter().all(|s| !s.managed || s.base() != 0x7fff));
+            let merged = format!("{model}{ext}");
+            let Ok(m) = partitions::parse(&merged) else { return Ok(()); };
+            proptest::prop_assert_eq!(m.managed().expect("own block"), map.clone());
+            let model_bases = partitions::parse(&model).expect("model").operator_bases();
+            proptest::prop_assert!(model_bases.is_subset(&m.operator_bases()));
+            proptest::prop_assert!(parsed.operator_bases().is_subset(&m.operator_bases()));
+            for (guid, k, mem) in map.iter() {
+                let want = match mem {
+                    Membership::Full => devfence_model::PKey(k.base() | 0x8000),
+                    Membership::Limited => devfence_model::PKey(k.base()),
+                };
+                proptest::prop_assert!(m.configured_for(guid).contains(&want));
+            }
+        }
+    }
+
     /// The extension block reads back as the membership, holds no default
     /// partition, and fits after a UFM file that defines `0x7fff` — where the
     /// `direct` block (which renders the default partition) would conflict.
