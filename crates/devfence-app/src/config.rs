@@ -13,6 +13,8 @@
 //! partitions_file = "/etc/opensm/partitions.conf"
 //! log_file = "/var/log/opensm.log"
 //! pid_file = "/run/opensm.pid"  # optional: else the one process named opensm
+//! # partitions_mode = "ufm-user-ext" # OpenSM managed by UFM (docs/fabric-opensm.md)
+//! # ufm_merge_command = ["/opt/ufm/scripts/sync_partitions_conf.sh"]
 //! [fabric.opensm.sa]
 //! sm_key = "0x1"               # OpenSM's sm_key: the SA answers P_Key tables only to it
 //! timeout_ms = 200
