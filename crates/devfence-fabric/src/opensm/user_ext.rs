@@ -180,7 +180,10 @@ impl OpenSmConfig {
         let exists = std::fs::symlink_metadata(&user_ext).is_ok();
         let under_ufm = self.partitions_file.starts_with(UFM_DIR);
         let (mode, why) = match self.partitions_mode {
-            PartitionsMode::Direct => (PartitionsMode::Direct, "configured".to_owned()),
+            PartitionsMode::Direct => (
+                PartitionsMode::Direct,
+                "configured or the default".to_owned(),
+            ),
             PartitionsMode::UfmUserExt => (PartitionsMode::UfmUserExt, "configured".to_owned()),
             PartitionsMode::Auto if exists => (
                 PartitionsMode::UfmUserExt,
