@@ -13,6 +13,8 @@
 //! partitions_file = "/etc/opensm/partitions.conf"
 //! log_file = "/var/log/opensm.log"
 //! pid_file = "/run/opensm.pid"  # optional: else the one process named opensm
+//! # partitions_mode = "ufm-user-ext" # OpenSM managed by UFM (docs/fabric-opensm.md)
+//! # ufm_merge_command = ["/opt/ufm/scripts/sync_partitions_conf.sh"]
 //! [fabric.opensm.sa]
 //! sm_key = "0x1"               # OpenSM's sm_key: the SA answers P_Key tables only to it
 //! timeout_ms = 200
@@ -243,6 +245,26 @@ pub const KEYS: &[Key] = &[
         "fabric.opensm.pid_file",
         "-",
         "A file holding OpenSM's PID; without one, devfence signals the one process named opensm.",
+    ),
+    key(
+        "fabric.opensm.partitions_mode",
+        "\"direct\"",
+        "Where devfence writes its block: \"direct\" (into partitions_file, then SIGHUP), \"ufm-user-ext\" (OpenSM managed by NVIDIA UFM, which regenerates partitions_file on every model change: devfence writes UFM's partitions.conf.user_ext and runs ufm_merge_command; the default partition is UFM's), or \"auto\" (ufm-user-ext when the extension file exists or partitions_file is under /opt/ufm/, else direct). devfence status names the mode in use and why.",
+    ),
+    key(
+        "fabric.opensm.ufm_user_ext_file",
+        "-",
+        "UFM's extension file (ufm-user-ext mode). Default: conf/partitions.conf.user_ext when partitions_file is conf/opensm/partitions.conf (UFM's layout), else partitions_file + \".user_ext\". A regular file, never a symlink; the operator's lines in it are kept.",
+    ),
+    key(
+        "fabric.opensm.ufm_merge_command",
+        "-",
+        "The command that has UFM merge the extension file into partitions_file (argv list, run without a shell, absolute program path), e.g. [\"/opt/ufm/scripts/sync_partitions_conf.sh\"]. Required in ufm-user-ext mode. A non-zero exit, a timeout or a merged file without devfence's block rolls the extension file back (the change stays staged). Never put a secret in it: argv is readable by every local user.",
+    ),
+    key(
+        "fabric.opensm.ufm_merge_timeout_ms",
+        "60000",
+        "How long ufm_merge_command may run before it and its process group are killed (1 to 600000).",
     ),
     key(
         "fabric.opensm.sa.ca",
@@ -523,6 +545,11 @@ impl Config {
         if let Some(u) = &c.fabric.ufm {
             u.validate().map_err(|e| {
                 ConfigError::Invalid(format!("{}: [fabric.ufm] {e}", path.display()))
+            })?;
+        }
+        if let Some(o) = &c.fabric.opensm {
+            o.validate().map_err(|e| {
+                ConfigError::Invalid(format!("{}: [fabric.opensm] {e}", path.display()))
             })?;
         }
         for (section, sa) in [
@@ -904,7 +931,7 @@ mod tests {
     /// documented is one the parser accepts.
     #[test]
     fn every_key_is_documented_once_in_keys() {
-        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\naudit_export = \"syslog\"\nsyslog_socket = \"/dev/log\"\nsyslog_facility = \"local3\"\nverify_interval = 30\nbatch_window = 20\n[fleet]\nbackend = \"etcd\"\nendpoints = [\"https://e1:2379\"]\nca = \"/ca.pem\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nprefix = \"df\"\nfabric = \"ib0\"\ntimeout_ms = 5000\nlease_ttl_s = 15\n";
+        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\npartitions_mode = \"auto\"\nufm_user_ext_file = \"/opt/ufm/files/conf/partitions.conf.user_ext\"\nufm_merge_command = [\"/opt/ufm/scripts/sync_partitions_conf.sh\"]\nufm_merge_timeout_ms = 30000\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\naudit_export = \"syslog\"\nsyslog_socket = \"/dev/log\"\nsyslog_facility = \"local3\"\nverify_interval = 30\nbatch_window = 20\n[fleet]\nbackend = \"etcd\"\nendpoints = [\"https://e1:2379\"]\nca = \"/ca.pem\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nprefix = \"df\"\nfabric = \"ib0\"\ntimeout_ms = 5000\nlease_ttl_s = 15\n";
         let c = Config::parse(text, Path::new("t.toml")).expect("parses");
         let v = toml::Value::try_from(&c).expect("serializes");
         fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
@@ -943,6 +970,72 @@ mod tests {
         let man = man_page();
         assert!(man.contains("fabric.opensm.log_file") || man.contains("fabric.opensm.log_file"));
         assert!(man.starts_with(".TH DEVFENCE.TOML 5"), "{man}");
+    }
+
+    /// issue 13 item 4: the UFM keys of `[fabric.opensm]` are checked when the
+    /// file is read; a bad value is refused naming the file, the key and a hint.
+    #[test]
+    fn the_opensm_partitions_mode_keys() {
+        let p = Path::new("/etc/devfence/devfence.toml");
+        let ok = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npartitions_file = \"/opt/ufm/files/conf/opensm/partitions.conf\"\npartitions_mode = \"ufm-user-ext\"\nufm_merge_command = [\"/opt/ufm/scripts/sync_partitions_conf.sh\"]\n";
+        let c = Config::parse(ok, p).expect("parses");
+        assert_eq!(
+            c.opensm().partitions_mode,
+            devfence_fabric::opensm::PartitionsMode::UfmUserExt
+        );
+        assert_eq!(
+            c.opensm().user_ext_path(),
+            PathBuf::from("/opt/ufm/files/conf/partitions.conf.user_ext")
+        );
+        assert_eq!(
+            Config::parse("", p)
+                .expect("empty")
+                .opensm()
+                .partitions_mode,
+            devfence_fabric::opensm::PartitionsMode::Direct
+        );
+        for (text, want) in [
+            (
+                "[fabric.opensm]\npartitions_mode = \"ufm\"\n",
+                "partitions_mode",
+            ),
+            (
+                "[fabric.opensm]\npartitions_mode = \"ufm-user-ext\"\n",
+                "needs ufm_merge_command",
+            ),
+            (
+                "[fabric.opensm]\npartitions_mode = \"auto\"\nufm_merge_command = []\n",
+                "ufm_merge_command is empty",
+            ),
+            (
+                "[fabric.opensm]\npartitions_mode = \"auto\"\nufm_merge_command = [\"sync.sh\"]\n",
+                "not an absolute path",
+            ),
+            (
+                "[fabric.opensm]\npartitions_mode = \"auto\"\nufm_merge_command = \"/bin/sync.sh\"\n",
+                "line 3",
+            ),
+            (
+                "[fabric.opensm]\npartitions_mode = \"auto\"\nufm_merge_timeout_ms = 0\n",
+                "ufm_merge_timeout_ms = 0",
+            ),
+            (
+                "[fabric.opensm]\npartitions_mode = \"auto\"\nufm_user_ext_file = \"ext\"\n",
+                "ufm_user_ext_file",
+            ),
+            (
+                "[fabric.opensm]\nufm_merge_command = [\"/bin/sync.sh\"]\n",
+                "partitions_mode is \"direct\"",
+            ),
+        ] {
+            let e = Config::parse(text, p).expect_err(want);
+            let m = chain(&e);
+            assert!(
+                m.contains(want) && m.contains("devfence.toml"),
+                "{text}: {m}"
+            );
+            assert!(m.contains("Hint"), "{m}");
+        }
     }
 
     /// issue 13: `[fleet]` is checked when the file is read: TLS verified by

@@ -341,6 +341,7 @@ impl Fabric {
             log_file: self.dir.join("opensm.log"),
             pid_file: Some(self.dir.join("opensm.pid")),
             sa: SaConfig::default(),
+            ..OpenSmConfig::default()
         }
     }
 

@@ -37,6 +37,7 @@ pub mod mad;
 pub mod partitions;
 pub mod sa;
 mod umad;
+pub mod user_ext;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Write as _};
@@ -53,6 +54,7 @@ use crate::{
     PortView, SmState, SmStatus, SubnetManager, SweepOutcome, Ticket,
 };
 pub use sa::{SaClient, SaConfig, port_tables};
+pub use user_ext::{DEFAULT_MERGE_TIMEOUT_MS, ModeInUse, PartitionsMode};
 
 const BACKEND: &str = "opensm";
 
@@ -72,6 +74,18 @@ pub struct OpenSmConfig {
     pub pid_file: Option<PathBuf>,
     /// How to reach the SA.
     pub sa: SaConfig,
+    /// Where devfence writes its block: OpenSM's partitions file (`direct`),
+    /// UFM's `partitions.conf.user_ext` merged by UFM (`ufm-user-ext`), or
+    /// detected (`auto`); see [`user_ext`].
+    pub partitions_mode: PartitionsMode,
+    /// UFM's extension file (default: UFM's layout beside the partitions
+    /// file's `opensm/` directory, else `<partitions_file>.user_ext`).
+    pub ufm_user_ext_file: Option<PathBuf>,
+    /// The command that has UFM merge the extension file into the partitions
+    /// file (argv, run without a shell).
+    pub ufm_merge_command: Option<Vec<String>>,
+    /// How long the merge command may run, in milliseconds.
+    pub ufm_merge_timeout_ms: u64,
 }
 
 impl Default for OpenSmConfig {
@@ -81,6 +95,10 @@ impl Default for OpenSmConfig {
             log_file: PathBuf::from("/var/log/opensm.log"),
             pid_file: None,
             sa: SaConfig::default(),
+            partitions_mode: PartitionsMode::default(),
+            ufm_user_ext_file: None,
+            ufm_merge_command: None,
+            ufm_merge_timeout_ms: DEFAULT_MERGE_TIMEOUT_MS,
         }
     }
 }
@@ -716,6 +734,9 @@ impl OpenSmSm {
     /// or restore after OpenSM could not parse what it read. Returns the file as
     /// it now is.
     fn settle_file(&self, status: &SmStatus, pid: Option<i32>) -> Result<String, FabricError> {
+        if self.mode_in_use().is_user_ext() {
+            return self.settle_user_ext(status, pid);
+        }
         let _guard = self.file_lock()?;
         let mut memo = self.memo()?;
         let mut text = self.read_file()?;
@@ -966,6 +987,9 @@ impl SubnetManager for OpenSmSm {
     }
 
     fn apply(&self) -> Result<Ticket, FabricError> {
+        if self.mode_in_use().is_user_ext() {
+            return self.apply_user_ext();
+        }
         let staged = lock(&self.staged).clone();
         let _guard = self.file_lock()?;
         let mut attempt = 0;
@@ -1148,6 +1172,7 @@ impl SubnetManager for OpenSmSm {
             ..
         } = self.status()?;
         let _ = self.reverify(&status);
+        notes.push(self.mode_in_use().note());
         notes.extend(lock(&self.notes).iter().cloned());
         // Restores are persisted: any process's `status` reports them.
         if let Ok(memo) = self.memo() {
