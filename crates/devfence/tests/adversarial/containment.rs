@@ -440,12 +440,12 @@ fn the_hook_never_removes_a_token_through_a_link() {
     let mut child = c.spawn().unwrap();
     {
         use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(xml.as_bytes())
-            .unwrap();
+        // A hook that decides without the XML may exit before reading it
+        // (libvirt ignores the closed pipe too).
+        match child.stdin.take().unwrap().write_all(xml.as_bytes()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            r => r.unwrap(),
+        }
     }
     let o = child.wait_with_output().unwrap();
     assert_eq!(

@@ -107,12 +107,12 @@ fn hook_with(root: &Path, pre: &[&str], name: &str, op: &str, subop: &str, xml: 
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(xml.as_bytes())
-        .unwrap();
+    // A hook that decides without the XML may exit before reading it
+    // (libvirt ignores the closed pipe too).
+    match child.stdin.take().unwrap().write_all(xml.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        r => r.unwrap(),
+    }
     child.wait_with_output().unwrap()
 }
 
