@@ -741,4 +741,26 @@ pub struct ServeArgs {
     /// standard error, one line per event, for journald under systemd.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// What to serve: `host`, the host agent (the default), or
+    /// `fabric-controller`, the fabric controller of --fabric: elected through
+    /// an etcd lease ([fleet] in devfence.toml), one active per fabric and
+    /// standbys ready; it folds every host's desired memberships into one
+    /// apply and one sweep at the SM ([fabric] backend opensm on the SM host,
+    /// or ufm), reads them back and publishes them (docs/fleet.md). It serves
+    /// no socket; SIGTERM resigns its leadership at once.
+    #[arg(long, value_enum, default_value_t = ServeRole::Host)]
+    pub role: ServeRole,
+    /// The fabric the controller leads (required with --role
+    /// fabric-controller; its keys are /PREFIX/NAME/… in etcd).
+    #[arg(long, value_name = "NAME")]
+    pub fabric: Option<String>,
+}
+
+/// What `devfence serve` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServeRole {
+    /// The host agent (docs/agent.md).
+    Host,
+    /// The fabric controller of one fabric (docs/fleet.md).
+    FabricController,
 }
