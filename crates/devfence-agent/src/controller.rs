@@ -121,6 +121,10 @@ fn open_sm(cfg: &Config) -> Result<Arc<dyn SubnetManager>, ControllerServeError>
 pub fn serve(opts: &ControllerOptions) -> Result<(), ControllerServeError> {
     use tokio::signal::unix::{SignalKind, signal};
     crate::log::init(opts.log_level.as_deref()).map_err(ControllerServeError::Invalid)?;
+    let fabric: Name = opts
+        .fabric
+        .parse()
+        .map_err(|e| ControllerServeError::Invalid(format!("--fabric: {e}")))?;
     let cfg = Config::load(&opts.root, opts.config.as_deref())?;
     let Some(fleet) = &cfg.fleet else {
         return Err(ControllerServeError::Invalid(
@@ -130,10 +134,7 @@ pub fn serve(opts: &ControllerOptions) -> Result<(), ControllerServeError> {
     let mut settings = fleet
         .check()
         .map_err(|e| ControllerServeError::Invalid(format!("[fleet] {e}")))?;
-    settings.fabric = opts
-        .fabric
-        .parse()
-        .map_err(|e| ControllerServeError::Invalid(format!("--fabric: {e}")))?;
+    settings.fabric = fabric;
     let sm = open_sm(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
