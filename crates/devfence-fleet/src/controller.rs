@@ -454,18 +454,33 @@ async fn keep_lease(
         let sent = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         let r = store
             .call("keep the controller's lease alive", |mut c| async move {
-                let (_k, mut s) = c.lease_keep_alive(lease).await?;
-                s.message().await
+                refresh(&mut c, lease).await
             })
             .await;
         match r {
-            Ok(Some(m)) if m.ttl() > 0 => last_ok.store(sent, Ordering::SeqCst),
-            Ok(_) => {
+            Ok(true) => last_ok.store(sent, Ordering::SeqCst),
+            Ok(false) => {
                 lost.store(true, Ordering::SeqCst);
                 return;
             }
             Err(_) => {}
         }
+    }
+}
+
+/// One refresh of `lease`: `true` when etcd refreshed it, `false` when it is
+/// gone. etcd-client's `lease_keep_alive` sends the first request of the
+/// stream and reads its answer itself (a TTL of 0 or less is its
+/// `LeaseKeepAliveError`); waiting for another message on the returned stream
+/// would wait for an answer to a request never sent.
+pub(crate) async fn refresh(
+    c: &mut etcd_client::Client,
+    lease: i64,
+) -> std::result::Result<bool, etcd_client::Error> {
+    match c.lease_keep_alive(lease).await {
+        Ok(_) => Ok(true),
+        Err(etcd_client::Error::LeaseKeepAliveError(_)) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

@@ -1627,13 +1627,12 @@ async fn keep_alive(store: FleetStore, lease: i64, lost: Arc<AtomicBool>) {
         tokio::time::sleep(ttl / 3).await;
         let r = store
             .call("keep the host's lease alive", |mut c| async move {
-                let (_k, mut s) = c.lease_keep_alive(lease).await?;
-                s.message().await
+                controller::refresh(&mut c, lease).await
             })
             .await;
         match r {
-            Ok(Some(m)) if m.ttl() > 0 => last_ok = Instant::now(),
-            Ok(_) => {
+            Ok(true) => last_ok = Instant::now(),
+            Ok(false) => {
                 lost.store(true, Ordering::SeqCst);
                 return;
             }

@@ -88,6 +88,16 @@ struct Running {
 }
 
 fn start(rt: &tokio::runtime::Runtime, c: &EtcdCluster, f: &Fabric, who: &str) -> Running {
+    start_with(rt, c, f, who, |_| {})
+}
+
+fn start_with(
+    rt: &tokio::runtime::Runtime,
+    c: &EtcdCluster,
+    f: &Fabric,
+    who: &str,
+    adjust: impl FnOnce(&mut ControllerConfig),
+) -> Running {
     let s = settings(c);
     let store = rt
         .block_on(FleetStore::connect(s.clone()))
@@ -95,6 +105,7 @@ fn start(rt: &tokio::runtime::Runtime, c: &EtcdCluster, f: &Fabric, who: &str) -
     let sm: Arc<dyn SubnetManager> = Arc::new(OpenSmSm::new(f.opensm_config()));
     let mut cfg = ControllerConfig::new(name(who), &s);
     cfg.poll_interval = Duration::from_millis(100);
+    adjust(&mut cfg);
     let ctl = Arc::new(Controller::new(store, sm, cfg));
     let (stop, rx) = tokio::sync::watch::channel(false);
     let c2 = Arc::clone(&ctl);
@@ -328,6 +339,94 @@ fn two_controllers_batch_fence_and_fail_over_on_etcd_and_opensm() {
                     .expect("reads")
                     .is_none()
             );
+        },
+    );
+}
+
+/// The batching window folds a change that arrives after the first into the
+/// same apply; a batch that does not verify at the SA (a GUID on no port yet)
+/// is not published and is reported pending, and is published once the port
+/// appears and the read-back verifies.
+#[test]
+fn the_window_folds_late_changes_and_an_unverified_batch_is_not_published() {
+    in_fabric(
+        "the_window_folds_late_changes_and_an_unverified_batch_is_not_published",
+        &FabricSpec::vfs(3, BASE),
+        |fab| {
+            let c = EtcdCluster::start(&Options::default()).expect("etcd cluster starts");
+            let f = Fleet::connect(settings(&c)).expect("connects");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let probe = OpenSmSm::new(fab.opensm_config());
+            let ctl = start_with(&rt, &c, fab, "ctl-a", |cfg| {
+                cfg.batch_window = Duration::from_secs(3);
+                cfg.verify_timeout = Duration::from_secs(5);
+            });
+            wait_until("the controller to lead", || ctl.ctl.is_leading());
+            f.claim_pkey(&tenant("red"), PKey(0x10)).expect("P_Key");
+            let mut sessions = Vec::new();
+            for h in ["h0", "h1", "h2"] {
+                sessions.push(f.register_host(&name(h)).expect("registers"));
+            }
+            let want = DesiredRecord::new(tenant("red"), vec![PKey(0x8010)]).expect("record");
+
+            // Two hosts' changes, one after the other: one apply.
+            let mut revs = Vec::new();
+            for (i, s) in sessions.iter().take(2).enumerate() {
+                f.claim_guid(s.host(), vf(i as u64)).expect("GUID");
+                revs.push(f.set_desired(s, vf(i as u64), &want).expect("desired"));
+            }
+            for i in 0..2 {
+                wait_until("both published", || {
+                    observed(&f, sessions[i].host().as_str(), vf(i as u64))
+                        .is_some_and(|o| o.record.desired_revision >= revs[i])
+                });
+            }
+            assert_eq!(ctl.ctl.stats().applies, 1, "{:?}", ctl.ctl.stats());
+
+            // A GUID on no port: applied, not verified, not published.
+            let fresh = Guid(BASE.0 + 0x1001);
+            f.claim_guid(sessions[2].host(), fresh).expect("GUID");
+            let rev = f.set_desired(&sessions[2], fresh, &want).expect("desired");
+            wait_until("a failed batch", || ctl.ctl.stats().failed_batches >= 1);
+            assert!(
+                observed(&f, "h2", fresh).is_none(),
+                "an unverified batch was published"
+            );
+            let st = f
+                .block_on(f.store().read_controller_status())
+                .expect("reads")
+                .expect("a status");
+            assert!(st.pending >= 1, "{st:?}");
+            assert!(
+                ctl.ctl
+                    .last_error()
+                    .is_some_and(|e| e.contains("did not verify"))
+            );
+
+            // The port comes up with that GUID: the next round verifies and
+            // publishes it.
+            fab.rotate("vf2", fresh).expect("rotate");
+            wait_until("the fresh GUID published", || {
+                observed(&f, "h2", fresh).is_some_and(|o| o.record.desired_revision >= rev)
+            });
+            assert!(table(&probe, fresh).contains(&PKey(0x8010)));
+            // All along, well past the 6 s lease TTL, the keep-alives held:
+            // the controller was elected once, the hosts' desired entries live.
+            assert_eq!(ctl.ctl.stats().elected, 1, "{:?}", ctl.ctl.stats());
+            assert_eq!(f.desired(None).expect("lists").len(), 3);
+            assert!(sessions.iter().all(|s| !s.is_lost()));
+            let _ = ctl.stop.send(true);
+            rt.block_on(async {
+                tokio::time::timeout(DEADLINE, ctl.task)
+                    .await
+                    .expect("stops in time")
+                    .expect("task")
+                    .expect("clean stop");
+            });
         },
     );
 }
