@@ -755,6 +755,23 @@ impl FleetStore {
     }
 }
 
+impl crate::Fleet {
+    /// See [`FleetStore::read_leader`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn read_leader(&self) -> Result<Option<(LeaderRecord, i64)>, FleetError> {
+        self.rt.block_on(self.store.read_leader())
+    }
+    /// See [`FleetStore::read_controller_status`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn read_controller_status(&self) -> Result<Option<ControllerStatus>, FleetError> {
+        self.rt.block_on(self.store.read_controller_status())
+    }
+}
+
 impl Controller {
     /// A controller of `store`'s fabric driving `sm`.
     #[must_use]

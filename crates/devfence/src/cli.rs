@@ -194,7 +194,8 @@ pub enum Command {
     /// root (or `[agent] socket` in devfence.toml, or --socket), mode 0660, group
     /// `[agent] reader_group`. Root and members of `[agent] admin_group` may act,
     /// members of the reader group may read. Routes, errors and metrics:
-    /// docs/agent.md.
+    /// docs/agent.md. With `--role fabric-controller --fabric NAME` it runs the
+    /// fleet's fabric controller of that fabric instead (docs/fleet.md).
     Serve(ServeArgs),
     /// Print the man page devfence(1) (roff), or write every page to a directory.
     ///
