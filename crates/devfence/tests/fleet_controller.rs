@@ -121,16 +121,17 @@ fn published(f: &Fleet, h: &str, g: Guid, rev: i64) -> Option<u64> {
         .map(|o| o.record.generation)
 }
 
-/// Two controller processes: one leads and publishes three hosts' memberships;
-/// SIGSTOP on the leader → the standby takes over after the lease TTL and
-/// finishes; SIGCONT → the old leader stands by and applies nothing (the
-/// file's token stays the new leader's); SIGTERM → exit 0 and the other takes
-/// over; SIGTERM on the last → no leader key.
+/// Three controller processes: one leads and publishes three hosts'
+/// memberships; SIGSTOP on the leader → a standby takes over after the lease
+/// TTL and finishes; SIGCONT → the old leader stands by and applies nothing
+/// (the file's token stays the new leader's); SIGTERM → exit 0 and another
+/// takes over; SIGKILL on the leader right after a change → the last one
+/// takes over and publishes it; SIGTERM on the last → no leader key.
 #[test]
 fn controller_processes_fail_over_and_the_resumed_one_stands_by() {
     in_fabric(
         "controller_processes_fail_over_and_the_resumed_one_stands_by",
-        &FabricSpec::vfs(4, BASE),
+        &FabricSpec::vfs(5, BASE),
         |fab| {
             let c = EtcdCluster::start(&Options::default()).expect("etcd cluster starts");
             let mut s = FleetSettings::plaintext(c.endpoints(), "dft", "ib0").expect("settings");
@@ -160,26 +161,39 @@ fn controller_processes_fail_over_and_the_resumed_one_stands_by() {
             }
             let one = Ctl::start(&cfg, dir.join("one.log"));
             let two = Ctl::start(&cfg, dir.join("two.log"));
+            let three = Ctl::start(&cfg, dir.join("three.log"));
             for (i, h) in ["h0", "h1", "h2"].into_iter().enumerate() {
                 wait_until("the memberships published", || {
                     published(&f, h, vf(i as u64), revs[i]).is_some()
                 });
             }
             let (who, token1) = leader(&f).expect("a leader");
-            let (lead, standby) = if who.ends_with(&format!("-{}", one.pid())) {
-                (one, two)
-            } else {
-                assert!(who.ends_with(&format!("-{}", two.pid())), "{who}");
-                (two, one)
+            let mut all = vec![one, two, three];
+            let at = all
+                .iter()
+                .position(|c| who.ends_with(&format!("-{}", c.pid())))
+                .expect("the leader is one of the three");
+            let lead = all.remove(at);
+            // The next to lead after `lead` is stopped is one of the other two.
+            let (standby, third) = {
+                let b = all.pop().expect("two left");
+                let a = all.pop().expect("one left");
+                (a, b)
             };
             assert_eq!(file_token(fab), u64::try_from(token1).ok());
 
             // The leader stops (SIGSTOP): after its lease expires the standby
             // leads, applies a new membership and publishes it.
             lead.signal("STOP");
-            wait_until("the standby to lead", || {
-                leader(&f).is_some_and(|(w, _)| w.ends_with(&format!("-{}", standby.pid())))
+            wait_until("a standby to lead", || {
+                leader(&f).is_some_and(|(w, _)| !w.ends_with(&format!("-{}", lead.pid())))
             });
+            let (who2, _) = leader(&f).expect("a leader");
+            let (standby, third) = if who2.ends_with(&format!("-{}", standby.pid())) {
+                (standby, third)
+            } else {
+                (third, standby)
+            };
             let (_, token2) = leader(&f).expect("a leader");
             assert!(token2 > token1);
             f.claim_guid(&name("h0"), vf(3)).expect("GUID");
@@ -199,16 +213,32 @@ fn controller_processes_fail_over_and_the_resumed_one_stands_by() {
             assert_eq!(file_token(fab), u64::try_from(token2).ok());
             assert!(leader(&f).is_some_and(|(w, _)| w.ends_with(&format!("-{}", standby.pid()))));
 
-            // SIGTERM: a clean stop resigns; the other takes over.
-            let other = lead.pid();
+            // SIGTERM: a clean stop resigns; another takes over.
+            let (log, stopped) = (standby.log(), standby.pid());
             assert_eq!(standby.stop(), 0, "exit status of a clean stop");
-            wait_until("the other to lead", || {
-                leader(&f).is_some_and(|(w, _)| w.ends_with(&format!("-{other}")))
-            });
-            let log = lead.log();
-            assert_eq!(lead.stop(), 0, "exit status of a clean stop");
-            assert!(leader(&f).is_none(), "the last controller resigned");
             assert!(log.contains("leading the fabric"), "{log}");
+            wait_until("another to lead", || {
+                leader(&f).is_some_and(|(w, _)| !w.ends_with(&format!("-{stopped}")))
+            });
+            let (who3, _) = leader(&f).expect("a leader");
+            let (killed, last) = if who3.ends_with(&format!("-{}", lead.pid())) {
+                (lead, third)
+            } else {
+                (third, lead)
+            };
+
+            // SIGKILL the leader right after a change arrives: the last one
+            // takes over when its lease expires, and finishes.
+            f.claim_guid(&name("h1"), vf(4)).expect("GUID");
+            let want = DesiredRecord::new(tenant("blue"), vec![PKey(0x8020)]).expect("record");
+            let rev4 = f.set_desired(&sessions[1], vf(4), &want).expect("desired");
+            killed.signal("KILL");
+            wait_until("the last one published", || {
+                published(&f, "h1", vf(4), rev4).is_some()
+            });
+            assert!(leader(&f).is_some_and(|(w, _)| w.ends_with(&format!("-{}", last.pid()))));
+            assert_eq!(last.stop(), 0, "exit status of a clean stop");
+            assert!(leader(&f).is_none(), "the last controller resigned");
         },
     );
 }
