@@ -42,6 +42,7 @@ pub mod api;
 pub mod auth;
 pub mod batch;
 pub mod client;
+pub mod controller;
 pub mod events;
 pub mod export;
 pub mod hook;

@@ -442,6 +442,11 @@ pub const KEYS: &[Key] = &[
         "The TTL of this host's etcd lease (2-300 s); its desired memberships go when it expires.",
     ),
     key(
+        "fleet.batch_window_ms",
+        "50",
+        "The fabric controller's batching window (0-10000 ms): after the first desired change it sees, it waits this long and folds every host's changes into one apply and one SM sweep (docs/fleet.md).",
+    ),
+    key(
         "agent.batch_window",
         "20",
         "Milliseconds (0 to 10000) during which the agent collects assign/handover/release requests for IB VFs into one batch: one apply and one sweep at the SM, each device still verified by its own gates. 0 runs each request alone.",
@@ -931,7 +936,7 @@ mod tests {
     /// documented is one the parser accepts.
     #[test]
     fn every_key_is_documented_once_in_keys() {
-        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\npartitions_mode = \"auto\"\nufm_user_ext_file = \"/opt/ufm/files/conf/partitions.conf.user_ext\"\nufm_merge_command = [\"/opt/ufm/scripts/sync_partitions_conf.sh\"]\nufm_merge_timeout_ms = 30000\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\naudit_export = \"syslog\"\nsyslog_socket = \"/dev/log\"\nsyslog_facility = \"local3\"\nverify_interval = 30\nbatch_window = 20\n[fleet]\nbackend = \"etcd\"\nendpoints = [\"https://e1:2379\"]\nca = \"/ca.pem\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nprefix = \"df\"\nfabric = \"ib0\"\ntimeout_ms = 5000\nlease_ttl_s = 15\n";
+        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\npartitions_mode = \"auto\"\nufm_user_ext_file = \"/opt/ufm/files/conf/partitions.conf.user_ext\"\nufm_merge_command = [\"/opt/ufm/scripts/sync_partitions_conf.sh\"]\nufm_merge_timeout_ms = 30000\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\naudit_export = \"syslog\"\nsyslog_socket = \"/dev/log\"\nsyslog_facility = \"local3\"\nverify_interval = 30\nbatch_window = 20\n[fleet]\nbackend = \"etcd\"\nendpoints = [\"https://e1:2379\"]\nca = \"/ca.pem\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nprefix = \"df\"\nfabric = \"ib0\"\ntimeout_ms = 5000\nlease_ttl_s = 15\nbatch_window_ms = 50\n";
         let c = Config::parse(text, Path::new("t.toml")).expect("parses");
         let v = toml::Value::try_from(&c).expect("serializes");
         fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {

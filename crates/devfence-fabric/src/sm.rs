@@ -86,6 +86,29 @@ pub trait SubnetManager: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// Sets the fencing token of a fabric controller (the create revision of
+    /// its etcd leader key): from now on every apply writes it where the SM's
+    /// configuration keeps it, and refuses when the SM already holds a higher
+    /// one (a newer leader applied). Returns `false` when the backend cannot
+    /// carry a token (UFM: docs/fleet.md, limitations).
+    ///
+    /// # Errors
+    /// A token the backend refuses (0).
+    fn set_fence_token(&self, token: u64) -> Result<bool, FabricError> {
+        let _ = token;
+        Ok(false)
+    }
+
+    /// The fencing token the SM's configuration holds now (`None`: none, or
+    /// the backend cannot carry one). A controller reads it back before it
+    /// publishes what it applied.
+    ///
+    /// # Errors
+    /// Backend errors; a token that cannot be read.
+    fn fence_token(&self) -> Result<Option<u64>, FabricError> {
+        Ok(None)
+    }
+
     /// Stages: make `guid` a member of `partition` with `membership`.
     ///
     /// # Errors

@@ -442,3 +442,44 @@ fn the_extension_file_gets_the_partitions_files_safety() {
         },
     );
 }
+
+/// issue 13 items 2 and 4 together: on a UFM-managed OpenSM the fabric
+/// controller's fencing token goes into the extension file's block (and UFM's
+/// merge carries it into partitions.conf); a deposed leader's apply meets the
+/// newer token under the lock and is refused before anything is written or
+/// merged.
+#[test]
+fn the_fencing_token_holds_through_the_extension_file() {
+    in_fabric(
+        "the_fencing_token_holds_through_the_extension_file",
+        &spec(ufm_model()),
+        |f| {
+            let merge = play_ufm(f, &ufm_model());
+            let old = backend(ufm_cfg(f, PartitionsMode::UfmUserExt, &merge));
+            let new = backend(ufm_cfg(f, PartitionsMode::UfmUserExt, &merge));
+            assert!(old.set_fence_token(5).expect("a token"));
+            assert!(new.set_fence_token(7).expect("a token"));
+            grant(&old, vf(0), A);
+            let mark = devfence_fabric::opensm::fence::FENCE_MARK;
+            let e = std::fs::read_to_string(ext(f)).expect("ext");
+            assert!(e.contains(&format!("{mark} 5\n")), "{e}");
+            assert_eq!(old.fence_token().expect("reads"), Some(5), "merged");
+            grant(&new, vf(1), 0x8002);
+            assert_eq!(new.fence_token().expect("reads"), Some(7));
+
+            let (ext_before, pf_before) = (
+                std::fs::read_to_string(ext(f)).expect("ext"),
+                std::fs::read_to_string(pf(f)).expect("pf"),
+            );
+            old.stage_remove_all(vf(1)).expect("stage");
+            let err = old.apply().expect_err("a deposed leader");
+            assert!(
+                matches!(&err, FabricError::Refused { detail, .. } if detail.contains("fencing token 7")),
+                "{err}"
+            );
+            assert_eq!(std::fs::read_to_string(ext(f)).expect("ext"), ext_before);
+            assert_eq!(std::fs::read_to_string(pf(f)).expect("pf"), pf_before);
+            assert_eq!(old.discard_staged(), 1, "the change stays staged");
+        },
+    );
+}

@@ -37,6 +37,10 @@ pub const DEFAULT_PREFIX: &str = "devfence";
 pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
 /// The default TTL of a host's lease, in seconds.
 pub const DEFAULT_LEASE_TTL_S: u64 = 15;
+/// The default batching window of the fabric controller, in milliseconds.
+pub const DEFAULT_BATCH_WINDOW_MS: u64 = 50;
+/// The longest batching window `[fleet] batch_window_ms` may give.
+pub const MAX_BATCH_WINDOW_MS: u64 = 10_000;
 /// The most endpoints `[fleet]` may list.
 pub const MAX_ENDPOINTS: usize = 16;
 
@@ -74,6 +78,9 @@ pub struct FleetConfig {
     /// The TTL of this host's lease, in seconds (default 15).
     #[serde(default)]
     pub lease_ttl_s: Option<u64>,
+    /// The fabric controller's batching window, in milliseconds (default 50).
+    #[serde(default)]
+    pub batch_window_ms: Option<u64>,
 }
 
 /// A checked `[fleet]`: what [`crate::Fleet::connect`] takes.
@@ -89,8 +96,11 @@ pub struct FleetSettings {
     pub fabric: Name,
     /// The deadline of one operation.
     pub timeout: Duration,
-    /// A host's lease TTL.
+    /// A host's lease TTL (and the fabric controller's).
     pub lease_ttl: Duration,
+    /// How long the fabric controller waits after the first change it sees
+    /// before it applies, to fold more into the same apply and sweep.
+    pub batch_window: Duration,
 }
 
 /// The TLS files (paths only: the key's content is read when connecting and
@@ -260,6 +270,12 @@ impl FleetConfig {
                 "lease_ttl_s = {ttl} is out of range. Hint: give 2 to 300 (the default is {DEFAULT_LEASE_TTL_S})"
             ));
         }
+        let window = self.batch_window_ms.unwrap_or(DEFAULT_BATCH_WINDOW_MS);
+        if window > MAX_BATCH_WINDOW_MS {
+            return Err(format!(
+                "batch_window_ms = {window} is out of range. Hint: give 0 to {MAX_BATCH_WINDOW_MS} (the default is {DEFAULT_BATCH_WINDOW_MS}); every change waits up to this long for others to share its sweep"
+            ));
+        }
         Ok(FleetSettings {
             endpoints: self.endpoints.clone(),
             tls,
@@ -267,6 +283,7 @@ impl FleetConfig {
             fabric,
             timeout: Duration::from_millis(timeout_ms),
             lease_ttl: Duration::from_secs(ttl),
+            batch_window: Duration::from_millis(window),
         })
     }
 }
@@ -342,6 +359,17 @@ mod tests {
         let mut c = cfg(&["https://e:1"]);
         c.timeout_ms = Some(0);
         assert!(c.check().expect_err("timeout").contains("timeout_ms = 0"));
+        let mut c = cfg(&["https://e:1"]);
+        assert_eq!(
+            c.check().expect("default").batch_window,
+            Duration::from_millis(DEFAULT_BATCH_WINDOW_MS)
+        );
+        c.batch_window_ms = Some(10_001);
+        assert!(
+            c.check()
+                .expect_err("window")
+                .contains("batch_window_ms = 10001")
+        );
         let mut c = cfg(&["https://e:1"]);
         c.backend = None;
         assert!(

@@ -29,6 +29,7 @@
 //! with its own runtime for the synchronous core.
 
 pub mod config;
+pub mod controller;
 pub mod value;
 
 use std::collections::BTreeSet;
@@ -44,6 +45,7 @@ use etcd_client::{
 };
 
 pub use config::{FleetBackend, FleetConfig, FleetSettings, TlsFiles};
+pub use controller::{Controller, ControllerConfig, ControllerError, ControllerStats};
 use value::{
     CursorRecord, DesiredRecord, GuidIndexRecord, GuidRange, GuidRecord, GuidState, HostRecord,
     Name, ObservedRecord, PkeyRecord, Record, TenantRecord, ValueError, encode, parse,
@@ -317,6 +319,14 @@ pub enum Guard {
         /// The revision.
         revision: i64,
     },
+    /// `key`'s create revision is `revision` (the fabric controller's fencing
+    /// token: the leader key was not deleted and created again since).
+    CreateRevision {
+        /// The key.
+        key: String,
+        /// The revision.
+        revision: i64,
+    },
 }
 
 impl Guard {
@@ -327,6 +337,9 @@ impl Guard {
             }
             Guard::ModRevision { key, revision } => {
                 Compare::mod_revision(key.as_str(), CompareOp::Equal, *revision)
+            }
+            Guard::CreateRevision { key, revision } => {
+                Compare::create_revision(key.as_str(), CompareOp::Equal, *revision)
             }
         }
     }
@@ -1614,13 +1627,12 @@ async fn keep_alive(store: FleetStore, lease: i64, lost: Arc<AtomicBool>) {
         tokio::time::sleep(ttl / 3).await;
         let r = store
             .call("keep the host's lease alive", |mut c| async move {
-                let (_k, mut s) = c.lease_keep_alive(lease).await?;
-                s.message().await
+                controller::refresh(&mut c, lease).await
             })
             .await;
         match r {
-            Ok(Some(m)) if m.ttl() > 0 => last_ok = Instant::now(),
-            Ok(_) => {
+            Ok(true) => last_ok = Instant::now(),
+            Ok(false) => {
                 lost.store(true, Ordering::SeqCst);
                 return;
             }

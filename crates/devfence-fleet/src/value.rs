@@ -500,6 +500,9 @@ pub fn parse_all(bytes: &[u8]) {
     let _ = parse::<HostRecord>(bytes);
     let _ = parse::<DesiredRecord>(bytes);
     let _ = parse::<ObservedRecord>(bytes);
+    let _ = parse::<crate::controller::LeaderRecord>(bytes);
+    let _ = parse::<crate::controller::RevokeRecord>(bytes);
+    let _ = parse::<crate::controller::ControllerStatus>(bytes);
     let _ = guid_from_key(bytes);
     let _ = pkey_from_key(bytes);
     let _ = parent_segment(bytes);

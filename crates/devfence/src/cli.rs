@@ -194,7 +194,8 @@ pub enum Command {
     /// root (or `[agent] socket` in devfence.toml, or --socket), mode 0660, group
     /// `[agent] reader_group`. Root and members of `[agent] admin_group` may act,
     /// members of the reader group may read. Routes, errors and metrics:
-    /// docs/agent.md.
+    /// docs/agent.md. With `--role fabric-controller --fabric NAME` it runs the
+    /// fleet's fabric controller of that fabric instead (docs/fleet.md).
     Serve(ServeArgs),
     /// Print the man page devfence(1) (roff), or write every page to a directory.
     ///
@@ -746,4 +747,26 @@ pub struct ServeArgs {
     /// standard error, one line per event, for journald under systemd.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// What to serve: `host`, the host agent (the default), or
+    /// `fabric-controller`, the fabric controller of --fabric: elected through
+    /// an etcd lease ([fleet] in devfence.toml), one active per fabric and
+    /// standbys ready; it folds every host's desired memberships into one
+    /// apply and one sweep at the SM ([fabric] backend opensm on the SM host,
+    /// or ufm), reads them back and publishes them (docs/fleet.md). It serves
+    /// no socket; SIGTERM resigns its leadership at once.
+    #[arg(long, value_enum, default_value_t = ServeRole::Host)]
+    pub role: ServeRole,
+    /// The fabric the controller leads (required with --role
+    /// fabric-controller; its keys are /PREFIX/NAME/… in etcd).
+    #[arg(long, value_name = "NAME")]
+    pub fabric: Option<String>,
+}
+
+/// What `devfence serve` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServeRole {
+    /// The host agent (docs/agent.md).
+    Host,
+    /// The fabric controller of one fabric (docs/fleet.md).
+    FabricController,
 }

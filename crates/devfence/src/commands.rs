@@ -220,6 +220,14 @@ fn man(dir: Option<&Path>, out: &mut dyn Write) -> Result<Exit> {
 
 /// `devfence serve`: the host agent (crates/devfence-agent).
 fn serve(root: &HostRoot, cli: &Cli, a: &crate::cli::ServeArgs) -> Result<Exit> {
+    if a.role == crate::cli::ServeRole::FabricController {
+        return serve_controller(root, cli, a);
+    }
+    if a.fabric.is_some() {
+        bail!(
+            "--fabric names the fabric a controller leads. Hint: give --role fabric-controller with it (the host agent's fabric is [fleet] fabric)"
+        );
+    }
     if !(a.header_timeout.is_finite() && a.header_timeout > 0.0 && a.header_timeout <= 3600.0) {
         bail!(
             "--header-timeout {} is out of range. Hint: give seconds more than 0 and at most 3600",
@@ -239,6 +247,27 @@ fn serve(root: &HostRoot, cli: &Cli, a: &crate::cli::ServeArgs) -> Result<Exit> 
             max_connections: a.max_connections,
             ..devfence_agent::Limits::default()
         },
+        log_level: a.log_level.clone(),
+    })?;
+    Ok(Exit::Ok)
+}
+
+/// `devfence serve --role fabric-controller --fabric NAME` (docs/fleet.md).
+fn serve_controller(root: &HostRoot, cli: &Cli, a: &crate::cli::ServeArgs) -> Result<Exit> {
+    let Some(fabric) = a.fabric.clone() else {
+        bail!(
+            "--role fabric-controller needs --fabric NAME. Hint: the fabric it leads, as in [fleet] fabric on its hosts"
+        );
+    };
+    if a.socket.is_some() {
+        bail!(
+            "--socket is for the host agent; the fabric controller serves no socket. Hint: drop --socket (its state is in etcd: `devfence fleet status`)"
+        );
+    }
+    devfence_agent::controller::serve(&devfence_agent::controller::ControllerOptions {
+        root: root.clone(),
+        config: cli.config.clone(),
+        fabric,
         log_level: a.log_level.clone(),
     })?;
     Ok(Exit::Ok)

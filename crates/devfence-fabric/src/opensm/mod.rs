@@ -32,6 +32,7 @@
 //! process), signals OpenSM and, at the next clean sweep, re-verifies at the SA
 //! that every port devfence manages holds its partitions.
 
+pub mod fence;
 pub mod log;
 pub mod mad;
 pub mod partitions;
@@ -258,6 +259,8 @@ pub struct OpenSmSm {
     /// Called just before the new partitions file replaces the old one (tests
     /// use it to edit the file concurrently).
     before_replace: Mutex<Option<ReplaceHook>>,
+    /// The fabric controller's fencing token ([`fence`]; 0: none).
+    fence: std::sync::atomic::AtomicU64,
 }
 
 type ReplaceHook = Box<dyn FnMut(&Path) + Send>;
@@ -380,6 +383,7 @@ impl OpenSmSm {
             notes: Mutex::new(Vec::new()),
             unsaved: Mutex::new(None),
             before_replace: Mutex::new(None),
+            fence: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -433,6 +437,26 @@ impl OpenSmSm {
     #[doc(hidden)]
     pub fn set_before_replace(&self, f: impl FnMut(&Path) + Send + 'static) {
         *lock(&self.before_replace) = Some(Box::new(f));
+    }
+
+    fn fence_token_set(&self) -> Option<u64> {
+        match self.fence.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
+    /// `text` with this backend's fencing token, if it has one.
+    fn fenced(&self, text: String) -> String {
+        match self.fence_token_set() {
+            Some(t) => fence::with_token(&text, t),
+            None => text,
+        }
+    }
+
+    /// Refuses to replace `text` when it holds a newer token than ours.
+    fn check_fence(&self, text: &str) -> Result<(), FabricError> {
+        fence::check(fence::token_in(text)?, self.fence_token_set())
     }
 
     fn memo(&self) -> Result<Memo, FabricError> {
@@ -1012,7 +1036,11 @@ impl SubnetManager for OpenSmSm {
             for c in &staged {
                 map.apply(c)?;
             }
-            let new_text = partitions::with_block(text, &parsed, &partitions::render_block(&map));
+            let new_text = self.fenced(partitions::with_block(
+                text,
+                &parsed,
+                &partitions::render_block(&map),
+            ));
             let check = partitions::parse(&new_text)
                 .map_err(|e| self.refused_file("would write an unparseable", &e))?;
             if check
@@ -1054,6 +1082,7 @@ impl SubnetManager for OpenSmSm {
             // the file since it was read. Redo the work on the new version.
             let again = self.snapshot()?;
             if again == snap {
+                self.check_fence(&again.text)?;
                 break (snap, new_text, map, p, memo, before);
             }
             if attempt >= APPLY_ATTEMPTS {
@@ -1137,6 +1166,22 @@ impl SubnetManager for OpenSmSm {
 
     fn persisted_restores(&self) -> Result<Vec<RestoreNote>, FabricError> {
         self.restores()
+    }
+
+    fn set_fence_token(&self, token: u64) -> Result<bool, FabricError> {
+        if token == 0 {
+            return Err(FabricError::Refused {
+                backend: BACKEND.into(),
+                detail: "fencing token 0".into(),
+                hint: "a fencing token is the leader key's create revision, never 0".into(),
+            });
+        }
+        self.fence.store(token, std::sync::atomic::Ordering::SeqCst);
+        Ok(true)
+    }
+
+    fn fence_token(&self) -> Result<Option<u64>, FabricError> {
+        fence::token_in(&self.read_file()?)
     }
 
     fn configured_members(&self) -> Result<Option<Vec<Configured>>, FabricError> {

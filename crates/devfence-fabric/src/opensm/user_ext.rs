@@ -550,7 +550,9 @@ impl OpenSmSm {
                 map.apply(c)?;
             }
             let block = render_user_ext_block(&map);
-            let new_text = partitions::with_block(&old.text, &parsed, &block);
+            // The fabric controller's fencing token goes into the block here as
+            // in `direct` mode (UFM's merge carries it into partitions.conf).
+            let new_text = self.fenced(partitions::with_block(&old.text, &parsed, &block));
             let check = partitions::parse(&new_text)
                 .map_err(|e| refused_ext("would write an unparseable", &e))?;
             if check
@@ -608,6 +610,10 @@ impl OpenSmSm {
             }
             let again = snapshot_at(&ext)?;
             if again == old {
+                // Under the lock, just before the replace: a newer leader's token
+                // in the extension file or in UFM's merged file refuses this apply.
+                self.check_fence(&again.text)?;
+                self.check_fence(&current.text)?;
                 break (old, new_text, map, old_map, p, before, memo);
             }
             if attempt >= APPLY_ATTEMPTS {
