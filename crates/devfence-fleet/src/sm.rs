@@ -133,6 +133,18 @@ impl FleetStore {
         Ok(view)
     }
 
+    /// The lease of `host`'s live registration, if it has one.
+    ///
+    /// # Errors
+    /// etcd unreachable, a bad value.
+    pub async fn host_lease(&self, host: &Name) -> Result<Option<i64>, FleetError> {
+        let key = self.inner.keys.host(host);
+        Ok(self
+            .get_record::<crate::value::HostRecord>("read the host's record", &key)
+            .await?
+            .map(|(r, _)| r.lease))
+    }
+
     /// The store's current revision (a read of one key).
     ///
     /// # Errors
