@@ -9,11 +9,21 @@
 //! the host's read-only commands (status, inventory, check from the ledger,
 //! audit) never touch the fleet.
 
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use devfence_engine::StoreExt;
 use devfence_engine::engine::{GuidSource, GuidSourceError};
+use devfence_engine::store::{DeviceState, GuidState, Store};
+use devfence_fabric::opensm::SaClient;
+use devfence_fabric::{MembershipMap, PartitionKey, SubnetManager};
 use devfence_fleet::sm::FleetSm;
 use devfence_fleet::value::Name;
 use devfence_fleet::{Fleet, FleetError};
 use devfence_model::Guid;
+
+use crate::config::Config;
+use crate::error::{AppError, Result};
 
 /// The engine's [`GuidSource`] over the fleet's GUID pool: `allocate_guids`
 /// (a block of the range reserved per client, each GUID claimed for this host
@@ -106,4 +116,148 @@ impl GuidSource for FleetGuids<'_> {
             Err(e) => Err(source_err(e)),
         }
     }
+}
+
+/// This process's registration in the fleet: the host agent's (`devfence
+/// serve`) session, held for the process's life. Environments opened by the
+/// agent's requests use it: `[fabric] backend = "fleet"` is its SM, and its
+/// pool gives the IB VFs' fresh GUIDs.
+pub struct HostFleet {
+    /// The fleet client.
+    pub fleet: Arc<Fleet>,
+    /// The fleet backend, holding the host's session.
+    pub sm: Arc<FleetSm>,
+    /// The SA client the backend reads ports through (one per process).
+    pub sa: Arc<SaClient>,
+}
+
+impl std::fmt::Debug for HostFleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostFleet")
+            .field("sm", &self.sm)
+            .finish_non_exhaustive()
+    }
+}
+
+static HOST: OnceLock<HostFleet> = OnceLock::new();
+
+/// The host's registration, when this process made one ([`register`]).
+#[must_use]
+pub fn registered() -> Option<&'static HostFleet> {
+    HOST.get()
+}
+
+/// Registers this host in the fleet `[fleet]` names (host agent start):
+/// connects, registers `[fleet] host` under a lease kept alive in the
+/// background (waiting up to one lease TTL for a previous process's lease to
+/// expire), and keeps the session for the process's life.
+///
+/// # Errors
+/// No `[fleet]` or no `host`, etcd unreachable, the name held by a live
+/// session.
+pub fn register(cfg: &Config) -> Result<&'static HostFleet> {
+    if let Some(h) = HOST.get() {
+        return Ok(h);
+    }
+    let Some(fc) = &cfg.fleet else {
+        return Err(AppError::invalid(
+            "[fabric] backend = \"fleet\" needs a [fleet] section. Hint: see docs/fleet.md",
+        ));
+    };
+    let Some(host) = fc.host.as_deref() else {
+        return Err(AppError::invalid(
+            "[fleet] host is missing. Hint: name this host as the fleet knows it, e.g. host = \"hv01\"",
+        ));
+    };
+    let host: Name = host
+        .parse()
+        .map_err(|e| AppError::Invalid(format!("[fleet] host {host:?}: {e}")))?;
+    let settings = fc
+        .check()
+        .map_err(|e| AppError::Invalid(format!("[fleet] {e}")))?;
+    let ttl = settings.lease_ttl;
+    let fleet = Arc::new(Fleet::connect(settings).map_err(fleet_app)?);
+    let sa = Arc::new(SaClient::new(cfg.sa()));
+    let sm = FleetSm::register(
+        Arc::clone(&fleet),
+        &host,
+        Box::new(Arc::clone(&sa)),
+        ttl + Duration::from_secs(1),
+    )
+    .map_err(fleet_app)?;
+    let _ = HOST.set(HostFleet {
+        fleet,
+        sm: Arc::new(sm),
+        sa,
+    });
+    HOST.get()
+        .ok_or_else(|| AppError::Invalid("the fleet registration was lost".into()))
+}
+
+fn fleet_app(e: FleetError) -> AppError {
+    AppError::Fleet(e)
+}
+
+impl HostFleet {
+    /// Re-writes the desired memberships of every IB VF this host's ledger
+    /// holds Ready or Active (recover at start, or after a lost lease was
+    /// registered again): one apply; returns the GUIDs written. Devices whose
+    /// ports are not IB VFs, or that hold no issued GUID, are skipped.
+    ///
+    /// # Errors
+    /// The ledger; the fleet (unreachable, lease lost, a P_Key not the
+    /// tenant's).
+    pub fn rewrite_desired(&self, store: &mut dyn Store) -> Result<Vec<Guid>> {
+        let map = desired_of_ledger(store)?;
+        let guids: Vec<Guid> = map.guids().collect();
+        self.sm.discard_staged();
+        self.sm
+            .stage_desired(map)
+            .and_then(|()| self.sm.apply())
+            .map_err(AppError::from)?;
+        Ok(guids)
+    }
+}
+
+/// The memberships the ledger says this host's IB ports hold: each Ready or
+/// Active device's issued GUIDs in its tenant's partitions.
+///
+/// # Errors
+/// The ledger.
+pub fn desired_of_ledger(store: &mut dyn Store) -> Result<MembershipMap> {
+    let mut map = MembershipMap::new();
+    let rows = store.atomically(|tx| {
+        let mut out = Vec::new();
+        for d in tx.devices()? {
+            let tenant = match &d.state {
+                DeviceState::Ready { tenant, .. } | DeviceState::Active { tenant, .. } => {
+                    tenant.clone()
+                }
+                _ => continue,
+            };
+            let guids: Vec<Guid> = tx
+                .guids_of(&d.device)?
+                .into_iter()
+                .filter(|r| r.state == GuidState::Issued)
+                .map(|r| r.guid)
+                .collect();
+            if guids.is_empty() {
+                continue;
+            }
+            if let Some(t) = tx.tenant(&tenant)? {
+                out.push((guids, t));
+            }
+        }
+        Ok(out)
+    })?;
+    for (guids, t) in rows {
+        for g in guids {
+            for p in &t.partitions {
+                if let Ok(k) = PartitionKey::new(p.pkey.0) {
+                    map.insert(g, k, p.membership)?;
+                }
+            }
+        }
+    }
+    Ok(map)
 }
