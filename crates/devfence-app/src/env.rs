@@ -331,9 +331,7 @@ pub fn open_sm(
             // session; a one-shot command has none (a lease per command would
             // drop the host's desired memberships when it exits).
             let Some(h) = crate::fleet::registered() else {
-                bail!(
-                    "[fabric] backend = \"fleet\": this process holds no session of the host in the fleet. Hint: run the operation through the host agent (`devfence serve` registers the host at start); read-only commands (status, inventory, check, audit) work with another backend or the agent"
-                );
+                return Ok(Arc::new(crate::fleet::Unregistered));
             };
             if let Kernel::Sim(k) = kernel {
                 k.set_port_table_source(Arc::new(port_tables(
@@ -451,9 +449,14 @@ impl Env {
         let e = Engine::new(&mut self.store, self.kernel.io(), &*self.sm, cfg)
             .with_failpoints(Failpoints::from_env());
         // A host of a fleet takes its IB GUIDs from the fabric's pool.
+        if self.sm.backend() != devfence_fleet::sm::BACKEND {
+            return e;
+        }
         match &self.fleet_guids {
-            Some(g) if self.sm.backend() == devfence_fleet::sm::BACKEND => e.with_guid_source(g),
-            _ => e,
+            Some(g) => e.with_guid_source(g),
+            // No session in this process: IB operations are refused before
+            // they open (the source is never ready).
+            None => e.with_guid_source(&crate::fleet::Unregistered),
         }
     }
 

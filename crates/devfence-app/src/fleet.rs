@@ -16,7 +16,9 @@ use devfence_engine::StoreExt;
 use devfence_engine::engine::{GuidSource, GuidSourceError};
 use devfence_engine::store::{DeviceState, GuidState, Store};
 use devfence_fabric::opensm::SaClient;
-use devfence_fabric::{MembershipMap, PartitionKey, SubnetManager};
+use devfence_fabric::{
+    Change, FabricError, Health, MembershipMap, Observation, PartitionKey, SubnetManager, Ticket,
+};
 use devfence_fleet::sm::FleetSm;
 use devfence_fleet::value::Name;
 use devfence_fleet::{Fleet, FleetError};
@@ -260,4 +262,62 @@ pub fn desired_of_ledger(store: &mut dyn Store) -> Result<MembershipMap> {
         }
     }
     Ok(map)
+}
+
+/// The SM of a fleet host in a process that holds no session (a one-shot
+/// command): every fabric call is refused with a hint to go through the host
+/// agent, so the read-only commands (status, inventory, check, audit) still
+/// work and nothing is changed at the fabric behind the agent's back.
+#[derive(Debug, Default)]
+pub struct Unregistered;
+
+impl Unregistered {
+    fn err() -> FabricError {
+        FabricError::Refused {
+            backend: devfence_fleet::sm::BACKEND.into(),
+            detail: "this process holds no session of the host in the fleet".into(),
+            hint: "run the operation through the host agent (`devfence serve` registers the host at start and holds its lease); read-only commands (status, inventory, check, audit) work from the ledger".into(),
+        }
+    }
+}
+
+impl SubnetManager for Unregistered {
+    fn backend(&self) -> &str {
+        devfence_fleet::sm::BACKEND
+    }
+    fn stage(&self, _: Change) -> std::result::Result<(), FabricError> {
+        Err(Self::err())
+    }
+    fn discard_staged(&self) -> usize {
+        0
+    }
+    fn apply(&self) -> std::result::Result<Ticket, FabricError> {
+        Err(Self::err())
+    }
+    fn observe(&self, _: &[Guid]) -> std::result::Result<Observation, FabricError> {
+        Err(Self::err())
+    }
+    fn health(&self) -> std::result::Result<Health, FabricError> {
+        Err(Self::err())
+    }
+}
+
+impl GuidSource for Unregistered {
+    fn describe(&self) -> String {
+        "the fleet's GUID pool".into()
+    }
+    fn ready(&self) -> std::result::Result<(), GuidSourceError> {
+        let e = Self::err();
+        Err(GuidSourceError {
+            message: e.to_string(),
+            hint: "run the operation through the host agent (`devfence serve`)".into(),
+            source: Some(Box::new(e)),
+        })
+    }
+    fn fresh(&self) -> std::result::Result<Guid, GuidSourceError> {
+        self.ready().map(|()| Guid(0))
+    }
+    fn retire(&self, _: Guid) -> std::result::Result<(), GuidSourceError> {
+        self.ready()
+    }
 }

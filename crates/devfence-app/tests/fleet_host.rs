@@ -310,3 +310,53 @@ fn with_etcd_stopped_ib_operations_fail_closed_and_status_still_works() {
         .collect();
     assert_eq!(states.len(), 1, "both Ready for acme: {states:?}");
 }
+
+/// A one-shot command on a host with `[fabric] backend = "fleet"` holds no
+/// session of the host (the agent does): its IB VF operations are refused
+/// before they open, pointing at the agent, and its status reads.
+#[test]
+fn a_command_without_the_agents_session_refuses_ib_operations_and_status_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    generate(&GenerateOptions {
+        profile: Profile::Lab,
+        out: root.clone(),
+        vfs: None,
+    })
+    .unwrap();
+    let cfg = dir.path().join("devfence.toml");
+    std::fs::write(
+        &cfg,
+        "[fabric]\nbackend = \"fleet\"\n[fleet]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:9\"]\ninsecure_plaintext = true\nfabric = \"ib0\"\nhost = \"hv01\"\n",
+    )
+    .unwrap();
+    let root = HostRoot::new(root);
+    let mut env = devfence_app::Env::open_or_create(&root, None, Some(&cfg)).unwrap();
+    assert_eq!(env.sm.backend(), "fleet");
+    env.store
+        .atomically(|tx| tx.add_tenant(&tenant("acme", 107, 0x8001)))
+        .unwrap();
+    let e = env
+        .engine(cfg_engine())
+        .assign(&dev(IB_VFS[0]), &t("acme"), None)
+        .expect_err("no session, no IB operation");
+    assert!(matches!(e, EngineError::Refused { .. }), "{e:?}");
+    assert!(e.to_string().contains("host agent"), "{e}");
+    assert!(
+        env.store
+            .atomically(|tx| tx.open_operations())
+            .unwrap()
+            .is_empty(),
+        "refused before it opened"
+    );
+    let st = devfence_app::lifecycle::status(&mut env.store, &*env.sm).unwrap();
+    assert_eq!(st.sm_backend, "fleet");
+    assert!(
+        st.health.is_err(),
+        "the SM's part says why it cannot answer"
+    );
+}
+
+fn cfg_engine() -> EngineConfig {
+    cfg()
+}
