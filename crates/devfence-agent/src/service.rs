@@ -118,6 +118,12 @@ pub fn join_fleet(opts: &Options) -> Result<(), AgentError> {
     let path = devfence_app::env::ledger_path(&opts.root, opts.ledger.as_deref())?;
     let written = if path.exists() {
         let mut store = devfence_app::env::open_store(&opts.root, opts.ledger.as_deref(), false)?;
+        // The tenants' partitions are claimed for them on the fabric (a
+        // partition owned by another tenant is reported; the desired writes
+        // naming it are then refused by their transaction).
+        for e in h.claim_partitions(&mut store)? {
+            tracing::error!("{e}");
+        }
         h.rewrite_desired(&mut store)?
     } else {
         // No ledger yet: nothing to re-write.

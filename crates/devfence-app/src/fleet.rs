@@ -201,6 +201,30 @@ fn fleet_app(e: FleetError) -> AppError {
 }
 
 impl HostFleet {
+    /// Claims every partition of the ledger's tenants for its tenant on the
+    /// fabric (`claim_pkey`; a claim the tenant holds already is accepted).
+    /// Returns the refusals (a partition another tenant owns), one each.
+    ///
+    /// # Errors
+    /// The ledger; etcd unreachable.
+    pub fn claim_partitions(&self, store: &mut dyn Store) -> Result<Vec<FleetError>> {
+        let tenants = store.atomically(|tx| tx.tenants())?;
+        let mut refused = Vec::new();
+        for t in tenants {
+            for p in &t.partitions {
+                if PartitionKey::new(p.pkey.0).is_err() {
+                    continue; // the default partition and empty slots are no one's
+                }
+                match self.fleet.claim_pkey(&t.id, p.pkey) {
+                    Ok(()) => {}
+                    Err(e @ FleetError::PkeyOwned { .. }) => refused.push(e),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(refused)
+    }
+
     /// Re-writes the desired memberships of every IB VF this host's ledger
     /// holds Ready or Active (recover at start, or after a lost lease was
     /// registered again): one apply; returns the GUIDs written. Devices whose

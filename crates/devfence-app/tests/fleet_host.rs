@@ -249,6 +249,15 @@ fn with_etcd_stopped_ib_operations_fail_closed_and_status_still_works() {
         .with_guid_source(&src)
         .assign(&held, &t("acme"), None)
         .unwrap();
+    // What a restarted agent re-writes as desired comes from the ledger alone.
+    let held_guid = ledger_guids(&mut h.store).into_keys().next().unwrap();
+    let want = devfence_app::fleet::desired_of_ledger(&mut h.store).unwrap();
+    assert_eq!(
+        want.pkeys_of(held_guid),
+        BTreeSet::from([PKey(0x8001)]),
+        "{want:?}"
+    );
+    assert_eq!(want.guids().count(), 1);
     let before_devices = h.store.atomically(|tx| tx.devices()).unwrap();
     let before_guids = ledger_guids(&mut h.store);
     for i in 0..3 {
