@@ -197,6 +197,9 @@ fn the_hosts_gate_needs_observed_at_desired_and_the_sa_to_agree() {
                 BTreeSet::from([Question::SweepDone]),
                 "the SA agrees but the controller has not answered: refused ({v:?})"
             );
+            let nv = wait_verified(&host, &exp0, Instant::now() + Duration::from_millis(300))
+                .expect_err("the gate does not pass while observed < desired");
+            assert_eq!(nv.failed(), BTreeSet::from([Question::SweepDone]), "{nv}");
             // An answer to an older desired view is still behind.
             ctl.publish(&h1, vf(0), i64::try_from(t0.generation.0).expect("rev") - 1);
             let v = verify(&host.observe(&[vf(0)]).expect("observe"), &exp0);
