@@ -141,4 +141,37 @@ fn a_restarted_agent_registers_again_and_rewrites_its_desired_memberships() {
     assert_eq!(desired[0].guid, guid);
     assert_eq!(desired[0].record.pkeys, vec![PKey(0x8001)]);
     assert!(!h.sm.lease_lost());
+
+    // A tenant added on a host of the fleet has its partitions claimed first;
+    // one naming another tenant's partition is refused, the ledger unchanged.
+    let kernel = SimKernel::new(HostRoot::new(&root)).unwrap();
+    let mut store = SqliteStore::open(dir.path().join("ledger.db")).unwrap();
+    let tenant = |id: &str, pkey: u16| Tenant {
+        id: id.parse().unwrap(),
+        launcher_uid: Some(108),
+        launcher_gid: Some(108),
+        security_label: None,
+        partitions: vec![Partition {
+            pkey: PKey(pkey),
+            membership: Membership::Full,
+        }],
+    };
+    let no_sm = devfence_app::fabric::NoSm;
+    let mut e = Engine::new(&mut store, &kernel, &no_sm, EngineConfig::default());
+    devfence_app::tenant::add(&mut e, &tenant("globex", 0x8002)).unwrap();
+    let err =
+        devfence_app::tenant::add(&mut e, &tenant("evil", 0x8001)).expect_err("acme's partition");
+    assert!(err.to_string().contains("belongs to tenant acme"), "{err}");
+    drop(e);
+    assert_eq!(
+        admin.pkey_owner(PKey(0x8002)).unwrap(),
+        Some("globex".parse().unwrap())
+    );
+    let ids: Vec<String> = store
+        .atomically(|tx| tx.tenants())
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id.to_string())
+        .collect();
+    assert_eq!(ids, ["acme", "globex"]);
 }
