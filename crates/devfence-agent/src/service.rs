@@ -100,6 +100,44 @@ pub fn recover(opts: &Options) -> Result<Vec<Recovered>, AgentError> {
     devfence_app::lifecycle::recover(&mut e).map_err(|e| devfence_app::AppError::from(e).into())
 }
 
+/// With `[fabric] backend = "fleet"`: registers the host in the fleet (its
+/// session is kept for the agent's life) and re-writes the desired
+/// memberships of its Ready and Active IB VFs from the ledger (a restarted
+/// agent's lease is new: the old one's desired entries went with it).
+///
+/// # Errors
+/// The configuration, etcd unreachable, the host's name held by a live
+/// session past one lease TTL, the ledger.
+pub fn join_fleet(opts: &Options) -> Result<(), AgentError> {
+    let cfg =
+        Config::load(&opts.root, opts.config.as_deref()).map_err(devfence_app::AppError::from)?;
+    if cfg.fabric.backend != devfence_app::config::Backend::Fleet {
+        return Ok(());
+    }
+    let h = devfence_app::fleet::register(&cfg)?;
+    let path = devfence_app::env::ledger_path(&opts.root, opts.ledger.as_deref())?;
+    let written = if path.exists() {
+        let mut store = devfence_app::env::open_store(&opts.root, opts.ledger.as_deref(), false)?;
+        // The tenants' partitions are claimed for them on the fabric (a
+        // partition owned by another tenant is reported; the desired writes
+        // naming it are then refused by their transaction).
+        for e in h.claim_partitions(&mut store)? {
+            tracing::error!("{e}");
+        }
+        h.rewrite_desired(&mut store)?
+    } else {
+        // No ledger yet: nothing to re-write.
+        Vec::new()
+    };
+    tracing::info!(
+        "registered host {} in the fleet (fabric {}); re-wrote the desired memberships of {} GUID(s)",
+        h.sm.host(),
+        h.fleet.store().fabric(),
+        written.len()
+    );
+    Ok(())
+}
+
 /// What a reload did.
 #[derive(Debug, Default)]
 pub struct Reloaded {
@@ -248,6 +286,8 @@ pub fn serve(opts: Options) -> Result<(), AgentError> {
         "bound {}; recovering what a crash interrupted",
         socket.display()
     );
+    // A host of a fleet registers its session first (recovery may need it).
+    join_fleet(agent.state.options()).map_err(fail)?;
     notifier.status("recovering what a crash interrupted");
     let recovered = recover(agent.state.options()).map_err(fail)?;
     for r in &recovered {

@@ -95,6 +95,8 @@ pub struct VerifyMetrics {
     pub uevents: Family<UeventLabel, Counter>,
     /// Full walks of the host's sysfs for the inventory.
     pub inventory_walks: Counter,
+    /// 1 while this host's lease in the fleet is lost (issue 13).
+    pub fleet_lease_lost: Gauge,
 }
 
 impl Default for VerifyMetrics {
@@ -111,6 +113,7 @@ impl Default for VerifyMetrics {
             sm_last_sweep: Family::default(),
             uevents: Family::default(),
             inventory_walks: Counter::default(),
+            fleet_lease_lost: Gauge::default(),
         };
         for o in OUTCOMES {
             let _ = m.runs.get_or_create(&OutcomeLabel {
@@ -170,6 +173,11 @@ impl VerifyMetrics {
             "uevents",
             "Kernel uevents the agent received, by kind (relevant, other, skipped, overflow)",
             self.uevents.clone(),
+        );
+        r.register(
+            "fleet_lease_lost",
+            "1 while this host's lease in the fleet is lost: operations that need the fleet are refused until the agent is restarted and registers the host again (0 while it holds; 0 outside a fleet)",
+            self.fleet_lease_lost.clone(),
         );
         r.register(
             "inventory_walks",
@@ -387,6 +395,15 @@ impl Watch {
             error: None,
             notices: Vec::new(),
         };
+        if let Some(h) = devfence_app::fleet::registered() {
+            let lost = h.sm.lease_lost();
+            metrics.fleet_lease_lost.set(i64::from(lost));
+            if lost {
+                tracing::error!(
+                    "this host's lease in the fleet is lost: IB operations are refused until the agent is restarted and registers the host again"
+                );
+            }
+        }
         match res {
             Ok(p) => {
                 let now = now_ms();

@@ -76,6 +76,10 @@ pub enum Backend {
     Ufm,
     /// No SM: IB VF handovers are refused.
     None,
+    /// A host of a fleet: desired memberships in etcd for the fabric
+    /// controller, gates on its observed entries **and** the SA (needs
+    /// `[fleet]` with `host`; docs/fleet.md).
+    Fleet,
 }
 
 /// `[fabric]`.
@@ -229,7 +233,7 @@ pub const KEYS: &[Key] = &[
     key(
         "fabric.backend",
         "\"auto\"",
-        "The subnet manager devfence drives: \"opensm\" (partitions file + SIGHUP, verified at the SA), \"ufm\" (NVIDIA UFM's REST API), \"sim\" (the simulated SM; simulated hosts only), \"none\" (IB VF handovers refused), \"auto\" (sim on a simulated host, none on a real one).",
+        "The subnet manager devfence drives: \"opensm\" (partitions file + SIGHUP, verified at the SA), \"ufm\" (NVIDIA UFM's REST API), \"fleet\" (a host of a fleet: desired memberships in etcd for the fabric controller, every gate verified at the SA too; needs [fleet] with host, and the host agent), \"sim\" (the simulated SM; simulated hosts only), \"none\" (IB VF handovers refused), \"auto\" (sim on a simulated host, none on a real one).",
     ),
     key(
         "fabric.opensm.partitions_file",
@@ -447,6 +451,11 @@ pub const KEYS: &[Key] = &[
         "The fabric controller's batching window (0-10000 ms): after the first desired change it sees, it waits this long and folds every host's changes into one apply and one SM sweep (docs/fleet.md).",
     ),
     key(
+        "fleet.host",
+        "-",
+        "This host's name in the fleet (a name: [A-Za-z0-9._-]); required with [fabric] backend = \"fleet\". The host agent registers it under its lease at start.",
+    ),
+    key(
         "agent.batch_window",
         "20",
         "Milliseconds (0 to 10000) during which the agent collects assign/handover/release requests for IB VFs into one batch: one apply and one sweep at the SM, each device still verified by its own gates. 0 runs each request alone.",
@@ -636,6 +645,12 @@ impl Config {
                 .map_err(|e| ConfigError::Invalid(format!("{}: [fleet] {e}", path.display())))?;
         }
         match c.fabric.backend {
+            Backend::Fleet if c.fleet.as_ref().and_then(|f| f.host.as_ref()).is_none() => {
+                return Err(ConfigError::Invalid(format!(
+                    "{}: [fabric] backend = \"fleet\" needs a [fleet] section with host. Hint: name this host as the fleet knows it, e.g. host = \"hv01\"",
+                    path.display()
+                )));
+            }
             Backend::Ufm if c.fabric.ufm.is_none() => {
                 return Err(ConfigError::Invalid(format!(
                     "{}: [fabric] backend = \"ufm\" but there is no [fabric.ufm] section. Hint: give at least its url",
@@ -936,7 +951,7 @@ mod tests {
     /// documented is one the parser accepts.
     #[test]
     fn every_key_is_documented_once_in_keys() {
-        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\npartitions_mode = \"auto\"\nufm_user_ext_file = \"/opt/ufm/files/conf/partitions.conf.user_ext\"\nufm_merge_command = [\"/opt/ufm/scripts/sync_partitions_conf.sh\"]\nufm_merge_timeout_ms = 30000\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\naudit_export = \"syslog\"\nsyslog_socket = \"/dev/log\"\nsyslog_facility = \"local3\"\nverify_interval = 30\nbatch_window = 20\n[fleet]\nbackend = \"etcd\"\nendpoints = [\"https://e1:2379\"]\nca = \"/ca.pem\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nprefix = \"df\"\nfabric = \"ib0\"\ntimeout_ms = 5000\nlease_ttl_s = 15\nbatch_window_ms = 50\n";
+        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\npartitions_mode = \"auto\"\nufm_user_ext_file = \"/opt/ufm/files/conf/partitions.conf.user_ext\"\nufm_merge_command = [\"/opt/ufm/scripts/sync_partitions_conf.sh\"]\nufm_merge_timeout_ms = 30000\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\naudit_export = \"syslog\"\nsyslog_socket = \"/dev/log\"\nsyslog_facility = \"local3\"\nverify_interval = 30\nbatch_window = 20\n[fleet]\nbackend = \"etcd\"\nendpoints = [\"https://e1:2379\"]\nca = \"/ca.pem\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nprefix = \"df\"\nfabric = \"ib0\"\ntimeout_ms = 5000\nlease_ttl_s = 15\nbatch_window_ms = 50\nhost = \"hv01\"\n";
         let c = Config::parse(text, Path::new("t.toml")).expect("parses");
         let v = toml::Value::try_from(&c).expect("serializes");
         fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
@@ -1071,6 +1086,19 @@ mod tests {
             ),
             ("[fleet]\nbackend = \"zookeeper\"\n", "line 2"),
             ("[fleet]\nbackend = \"etcd\"\nendpionts = []\n", "line 3"),
+            // issue 13 item 3: the fleet backend needs the host's name, and a name.
+            (
+                "[fabric]\nbackend = \"fleet\"\n[fleet]\nbackend = \"etcd\"\nendpoints = [\"https://e:2379\"]\nca = \"/ca.pem\"\nfabric = \"ib0\"\n",
+                "needs a [fleet] section with host",
+            ),
+            (
+                "[fabric]\nbackend = \"fleet\"\n",
+                "needs a [fleet] section with host",
+            ),
+            (
+                "[fleet]\nbackend = \"etcd\"\nendpoints = [\"https://e:2379\"]\nca = \"/ca.pem\"\nfabric = \"ib0\"\nhost = \"a/b\"\n",
+                "host \"a/b\"",
+            ),
         ] {
             let e = Config::parse(text, p).expect_err(want);
             let m = chain(&e);

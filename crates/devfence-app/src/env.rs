@@ -112,6 +112,9 @@ pub struct Env {
     /// SM's configuration recorded, a record that could not be read); the
     /// front end shows each as one line.
     pub notices: Vec<String>,
+    /// The fleet's GUID pool, when this process registered the host in a
+    /// fleet (the host agent): the engine's source of fresh IB GUIDs.
+    pub fleet_guids: Option<crate::fleet::FleetGuids<'static>>,
 }
 
 /// The ledger path for `root` (or the one given).
@@ -323,6 +326,21 @@ pub fn open_sm(
             let sm = UfmSm::new(u)?;
             Arc::new(sm.with_port_reader(sa))
         }
+        (Backend::Fleet, _) => {
+            // The host agent registered the host at start and holds its
+            // session; a one-shot command has none (a lease per command would
+            // drop the host's desired memberships when it exits).
+            let Some(h) = crate::fleet::registered() else {
+                return Ok(Arc::new(crate::fleet::Unregistered));
+            };
+            if let Kernel::Sim(k) = kernel {
+                k.set_port_table_source(Arc::new(port_tables(
+                    Arc::clone(&h.sa) as Arc<dyn PortReader>,
+                    None,
+                )));
+            }
+            Arc::clone(&h.sm) as Arc<dyn SubnetManager>
+        }
         (Backend::None | Backend::Auto, _) => Arc::new(NoSm),
     })
 }
@@ -403,7 +421,9 @@ impl Env {
                 })
             })?;
         }
+        let fleet_guids = crate::fleet::registered().map(|h| crate::fleet::FleetGuids::of(&h.sm));
         let mut env = Env {
+            fleet_guids,
             root: root.clone(),
             kernel,
             sm,
@@ -426,8 +446,18 @@ impl Env {
     /// An engine over this environment.
     #[must_use]
     pub fn engine<'a>(&'a mut self, cfg: EngineConfig) -> Engine<'a> {
-        Engine::new(&mut self.store, self.kernel.io(), &*self.sm, cfg)
-            .with_failpoints(Failpoints::from_env())
+        let e = Engine::new(&mut self.store, self.kernel.io(), &*self.sm, cfg)
+            .with_failpoints(Failpoints::from_env());
+        // A host of a fleet takes its IB GUIDs from the fabric's pool.
+        if self.sm.backend() != devfence_fleet::sm::BACKEND {
+            return e;
+        }
+        match &self.fleet_guids {
+            Some(g) => e.with_guid_source(g),
+            // No session in this process: IB operations are refused before
+            // they open (the source is never ready).
+            None => e.with_guid_source(&crate::fleet::Unregistered),
+        }
     }
 
     /// The SM.

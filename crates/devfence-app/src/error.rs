@@ -74,6 +74,9 @@ pub enum AppError {
     /// what it must be, nothing asked); the message names it and gives a hint.
     #[error("{0}")]
     Invalid(String),
+    /// The fleet's shared facts (etcd) refused or could not be reached.
+    #[error(transparent)]
+    Fleet(#[from] devfence_fleet::FleetError),
     /// Refused by an isolation rule: the action would change a device the
     /// ledger holds (without `--force`); the message names the device, its
     /// state and a hint.

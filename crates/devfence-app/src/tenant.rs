@@ -10,6 +10,23 @@ use devfence_model::TenantId;
 /// # Errors
 /// The engine refuses it (a duplicate, a P_Key another tenant holds…).
 pub fn add(engine: &mut Engine<'_>, tenant: &Tenant) -> Result<(), EngineError> {
+    // A host of a fleet: a partition belongs to one tenant per fabric, so the
+    // tenant's partitions are claimed for it first (fail closed: another
+    // tenant's partition, or etcd unreachable, refuses the add).
+    if let Some(h) = crate::fleet::registered() {
+        for p in &tenant.partitions {
+            if devfence_fabric::PartitionKey::new(p.pkey.0).is_err() {
+                continue;
+            }
+            h.fleet
+                .claim_pkey(&tenant.id, p.pkey)
+                .map_err(|e| EngineError::Refused {
+                    device: None,
+                    reason: e.to_string(),
+                    hint: "a partition belongs to one tenant per fabric: give this tenant partitions of its own; if etcd did not answer, retry when it is healthy".into(),
+                })?;
+        }
+    }
     engine.add_tenant(tenant)
 }
 

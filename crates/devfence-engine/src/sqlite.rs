@@ -1732,6 +1732,35 @@ impl Tx for SqliteTx<'_> {
         Ok(guid)
     }
 
+    fn record_issued_guid(
+        &mut self,
+        device: &DeviceId,
+        tenant: &TenantId,
+        guid: Guid,
+    ) -> Result<(), StoreError> {
+        self.require_tenant(tenant)?;
+        if guid.is_reserved() {
+            return Err(StoreError::GuidLiveCheck {
+                guid,
+                reason: "a reserved GUID (zero or all ones) is never issued".into(),
+            });
+        }
+        if let Some(rec) = self.guid(guid)? {
+            return Err(StoreError::GuidState {
+                guid,
+                state: rec.state,
+                action: "issued",
+            });
+        }
+        self.tx
+            .execute(
+                "INSERT INTO guids (guid, state, device, tenant, issued_at_ms) VALUES (?1, 'issued', ?2, ?3, ?4)",
+                params![guid.to_string(), device.to_string(), tenant.as_str(), now_ms()],
+            )
+            .map_err(sql("recording an issued GUID"))?;
+        Ok(())
+    }
+
     fn retire_guid(&mut self, guid: Guid, reason: &str) -> Result<(), StoreError> {
         let rec = self.guid(guid)?.ok_or(StoreError::UnknownGuid(guid))?;
         if rec.state != GuidState::Issued {

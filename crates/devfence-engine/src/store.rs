@@ -744,6 +744,15 @@ pub trait Tx {
         tenant: &TenantId,
         live: &mut dyn FnMut(Guid) -> Result<Option<String>, StoreError>,
     ) -> Result<Guid, StoreError>;
+    /// Records `guid`, issued by a shared pool beyond this host (a fleet's),
+    /// as issued to `device` for `tenant`. Refused when the ledger knows the
+    /// GUID already (it is never issued twice).
+    fn record_issued_guid(
+        &mut self,
+        device: &DeviceId,
+        tenant: &TenantId,
+        guid: Guid,
+    ) -> Result<(), StoreError>;
     /// Retires an issued GUID: it becomes `Quarantined` and is never reissued.
     fn retire_guid(&mut self, guid: Guid, reason: &str) -> Result<(), StoreError>;
     /// Marks a quarantined GUID as seen absent from the SM (`Cleared`). It is

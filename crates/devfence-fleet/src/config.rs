@@ -81,6 +81,10 @@ pub struct FleetConfig {
     /// The fabric controller's batching window, in milliseconds (default 50).
     #[serde(default)]
     pub batch_window_ms: Option<u64>,
+    /// This host's name in the fleet (a host agent's; `[fabric] backend =
+    /// "fleet"` needs it).
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 /// A checked `[fleet]`: what [`crate::Fleet::connect`] takes.
@@ -181,6 +185,13 @@ impl FleetConfig {
             return Err(
                 "backend is missing. Hint: backend = \"etcd\" (the only fleet backend)".into(),
             );
+        }
+        if let Some(h) = &self.host {
+            h.parse::<Name>().map_err(|e| {
+                format!(
+                    "host {h:?}: {e}. Hint: a name of [A-Za-z0-9._-], as the fleet knows this host"
+                )
+            })?;
         }
         if self.endpoints.is_empty() {
             return Err(

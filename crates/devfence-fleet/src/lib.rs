@@ -30,6 +30,7 @@
 
 pub mod config;
 pub mod controller;
+pub mod sm;
 pub mod value;
 
 use std::collections::BTreeSet;

@@ -18,6 +18,7 @@ mod admit;
 mod batch;
 mod facts;
 pub mod failpoint;
+mod guid_source;
 mod lifecycle;
 mod procs;
 mod reverify;
@@ -37,6 +38,7 @@ pub use admit::{Drift, Started};
 pub use batch::{BatchItem, BatchReport, BatchSummary, ItemResult};
 pub use facts::{DeviceKind, KindError, classify};
 pub use failpoint::{Crash, CrashMode, Failpoints};
+pub use guid_source::{GuidSource, GuidSourceError};
 pub use lifecycle::{Gate, GateFailure, OpKind, Step};
 pub use procs::PlannedStep;
 pub use reverify::{Check, DeviceCheck, RecordedRestore, Reverification};
@@ -248,6 +250,8 @@ pub struct Engine<'a> {
     slot: usize,
     /// Applies asked of the SM so far.
     applies: std::cell::Cell<u64>,
+    /// Fresh IB GUIDs from a shared pool instead of the ledger's (a fleet).
+    pub(crate) guids: Option<&'a dyn GuidSource>,
 }
 
 /// The progress callback: the batch slot an event is about, and the event.
@@ -334,7 +338,18 @@ impl<'a> Engine<'a> {
             progress: Box::new(|_, _| {}),
             slot: 0,
             applies: std::cell::Cell::new(0),
+            guids: None,
         }
+    }
+
+    /// Taking fresh IB port GUIDs from `source` (a fleet's shared pool) instead
+    /// of the ledger's own pool; the ledger still records each one. An IB VF's
+    /// assign or handover is refused before it opens when the source is not
+    /// [`ready`](GuidSource::ready).
+    #[must_use]
+    pub fn with_guid_source(mut self, source: &'a dyn GuidSource) -> Self {
+        self.guids = Some(source);
+        self
     }
 
     /// Acting through `act` instead of the actuator over the kernel it was
@@ -573,6 +588,18 @@ impl<'a> Engine<'a> {
             }
         };
         self.refuse_if_busy(device, Some(to.clone()))?;
+        // A fleet's shared facts (the GUID pool, the desired memberships) are
+        // needed by an IB VF's operation: fail closed before anything changes.
+        if let (DeviceKind::IbVf { .. }, Some(src)) = (&facts, self.guids)
+            && let Err(x) = src.ready()
+        {
+            let e = EngineError::refused(
+                Some(*device),
+                format!("{} cannot be used: {x}", src.describe()),
+                x.hint,
+            );
+            return Err(self.refuse(Some(*device), Some(to.clone()), e));
+        }
         // An IOMMU group is one tenant's (docs/design.md L4): refuse before anything of
         // the group changes (its /dev/vfio node is shared) when another tenant
         // holds one of its members.
@@ -759,6 +786,16 @@ impl<'a> Engine<'a> {
         }
         let inv = self.inventory()?;
         let facts = classify(&inv, device).ok();
+        if let (Some(DeviceKind::IbVf { .. }), Some(src)) = (&facts, self.guids)
+            && let Err(x) = src.ready()
+        {
+            let e = EngineError::refused(
+                Some(*device),
+                format!("{} cannot be used: {x}", src.describe()),
+                x.hint,
+            );
+            return Err(self.refuse(Some(*device), from.tenant().cloned(), e));
+        }
         let old = match from.tenant() {
             Some(t) => self.store.atomically(|tx| tx.tenant(t))?,
             None => None,

@@ -24,7 +24,8 @@ use devfence_model::{
 use serde_json::{Value, json};
 
 use super::{
-    DeviceKind, Engine, EngineError, Gate, GateFailure, OpKind, Progress, Run, Step, StepFailure,
+    DeviceKind, Engine, EngineError, Gate, GateFailure, GuidSourceError, OpKind, Progress, Run,
+    Step, StepFailure,
 };
 use crate::audit::{AuditEvent, AuditKind};
 use crate::store::{
@@ -752,6 +753,20 @@ fn retire_guids(
         Step::GuidRetire,
         json!({ "port-guid": port_guid }),
         |e| {
+            if let Some(src) = e.guids {
+                // The shared pool first: a GUID retired there is never issued
+                // again; the ledger records it after.
+                for rec in e.store.atomically(|tx| tx.guids_of(&device))? {
+                    if rec.state == GuidState::Issued {
+                        src.retire(rec.guid).map_err(|x| StepFailure {
+                            step: String::new(),
+                            reason: format!("{} did not retire {}: {x}", src.describe(), rec.guid),
+                            hint: x.hint.clone(),
+                            source: Some(Box::new(x)),
+                        })?;
+                    }
+                }
+            }
             let r = e.store.atomically(|tx| {
                 let mut out = BTreeSet::new();
                 for rec in tx.guids_of(&device)? {
@@ -1148,6 +1163,72 @@ fn ib_pre(
             })
             .collect();
         let mut skipped = Vec::new();
+        if let Some(src) = e.guids {
+            // A fleet: the fabric's shared pool issues it (never issued to any
+            // other host); the same live checks, then the ledger records it.
+            let source_fail = |x: GuidSourceError| StepFailure {
+                step: String::new(),
+                reason: format!("{} gave no fresh GUID: {x}", src.describe()),
+                hint: x.hint.clone(),
+                source: Some(Box::new(x)),
+            };
+            loop {
+                let g = src.fresh().map_err(source_fail)?;
+                let live: Option<String> = if let Some(w) = on_host.get(&g) {
+                    Some(format!("live on {w}, skipped by the GUID pool"))
+                } else if configured.contains(&g) {
+                    Some(format!(
+                        "named in the SM's configuration ({}), skipped by the GUID pool",
+                        sm.backend()
+                    ))
+                } else {
+                    let obs = sm.observe(&[g]).map_err(|x| {
+                        fail(
+                            format!("GUID {g} cannot be checked at the SM: {x}"),
+                            "devfence issues no GUID it cannot check against the SM",
+                        )
+                    })?;
+                    match obs.ports.get(&g).map(|v| &v.programmed) {
+                        Some(Programmed::Absent) => None,
+                        Some(_) => Some(format!(
+                            "a port on the fabric ({}), skipped by the GUID pool",
+                            sm.backend()
+                        )),
+                        None => {
+                            return Err(fail(
+                                format!("GUID {g}: the SM's answer left it out"),
+                                "devfence issues no GUID it cannot check against the SM",
+                            ));
+                        }
+                    }
+                };
+                match live {
+                    None => {
+                        e.store
+                            .atomically(|tx| tx.record_issued_guid(&device, &tid, g))?;
+                        return Ok((
+                            g,
+                            json!({ "guid": g, "skipped": skipped, "source": src.describe() }),
+                        ));
+                    }
+                    Some(note) => {
+                        // Held by this host in the shared pool, never issued.
+                        let _ = src.retire(g);
+                        e.store.atomically(|tx| tx.record_foreign_guid(g, &note))?;
+                        skipped.push(g);
+                        if skipped.len() >= MAX_LIVE_SKIPS {
+                            return Err(fail(
+                                format!(
+                                    "{MAX_LIVE_SKIPS} GUIDs of {} in a row are in use elsewhere",
+                                    src.describe()
+                                ),
+                                "the shared pool overlaps live GUIDs: give the fabric a range of its own",
+                            ));
+                        }
+                    }
+                }
+            }
+        }
         let g = e.store.atomically(|tx| {
             tx.allocate_guid_avoiding(&device, &tid, &mut |g| {
                 let live = |reason: String| StoreError::GuidLiveCheck { guid: g, reason };
