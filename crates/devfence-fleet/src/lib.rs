@@ -29,6 +29,7 @@
 //! with its own runtime for the synchronous core.
 
 pub mod config;
+pub mod status;
 pub mod value;
 
 use std::collections::BTreeSet;
