@@ -32,6 +32,10 @@ pub enum AppError {
     /// The subnet manager failed.
     #[error(transparent)]
     Fabric(#[from] FabricError),
+    /// The fleet store (etcd) failed or cannot be reached (issue 13); boxed:
+    /// it carries etcd's status.
+    #[error(transparent)]
+    Fleet(Box<devfence_fleet::FleetError>),
     /// The host root cannot be read.
     #[error(transparent)]
     Host(#[from] devfence_host::HostError),
@@ -79,6 +83,12 @@ pub enum AppError {
     /// state and a hint.
     #[error("{0}")]
     Held(String),
+}
+
+impl From<devfence_fleet::FleetError> for AppError {
+    fn from(e: devfence_fleet::FleetError) -> Self {
+        AppError::Fleet(Box::new(e))
+    }
 }
 
 impl AppError {

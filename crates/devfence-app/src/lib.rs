@@ -27,6 +27,7 @@ pub mod config;
 pub mod env;
 pub mod error;
 pub mod fabric;
+pub mod fleet;
 pub mod guid_pool;
 pub mod hook;
 pub mod keys;
