@@ -44,6 +44,7 @@ pub mod batch;
 pub mod client;
 pub mod events;
 pub mod export;
+pub mod fleet;
 pub mod hook;
 pub mod log;
 pub mod metrics;
