@@ -46,6 +46,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/events"),
     ("POST", "/v1/state/admit"),
     ("POST", "/v1/state/inspect"),
+    ("GET", "/v1/fleet/status"),
+    ("GET", "/v1/fleet/guid-pool"),
+    ("POST", "/v1/fleet/revoke"),
 ];
 
 /// What every request shares.
@@ -98,7 +101,7 @@ impl State {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(c));
     }
 
-    fn config(&self) -> Option<Arc<devfence_app::config::Config>> {
+    pub(crate) fn config(&self) -> Option<Arc<devfence_app::config::Config>> {
         self.config
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -537,6 +540,12 @@ where
             ok(crate::state::admit(&st, actor_of(peer.as_deref()), &query, req).await)
         }
         "/v1/state/inspect" => ok(crate::state::inspect(&st, &query, req).await),
+        "/v1/fleet/status" => ok(crate::fleet::status_route(st).await),
+        "/v1/fleet/guid-pool" => ok(crate::fleet::guid_pool_route(st).await),
+        "/v1/fleet/revoke" => match crate::fleet::read_object(st.limits().max_body, req).await {
+            Ok(b) => ok(crate::fleet::revoke_route(st, actor_of(peer.as_deref()), &b).await),
+            Err(e) => Err(e),
+        },
         "/v1/operations/{id}" => {
             let id = path.rsplit('/').next().unwrap_or("");
             match st.ops.get(id) {
@@ -1088,6 +1097,7 @@ pub fn parse_body(route: &str, body: &serde_json::Map<String, Value>) -> Result<
     match route {
         "/v1/operations" => parse_operation(body).map(drop),
         "/v1/plan" => parse_plan(body).map(drop),
+        "/v1/fleet/revoke" => crate::fleet::parse_revoke(body).map(drop),
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "no_such_route",

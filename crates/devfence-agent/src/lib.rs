@@ -45,6 +45,7 @@ pub mod client;
 pub mod controller;
 pub mod events;
 pub mod export;
+pub mod fleet;
 pub mod hook;
 pub mod log;
 pub mod metrics;

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub sm_sweeps_requested: Counter,
     /// Operations per batch that went to the SM in one apply.
     pub batch_size: Histogram,
+    /// The fleet's gauges (issue 13: orphaned and pending memberships, hosts).
+    pub fleet: crate::fleet::FleetMetrics,
 }
 
 fn gate_histogram() -> Histogram {
@@ -139,7 +141,10 @@ impl Default for Metrics {
         );
         let verify = crate::watch::VerifyMetrics::default();
         verify.register(&mut registry);
+        let fleet = crate::fleet::FleetMetrics::default();
+        fleet.register(&mut registry);
         Metrics {
+            fleet,
             verify,
             registry,
             audit_records,

@@ -121,6 +121,7 @@ pub const ERROR_CODES: &[&str] = &[
     "configuration",
     "ledger",
     "internal",
+    "fleet_unavailable",
 ];
 
 /// The schema of [`ApiError::code`]: one of [`ERROR_CODES`].
@@ -142,6 +143,9 @@ fn status_meaning(status: u16) -> &'static str {
         409 => "Refused by a rule, the ledger is busy, or there is no ledger",
         413 => "The body is larger than the agent accepts",
         422 => "A gate failed: the device did not reach the state it must",
+        503 => {
+            "The fleet store (etcd) did not answer: nothing that needs it proceeds; the error lists the endpoints"
+        }
         _ => "devfence failed; the error chain says where",
     }
 }
@@ -683,6 +687,51 @@ pub const ROUTE_DOCS: &[RouteDoc] = &[
             Body::Json(schema_of::<serde_json::Map<String, Value>>),
         ),
         errors: &[400, 413],
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/v1/fleet/status",
+        id: "fleet_status",
+        summary: "The fabric as the fleet store holds it, read at one etcd revision: leader and fencing token, the controller's last batch, hosts and leases, desired vs observed per host (in sync, pending, mismatch, releasing, orphaned), revoke requests (devfence fleet status --json)",
+        role: Role::Read,
+        params: &[],
+        request: None,
+        ok: (
+            200,
+            "The fleet's status",
+            Body::Json(schema_of::<devfence_app::fleet::FleetStatus>),
+        ),
+        errors: &[503],
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/v1/fleet/guid-pool",
+        id: "fleet_guid_pool",
+        summary: "The fabric's GUID pool in the fleet store: range, cursor, allocated and retired per host, the global index check (devfence fleet guid-pool --json)",
+        role: Role::Read,
+        params: &[],
+        request: None,
+        ok: (
+            200,
+            "The GUID pool",
+            Body::Json(schema_of::<devfence_app::fleet::GuidPoolStatus>),
+        ),
+        errors: &[503],
+    },
+    RouteDoc {
+        method: "POST",
+        path: "/v1/fleet/revoke",
+        id: "fleet_revoke",
+        summary: "Asks the fabric controller to remove a lost host's orphaned membership(s) from the SM (devfence fleet revoke); 409 while the host's lease holds or for a GUID with nothing observed",
+        role: Role::Act,
+        params: &[],
+        request: Some(Request::Json(schema_of::<crate::fleet::RevokeBody>)),
+        ok: (
+            200,
+            "The revoke requests written",
+            Body::Json(schema_of::<devfence_app::fleet::RevokeOutcome>),
+        ),
+        errors: &[400, 409, 413, 503],
     },
     RouteDoc {
         method: "GET",

@@ -725,6 +725,8 @@ async fn run(state: Arc<State>, mut stop: tokio::sync::watch::Receiver<bool>) {
             st.watch
                 .inventory
                 .refresh_if_stale(&st.watch.opts.root, &st.metrics.verify);
+            // And the fleet gauges (nothing without [fleet]).
+            crate::fleet::refresh_metrics(&st);
         })
         .await;
         if done.is_err() {

@@ -47,6 +47,7 @@ fn a_restarted_agent_registers_again_and_rewrites_its_desired_memberships() {
         profile: Profile::Lab,
         out: root.clone(),
         vfs: None,
+        host_id: 0,
     })
     .unwrap();
     let ledger = dir.path().join("ledger.db");

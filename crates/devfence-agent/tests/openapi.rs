@@ -100,6 +100,10 @@ fn request_schemas_name_exactly_the_fields_the_parsers_accept() {
         properties(&doc, "post", "/v1/plan"),
         set(PlanRequest::FIELDS)
     );
+    assert_eq!(
+        properties(&doc, "post", "/v1/fleet/revoke"),
+        set(devfence_agent::fleet::RevokeBody::FIELDS)
+    );
 }
 
 #[test]

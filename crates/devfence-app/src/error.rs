@@ -32,6 +32,10 @@ pub enum AppError {
     /// The subnet manager failed.
     #[error(transparent)]
     Fabric(#[from] FabricError),
+    /// The fleet store (etcd) failed or cannot be reached (issue 13); boxed:
+    /// it carries etcd's status.
+    #[error(transparent)]
+    Fleet(Box<devfence_fleet::FleetError>),
     /// The host root cannot be read.
     #[error(transparent)]
     Host(#[from] devfence_host::HostError),
@@ -74,14 +78,17 @@ pub enum AppError {
     /// what it must be, nothing asked); the message names it and gives a hint.
     #[error("{0}")]
     Invalid(String),
-    /// The fleet's shared facts (etcd) refused or could not be reached.
-    #[error(transparent)]
-    Fleet(#[from] devfence_fleet::FleetError),
     /// Refused by an isolation rule: the action would change a device the
     /// ledger holds (without `--force`); the message names the device, its
     /// state and a hint.
     #[error("{0}")]
     Held(String),
+}
+
+impl From<devfence_fleet::FleetError> for AppError {
+    fn from(e: devfence_fleet::FleetError) -> Self {
+        AppError::Fleet(Box::new(e))
+    }
 }
 
 impl AppError {

@@ -20,8 +20,8 @@ use devfence_fabric::{
     Change, FabricError, Health, MembershipMap, Observation, PartitionKey, SubnetManager, Ticket,
 };
 use devfence_fleet::sm::FleetSm;
-use devfence_fleet::value::Name;
-use devfence_fleet::{Fleet, FleetError};
+pub use devfence_fleet::value::Name;
+pub use devfence_fleet::{Fleet, FleetError};
 use devfence_model::Guid;
 
 use crate::config::Config;
@@ -197,7 +197,7 @@ pub fn register(cfg: &Config) -> Result<&'static HostFleet> {
 }
 
 fn fleet_app(e: FleetError) -> AppError {
-    AppError::Fleet(e)
+    AppError::Fleet(Box::new(e))
 }
 
 impl HostFleet {
@@ -345,3 +345,7 @@ impl GuidSource for Unregistered {
         self.ready()
     }
 }
+
+// `devfence fleet …` (status, the GUID pool, revoke): the operator's side.
+mod admin;
+pub use admin::*;

@@ -76,6 +76,7 @@ fn sim_host() -> SimHost {
         profile: Profile::Lab,
         out: host.clone(),
         vfs: None,
+        host_id: 0,
     })
     .unwrap();
     let kernel = SimKernel::new(HostRoot::new(host)).unwrap();
@@ -331,6 +332,7 @@ fn a_command_without_the_agents_session_refuses_ib_operations_and_status_reads()
         profile: Profile::Lab,
         out: root.clone(),
         vfs: None,
+        host_id: 0,
     })
     .unwrap();
     let cfg = dir.path().join("devfence.toml");

@@ -256,6 +256,7 @@ fn a_fleet_hosts_handover_passes_its_gates_only_with_the_controller_and_the_sa()
                 profile: Profile::Lab,
                 out: root.clone(),
                 vfs: None,
+                host_id: 0,
             })
             .unwrap();
             let kernel = SimKernel::new(HostRoot::new(root)).unwrap();

@@ -31,6 +31,7 @@
 pub mod config;
 pub mod controller;
 pub mod sm;
+pub mod status;
 pub mod value;
 
 use std::collections::BTreeSet;

@@ -173,6 +173,10 @@ pub enum Command {
     Audit(AuditCommand),
     /// Show or set the range fresh IB GUIDs come from (never reissued).
     GuidPool(GuidPoolArgs),
+    /// The fleet on one fabric (`[fleet]`, etcd): status, the shared GUID
+    /// pool, revoking a lost host's orphaned memberships (docs/fleet.md).
+    #[command(subcommand)]
+    Fleet(crate::fleet::FleetCommand),
     /// Keys for device-state envelopes: this host's signing key and the keyring
     /// of source hosts whose envelopes it admits (docs/state-envelopes.md).
     #[command(subcommand)]

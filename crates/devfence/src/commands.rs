@@ -33,6 +33,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<Exit> {
             | Command::Plan(_)
             | Command::Inventory(_)
             | Command::Status(_)
+            | Command::Fleet(_)
             | Command::Hook(_)
             | Command::Tenant(crate::cli::TenantCommand::List { .. })
             | Command::Audit(
@@ -137,6 +138,7 @@ fn dispatch(cli: &Cli, root: &HostRoot, out: &mut dyn Write) -> Result<Exit> {
         Command::Recover(a) => crate::ledger::recover(&root, cli.ledger.as_deref(), a, out),
         Command::Audit(c) => crate::ledger::audit(&root, cli.ledger.as_deref(), c, out),
         Command::GuidPool(a) => crate::ledger::guid_pool(&root, cli.ledger.as_deref(), a, out),
+        Command::Fleet(c) => crate::fleet::run(&root, cli.ledger.as_deref(), c, out),
         Command::Keys(c) => crate::keys::run(&root, cli.ledger.as_deref(), c, out),
         Command::State(c) => crate::state::run(&root, cli.ledger.as_deref(), c, out),
         Command::Hook(c) => crate::ledger::hook(

@@ -13,6 +13,7 @@ mod cli;
 mod commands;
 mod config;
 mod export;
+mod fleet;
 mod jsonout;
 mod keys;
 mod ledger;
