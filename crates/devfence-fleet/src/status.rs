@@ -90,67 +90,11 @@ fn check_label(kind: &'static str, field: &str, s: &str) -> Result<(), ValueErro
     Ok(())
 }
 
-/// `/P/F/leader`: the fabric controller holding leadership, under its lease
-/// (written by the controller; its create revision is the fencing token).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LeaderRecord {
-    /// The controller's name.
-    pub controller: String,
-    /// Its lease.
-    pub lease: i64,
-}
-impl Record for LeaderRecord {
-    const KIND: &'static str = "leader";
-    fn check(&self) -> Result<(), ValueError> {
-        check_label(Self::KIND, "controller", &self.controller)
-    }
-}
-
-/// `/P/F/controller/status`: what the controller's last batch did.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ControllerStatusRecord {
-    /// The controller that wrote it.
-    pub controller: String,
-    /// The SM sweep generation of the last batch.
-    pub generation: u64,
-    /// The etcd revision of the desired view it applied.
-    pub applied_revision: i64,
-    /// Changes it had not applied yet.
-    pub pending: u64,
-    /// When (RFC 3339).
-    pub time: String,
-}
-impl Record for ControllerStatusRecord {
-    const KIND: &'static str = "controller status";
-    fn check(&self) -> Result<(), ValueError> {
-        check_label(Self::KIND, "controller", &self.controller)?;
-        check_label(Self::KIND, "time", &self.time)?;
-        if self.applied_revision < 0 {
-            return Err(ValueError::Bounds {
-                kind: Self::KIND,
-                why: "a negative applied_revision".into(),
-            });
-        }
-        Ok(())
-    }
-}
-
-/// `/P/F/revoke/H/<guid>`: an operator's request that the controller take an
-/// orphaned membership out of the SM.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RevokeRecord {
-    /// Who asked (the actor as the CLI or the agent names it).
-    pub by: String,
-}
-impl Record for RevokeRecord {
-    const KIND: &'static str = "revoke request";
-    fn check(&self) -> Result<(), ValueError> {
-        check_label(Self::KIND, "by", &self.by)
-    }
-}
+// The records of `/P/F/leader`, `/P/F/controller/status` and
+// `/P/F/revoke/…` are the controller's own (one definition per key).
+pub use crate::controller::{
+    ControllerStatus as ControllerStatusRecord, LeaderRecord, RevokeRecord,
+};
 
 // ---------------------------------------------------------------- answers
 
@@ -768,7 +712,7 @@ impl FleetStore {
             None => None,
             Some((r, token)) => Some(Leader {
                 ttl_left_s: self.ttl_of(r.lease).await.0,
-                controller: r.controller,
+                controller: r.controller.to_string(),
                 lease: r.lease,
                 fencing_token: token,
             }),
@@ -776,8 +720,8 @@ impl FleetStore {
         let controller = controller.map(|(r, kv)| ControllerStatus {
             by_leader: leader
                 .as_ref()
-                .is_some_and(|l| l.controller == r.controller),
-            controller: r.controller,
+                .is_some_and(|l| l.controller == r.controller.as_str()),
+            controller: r.controller.to_string(),
             generation: r.generation,
             applied_revision: r.applied_revision,
             pending: r.pending,
