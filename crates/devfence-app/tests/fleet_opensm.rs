@@ -3,17 +3,17 @@
 //! simulated `lab` host whose IB VFs are nodes of that fabric, the fleet
 //! backend ([`FleetSm`]) and the fleet's GUID pool ([`FleetGuids`]).
 //!
-//! The fabric controller is built elsewhere (issue 13 item 2): **the test plays
-//! it** with a tiny, labelled stand-in thread ([`stand_in`]) that applies the
-//! desired view to OpenSM through the existing OpenSM backend and publishes
-//! observed entries. With it, assign and handover pass every gate; with it
-//! stopped, the gate holds and the device stays quarantined.
+//! The fabric controller is the real one ([`controller`]: devfence-fleet's
+//! `Controller` on a thread of this process, applying to OpenSM through the
+//! OpenSM backend and publishing observed entries). With it, assign and
+//! handover pass every gate; with it stopped, the gate holds and the device
+//! stays quarantined.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use devfence_app::fleet::FleetGuids;
 use devfence_engine::engine::{Engine, EngineConfig, EngineError};
@@ -21,13 +21,11 @@ use devfence_engine::store::{DeviceState, GuidState, Partition, Tenant};
 use devfence_engine::{SqliteStore, StoreExt};
 use devfence_etcd_harness::{EtcdCluster, Options};
 use devfence_fabric::opensm::{OpenSmSm, SaClient, SaConfig, port_tables};
-use devfence_fabric::{
-    Expectation, MembershipMap, PartitionKey, PortReader, Programmed, SubnetManager, wait_verified,
-};
+use devfence_fabric::{PortReader, Programmed, SubnetManager};
 use devfence_fabric_harness::{Fabric, FabricSpec, in_fabric};
 use devfence_fleet::sm::FleetSm;
-use devfence_fleet::value::{GuidRange, GuidState as PoolState, Name, ObservedRecord};
-use devfence_fleet::{Fleet, FleetSettings};
+use devfence_fleet::value::{GuidRange, GuidState as PoolState, Name};
+use devfence_fleet::{Controller, ControllerConfig, Fleet, FleetSettings, FleetStore};
 use devfence_host::HostRoot;
 use devfence_host::actuator::{Errno, GuidKind, KernelIo, NodeMeta, PfHandle};
 use devfence_host::sim::{GenerateOptions, Profile, generate};
@@ -133,72 +131,29 @@ fn settings(c: &EtcdCluster) -> FleetSettings {
     s
 }
 
-fn key(p: u16) -> PartitionKey {
-    PartitionKey::new(p).unwrap()
-}
-
-/// STAND-IN for the fabric controller (the real one is issue 13 item 2, built
-/// in parallel; this is only what the test needs: no election, no fencing,
-/// one host). Whenever etcd moved past what it last published: reads the
-/// desired view (at a revision no entry of it is newer than), applies it to
-/// OpenSM through the OpenSM backend, waits until OpenSM's read-back verifies
-/// it, and publishes each port's SA table as observed, answering that revision.
-fn stand_in(fleet: &Fleet, opensm: &OpenSmSm, sa: &SaClient, stop: &AtomicBool) {
-    let mut last = MembershipMap::new();
-    let mut hosts: std::collections::BTreeMap<Guid, Name> = Default::default();
-    let mut quiet = 0i64;
+/// The fabric controller — the real one ([`Controller`], issue 13 item 2) — in
+/// this process on its own runtime, driving OpenSM through `opensm`, until
+/// `stop`; then it resigns.
+fn controller(etcd: &EtcdCluster, opensm: Arc<dyn SubnetManager>, stop: &AtomicBool) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = settings(etcd);
+    let store = rt.block_on(FleetStore::connect(s.clone())).unwrap();
+    let mut cfg = ControllerConfig::new(name("ctl"), &s);
+    cfg.poll_interval = Duration::from_millis(50);
+    let ctl = Arc::new(Controller::new(store, opensm, cfg));
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let c2 = Arc::clone(&ctl);
+    let task = rt.spawn(async move { c2.run(rx).await });
+    // Pace only: the stop flag is looked at, nothing is decided by time.
     while !stop.load(Ordering::SeqCst) {
-        // Pace only: the host's gates poll; nothing here decides by time.
         std::thread::sleep(Duration::from_millis(20));
-        let Ok(rev) = fleet.block_on(fleet.store().revision()) else {
-            continue;
-        };
-        if rev == quiet {
-            continue;
-        }
-        let Ok(desired) = fleet.desired(None) else {
-            continue;
-        };
-        if desired.iter().any(|d| d.revision > rev) {
-            continue; // a write landed in between: read again
-        }
-        let mut map = MembershipMap::new();
-        for d in &desired {
-            hosts.insert(d.guid, d.host.clone());
-            for p in &d.record.pkeys {
-                map.insert(d.guid, key(p.0), p.membership()).unwrap();
-            }
-        }
-        if map != last {
-            opensm.stage_desired(map.clone()).unwrap();
-            let ticket = opensm.apply().unwrap();
-            let mut exp = Expectation::after(ticket);
-            for g in map.guids() {
-                exp = exp.grant(g, map.partitions_of(g));
-            }
-            for (g, p, _) in last.iter() {
-                if !map.partitions_of(g).contains_key(&p) {
-                    exp = exp.revoke(g, [p]);
-                }
-            }
-            if wait_verified(opensm, &exp, Instant::now() + Duration::from_secs(10)).is_err() {
-                continue; // not published: the hosts' gates wait
-            }
-        }
-        let guids: BTreeSet<Guid> = map.guids().chain(last.guids()).collect();
-        for g in guids {
-            let pkeys: Vec<PKey> = match sa.read_port(g) {
-                Ok(Programmed::Present { pkeys, .. }) => pkeys.into_iter().collect(),
-                Ok(Programmed::Absent) => Vec::new(),
-                Err(_) => continue,
-            };
-            let rec = ObservedRecord::new(pkeys, 1, rev).unwrap();
-            if let Ok(r) = fleet.put_observed(&[], &hosts[&g], g, &rec) {
-                quiet = quiet.max(r);
-            }
-        }
-        last = map;
     }
+    let _ = tx.send(true);
+    rt.block_on(task).unwrap().unwrap();
 }
 
 struct StopOnDrop<'a>(&'a AtomicBool);
@@ -284,8 +239,10 @@ fn a_fleet_hosts_handover_passes_its_gates_only_with_the_controller_and_the_sa()
             )
             .unwrap();
             let src = FleetGuids::of(&fsm);
-            let opensm = OpenSmSm::with_port_reader(f.opensm_config(), Box::new(Arc::clone(&sa)));
-            let ctl_fleet = Fleet::connect(settings(&etcd)).unwrap();
+            let opensm: Arc<dyn SubnetManager> = Arc::new(OpenSmSm::with_port_reader(
+                f.opensm_config(),
+                Box::new(Arc::clone(&sa)),
+            ));
             let stop = AtomicBool::new(false);
             let vf = DeviceId::Pci("0000:3b:00.1".parse().unwrap());
             let cfg = |s| EngineConfig {
@@ -294,8 +251,8 @@ fn a_fleet_hosts_handover_passes_its_gates_only_with_the_controller_and_the_sa()
             };
 
             std::thread::scope(|s| {
-                let ctl = s.spawn(|| stand_in(&ctl_fleet, &opensm, &sa, &stop));
-                // The stand-in stops however this body ends (a failed
+                let ctl = s.spawn(|| controller(&etcd, Arc::clone(&opensm), &stop));
+                // The controller stops however this body ends (a failed
                 // assertion must not leave the scope waiting for it).
                 let _stop = StopOnDrop(&stop);
                 let a = Engine::new(&mut store, &io, &fsm, cfg(20))
