@@ -854,26 +854,24 @@ fn run_operation(
     let mut last_ms = 0u64;
     let metrics = &st.metrics;
     let op_id = ops::lock(view).id.clone();
-    let mut e = env
-        .engine(EngineConfig::default())
-        .with_progress(|p: &Progress| {
-            match p {
-                Progress::Gate {
-                    name, elapsed_ms, ..
-                } => {
-                    let secs = elapsed_ms.saturating_sub(last_ms) as f64 / 1000.0;
-                    metrics
-                        .gate_seconds
-                        .get_or_create(&crate::metrics::GateLabel { gate: name.clone() })
-                        .observe(secs);
-                    last_ms = *elapsed_ms;
-                }
-                Progress::Step { elapsed_ms, .. } => last_ms = *elapsed_ms,
-                _ => {}
+    let mut e = env.engine(engine_config(st)).with_progress(|p: &Progress| {
+        match p {
+            Progress::Gate {
+                name, elapsed_ms, ..
+            } => {
+                let secs = elapsed_ms.saturating_sub(last_ms) as f64 / 1000.0;
+                metrics
+                    .gate_seconds
+                    .get_or_create(&crate::metrics::GateLabel { gate: name.clone() })
+                    .observe(secs);
+                last_ms = *elapsed_ms;
             }
-            ops::lock(view).push(p);
-            st.events.progress(Some(&op_id), p);
-        });
+            Progress::Step { elapsed_ms, .. } => last_ms = *elapsed_ms,
+            _ => {}
+        }
+        ops::lock(view).push(p);
+        st.events.progress(Some(&op_id), p);
+    });
     let r = devfence_app::lifecycle::run(&mut e, req);
     st.metrics.sm_sweeps_requested.inc_by(e.sm_applies());
     app(r)
@@ -901,6 +899,18 @@ pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The engine's settings for an operation this agent runs: its gates wait
+/// `[agent] gate_timeout` for the SM.
+pub(crate) fn engine_config(st: &State) -> EngineConfig {
+    match st.config() {
+        Some(c) => EngineConfig {
+            gate_deadline: c.agent.gate_timeout(),
+            ..EngineConfig::default()
+        },
+        None => EngineConfig::default(),
+    }
 }
 
 pub(crate) fn open_env(st: &State) -> Result<Env, ApiError> {
@@ -1111,7 +1121,7 @@ async fn plan(st: &Arc<State>, body: &serde_json::Map<String, Value>) -> Result<
     let req = parse_plan(body)?;
     blocking(move || {
         let mut env = open_env(&st)?;
-        let mut e = env.engine(EngineConfig::default());
+        let mut e = env.engine(engine_config(&st));
         let steps = app(devfence_app::lifecycle::plan(&mut e, &req))?;
         to_json(&PlanAnswer {
             device: req.device.to_string(),
@@ -1213,6 +1223,30 @@ mod tests {
 
     /// The whole handler with synthetic credentials: an admin-group member
     /// gets past authorization to the use case, a reader and an outsider
+    /// `[agent] gate_timeout` is the deadline of the gates of every operation
+    /// the agent runs (the engine's default without a configuration).
+    #[test]
+    fn the_agents_gates_wait_the_configured_gate_timeout() {
+        let st = state(Policy {
+            admin_gid: None,
+            reader_gid: None,
+        });
+        assert_eq!(
+            engine_config(&st).gate_deadline,
+            EngineConfig::default().gate_deadline
+        );
+        let c = devfence_app::config::Config::parse(
+            "[agent]\ngate_timeout = 42\n",
+            std::path::Path::new("t.toml"),
+        )
+        .expect("parses");
+        st.set_config(c);
+        assert_eq!(
+            engine_config(&st).gate_deadline,
+            std::time::Duration::from_secs(42)
+        );
+    }
+
     /// are refused with the typed body, counted by route and status.
     #[tokio::test]
     async fn the_handler_authorizes_before_anything_runs() {

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use devfence_app::Actor;
 use devfence_app::lifecycle::Request;
-use devfence_engine::engine::{EngineConfig, ItemResult, Progress};
+use devfence_engine::engine::{ItemResult, Progress};
 use devfence_host::HostRoot;
 use hyper::StatusCode;
 
-use crate::api::{ApiError, State, app, complete, open_env};
+use crate::api::{ApiError, State, app, complete, engine_config, open_env};
 use crate::ops::{self, BatchInfo, OpView};
 
 /// Collects IB VF operations into batches.
@@ -159,7 +159,7 @@ fn run_one(st: &State, jobs: &[Job]) {
     let metrics = &st.metrics;
     let mut last_ms = vec![0u64; jobs.len()];
     let mut e = env
-        .engine(EngineConfig::default())
+        .engine(engine_config(st))
         .with_batch_progress(|slot, p: &Progress| {
             let (Some(j), Some(last)) = (jobs.get(slot), last_ms.get_mut(slot)) else {
                 return;

@@ -160,7 +160,18 @@ pub struct AgentConfig {
     /// runs each alone. Default [`DEFAULT_BATCH_WINDOW_MS`].
     #[serde(default)]
     pub batch_window: Option<u64>,
+    /// Seconds a gate of an operation run by the agent waits for the SM (and the
+    /// fleet's controller) to show the change before it fails closed and the
+    /// device is quarantined. Default [`DEFAULT_GATE_TIMEOUT_S`].
+    #[serde(default)]
+    pub gate_timeout: Option<u64>,
 }
+
+/// `[agent] gate_timeout` unless configured, in seconds (the CLI's
+/// `--gate-timeout` default too).
+pub const DEFAULT_GATE_TIMEOUT_S: u64 = 10;
+/// The range of `[agent] gate_timeout`, in seconds.
+pub const GATE_TIMEOUT_RANGE_S: std::ops::RangeInclusive<u64> = 1..=600;
 
 /// `[agent] batch_window` unless configured, in milliseconds.
 pub const DEFAULT_BATCH_WINDOW_MS: u64 = 20;
@@ -177,6 +188,17 @@ impl AgentConfig {
             self.batch_window
                 .unwrap_or(DEFAULT_BATCH_WINDOW_MS)
                 .min(MAX_BATCH_WINDOW_MS),
+        )
+    }
+
+    /// How long an agent-run operation's gate waits for the SM to show its change.
+    #[must_use]
+    pub fn gate_timeout(&self) -> std::time::Duration {
+        // Bounded by the parser; bounded again for a value built in code.
+        std::time::Duration::from_secs(
+            self.gate_timeout
+                .unwrap_or(DEFAULT_GATE_TIMEOUT_S)
+                .clamp(*GATE_TIMEOUT_RANGE_S.start(), *GATE_TIMEOUT_RANGE_S.end()),
         )
     }
 }
@@ -461,6 +483,11 @@ pub const KEYS: &[Key] = &[
         "Milliseconds (0 to 10000) during which the agent collects assign/handover/release requests for IB VFs into one batch: one apply and one sweep at the SM, each device still verified by its own gates. 0 runs each request alone.",
     ),
     key(
+        "agent.gate_timeout",
+        "10",
+        "Seconds (1 to 600) a gate of an operation the agent runs waits for the SM (and, in a fleet, the fabric controller) to show the change before it fails closed and quarantines the device. A large fabric whose SM sweeps slowly needs more.",
+    ),
+    key(
         "hook.allow_unidentified_single_tenant",
         "false",
         "Admit a domain that names no tenant and holds no device reserved for it, for the tenant its devices are Ready for, only while the ledger knows at most one tenant.",
@@ -604,6 +631,17 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "{}: [agent] batch_window = {w} is longer than {MAX_BATCH_WINDOW_MS} ms. Hint:                  the window delays every IB VF operation by up to its length; a few tens of                  milliseconds collect concurrent requests (0 turns batching off)",
                 path.display()
+            )));
+        }
+        if let Some(t) = c.agent.gate_timeout
+            && !GATE_TIMEOUT_RANGE_S.contains(&t)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{}: [agent] gate_timeout = {t} is out of range. Hint: give seconds from {} to {} \
+                 (default {DEFAULT_GATE_TIMEOUT_S}); a large fabric whose SM sweeps slowly needs more",
+                path.display(),
+                GATE_TIMEOUT_RANGE_S.start(),
+                GATE_TIMEOUT_RANGE_S.end()
             )));
         }
         if let Some(GroupRef::Name(n)) = c
@@ -946,12 +984,32 @@ mod tests {
         assert!(e.to_string().contains("110000 ms"), "{e}");
     }
 
+    /// `[agent] gate_timeout`: 1 to 600 seconds; out of range refused naming
+    /// the key with a hint; the default is 10 s.
+    #[test]
+    fn the_agents_gate_timeout_is_bounded() {
+        let p = Path::new("t.toml");
+        let c = Config::parse("[agent]\ngate_timeout = 90\n", p).expect("parses");
+        assert_eq!(c.agent.gate_timeout(), std::time::Duration::from_secs(90));
+        let c = Config::parse("[agent]\n", p).expect("parses");
+        assert_eq!(c.agent.gate_timeout(), std::time::Duration::from_secs(10));
+        for bad in ["0", "601"] {
+            let e = Config::parse(&format!("[agent]\ngate_timeout = {bad}\n"), p)
+                .expect_err("out of range");
+            let s = e.to_string();
+            assert!(
+                s.contains("[agent] gate_timeout") && s.contains("Hint"),
+                "{s}"
+            );
+        }
+    }
+
     /// issue 15 item 2: every key the parser accepts is documented in KEYS
     /// (the one place devfence.toml(5) is generated from), and every key
     /// documented is one the parser accepts.
     #[test]
     fn every_key_is_documented_once_in_keys() {
-        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\npartitions_mode = \"auto\"\nufm_user_ext_file = \"/opt/ufm/files/conf/partitions.conf.user_ext\"\nufm_merge_command = [\"/opt/ufm/scripts/sync_partitions_conf.sh\"]\nufm_merge_timeout_ms = 30000\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\naudit_export = \"syslog\"\nsyslog_socket = \"/dev/log\"\nsyslog_facility = \"local3\"\nverify_interval = 30\nbatch_window = 20\n[fleet]\nbackend = \"etcd\"\nendpoints = [\"https://e1:2379\"]\nca = \"/ca.pem\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nprefix = \"df\"\nfabric = \"ib0\"\ntimeout_ms = 5000\nlease_ttl_s = 15\nbatch_window_ms = 50\nhost = \"hv01\"\n";
+        let text = "[fabric]\nbackend = \"opensm\"\n[fabric.opensm]\npid_file = \"/run/o.pid\"\npartitions_mode = \"auto\"\nufm_user_ext_file = \"/opt/ufm/files/conf/partitions.conf.user_ext\"\nufm_merge_command = [\"/opt/ufm/scripts/sync_partitions_conf.sh\"]\nufm_merge_timeout_ms = 30000\n[fabric.opensm.sa]\nca = \"mlx5_0\"\n[fabric.sa]\nca = \"mlx5_0\"\n[fabric.ufm]\nurl = \"https://u\"\nca_file = \"/c.pem\"\nmanaged_pkeys = [\"0x0001\"]\n[hook]\n[agent]\nsocket = \"/run/d.sock\"\nadmin_group = \"wheel\"\nreader_group = 5\nmetrics_tcp = \"127.0.0.1:9464\"\naudit_export = \"syslog\"\nsyslog_socket = \"/dev/log\"\nsyslog_facility = \"local3\"\nverify_interval = 30\nbatch_window = 20\ngate_timeout = 30\n[fleet]\nbackend = \"etcd\"\nendpoints = [\"https://e1:2379\"]\nca = \"/ca.pem\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nprefix = \"df\"\nfabric = \"ib0\"\ntimeout_ms = 5000\nlease_ttl_s = 15\nbatch_window_ms = 50\nhost = \"hv01\"\n";
         let c = Config::parse(text, Path::new("t.toml")).expect("parses");
         let v = toml::Value::try_from(&c).expect("serializes");
         fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {

@@ -607,8 +607,21 @@ impl FleetStore {
         prefix: &str,
         rev: i64,
     ) -> Result<Vec<KeyValue>, FleetError> {
-        let end = prefix_end(prefix);
-        let mut from = prefix.as_bytes().to_vec();
+        self.range_at(op, prefix.as_bytes().to_vec(), prefix_end(prefix), rev)
+            .await
+    }
+
+    /// Every key in `[from, end)` at revision `rev`, paged; more than
+    /// [`crate::MAX_LIST`] is refused.
+    pub(crate) async fn range_at(
+        &self,
+        op: &'static str,
+        from: Vec<u8>,
+        end: Vec<u8>,
+        rev: i64,
+    ) -> Result<Vec<KeyValue>, FleetError> {
+        let what = String::from_utf8_lossy(&from).into_owned();
+        let mut from = from;
         let mut out = Vec::new();
         loop {
             let (f, e) = (from.clone(), end.clone());
@@ -636,9 +649,7 @@ impl FleetStore {
             next.push(0);
             out.extend(kvs);
             if out.len() > crate::MAX_LIST {
-                return Err(FleetError::TooMany {
-                    what: prefix.to_string(),
-                });
+                return Err(FleetError::TooMany { what });
             }
             if !more {
                 break;

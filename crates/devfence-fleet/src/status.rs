@@ -29,7 +29,7 @@ use crate::value::{
     self, CursorRecord, DesiredRecord, GuidIndexRecord, GuidRange, GuidRecord, GuidState,
     HostRecord, Name, ObservedRecord, Record, ValueError, encode, parse,
 };
-use crate::{Fleet, FleetError, FleetStore, Keys, MAX_LIST, PAGE, prefix_end};
+use crate::{Fleet, FleetError, FleetStore, Keys, prefix_end};
 
 /// The most problems of one kind a GUID pool report lists (it counts all).
 pub const MAX_LISTED_PROBLEMS: usize = 16;
@@ -479,45 +479,7 @@ impl At<'_> {
         from: Vec<u8>,
         end: Vec<u8>,
     ) -> Result<Vec<KeyValue>, FleetError> {
-        let rev = self.rev;
-        let what = String::from_utf8_lossy(&from).into_owned();
-        let mut from = from;
-        let mut out = Vec::new();
-        loop {
-            let (f, e) = (from.clone(), end.clone());
-            let mut r = self
-                .store
-                .call(op, |mut c| {
-                    let (f, e) = (f.clone(), e.clone());
-                    async move {
-                        c.get(
-                            f,
-                            Some(
-                                GetOptions::new()
-                                    .with_range(e)
-                                    .with_limit(PAGE)
-                                    .with_revision(rev),
-                            ),
-                        )
-                        .await
-                    }
-                })
-                .await?;
-            let more = r.more();
-            let kvs = r.take_kvs();
-            let Some(last) = kvs.last() else { break };
-            let mut next = last.key().to_vec();
-            next.push(0);
-            out.extend(kvs);
-            if out.len() > MAX_LIST {
-                return Err(FleetError::TooMany { what });
-            }
-            if !more {
-                break;
-            }
-            from = next;
-        }
-        Ok(out)
+        self.store.range_at(op, from, end, self.rev).await
     }
 
     async fn list(&self, op: &'static str, prefix: &str) -> Result<Vec<KeyValue>, FleetError> {

@@ -74,7 +74,7 @@ fn lab_host(f: &Fabric, tmp: &Path) -> (PathBuf, PathBuf) {
     std::fs::write(
         &config,
         format!(
-            "[fabric]\nbackend = \"opensm\"\n\n[fabric.opensm]\npartitions_file = \"{}\"\nlog_file = \"{}\"\npid_file = \"{}\"\n\n[agent]\nbatch_window = {WINDOW_MS}\n",
+            "[fabric]\nbackend = \"opensm\"\n\n[fabric.opensm]\npartitions_file = \"{}\"\nlog_file = \"{}\"\npid_file = \"{}\"\n\n[agent]\nbatch_window = {WINDOW_MS}\n# A loaded machine: the watcher that plays the HCA may take a while.\ngate_timeout = 60\n",
             o.partitions_file.display(),
             o.log_file.display(),
             o.pid_file.as_ref().unwrap().display()

@@ -164,7 +164,7 @@ impl Host {
         std::fs::write(
             &config,
             format!(
-                "[fabric]\nbackend = \"fleet\"\n\n[agent]\nbatch_window = 300\n\n{}host = \"h{id}\"\n",
+                "[fabric]\nbackend = \"fleet\"\n\n[agent]\nbatch_window = 300\ngate_timeout = 60\n\n{}host = \"h{id}\"\n",
                 fleet_section(c)
             ),
         )
