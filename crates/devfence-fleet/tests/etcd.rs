@@ -207,20 +207,29 @@ fn a_pkey_claimed_by_two_tenants_has_exactly_one_owner() {
     assert!(tenants.contains(&owner), "{tenants:?}");
 }
 
-/// One member paused (SIGSTOP; the one the client was using): allocations go
-/// on through the other two.
+/// One member paused (SIGSTOP; the one the client was using, a follower):
+/// allocations go on through the other two. (A paused raft leader needs an
+/// election first: `the_paused_leader_is_replaced_and_allocation_goes_on`.)
 #[test]
 fn one_paused_member_does_not_stop_allocation() {
     let _one = serial();
     let mut c = cluster();
-    let f = fleet(&c, "ib0");
+    // The client's first endpoint — the member it uses — is a follower, so
+    // the pause tests the client's failover, not the cluster's election.
+    let leader = c.leader().expect("a leader");
+    let follower = (0..3).find(|&i| i != leader).expect("a follower");
+    let mut s = settings(&c, "ib0");
+    s.endpoints.rotate_left(follower);
+    let f = Fleet::connect(s).expect("connects");
     f.configure_guid_range(range(10_000)).expect("range");
     let h = name("h0");
     let before = f.allocate_guids(&h, 10).expect("allocates");
-    c.pause(0).expect("SIGSTOP m0");
-    let during = f.allocate_guids(&h, 100).expect("allocates with m0 paused");
+    c.pause(follower).expect("SIGSTOP the follower");
+    let during = f
+        .allocate_guids(&h, 100)
+        .expect("allocates with the follower paused");
     let single = f.allocate_guids(&h, 1).expect("and again");
-    c.resume(0).expect("SIGCONT m0");
+    c.resume(follower).expect("SIGCONT the follower");
     let all: BTreeSet<Guid> = before
         .iter()
         .chain(&during)
