@@ -239,7 +239,10 @@ pub fn events(
 }
 
 /// Waits (bounded) until something serves `socket`, the agent `child` having
-/// been started to serve it.
+/// been started to serve it. From then on a thread drains the agent's piped
+/// stderr into this test's captured output (shown when the test fails): the
+/// agent logs a line per request, and a pipe nobody reads fills after ~64 KiB
+/// and blocks the agent's next log write, its runtime worker with it.
 ///
 /// # Panics
 /// The agent exits first (its stderr in the message), or `deadline` passes.
@@ -264,6 +267,17 @@ pub fn wait_serving(
             socket.display()
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if let Some(err) = child.stderr.take() {
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut r = std::io::BufReader::new(err);
+            let mut line = Vec::new();
+            while matches!(r.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                eprint!("agent: {}", String::from_utf8_lossy(&line));
+                line.clear();
+            }
+        });
     }
 }
 
