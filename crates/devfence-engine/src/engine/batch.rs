@@ -40,7 +40,7 @@ use devfence_model::{DeviceId, TenantId};
 use super::procs::{self, Parked};
 use super::{Done, Engine, EngineError, OpKind, OpenedTransfer, Run, StepFailure, classify};
 use crate::audit::AuditKind;
-use crate::store::{StepState, StoreExt, Tenant};
+use crate::store::{StepState, Tenant};
 
 /// One operation of a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -362,11 +362,7 @@ impl Engine<'_> {
     /// quarantined then, as a single operation leaves it).
     #[allow(clippy::type_complexity)]
     fn park(&mut self, it: &BatchItem) -> Result<Option<(Run, Work)>, Result<Done, EngineError>> {
-        let pool = self
-            .store
-            .atomically(|tx| tx.guid_pool())
-            .map_err(|e| Err(e.into()))?
-            .is_some();
+        let pool = self.has_guid_pool().map_err(|e| Err(e.into()))?;
         let inv = self.inventory().map_err(Err)?;
         match classify(&inv, &it.device) {
             Ok(k) if procs::batchable(&k, pool) => {}

@@ -352,6 +352,14 @@ impl<'a> Engine<'a> {
         self
     }
 
+    /// Whether fresh IB GUIDs come from a pool — the fleet's shared one (a
+    /// [`GuidSource`]) or the ledger's own — so that an IB VF's transfer can
+    /// revoke the old GUIDs and grant the fresh one in one apply (one sweep)
+    /// and share a batch's apply.
+    pub(crate) fn has_guid_pool(&mut self) -> Result<bool, StoreError> {
+        Ok(self.guids.is_some() || self.store.atomically(|tx| tx.guid_pool())?.is_some())
+    }
+
     /// Acting through `act` instead of the actuator over the kernel it was
     /// built with (reads still go through that kernel).
     #[must_use]
@@ -903,6 +911,7 @@ impl<'a> Engine<'a> {
             let state = tx.device(device)?.map_or(DeviceState::Free, |r| r.state);
             Ok((state, tx.guids_of(device)?, tx.guid_pool()?.is_some()))
         })?;
+        let pool = pool || self.guids.is_some();
         Ok(procs::plan(&facts, &state, to.is_some(), &guids, pool))
     }
 

@@ -190,7 +190,8 @@ fn plan_prepare(kind: &DeviceKind, moved: bool) -> Vec<PlannedStep> {
 
 /// Whether giving a device of `kind` to a tenant revokes its old GUIDs and grants
 /// the fresh one in one apply at the SM (one sweep, issue 14 item 2): an IB VF,
-/// when the ledger has a GUID pool to take the fresh GUID from. Without a pool
+/// when there is a GUID pool to take the fresh GUID from (the ledger's, or a
+/// fleet's shared one through the engine's GUID source). Without a pool
 /// the revoke is applied and verified on its own first (two sweeps), so a
 /// handover that then cannot get a GUID leaves the old one revoked.
 ///
@@ -202,7 +203,7 @@ fn one_sweep(kind: &DeviceKind, pool: bool) -> bool {
 }
 
 /// The steps an operation on a device of `kind` in `state`, with `guids` in the
-/// pool, runs; `pool`: the ledger has a GUID pool.
+/// pool, runs; `pool`: there is a GUID pool (the ledger's or a fleet's).
 pub(crate) fn plan(
     kind: &DeviceKind,
     state: &DeviceState,
@@ -302,7 +303,7 @@ pub(crate) fn transfer(
     } else {
         None
     };
-    let pool = one_sweep(kind, e.store.atomically(|tx| tx.guid_pool())?.is_some());
+    let pool = one_sweep(kind, e.has_guid_pool()?);
     let deferred = scrub(e, run, kind, old, pool)?;
     let preparing = DeviceState::Preparing {
         tenant: to.id.clone(),
@@ -384,8 +385,8 @@ pub(crate) struct Pending {
 }
 
 /// Whether an operation on a device of `kind` can join a batch (one apply at
-/// the SM for all its members): an IB VF whose transfer is one-sweep (the
-/// ledger has a GUID pool); a release of one too.
+/// the SM for all its members): an IB VF whose transfer is one-sweep (when
+/// there is a GUID pool, the ledger's or a fleet's); a release of one too.
 pub(crate) fn batchable(kind: &DeviceKind, pool: bool) -> bool {
     one_sweep(kind, pool)
 }
