@@ -24,12 +24,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "support/fleet_fabric.rs"]
+mod fleet_fabric;
 #[path = "support/agent_fabric.rs"]
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -38,8 +40,9 @@ use devfence_fabric_harness::{Fabric, FabricSpec, in_fabric};
 use devfence_fleet::value::{GuidRange, GuidState};
 use devfence_fleet::{Fleet, FleetSettings};
 use devfence_model::Guid;
+use fleet_fabric::{Ctl, check_op, controller_config, fleet_section, leader};
 use serde_json::{Value, json};
-use support::{Agent, applies_recorded, cli, ok, request, sriov_port};
+use support::{Agent, Followed, applies_recorded, cli, follow_hosts, ok, request, sriov_port};
 
 /// The lab's IB VFs (PF 0000:3b:00.0, VF indexes 0–3).
 const VFS: [&str; 4] = [
@@ -80,65 +83,6 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
-fn fleet_section(c: &EtcdCluster) -> String {
-    let endpoints: Vec<String> = c.endpoints().iter().map(|e| format!("{e:?}")).collect();
-    format!(
-        "[fleet]\nbackend = \"etcd\"\nendpoints = [{}]\ninsecure_plaintext = true\nprefix = \"dfe\"\nfabric = \"ib0\"\nlease_ttl_s = 10\nbatch_window_ms = 200\ntimeout_ms = 5000\n",
-        endpoints.join(", ")
-    )
-}
-
-/// The controllers' devfence.toml: OpenSM on this (the SM) host, and the fleet.
-fn controller_config(f: &Fabric, c: &EtcdCluster) -> String {
-    let opensm = toml::to_string(&f.opensm_config())
-        .expect("opensm section")
-        .replace("[sa]", "[fabric.opensm.sa]");
-    format!(
-        "[fabric]\nbackend = \"opensm\"\n\n[fabric.opensm]\n{opensm}\n{}",
-        fleet_section(c)
-    )
-}
-
-/// A controller process, killed when dropped.
-struct Ctl {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Ctl {
-    fn start(f: &Fabric, config: &Path, log: PathBuf) -> Ctl {
-        let err = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_devfence"))
-            .envs(f.env())
-            .current_dir(f.dir())
-            .arg("--config")
-            .arg(config)
-            .args(["serve", "--role", "fabric-controller", "--fabric", "ib0"])
-            .env("DEVFENCE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("start the controller");
-        Ctl { child, log }
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Ctl {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn leader(f: &Fleet) -> Option<String> {
-    f.block_on(f.store().read_leader())
-        .expect("reads the leader")
-        .map(|(r, _)| r.controller.to_string())
-}
-
 /// One simulated host of the fleet: its tree, its devfence.toml, its agent.
 struct Host {
     id: u8,
@@ -165,7 +109,7 @@ impl Host {
             &config,
             format!(
                 "[fabric]\nbackend = \"fleet\"\n\n[agent]\nbatch_window = 300\ngate_timeout = 60\n\n{}host = \"h{id}\"\n",
-                fleet_section(c)
+                fleet_section(c, 200)
             ),
         )
         .unwrap();
@@ -187,71 +131,6 @@ impl Host {
             .map(|i| sriov_port(&self.root, PF, i).expect("a port GUID"))
             .collect()
     }
-}
-
-/// Plays the HCAs of every host: when a VF's GUID changes on its host, its port
-/// comes back on the fabric with that GUID.
-fn follow(f: &Fabric, hosts: &[Host], stop: &AtomicBool) {
-    let mut on_fabric: BTreeMap<(u8, usize), Guid> = hosts
-        .iter()
-        .flat_map(|h| (0..VFS.len()).map(move |i| ((h.id, i), factory(h.id, i))))
-        .collect();
-    while !stop.load(Ordering::Relaxed) {
-        for h in hosts {
-            for i in 0..VFS.len() {
-                let cur = on_fabric.get_mut(&(h.id, i)).expect("known");
-                if let Some(g) = sriov_port(&h.root, PF, i)
-                    && g != *cur
-                    && g.0 != 0
-                {
-                    match f.rotate(&node(h.id, i), g) {
-                        Ok(()) => *cur = g,
-                        Err(e) => eprintln!("rotating {} to {g}: {e}; retrying", node(h.id, i)),
-                    }
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Every gate of the operation's events, with whether it passed.
-fn gates(op: &Value) -> Vec<(String, bool)> {
-    op["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["event"] == "gate")
-        .map(|e| {
-            (
-                e["name"].as_str().unwrap().to_owned(),
-                e["passed"].as_bool().unwrap(),
-            )
-        })
-        .collect()
-}
-
-/// Checks one finished operation: succeeded, the device Ready for `tenant`,
-/// every gate passed, the SM gate's evidence from the fleet backend.
-fn check_op(op: &Value, device: &str, tenant: &str) {
-    assert_eq!(op["state"], "succeeded", "{device}: {op}");
-    assert_eq!(op["result"]["state"]["state"], "ready", "{device}: {op}");
-    assert_eq!(op["result"]["state"]["tenant"], tenant, "{device}: {op}");
-    let g = gates(op);
-    for want in ["sm-verified", "port-pkeys", "driver", "group-rules"] {
-        assert!(
-            g.iter().any(|(n, p)| n == want && *p),
-            "{device}: gate {want} did not pass: {g:?}"
-        );
-    }
-    assert!(g.iter().all(|(_, p)| *p), "{device}: {g:?}");
-    let ev = op["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["event"] == "gate" && e["name"] == "sm-verified")
-        .unwrap();
-    assert_eq!(ev["evidence"]["backend"], "fleet", "{ev}");
 }
 
 /// Posts `kind` for every VF of every host at once (one thread per host); the
@@ -323,7 +202,7 @@ fn three_hosts_two_controllers_hand_over_through_the_fleet_and_survive_faults() 
             let tmp = devfence_testsupport::scratch("devfence-fleet-e2e-");
             let hosts: Vec<Host> = (0..HOSTS).map(|id| Host::new(&c, tmp.path(), id)).collect();
             let ccfg = tmp.path().join("controller.toml");
-            std::fs::write(&ccfg, controller_config(f, &c)).unwrap();
+            std::fs::write(&ccfg, controller_config(f, &c, 200)).unwrap();
             let mut ctls = vec![
                 Ctl::start(f, &ccfg, tmp.path().join("ctl-a.log")),
                 Ctl::start(f, &ccfg, tmp.path().join("ctl-b.log")),
@@ -332,7 +211,19 @@ fn three_hosts_two_controllers_hand_over_through_the_fleet_and_survive_faults() 
 
             let stop = AtomicBool::new(false);
             std::thread::scope(|s| {
-                s.spawn(|| follow(f, &hosts, &stop));
+                s.spawn(|| {
+                    let mut followed: Vec<Followed<'_>> = hosts
+                        .iter()
+                        .map(|h| Followed {
+                            root: &h.root,
+                            pf: PF,
+                            nodes: (0..VFS.len())
+                                .map(|i| (node(h.id, i), factory(h.id, i)))
+                                .collect(),
+                        })
+                        .collect();
+                    follow_hosts(f, &mut followed, &stop);
+                });
                 let run = || {
                     // The tenants in each host's ledger; each agent claims their
                     // partitions on the fabric when it starts.

@@ -49,24 +49,38 @@ pub fn sriov_port(root: &Path, pf: &str, index: usize) -> Option<Guid> {
 /// Plays the HCA: when a VF's GUID changes on the host, its port comes back on
 /// the fabric with that GUID. Runs until `stop`.
 /// `on_fabric[i]` is the GUID ibsim node `vf{i}` has now (VF index `i` of `pf`).
-pub fn follow_guids(
-    f: &Fabric,
-    root: &Path,
-    pf: &str,
-    mut on_fabric: Vec<Guid>,
-    stop: &AtomicBool,
-) {
+pub fn follow_guids(f: &Fabric, root: &Path, pf: &str, on_fabric: Vec<Guid>, stop: &AtomicBool) {
+    let nodes = on_fabric
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| (format!("vf{i}"), g))
+        .collect();
+    follow_hosts(f, &mut [Followed { root, pf, nodes }], stop);
+}
+
+/// One host whose VFs [`follow_hosts`] follows: `nodes[i]` is the ibsim node of
+/// VF index `i` of `pf` and the GUID it has on the fabric now.
+pub struct Followed<'a> {
+    pub root: &'a Path,
+    pub pf: &'a str,
+    pub nodes: Vec<(String, Guid)>,
+}
+
+/// [`follow_guids`] for several hosts on one fabric. Runs until `stop`.
+pub fn follow_hosts(f: &Fabric, hosts: &mut [Followed<'_>], stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
-        for (i, cur) in on_fabric.iter_mut().enumerate() {
-            if let Some(g) = sriov_port(root, pf, i)
-                && g != *cur
-                && g.0 != 0
-            {
-                // A console that did not answer in time is asked again at
-                // the next look (the gate waiting for the port has a deadline).
-                match f.rotate(&format!("vf{i}"), g) {
-                    Ok(()) => *cur = g,
-                    Err(e) => eprintln!("rotating vf{i} to {g}: {e}; retrying"),
+        for h in hosts.iter_mut() {
+            for (i, (node, cur)) in h.nodes.iter_mut().enumerate() {
+                if let Some(g) = sriov_port(h.root, h.pf, i)
+                    && g != *cur
+                    && g.0 != 0
+                {
+                    // A console that did not answer in time is asked again at
+                    // the next look (the gate waiting for the port has a deadline).
+                    match f.rotate(node, g) {
+                        Ok(()) => *cur = g,
+                        Err(e) => eprintln!("rotating {node} to {g}: {e}; retrying"),
+                    }
                 }
             }
         }
