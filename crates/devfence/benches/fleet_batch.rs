@@ -21,11 +21,14 @@
 //! own times on this fabric: SIGHUP → `SUBNET UP` with no change (20 runs),
 //! and for the same change by hand (the 96 GUIDs the VFs have now moved
 //! between acme's and globex's partitions in the partitions file; 5 runs).
-//! The ratio printed is p50 per handover to that second figure.
+//! The ratio printed is p50 per handover to that second figure. Last, what
+//! playing the HCAs costs: one ibsim node GUID rotation (20 runs), which the
+//! follower does once per handover, one at a time.
 //!
 //! Knobs: `DEVFENCE_BENCH_VFS` (per host, default 32), `DEVFENCE_BENCH_ROUNDS`,
 //! `DEVFENCE_BENCH_WINDOW_MS` (the agents' `batch_window` and the
-//! controller's `batch_window_ms`, default 200).
+//! controller's `batch_window_ms`, default 200), `DEVFENCE_BENCH_DUMP=FILE`
+//! (every operation of the last round as JSON lines: steps, gates, times).
 //!
 //! `cargo bench -p devfence --bench fleet_batch` (needs opensm, ibsim-utils,
 //! etcd-server: `testbed/fabric/setup.sh`, `testbed/etcd/setup.sh`).
@@ -310,6 +313,12 @@ fn main() {
                 let w0 = Instant::now();
                 let ops = round(&agents, &hosts, "handover", to);
                 let wall_ms = ms(w0.elapsed());
+                if let Ok(p) = std::env::var("DEVFENCE_BENCH_DUMP") {
+                    // Every operation of the round, a JSON line each (steps,
+                    // gates and their times), for a look at where time goes.
+                    let lines: Vec<String> = ops.iter().flatten().map(Value::to_string).collect();
+                    std::fs::write(p, lines.join("\n")).unwrap();
+                }
                 for op in ops.iter().flatten() {
                     lat.push(
                         (op["finished_at_ms"].as_u64().unwrap()
@@ -360,6 +369,18 @@ fn main() {
         .map(|r| hup(&f, Some(if r % 2 == 1 { &in_b } else { &in_a })))
         .collect();
 
+    // What playing the HCAs costs: one ibsim node's GUID rotation (the
+    // follower does one per handover, one at a time), 20 runs.
+    let node = hosts[0].node(0);
+    let mut rot: Vec<f64> = (0..20u64)
+        .map(|r| {
+            let t0 = Instant::now();
+            f.rotate(&node, Guid(0x0002_c903_00f0_0001 + r)).unwrap();
+            ms(t0.elapsed())
+        })
+        .collect();
+    let rot_med = pct(&mut rot, 0.5);
+
     let total = n * hosts.len();
     let applies: Vec<u64> = rs.iter().map(|r| r.applies).collect();
     let ups: Vec<u64> = rs.iter().map(|r| r.ups).collect();
@@ -373,6 +394,10 @@ fn main() {
     );
     println!(
         "OpenSM's own: SIGHUP -> SUBNET UP, no change, 20 runs: median {idle_med:.1} ms; the same change by hand ({total} GUIDs moved acme <-> globex), 5 runs: median {hand_med:.1} ms"
+    );
+    println!(
+        "playing the HCAs: one ibsim node GUID rotation, 20 runs: median {rot_med:.1} ms; x {total} one at a time = {:.0} ms of every round",
+        rot_med * total as f64
     );
     println!(
         "ratio: p50 per handover / the SM's own time for the change = {:.0}; wall per round / it = {:.0}",
