@@ -31,22 +31,9 @@ use std::time::Instant;
 use devfence_fabric_harness::{Fabric, FabricSpec};
 use devfence_model::Guid;
 use serde_json::{Value, json};
-use support::{Agent, applies_recorded, cli, follow_guids, ok, request, sriov_port};
+use support::{Agent, applies_recorded, cli, env_num, follow_guids, ok, pct, request, sriov_port};
 
 const PF: &str = "0000:3b:00.0";
-
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)]
-}
 
 /// The PF's first `n` VFs (from its `virtfn<i>` links).
 fn vfs_of(root: &Path, n: usize) -> Vec<String> {

@@ -54,24 +54,11 @@ use devfence_fleet::{Fleet, FleetSettings};
 use devfence_model::{Guid, Membership};
 use fleet_fabric::{Ctl, check_op, controller_config, fleet_section, leader};
 use serde_json::{Value, json};
-use support::{Agent, Followed, applies_recorded, cli, follow_hosts, ok, sriov_port};
+use support::{Agent, Followed, applies_recorded, cli, env_num, follow_hosts, ok, pct, sriov_port};
 
 const PF: &str = "0000:3b:00.0";
 const HOSTS: u8 = 3;
 const POOL: (u64, u64) = (0x0002_c903_00e0_0000, 0x0002_c903_00e0_ffff);
-
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)]
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -185,8 +172,8 @@ fn round(agents: &[Agent], hosts: &[Host], kind: &str, tenant: &str) -> Vec<Vec<
         .collect()
 }
 
-/// SIGHUP → the next `SUBNET UP` line, polled every 100 µs, after writing
-/// `text` (when given) as the partitions file.
+/// SIGHUP → the next `SUBNET UP` line (the harness's wait polls every 100 µs),
+/// after writing `text` (when given) as the partitions file.
 fn hup(f: &Fabric, text: Option<&str>) -> f64 {
     if let Some(t) = text {
         std::fs::write(f.opensm_config().partitions_file, t).unwrap();
@@ -194,10 +181,7 @@ fn hup(f: &Fabric, text: Option<&str>) -> f64 {
     let n = f.subnet_up_count();
     let t0 = Instant::now();
     f.hup().unwrap();
-    while f.subnet_up_count() <= n {
-        assert!(t0.elapsed() < Duration::from_secs(30), "no SUBNET UP");
-        std::thread::sleep(Duration::from_micros(100));
-    }
+    f.wait_subnet_up(n, Duration::from_secs(30)).unwrap();
     ms(t0.elapsed())
 }
 

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use devfence_fabric_harness::{Fabric, FabricSpec};
 use devfence_model::Guid;
 use serde_json::{Value, json};
-use support::{Agent, applies_recorded, cli, follow_guids, ok, request};
+use support::{Agent, applies_recorded, cli, follow_guids, gates, ok, request};
 
 /// The lab's IB VFs (PF 0000:3b:00.0, VF indexes 0–3) and their factory GUIDs.
 const VFS: [&str; 4] = [
@@ -106,21 +106,6 @@ fn lab_host(f: &Fabric, tmp: &Path) -> (PathBuf, PathBuf) {
 }
 
 /// Every gate of the operation's events, with whether it passed.
-fn gates(op: &Value) -> Vec<(String, bool)> {
-    op["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["event"] == "gate")
-        .map(|e| {
-            (
-                e["name"].as_str().unwrap().to_owned(),
-                e["passed"].as_bool().unwrap(),
-            )
-        })
-        .collect()
-}
-
 /// Posts `kind` for every VF to `tenant` at once; waits for all; checks each
 /// ended Ready for `tenant` with its own gates passed and its own batch info.
 fn batch_of(a: &Agent, kind: &str, tenant: &str) -> Vec<Value> {

@@ -182,3 +182,35 @@ impl Drop for Agent {
 pub fn request(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
     devfence_testsupport::request(socket, method, path, body)
 }
+
+/// Every gate of an operation's events (as the agent answers it), with
+/// whether it passed.
+pub fn gates(op: &Value) -> Vec<(String, bool)> {
+    op["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "gate")
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_owned(),
+                e["passed"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A bench knob: the environment variable `name` as a number, else `default`.
+pub fn env_num(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The `p` quantile (0..=1) of `v` (sorted in place).
+pub fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}

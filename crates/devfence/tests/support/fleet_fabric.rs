@@ -1,7 +1,8 @@
 //! Shared by the fleet end-to-end test and the fleet benchmark: the fabric
 //! controller as a process beside a real OpenSM and a real etcd cluster, the
 //! `[fleet]` section the controller and the host agents read, and the check of
-//! one finished operation through a fleet host's agent.
+//! one finished operation through a fleet host's agent. Included beside
+//! `agent_fabric.rs` as `support`.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -11,6 +12,8 @@ use devfence_etcd_harness::EtcdCluster;
 use devfence_fabric_harness::Fabric;
 use devfence_fleet::Fleet;
 use serde_json::Value;
+
+use crate::support::gates;
 
 /// The `[fleet]` section of fabric `ib0` under prefix `dfe` (loopback
 /// plaintext), the controller's batching window `window_ms`.
@@ -74,22 +77,6 @@ pub fn leader(f: &Fleet) -> Option<String> {
     f.block_on(f.store().read_leader())
         .expect("reads the leader")
         .map(|(r, _)| r.controller.to_string())
-}
-
-/// Every gate of the operation's events, with whether it passed.
-pub fn gates(op: &Value) -> Vec<(String, bool)> {
-    op["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["event"] == "gate")
-        .map(|e| {
-            (
-                e["name"].as_str().unwrap().to_owned(),
-                e["passed"].as_bool().unwrap(),
-            )
-        })
-        .collect()
 }
 
 /// Checks one finished operation: succeeded, the device Ready for `tenant`,
