@@ -591,9 +591,19 @@ impl FleetStore {
         let start = Instant::now();
         let deadline = start + timeout;
         let n = self.inner.clients.len();
-        // Each member gets its share of the deadline, but at least 300 ms (a
-        // healthy loopback answer takes a few ms; a leader election ~1 s).
-        let per_try = (timeout / u32::try_from(n).unwrap_or(1)).max(Duration::from_millis(300));
+        // Each attempt gets a sixth of the deadline with three members (two
+        // rounds), but at least 300 ms: a healthy answer takes a few ms, while
+        // a write sent to a follower during an election (1–2 s after the
+        // leader stops) is lost and hangs until its attempt ends. A third of
+        // the deadline per attempt left too little for the round after the
+        // election: CI saw two followers hang 1.67 s each, then the paused
+        // leader take the rest. A write that timed out but committed is safe
+        // to send again: every shared write is a transaction guarded by a
+        // compare, and a lease granted twice leaves one to expire unused.
+        let rounds = u32::try_from(n.saturating_mul(2))
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let per_try = (timeout / rounds).max(Duration::from_millis(300));
         let first = self.inner.current.load(Ordering::Relaxed);
         let mut last = Unreachable::Timeout(timeout);
         let mut attempt = 0usize;

@@ -242,17 +242,28 @@ fn one_paused_member_does_not_stop_allocation() {
 /// The raft leader paused (SIGSTOP): the other two elect a new leader within
 /// the default deadline and allocations go on; the old leader, resumed,
 /// follows, and no GUID was issued twice.
+///
+/// The client is given the worst order: both followers first, the paused
+/// leader last. A follower still waiting out its election timeout (1–2 s,
+/// randomised) forwards the write to the paused leader, where it is lost, so
+/// the first attempts hang until their share of the deadline ends; the client
+/// must come back to a follower after the election, not spend its last
+/// attempt on the paused member (CI saw that: three 1.67 s attempts, then
+/// Unavailable).
 #[test]
 fn the_paused_leader_is_replaced_and_allocation_goes_on() {
     let _one = serial();
     let mut c = cluster();
+    let leader = c.leader().expect("a leader");
     let mut s = settings(&c, "ib0");
     s.timeout = Duration::from_millis(devfence_fleet::config::DEFAULT_TIMEOUT_MS);
+    s.endpoints.rotate_left((leader + 1) % 3);
+    assert_eq!(s.endpoints.last(), Some(&c.endpoints()[leader]));
     let f = Fleet::connect(s).expect("connects");
     f.configure_guid_range(range(10_000)).expect("range");
     let h = name("h0");
     let before = f.allocate_guids(&h, 10).expect("allocates");
-    let leader = c.leader().expect("a leader");
+    assert_eq!(c.leader().expect("a leader"), leader, "no election yet");
     c.pause(leader).expect("SIGSTOP the leader");
     let during = f
         .allocate_guids(&h, 100)
