@@ -924,7 +924,7 @@ pub(crate) fn open_env(st: &State) -> Result<Env, ApiError> {
     ))
 }
 
-fn ledger(st: &State) -> Option<PathBuf> {
+pub(crate) fn ledger(st: &State) -> Option<PathBuf> {
     st.opts.ledger.clone()
 }
 

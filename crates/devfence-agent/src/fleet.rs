@@ -234,8 +234,15 @@ pub async fn revoke_route(
 ) -> Result<Value, ApiError> {
     let (host, target) = parse_revoke(body)?;
     blocking(move || {
+        // The ledger first: a request this agent cannot record is not sent.
+        let mut store =
+            devfence_app::env::open_store(&st.opts.root, crate::api::ledger(&st).as_deref(), true)
+                .map_err(|e| api_error(&e))?;
         let f = fleet(&st, "POST /v1/fleet/revoke").map_err(|e| api_error(&e))?;
-        to_json(&devfence_app::fleet::revoke(&f, &host, target, &actor).map_err(|e| api_error(&e))?)
+        to_json(
+            &devfence_app::fleet::revoke(&mut store, &f, &host, target, &actor)
+                .map_err(|e| api_error(&e))?,
+        )
     })
     .await
 }

@@ -143,6 +143,9 @@ pub enum AuditKind {
     Admit,
     /// A change of the host key or the keyring of trusted source hosts.
     Keys,
+    /// An operator's request to the fleet (a lost host's memberships revoked
+    /// at the SM). Its refusals are [`AuditKind::Refusal`] records.
+    Fleet,
 }
 
 impl AuditKind {
@@ -158,6 +161,7 @@ impl AuditKind {
             AuditKind::Seal => "seal",
             AuditKind::Admit => "admit",
             AuditKind::Keys => "keys",
+            AuditKind::Fleet => "fleet",
         }
     }
 
@@ -173,6 +177,7 @@ impl AuditKind {
             AuditKind::Seal,
             AuditKind::Admit,
             AuditKind::Keys,
+            AuditKind::Fleet,
         ]
         .into_iter()
         .find(|k| k.name() == s)
@@ -1573,7 +1578,12 @@ mod tests {
     #[test]
     fn envelope_kinds_are_stored_read_back_and_chained() {
         let (_d, _p, mut store) = chain();
-        for kind in [AuditKind::Seal, AuditKind::Admit, AuditKind::Keys] {
+        for kind in [
+            AuditKind::Seal,
+            AuditKind::Admit,
+            AuditKind::Keys,
+            AuditKind::Fleet,
+        ] {
             assert_eq!(AuditKind::from_name(kind.name()), Some(kind));
             store
                 .atomically(|tx| {
@@ -1587,9 +1597,17 @@ mod tests {
                 .expect("append");
         }
         let recs = store.audit_show(&AuditFilter::default()).expect("show");
-        let kinds: Vec<AuditKind> = recs.iter().rev().take(3).map(|r| r.kind).collect();
-        assert_eq!(kinds, [AuditKind::Keys, AuditKind::Admit, AuditKind::Seal]);
-        assert_eq!(store.verify().expect("intact").records, N + 3);
+        let kinds: Vec<AuditKind> = recs.iter().rev().take(4).map(|r| r.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                AuditKind::Fleet,
+                AuditKind::Keys,
+                AuditKind::Admit,
+                AuditKind::Seal
+            ]
+        );
+        assert_eq!(store.verify().expect("intact").records, N + 4);
         assert_eq!(AuditKind::from_name("sealed"), None);
     }
 

@@ -79,7 +79,9 @@ pub enum FleetCommand {
     /// releases its memberships itself — and for a GUID the controller
     /// observed nothing of. Only do this once the host is known to be down
     /// or fenced: a partitioned host may still run VMs on those memberships.
-    /// The GUIDs stay allocated to HOST in the pool: never reissued.
+    /// The GUIDs stay allocated to HOST in the pool: never reissued. The
+    /// request, or its refusal, is recorded in this host's audit chain with
+    /// who asked (`devfence audit show`).
     ///
     /// Through the host agent when it runs (POST /v1/fleet/revoke, admin
     /// group). Exit 0 when the requests were written; 1 refused by a rule;
@@ -191,13 +193,18 @@ fn revoke(root: &HostRoot, ledger: Option<&Path>, a: &RevokeArgs) -> Result<Revo
             .map_err(crate::via::error);
     }
     let f = connect(root, "devfence fleet revoke")?;
+    // The ledger before etcd is asked (connecting does not ask it): a
+    // request this host cannot record is not sent.
+    let mut store = devfence_app::env::open_store(root, ledger, true)?;
     let actor = devfence_app::Actor {
         uid: own_uid(),
         gid: 0,
         pid: i32::try_from(std::process::id()).ok(),
         via: "cli",
     };
-    Ok(devfence_app::fleet::revoke(&f, &host, target, &actor)?)
+    Ok(devfence_app::fleet::revoke(
+        &mut store, &f, &host, target, &actor,
+    )?)
 }
 
 /// This process's user id (the owner of /proc/self), for the revoke record.

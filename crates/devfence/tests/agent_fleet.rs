@@ -218,6 +218,37 @@ fn the_fleet_routes_answer_as_documented_and_the_gauges_follow() {
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["requested"][0], s.h2.to_string());
     assert!(r["by"].as_str().unwrap().ends_with("via agent"), "{r}");
+    // Both decisions are in the agent host's audit chain, each naming the
+    // peer that asked (the 400s never reached etcd and are not).
+    let (st, recs) = request(&a, "GET", "/v1/audit", None);
+    assert_eq!(st, 200, "{recs}");
+    let mine: Vec<&Value> = recs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            let a = r["detail"]["action"].as_str();
+            a == Some("revoke") || a == Some("fleet-revoke")
+        })
+        .collect();
+    let kinds: Vec<(&str, &str)> = mine
+        .iter()
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap(),
+                r["detail"]["host"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [("refusal", "h1"), ("refusal", "h1"), ("fleet", "h2")],
+        "{mine:#?}"
+    );
+    let done = mine[2];
+    assert_eq!(done["detail"]["target"], s.h2.to_string(), "{done}");
+    assert_eq!(done["detail"]["actor"]["via"], "agent", "{done}");
+    assert!(done["detail"]["actor"]["uid"].is_u64(), "{done}");
     // The CLI through the agent reads the same status.
     let o = via_agent(&root, &config, &["fleet", "status", "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));

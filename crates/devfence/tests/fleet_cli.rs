@@ -152,6 +152,53 @@ fn fleet_status_guid_pool_and_revoke_through_the_cli() {
         .unwrap()
         .clone();
     assert_eq!(h2p["allocated"], 1, "{p}");
+
+    // Every revoke this host asked for is in its audit chain with its actor:
+    // the two refusals (bad input never reached etcd, and is not), then the
+    // request written, with the GUIDs and the etcd revision; the chain holds.
+    let recs = json(&cli(root, &config, &["audit", "show", "--json"]));
+    let recs: Vec<&serde_json::Value> = recs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            let a = r["detail"]["action"].as_str();
+            a == Some("revoke") || a == Some("fleet-revoke")
+        })
+        .collect();
+    let seen: Vec<(&str, &str, &str)> = recs
+        .iter()
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap(),
+                r["detail"]["host"].as_str().unwrap(),
+                r["detail"]["outcome"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("refusal", "h1", "refused"),
+            ("refusal", "h2", "refused"),
+            ("fleet", "h2", "-")
+        ],
+        "{recs:#?}"
+    );
+    assert!(
+        recs[0]["detail"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("is alive"),
+        "{recs:#?}"
+    );
+    let done = recs[2];
+    assert_eq!(done["detail"]["requested"][0], s.h2.to_string(), "{done}");
+    assert_eq!(done["detail"]["target"], "all");
+    assert!(done["detail"]["revision"].as_i64().unwrap() > 0, "{done}");
+    assert_eq!(done["detail"]["actor"]["via"], "cli", "{done}");
+    let o = cli(root, &config, &["audit", "verify"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
 /// No `[fleet]`: a configuration error naming the section (2); etcd not

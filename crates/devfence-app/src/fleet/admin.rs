@@ -4,8 +4,8 @@
 //!
 //! Everything here needs the fleet store: without `[fleet]` it is a
 //! configuration error naming the section; with etcd unreachable it fails
-//! closed (the error lists the endpoints and a hint). Nothing here touches
-//! the host's ledger.
+//! closed (the error lists the endpoints and a hint). The host's ledger is
+//! touched only by a revoke, which is recorded in its audit chain.
 
 use devfence_fleet::Fleet;
 pub use devfence_fleet::FleetSettings;
@@ -15,6 +15,8 @@ pub use devfence_fleet::status::{
 };
 pub use devfence_fleet::value::Name;
 use devfence_model::Guid;
+
+use devfence_engine::{AuditEvent, AuditKind, SqliteStore, StoreExt as _};
 
 use crate::config::{Config, ConfigError};
 use crate::{Actor, AppError, Result};
@@ -101,18 +103,67 @@ pub fn actor_label(a: &Actor) -> String {
 /// out of the SM (docs/fleet.md, "Host loss"). A refusal (the host is alive,
 /// nothing observed to revoke) is a rule's refusal ([`AppError::Held`]).
 ///
+/// Every request is in this host's audit chain (`store`) with its actor: a
+/// written request as a `fleet` record (`fleet:revoke`, the GUIDs requested
+/// and the etcd revision), a refusal or a failure as a `refusal` record. The
+/// ledger is opened by the caller before etcd is asked, so a request is never
+/// written to etcd by a process that cannot record it.
+///
 /// # Errors
-/// A refusal, a bad actor, the fleet store unreachable.
+/// A refusal, a bad actor, the fleet store unreachable, the audit record not
+/// written (the message says whether the request was).
 pub fn revoke(
+    store: &mut SqliteStore,
     f: &Fleet,
     host: &Name,
     target: RevokeTarget,
     actor: &Actor,
 ) -> Result<RevokeOutcome> {
-    f.request_revoke(host, target, &actor_label(actor))
+    let asked = match target {
+        RevokeTarget::Guid(g) => serde_json::json!(g.to_string()),
+        RevokeTarget::All => serde_json::json!("all"),
+    };
+    let who = serde_json::to_value(actor).unwrap_or(serde_json::Value::Null);
+    let result = f
+        .request_revoke(host, target, &actor_label(actor))
         .map_err(|e| match e {
             RevokeError::Fleet(e) => AppError::from(e),
             RevokeError::Invalid(m) => AppError::Invalid(m),
             refused => AppError::Held(refused.to_string()),
-        })
+        });
+    let event = match &result {
+        Ok(r) => AuditEvent {
+            kind: AuditKind::Fleet,
+            device: None,
+            tenant: None,
+            detail: serde_json::json!({
+                "action": "revoke", "fabric": r.fabric, "host": host, "target": asked,
+                "requested": r.requested, "already_requested": r.already_requested,
+                "revision": r.revision, "actor": who,
+            }),
+        },
+        Err(e) => AuditEvent {
+            kind: AuditKind::Refusal,
+            device: None,
+            tenant: None,
+            detail: serde_json::json!({
+                "action": "fleet-revoke", "fabric": f.store().fabric(), "host": host,
+                "target": asked, "outcome": if matches!(e, AppError::Held(_)) { "refused" } else { "failed" },
+                "error": e.to_string(), "actor": who,
+            }),
+        },
+    };
+    let recorded = store.atomically(|tx| tx.audit(&event));
+    match (result, recorded) {
+        (result, Ok(_)) => result,
+        (Ok(r), Err(e)) => Err(AppError::invalid(format!(
+            "The revoke request for host {host} was written to etcd (revision {}, GUIDs {:?}) but its audit record was not: {e}. Hint: `devfence audit verify`; the request itself stands (`devfence fleet status` lists it)",
+            r.revision,
+            r.requested
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        ))),
+        (Err(e), Err(_)) => Err(e),
+    }
 }
