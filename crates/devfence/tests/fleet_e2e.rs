@@ -9,6 +9,9 @@
 //!   (the SM gate's evidence from the fleet backend, which needs the controller's
 //!   observed entries **and** the SA's own read of the port), and the controller
 //!   used fewer applies at OpenSM than there were handovers.
+//! - etcd's raft leader SIGSTOPped while a round of handovers is in flight: the
+//!   other two members elect a leader, every client (agents, controllers) moves
+//!   to them, and every handover finishes; resumed, the old leader rejoins.
 //! - The leading controller SIGKILLed while a round of handovers is in flight:
 //!   the standby takes over (after the lease TTL) and every handover finishes.
 //! - A host agent SIGKILLed mid-handover: restarted, it recovers the operation
@@ -189,7 +192,7 @@ fn three_hosts_two_controllers_hand_over_through_the_fleet_and_survive_faults() 
         "three_hosts_two_controllers_hand_over_through_the_fleet_and_survive_faults",
         &spec(),
         |f| {
-            let c = EtcdCluster::start(&Options::default()).expect("etcd cluster starts");
+            let mut c = EtcdCluster::start(&Options::default()).expect("etcd cluster starts");
             let fleet =
                 Fleet::connect(FleetSettings::plaintext(c.endpoints(), "dfe", "ib0").unwrap())
                     .expect("connects");
@@ -209,6 +212,7 @@ fn three_hosts_two_controllers_hand_over_through_the_fleet_and_survive_faults() 
             ];
             wait_until("a controller to lead", || leader(&fleet).is_some());
 
+            let etcd = &mut c;
             let stop = AtomicBool::new(false);
             std::thread::scope(|s| {
                 s.spawn(|| {
@@ -258,6 +262,23 @@ fn three_hosts_two_controllers_hand_over_through_the_fleet_and_survive_faults() 
                     );
                     guids_unique(&fleet, &hosts);
 
+                    // etcd's raft leader SIGSTOPped with the handovers in flight:
+                    // the other two members elect a leader, the agents' and the
+                    // controller's clients move to them (writes sent to the
+                    // paused member, or forwarded to it, time out and go to the
+                    // next), and every handover finishes with its gates passed.
+                    // Resumed, the old leader rejoins; no GUID was issued twice.
+                    let raft = etcd.leader().expect("an etcd leader");
+                    let ids = post_everywhere(&agents, "handover", "acme");
+                    etcd.pause(raft).expect("SIGSTOP etcd's leader");
+                    wait_everywhere(&agents, &ids, "acme");
+                    let now = etcd.leader().expect("the other two elected a leader");
+                    assert_ne!(now, raft);
+                    etcd.resume(raft).expect("SIGCONT");
+                    etcd.wait_healthy(&[0, 1, 2], devfence_etcd_harness::START_DEADLINE)
+                        .expect("the old leader rejoins");
+                    guids_unique(&fleet, &hosts);
+
                     // The leading controller SIGKILLed with a round in flight: the
                     // standby leads after the lease TTL and every handover finishes.
                     let who = leader(&fleet).expect("a leader");
@@ -265,11 +286,11 @@ fn three_hosts_two_controllers_hand_over_through_the_fleet_and_survive_faults() 
                         .iter()
                         .position(|c| who.ends_with(&format!("-{}", c.child.id())))
                         .expect("the leader is one of the two");
-                    let ids = post_everywhere(&agents, "handover", "acme");
+                    let ids = post_everywhere(&agents, "handover", "globex");
                     let mut lead = ctls.remove(at);
                     lead.child.kill().expect("SIGKILL");
                     let _ = lead.child.wait();
-                    wait_everywhere(&agents, &ids, "acme");
+                    wait_everywhere(&agents, &ids, "globex");
                     let now = leader(&fleet).expect("a leader");
                     assert_ne!(now, who, "{}", ctls[0].log());
                     guids_unique(&fleet, &hosts);
@@ -280,7 +301,7 @@ fn three_hosts_two_controllers_hand_over_through_the_fleet_and_survive_faults() 
                     let h0 = &hosts[0];
                     let a0 = &mut agents[0];
                     let id = a0.post_all(&[json!({
-                        "kind": "handover", "device": VFS[0], "tenant": "globex"
+                        "kind": "handover", "device": VFS[0], "tenant": "acme"
                     })]);
                     assert_eq!(id.len(), 1);
                     a0.child.kill().expect("SIGKILL the agent");
