@@ -396,3 +396,43 @@ fn ports_read_together_are_read_as_one_by_one() {
         }
     });
 }
+
+/// Several SA clients in one process, used from several threads at once and
+/// opened and dropped as the agent's per-request environments do (one is
+/// built per request, beside the re-verification's): every read answers, the
+/// same as one client alone. The agent once died of a segfault in libc when
+/// its periodic re-verification read the SA while a batch's gate did.
+#[test]
+fn sa_clients_on_several_threads_at_once_all_answer() {
+    in_fabric(
+        "sa_clients_on_several_threads_at_once_all_answer",
+        &spec(),
+        |f| {
+            let sm = sm(f);
+            sm.stage_add(vf(0), key(A), Membership::Full)
+                .expect("stage");
+            let t = sm.apply().expect("apply");
+            let exp = Expectation::after(t).grant(vf(0), [(key(A), Membership::Full)]);
+            wait_verified(&sm, &exp, Instant::now() + DEADLINE).expect("granted");
+            let want = SaClient::new(SaConfig::default())
+                .read_ports(&[vf(0), vf(1)])
+                .expect("one client");
+            std::thread::scope(|s| {
+                let hs: Vec<_> = (0..4)
+                    .map(|_| {
+                        s.spawn(|| {
+                            for _ in 0..25 {
+                                let sa = SaClient::new(SaConfig::default());
+                                assert_eq!(sa.read_ports(&[vf(0), vf(1)]).expect("read"), want);
+                                assert_eq!(sa.read_port(vf(0)).expect("read one"), want[0]);
+                            }
+                        })
+                    })
+                    .collect();
+                for h in hs {
+                    h.join().expect("a reader thread");
+                }
+            });
+        },
+    );
+}

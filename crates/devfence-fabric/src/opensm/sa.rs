@@ -75,6 +75,7 @@ mod hex_u64 {
     }
 }
 
+#[derive(Clone, Copy)]
 struct Open {
     fd: i32,
     agent: i32,
@@ -91,8 +92,6 @@ pub const PIPELINE: usize = 16;
 /// call's queries pipelined.
 pub struct SaClient {
     cfg: SaConfig,
-    umad: Mutex<Option<(Umad, Option<Open>)>>,
-    tid: Mutex<u32>,
 }
 
 impl std::fmt::Debug for SaClient {
@@ -118,27 +117,60 @@ fn malformed(detail: impl Into<String>) -> FabricError {
     }
 }
 
+/// The process's one umad port for the SA: libibumad (loaded and initialised
+/// once), and the port opened with its SA agent, with the CA and port number
+/// it was opened for. Every [`SaClient`] of the process exchanges through it,
+/// one exchange at a time, its queries matched by transaction ids that are
+/// unique in the process ([`next_tid`]).
+///
+/// One port per process, not one per client: the agent builds a client per
+/// request beside its re-verification's, and clients with ports of their own
+/// on several threads at once read each other's replies and crashed the
+/// process in libc under ibsim's umad shim (seen in CI; reproduced by
+/// `opensm_fabric::sa_clients_on_several_threads_at_once_all_answer`). One
+/// exchange at a time costs only concurrency the SA does not offer either: a
+/// client pipelines its own queries.
+struct Shared {
+    umad: Option<&'static Umad>,
+    open: Option<((Option<String>, i32), Open)>,
+}
+
+static SHARED: Mutex<Shared> = Mutex::new(Shared {
+    umad: None,
+    open: None,
+});
+
+/// libibumad, loaded once per process (under [`SHARED`]). A failed load is not
+/// kept: the next query tries again (rdma-core installed meanwhile).
+static UMAD: std::sync::OnceLock<Umad> = std::sync::OnceLock::new();
+
+/// The process's transaction ids: one counter, seeded from the clock and the
+/// pid, so two clients never send the same id on the shared port.
+fn next_tid() -> u32 {
+    static TID: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
+    TID.get_or_init(|| {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        std::sync::atomic::AtomicU32::new(seed ^ std::process::id().rotate_left(16))
+    })
+    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    .wrapping_add(1)
+}
+
+fn shared_umad() -> Result<&'static Umad, String> {
+    if let Some(u) = UMAD.get() {
+        return Ok(u);
+    }
+    let u = Umad::load()?;
+    Ok(UMAD.get_or_init(|| u))
+}
+
 impl SaClient {
     /// A client; nothing is opened until the first query.
     #[must_use]
     pub fn new(cfg: SaConfig) -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        Self {
-            cfg,
-            umad: Mutex::new(None),
-            tid: Mutex::new(seed ^ std::process::id().rotate_left(16)),
-        }
-    }
-
-    fn next_tid(&self) -> u32 {
-        let mut t = self
-            .tid
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *t = t.wrapping_add(1);
-        *t
+        Self { cfg }
     }
 
     /// Sends one request and returns its decoded reply.
@@ -168,19 +200,29 @@ impl SaClient {
         reqs: &[SaRequest],
         record_len: usize,
     ) -> Result<Vec<SaReply>, FabricError> {
-        let mut g = self
-            .umad
+        // One exchange at a time through the process's one port (SHARED).
+        let mut g = SHARED
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if g.is_none() {
-            let u = Umad::load().map_err(|e| {
-                unreachable(e, &format!("install rdma-core's {LIBRARY} (Debian: libibumad3) on the host that verifies at the SA"))
-            })?;
-            *g = Some((u, None));
-        }
-        let Some((umad, open)) = g.as_mut() else {
-            return Err(unreachable("libibumad is not loaded", "retry"));
+        let umad = match g.umad {
+            Some(u) => u,
+            None => {
+                let u = shared_umad().map_err(|e| {
+                    unreachable(e, &format!("install rdma-core's {LIBRARY} (Debian: libibumad3) on the host that verifies at the SA"))
+                })?;
+                g.umad = Some(u);
+                u
+            }
         };
+        let want = (self.cfg.ca.clone(), self.cfg.port);
+        let open = &mut g.open;
+        if let Some((k, o)) = open.as_ref()
+            && *k != want
+        {
+            // Another client asked through another port: this one's is opened.
+            umad.close(o.fd, o.agent);
+            *open = None;
+        }
         if open.is_none() {
             let ca = self.cfg.ca.as_deref();
             let info = umad.port(ca, self.cfg.port).map_err(|e| {
@@ -200,17 +242,21 @@ impl SaClient {
                 .map_err(|e| {
                     unreachable(e, "run devfence as root (it opens /dev/infiniband/umad*)")
                 })?;
-            *open = Some(Open {
-                fd,
-                agent,
-                sm_lid: info.sm_lid,
-                sm_sl: info.sm_sl,
-                port_guid: info.port_guid,
-            });
+            *open = Some((
+                want,
+                Open {
+                    fd,
+                    agent,
+                    sm_lid: info.sm_lid,
+                    sm_sl: info.sm_sl,
+                    port_guid: info.port_guid,
+                },
+            ));
         }
-        let Some(o) = open.as_ref() else {
+        let Some((_, o)) = open.as_ref() else {
             return Err(unreachable("the port is not open", "retry"));
         };
+        let o = *o;
         let timeout = i32::try_from(self.cfg.timeout_ms).unwrap_or(i32::MAX);
         let retries = i32::try_from(self.cfg.retries).unwrap_or(0);
         let budget = Duration::from_millis(
@@ -222,7 +268,7 @@ impl SaClient {
         let mut deadline = Instant::now() + budget;
         while done < reqs.len() {
             while next < reqs.len() && pending < PIPELINE {
-                let tid = self.next_tid();
+                let tid = next_tid();
                 let mut req = reqs[next].clone();
                 req.tid = u64::from(tid);
                 umad.send(
@@ -270,11 +316,20 @@ impl SaClient {
                     ),
                 });
             }
-            let reply = SaReply::decode(&bytes, record_len).map_err(|e| malformed(e.0))?;
-            let tid = u32::try_from(reply.tid & 0xffff_ffff).unwrap_or(0);
+            // The transaction id (MAD header bytes 8..16) before the body: a
+            // late answer to an earlier query, of another attribute, is
+            // dropped, not taken for a malformed answer to this one.
+            let Some(tid) = bytes
+                .get(12..16)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_be_bytes)
+            else {
+                return Err(malformed(format!("a MAD of {} bytes", bytes.len())));
+            };
             let Some(&i) = asked.get(&tid) else {
                 continue; // a late answer to an earlier query
             };
+            let reply = SaReply::decode(&bytes, record_len).map_err(|e| malformed(e.0))?;
             if replies[i].is_some() {
                 continue; // a duplicate (a retry answered twice)
             }
@@ -294,13 +349,14 @@ impl SaClient {
 
     /// The local port's GUID (after a first query opened the port).
     fn local_port_guid(&self) -> Option<Guid> {
-        let g = self
-            .umad
+        let g = SHARED
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        g.as_ref()
-            .and_then(|(_, o)| o.as_ref())
-            .map(|o| Guid(o.port_guid))
+        let want = (self.cfg.ca.clone(), self.cfg.port);
+        g.open
+            .as_ref()
+            .filter(|(k, _)| *k == want)
+            .map(|(_, o)| Guid(o.port_guid))
     }
 
     /// A keyed query timed out: if the SA answers an untrusted one, it is alive
@@ -625,18 +681,6 @@ impl SaClient {
                 ),
                 hint: "the OpenSM devfence drives must run on this host's port ([fabric.sa] ca/port select it)".into(),
             }),
-        }
-    }
-}
-
-impl Drop for SaClient {
-    fn drop(&mut self) {
-        let g = self
-            .umad
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((u, Some(o))) = g.as_ref() {
-            u.close(o.fd, o.agent);
         }
     }
 }
