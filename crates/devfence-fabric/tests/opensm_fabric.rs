@@ -31,6 +31,17 @@ fn sm(f: &Fabric) -> OpenSmSm {
 }
 const DEADLINE: Duration = Duration::from_secs(10);
 
+/// vf0 a full member of A: one apply, verified at the SA. The apply's ticket
+/// and the expectation it was verified against.
+fn grant_vf0_to_a(sm: &OpenSmSm) -> (devfence_fabric::Ticket, Expectation) {
+    sm.stage_add(vf(0), key(A), Membership::Full)
+        .expect("stage");
+    let t = sm.apply().expect("apply");
+    let exp = Expectation::after(t).grant(vf(0), [(key(A), Membership::Full)]);
+    wait_verified(sm, &exp, Instant::now() + DEADLINE).expect("vf0's grant to A verified");
+    (t, exp)
+}
+
 fn pkeys(sm: &OpenSmSm, g: Guid) -> Programmed {
     let o = sm.observe(&[g]).expect("observe");
     o.ports[&g].programmed.clone()
@@ -53,11 +64,7 @@ fn handover_with_guid_rotation_verified_at_the_sa() {
             );
 
             // Tenant A gets vf0; verified from the SA.
-            sm.stage_add(vf(0), key(A), Membership::Full)
-                .expect("stage");
-            let t = sm.apply().expect("apply");
-            let exp = Expectation::after(t).grant(vf(0), [(key(A), Membership::Full)]);
-            wait_verified(&sm, &exp, Instant::now() + DEADLINE).expect("A's grant verified");
+            grant_vf0_to_a(&sm);
             match pkeys(&sm, vf(0)) {
                 Programmed::Present { pkeys, lid } => {
                     assert!(lid.is_some());
@@ -164,11 +171,7 @@ fn a_broken_partitions_file_is_refused_and_a_misparse_restored() {
             let sm = sm(f);
             let path = f.dir().join("partitions.conf");
             // A good apply first (it becomes the last good file once it sweeps clean).
-            sm.stage_add(vf(0), key(A), Membership::Full)
-                .expect("stage");
-            let t = sm.apply().expect("apply");
-            let exp = Expectation::after(t).grant(vf(0), [(key(A), Membership::Full)]);
-            wait_verified(&sm, &exp, Instant::now() + DEADLINE).expect("verified");
+            let (t, exp) = grant_vf0_to_a(&sm);
             let good = std::fs::read_to_string(&path).expect("read");
             assert_eq!(
                 std::fs::read_to_string(sm.last_good_path()).expect("last good"),
@@ -296,11 +299,7 @@ fn a_node_description_saying_parse_error_is_not_a_parse_error() {
         &spec,
         |f| {
             let sm = sm(f);
-            sm.stage_add(vf(0), key(A), Membership::Full)
-                .expect("stage");
-            let t = sm.apply().expect("apply");
-            let exp = Expectation::after(t).grant(vf(0), [(key(A), Membership::Full)]);
-            wait_verified(&sm, &exp, Instant::now() + DEADLINE).expect("verified");
+            let (t, _) = grant_vf0_to_a(&sm);
             let before = f.subnet_up_count();
             f.console("Unlink \"evil PARSE ERROR node\"")
                 .expect("unlink");
@@ -409,11 +408,7 @@ fn sa_clients_on_several_threads_at_once_all_answer() {
         &spec(),
         |f| {
             let sm = sm(f);
-            sm.stage_add(vf(0), key(A), Membership::Full)
-                .expect("stage");
-            let t = sm.apply().expect("apply");
-            let exp = Expectation::after(t).grant(vf(0), [(key(A), Membership::Full)]);
-            wait_verified(&sm, &exp, Instant::now() + DEADLINE).expect("granted");
+            grant_vf0_to_a(&sm);
             let want = SaClient::new(SaConfig::default())
                 .read_ports(&[vf(0), vf(1)])
                 .expect("one client");

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 #[path = "support/fleet.rs"]
 mod support;
 
-use support::{fleet_section, seed, write_config};
+use support::{fleet_section, revoke_records, seed, write_config};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -222,15 +222,7 @@ fn the_fleet_routes_answer_as_documented_and_the_gauges_follow() {
     // peer that asked (the 400s never reached etcd and are not).
     let (st, recs) = request(&a, "GET", "/v1/audit", None);
     assert_eq!(st, 200, "{recs}");
-    let mine: Vec<&Value> = recs
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| {
-            let a = r["detail"]["action"].as_str();
-            a == Some("revoke") || a == Some("fleet-revoke")
-        })
-        .collect();
+    let mine = revoke_records(&recs);
     let kinds: Vec<(&str, &str)> = mine
         .iter()
         .map(|r| {

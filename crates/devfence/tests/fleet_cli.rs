@@ -14,7 +14,7 @@ use devfence_testsupport::{devfence, scratch, stderr, stdout, text};
 #[path = "support/fleet.rs"]
 mod support;
 
-use support::{fleet_section, seed, write_config};
+use support::{fleet_section, revoke_records, seed, write_config};
 
 fn cli(root: &Path, config: &Path, args: &[&str]) -> Output {
     devfence()
@@ -157,15 +157,7 @@ fn fleet_status_guid_pool_and_revoke_through_the_cli() {
     // the two refusals (bad input never reached etcd, and is not), then the
     // request written, with the GUIDs and the etcd revision; the chain holds.
     let recs = json(&cli(root, &config, &["audit", "show", "--json"]));
-    let recs: Vec<&serde_json::Value> = recs["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| {
-            let a = r["detail"]["action"].as_str();
-            a == Some("revoke") || a == Some("fleet-revoke")
-        })
-        .collect();
+    let recs = revoke_records(&recs["items"]);
     let seen: Vec<(&str, &str, &str)> = recs
         .iter()
         .map(|r| {

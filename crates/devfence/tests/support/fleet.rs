@@ -87,3 +87,18 @@ pub fn seed() -> Seeded {
         h2: g2[0],
     }
 }
+
+/// The audit records of `fleet revoke` requests (`fleet`, action `revoke`)
+/// and their refusals (`refusal`, action `fleet-revoke`), oldest first, among
+/// `records` (`audit show`'s items or `GET /v1/audit`'s answer).
+pub fn revoke_records(records: &serde_json::Value) -> Vec<&serde_json::Value> {
+    records
+        .as_array()
+        .expect("a list of audit records")
+        .iter()
+        .filter(|r| {
+            let a = r["detail"]["action"].as_str();
+            a == Some("revoke") || a == Some("fleet-revoke")
+        })
+        .collect()
+}
