@@ -131,14 +131,10 @@ fn malformed(detail: impl Into<String>) -> FabricError {
 /// exchange at a time costs only concurrency the SA does not offer either: a
 /// client pipelines its own queries.
 struct Shared {
-    umad: Option<&'static Umad>,
     open: Option<((Option<String>, i32), Open)>,
 }
 
-static SHARED: Mutex<Shared> = Mutex::new(Shared {
-    umad: None,
-    open: None,
-});
+static SHARED: Mutex<Shared> = Mutex::new(Shared { open: None });
 
 /// libibumad, loaded once per process (under [`SHARED`]). A failed load is not
 /// kept: the next query tries again (rdma-core installed meanwhile).
@@ -204,16 +200,9 @@ impl SaClient {
         let mut g = SHARED
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let umad = match g.umad {
-            Some(u) => u,
-            None => {
-                let u = shared_umad().map_err(|e| {
-                    unreachable(e, &format!("install rdma-core's {LIBRARY} (Debian: libibumad3) on the host that verifies at the SA"))
-                })?;
-                g.umad = Some(u);
-                u
-            }
-        };
+        let umad = shared_umad().map_err(|e| {
+            unreachable(e, &format!("install rdma-core's {LIBRARY} (Debian: libibumad3) on the host that verifies at the SA"))
+        })?;
         let want = (self.cfg.ca.clone(), self.cfg.port);
         let open = &mut g.open;
         if let Some((k, o)) = open.as_ref()
@@ -316,7 +305,8 @@ impl SaClient {
                     ),
                 });
             }
-            // The transaction id (MAD header bytes 8..16) before the body: a
+            // The transaction id (the low half of MAD header bytes 8..16,
+            // which is all devfence sets) before the body: a
             // late answer to an earlier query, of another attribute, is
             // dropped, not taken for a malformed answer to this one.
             let Some(tid) = bytes
