@@ -691,6 +691,7 @@ pub fn admit_envelope(
         let r = match &bytes {
             Err(refusal) => Report::too_large(refusal.clone(), 0),
             Ok(b) => {
+                let horizon = tx.state_nonce_horizon()?;
                 let mut lookup = |n: &Nonce| {
                     tx.state_nonce(&n.to_string())
                         .map(|o| o.as_ref().map(nonce_use))
@@ -703,6 +704,7 @@ pub fn admit_envelope(
                         now_ms: now_ms(),
                         destination: Some(&dest),
                         nonce_use: &mut lookup,
+                        nonce_horizon_ms: horizon.and_then(|h| u64::try_from(h).ok()),
                     },
                 );
                 let r = Report::of(&ev);
@@ -1062,6 +1064,13 @@ pub fn inspect_envelope(
     let report = match &bytes {
         Err(r) => Report::too_large(r.clone(), size),
         Ok(b) => {
+            // Inspecting reports the horizon as admission would (a ledger that
+            // cannot be read here leaves it out: the lookup below says so).
+            let horizon = store
+                .as_mut()
+                .and_then(|s| s.atomically(|tx| tx.state_nonce_horizon()).ok())
+                .flatten()
+                .and_then(|h| u64::try_from(h).ok());
             let mut lookup = |n: &Nonce| -> std::result::Result<Option<NonceUse>, String> {
                 match store.as_mut() {
                     None => Ok(None),
@@ -1078,6 +1087,7 @@ pub fn inspect_envelope(
                     now_ms: now_ms(),
                     destination: dest.as_ref(),
                     nonce_use: &mut lookup,
+                    nonce_horizon_ms: horizon,
                 },
             );
             Report::of(&ev)

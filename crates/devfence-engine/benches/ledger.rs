@@ -13,7 +13,8 @@
 //! - `check` (ledger side): `engine::tenancy_from_ledger`;
 //! - `audit verify`: `SqliteStore::verify_with_head` (the chain and its head);
 //! - `audit show --device`: `audit_show` with a device filter;
-//! - `audit prune --keep`: on a copy, at the end.
+//! - `audit prune --keep`: on a copy, at the end (the records, the finished
+//!   operations with their journals, the expired envelope nonces), then VACUUM.
 //!
 //! References measured in the same run, beside devfence: a bare scan of the same
 //! audit columns through rusqlite (no hashing) and SHA-256 over the same bytes in
@@ -28,12 +29,21 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use devfence_engine::audit::{AuditEvent, AuditFilter, AuditKind};
-use devfence_engine::{DeviceState, SqliteStore, Store, StoreExt};
+use devfence_engine::{
+    DeviceState, OpOutcome, SqliteStore, StateNonce, StepState, Store, StoreExt,
+};
 use devfence_model::{DeviceId, Membership, PKey, Partition, Tenant, TenantId};
 use sha2::{Digest, Sha256};
 
 const TENANTS: usize = 64;
 const BATCH: usize = 50_000;
+/// One finished operation per this many audit records (a verified IB VF
+/// handover writes about 36).
+const RECORDS_PER_OPERATION: usize = 36;
+/// Journal rows per operation (an IB VF handover journals about 30).
+const JOURNAL_ROWS: usize = 30;
+/// Admitted device-state envelopes' nonces.
+const NONCES: usize = 10_000;
 
 fn env_usize(k: &str, d: usize) -> usize {
     std::env::var(k)
@@ -127,10 +137,31 @@ fn build(path: &Path, devices: usize, records: usize) {
         .unwrap();
     let ids: Vec<DeviceId> = (0..devices).map(device).collect();
     let mut done = 0;
+    let mut ops = 0usize;
     while done < records {
         let n = BATCH.min(records - done);
         store
             .atomically(|tx| {
+                // The operations these records tell of: one per
+                // RECORDS_PER_OPERATION records, each with its journal,
+                // finished (as a handover leaves them).
+                for o in 0..n / RECORDS_PER_OPERATION {
+                    let d = ids[(ops + o) % devices];
+                    let op = tx.begin_operation(&d, "handover")?;
+                    for j in 0..JOURNAL_ROWS {
+                        tx.journal_step(
+                            op,
+                            ["scrub", "guid-set", "bind-vfio", "gate:sm-verified"][j % 4],
+                            if j % 2 == 0 {
+                                StepState::Planned
+                            } else {
+                                StepState::Done
+                            },
+                            &serde_json::json!({ "step": j, "device": d.to_string() }),
+                        )?;
+                    }
+                    tx.finish_operation(op, OpOutcome::Succeeded)?;
+                }
                 for k in done..done + n {
                     let i = k % devices;
                     let gate = ["group-rules", "sm-verified", "port-pkeys", "node-owner"][k % 4];
@@ -156,11 +187,37 @@ fn build(path: &Path, devices: usize, records: usize) {
                 Ok(())
             })
             .unwrap();
+        ops += n / RECORDS_PER_OPERATION;
         done += n;
     }
+    // Admitted device-state envelopes: half of them expired.
+    let now = devfence_engine::store::now_ms();
+    store
+        .atomically(|tx| {
+            for i in 0..NONCES {
+                tx.record_state_nonce(&StateNonce {
+                    nonce: format!("{i:032x}"),
+                    envelope: format!("{:032x}", i + 1),
+                    device: ids[i % devices],
+                    tenant: tenant_id(i % TENANTS),
+                    vm: format!("vm{i}"),
+                    signer: "fedcba9876543210fedcba9876543210".into(),
+                    admitted_at_ms: now - 7_200_000,
+                    expires_at_ms: if i % 2 == 0 {
+                        now - 3_600_000
+                    } else {
+                        now + 3_600_000
+                    },
+                })?;
+            }
+            Ok(())
+        })
+        .unwrap();
     drop(store); // writes the head beside the ledger
     println!(
-        "built the ledger: {devices} devices, {records} audit records in {:.1} s (load {})",
+        "built the ledger: {devices} devices, {records} audit records, {ops} finished operations \
+         with {} journal rows, {NONCES} envelope nonces (half expired) in {:.1} s (load {})",
+        ops * JOURNAL_ROWS,
         t0.elapsed().as_secs_f64(),
         uptime()
     );
@@ -341,10 +398,25 @@ fn main() {
         let vt = ms(t0.elapsed());
         drop(s);
         println!(
-            "audit prune --keep {keep}: {} records removed in {pt:.0} ms (verifies the whole chain first); \
+            "audit prune --keep {keep}: {} records, {} finished operations with {} journal rows and {} expired \
+             envelope nonces removed in {pt:.0} ms (verifies the whole chain first); \
              then audit verify of {} records {vt:.0} ms; file {:.1} MiB (freed pages are reused, not returned)",
             rep.pruned,
+            rep.operations,
+            rep.journal_rows,
+            rep.nonces,
             v.records,
+            size(&copy) as f64 / 1048576.0
+        );
+        // What VACUUM gives back to the file system afterwards.
+        let t0 = Instant::now();
+        rusqlite::Connection::open(&copy)
+            .unwrap()
+            .execute_batch("VACUUM")
+            .unwrap();
+        println!(
+            "  then VACUUM: {:.0} ms; file {:.1} MiB",
+            ms(t0.elapsed()),
             size(&copy) as f64 / 1048576.0
         );
         println!("  load: {}", uptime());

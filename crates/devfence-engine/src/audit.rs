@@ -1024,6 +1024,19 @@ pub struct PruneReport {
     pub anchor: Option<ChainHead>,
     /// How many records the ledger keeps (the prune's own record included).
     pub kept: u64,
+    /// Finished operations removed with the records (those that finished by
+    /// the time of the anchor record), with their journals. Unfinished
+    /// operations, which recovery needs, are never removed.
+    pub operations: u64,
+    /// Journal rows removed with those operations.
+    pub journal_rows: u64,
+    /// Nonces of admitted device-state envelopes removed because their
+    /// envelope has expired (at or before `nonce_horizon_ms`).
+    pub nonces: u64,
+    /// The nonce horizon after this prune (ms since the epoch): no envelope
+    /// that expires at or before it is admitted again, whatever the clock says
+    /// later. `None` until a prune sets it.
+    pub nonce_horizon_ms: Option<i64>,
 }
 
 /// Where a prune cuts.
@@ -1037,12 +1050,14 @@ pub enum PruneCut {
 
 /// Removes the records up to seq `through` in the caller's (immediate)
 /// transaction, moving the pruning anchor to that record and recording the prune
-/// as an audit record. `through` must be a stored record past the current
+/// as an audit record (with `operations`: the finished operations and journal
+/// rows the caller removed with them). `through` must be a stored record past the current
 /// anchor and before the newest record (the newest is never pruned). Returns
 /// the new anchor and how many records went.
 pub(crate) fn prune(
     conn: &rusqlite::Connection,
     through: u64,
+    operations: (u64, u64),
 ) -> Result<(ChainHead, u64), StoreError> {
     let s = i64::try_from(through).map_err(|_| StoreError::Internal("audit seq overflow"))?;
     let hash: String = conn
@@ -1084,6 +1099,8 @@ pub(crate) fn prune(
                 "through_seq": through,
                 "through_hash": hash.to_string(),
                 "records": n,
+                "operations": operations.0,
+                "journal_rows": operations.1,
             }),
         },
     )?;

@@ -1,6 +1,6 @@
 //! The local ledger: [`Store`] on SQLite (WAL, `synchronous=FULL`, foreign keys on).
 //!
-//! # Schema (version 3)
+//! # Schema (version 6)
 //!
 //! | table | columns |
 //! |---|---|
@@ -14,7 +14,9 @@
 //! | `operations` | `id` (pk), `device` → devices, `kind`, `started_at_ms`, `finished_at_ms`, `outcome`; a partial unique index allows one unfinished operation per device |
 //! | `journal` | `id` (pk), `operation` → operations, `step`, `state` (`planned`/`done`/`failed`), `at_ms`, `detail` (JSON) |
 //! | `audit` | `id` (pk, storage order), `seq`, `at_ms`, `kind`, `device`, `tenant`, `detail`, `prev_hash`, `hash`; triggers refuse UPDATE and DELETE |
-//! | `state_nonces` (v2) | `nonce` (pk, 32 hex), `envelope`, `device`, `tenant`, `vm`, `signer`, `admitted_at_ms`, `expires_at_ms`: the nonce of every admitted device-state envelope; triggers refuse UPDATE and DELETE |
+//! | `state_nonces` (v2) | `nonce` (pk, 32 hex), `envelope`, `device`, `tenant`, `vm`, `signer`, `admitted_at_ms`, `expires_at_ms`: the nonce of every admitted device-state envelope; triggers refuse UPDATE, and DELETE of a nonce whose envelope has not expired by the horizon (v6) |
+//!
+//! | `state_nonces_pruned` (v6) | one row: `through_ms`, `nonces`, `at_ms` — the nonce horizon: the nonces of envelopes that expired at or before `through_ms` were pruned (`audit prune`), and no such envelope is admitted again; only moves forward |
 //!
 //! | `pf_custody` (v3) | `device` (pk) → devices, `pf`, `since_ms`: user-space PFs whose custody devfence holds for a VF a tenant holds (deleted when no tenant holds it) |
 //!
@@ -182,11 +184,36 @@ CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
     WHEN OLD.seq > coalesce((SELECT seq FROM audit_pruned WHERE id = 1), 0)
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 ",
+    // Nonce retention: the horizon (every nonce of an envelope that expired at
+    // or before `through_ms` may go, and no such envelope may be admitted
+    // again), and delete and insert triggers that hold the ledger to it.
+    r"
+CREATE TABLE state_nonces_pruned (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    through_ms INTEGER NOT NULL,
+    nonces     INTEGER NOT NULL,
+    at_ms      INTEGER NOT NULL
+);
+CREATE TRIGGER state_nonces_pruned_forward BEFORE UPDATE ON state_nonces_pruned
+    WHEN NEW.through_ms < OLD.through_ms
+    BEGIN SELECT RAISE(ABORT, 'the envelope nonce horizon only moves forward'); END;
+CREATE TRIGGER state_nonces_pruned_kept BEFORE DELETE ON state_nonces_pruned
+    BEGIN SELECT RAISE(ABORT, 'the envelope nonce horizon is kept'); END;
+DROP TRIGGER state_nonces_never_forgotten;
+CREATE TRIGGER state_nonces_never_forgotten BEFORE DELETE ON state_nonces
+    WHEN OLD.expires_at_ms > coalesce((SELECT through_ms FROM state_nonces_pruned WHERE id = 1), 0)
+    BEGIN SELECT RAISE(ABORT, 'admitted envelope nonces are remembered until their envelope expires'); END;
+CREATE TRIGGER state_nonces_not_behind_horizon BEFORE INSERT ON state_nonces
+    WHEN NEW.expires_at_ms <= coalesce((SELECT through_ms FROM state_nonces_pruned WHERE id = 1), 0)
+    BEGIN SELECT RAISE(ABORT, 'an envelope that expired before the nonce horizon is never admitted'); END;
+CREATE INDEX state_nonces_by_expiry ON state_nonces(expires_at_ms);
+",
 ];
 
 /// The largest ledger file checked whole (`PRAGMA integrity_check`) at every
 /// open (about 0.1 s on the standard machine); a larger one is checked table by
-/// table except the audit log, which `audit verify` reads in full.
+/// table except the audit log, which `audit verify` reads in full, and the
+/// operations' journal.
 const FULL_CHECK_BYTES: u64 = 8 << 20;
 
 /// How much of the ledger file `audit verify` maps (address space, not memory;
@@ -281,11 +308,15 @@ fn setup(
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(&classify)?;
     // A ledger up to FULL_CHECK_BYTES gets the whole-file check at every open. A
-    // larger one gets every table and its indexes checked except the audit log:
-    // checking that one costs time in proportion to its size (seconds at a million
-    // records, on every command); its records are covered instead by `audit
-    // verify`, which reads and hashes every one (a damaged page there is an SQLite
-    // error, a damaged record a broken chain).
+    // larger one gets every table and its indexes checked except the two logs,
+    // whose check costs time in proportion to their size on every command:
+    // - the audit log (seconds at a million records); its records are covered
+    //   instead by `audit verify`, which reads and hashes every one (a damaged
+    //   page there is an SQLite error, a damaged record a broken chain);
+    // - the operations' journal (0.5 s at 830,000 rows, the journal of a million
+    //   records' worth of handovers); only the rows of unfinished operations are
+    //   ever read again, by recovery, where a damaged page is an SQLite error and
+    //   a damaged row an error naming it. `audit prune` bounds both.
     let whole = std::fs::metadata(path).map_or(true, |m| m.len() <= FULL_CHECK_BYTES);
     let tables: Vec<String> = if whole {
         Vec::new()
@@ -293,7 +324,7 @@ fn setup(
         let mut stmt = conn
             .prepare(
                 "SELECT name FROM sqlite_master WHERE type = 'table' \
-                 AND name NOT LIKE 'sqlite_%' AND name <> 'audit' ORDER BY name",
+                 AND name NOT LIKE 'sqlite_%' AND name NOT IN ('audit', 'journal') ORDER BY name",
             )
             .map_err(&classify)?;
         stmt.query_map([], |r| r.get::<_, String>(0))
@@ -825,14 +856,25 @@ impl SqliteStore {
         Ok((report, stored))
     }
 
-    /// Audit retention: removes the oldest records while keeping the chain
-    /// verifiable. The whole chain is verified first (against the head beside the
-    /// ledger, judged by `check_signature`), so a damaged chain is never cut to
-    /// look intact; then, in one transaction, the record before the cut becomes
-    /// the pruning anchor (seq and hash, where `audit verify` starts), the records
-    /// up to it are deleted, and the prune is itself recorded; finally the head is
-    /// rewritten carrying the anchor (signed with it). The newest record is never
-    /// pruned, nor anything after the anchor (a trigger refuses it).
+    /// Retention: removes the oldest audit records while keeping the chain
+    /// verifiable, the finished operations that went with them, and the nonces
+    /// of device-state envelopes that have expired. The whole chain is verified
+    /// first (against the head beside the ledger, judged by `check_signature`),
+    /// so a damaged chain is never cut to look intact; then, in one
+    /// transaction:
+    /// - the record before the cut becomes the pruning anchor (seq and hash,
+    ///   where `audit verify` starts) and the records up to it are deleted;
+    /// - the operations that finished by the anchor record's time are deleted
+    ///   with their journal rows (unfinished ones, which recovery reads, stay);
+    /// - the nonce horizon moves forward to now, and the nonces of envelopes
+    ///   that expired by then are deleted; no envelope expiring at or before
+    ///   the horizon is admitted again (a trigger refuses its nonce), so a
+    ///   clock set back cannot make a forgotten nonce admissible;
+    /// - each removal is recorded in the chain.
+    ///
+    /// Finally the head is rewritten carrying the anchor (signed with it). The
+    /// newest record is never pruned, nor anything after the anchor (a trigger
+    /// refuses it).
     ///
     /// # Errors
     /// [`AuditError::ChainBroken`] if the chain does not verify (nothing is
@@ -846,48 +888,55 @@ impl SqliteStore {
         self.refresh_head()?;
         let (report, _) = self.verify_with_head(None, check_signature)?;
         let current = audit::pruned_anchor(&self.conn)?;
-        let Some(last) = report.head else {
-            return Ok(audit::PruneReport {
-                pruned: 0,
-                anchor: current,
-                kept: 0,
-            });
-        };
-        let through = match cut {
-            audit::PruneCut::Before(seq) => seq.saturating_sub(1),
-            audit::PruneCut::Keep(0) => {
-                return Err(AuditError::BadCut {
-                    reason: "--keep 0 would remove the newest record".into(),
-                });
+        let through = match report.head {
+            None => None,
+            Some(last) => {
+                let through = match cut {
+                    audit::PruneCut::Before(seq) => seq.saturating_sub(1),
+                    audit::PruneCut::Keep(0) => {
+                        return Err(AuditError::BadCut {
+                            reason: "--keep 0 would remove the newest record".into(),
+                        });
+                    }
+                    audit::PruneCut::Keep(n) => last.seq.saturating_sub(n),
+                };
+                if through >= last.seq {
+                    return Err(AuditError::BadCut {
+                        reason: format!(
+                            "pruning before seq {} would remove the newest record (seq {})",
+                            through + 1,
+                            last.seq
+                        ),
+                    });
+                }
+                (through > current.map_or(0, |a| a.seq)).then_some(through)
             }
-            audit::PruneCut::Keep(n) => last.seq.saturating_sub(n),
         };
-        if through >= last.seq {
-            return Err(AuditError::BadCut {
-                reason: format!(
-                    "pruning before seq {} would remove the newest record (seq {})",
-                    through + 1,
-                    last.seq
-                ),
-            });
-        }
-        if through <= current.map_or(0, |a| a.seq) {
-            return Ok(audit::PruneReport {
-                pruned: 0,
-                anchor: current,
-                kept: report.records,
-            });
-        }
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql("audit prune"))?;
-        let (anchor, pruned) = audit::prune(&tx, through)?;
+        let (anchor, pruned, operations) = match through {
+            Some(through) => {
+                let s = i64::try_from(through)
+                    .map_err(|_| StoreError::Internal("audit seq overflow"))?;
+                let at_ms: i64 = tx
+                    .query_row("SELECT at_ms FROM audit WHERE seq = ?1", [s], |r| r.get(0))
+                    .map_err(sql("audit prune"))?;
+                let operations = prune_operations(&tx, at_ms)?;
+                let (anchor, n) = audit::prune(&tx, through, operations)?;
+                (Some(anchor), n, operations)
+            }
+            None => (current, 0, (0, 0)),
+        };
+        let (nonces, horizon) = prune_nonces(&tx, now_ms())?;
         tx.commit().map_err(sql("audit prune"))?;
-        self.pending_prune = Some(audit::PruneMark {
-            seq: anchor.seq,
-            hash: anchor.hash.to_string(),
-        });
+        if through.is_some() {
+            self.pending_prune = anchor.as_ref().map(|a| audit::PruneMark {
+                seq: a.seq,
+                hash: a.hash.to_string(),
+            });
+        }
         self.refresh_head()?;
         let kept = self
             .conn
@@ -895,8 +944,12 @@ impl SqliteStore {
             .map_err(sql("audit prune"))?;
         Ok(audit::PruneReport {
             pruned,
-            anchor: Some(anchor),
+            anchor,
             kept: u64::try_from(kept).unwrap_or(0),
+            operations: operations.0,
+            journal_rows: operations.1,
+            nonces,
+            nonce_horizon_ms: horizon,
         })
     }
 
@@ -983,6 +1036,83 @@ impl SqliteStore {
             .map_err(sql("migration"))?;
         tx.commit().map_err(sql("migration"))
     }
+}
+
+/// Deletes the operations that finished at or before `at_ms`, with their
+/// journal rows, in the caller's transaction; returns how many of each.
+fn prune_operations(tx: &rusqlite::Connection, at_ms: i64) -> Result<(u64, u64), StoreError> {
+    let rows = tx
+        .execute(
+            "DELETE FROM journal WHERE operation IN \
+             (SELECT id FROM operations WHERE finished_at_ms IS NOT NULL AND finished_at_ms <= ?1)",
+            [at_ms],
+        )
+        .map_err(sql("pruning finished operations"))?;
+    let ops = tx
+        .execute(
+            "DELETE FROM operations WHERE finished_at_ms IS NOT NULL AND finished_at_ms <= ?1",
+            [at_ms],
+        )
+        .map_err(sql("pruning finished operations"))?;
+    Ok((ops as u64, rows as u64))
+}
+
+/// The nonce horizon (ms since the epoch), if a prune has set one.
+fn nonce_horizon(tx: &rusqlite::Connection) -> Result<Option<i64>, StoreError> {
+    tx.query_row(
+        "SELECT through_ms FROM state_nonces_pruned WHERE id = 1",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(sql("reading the nonce horizon"))
+}
+
+/// Moves the nonce horizon forward to `now` (never back: a clock set back
+/// leaves it where it was), deletes the nonces of envelopes that expired by
+/// then and records that in the chain; in the caller's transaction. Returns
+/// how many nonces went and the horizon.
+fn prune_nonces(tx: &rusqlite::Connection, now: i64) -> Result<(u64, Option<i64>), StoreError> {
+    let old = nonce_horizon(tx)?;
+    let through = old.map_or(now, |h| h.max(now));
+    let expired: i64 = tx
+        .query_row(
+            "SELECT count(*) FROM state_nonces WHERE expires_at_ms <= ?1",
+            [through],
+            |r| r.get(0),
+        )
+        .map_err(sql("pruning envelope nonces"))?;
+    if expired == 0 {
+        return Ok((0, old));
+    }
+    // The horizon first: the delete trigger lets a nonce go only behind it.
+    tx.execute(
+        "INSERT INTO state_nonces_pruned (id, through_ms, nonces, at_ms) VALUES (1, ?1, ?2, ?3) \
+         ON CONFLICT (id) DO UPDATE SET through_ms = excluded.through_ms, \
+         nonces = nonces + excluded.nonces, at_ms = excluded.at_ms",
+        params![through, expired, now],
+    )
+    .map_err(sql("pruning envelope nonces"))?;
+    let n = tx
+        .execute(
+            "DELETE FROM state_nonces WHERE expires_at_ms <= ?1",
+            [through],
+        )
+        .map_err(sql("pruning envelope nonces"))? as u64;
+    audit::append(
+        tx,
+        &AuditEvent {
+            kind: audit::AuditKind::Ledger,
+            device: None,
+            tenant: None,
+            detail: serde_json::json!({
+                "event": "nonces-pruned",
+                "through_ms": through,
+                "nonces": n,
+            }),
+        },
+    )?;
+    Ok((n, Some(through)))
 }
 
 impl Store for SqliteStore {
@@ -2079,6 +2209,10 @@ impl Tx for SqliteTx<'_> {
         .transpose()
     }
 
+    fn state_nonce_horizon(&mut self) -> Result<Option<i64>, StoreError> {
+        nonce_horizon(self.tx)
+    }
+
     fn record_state_nonce(&mut self, n: &StateNonce) -> Result<(), StoreError> {
         check_hex("envelope nonce", &n.nonce, 32)?;
         check_hex("envelope id", &n.envelope, 32)?;
@@ -2089,6 +2223,15 @@ impl Tx for SqliteTx<'_> {
                 nonce: prev.nonce,
                 device: prev.device,
                 admitted_at_ms: prev.admitted_at_ms,
+            });
+        }
+        if let Some(horizon) = nonce_horizon(self.tx)?
+            && n.expires_at_ms <= horizon
+        {
+            return Err(StoreError::NonceForgotten {
+                nonce: n.nonce.clone(),
+                expires_at_ms: n.expires_at_ms,
+                horizon_ms: horizon,
             });
         }
         self.tx
@@ -2243,7 +2386,7 @@ mod tests {
     fn migrations_from_empty_set_up_schema_and_pragmas() {
         let (_d, _p, store) = fresh();
         assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
-        assert_eq!(SCHEMA_VERSION, 5);
+        assert_eq!(SCHEMA_VERSION, 6);
         let app: i32 = store
             .conn
             .query_row("PRAGMA application_id", [], |r| r.get(0))
@@ -2344,8 +2487,8 @@ mod tests {
             matches!(
                 err,
                 StoreError::NewerSchema {
-                    found: 6,
-                    known: 5,
+                    found: 7,
+                    known: 6,
                     ..
                 }
             ),
@@ -2873,8 +3016,166 @@ mod tests {
             "UPDATE state_nonces SET device = '0000:00:00.0'",
         ] {
             let e = store.conn.execute(q, []).expect_err(q);
-            assert!(e.to_string().contains("remembered forever"), "{q}: {e}");
+            assert!(e.to_string().contains("remembered"), "{q}: {e}");
         }
+    }
+
+    /// issue 14 item 4: retention bounds what grew without bound. A prune
+    /// removes the operations finished by the anchor record's time with their
+    /// journals (never an unfinished one), and the nonces of envelopes that
+    /// expired; the nonce horizon only moves forward, the ledger refuses to
+    /// forget a live nonce or to take one behind the horizon, and both removals
+    /// are in the chain, which still verifies.
+    #[test]
+    fn a_prune_bounds_operations_journals_and_expired_nonces() {
+        const OK: fn(&crate::audit::StoredHead) -> Result<(), String> = |_| Ok(());
+        let (_d, path, mut store) = fresh();
+        let (a, b, c) = (
+            dev("0000:3b:00.1"),
+            dev("0000:3b:00.2"),
+            dev("0000:3b:00.3"),
+        );
+        store
+            .atomically(|tx| {
+                tx.add_device(&a)?;
+                tx.add_device(&b)?;
+                tx.add_device(&c)
+            })
+            .expect("devices");
+        let run = |store: &mut SqliteStore, d: &DeviceId, finish: bool| -> OperationId {
+            let op = store.begin_operation(d, "handover").expect("begin");
+            store
+                .atomically(|tx| {
+                    tx.journal_step(op, "reset", StepState::Planned, &json!({}))?;
+                    tx.journal_step(op, "reset", StepState::Done, &json!({}))?;
+                    tx.audit(&AuditEvent {
+                        kind: crate::audit::AuditKind::Step,
+                        device: Some(*d),
+                        tenant: None,
+                        detail: json!({ "op": op.0 }),
+                    })?;
+                    if finish {
+                        tx.finish_operation(op, OpOutcome::Succeeded)?;
+                    }
+                    Ok(())
+                })
+                .expect("run");
+            op
+        };
+        let old = run(&mut store, &a, true);
+        let open = run(&mut store, &b, false);
+        // Time the prune's cut cannot reach: the anchor record is older.
+        store
+            .conn
+            .execute(
+                "UPDATE operations SET finished_at_ms = 1 WHERE id = ?1",
+                [old.0],
+            )
+            .expect("age the first operation");
+        let later = run(&mut store, &c, true);
+        let now = now_ms();
+        let expired = StateNonce {
+            expires_at_ms: now - 1,
+            ..nonce(N1, "0000:3b:00.1")
+        };
+        let live = StateNonce {
+            expires_at_ms: now + 3_600_000,
+            ..nonce("ffeeddccbbaa99887766554433221100", "0000:3b:00.2")
+        };
+        store
+            .atomically(|tx| {
+                tx.record_state_nonce(&expired)?;
+                tx.record_state_nonce(&live)
+            })
+            .expect("nonces");
+        // A live nonce cannot be deleted by hand before any prune, nor after.
+        assert!(store.conn.execute("DELETE FROM state_nonces", []).is_err());
+
+        // Keep the newest two records: the cut's anchor is the first
+        // operation's step record.
+        let rep = store
+            .audit_prune(crate::audit::PruneCut::Keep(2), &OK)
+            .expect("prune");
+        assert_eq!(rep.pruned, 1, "{rep:?}");
+        assert_eq!((rep.operations, rep.journal_rows), (1, 2), "{rep:?}");
+        assert_eq!(rep.nonces, 1, "{rep:?}");
+        let horizon = rep.nonce_horizon_ms.expect("horizon");
+        assert!(horizon >= now && horizon < live.expires_at_ms, "{horizon}");
+        store
+            .atomically(|tx| {
+                assert_eq!(tx.operation(old)?, None);
+                assert!(tx.journal(old)?.is_empty());
+                assert!(tx.operation(open)?.is_some());
+                assert_eq!(tx.journal(open)?.len(), 2);
+                assert_eq!(tx.open_operations()?.len(), 1);
+                assert!(tx.operation(later)?.is_some());
+                assert_eq!(tx.journal(later)?.len(), 2);
+                assert_eq!(tx.state_nonce(N1)?, None);
+                assert_eq!(tx.state_nonce(&live.nonce)?, Some(live.clone()));
+                assert_eq!(tx.state_nonce_horizon()?, Some(horizon));
+                Ok(())
+            })
+            .expect("read back");
+        // Both removals are in the chain, and it verifies.
+        let records = store
+            .audit_show(&crate::audit::AuditFilter::default())
+            .expect("show");
+        let events: Vec<_> = records
+            .iter()
+            .filter_map(|r| r.detail["event"].as_str())
+            .collect();
+        assert_eq!(events, ["audit-pruned", "nonces-pruned"], "{records:?}");
+        let pruned = records
+            .iter()
+            .find(|r| r.detail["event"] == "audit-pruned")
+            .expect("rec");
+        assert_eq!(pruned.detail["operations"], 1);
+        assert_eq!(pruned.detail["journal_rows"], 2);
+        store.verify().expect("intact");
+
+        // No envelope that expired by the horizon is taken again, even if the
+        // clock says otherwise: the store refuses it, and so does SQL.
+        let err = store
+            .atomically(|tx| tx.record_state_nonce(&expired))
+            .expect_err("behind the horizon");
+        assert!(matches!(err, StoreError::NonceForgotten { .. }), "{err:?}");
+        assert!(err.to_string().contains("Hint:"), "{err}");
+        let raw = store.conn.execute(
+            "INSERT INTO state_nonces (nonce, envelope, device, tenant, vm, signer, admitted_at_ms, expires_at_ms) \
+             SELECT ?1, envelope, device, tenant, vm, signer, admitted_at_ms, ?2 FROM state_nonces",
+            params![N1, horizon],
+        );
+        assert!(raw.expect_err("trigger").to_string().contains("horizon"));
+        // The horizon only moves forward; the live nonce is still not deletable.
+        let back = store.conn.execute(
+            "UPDATE state_nonces_pruned SET through_ms = through_ms - 1",
+            [],
+        );
+        assert!(
+            back.expect_err("forward only")
+                .to_string()
+                .contains("forward")
+        );
+        assert!(
+            store
+                .conn
+                .execute("DELETE FROM state_nonces_pruned", [])
+                .is_err()
+        );
+        assert!(store.conn.execute("DELETE FROM state_nonces", []).is_err());
+
+        // A second prune with nothing to cut still reports, and survives reopen.
+        drop(store);
+        let mut store = SqliteStore::open(&path).expect("reopen");
+        let rep = store
+            .audit_prune(crate::audit::PruneCut::Keep(1_000), &OK)
+            .expect("again");
+        assert_eq!(
+            (rep.pruned, rep.operations, rep.nonces),
+            (0, 0, 0),
+            "{rep:?}"
+        );
+        assert_eq!(rep.nonce_horizon_ms, Some(horizon));
     }
 
     #[test]
@@ -2924,6 +3225,38 @@ mod tests {
     }
 
     #[test]
+    fn a_version_5_ledger_keeps_its_nonces_through_the_migration_to_the_horizon() {
+        let (_d, path, mut store) = fresh();
+        let n = nonce(N1, "0000:3b:00.1");
+        store
+            .atomically(|tx| tx.record_state_nonce(&n))
+            .expect("nonce");
+        // Make it a version 5 ledger, as the previous devfence left it.
+        store
+            .conn
+            .execute_batch(
+                "DROP TRIGGER state_nonces_never_forgotten; DROP TRIGGER state_nonces_not_behind_horizon; \
+                 DROP INDEX state_nonces_by_expiry; DROP TABLE state_nonces_pruned; \
+                 CREATE TRIGGER state_nonces_never_forgotten BEFORE DELETE ON state_nonces \
+                 BEGIN SELECT RAISE(ABORT, 'admitted envelope nonces are remembered forever'); END; \
+                 DELETE FROM schema_version WHERE version >= 6;",
+            )
+            .expect("downgrade");
+        drop(store);
+        let mut store = SqliteStore::open(&path).expect("reopen migrates");
+        assert_eq!(store.schema_version().expect("version"), 6);
+        store
+            .atomically(|tx| {
+                assert_eq!(tx.state_nonce(N1)?, Some(n.clone()));
+                assert_eq!(tx.state_nonce_horizon()?, None);
+                Ok(())
+            })
+            .expect("read");
+        // Without a horizon nothing may be forgotten, expired or not.
+        assert!(store.conn.execute("DELETE FROM state_nonces", []).is_err());
+    }
+
+    #[test]
     fn a_version_1_ledger_is_migrated_to_version_2_keeping_its_data() {
         let (_d, path, mut store) = fresh();
         store
@@ -2934,7 +3267,7 @@ mod tests {
             .conn
             .execute_batch(
                 "DROP TRIGGER state_nonces_never_forgotten; DROP TRIGGER state_nonces_never_changed; \
-                 DROP TABLE state_nonces; DROP TABLE pf_custody; \
+                 DROP TABLE state_nonces; DROP TABLE state_nonces_pruned; DROP TABLE pf_custody; \
                  DROP TRIGGER fabric_restores_never_forgotten; DROP TABLE fabric_restores; \
                  DROP TABLE audit_pruned; DROP TRIGGER audit_no_delete; \
                  CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit \

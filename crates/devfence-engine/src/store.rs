@@ -665,6 +665,22 @@ pub enum StoreError {
         /// When.
         admitted_at_ms: i64,
     },
+    /// A device-state envelope expired at or before the nonce horizon: its
+    /// nonce may have been pruned, so devfence cannot prove it unused.
+    #[error(
+        "Envelope nonce {nonce} belongs to an envelope that expired at {expires_at_ms} ms, \
+         at or before the ledger's nonce horizon ({horizon_ms} ms): the nonces of such \
+         envelopes are pruned, so it cannot be proven unused. Hint: seal the state again on \
+         the source host"
+    )]
+    NonceForgotten {
+        /// The nonce.
+        nonce: String,
+        /// When its envelope expired.
+        expires_at_ms: i64,
+        /// The horizon.
+        horizon_ms: i64,
+    },
     /// Whether a GUID is live elsewhere could not be told, so none is issued.
     #[error(
         "Cannot tell whether GUID {guid} is in use: {reason}. Hint: check the subnet manager \
@@ -807,9 +823,14 @@ pub trait Tx {
     /// The admission of the envelope with `nonce` (32 lowercase hex digits), if
     /// it was ever admitted.
     fn state_nonce(&mut self, nonce: &str) -> Result<Option<StateNonce>, StoreError>;
+    /// The nonce horizon (ms since the epoch), once `audit prune` has set it:
+    /// the nonces of envelopes that expired at or before it may be gone, and no
+    /// such envelope is admitted again.
+    fn state_nonce_horizon(&mut self) -> Result<Option<i64>, StoreError>;
     /// Records an admission: refused with [`StoreError::NonceUsed`] if the nonce
-    /// was admitted before. Write it in the same transaction as the admission's
-    /// audit record.
+    /// was admitted before, and with [`StoreError::NonceForgotten`] if its
+    /// envelope expired at or before the nonce horizon. Write it in the same
+    /// transaction as the admission's audit record.
     fn record_state_nonce(&mut self, admission: &StateNonce) -> Result<(), StoreError>;
 
     // ---- fabric restores (recorded once) ----

@@ -13,7 +13,7 @@
 //! | 4 | `device` | the destination device is not of the same kind and model, on the same driver, with the same compatibility string (or cannot be read) |
 //! | 5 | `tenant` | the destination device is not assigned to the envelope's tenant, or is but not yet `Ready`/`Active` (its gates have not all passed) |
 //! | 6 | `vm` | the admission is for another VM, or the ledger reserves the device for another VM |
-//! | 7 | `single-use` | the envelope's nonce was admitted before (a replay), or the nonce ledger cannot be read |
+//! | 7 | `single-use` | the envelope's nonce was admitted before (a replay), or the nonce ledger cannot be read, or the envelope expired at or before the ledger's nonce horizon (its nonce may have been pruned) |
 //! | 8 | `expiry` | the envelope has expired, or was made more than [`MAX_CLOCK_SKEW_MS`] in this host's future |
 //!
 //! `frame` is the bounded parsing needed to find the signature: it interprets no
@@ -179,6 +179,10 @@ pub struct Context<'a> {
     pub destination: Option<&'a Destination>,
     /// Looks a nonce up in the nonce ledger.
     pub nonce_use: &'a mut dyn FnMut(&Nonce) -> Result<Option<NonceUse>, String>,
+    /// The nonce ledger's horizon (ms since the epoch), if it has one: the
+    /// nonces of envelopes that expired at or before it may have been pruned,
+    /// so such an envelope whose nonce is not found cannot be proven unused.
+    pub nonce_horizon_ms: Option<u64>,
 }
 
 /// The result of one check.
@@ -532,10 +536,24 @@ pub fn evaluate<'a>(bytes: &'a [u8], ctx: &mut Context<'_>) -> Evaluation<'a> {
                 "an envelope is admitted once; seal the state again on the source host",
             ));
         }
-        Ok(None) => ev.pass(
-            Check::SingleUse,
-            format!("nonce {} never admitted", header.nonce),
-        ),
+        Ok(None) => match ctx.nonce_horizon_ms {
+            Some(h) if header.expires_ms <= h => {
+                return ev.fail(Refusal::new(
+                    Check::SingleUse,
+                    format!(
+                        "the envelope (nonce {}) expired at {}, at or before the nonce ledger's horizon {}: the nonces of such envelopes are pruned, so it cannot be proven never admitted",
+                        header.nonce,
+                        utc(header.expires_ms),
+                        utc(h)
+                    ),
+                    "seal the state again on the source host, and admit it before its --ttl runs out",
+                ));
+            }
+            _ => ev.pass(
+                Check::SingleUse,
+                format!("nonce {} never admitted", header.nonce),
+            ),
+        },
     }
 
     // 8. expiry
@@ -658,6 +676,7 @@ mod tests {
             now_ms: now,
             destination: dest,
             nonce_use: &mut lookup,
+            nonce_horizon_ms: None,
         };
         evaluate(bytes, &mut ctx)
     }
@@ -897,6 +916,33 @@ mod tests {
     }
 
     #[test]
+    fn an_envelope_behind_the_nonce_horizon_is_refused_as_unprovable() {
+        // Its nonce is not found, but nonces of envelopes that expired by the
+        // horizon were pruned: even with the clock set back to when it was
+        // valid, it is refused at single-use.
+        let (b, ring, d) = (envelope(), keyring(), dest());
+        let refusal = |horizon: u64| {
+            let mut lookup = |_: &Nonce| Ok(None);
+            let mut ctx = Context {
+                keyring: &ring,
+                now_ms: NOW,
+                destination: Some(&d),
+                nonce_use: &mut lookup,
+                nonce_horizon_ms: Some(horizon),
+            };
+            evaluate(&b, &mut ctx).refusal().cloned()
+        };
+        let expires = NOW + 3_600_000;
+        for horizon in [expires, expires + 1] {
+            let r = refusal(horizon).expect("refused");
+            assert_eq!(r.check, Check::SingleUse, "{r}");
+            assert!(r.reason.contains("horizon"), "{r}");
+        }
+        // A horizon before its expiry does not stand in its way.
+        assert_eq!(refusal(expires - 1), None);
+    }
+
+    #[test]
     fn expired_is_refused_at_expiry() {
         let b = envelope();
         let r = refused(&b, &keyring(), &dest(), None, NOW + 3_600_000);
@@ -963,6 +1009,7 @@ mod tests {
             now_ms: NOW,
             destination: Some(&d),
             nonce_use: &mut lookup,
+            nonce_horizon_ms: None,
         };
         let ev = evaluate(&b, &mut ctx);
         let r = ev.refusal().expect("refused");
@@ -1019,6 +1066,7 @@ mod tests {
                     now_ms: NOW,
                     destination: Some(&d),
                     nonce_use: &mut lookup,
+                    nonce_horizon_ms: None,
                 };
                 assert!(!evaluate(&x, &mut ctx).admissible(), "bit {bit}");
             }

@@ -83,6 +83,7 @@ pub fn fuzz_envelope(data: &[u8]) {
             now_ms: now,
             destination: Some(&dest),
             nonce_use: &mut lookup,
+            nonce_horizon_ms: None,
         };
         let ev = evaluate(bytes, &mut ctx);
         let admitted = ev.admissible();

@@ -646,10 +646,17 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Retention: remove the oldest records, keeping the chain verifiable. The
-    /// whole chain is verified first; the last removed record becomes the
-    /// pruning anchor (kept in the ledger and in the signed head), where
-    /// `audit verify` starts. The newest record is never removed.
+    /// Retention: remove the oldest records, keeping the chain verifiable, and
+    /// what went with them. The whole chain is verified first; the last removed
+    /// record becomes the pruning anchor (kept in the ledger and in the signed
+    /// head), where `audit verify` starts. The newest record is never removed.
+    ///
+    /// In the same transaction, the operations that finished by the anchor
+    /// record's time go with their journals (unfinished ones, which `recover`
+    /// needs, stay), and so do the nonces of device-state envelopes that have
+    /// expired: the nonce horizon moves forward to now, and no envelope that
+    /// expired by the horizon is admitted again, whatever the clock says later.
+    /// Each removal is an audit record.
     Prune {
         /// Remove every record before this seq.
         #[arg(

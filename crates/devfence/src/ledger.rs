@@ -926,7 +926,21 @@ pub fn audit(
                         "pruned {} record(s) through seq {} ({}); {} kept; the chain now starts after it",
                         rep.pruned, a.seq, a.hash, rep.kept
                     )?,
-                    _ => writeln!(out, "nothing to prune; {} record(s) kept", rep.kept)?,
+                    _ => writeln!(out, "no audit record to prune; {} record(s) kept", rep.kept)?,
+                }
+                writeln!(
+                    out,
+                    "pruned {} finished operation(s) with {} journal row(s); unfinished operations are kept",
+                    rep.operations, rep.journal_rows
+                )?;
+                match rep.nonce_horizon_ms {
+                    Some(h) => writeln!(
+                        out,
+                        "pruned {} expired envelope nonce(s); horizon {}: no envelope that expired by then is admitted again",
+                        rep.nonces,
+                        devfence_seal::utc(u64::try_from(h).unwrap_or(0))
+                    )?,
+                    None => writeln!(out, "no envelope nonce has expired; none pruned")?,
                 }
             }
             Ok(Exit::Ok)

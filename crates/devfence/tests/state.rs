@@ -788,3 +788,62 @@ fn keys_init_takes_the_host_id_from_etc_hostname_or_asks_for_it() {
     assert_eq!(v["host"], "hv07");
     assert!(v["public_line"].as_str().unwrap().ends_with(" hv07"));
 }
+
+/// issue 14 item 4: the nonce ledger is bounded without opening a replay. An
+/// admitted envelope's nonce stays until the envelope expires; `audit prune`
+/// then removes it (and the finished operations with the records), moving the
+/// nonce horizon to now; the envelope, presented again, is still refused — at
+/// single-use, as one that cannot be proven unused — and the chain verifies.
+#[test]
+fn an_expired_envelopes_nonce_is_pruned_and_the_envelope_stays_refused() {
+    let p = pair();
+    let env = seal_state(&p.h1, &p.tmp, IGB_VF, VM, b"state");
+    let mut bind = binding_of(&env);
+    // Valid for the next 8 s: long enough to be admitted on a loaded machine.
+    bind.created_ms = now_ms() - 1_000;
+    bind.expires_ms = bind.created_ms + 9_000;
+    bind.nonce = Nonce::random().unwrap();
+    let expires = bind.expires_ms;
+    let short = seal(&host1_key(&p.h1), bind, b"state").unwrap();
+    let f = p.tmp.join("short.dfseal");
+    fs::write(&f, short).unwrap();
+    let (code, v) = admit(&p.h2, &f, IGB_VF, VM);
+    assert_eq!(code, 0, "{v:#}");
+    // While it is valid, a prune keeps its nonce: a replay is a replay.
+    let rep: serde_json::Value = serde_json::from_str(&ok(&dv(
+        &p.h2,
+        &["audit", "prune", "--keep", "1000", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(rep["nonces"], 0, "{rep:#}");
+    refused_at(&admit(&p.h2, &f, IGB_VF, VM), "single-use", "replay");
+    while now_ms() <= expires {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let rep: serde_json::Value = serde_json::from_str(&ok(&dv(
+        &p.h2,
+        &["audit", "prune", "--keep", "1", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(rep["nonces"], 1, "{rep:#}");
+    assert!(
+        rep["nonce_horizon_ms"].as_u64().unwrap() >= expires,
+        "{rep:#}"
+    );
+    // The assign's operation finished long before the anchor record.
+    assert!(rep["operations"].as_u64().unwrap() >= 1, "{rep:#}");
+    assert!(rep["journal_rows"].as_u64().unwrap() >= 1, "{rep:#}");
+    refused_at(&admit(&p.h2, &f, IGB_VF, VM), "single-use", "horizon");
+    // Nothing the ledger needs went with them.
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&dv(&p.h2, &["status", "--json"]))).unwrap();
+    assert!(status.to_string().contains(IGB_VF), "{status:#}");
+    let human = ok(&dv(&p.h2, &["audit", "prune", "--keep", "1"]));
+    assert!(human.contains("horizon"), "{human}");
+    audit_intact(&p.h2);
+    let events: Vec<_> = audit(&p.h2)
+        .iter()
+        .filter_map(|r| r["detail"]["event"].as_str().map(str::to_owned))
+        .collect();
+    assert!(events.iter().any(|e| e == "audit-pruned"), "{events:?}");
+}
