@@ -464,6 +464,19 @@ impl EtcdCluster {
         }
     }
 
+    /// Member `i`'s raft term (`etcdctl endpoint status`), if it answers: it
+    /// grows with every election.
+    #[must_use]
+    pub fn raft_term(&self, i: usize) -> Option<u64> {
+        let out = self
+            .etcdctl(&[self.endpoint(i)], &["endpoint", "status", "-w", "fields"])
+            .ok()?;
+        out.lines()
+            .find(|l| l.trim_start().starts_with("\"RaftTerm\""))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.trim().trim_end_matches(',').parse().ok())
+    }
+
     /// The member that is the raft leader now, as each running member reports
     /// it (`etcdctl endpoint status`): `None` while they disagree or none leads.
     #[must_use]

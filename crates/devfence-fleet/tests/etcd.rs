@@ -353,6 +353,14 @@ fn a_killed_member_restarts_from_its_data_dir_and_rejoins() {
     let h = name("h0");
     f.allocate_guids(&h, 20).expect("allocates");
     c.kill(2).expect("SIGKILL m2");
+    // If m2 led, the other two elect a leader first (1-2 s, longer on a loaded
+    // machine): the client fails closed meanwhile, which is not what this
+    // test is about (the paused-leader tests are). Wait for the two to agree.
+    let end = Instant::now() + Duration::from_secs(30);
+    while c.leader().is_none() {
+        assert!(Instant::now() < end, "m0 and m1 elected no leader");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let during = f.allocate_guids(&h, 20).expect("allocates with m2 down");
     c.restart(2).expect("m2 restarts from its data dir");
     // m2 alone (serializable: its own copy) holds the GUID written while it was down.
