@@ -331,7 +331,16 @@ pub fn open_sm(
             // session; a one-shot command has none (a lease per command would
             // drop the host's desired memberships when it exits).
             let Some(h) = crate::fleet::registered() else {
-                return Ok(Arc::new(crate::fleet::Unregistered));
+                // A one-shot command: it reads (verify) through a read-only
+                // view and changes nothing; the agent holds the session.
+                let sa = Arc::new(SaClient::new(cfg.sa()));
+                if let Kernel::Sim(k) = kernel {
+                    k.set_port_table_source(Arc::new(port_tables(
+                        Arc::clone(&sa) as Arc<dyn PortReader>,
+                        None,
+                    )));
+                }
+                return Ok(Arc::new(crate::fleet::Unregistered::for_config(cfg, sa)));
             };
             if let Kernel::Sim(k) = kernel {
                 k.set_port_table_source(Arc::new(port_tables(
@@ -456,7 +465,7 @@ impl Env {
             Some(g) => e.with_guid_source(g),
             // No session in this process: IB operations are refused before
             // they open (the source is never ready).
-            None => e.with_guid_source(&crate::fleet::Unregistered),
+            None => e.with_guid_source(&crate::fleet::NO_SESSION),
         }
     }
 

@@ -289,19 +289,97 @@ pub fn desired_of_ledger(store: &mut dyn Store) -> Result<MembershipMap> {
 }
 
 /// The SM of a fleet host in a process that holds no session (a one-shot
-/// command): every fabric call is refused with a hint to go through the host
-/// agent, so the read-only commands (status, inventory, check, audit) still
-/// work and nothing is changed at the fabric behind the agent's back.
-#[derive(Debug, Default)]
-pub struct Unregistered;
+/// command): every change is refused with a hint to go through the host
+/// agent, so nothing is changed at the fabric behind the agent's back; the
+/// read-only commands (status, inventory, check, audit) work from the ledger.
+///
+/// Reads are answered when the configuration names the fleet (`[fleet]` with
+/// `host`): on the first [`observe`](SubnetManager::observe) or
+/// [`health`](SubnetManager::health) it connects to etcd and reads through a
+/// read-only [`FleetSm`] — the agent's own judge, the controller's observed
+/// entries **and** the SA — so a direct `devfence verify` on a fleet host
+/// re-verifies its IB devices as the agent does. Without `[fleet]` every
+/// call is refused, naming why.
+pub struct Unregistered {
+    /// The fleet and the host, when the configuration names them.
+    target: Option<(devfence_fleet::FleetSettings, Name, Arc<SaClient>)>,
+    /// The read-only view, connected on first use (or why it could not be).
+    view: OnceLock<std::result::Result<FleetSm, String>>,
+}
+
+impl std::fmt::Debug for Unregistered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unregistered")
+            .field("host", &self.target.as_ref().map(|t| &t.1))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A process without a session and without a view of the fleet: every call
+/// is refused (the GUID source of a one-shot command).
+pub static NO_SESSION: Unregistered = Unregistered::none();
 
 impl Unregistered {
+    /// Refuses every call.
+    #[must_use]
+    pub const fn none() -> Self {
+        Self {
+            target: None,
+            view: OnceLock::new(),
+        }
+    }
+
+    /// The SM of a one-shot command on a host whose `[fabric] backend` is
+    /// `fleet`, reading ports through `sa` (the same SA client the simulated
+    /// kernel reads its port tables through).
+    #[must_use]
+    pub fn for_config(cfg: &Config, sa: Arc<SaClient>) -> Self {
+        let target = cfg.fleet.as_ref().and_then(|fc| {
+            let host: Name = fc.host.as_deref()?.parse().ok()?;
+            let settings = fc.check().ok()?;
+            Some((settings, host, sa))
+        });
+        Self {
+            target,
+            view: OnceLock::new(),
+        }
+    }
+
     fn err() -> FabricError {
         FabricError::Refused {
             backend: devfence_fleet::sm::BACKEND.into(),
             detail: "this process holds no session of the host in the fleet".into(),
             hint: "run the operation through the host agent (`devfence serve` registers the host at start and holds its lease); read-only commands (status, inventory, check, audit) work from the ledger".into(),
         }
+    }
+
+    /// The read-only view, connecting on first use.
+    fn view(&self) -> std::result::Result<&FleetSm, FabricError> {
+        let Some((settings, host, sa)) = &self.target else {
+            return Err(FabricError::Refused {
+                backend: devfence_fleet::sm::BACKEND.into(),
+                detail: "[fabric] backend = \"fleet\" but [fleet] does not name the fleet and this host (endpoints, host)".into(),
+                hint: "see docs/fleet.md for the [fleet] section".into(),
+            });
+        };
+        self.view
+            .get_or_init(|| {
+                Fleet::connect(settings.clone())
+                    .map(|f| {
+                        FleetSm::read_only(
+                            Arc::new(f),
+                            host.clone(),
+                            Box::new(Arc::clone(sa)),
+                        )
+                    })
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|detail| FabricError::Unreachable {
+                backend: devfence_fleet::sm::BACKEND.into(),
+                detail: detail.clone(),
+                hint: "the fleet's store did not answer: nothing can be verified, and nothing was changed; retry when `etcdctl endpoint health --cluster` is healthy".into(),
+            })
     }
 }
 
@@ -318,11 +396,11 @@ impl SubnetManager for Unregistered {
     fn apply(&self) -> std::result::Result<Ticket, FabricError> {
         Err(Self::err())
     }
-    fn observe(&self, _: &[Guid]) -> std::result::Result<Observation, FabricError> {
-        Err(Self::err())
+    fn observe(&self, guids: &[Guid]) -> std::result::Result<Observation, FabricError> {
+        self.view()?.observe(guids)
     }
     fn health(&self) -> std::result::Result<Health, FabricError> {
-        Err(Self::err())
+        self.view()?.health()
     }
 }
 

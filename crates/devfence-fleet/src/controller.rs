@@ -374,6 +374,8 @@ pub struct ControllerStats {
     pub fenced_at_sm: u64,
     /// Times it became the leader.
     pub elected: u64,
+    /// Rounds woken by the watch on desired memberships before the poll.
+    pub woken: u64,
 }
 
 /// This controller's hold on the leader key.
@@ -1227,6 +1229,11 @@ impl Controller {
             let Some(l) = self.campaign(&mut stop).await? else {
                 return Ok(());
             };
+            // Desired memberships watched: a host's change wakes the next
+            // round at once; the poll stays as the net under it.
+            let mut watch: Option<etcd_client::WatchStream> = None;
+            // The newest revision a round has read: older changes are in it.
+            let mut seen = 0i64;
             loop {
                 if *stop.borrow() {
                     self.resign(l).await;
@@ -1236,7 +1243,23 @@ impl Controller {
                     tracing::warn!(controller = %self.cfg.name, token = l.token, "lease lost: standing by");
                     break;
                 }
-                match self.round(&l).await {
+                let round = self.round(&l).await;
+                if let Ok(r) = &round {
+                    seen = seen.max(r.revision);
+                    if watch.is_none() {
+                        // From just after what the round read: nothing
+                        // written since is missed. Never waits longer than
+                        // one poll for a member to answer.
+                        watch = tokio::time::timeout(
+                            self.cfg.poll_interval,
+                            self.store.watch_desired(r.revision.saturating_add(1)),
+                        )
+                        .await
+                        .ok()
+                        .and_then(std::result::Result::ok);
+                    }
+                }
+                match round {
                     Ok(_) => *lock(&self.last_error) = None,
                     Err(e) => {
                         let text = chain(&e);
@@ -1251,6 +1274,14 @@ impl Controller {
                 tokio::select! {
                     () = tokio::time::sleep(self.cfg.poll_interval) => {}
                     _ = stop.changed() => {}
+                    alive = newer_than(&mut watch, seen) => {
+                        if alive {
+                            lock(&self.stats).woken += 1;
+                        } else {
+                            // Ended or failed: set up again after the next round.
+                            watch = None;
+                        }
+                    }
                 }
             }
             self.leading.store(false, Ordering::SeqCst);
@@ -1271,6 +1302,32 @@ fn chain(e: &dyn std::error::Error) -> String {
         src = x.source();
     }
     s
+}
+
+/// Waits on the watch for a change newer than revision `seen` (what the last
+/// round read already covers is skipped, and so is the answer that says the
+/// watch was created): true when one came, false when the watch ended or
+/// failed. Without a watch it never answers (the poll wakes the round).
+async fn newer_than(watch: &mut Option<etcd_client::WatchStream>, seen: i64) -> bool {
+    let Some(w) = watch else {
+        return std::future::pending().await;
+    };
+    loop {
+        match w.message().await {
+            Ok(Some(resp)) if resp.canceled() => return false,
+            Ok(Some(resp)) => {
+                let newest = resp
+                    .events()
+                    .iter()
+                    .filter_map(|e| e.kv().map(etcd_client::KeyValue::mod_revision))
+                    .max();
+                if newest.is_some_and(|r| r > seen) {
+                    return true;
+                }
+            }
+            Ok(None) | Err(_) => return false,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use devfence_model::{Guid, PKey, TenantId};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, PutOptions,
-    Txn, TxnOp,
+    Txn, TxnOp, WatchOptions, WatchStream,
 };
 
 pub use config::{FleetBackend, FleetConfig, FleetSettings, TlsFiles};
@@ -1518,6 +1518,30 @@ impl FleetStore {
             host: host.clone(),
             fabric: self.fabric().clone(),
         }
+    }
+
+    /// A watch on every host's desired memberships of the fabric from
+    /// revision `from` on: the stream answers when one is written or deleted
+    /// (a host's lease expiring deletes its own), after a first answer that
+    /// says the watch was created. The fabric controller wakes on it instead
+    /// of waiting for its next poll; it still polls, so a watch that goes
+    /// quiet (its member paused or cut off) costs latency, never a change.
+    ///
+    /// # Errors
+    /// No member set the watch up within the timeout.
+    pub async fn watch_desired(&self, from: i64) -> Result<WatchStream> {
+        let prefix = self.inner.keys.desired_all();
+        self.call("watch desired memberships", move |mut c| {
+            let p = prefix.clone();
+            async move {
+                c.watch(
+                    p,
+                    Some(WatchOptions::new().with_prefix().with_start_revision(from)),
+                )
+                .await
+            }
+        })
+        .await
     }
 
     /// The desired memberships of `host`, or of every host.

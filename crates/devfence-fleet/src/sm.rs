@@ -185,6 +185,8 @@ pub struct FleetSm {
     reader: Box<dyn PortReader>,
     state: Mutex<State>,
     serial: AtomicU64,
+    /// A one-shot command's view: no session, observe and health only.
+    read_only: bool,
 }
 
 impl std::fmt::Debug for FleetSm {
@@ -236,6 +238,40 @@ impl FleetSm {
             reader,
             state: Mutex::new(State::default()),
             serial: AtomicU64::new(0),
+            read_only: false,
+        }
+    }
+
+    /// A read-only view of `host`'s memberships, for a process that holds no
+    /// session of it (a one-shot `devfence verify` beside the host agent):
+    /// [`observe`](SubnetManager::observe) and
+    /// [`health`](SubnetManager::health) answer from etcd and the SA exactly
+    /// as for the agent, and [`stage`](SubnetManager::stage) and
+    /// [`apply`](SubnetManager::apply) are refused — desired memberships are
+    /// written under the host's lease, which only the agent holds.
+    #[must_use]
+    pub fn read_only(fleet: Arc<Fleet>, host: Name, reader: Box<dyn PortReader>) -> Self {
+        Self {
+            host,
+            fleet,
+            session: Mutex::new(None),
+            reader,
+            state: Mutex::new(State::default()),
+            serial: AtomicU64::new(0),
+            read_only: true,
+        }
+    }
+
+    /// The refusal of a change through a read-only view.
+    fn refuse_read_only(&self) -> FabricError {
+        FabricError::Refused {
+            backend: BACKEND.into(),
+            detail: format!(
+                "this process only reads host {}'s memberships on fabric {}: it holds no session of the host in the fleet",
+                self.host,
+                self.fleet.store().fabric()
+            ),
+            hint: "run the operation through the host agent (`devfence serve` registers the host at start and holds its lease)".into(),
         }
     }
 
@@ -392,6 +428,9 @@ impl SubnetManager for FleetSm {
     }
 
     fn stage(&self, change: Change) -> Result<(), FabricError> {
+        if self.read_only {
+            return Err(self.refuse_read_only());
+        }
         change.validate()?;
         lock(&self.state).staged.push(change);
         Ok(())
@@ -402,6 +441,9 @@ impl SubnetManager for FleetSm {
     }
 
     fn apply(&self) -> Result<Ticket, FabricError> {
+        if self.read_only {
+            return Err(self.refuse_read_only());
+        }
         let session = lock(&self.session);
         let Some(session) = session.as_ref().filter(|s| !s.is_lost()) else {
             return Err(fleet_err(&FleetError::LeaseLost {
@@ -460,7 +502,7 @@ impl SubnetManager for FleetSm {
     }
 
     fn observe(&self, guids: &[Guid]) -> Result<Observation, FabricError> {
-        if self.lease_lost() {
+        if !self.read_only && self.lease_lost() {
             return Err(fleet_err(&FleetError::LeaseLost {
                 host: self.host.clone(),
                 fabric: self.fleet.store().fabric().clone(),
@@ -511,7 +553,13 @@ impl SubnetManager for FleetSm {
 
     fn health(&self) -> Result<Health, FabricError> {
         let mut notes = Vec::new();
-        let lost = self.lease_lost();
+        let lost = !self.read_only && self.lease_lost();
+        if self.read_only {
+            notes.push(format!(
+                "a read-only view of host {}: changes go through the host agent, which holds its session",
+                self.host
+            ));
+        }
         if lost {
             notes.push(format!(
                 "host {}'s lease on fabric {} is lost: operations that need the fleet are refused until it registers again",

@@ -113,6 +113,34 @@ fn start_with(
     Running { ctl, stop, task }
 }
 
+/// A 3-member etcd cluster, a client of it, a runtime for controllers and a
+/// probe of the fabric's SM.
+fn setup(fab: &Fabric) -> (EtcdCluster, Fleet, tokio::runtime::Runtime, OpenSmSm) {
+    let c = EtcdCluster::start(&Options::default()).expect("etcd cluster starts");
+    let f = Fleet::connect(settings(&c)).expect("connects");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let probe = OpenSmSm::new(fab.opensm_config());
+    (c, f, rt, probe)
+}
+
+/// Waits for a stopped controller's task: it must end cleanly in time.
+fn joined(
+    rt: &tokio::runtime::Runtime,
+    task: tokio::task::JoinHandle<Result<(), devfence_fleet::ControllerError>>,
+) {
+    rt.block_on(async {
+        tokio::time::timeout(DEADLINE, task)
+            .await
+            .expect("stops in time")
+            .expect("task")
+            .expect("clean stop");
+    });
+}
+
 fn lease_of(guards: &[Guard]) -> i64 {
     guards
         .iter()
@@ -137,14 +165,7 @@ fn two_controllers_batch_fence_and_fail_over_on_etcd_and_opensm() {
         "two_controllers_batch_fence_and_fail_over_on_etcd_and_opensm",
         &FabricSpec::vfs(5, BASE),
         |fab| {
-            let c = EtcdCluster::start(&Options::default()).expect("etcd cluster starts");
-            let f = Fleet::connect(settings(&c)).expect("connects");
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            let probe = OpenSmSm::new(fab.opensm_config());
+            let (c, f, rt, probe) = setup(fab);
 
             // Three hosts, three tenants, one VF each, desired before any
             // controller runs.
@@ -188,7 +209,12 @@ fn two_controllers_batch_fence_and_fail_over_on_etcd_and_opensm() {
             // Three hosts, one apply (one sweep); the standby applied nothing.
             assert_eq!(leader.ctl.stats().applies, 1, "{:?}", leader.ctl.stats());
             assert_eq!(standby.ctl.stats().applies, 0);
-            let gen1 = leader.ctl.last_report().expect("a report").generation;
+            // The generation the batch verified at, as published (the last
+            // report may already be a later idle round's, with none).
+            let gen1 = observed(&f, hosts[0], vf(0))
+                .expect("observed")
+                .record
+                .generation;
             assert!(gen1 > 0);
             for i in 0..3 {
                 let o = observed(&f, hosts[i], vf(i as u64)).expect("observed");
@@ -326,13 +352,7 @@ fn two_controllers_batch_fence_and_fail_over_on_etcd_and_opensm() {
                 let _ = r.stop.send(true);
             }
             for r in [leader, standby] {
-                rt.block_on(async {
-                    tokio::time::timeout(DEADLINE, r.task)
-                        .await
-                        .expect("stops in time")
-                        .expect("task")
-                        .expect("clean stop");
-                });
+                joined(&rt, r.task);
             }
             assert!(
                 f.block_on(f.store().read_leader())
@@ -353,14 +373,7 @@ fn the_window_folds_late_changes_and_an_unverified_batch_is_not_published() {
         "the_window_folds_late_changes_and_an_unverified_batch_is_not_published",
         &FabricSpec::vfs(3, BASE),
         |fab| {
-            let c = EtcdCluster::start(&Options::default()).expect("etcd cluster starts");
-            let f = Fleet::connect(settings(&c)).expect("connects");
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            let probe = OpenSmSm::new(fab.opensm_config());
+            let (c, f, rt, probe) = setup(fab);
             let ctl = start_with(&rt, &c, fab, "ctl-a", |cfg| {
                 cfg.batch_window = Duration::from_secs(3);
                 cfg.verify_timeout = Duration::from_secs(5);
@@ -420,13 +433,40 @@ fn the_window_folds_late_changes_and_an_unverified_batch_is_not_published() {
             assert_eq!(f.desired(None).expect("lists").len(), 3);
             assert!(sessions.iter().all(|s| !s.is_lost()));
             let _ = ctl.stop.send(true);
-            rt.block_on(async {
-                tokio::time::timeout(DEADLINE, ctl.task)
-                    .await
-                    .expect("stops in time")
-                    .expect("task")
-                    .expect("clean stop");
+            joined(&rt, ctl.task);
+        },
+    );
+}
+
+/// A host's desired write wakes the leading controller through its etcd watch:
+/// with the poll an hour apart, the membership still reaches the SM, is
+/// verified at the SA and published, and the stats count the wake-up.
+#[test]
+fn a_hosts_change_wakes_the_leader_through_the_watch_not_the_poll() {
+    in_fabric(
+        "a_hosts_change_wakes_the_leader_through_the_watch_not_the_poll",
+        &FabricSpec::vfs(1, BASE),
+        |fab| {
+            let (c, f, rt, probe) = setup(fab);
+            let ctl = start_with(&rt, &c, fab, "ctl-w", |cfg| {
+                cfg.poll_interval = Duration::from_secs(3600);
             });
+            wait_until("the controller to lead", || ctl.ctl.is_leading());
+            wait_until("its first round", || ctl.ctl.stats().rounds >= 1);
+            f.claim_pkey(&tenant("red"), PKey(0x10)).expect("P_Key");
+            let s = f.register_host(&name("h0")).expect("registers");
+            f.claim_guid(s.host(), vf(0)).expect("GUID");
+            let want = DesiredRecord::new(tenant("red"), vec![PKey(0x8010)]).expect("record");
+            let rev = f.set_desired(&s, vf(0), &want).expect("desired");
+            wait_until("the membership published", || {
+                observed(&f, "h0", vf(0)).is_some_and(|o| o.record.desired_revision >= rev)
+            });
+            assert!(table(&probe, vf(0)).contains(&PKey(0x8010)));
+            let st = ctl.ctl.stats();
+            assert!(st.woken >= 1, "{st:?}");
+            assert_eq!(st.applies, 1, "{st:?}");
+            let _ = ctl.stop.send(true);
+            joined(&rt, ctl.task);
         },
     );
 }

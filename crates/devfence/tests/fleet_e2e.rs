@@ -70,7 +70,8 @@ fn node(h: u8, i: usize) -> String {
 
 fn spec() -> FabricSpec {
     let mut s = FabricSpec::vfs(0, Guid(1));
-    // A port whose trap OpenSM missed is found by the next light sweep.
+    // Light sweeps every 1 s. A port's new GUID is found by the heavy sweep
+    // the watcher asks for after rotating it (`follow_hosts`).
     s.sweep_interval = 1;
     s.ports = (0..HOSTS)
         .flat_map(|h| (0..VFS.len()).map(move |i| (node(h, i), factory(h, i))))
@@ -269,11 +270,19 @@ fn three_hosts_two_controllers_hand_over_through_the_fleet_and_survive_faults() 
                     // next), and every handover finishes with its gates passed.
                     // Resumed, the old leader rejoins; no GUID was issued twice.
                     let raft = etcd.leader().expect("an etcd leader");
+                    let term = etcd.raft_term(raft).expect("the leader's raft term");
                     let ids = post_everywhere(&agents, "handover", "acme");
                     etcd.pause(raft).expect("SIGSTOP etcd's leader");
                     wait_everywhere(&agents, &ids, "acme");
+                    // `leader()` asks only the running members: one of them
+                    // leads, in a later term than the paused one's (an election
+                    // happened while the handovers ran).
                     let now = etcd.leader().expect("the other two elected a leader");
-                    assert_ne!(now, raft);
+                    let new_term = etcd.raft_term(now).expect("the new leader's raft term");
+                    assert!(
+                        new_term > term,
+                        "raft term {term} -> {new_term}: no election"
+                    );
                     etcd.resume(raft).expect("SIGCONT");
                     etcd.wait_healthy(&[0, 1, 2], devfence_etcd_harness::START_DEADLINE)
                         .expect("the old leader rejoins");
@@ -334,6 +343,40 @@ fn three_hosts_two_controllers_hand_over_through_the_fleet_and_survive_faults() 
                     })]);
                     check_op(&a0.wait_op(&id[0]), VFS[0], back);
                     guids_unique(&fleet, &hosts);
+
+                    // A one-shot `devfence --direct verify` beside the agent
+                    // holds no session of the host: it re-verifies every Ready
+                    // IB VF through a read-only view (the controller's word in
+                    // etcd and the SA, as the agent's gates do) and passes; a
+                    // handover it would run is refused before anything changes.
+                    let o = cli(f, &h0.root, &h0.config, &["--direct", "verify", "--json"]);
+                    let text = format!(
+                        "{}\n{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                    assert_eq!(o.status.code(), Some(0), "{text}");
+                    let v: Value = serde_json::from_slice(&o.stdout).expect(&text);
+                    assert_eq!(v["all_verified"], true, "{v:#}");
+                    let verified: BTreeSet<&str> = v["devices"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter_map(|d| d["device"].as_str())
+                        .collect();
+                    assert_eq!(verified, VFS.iter().copied().collect(), "{v:#}");
+                    let before = request(&a0.socket, "GET", "/v1/status", None).1;
+                    let o = cli(
+                        f,
+                        &h0.root,
+                        &h0.config,
+                        &["--direct", "handover", VFS[1], "--tenant", back],
+                    );
+                    let text = String::from_utf8_lossy(&o.stderr).into_owned();
+                    assert!(!o.status.success(), "{text}");
+                    assert!(text.contains("host agent"), "{text}");
+                    let after = request(&a0.socket, "GET", "/v1/status", None).1;
+                    assert_eq!(before["devices"], after["devices"], "nothing changed");
                     drop(a0);
                 };
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
