@@ -118,8 +118,8 @@ fn main() {
         })
         .collect();
     let mut spec = FabricSpec::vfs(0, Guid(1));
-    // The watcher plays the HCA a little after the host set the GUID: a port
-    // whose trap OpenSM missed is found by the next light sweep (1 s, not 10).
+    // Light sweeps every 1 s (not 10). A port's new GUID is found by the heavy
+    // sweep the watcher asks for after rotating it (`follow_hosts`).
     spec.sweep_interval = 1;
     spec.ports = factory
         .iter()

@@ -201,7 +201,8 @@ fn main() {
     assert_eq!(all.len(), n * hosts.len(), "the hosts' GUIDs overlap");
 
     let mut spec = FabricSpec::vfs(0, Guid(1));
-    // A port whose trap OpenSM missed is found by the next light sweep.
+    // Light sweeps every 1 s. A port's new GUID is found by the heavy sweep
+    // the watcher asks for after rotating it (`follow_hosts`).
     spec.sweep_interval = 1;
     spec.ports = hosts
         .iter()

@@ -48,8 +48,8 @@ const WINDOW_MS: u64 = 1500;
 
 fn spec() -> FabricSpec {
     let mut s = FabricSpec::vfs(0, Guid(1));
-    // The watcher plays the HCA a little after the host set the GUID: a port
-    // whose trap OpenSM missed is found by the next light sweep (1 s, not 10).
+    // Light sweeps every 1 s (not 10). A port's new GUID is found by the heavy
+    // sweep the watcher asks for after rotating it (`follow_hosts`).
     s.sweep_interval = 1;
     s.ports = FACTORY
         .iter()

@@ -78,7 +78,16 @@ pub fn follow_hosts(f: &Fabric, hosts: &mut [Followed<'_>], stop: &AtomicBool) {
                     // A console that did not answer in time is asked again at
                     // the next look (the gate waiting for the port has a deadline).
                     match f.rotate(node, g) {
-                        Ok(()) => *cur = g,
+                        Ok(()) => {
+                            *cur = g;
+                            // What the port's return makes a real SM do: a
+                            // heavy sweep. OpenSM's light sweep does not see a
+                            // GUID change, so a port rotated after the apply's
+                            // sweep (the last of a batch, CI) stayed unknown.
+                            if let Err(e) = f.hup() {
+                                eprintln!("asking OpenSM to sweep after {node}: {e}");
+                            }
+                        }
                         Err(e) => eprintln!("rotating {node} to {g}: {e}; retrying"),
                     }
                 }
