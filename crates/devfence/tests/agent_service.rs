@@ -80,6 +80,8 @@ struct Agent {
     child: Child,
     socket: PathBuf,
     log: Arc<Mutex<String>>,
+    /// The thread that copies stderr into `log`; done at the pipe's end.
+    reader: std::thread::JoinHandle<()>,
 }
 
 impl Agent {
@@ -103,7 +105,7 @@ impl Agent {
         let log = Arc::new(Mutex::new(String::new()));
         let mut err = child.stderr.take().unwrap();
         let l2 = Arc::clone(&log);
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = err.read(&mut buf) {
                 if n == 0 {
@@ -118,6 +120,7 @@ impl Agent {
             child,
             socket: socket.to_path_buf(),
             log,
+            reader,
         }
     }
 
@@ -187,12 +190,18 @@ impl Agent {
         assert!(k.success());
     }
 
-    /// SIGTERM, then the exit status.
+    /// SIGTERM, then the exit status, once the log holds everything the
+    /// agent wrote (its last lines can still be in the pipe when it has
+    /// exited: CI saw "stopped" missing from a log read right after the exit).
     fn stop(&mut self) -> std::process::ExitStatus {
         self.signal("TERM");
         let until = Instant::now() + DEADLINE;
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
+                while !self.reader.is_finished() {
+                    assert!(Instant::now() < until, "the agent's stderr did not end");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return st;
             }
             assert!(Instant::now() < until, "the agent did not stop on SIGTERM");
