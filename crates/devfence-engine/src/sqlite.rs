@@ -3074,6 +3074,15 @@ mod tests {
             .expect("age the first operation");
         let later = run(&mut store, &c, true);
         let now = now_ms();
+        // Finished after the anchor record's time: run in the same millisecond
+        // as that record (a fast disk, or tmpfs), it would be inside the cut.
+        store
+            .conn
+            .execute(
+                "UPDATE operations SET finished_at_ms = ?2 WHERE id = ?1",
+                rusqlite::params![later.0, now + 60_000],
+            )
+            .expect("finish the last operation after the cut");
         let expired = StateNonce {
             expires_at_ms: now - 1,
             ..nonce(N1, "0000:3b:00.1")
