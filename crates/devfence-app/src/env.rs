@@ -330,25 +330,23 @@ pub fn open_sm(
             // The host agent registered the host at start and holds its
             // session; a one-shot command has none (a lease per command would
             // drop the host's desired memberships when it exits).
-            let Some(h) = crate::fleet::registered() else {
-                // A one-shot command: it reads (verify) through a read-only
-                // view and changes nothing; the agent holds the session.
-                let sa = Arc::new(SaClient::new(cfg.sa()));
-                if let Kernel::Sim(k) = kernel {
-                    k.set_port_table_source(Arc::new(port_tables(
-                        Arc::clone(&sa) as Arc<dyn PortReader>,
-                        None,
-                    )));
-                }
-                return Ok(Arc::new(crate::fleet::Unregistered::for_config(cfg, sa)));
+            let registered = crate::fleet::registered();
+            let sa = match &registered {
+                Some(h) => Arc::clone(&h.sa),
+                None => Arc::new(SaClient::new(cfg.sa())),
             };
             if let Kernel::Sim(k) = kernel {
                 k.set_port_table_source(Arc::new(port_tables(
-                    Arc::clone(&h.sa) as Arc<dyn PortReader>,
+                    Arc::clone(&sa) as Arc<dyn PortReader>,
                     None,
                 )));
             }
-            Arc::clone(&h.sm) as Arc<dyn SubnetManager>
+            match registered {
+                Some(h) => Arc::clone(&h.sm) as Arc<dyn SubnetManager>,
+                // A one-shot command: it reads (verify) through a read-only
+                // view and changes nothing; the agent holds the session.
+                None => Arc::new(crate::fleet::Unregistered::for_config(cfg, sa)),
+            }
         }
         (Backend::None | Backend::Auto, _) => Arc::new(NoSm),
     })
