@@ -25,6 +25,7 @@ const PATHS: &[&str] = &[
     "/sys/bus/pci/devices/0000:3b:00.0",
     "/sys/bus/pci/devices/0000:3b:00.1",
     "/sys/devices/pci0000:3a/0000:3b:00.0",
+    "/sys/devices/pci0000:3a/0000:3b:00.0/uevent",
     "/sys/devices/pci0000:3a/0000:3b:00.0/vendor",
     "/sys/devices/pci0000:3a/0000:3b:00.0/device",
     "/sys/devices/pci0000:3a/0000:3b:00.0/class",
@@ -37,6 +38,7 @@ const PATHS: &[&str] = &[
     "/sys/devices/pci0000:3a/0000:3b:00.0/reset",
     "/sys/devices/pci0000:3a/0000:3b:00.0/infiniband",
     "/sys/devices/pci0000:3a/0000:3b:00.1",
+    "/sys/devices/pci0000:3a/0000:3b:00.1/uevent",
     "/sys/devices/pci0000:3a/0000:3b:00.1/vendor",
     "/sys/devices/pci0000:3a/0000:3b:00.1/physfn",
     "/sys/devices/pci0000:3a/0000:3b:00.1/iommu_group",
@@ -66,6 +68,7 @@ const VALUES: &[&[u8]] = &[
     b"0x15b3\n",
     b"0x101c\n",
     b"0x020700\n",
+    b"PCI_CLASS=20700\nPCI_ID=15B3:101D\nPCI_SUBSYS_ID=15B3:0016\n",
     b"vfio-pci\n",
     b"(null)\n",
     b"4\n",
@@ -105,7 +108,7 @@ pub fn root_containment(data: &[u8]) {
     let _ = fs::create_dir_all(outside.join("devs/0000:3b:00.7"));
     let _ = fs::create_dir_all(outside.join(format!("devs/{MARKER}")));
     let _ = fs::write(outside.join("secret"), format!("{MARKER}\n"));
-    for f in ["vendor", "device", "class", "type"] {
+    for f in ["uevent", "vendor", "device", "class", "type"] {
         let _ = fs::write(
             outside.join(format!("devs/0000:3b:00.7/{f}")),
             format!("{MARKER}\n"),

@@ -936,11 +936,18 @@ fn read_function(
             return None;
         }
     };
-    let vendor = r.listed_attr(&l, subj, &d, "vendor", true, parse::hex_u16);
-    let device = r.listed_attr(&l, subj, &d, "device", true, parse::hex_u16);
-    let subsystem_vendor = r.listed_attr(&l, subj, &d, "subsystem_vendor", false, parse::hex_u16);
-    let subsystem_device = r.listed_attr(&l, subj, &d, "subsystem_device", false, parse::hex_u16);
-    let class = r.listed_attr(&l, subj, &d, "class", true, parse::hex_class);
+    // The ids and the class in one read: `uevent` shows the same `pci_dev`
+    // fields as `vendor`, `device`, `subsystem_*` and `class` (five opens).
+    let id = r.listed_attr(&l, subj, &d, "uevent", true, parse::pci_uevent);
+    if let Some(id) = id {
+        // One file, four more values than the one it is counted as.
+        r.stats.attributes += if id.subsystem.is_some() { 4 } else { 2 };
+    }
+    let vendor = id.map(|i| i.vendor);
+    let device = id.map(|i| i.device);
+    let subsystem_vendor = id.and_then(|i| i.subsystem.map(|s| s.0));
+    let subsystem_device = id.and_then(|i| i.subsystem.map(|s| s.1));
+    let class = id.map(|i| i.class);
     let driver_override = r
         .listed_attr(
             &l,
@@ -1981,6 +1988,16 @@ mod tests {
         fn pci(&self, dir: &str, vendor: &str, device: &str, class: &str) {
             let bdf = dir.rsplit('/').next().unwrap();
             self.link(&format!("/sys/bus/pci/devices/{bdf}"), dir);
+            let hex = |s: &str| u32::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
+            self.file(
+                &format!("{dir}/uevent"),
+                format!(
+                    "PCI_CLASS={:04X}\nPCI_ID={:04X}:{:04X}\nPCI_SUBSYS_ID=15B3:0007\nPCI_SLOT_NAME={bdf}\n",
+                    hex(class),
+                    hex(vendor),
+                    hex(device)
+                ),
+            );
             self.file(&format!("{dir}/vendor"), format!("{vendor}\n"));
             self.file(&format!("{dir}/device"), format!("{device}\n"));
             self.file(&format!("{dir}/class"), format!("{class}\n"));
@@ -2031,6 +2048,10 @@ mod tests {
             "../../../devices/pci0000:3a/0000:3a:00.0/0000:3b:00.0",
         );
         for (f, v) in [
+            (
+                "uevent",
+                "DRIVER=mlx5_core\nPCI_CLASS=20700\nPCI_ID=15B3:101D\nPCI_SUBSYS_ID=15B3:0016\nPCI_SLOT_NAME=0000:3b:00.0\nMODALIAS=pci:v000015B3d0000101Dsv000015B3sd00000016bc02sc07i00\n",
+            ),
             ("vendor", "0x15b3\n"),
             ("device", "0x101d\n"),
             ("class", "0x020700\n"),
@@ -2444,8 +2465,25 @@ mod tests {
         assert_eq!(inv.ap, None);
         assert!(inv.iommu_groups.is_empty() && inv.vfio_nodes.is_empty());
         assert!(inv.mdevs.is_empty() && inv.mdev_parents.is_empty() && inv.ib.is_empty());
-        // 1 osrelease + 6 PCI files; every probe of an absent bus is one listing.
-        assert_eq!(stats.files_read, 7, "{stats:?}");
+        // 1 osrelease + the function's uevent (its ids and class) and numa_node;
+        // every probe of an absent bus is one listing.
+        assert_eq!(stats.files_read, 3, "{stats:?}");
+        assert_eq!(
+            (
+                f.vendor,
+                f.device,
+                f.subsystem_vendor,
+                f.subsystem_device,
+                f.class
+            ),
+            (
+                Some(0x8086),
+                Some(0x1234),
+                Some(0x15b3),
+                Some(0x0007),
+                Some(0x060100)
+            )
+        );
         assert_eq!(stats.links_read, 1, "{stats:?}");
     }
 
@@ -2459,8 +2497,11 @@ mod tests {
     #[test]
     fn bad_input_becomes_problems_and_the_rest_is_read() {
         let t = full_host();
-        // A malformed vendor on the PF.
-        t.file(&format!("{PF}/vendor"), "0x15b\n");
+        // A malformed vendor id in the PF's uevent.
+        t.file(
+            &format!("{PF}/uevent"),
+            "PCI_CLASS=20700\nPCI_ID=15B:101D\nPCI_SUBSYS_ID=15B3:0016\n",
+        );
         // A non-UTF-8 driver_override on a VF.
         t.file(&format!("{VF1}/driver_override"), b"vfio\xff-pci\n");
         // A dangling iommu_group link on the other VF.
@@ -2479,7 +2520,10 @@ mod tests {
         // A function without a class.
         let odd = "/sys/devices/pci0000:00/0000:00:1f.0";
         t.pci(odd, "0x8086", "0x1234", "0x060100");
-        fs::remove_file(t.real(&format!("{odd}/class"))).unwrap();
+        t.file(
+            &format!("{odd}/uevent"),
+            "PCI_ID=8086:1234\nPCI_SLOT_NAME=0000:00:1f.0\n",
+        );
         // A bus entry that is not a BDF.
         t.link("/sys/bus/pci/devices/bogus", odd);
         // A malformed P_Key slot and matrix.
@@ -2492,13 +2536,22 @@ mod tests {
 
         let inv = read_inventory(&t.root()).unwrap();
 
-        let p1 = problem(&inv, &format!("{PF}/vendor"));
+        let p1 = problem(&inv, &format!("{PF}/uevent"));
         assert_eq!(p1.subject.as_deref(), Some("0000:3b:00.0"));
-        assert_eq!(p1.value.as_deref(), Some("0x15b"));
-        assert!(p1.error.contains("0x%04x"), "{p1:?}");
+        assert!(
+            p1.value.as_deref().unwrap().contains("PCI_ID=15B:101D"),
+            "{p1:?}"
+        );
+        assert!(p1.error.contains("PCI_ID: expected %04X:%04X"), "{p1:?}");
         let pf = inv.pci_function(bdf("0000:3b:00.0")).unwrap();
-        assert_eq!(pf.vendor, None);
-        assert_eq!(pf.device, Some(0x101d), "the rest of the PF is read");
+        // The file is taken whole or not at all: no id of it is believed.
+        assert_eq!((pf.vendor, pf.device, pf.class), (None, None, None));
+        assert_eq!(pf.subsystem_vendor, None);
+        assert_eq!(
+            pf.driver.as_deref(),
+            Some("mlx5_core"),
+            "the rest of the PF is read"
+        );
         assert_eq!(pf.sriov.as_ref().unwrap().vfs.len(), 2);
 
         let p2 = problem(&inv, &format!("{VF1}/driver_override"));
@@ -2542,10 +2595,11 @@ mod tests {
         assert!(p5.error.contains("does not exist"), "{p5:?}");
         assert!(inv.pci_function(bdf("0000:af:00.0")).is_none());
 
-        let p6 = problem(&inv, &format!("{odd}/class"));
-        assert_eq!((p6.value.as_deref(), p6.error.as_str()), (None, "missing"));
+        let p6 = problem(&inv, &format!("{odd}/uevent"));
+        assert!(p6.error.contains("no PCI_CLASS line"), "{p6:?}");
         let f = inv.pci_function(bdf("0000:00:1f.0")).unwrap();
-        assert_eq!((f.class, f.vendor), (None, Some(0x8086)));
+        assert_eq!((f.class, f.vendor), (None, None));
+        assert_eq!(f.numa_node, Some(0), "the rest of the function is read");
 
         let p7 = problem(&inv, "/sys/bus/pci/devices/bogus");
         assert_eq!(p7.value.as_deref(), Some("bogus"));
@@ -2684,13 +2738,13 @@ mod tests {
         fs::write(outside.path().join("dir/vendor"), "0xbeef\n").unwrap();
         let t = full_host();
         // An attribute that is an absolute link to a file outside the root.
-        fs::remove_file(t.real(&format!("{PF}/vendor"))).unwrap();
-        t.raw_link(&format!("{PF}/vendor"), secret.to_str().unwrap());
+        fs::remove_file(t.real(&format!("{PF}/uevent"))).unwrap();
+        t.raw_link(&format!("{PF}/uevent"), secret.to_str().unwrap());
         // A relative link climbing out of the root.
-        fs::remove_file(t.real(&format!("{VF1}/device"))).unwrap();
+        fs::remove_file(t.real(&format!("{VF1}/uevent"))).unwrap();
         let up = "../".repeat(20);
         t.raw_link(
-            &format!("{VF1}/device"),
+            &format!("{VF1}/uevent"),
             &format!("{up}{}", secret.to_str().unwrap().trim_start_matches('/')),
         );
         // A bus entry whose target is a directory outside the root.
@@ -2705,13 +2759,13 @@ mod tests {
         let p = inv
             .problems
             .iter()
-            .find(|p| p.path == format!("{PF}/vendor"))
-            .expect("the linked vendor is a problem");
+            .find(|p| p.path == format!("{PF}/uevent"))
+            .expect("the linked uevent is a problem");
         assert!(p.error.contains("symbolic link"), "{p:?}");
         assert!(
             inv.problems
                 .iter()
-                .any(|p| p.path == format!("{VF1}/device")),
+                .any(|p| p.path == format!("{VF1}/uevent")),
             "{:?}",
             inv.problems
         );
@@ -2723,28 +2777,28 @@ mod tests {
     #[test]
     fn a_fifo_or_a_huge_file_is_a_problem_not_a_hang() {
         let t = full_host();
-        fs::remove_file(t.real(&format!("{VF2}/vendor"))).unwrap();
+        fs::remove_file(t.real(&format!("{VF2}/uevent"))).unwrap();
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            t.real(&format!("{VF2}/vendor")),
+            t.real(&format!("{VF2}/uevent")),
             rustix::fs::FileType::Fifo,
             rustix::fs::Mode::from_raw_mode(0o644),
             0,
         )
         .unwrap();
-        let f = fs::File::create(t.real(&format!("{VF1}/class"))).unwrap();
+        let f = fs::File::create(t.real(&format!("{VF1}/uevent"))).unwrap();
         f.set_len(MAX_FILE as u64 + 1).unwrap();
         let inv = read_inventory(&t.root()).unwrap();
         let fifo = inv
             .problems
             .iter()
-            .find(|p| p.path == format!("{VF2}/vendor"))
+            .find(|p| p.path == format!("{VF2}/uevent"))
             .expect("the FIFO is a problem");
         assert!(fifo.error.contains("FIFO"), "{fifo:?}");
         let big = inv
             .problems
             .iter()
-            .find(|p| p.path == format!("{VF1}/class"))
+            .find(|p| p.path == format!("{VF1}/uevent"))
             .expect("the huge file is a problem");
         assert!(big.error.contains("larger than"), "{big:?}");
     }

@@ -86,6 +86,111 @@ pub fn hex_class(b: &[u8]) -> ParseResult<u32> {
     prefixed_hex(b, 6, "0x and 6 hex digits (0x%06x), e.g. 0x020700").map(|v| v as u32)
 }
 
+/// A PCI function's identity as its `uevent` file shows it: one read for the five
+/// values that `vendor`, `device`, `subsystem_vendor`, `subsystem_device` and
+/// `class` hold, from the same `struct pci_dev` fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciIdentity {
+    /// `PCI_ID`'s first half (`vendor`).
+    pub vendor: u16,
+    /// `PCI_ID`'s second half (`device`).
+    pub device: u16,
+    /// `PCI_SUBSYS_ID`: subsystem vendor and device, when the file has it.
+    pub subsystem: Option<(u16, u16)>,
+    /// `PCI_CLASS`: base class, subclass and programming interface (`class`).
+    pub class: u32,
+}
+
+/// A PCI device's `uevent` file: `KEY=VALUE` lines, each ended by `\n`, as the
+/// driver core's `uevent_show` prints the environment that `dev_uevent` and the
+/// PCI bus's `pci_uevent` (`drivers/pci/pci-driver.c`) build:
+///
+/// ```text
+/// DRIVER=mlx5_core
+/// PCI_CLASS=20700
+/// PCI_ID=15B3:101D
+/// PCI_SUBSYS_ID=15B3:0016
+/// PCI_SLOT_NAME=0000:3b:00.0
+/// MODALIAS=pci:v000015B3d0000101Dsv000015B3sd00000016bc02sc07i00
+/// ```
+///
+/// `PCI_CLASS` is `%04X` of the 24-bit class (4 to 6 hex digits), `PCI_ID` and
+/// `PCI_SUBSYS_ID` are `%04X:%04X`. Other keys are skipped; the file is taken
+/// whole or not at all — a line that is not `KEY=VALUE`, a key given twice, or a
+/// missing `PCI_ID` or `PCI_CLASS` refuses it.
+///
+/// # Errors
+/// Not UTF-8, a malformed line or value, a repeated key, or a missing
+/// `PCI_ID`/`PCI_CLASS`; the reason names the key.
+pub fn pci_uevent(b: &[u8]) -> ParseResult<PciIdentity> {
+    const E: &str =
+        "KEY=VALUE lines with PCI_CLASS=%04X and PCI_ID=%04X:%04X (the kernel's pci_uevent)";
+    let s = std::str::from_utf8(b).map_err(|e| {
+        format!(
+            "not valid UTF-8 (bad byte at offset {}); expected {E}",
+            e.valid_up_to()
+        )
+    })?;
+    let body = s.strip_suffix('\n').unwrap_or(s);
+    let mut class = None;
+    let mut id = None;
+    let mut subsys = None;
+    for (n, line) in (1..).zip(body.split('\n')) {
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(format!("line {n} is not KEY=VALUE; expected {E}"));
+        };
+        if key.is_empty()
+            || !key
+                .bytes()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_')
+        {
+            return Err(format!(
+                "line {n}: the key is not of [A-Z0-9_]; expected {E}"
+            ));
+        }
+        let slot = match key {
+            "PCI_CLASS" => {
+                let v = (4..=6)
+                    .contains(&value.len())
+                    .then(|| hex_exact(value, value.len()))
+                    .flatten()
+                    .ok_or_else(|| {
+                        "PCI_CLASS: expected 4 to 6 hex digits (%04X), e.g. 20700".to_string()
+                    })?;
+                set_once(&mut class, v as u32, key)?;
+                continue;
+            }
+            "PCI_ID" => &mut id,
+            "PCI_SUBSYS_ID" => &mut subsys,
+            _ => continue,
+        };
+        let pair = value
+            .split_once(':')
+            .and_then(|(a, b)| Some((hex_exact(a, 4)? as u16, hex_exact(b, 4)? as u16)))
+            .ok_or_else(|| format!("{key}: expected %04X:%04X, e.g. 15B3:101D"))?;
+        set_once(slot, pair, key)?;
+    }
+    let (vendor, device) = id.ok_or_else(|| format!("no PCI_ID line; expected {E}"))?;
+    let class = class.ok_or_else(|| format!("no PCI_CLASS line; expected {E}"))?;
+    Ok(PciIdentity {
+        vendor,
+        device,
+        subsystem: subsys,
+        class,
+    })
+}
+
+/// Stores `v` in an empty `slot`; a second value for `key` is an error.
+fn set_once<T>(slot: &mut Option<T>, v: T, key: &str) -> ParseResult<()> {
+    if slot.is_some() {
+        return Err(format!(
+            "{key} appears more than once; the kernel prints it once"
+        ));
+    }
+    *slot = Some(v);
+    Ok(())
+}
+
 /// `driver_override`: a driver name, or `None` when unset (`(null)`, or empty).
 ///
 /// # Errors
@@ -490,6 +595,7 @@ pub fn fuzz_all(data: &[u8]) {
     let _ = one_line(data);
     let _ = hex_u16(data);
     let _ = hex_class(data);
+    let _ = pci_uevent(data);
     let _ = driver_override(data);
     let _ = reset_methods(data);
     let _ = decimal_i32(data);
@@ -513,6 +619,83 @@ pub fn fuzz_all(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a real 6.x kernel shows for a bound VF (`cat .../uevent`), and the
+    /// ways a file that is not the kernel's is refused whole.
+    #[test]
+    fn pci_uevent_reads_the_identity_or_refuses_the_file() {
+        let real = b"DRIVER=mlx5_core\nPCI_CLASS=20700\nPCI_ID=15B3:101E\nPCI_SUBSYS_ID=15B3:0016\nPCI_SLOT_NAME=0000:3b:00.1\nMODALIAS=pci:v000015B3d0000101Esv000015B3sd00000016bc02sc07i00\n";
+        assert_eq!(
+            pci_uevent(real).unwrap(),
+            PciIdentity {
+                vendor: 0x15b3,
+                device: 0x101e,
+                subsystem: Some((0x15b3, 0x0016)),
+                class: 0x020700,
+            }
+        );
+        // Six digits of class, lower case, no subsystem, no trailing newline.
+        let v = pci_uevent(b"PCI_CLASS=c0330\nPCI_ID=8086:a0ed").unwrap();
+        assert_eq!((v.class, v.vendor, v.subsystem), (0x0c0330, 0x8086, None));
+        assert_eq!(
+            pci_uevent(b"PCI_CLASS=0000\nPCI_ID=0000:0000\n")
+                .unwrap()
+                .class,
+            0
+        );
+        for (bad, says) in [
+            (&b"PCI_ID=15B3:101E\n"[..], "no PCI_CLASS"),
+            (b"PCI_CLASS=20700\n", "no PCI_ID"),
+            (
+                b"PCI_CLASS=20700\nPCI_ID=15B:101E\n",
+                "PCI_ID: expected %04X:%04X",
+            ),
+            (b"PCI_CLASS=20700\nPCI_ID=15B3101E\n", "PCI_ID: expected"),
+            (b"PCI_CLASS=20700\nPCI_ID=15B3:101E:0\n", "PCI_ID: expected"),
+            (
+                b"PCI_CLASS=2070000\nPCI_ID=15B3:101E\n",
+                "PCI_CLASS: expected 4 to 6",
+            ),
+            (
+                b"PCI_CLASS=207\nPCI_ID=15B3:101E\n",
+                "PCI_CLASS: expected 4 to 6",
+            ),
+            (
+                b"PCI_CLASS=+2070\nPCI_ID=15B3:101E\n",
+                "PCI_CLASS: expected",
+            ),
+            (
+                b"PCI_CLASS=20700\nPCI_ID=15B3:101E\nPCI_ID=15B3:101D\n",
+                "PCI_ID appears more than once",
+            ),
+            (
+                b"PCI_CLASS=20700\nPCI_CLASS=20700\nPCI_ID=15B3:101E\n",
+                "PCI_CLASS appears more than once",
+            ),
+            (
+                b"PCI_CLASS=20700\n\nPCI_ID=15B3:101E\n",
+                "line 2 is not KEY=VALUE",
+            ),
+            (
+                b"PCI_CLASS=20700\nPCI_ID=15B3:101E\n\n",
+                "line 3 is not KEY=VALUE",
+            ),
+            (b"pci_class=20700\nPCI_ID=15B3:101E\n", "line 1: the key"),
+            (
+                b"=x\nPCI_CLASS=20700\nPCI_ID=15B3:101E\n",
+                "line 1: the key",
+            ),
+            (
+                b"PCI_CLASS=20700\r\nPCI_ID=15B3:101E\n",
+                "PCI_CLASS: expected",
+            ),
+            (b"PCI_CLASS=20700\nPCI_ID=15B3:\xff01E\n", "UTF-8"),
+            (b"", "line 1 is not KEY=VALUE"),
+        ] {
+            let e = pci_uevent(bad).unwrap_err();
+            assert!(e.contains(says), "{:?}: {e}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn text_strips_exactly_one_newline() {

@@ -120,6 +120,30 @@ fn t02_inventory_matches_the_kernel() {
             group(&k, &b),
             "{b} group"
         );
+        // The ids and the class come from one read of the real kernel's
+        // `uevent`: they must be what the single-value files say.
+        let hex = |name: &str| {
+            let t = read_text(&k, &format!("{}/{name}", dev(&b)));
+            u32::from_str_radix(t.trim_start_matches("0x"), 16)
+                .unwrap_or_else(|e| panic!("{b}/{name} = {t:?}: {e}"))
+        };
+        assert_eq!(
+            (
+                f.vendor.map(u32::from),
+                f.device.map(u32::from),
+                f.subsystem_vendor.map(u32::from),
+                f.subsystem_device.map(u32::from),
+                f.class
+            ),
+            (
+                Some(hex("vendor")),
+                Some(hex("device")),
+                Some(hex("subsystem_vendor")),
+                Some(hex("subsystem_device")),
+                Some(hex("class"))
+            ),
+            "{b} ids and class"
+        );
     }
     // PF/VF links: virtfnN and physfn.
     let pf = inv.pci.iter().find(|f| f.bdf == bdf(IGB_PF)).unwrap();

@@ -203,25 +203,24 @@ mod inventory {
     fn malformed_attributes_are_reported_not_fatal() {
         let (_t, root) = host("no-acs", &[]);
         let dev = fs::canonicalize(root.join("sys/bus/pci/devices/0000:06:00.0")).unwrap();
-        fs::write(dev.join("vendor"), b"0xzz\n").unwrap();
-        fs::write(dev.join("class"), [0xff, 0xfe, b'\n']).unwrap();
+        fs::write(dev.join("uevent"), b"PCI_CLASS=20000\nPCI_ID=0xzz:10CA\n").unwrap();
+        fs::write(dev.join("numa_node"), [0xff, 0xfe, b'\n']).unwrap();
         let o = run(&["--root", root.to_str().unwrap(), "inventory", "--json"]);
         assert!(o.status.success(), "{}", stderr(&o));
         let inv: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let problems = inv["problems"].as_array().unwrap();
-        let vendor = problems
+        let ids = problems
             .iter()
-            .find(|p| {
-                p["path"] == "/sys/bus/pci/devices/0000:06:00.0/vendor"
-                    || p["path"].as_str().unwrap().ends_with("0000:06:00.0/vendor")
-            })
-            .unwrap_or_else(|| panic!("no problem for vendor: {problems:?}"));
-        assert!(vendor["value"].as_str().unwrap().contains("0xzz"));
-        assert!(
-            problems
-                .iter()
-                .any(|p| p["path"].as_str().unwrap().ends_with("0000:06:00.0/class"))
-        );
+            .find(|p| p["path"].as_str().unwrap().ends_with("0000:06:00.0/uevent"))
+            .unwrap_or_else(|| panic!("no problem for the ids (uevent): {problems:?}"));
+        assert!(ids["value"].as_str().unwrap().contains("0xzz"));
+        assert!(ids["error"].as_str().unwrap().contains("PCI_ID"), "{ids}");
+        assert!(problems.iter().any(|p| {
+            p["path"]
+                .as_str()
+                .unwrap()
+                .ends_with("0000:06:00.0/numa_node")
+        }));
         // The rest of the inventory is still there.
         assert!(inv["pci"].as_array().unwrap().len() >= 9);
 

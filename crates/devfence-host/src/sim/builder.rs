@@ -684,7 +684,16 @@ impl TreeBuilder {
         let bdf = spec.bdf.to_string();
         let d = format!("{}/{bdf}", spec.parent.trim_end_matches('/'));
         self.dir(&d)?;
-        let attrs: [(&str, String); 8] = [
+        let attrs: [(&str, String); 9] = [
+            (
+                "uevent",
+                pci_uevent(
+                    spec.bdf,
+                    (spec.vendor, spec.device),
+                    (spec.subsystem_vendor, spec.subsystem_device),
+                    spec.class,
+                ),
+            ),
             ("vendor", format!("0x{:04x}\n", spec.vendor)),
             ("device", format!("0x{:04x}\n", spec.device)),
             (
@@ -1096,6 +1105,22 @@ fn set_owner(f: &fs::File, p: &Path, owner: NodeOwner) -> Result<(), SimError> {
             path: p.to_path_buf(),
             source,
         })
+}
+
+/// A PCI function's `uevent` as the kernel shows it (`pci_uevent`,
+/// `drivers/pci/pci-driver.c`): class, ids, slot name and module alias, in the
+/// kernel's order and case. The simulated file has no `DRIVER=` line: the
+/// driver core adds it from the live binding, which the simulator keeps in the
+/// `driver` link, and devfence reads the driver from that link.
+pub(crate) fn pci_uevent(bdf: Bdf, id: (u16, u16), subsys: (u16, u16), class: u32) -> String {
+    let (v, d) = id;
+    let (sv, sd) = subsys;
+    format!(
+        "PCI_CLASS={class:04X}\nPCI_ID={v:04X}:{d:04X}\nPCI_SUBSYS_ID={sv:04X}:{sd:04X}\nPCI_SLOT_NAME={bdf}\nMODALIAS=pci:v{v:08X}d{d:08X}sv{sv:08X}sd{sd:08X}bc{:02X}sc{:02X}i{:02X}\n",
+        class >> 16,
+        (class >> 8) & 0xff,
+        class & 0xff,
+    )
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! the `scale` profile's ~70,000 directories.
 
 mod builder;
+pub(crate) use builder::pci_uevent;
 mod profiles;
 
 use std::fmt;

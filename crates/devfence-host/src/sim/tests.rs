@@ -124,7 +124,37 @@ fn check_tree(root: &Path) {
                         "{}: {s:?}",
                         p.display()
                     );
-                    if !matches!(
+                    if name == "uevent" {
+                        // The one multi-line PCI attribute: it must agree with
+                        // the single-value files beside it.
+                        let id = crate::parse::pci_uevent(s.as_bytes()).unwrap();
+                        let dir = p.parent().unwrap();
+                        let hex = |f: &str| {
+                            let v = fs::read_to_string(dir.join(f)).unwrap();
+                            u32::from_str_radix(v.trim_end().trim_start_matches("0x"), 16).unwrap()
+                        };
+                        assert_eq!(
+                            (
+                                u32::from(id.vendor),
+                                u32::from(id.device),
+                                id.class,
+                                id.subsystem.map(|(v, d)| (u32::from(v), u32::from(d)))
+                            ),
+                            (
+                                hex("vendor"),
+                                hex("device"),
+                                hex("class"),
+                                Some((hex("subsystem_vendor"), hex("subsystem_device")))
+                            ),
+                            "{}",
+                            p.display()
+                        );
+                        let slot = format!(
+                            "PCI_SLOT_NAME={}\n",
+                            dir.file_name().unwrap().to_string_lossy()
+                        );
+                        assert!(s.contains(&slot), "{}: {s:?}", p.display());
+                    } else if !matches!(
                         name.as_str(),
                         "matrix" | "guest_matrix" | "control_domains" | "reserved_regions"
                     ) {

@@ -96,16 +96,16 @@ fn a_linked_attribute_is_never_read_outside_the_root() {
     let secret = tmp.path().join("outside-secret");
     std::fs::write(&secret, "0x5ec7\n").unwrap();
     let dir = device_dir(&root, "0000:5e:10.0");
-    std::fs::remove_file(dir.join("vendor")).unwrap();
-    std::os::unix::fs::symlink(&secret, dir.join("vendor")).unwrap();
-    std::fs::remove_file(dir.join("device")).unwrap();
+    std::fs::remove_file(dir.join("uevent")).unwrap();
+    std::os::unix::fs::symlink(&secret, dir.join("uevent")).unwrap();
+    std::fs::remove_file(dir.join("numa_node")).unwrap();
     std::os::unix::fs::symlink(
         format!(
             "{}{}",
             "../".repeat(40),
             secret.to_str().unwrap().trim_start_matches('/')
         ),
-        dir.join("device"),
+        dir.join("numa_node"),
     )
     .unwrap();
     for args in [
@@ -171,7 +171,7 @@ fn a_linked_token_directory_is_refused() {
 fn a_fifo_attribute_never_hangs_any_command() {
     let (_tmp, root) = host("lab");
     add_acme(&root);
-    mkfifo(&device_dir(&root, "0000:5e:10.2").join("vendor"));
+    mkfifo(&device_dir(&root, "0000:5e:10.2").join("uevent"));
     let o = finish_within(cmd_on(&root, &["inventory"]), "inventory");
     assert!(o.status.success(), "{}", stderr(&o));
     let o = finish_within(cmd_on(&root, &["check"]), "check");
@@ -297,8 +297,8 @@ fn control_sequences_from_the_host_never_reach_the_terminal() {
     plant(
         &root,
         "0000:5e:10.2",
-        "vendor",
-        b"\x1b]0;pwned\x07\x1b[31m0x8086\r\n",
+        "uevent",
+        b"PCI_CLASS=20000\nPCI_ID=\x1b]0;pwned\x07\x1b[31m8086:10CA\r\n",
     );
     plant(
         &root,
