@@ -125,13 +125,7 @@ pub struct PciIdentity {
 pub fn pci_uevent(b: &[u8]) -> ParseResult<PciIdentity> {
     const E: &str =
         "KEY=VALUE lines with PCI_CLASS=%04X and PCI_ID=%04X:%04X (the kernel's pci_uevent)";
-    let s = std::str::from_utf8(b).map_err(|e| {
-        format!(
-            "not valid UTF-8 (bad byte at offset {}); expected {E}",
-            e.valid_up_to()
-        )
-    })?;
-    let body = s.strip_suffix('\n').unwrap_or(s);
+    let body = line(b, E)?;
     let mut class = None;
     let mut id = None;
     let mut subsys = None;
@@ -454,13 +448,7 @@ impl IdSet {
 /// forms, or full APQN lines that are not a complete cross product.
 pub fn ap_matrix(b: &[u8]) -> ParseResult<ApMatrix> {
     const E: &str = "lines AA.DDDD (or AA. / .DDDD) in hex, domain at most 00ff";
-    let s = std::str::from_utf8(b).map_err(|e| {
-        format!(
-            "not valid UTF-8 (bad byte at offset {}); expected {E}",
-            e.valid_up_to()
-        )
-    })?;
-    let body = s.strip_suffix('\n').unwrap_or(s);
+    let body = line(b, E)?;
     let mut adapters = IdSet::default();
     let mut domains = IdSet::default();
     if body.is_empty() {
