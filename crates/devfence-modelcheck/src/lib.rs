@@ -60,6 +60,9 @@
 //! identity), and [`Protocol::OneSweepEarlyStart`] lets the launcher start B's VM
 //! once the move is applied, before the gate verified it. [`Protocol::OneSweepNoRevoke`]
 //! drops the revoke from the apply: the gate's Q1 then never opens.
+//! [`Protocol::OneSweepApplyFirst`] applies the same move *before* the fresh GUID is
+//! set on the VF, so that the sweep the port's re-initialisation causes programs the
+//! change; the gate is unchanged and must hold for it too.
 //!
 //! # Property
 //!
@@ -179,6 +182,9 @@ pub enum EngineStep {
     Allocated,
     /// The VF presents the fresh GUID.
     GuidSet,
+    /// [`Protocol::OneSweepApplyFirst`]: the move is applied at the SM; the VF
+    /// still presents the old GUID.
+    Moved,
     /// The fresh GUID is in B's partitions in the SM's configuration; the engine
     /// waits at the gate.
     Granted,
@@ -406,6 +412,12 @@ pub enum Protocol {
     /// Broken: one sweep whose apply grants B but leaves the old GUID in A's
     /// partitions (the revoke is dropped).
     OneSweepNoRevoke,
+    /// One apply, one sweep, the apply *before* the GUID is set: retire, allocate,
+    /// [`Action::Move`], then [`Action::SetGuid`]. The VF's port re-initialises
+    /// after the move is configured, so the sweep its coming back causes is one
+    /// that programs the new GUID into B's partitions (on a fabric, the VF resets'
+    /// own sweeps can then carry the change). The gate is the same.
+    OneSweepApplyFirst,
 }
 
 impl Protocol {
@@ -541,7 +553,10 @@ impl Model for Handover {
             EngineStep::Allocated if self.protocol == Protocol::OneSweepOldGuid => {
                 actions.push(Action::Move);
             }
-            EngineStep::Allocated => actions.push(Action::SetGuid),
+            EngineStep::Allocated if self.protocol == Protocol::OneSweepApplyFirst => {
+                actions.push(Action::Move);
+            }
+            EngineStep::Allocated | EngineStep::Moved => actions.push(Action::SetGuid),
             EngineStep::GuidSet if one => actions.push(Action::Move),
             EngineStep::GuidSet => actions.push(Action::Grant),
             EngineStep::Granted => {
@@ -597,7 +612,11 @@ impl Model for Handover {
                 // The port keeps its P_Key table; it leaves the fabric to re-initialise.
                 s.vf_guid = GuidId::New;
                 s.port_up = false;
-                s.engine = EngineStep::GuidSet;
+                s.engine = if s.engine == EngineStep::Moved {
+                    EngineStep::Granted
+                } else {
+                    EngineStep::GuidSet
+                };
             }
             Action::Grant => {
                 s.configured_new = Keys::B;
@@ -615,7 +634,11 @@ impl Model for Handover {
                     GuidId::New => s.configured_new = Keys::B,
                 }
                 Self::request_after_change(&mut s);
-                s.engine = EngineStep::Granted;
+                s.engine = if self.protocol == Protocol::OneSweepApplyFirst {
+                    EngineStep::Moved
+                } else {
+                    EngineStep::Granted
+                };
             }
             Action::Tick => s.ticks += 1,
             Action::RequestSweep => s.sweep_requested = true,

@@ -315,3 +315,57 @@ fn one_sweep_that_drops_the_revoke_is_caught_by_the_revoke_question() {
     let last = path.last_state();
     assert!(last.configured_old.meets(Keys::A), "{last}");
 }
+
+// ----------------------------------------------------------------------
+// One sweep, applied before the fresh GUID is set on the VF.
+
+fn apply_first(gate: GateKind) -> Handover {
+    Handover::new(gate).with_protocol(Protocol::OneSweepApplyFirst)
+}
+
+#[test]
+fn apply_first_read_back_gate_keeps_b_off_a_membership_over_all_interleavings() {
+    let model = apply_first(GateKind::ReadBack);
+    let states = holds("OneSweepApplyFirst, ReadBack", &model);
+    assert!(states < 100_000, "state space grew to {states}");
+    for max_generation in 3..=8 {
+        check(Handover {
+            max_generation,
+            ..apply_first(GateKind::ReadBack)
+        })
+        .assert_properties();
+    }
+    // The shortest run applies once, and before the GUID is set.
+    let run = shortest_run_to(&model, |s| s.vm_b).expect("B's VM starts");
+    let actions = run.into_actions();
+    let at = |a: Action| actions.iter().position(|x| *x == a);
+    assert_eq!(
+        actions.iter().filter(|a| **a == Action::Move).count(),
+        1,
+        "{actions:?}"
+    );
+    assert!(at(Action::Move) < at(Action::SetGuid), "{actions:?}");
+    assert!(!actions.contains(&Action::Revoke) && !actions.contains(&Action::Grant));
+}
+
+#[test]
+fn apply_first_still_needs_every_question_of_the_gate() {
+    // With the apply first, the sweep that revokes may run while the old GUID is
+    // still on the port, or while the port is off the fabric: without Q2 on the
+    // programmed view, the gate opens on a clean sweep that never reprogrammed the
+    // port, which still carries A's table.
+    for gate in [
+        GateKind::FixedWait(2),
+        GateKind::ConfiguredOnly,
+        GateKind::WithoutNewExact,
+    ] {
+        let path = counterexample(&format!("OneSweepApplyFirst, {gate:?}"), apply_first(gate));
+        let last = path.last_state();
+        assert!(last.port_pkeys.meets(Keys::A), "{last}");
+        assert_eq!(last.vf_guid, GuidId::New, "{last}");
+    }
+    counterexample(
+        "OneSweepApplyFirst, ReadBack, SM ahead of port",
+        apply_first(GateKind::ReadBack).with_report(SmReport::AheadOfPort),
+    );
+}
