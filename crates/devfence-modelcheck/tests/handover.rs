@@ -224,11 +224,16 @@ fn one_sweep(gate: GateKind) -> Handover {
 
 #[test]
 fn one_sweep_read_back_gate_keeps_b_off_a_membership_over_all_interleavings() {
-    let model = one_sweep(GateKind::ReadBack);
-    let states = holds("OneSweep, ReadBack", &model);
+    holds_with_one_move("OneSweep, ReadBack", &one_sweep(GateKind::ReadBack));
+}
+
+/// The property holds for `model` (a one-sweep protocol under the read-back gate)
+/// and its shortest run to B's VM applies once: one `Move`, no separate `Revoke`
+/// or `Grant`. Returns that run's actions.
+fn holds_with_one_move(label: &str, model: &Handover) -> Vec<Action> {
+    let states = holds(label, model);
     assert!(states < 100_000, "state space grew to {states}");
-    // The shortest run applies once: one Move, no separate Revoke or Grant.
-    let run = shortest_run_to(&model, |s| s.vm_b).expect("B's VM starts");
+    let run = shortest_run_to(model, |s| s.vm_b).expect("B's VM starts");
     let actions = run.into_actions();
     assert_eq!(
         actions.iter().filter(|a| **a == Action::Move).count(),
@@ -237,6 +242,7 @@ fn one_sweep_read_back_gate_keeps_b_off_a_membership_over_all_interleavings() {
     );
     assert!(!actions.contains(&Action::Revoke), "{actions:?}");
     assert!(!actions.contains(&Action::Grant), "{actions:?}");
+    actions
 }
 
 #[test]
@@ -280,20 +286,9 @@ fn one_sweep_vm_start_before_the_gate_is_caught() {
 
 #[test]
 fn one_sweep_weakened_gates_are_still_caught() {
-    for gate in [
-        GateKind::FixedWait(2),
-        GateKind::ConfiguredOnly,
-        GateKind::WithoutNewExact,
-    ] {
-        let path = counterexample(&format!("OneSweep, {gate:?}"), one_sweep(gate));
-        assert!(path.last_state().port_pkeys.meets(Keys::A));
-    }
-    // And an SM that reports a table before the port has it defeats the gate here
-    // as it does with two sweeps: the assumption stays load-bearing.
-    counterexample(
-        "OneSweep, ReadBack, SM ahead of port",
-        one_sweep(GateKind::ReadBack).with_report(SmReport::AheadOfPort),
-    );
+    // An SM that reports a table before the port has it defeats the gate here as
+    // it does with two sweeps: the assumption stays load-bearing.
+    weakened_gates_are_caught("OneSweep", one_sweep);
 }
 
 #[test]
@@ -325,9 +320,13 @@ fn apply_first(gate: GateKind) -> Handover {
 
 #[test]
 fn apply_first_read_back_gate_keeps_b_off_a_membership_over_all_interleavings() {
-    let model = apply_first(GateKind::ReadBack);
-    let states = holds("OneSweepApplyFirst, ReadBack", &model);
-    assert!(states < 100_000, "state space grew to {states}");
+    let actions = holds_with_one_move(
+        "OneSweepApplyFirst, ReadBack",
+        &apply_first(GateKind::ReadBack),
+    );
+    // The one apply comes before the GUID is set.
+    let at = |a: Action| actions.iter().position(|x| *x == a);
+    assert!(at(Action::Move) < at(Action::SetGuid), "{actions:?}");
     for max_generation in 3..=8 {
         check(Handover {
             max_generation,
@@ -335,17 +334,6 @@ fn apply_first_read_back_gate_keeps_b_off_a_membership_over_all_interleavings() 
         })
         .assert_properties();
     }
-    // The shortest run applies once, and before the GUID is set.
-    let run = shortest_run_to(&model, |s| s.vm_b).expect("B's VM starts");
-    let actions = run.into_actions();
-    let at = |a: Action| actions.iter().position(|x| *x == a);
-    assert_eq!(
-        actions.iter().filter(|a| **a == Action::Move).count(),
-        1,
-        "{actions:?}"
-    );
-    assert!(at(Action::Move) < at(Action::SetGuid), "{actions:?}");
-    assert!(!actions.contains(&Action::Revoke) && !actions.contains(&Action::Grant));
 }
 
 #[test]
@@ -354,18 +342,33 @@ fn apply_first_still_needs_every_question_of_the_gate() {
     // still on the port, or while the port is off the fabric: without Q2 on the
     // programmed view, the gate opens on a clean sweep that never reprogrammed the
     // port, which still carries A's table.
+    for last in weakened_gates_are_caught("OneSweepApplyFirst", apply_first) {
+        assert_eq!(last.vf_guid, GuidId::New, "{last}");
+    }
+}
+
+/// The fixed wait, the configured-only gate and the gate without Q2 each have a
+/// counterexample under `protocol` (ending with the port on A's table), and so
+/// has the read-back gate with an SM whose report runs ahead of the port.
+/// Returns the weakened gates' last states.
+fn weakened_gates_are_caught(
+    label: &str,
+    protocol: fn(GateKind) -> Handover,
+) -> Vec<HandoverState> {
+    let mut lasts = Vec::new();
     for gate in [
         GateKind::FixedWait(2),
         GateKind::ConfiguredOnly,
         GateKind::WithoutNewExact,
     ] {
-        let path = counterexample(&format!("OneSweepApplyFirst, {gate:?}"), apply_first(gate));
-        let last = path.last_state();
+        let path = counterexample(&format!("{label}, {gate:?}"), protocol(gate));
+        let last = path.last_state().clone();
         assert!(last.port_pkeys.meets(Keys::A), "{last}");
-        assert_eq!(last.vf_guid, GuidId::New, "{last}");
+        lasts.push(last);
     }
     counterexample(
-        "OneSweepApplyFirst, ReadBack, SM ahead of port",
-        apply_first(GateKind::ReadBack).with_report(SmReport::AheadOfPort),
+        &format!("{label}, ReadBack, SM ahead of port"),
+        protocol(GateKind::ReadBack).with_report(SmReport::AheadOfPort),
     );
+    lasts
 }
