@@ -129,8 +129,8 @@ pub fn pci_uevent(b: &[u8]) -> ParseResult<PciIdentity> {
     let mut class = None;
     let mut id = None;
     let mut subsys = None;
-    for (n, line) in (1..).zip(body.split('\n')) {
-        let Some((key, value)) = line.split_once('=') else {
+    for (n, entry) in (1..).zip(body.split('\n')) {
+        let Some((key, value)) = entry.split_once('=') else {
             return Err(format!("line {n} is not KEY=VALUE; expected {E}"));
         };
         if key.is_empty()
@@ -144,10 +144,9 @@ pub fn pci_uevent(b: &[u8]) -> ParseResult<PciIdentity> {
         }
         let slot = match key {
             "PCI_CLASS" => {
-                let v = (4..=6)
-                    .contains(&value.len())
-                    .then(|| hex_exact(value, value.len()))
-                    .flatten()
+                let digits = value.len();
+                let v = hex_exact(value, digits)
+                    .filter(|_| (4..=6).contains(&digits))
                     .ok_or_else(|| {
                         "PCI_CLASS: expected 4 to 6 hex digits (%04X), e.g. 20700".to_string()
                     })?;

@@ -416,7 +416,9 @@ pub enum Protocol {
     /// [`Action::Move`], then [`Action::SetGuid`]. The VF's port re-initialises
     /// after the move is configured, so the sweep its coming back causes is one
     /// that programs the new GUID into B's partitions (on a fabric, the VF resets'
-    /// own sweeps can then carry the change). The gate is the same.
+    /// own sweeps can then carry the change). The gate is the same. Safe in the
+    /// model, but measured slower on OpenSM (docs/model-check.md): not the
+    /// engine's order.
     OneSweepApplyFirst,
 }
 

@@ -685,15 +685,7 @@ impl TreeBuilder {
         let d = format!("{}/{bdf}", spec.parent.trim_end_matches('/'));
         self.dir(&d)?;
         let attrs: [(&str, String); 9] = [
-            (
-                "uevent",
-                pci_uevent(
-                    spec.bdf,
-                    (spec.vendor, spec.device),
-                    (spec.subsystem_vendor, spec.subsystem_device),
-                    spec.class,
-                ),
-            ),
+            ("uevent", pci_uevent(spec)),
             ("vendor", format!("0x{:04x}\n", spec.vendor)),
             ("device", format!("0x{:04x}\n", spec.device)),
             (
@@ -1112,9 +1104,10 @@ fn set_owner(f: &fs::File, p: &Path, owner: NodeOwner) -> Result<(), SimError> {
 /// kernel's order and case. The simulated file has no `DRIVER=` line: the
 /// driver core adds it from the live binding, which the simulator keeps in the
 /// `driver` link, and devfence reads the driver from that link.
-pub(crate) fn pci_uevent(bdf: Bdf, id: (u16, u16), subsys: (u16, u16), class: u32) -> String {
-    let (v, d) = id;
-    let (sv, sd) = subsys;
+pub(crate) fn pci_uevent(spec: &PciSpec<'_>) -> String {
+    let (bdf, class) = (spec.bdf, spec.class);
+    let (v, d) = (spec.vendor, spec.device);
+    let (sv, sd) = (spec.subsystem_vendor, spec.subsystem_device);
     format!(
         "PCI_CLASS={class:04X}\nPCI_ID={v:04X}:{d:04X}\nPCI_SUBSYS_ID={sv:04X}:{sd:04X}\nPCI_SLOT_NAME={bdf}\nMODALIAS=pci:v{v:08X}d{d:08X}sv{sv:08X}sd{sd:08X}bc{:02X}sc{:02X}i{:02X}\n",
         class >> 16,

@@ -635,15 +635,7 @@ impl K<'_> {
                 .unwrap_or_else(|| "-1".to_owned());
             let vd = format!("{parent}/{vf}");
             let attrs: [(&str, String); 10] = [
-                (
-                    "uevent",
-                    crate::sim::pci_uevent(
-                        vf,
-                        (vendor, device),
-                        (spec.subsystem_vendor, spec.subsystem_device),
-                        class,
-                    ),
-                ),
+                ("uevent", crate::sim::pci_uevent(&spec)),
                 ("vendor", format!("0x{vendor:04x}\n")),
                 ("device", format!("0x{device:04x}\n")),
                 (
